@@ -1,0 +1,96 @@
+"""Backends: classes registered by name, each with one lowering rule per IR op.
+
+A backend subclasses ``Backend`` and marks methods with ``@rule("op", ...)``. An op a backend
+cannot run must still appear, as ``unsupported("op", reason)``, so that coverage is explicit:
+``missing_rules()`` lists the ops with neither, and the test suite fails on any.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, ClassVar
+
+from mpdsl.diagnostics import MpdslError
+from mpdsl.ops import OPS
+
+_BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend"}
+BACKENDS: dict[str, type["Backend"]] = {}
+
+
+class BackendError(MpdslError):
+    """A program that a backend cannot run (an unsupported op, a missing runtime)."""
+
+
+def rule(*ops: str) -> Callable:
+    """Mark a backend method as the lowering rule of ``ops``."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.__mpdsl_ops__ = ops
+        return fn
+
+    return mark
+
+
+class _Unsupported:
+    def __init__(self, op: str, reason: str):
+        self.op, self.reason = op, reason
+
+    def __call__(self, backend: "Backend", *args: Any) -> Any:
+        raise BackendError(f"the {backend.name} backend cannot run op '{self.op}': {self.reason}",
+                           "run this model with --backend numpy")
+
+
+def unsupported(op: str, reason: str) -> _Unsupported:
+    """An explicit 'this backend does not run ``op``' entry, with the reason users will see."""
+    return _Unsupported(op, reason)
+
+
+class Backend:
+    """Executes a verified IR program. ``rules`` maps each op name to its lowering rule."""
+
+    name: ClassVar[str] = ""
+    rules: ClassVar[dict[str, Callable]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        rules: dict[str, Callable] = {}
+        for base in reversed(cls.__mro__[1:]):
+            rules.update(getattr(base, "rules", {}))
+        for attr in vars(cls).values():
+            for op in getattr(attr, "__mpdsl_ops__", ()):
+                rules[op] = attr
+            if isinstance(attr, _Unsupported):
+                rules[attr.op] = attr
+        for extra in getattr(cls, "UNSUPPORTED", ()):
+            rules[extra.op] = extra
+        cls.rules = rules
+
+    @classmethod
+    def missing_rules(cls) -> list[str]:
+        return sorted(set(OPS) - set(cls.rules))
+
+    def run(self, program, graph, inputs: dict, params: dict, dims: dict[str, int],
+            training: bool = False, seed: int | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:
+    def register(cls: type[Backend]) -> type[Backend]:
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+
+    return register
+
+
+def available_backends() -> list[str]:
+    return sorted(set(_BACKEND_MODULES) | set(BACKENDS))
+
+
+def get_backend(name: str) -> Backend:
+    """An instance of the backend registered as ``name`` (its module is imported on demand)."""
+    if name not in BACKENDS and name in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[name])
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend '{name}'", f"available backends: {', '.join(available_backends())}")
+    return BACKENDS[name]()

@@ -1,0 +1,51 @@
+"""The embedding API: ``mpdsl.compile(path_or_source, backend=...)``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mpdsl import syntax, typecheck
+from mpdsl.backends import get_backend
+from mpdsl.diagnostics import MpdslError
+from mpdsl.ir import Program
+from mpdsl.runtime import CompiledModel
+
+DTYPES = {"float32": "f32", "float64": "f64", "f32": "f32", "f64": "f64"}
+
+
+def read_source(path_or_source: str | Path) -> tuple[str, str]:
+    """(text, name): a Path or a string naming an existing/.mp file is read; other strings are source."""
+    if isinstance(path_or_source, Path) or (
+            isinstance(path_or_source, str) and "\n" not in path_or_source and "{" not in path_or_source):
+        path = Path(path_or_source)
+        try:
+            return path.read_text(), str(path)
+        except FileNotFoundError:
+            raise MpdslError(f"no such file: {path}", "pass the path of a .mp file, or the program text") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise MpdslError(f"cannot read {path}: {err}") from None
+    return str(path_or_source), "<string>"
+
+
+def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype: str = "float32",
+          dims: dict[str, int] | None = None) -> tuple[object, Program]:
+    """Parse and type-check source text: (AST, verified IR)."""
+    if dtype not in DTYPES:
+        raise MpdslError(f"unknown dtype {dtype!r}", "use float32 or float64")
+    module = syntax.parse(text, name)
+    return module, typecheck.check(module, model, DTYPES[dtype], dims)
+
+
+def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,
+            dtype: str = "float32", dims: dict[str, int] | None = None, seed: int = 0) -> CompiledModel:
+    """Compile a .mp program (a path or the text itself) into a callable model.
+
+    ``model`` picks a model when the file defines several; ``dims`` overrides `dim` constants;
+    ``seed`` initialises the parameters (see ``CompiledModel.init``)."""
+    start = time.perf_counter()
+    text, name = read_source(path_or_source)
+    module, program = lower(text, name, model=model, dtype=dtype, dims=dims)
+    runner = get_backend(backend)
+    return CompiledModel(program, runner, source_name=name, seed=seed, ast=module,
+                         compile_seconds=time.perf_counter() - start)

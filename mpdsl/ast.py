@@ -1,0 +1,196 @@
+"""Abstract syntax of .mp programs. Every node keeps the span of the text it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpdsl.diagnostics import Span
+
+
+@dataclass(frozen=True)
+class Node:
+    span: Span = field(repr=False, compare=False)
+
+
+# ---- types -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DimExpr(Node):
+    """A product of dimension factors: names (symbolic) and integer literals."""
+
+    factors: tuple[str | int, ...]
+
+    def __str__(self) -> str:
+        return "*".join(str(f) for f in self.factors)
+
+
+@dataclass(frozen=True)
+class TypeExpr(Node):
+    domain: str  # node | edge | graph | param
+    dims: tuple[DimExpr, ...]
+    dtype: str  # float | int
+
+    def __str__(self) -> str:
+        dims = ", ".join(str(d) for d in self.dims)
+        suffix = " int" if self.dtype == "int" else ""
+        return f"{self.domain}[{dims}]{suffix}"
+
+
+@dataclass(frozen=True)
+class Arg(Node):
+    name: str
+    type: TypeExpr
+    init: str | float | None  # initializer name (glorot, zeros, ...) or a constant
+
+
+@dataclass(frozen=True)
+class Result(Node):
+    name: str | None
+    type: TypeExpr
+
+
+# ---- expressions -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expr(Node):
+    pass
+
+
+@dataclass(frozen=True)
+class Number(Expr):
+    value: float
+    is_int: bool
+
+
+@dataclass(frozen=True)
+class Name(Expr):
+    id: str
+
+
+@dataclass(frozen=True)
+class BinOp(Expr):
+    op: str  # add sub mul div matmul pow
+    lhs: Expr
+    rhs: Expr
+
+
+@dataclass(frozen=True)
+class Neg(Expr):
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class Index(Expr):
+    """``base[index]``: a gather (h[src]), a broadcast (v[batch]) or a parameter lookup (W[etype])."""
+
+    base: Expr
+    index: Expr
+
+
+@dataclass(frozen=True)
+class ShapeLiteral(Expr):
+    dims: tuple[DimExpr, ...]
+
+
+@dataclass(frozen=True)
+class Keyword(Node):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    """``f(args...) [by axis]``; ``callee_span`` covers the function name."""
+
+    func: str
+    args: tuple[Expr, ...]
+    keywords: tuple[Keyword, ...]
+    by: str | None
+    callee_span: Span = field(repr=False, compare=False)
+    by_span: Span | None = field(repr=False, compare=False)
+
+
+# ---- statements and definitions ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assign(Node):
+    targets: tuple[str, ...]
+    value: Expr
+    target_spans: tuple[Span, ...] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Return(Node):
+    values: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class For(Node):
+    var: str
+    start: str | int
+    stop: str | int
+    body: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class DimDef(Node):
+    name: str
+    value: int
+
+
+@dataclass(frozen=True)
+class FuncDef(Node):
+    """A ``layer`` or a ``model``; ``kind`` says which."""
+
+    kind: str
+    name: str
+    name_span: Span = field(repr=False, compare=False)
+    args: tuple[Arg, ...] = ()
+    results: tuple[Result, ...] = ()
+    results_parenthesised: bool = False
+    body: tuple[Node, ...] = ()
+
+
+@dataclass(frozen=True)
+class Module(Node):
+    items: tuple[Node, ...]
+
+    @property
+    def dims(self) -> tuple[DimDef, ...]:
+        return tuple(i for i in self.items if isinstance(i, DimDef))
+
+    @property
+    def layers(self) -> tuple[FuncDef, ...]:
+        return tuple(i for i in self.items if isinstance(i, FuncDef) and i.kind == "layer")
+
+    @property
+    def models(self) -> tuple[FuncDef, ...]:
+        return tuple(i for i in self.items if isinstance(i, FuncDef) and i.kind == "model")
+
+
+def dump(node: object, indent: int = 0) -> str:
+    """A readable indented dump of an AST (``mpdsl compile --emit ast``)."""
+    pad = "  " * indent
+    if isinstance(node, Node):
+        fields = [f for f in node.__dataclass_fields__.values() if f.compare and f.name != "span"]
+        head = f"{pad}{type(node).__name__}"
+        if isinstance(node, (Name, Number)):
+            return f"{head}({node.id if isinstance(node, Name) else node.value})"
+        if isinstance(node, (TypeExpr, DimExpr)):
+            return f"{head}({node})"
+        lines = [head]
+        for f in fields:
+            value = getattr(node, f.name)
+            if isinstance(value, tuple) and value and isinstance(value[0], Node):
+                lines.append(f"{pad}  {f.name}:")
+                lines.extend(dump(v, indent + 2) for v in value)
+            elif isinstance(value, Node):
+                lines.append(f"{pad}  {f.name}:")
+                lines.append(dump(value, indent + 2))
+            elif value not in (None, ()):
+                lines.append(f"{pad}  {f.name}: {value!r}")
+        return "\n".join(lines)
+    return f"{pad}{node!r}"

@@ -1,0 +1,105 @@
+"""User-facing errors.
+
+Every error a user can cause (bad program, bad graph, bad weights, bad inputs) is an
+``MpdslError``. Errors tied to program text carry a ``Span`` and render as
+``file:line:col: error: message``, the source line, a caret under the offending text and a
+one-line hint, in the style of compilers users already know. Compiler bugs are never
+reported through this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Source:
+    """A program text with the name it is reported under."""
+
+    name: str
+    text: str
+
+    def line(self, lineno: int) -> str:
+        lines = self.text.splitlines()
+        return lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A 1-based line/column range in a ``Source``; ``end_col`` is exclusive."""
+
+    source: Source
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+    @property
+    def location(self) -> str:
+        return f"{self.source.name}:{self.line}:{self.col}"
+
+    def excerpt(self) -> str:
+        """The source line with a caret and tildes under the spanned text."""
+        text = self.source.line(self.line).rstrip("\n")
+        width = (self.end_col - self.col) if self.end_line == self.line else len(text) - self.col + 1
+        width = max(1, width)
+        gutter = f"{self.line:>4} | "
+        pad = " " * (len(gutter) - 2) + "| "
+        underline = " " * (self.col - 1) + "^" + "~" * (width - 1)
+        return f"{gutter}{text}\n{pad}{underline}"
+
+
+class MpdslError(Exception):
+    """Base class of every error caused by user input; ``render()`` is what the user sees."""
+
+    kind = "error"
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        out = f"{self.kind}: {self.message}"
+        if self.hint:
+            out += f"\n  hint: {self.hint}"
+        return out
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class CompileError(MpdslError):
+    """An error in a program's text, located by a span."""
+
+    def __init__(self, message: str, span: Span | None, hint: str | None = None):
+        super().__init__(message, hint)
+        self.span = span
+
+    @property
+    def line(self) -> int | None:
+        return self.span.line if self.span else None
+
+    @property
+    def col(self) -> int | None:
+        return self.span.col if self.span else None
+
+    def render(self) -> str:
+        if self.span is None:
+            return super().render()
+        out = f"{self.span.location}: {self.kind}: {self.message}\n{self.span.excerpt()}"
+        if self.hint:
+            out += f"\n  hint: {self.hint}"
+        return out
+
+
+class GraphError(MpdslError):
+    """A graph (arrays, file) that does not satisfy the graph format."""
+
+
+class WeightsError(MpdslError):
+    """Weights that are missing, misnamed or misshapen for a model's parameters."""
+
+
+class InputError(MpdslError):
+    """Model inputs that are missing or do not match the model's declared input types."""

@@ -1,0 +1,721 @@
+"""The validated graph container that compiled models run on.
+
+A ``Graph`` holds an ``edge_index`` (int64 [2, E]; row 0 = source j, row 1 = destination i of an
+edge j -> i, as in PyTorch Geometric) plus named numpy arrays of three kinds:
+
+* node arrays, one row per node (``x``, ``pos``, ``batch``, ``node_type``, ...);
+* edge arrays, one row per edge (``edge_attr``, ``edge_type``, ``edge_weight``, ...);
+* graph arrays, one row per graph of a batch (``graph_*``, graph-level ``y``).
+
+Every problem with user-supplied arrays or files is a ``GraphError`` that names the array and
+the first offending position. Arrays are stored read-only and derived layouts (CSR orderings,
+degrees) are computed once and cached, so a ``Graph`` can be shared freely.
+
+Only numpy is imported here; scipy, networkx, torch and torch_geometric are imported inside
+the converters that need them.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import zipfile
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .diagnostics import GraphError
+
+__all__ = ["Graph"]
+
+INDEX_ARRAYS = {"batch": "node", "node_type": "node", "edge_type": "edge"}
+"""Arrays holding non-negative integer ids (1-D), with the kind each must be."""
+
+NAMED_FEATURES = frozenset({"x", "pos", "edge_attr", "edge_weight"})
+"""Value arrays that must be numbers proper; other value arrays may also be boolean masks."""
+
+RESERVED_NAMES = frozenset({"edge_index", "num_nodes"})
+
+_KIND_PLURAL = {"node": "nodes", "edge": "edges", "graph": "graphs"}
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def classify_name(name: str, leading_dim: int | None, num_nodes: int) -> str:
+    """The kind ("node", "edge" or "graph") an array called ``name`` belongs to.
+
+    ``y`` is a node array when its leading dimension equals ``num_nodes``, else a graph array;
+    every name not matched by a rule is a node array.
+    """
+    if name in ("x", "pos", "batch", "node_type") or name.startswith("node_"):
+        return "node"
+    if name in ("edge_attr", "edge_type", "edge_weight") or name.startswith("edge_"):
+        return "edge"
+    if name.startswith("graph_"):
+        return "graph"
+    if name == "y":
+        return "node" if leading_dim == num_nodes else "graph"
+    return "node"
+
+
+def _position(index: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(int(i)) for i in index) + "]"
+
+
+def _first_true(mask: np.ndarray) -> tuple[int, ...]:
+    """Row-major index of the first True entry of a mask known to hold one."""
+    return np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape)
+
+
+def _as_numpy(name: str, value: Any) -> np.ndarray:
+    """``value`` as a numpy array (CPU torch tensors included, without importing torch)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise GraphError(
+            f"{name} cannot be converted to a numpy array ({exc})",
+            hint="give a rectangular numeric array",
+        ) from None
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _to_num_nodes(value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise GraphError(f"num_nodes must be a non-negative integer, got {value!r}",
+                         hint="pass the node count as an int")
+    try:
+        count = operator.index(value.item() if isinstance(value, np.ndarray) and value.ndim == 0
+                               else value)
+    except TypeError:
+        raise GraphError(f"num_nodes must be a non-negative integer, got {value!r}",
+                         hint="pass the node count as an int") from None
+    if not 0 <= count <= _INT64_MAX:
+        raise GraphError(f"num_nodes must be a non-negative integer, got {count}",
+                         hint="pass the node count as an int >= 0")
+    return count
+
+
+def _coerce_edge_index(value: Any) -> np.ndarray:
+    """``value`` as an integer [2, E] array (dtype not yet converted); range not yet checked."""
+    edge_index = _as_numpy("edge_index", value)
+    no_edges = edge_index.size == 0 and edge_index.shape in ((0,), (2, 0))
+    if no_edges and edge_index.dtype.kind in "biuf":  # `[]` converts to float64
+        return np.zeros((2, 0), dtype=np.int64)
+    if edge_index.dtype.kind not in "iu":
+        hint = ("cast it with .astype(np.int64)" if edge_index.dtype.kind == "f"
+                else "edge_index holds integer node indices")
+        raise GraphError(f"edge_index must hold integers, got dtype {edge_index.dtype}", hint=hint)
+    if edge_index.ndim != 2 or edge_index.shape[0] != 2:
+        hint = ("an edge list of shape [E, 2] must be transposed: edge_index.T"
+                if edge_index.ndim == 2 and edge_index.shape[1] == 2
+                else "row 0 holds sources, row 1 destinations")
+        raise GraphError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}",
+                         hint=hint)
+    if edge_index.dtype.kind == "u" and edge_index.size and edge_index.max() > _INT64_MAX:
+        pos = _first_true(edge_index > _INT64_MAX)
+        raise GraphError(f"edge_index{_position(pos)} = {edge_index[pos]} is too large",
+                         hint="node indices run from 0 to num_nodes - 1")
+    return edge_index
+
+
+def _check_edge_range(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
+    """The int64, C-contiguous ``edge_index`` after checking every index is in [0, num_nodes)."""
+    if edge_index.dtype.kind == "i":
+        negative = edge_index < 0
+        if negative.any():
+            pos = _first_true(negative)
+            raise GraphError(
+                f"edge_index{_position(pos)} = {edge_index[pos]} is negative",
+                hint="node indices run from 0 to num_nodes - 1",
+            )
+    too_large = edge_index >= num_nodes
+    if too_large.any():
+        pos = _first_true(too_large)
+        raise GraphError(
+            f"edge_index{_position(pos)} = {edge_index[pos]} is out of range for "
+            f"num_nodes={num_nodes}",
+            hint="node indices run from 0 to num_nodes - 1; pass a larger num_nodes if the "
+                 "graph has more nodes than its arrays show",
+        )
+    return np.ascontiguousarray(edge_index, dtype=np.int64)
+
+
+def _coerce_array(name: str, value: Any, kind: str) -> np.ndarray:
+    """``value`` as a numpy array after the checks that do not depend on the graph's sizes."""
+    array = _as_numpy(name, value)
+    if array.ndim == 0:
+        raise GraphError(f"{name} is a scalar but {kind} arrays need one row per {kind}",
+                         hint=f"give {name} a leading dimension of one row per {kind}")
+    if name in INDEX_ARRAYS:
+        return _coerce_index_array(name, array)
+    dtype_kind = array.dtype.kind
+    if dtype_kind not in "iuf" and not (dtype_kind == "b" and name not in NAMED_FEATURES):
+        raise GraphError(f"{name} must hold real numbers, got dtype {array.dtype}",
+                         hint=f"convert it, e.g. {name}.astype(np.float32)")
+    if dtype_kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            pos = _first_true(~finite)
+            raise GraphError(f"{name}{_position(pos)} is {array[pos]}",
+                             hint="features must be finite (no NaN or infinity)")
+    return array
+
+
+def _coerce_index_array(name: str, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "iu":
+        raise GraphError(f"{name} must hold integers, got dtype {array.dtype}",
+                         hint=f"cast it with {name}.astype(np.int64)")
+    if array.ndim != 1:
+        raise GraphError(f"{name} must be 1-D, got shape {tuple(array.shape)}",
+                         hint=f"flatten it with {name}.reshape(-1)")
+    if array.dtype.kind == "i" and (array < 0).any():
+        pos = _first_true(array < 0)
+        raise GraphError(f"{name}{_position(pos)} = {array[pos]} is negative",
+                         hint=f"{name} holds ids counted from 0")
+    if array.size and array.dtype.kind == "u" and array.max() > _INT64_MAX:
+        pos = _first_true(array > _INT64_MAX)
+        raise GraphError(f"{name}{_position(pos)} = {array[pos]} is too large",
+                         hint=f"{name} holds ids counted from 0")
+    return array.astype(np.int64, copy=False)
+
+
+def _check_rows(name: str, array: np.ndarray, kind: str, expected: int) -> None:
+    if array.shape[0] != expected:
+        raise GraphError(
+            f"{name} has {array.shape[0]} rows but the graph has {expected} {_KIND_PLURAL[kind]}",
+            hint=f"{kind} arrays need one row per {kind}",
+        )
+
+
+def _segments(ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr [count+1], perm) grouping positions of ``ids`` by id, stable within a group."""
+    indptr = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ids, minlength=count), out=indptr[1:])
+    perm = np.argsort(ids, kind="stable").astype(np.int64, copy=False)
+    return _read_only(indptr), _read_only(perm)
+
+
+class _ClassOrInstance:
+    """``Graph.batch(graphs)`` on the class concatenates graphs; ``graph.batch`` on an instance
+    is that graph's batch vector. One name serves both, as the public API requires."""
+
+    def __get__(self, instance: Graph | None, owner: type[Graph]) -> Any:
+        if instance is None:
+            return owner._batch_graphs
+        return instance._batch_vector()
+
+
+class Graph:
+    """A validated graph: ``edge_index`` plus node, edge and graph arrays (see the module doc).
+
+    ``num_nodes`` defaults to the row count of the node arrays, else to the largest index in
+    ``edge_index`` plus one, else 0. Arrays are stored read-only; use ``with_data`` to derive a
+    graph with more arrays.
+    """
+
+    __slots__ = ("_edge_index", "_num_nodes", "_node_data", "_edge_data", "_graph_data",
+                 "_num_graphs", "_cache")
+
+    def __init__(
+        self,
+        edge_index: Any,
+        num_nodes: int | None = None,
+        *,
+        node_data: Mapping[str, Any] | None = None,
+        edge_data: Mapping[str, Any] | None = None,
+        graph_data: Mapping[str, Any] | None = None,
+    ):
+        groups = {"node": dict(node_data or {}), "edge": dict(edge_data or {}),
+                  "graph": dict(graph_data or {})}
+        seen: dict[str, str] = {}
+        for kind, arrays in groups.items():
+            for name in arrays:
+                if not isinstance(name, str) or not name:
+                    raise GraphError(f"array names must be non-empty strings, got {name!r}")
+                if name in RESERVED_NAMES:
+                    raise GraphError(f"{name} cannot be a {kind} array",
+                                     hint=f"pass {name} as its own argument")
+                if name in seen:
+                    raise GraphError(f"{name} is given as both a {seen[name]} and a {kind} array",
+                                     hint="every array name must be unique")
+                if INDEX_ARRAYS.get(name, kind) != kind:
+                    raise GraphError(f"{name} must be a {INDEX_ARRAYS[name]} array, not a {kind} "
+                                     "array")
+                seen[name] = kind
+                arrays[name] = _coerce_array(name, arrays[name], kind)
+
+        raw_edge_index = _coerce_edge_index(edge_index)
+        if num_nodes is not None:
+            count = _to_num_nodes(num_nodes)
+        elif groups["node"]:
+            count = next(iter(groups["node"].values())).shape[0]
+        elif raw_edge_index.size:
+            count = int(raw_edge_index.max()) + 1
+        else:
+            count = 0
+        self._num_nodes = count
+        self._edge_index = _read_only(_check_edge_range(raw_edge_index, count))
+
+        for name, array in groups["node"].items():
+            _check_rows(name, array, "node", count)
+        for name, array in groups["edge"].items():
+            _check_rows(name, array, "edge", self.num_edges)
+        batch = groups["node"].get("batch")
+        if batch is None:
+            self._num_graphs = 1
+        else:
+            self._num_graphs = int(batch.max()) + 1 if batch.size else 0
+        for name, array in groups["graph"].items():
+            _check_rows(name, array, "graph", self._num_graphs)
+
+        self._node_data = {k: _read_only(v) for k, v in groups["node"].items()}
+        self._edge_data = {k: _read_only(v) for k, v in groups["edge"].items()}
+        self._graph_data = {k: _read_only(v) for k, v in groups["graph"].items()}
+        self._cache: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------
+    # Construction from flat name -> array mappings
+
+    @classmethod
+    def from_arrays(
+        cls,
+        edge_index: Any,
+        num_nodes: int | None = None,
+        x: Any = None,
+        edge_attr: Any = None,
+        edge_type: Any = None,
+        batch: Any = None,
+        node_type: Any = None,
+        y: Any = None,
+        **extra: Any,
+    ) -> Graph:
+        """A graph from named arrays, each sorted into node/edge/graph data by its name
+        (see ``classify_name``); arguments left as None are absent."""
+        arrays = {"x": x, "edge_attr": edge_attr, "edge_type": edge_type, "batch": batch,
+                  "node_type": node_type, "y": y, **extra}
+        return cls._from_flat(edge_index, num_nodes,
+                              {k: v for k, v in arrays.items() if v is not None})
+
+    @classmethod
+    def _from_flat(cls, edge_index: Any, num_nodes: Any, arrays: Mapping[str, Any]) -> Graph:
+        arrays = {name: _as_numpy(name, value) for name, value in arrays.items()}
+        if num_nodes is None:
+            # Resolve num_nodes as the constructor would, so that `y` is classified against it.
+            node_arrays = [a for n, a in arrays.items()
+                           if n != "y" and a.ndim and classify_name(n, None, 0) == "node"]
+            if node_arrays:
+                num_nodes = node_arrays[0].shape[0]
+            else:
+                raw = _coerce_edge_index(edge_index)
+                num_nodes = int(raw.max()) + 1 if raw.size else 0
+        count = _to_num_nodes(num_nodes)
+        groups: dict[str, dict[str, np.ndarray]] = {"node": {}, "edge": {}, "graph": {}}
+        for name, array in arrays.items():
+            leading = array.shape[0] if array.ndim else None
+            groups[classify_name(name, leading, count)][name] = array
+        return cls(edge_index, count, node_data=groups["node"], edge_data=groups["edge"],
+                   graph_data=groups["graph"])
+
+    def with_data(self, **arrays: Any) -> Graph:
+        """A new graph with ``arrays`` added; a name already present keeps its kind and is
+        replaced, a new name is classified by ``classify_name``."""
+        groups = {"node": dict(self._node_data), "edge": dict(self._edge_data),
+                  "graph": dict(self._graph_data)}
+        for name, value in arrays.items():
+            kind = self._kind_of(name)
+            if kind is None:
+                array = _as_numpy(name, value)
+                kind = classify_name(name, array.shape[0] if array.ndim else None,
+                                     self._num_nodes)
+            groups[kind][name] = value
+        return type(self)(self._edge_index, self._num_nodes, node_data=groups["node"],
+                          edge_data=groups["edge"], graph_data=groups["graph"])
+
+    # ----------------------------------------------------------------------------------------
+    # Sizes and arrays
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @property
+    def num_edges(self) -> int:
+        return self._edge_index.shape[1]
+
+    @property
+    def num_graphs(self) -> int:
+        """``batch.max() + 1`` when a batch vector exists (0 for no nodes), else 1."""
+        return self._num_graphs
+
+    @property
+    def edge_index(self) -> np.ndarray:
+        """int64 [2, E], C-contiguous, read-only."""
+        return self._edge_index
+
+    @property
+    def src(self) -> np.ndarray:
+        """Source node of each edge (row 0 of ``edge_index``), int64 [E]."""
+        return self._edge_index[0]
+
+    @property
+    def dst(self) -> np.ndarray:
+        """Destination node of each edge (row 1 of ``edge_index``), int64 [E]."""
+        return self._edge_index[1]
+
+    @property
+    def node_data(self) -> dict[str, np.ndarray]:
+        return dict(self._node_data)
+
+    @property
+    def edge_data(self) -> dict[str, np.ndarray]:
+        return dict(self._edge_data)
+
+    @property
+    def graph_data(self) -> dict[str, np.ndarray]:
+        return dict(self._graph_data)
+
+    batch = _ClassOrInstance()
+
+    def _batch_vector(self) -> np.ndarray:
+        """The ``batch`` node array, or all zeros (int64 [N]) when there is none."""
+        batch = self._node_data.get("batch")
+        if batch is not None:
+            return batch
+        if "zero_batch" not in self._cache:
+            self._cache["zero_batch"] = _read_only(np.zeros(self._num_nodes, dtype=np.int64))
+        return self._cache["zero_batch"]
+
+    def _kind_of(self, name: str) -> str | None:
+        for kind, arrays in (("node", self._node_data), ("edge", self._edge_data),
+                             ("graph", self._graph_data)):
+            if name in arrays:
+                return kind
+        return None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The node, edge or graph array called ``name`` (looked up in that order)."""
+        for arrays in (self._node_data, self._edge_data, self._graph_data):
+            if name in arrays:
+                return arrays[name]
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(name in arrays for arrays in (self._node_data, self._edge_data,
+                                                  self._graph_data))
+
+    def keys(self) -> list[str]:
+        """Names of all node, edge and graph arrays, in that order (``edge_index`` excluded)."""
+        return [*self._node_data, *self._edge_data, *self._graph_data]
+
+    def __repr__(self) -> str:
+        parts = [f"num_nodes={self._num_nodes}", f"num_edges={self.num_edges}"]
+        parts += [f"{name}={list(self[name].shape)}" for name in self.keys()]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    # ----------------------------------------------------------------------------------------
+    # Cached layouts
+
+    def csr_by_dst(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr [N+1], perm [E]): ``perm[indptr[i]:indptr[i+1]]`` are the edges into node i,
+        in their original order."""
+        if "csr_dst" not in self._cache:
+            self._cache["csr_dst"] = _segments(self.dst, self._num_nodes)
+        return self._cache["csr_dst"]
+
+    def csr_by_src(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr [N+1], perm [E]): ``perm[indptr[j]:indptr[j+1]]`` are the edges out of node j,
+        in their original order."""
+        if "csr_src" not in self._cache:
+            self._cache["csr_src"] = _segments(self.src, self._num_nodes)
+        return self._cache["csr_src"]
+
+    def segments_by_graph(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr [G+1], perm [N]): ``perm[indptr[g]:indptr[g+1]]`` are the nodes of graph g,
+        in node order."""
+        if "segments_graph" not in self._cache:
+            self._cache["segments_graph"] = _segments(self._batch_vector(), self._num_graphs)
+        return self._cache["segments_graph"]
+
+    def in_degree(self) -> np.ndarray:
+        """Number of edges into each node, int64 [N] (self-loops and multi-edges counted)."""
+        return np.diff(self.csr_by_dst()[0])
+
+    def out_degree(self) -> np.ndarray:
+        """Number of edges out of each node, int64 [N] (self-loops and multi-edges counted)."""
+        return np.diff(self.csr_by_src()[0])
+
+    # ----------------------------------------------------------------------------------------
+    # Batching
+
+    @classmethod
+    def _batch_graphs(cls, graphs: Iterable[Graph]) -> Graph:
+        """The disjoint union of ``graphs``: node indices offset, node and edge arrays
+        concatenated, graph arrays concatenated, and a ``batch`` vector giving graph i's nodes
+        the id i (graphs that are batches themselves keep their own graphs, renumbered)."""
+        graphs = list(graphs)
+        if not graphs:
+            raise GraphError("cannot batch an empty list of graphs")
+        for index, graph in enumerate(graphs):
+            if not isinstance(graph, Graph):
+                raise GraphError(f"graph {index} is a {type(graph).__name__}, not a Graph")
+        first = graphs[0]
+        for index, graph in enumerate(graphs[1:], start=1):
+            for kind in ("node", "edge", "graph"):
+                mine = {n: a for n, a in getattr(graph, f"_{kind}_data").items() if n != "batch"}
+                theirs = {n: a for n, a in getattr(first, f"_{kind}_data").items()
+                          if n != "batch"}
+                for name in sorted(mine.keys() ^ theirs.keys()):
+                    has, lacks = (index, 0) if name in mine else (0, index)
+                    raise GraphError(f"graph {has} has {kind} array {name} but graph {lacks} "
+                                     "does not",
+                                     hint="every graph in a batch needs the same arrays")
+                for name, array in mine.items():
+                    if array.shape[1:] != theirs[name].shape[1:]:
+                        raise GraphError(
+                            f"graph {index} has {name} of shape {list(array.shape)}, which does "
+                            f"not match graph 0's {list(theirs[name].shape)} after the first "
+                            "dimension",
+                            hint="every graph in a batch needs the same trailing shapes",
+                        )
+
+        node_offsets = np.cumsum([0] + [g.num_nodes for g in graphs])
+        graph_offsets = np.cumsum([0] + [g.num_graphs for g in graphs])
+        edge_index = np.concatenate(
+            [g.edge_index + offset for g, offset in zip(graphs, node_offsets)], axis=1)
+        batch = np.concatenate(
+            [g._batch_vector() + offset for g, offset in zip(graphs, graph_offsets)])
+        if (int(batch.max()) + 1 if batch.size else 0) != graph_offsets[-1]:
+            raise GraphError(
+                f"graph {len(graphs) - 1} (the last one) has no nodes, which a batch vector "
+                "cannot record",
+                hint="drop empty graphs, or place them before a non-empty one",
+            )
+        node_data = {"batch": batch}
+        groups: dict[str, dict[str, np.ndarray]] = {"node": node_data, "edge": {}, "graph": {}}
+        for kind, arrays in groups.items():
+            for name in getattr(first, f"_{kind}_data"):
+                if name != "batch":
+                    arrays[name] = np.concatenate([g[name] for g in graphs])
+        return cls(edge_index, int(node_offsets[-1]), node_data=groups["node"],
+                   edge_data=groups["edge"], graph_data=groups["graph"])
+
+    def unbatch_nodes(self, array: Any) -> list[np.ndarray]:
+        """A node-level array split per graph: entry g holds graph g's rows in node order."""
+        array = _as_numpy("array", array)
+        if array.ndim == 0 or array.shape[0] != self._num_nodes:
+            raise GraphError(f"unbatch_nodes needs one row per node ({self._num_nodes}), got "
+                             f"shape {list(array.shape)}")
+        indptr, perm = self.segments_by_graph()
+        return np.split(array[perm], indptr[1:-1])
+
+    def unbatch_graphs(self, array: Any) -> list[np.ndarray]:
+        """A graph-level array split into its rows, one per graph."""
+        array = _as_numpy("array", array)
+        if array.ndim == 0 or array.shape[0] != self._num_graphs:
+            raise GraphError(f"unbatch_graphs needs one row per graph ({self._num_graphs}), got "
+                             f"shape {list(array.shape)}")
+        return list(array)
+
+    # ----------------------------------------------------------------------------------------
+    # Files
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Graph:
+        """The graph stored in the ``.npz`` file at ``path``: ``edge_index``, an optional 0-d
+        ``num_nodes`` and arrays classified by name. Never unpickles."""
+        name = os.fspath(path)
+        try:
+            loaded = np.load(name, allow_pickle=False)
+        except FileNotFoundError:
+            raise GraphError(f"graph file {name!r} does not exist") from None
+        except IsADirectoryError:
+            raise GraphError(f"graph file {name!r} is a directory") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            raise GraphError(f"graph file {name!r} is not an .npz archive",
+                             hint="write graphs with Graph.save or np.savez") from None
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise GraphError(f"graph file {name!r} holds a single .npy array, not an .npz archive",
+                             hint="write graphs with Graph.save or np.savez") from None
+        with loaded:
+            try:
+                arrays = {key: loaded[key] for key in loaded.files}
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise GraphError(f"graph file {name!r} cannot be read: {exc}",
+                                 hint="arrays must be numeric; object arrays are not loaded"
+                                 ) from None
+        if "edge_index" not in arrays:
+            raise GraphError(f"graph file {name!r} has no edge_index array",
+                             hint="store the edges as an int array of shape [2, E] under "
+                                  "'edge_index'")
+        edge_index = arrays.pop("edge_index")
+        num_nodes = arrays.pop("num_nodes", None)
+        try:
+            return cls._from_flat(edge_index, num_nodes, arrays)
+        except GraphError as exc:
+            raise GraphError(f"in graph file {name!r}: {exc.message}", hint=exc.hint) from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the graph to ``path`` (exactly that name) in the format ``load`` reads: a
+        compressed ``.npz`` whose bytes depend only on the graph's contents."""
+        arrays = {"edge_index": self._edge_index,
+                  "num_nodes": np.asarray(self._num_nodes, dtype=np.int64)}
+        for name in self.keys():
+            kind = self._kind_of(name)
+            array = self[name]
+            if classify_name(name, array.shape[0], self._num_nodes) != kind:
+                raise GraphError(
+                    f"{kind} array {name} would be read back as a "
+                    f"{classify_name(name, array.shape[0], self._num_nodes)} array",
+                    hint=f"rename it to {kind}_{name} before saving",
+                )
+            arrays[name] = array
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for key, array in arrays.items():
+                # A fixed timestamp keeps the file byte-identical across runs.
+                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+
+    # ----------------------------------------------------------------------------------------
+    # Converters
+
+    @classmethod
+    def from_networkx(
+        cls,
+        G: Any,
+        x: Any = None,
+        node_attrs: str | Iterable[str] | None = None,
+        edge_attrs: str | Iterable[str] | None = None,
+    ) -> Graph:
+        """A graph from a networkx graph, nodes numbered 0..N-1 in ``G.nodes`` order.
+
+        Undirected edges become both directions (a self-loop once), in the order of PyG's
+        ``from_networkx``; multi-edges are kept. ``node_attrs`` / ``edge_attrs`` name numeric
+        attributes (scalars or vectors) concatenated per node / edge into float32 ``x`` /
+        ``edge_attr``; ``x`` may be given directly instead.
+        """
+        if x is not None and node_attrs is not None:
+            raise GraphError("from_networkx takes x or node_attrs, not both")
+        nodes = list(G.nodes)
+        position = {node: i for i, node in enumerate(nodes)}
+        directed = G if G.is_directed() else G.to_directed(as_view=True)
+        edges = list(directed.edges(data=True))
+        edge_index = np.array([[position[u] for u, _, _ in edges],
+                               [position[v] for _, v, _ in edges]],
+                              dtype=np.int64).reshape(2, len(edges))
+        node_data: dict[str, Any] = {}
+        edge_data: dict[str, Any] = {}
+        if x is not None:
+            node_data["x"] = x
+        elif node_attrs is not None:
+            node_data["x"] = _stack_attributes(
+                "node", [(repr(n), G.nodes[n]) for n in nodes], node_attrs)
+        if edge_attrs is not None:
+            edge_data["edge_attr"] = _stack_attributes(
+                "edge", [(f"({u!r}, {v!r})", d) for u, v, d in edges], edge_attrs)
+        return cls(edge_index, len(nodes), node_data=node_data, edge_data=edge_data)
+
+    @classmethod
+    def from_scipy(cls, A: Any, x: Any = None, **extra: Any) -> Graph:
+        """A graph from a square sparse adjacency matrix: a nonzero ``A[i, j]`` is an edge i -> j
+        (src = row, dst = col, as PyG's ``from_scipy_sparse_matrix``), edges in row-major
+        order. The entries become ``edge_weight`` unless they are all one; ``x`` and ``extra``
+        are classified by name."""
+        from scipy import sparse
+
+        if not sparse.issparse(A):
+            raise GraphError(f"from_scipy needs a scipy sparse matrix, got {type(A).__name__}",
+                             hint="wrap dense arrays with scipy.sparse.csr_array")
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise GraphError(f"adjacency matrix must be square, got shape {tuple(A.shape)}")
+        coo = sparse.coo_array(A, copy=True)
+        coo.sum_duplicates()
+        order = np.lexsort((coo.col, coo.row))
+        kept = order[coo.data[order] != 0]
+        edge_index = np.stack([coo.row[kept], coo.col[kept]]).astype(np.int64)
+        weights = coo.data[kept]
+        arrays = dict(extra)
+        if x is not None:
+            arrays["x"] = x
+        if not np.all(weights == 1):
+            if "edge_weight" in arrays:
+                raise GraphError("edge_weight is given but the matrix already holds weights")
+            arrays["edge_weight"] = weights
+        return cls._from_flat(edge_index, A.shape[0], arrays)
+
+    @classmethod
+    def from_pyg(cls, data: Any) -> Graph:
+        """A graph from a ``torch_geometric.data.Data``: ``edge_index``, ``num_nodes`` and every
+        tensor attribute, classified by name (``ptr`` of a ``Batch`` is dropped: it is derived
+        from ``batch``)."""
+        Data = _import_pyg_data()
+        if not isinstance(data, Data):
+            raise GraphError(f"from_pyg needs a torch_geometric Data, got {type(data).__name__}",
+                             hint="heterogeneous graphs are not supported")
+        arrays: dict[str, np.ndarray] = {}
+        edge_index = np.zeros((2, 0), dtype=np.int64)
+        for key in data.keys():
+            value = data[key]
+            if key == "edge_index":
+                edge_index = value
+            elif key in ("ptr", "num_nodes"):
+                continue
+            elif hasattr(value, "detach"):
+                try:
+                    arrays[key] = value.detach().cpu().numpy()
+                except (TypeError, RuntimeError) as exc:
+                    raise GraphError(f"{key} cannot be converted to a numpy array ({exc})",
+                                     hint="use a dense tensor of a numpy dtype") from None
+            elif isinstance(value, np.ndarray):
+                arrays[key] = value
+        return cls._from_flat(edge_index, data.num_nodes, arrays)
+
+    def to_pyg(self) -> Any:
+        """This graph as a ``torch_geometric.data.Data`` (arrays copied into tensors)."""
+        Data = _import_pyg_data()
+        import torch
+
+        tensors = {name: torch.from_numpy(np.array(self[name])) for name in self.keys()}
+        return Data(edge_index=torch.from_numpy(np.array(self._edge_index)),
+                    num_nodes=self._num_nodes, **tensors)
+
+
+def _import_pyg_data() -> type:
+    try:
+        from torch_geometric.data import Data
+    except ImportError:
+        raise GraphError("torch_geometric is not installed",
+                         hint="pip install torch-geometric") from None
+    return Data
+
+
+def _stack_attributes(kind: str, items: list[tuple[str, Mapping[str, Any]]],
+                      names: str | Iterable[str]) -> np.ndarray:
+    """float32 [len(items), D]: the named attributes of each item, flattened and concatenated."""
+    names = [names] if isinstance(names, str) else list(names)
+    rows = []
+    for label, attributes in items:
+        row = []
+        for name in names:
+            if name not in attributes:
+                raise GraphError(f"{kind} {label} has no attribute {name!r}",
+                                 hint=f"every {kind} needs the attributes being stacked")
+            try:
+                row.append(np.asarray(attributes[name], dtype=np.float32).reshape(-1))
+            except (TypeError, ValueError):
+                raise GraphError(f"{kind} {label} attribute {name!r} = {attributes[name]!r} is "
+                                 "not numeric") from None
+        rows.append(np.concatenate(row) if row else np.zeros(0, dtype=np.float32))
+    widths = {row.shape[0] for row in rows}
+    if len(widths) > 1:
+        raise GraphError(f"{kind} attributes {names} have different sizes across {kind}s "
+                         f"({sorted(widths)})", hint="every item needs the same attribute shapes")
+    width = widths.pop() if widths else len(names)
+    return np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)

@@ -1,0 +1,262 @@
+"""The mpdsl IR: a typed SSA dataflow program.
+
+One uniform, immutable node type, ``Value``: the result of one op, with its operands, static
+attributes, type (domain, feature shape, dtype) and the source span it came from. A
+``Program`` is a topologically ordered tuple of values plus named outputs and the dims it is
+symbolic in. ``print_program`` gives the text form (golden format of the tests), ``parse_program``
+reads it back, ``verify`` checks every invariant.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterable, Mapping
+
+import lark
+
+from mpdsl.diagnostics import Source, Span
+from mpdsl.ops import OPS
+from mpdsl.types import Dim, Domain, TensorType, TypeRuleError
+
+
+@dataclass(frozen=True, eq=False)
+class Value:
+    """The result of one op. Compared by identity (SSA)."""
+
+    op: str
+    operands: tuple["Value", ...]
+    attrs: tuple[tuple[str, Any], ...]
+    type: TensorType
+    span: Span | None = field(default=None, repr=False)
+
+    @property
+    def attr(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    @property
+    def name(self) -> str | None:
+        """The declared name of an input or param (None for other ops)."""
+        return self.attr.get("name") if self.op in ("input", "param") else None
+
+    def __repr__(self) -> str:
+        return f"Value({self.op}, {self.type})"
+
+
+def make_value(op: str, operands: Iterable[Value], attrs: Mapping[str, Any], type: TensorType,
+               span: Span | None = None) -> Value:
+    return Value(op, tuple(operands), tuple(sorted(attrs.items())), type, span)
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    dims: tuple[tuple[str, int | None], ...]  # symbol -> bound value, None = bound from inputs at run time
+    values: tuple[Value, ...]
+    outputs: tuple[tuple[str, Value], ...]
+
+    @property
+    def inputs(self) -> tuple[Value, ...]:
+        return tuple(v for v in self.values if v.op == "input")
+
+    @property
+    def params(self) -> tuple[Value, ...]:
+        return tuple(v for v in self.values if v.op == "param")
+
+    @property
+    def dim_bindings(self) -> dict[str, int | None]:
+        return dict(self.dims)
+
+    @property
+    def float_dtype(self) -> str:
+        """The float dtype of the program's values (one per program)."""
+        return next((v.type.dtype for v in self.values if v.type.is_float), "f32")
+
+    def __str__(self) -> str:
+        return print_program(self)
+
+
+# ---- printing ----------------------------------------------------------------------------
+
+
+def _format_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        raise TypeError("bool attributes are not part of the IR")
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        text = repr(value)
+        return text if any(c in text for c in ".en") else text + ".0"
+    raise TypeError(f"unsupported attribute value {value!r}")
+
+
+def _format_type(t: TensorType) -> str:
+    return f"{t.domain}[{', '.join(str(d) for d in t.shape)}] {t.dtype}"
+
+
+def value_names(program: Program) -> dict[Value, str]:
+    """Printed names: inputs and params keep their declared names, other values are numbered."""
+    names: dict[Value, str] = {}
+    counter = 0
+    for v in program.values:
+        if v.name is not None:
+            names[v] = f"%{v.name}"
+        else:
+            names[v] = f"%{counter}"
+            counter += 1
+    return names
+
+
+def print_program(program: Program, locations: bool = False) -> str:
+    names = value_names(program)
+    dims = ", ".join(k if v is None else f"{k}={v}" for k, v in program.dims)
+    lines = [f"program @{program.name} dims({dims}) {{"]
+    for v in program.values:
+        text = f"  {names[v]} = {v.op}"
+        if v.operands:
+            text += " " + ", ".join(names[o] for o in v.operands)
+        attrs = [(k, x) for k, x in v.attrs if not (v.op in ("input", "param") and k == "name")]
+        if attrs:
+            text += " {" + ", ".join(f"{k}={_format_literal(x)}" for k, x in attrs) + "}"
+        text += f" : {_format_type(v.type)}"
+        if locations and v.span is not None:
+            s = v.span
+            text += f' loc("{s.source.name}":{s.line}:{s.col}-{s.end_line}:{s.end_col})'
+        lines.append(text)
+    lines.append("  return " + ", ".join(f"{names[v]} as {name}" for name, v in program.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- parsing -----------------------------------------------------------------------------
+
+
+class IRParseError(Exception):
+    """IR text that is not well formed (a compiler-developer error, not a user error)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _ir_parser() -> lark.Lark:
+    grammar = resources.files("mpdsl.grammar").joinpath("ir.lark").read_text()
+    return lark.Lark(grammar, parser="lalr")
+
+
+def parse_program(text: str) -> Program:
+    """Read the text form of ``print_program`` back into a Program (then ``verify`` it)."""
+    try:
+        tree = _ir_parser().parse(text)
+    except lark.LarkError as err:
+        raise IRParseError(str(err)) from None
+    name_tok, *rest = tree.children
+    dims: list[tuple[str, int | None]] = []
+    env: dict[str, Value] = {}
+    values: list[Value] = []
+    sources: dict[str, Source] = {}
+    outputs: list[tuple[str, Value]] = []
+    for node in rest:
+        if node is None:
+            continue
+        if node.data == "dim_binding":
+            key, bound = node.children
+            dims.append((str(key), int(bound) if bound is not None else None))
+        elif node.data == "value":
+            vname, opname, operands, attrs, typ, loc = node.children
+            if str(vname) in env:
+                raise IRParseError(f"{vname} is defined twice")
+            ops = []
+            for o in (operands.children if operands is not None else []):
+                if str(o) not in env:
+                    raise IRParseError(f"{o} is used before it is defined")
+                ops.append(env[str(o)])
+            attr_map = {}
+            for a in (attrs.children if attrs is not None else []):
+                if a is None:
+                    continue
+                key, lit = a.children
+                attr_map[str(key)] = _literal(lit)
+            if str(opname) in ("input", "param"):
+                attr_map["name"] = str(vname)[1:]
+            span = None
+            if loc is not None:
+                fname, l1, c1, l2, c2 = loc.children
+                src = sources.setdefault(fname[1:-1], Source(fname[1:-1], ""))
+                span = Span(src, int(l1), int(c1), int(l2), int(c2))
+            value = make_value(str(opname), ops, attr_map, _type(typ), span)
+            env[str(vname)] = value
+            values.append(value)
+        elif node.data == "ret":
+            for item in node.children:
+                vname, out = item.children
+                if str(vname) not in env:
+                    raise IRParseError(f"return of undefined {vname}")
+                outputs.append((str(out), env[str(vname)]))
+    return Program(str(name_tok), tuple(dims), tuple(values), tuple(outputs))
+
+
+def _literal(tree: lark.Tree) -> Any:
+    tok = str(tree.children[0])
+    if tree.data == "string":
+        return tok[1:-1]
+    if tree.data == "int_":
+        return int(tok)
+    return float(tok)
+
+
+def _type(tree: lark.Tree) -> TensorType:
+    domain, *dims, dtype = tree.children
+    shape = tuple(Dim.parse(str(d.children[0])) for d in dims if d is not None)
+    return TensorType(Domain(str(domain)), shape, str(dtype))
+
+
+# ---- verification ------------------------------------------------------------------------
+
+
+class VerificationError(Exception):
+    """An IR invariant does not hold: a compiler bug, reported with the offending op."""
+
+
+def verify(program: Program) -> Program:
+    """Check SSA order, op names, attributes, types (re-inferred by each op's rule), unique
+    input/param names, dims and outputs. Returns the program for chaining."""
+    seen: set[int] = set()
+    names: dict[tuple[str, str], Value] = {}
+    known_dims = {k for k, _ in program.dims}
+    for index, v in enumerate(program.values):
+        where = f"value #{index} ({v.op})"
+        if id(v) in seen:
+            raise VerificationError(f"{where} appears twice")
+        opdef = OPS.get(v.op)
+        if opdef is None:
+            raise VerificationError(f"{where}: unknown op {v.op!r}")
+        for o in v.operands:
+            if id(o) not in seen:
+                raise VerificationError(f"{where}: operand {o!r} is not defined before use")
+        try:
+            inferred = opdef.infer([o.type for o in v.operands], v.attr,
+                                   v.type if opdef.is_source or v.op == "reshape" else None)
+        except TypeRuleError as err:
+            raise VerificationError(f"{where}: {err.message}") from None
+        if inferred != v.type:
+            raise VerificationError(f"{where}: stored type {v.type} but the op's rule gives {inferred}")
+        for d in v.type.shape:
+            missing = set(d.symbols) - known_dims
+            if missing:
+                raise VerificationError(f"{where}: dimension(s) {sorted(missing)} are not declared by the program")
+        if v.name is not None:
+            key = (v.op, v.name)
+            if key in names:
+                raise VerificationError(f"{where}: {v.op} {v.name!r} is declared twice")
+            names[key] = v
+        seen.add(id(v))
+    if not program.outputs:
+        raise VerificationError("the program has no outputs")
+    for out_name, v in program.outputs:
+        if id(v) not in seen:
+            raise VerificationError(f"output {out_name!r} is not a value of the program")
+    return program

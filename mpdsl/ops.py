@@ -1,0 +1,344 @@
+"""The IR's operations: names with per-op rule tables.
+
+Each op is an ``OpDef``: its name, arity, the attributes it takes and its *type rule*
+(operand types + attrs -> result type), plus a one-line contract. Everything else an op
+has (evaluation in each backend, later differentiation) lives in per-op tables elsewhere,
+keyed by the op's name. Source ops (``input``, ``param``, ``const``, ``degree``) have no
+operands: their declared type is checked instead of inferred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mpdsl.types import (Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, broadcast_shapes,
+                         join_domains, shape_str)
+
+Attrs = dict[str, Any]
+TypeRule = Callable[[list[TensorType], Attrs, TensorType | None], TensorType]
+
+AGGREGATIONS = ("sum", "mean", "max", "min", "std")
+AXIS_REDUCTIONS = ("sum", "mean", "max", "min")
+REDUCE_AXES = ("src", "dst", "graph")
+GATHER_INDICES = ("src", "dst", "batch")
+INITIALIZERS = ("glorot", "zeros", "ones", "normal", "uniform", "constant")
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    arity: int | None  # None: variadic (at least one operand)
+    attrs: dict[str, Any]  # attr name -> tuple of allowed values, or a Python type
+    rule: TypeRule = field(repr=False)
+    doc: str = ""
+    is_source: bool = False
+
+    def check_attrs(self, attrs: Attrs) -> None:
+        if set(attrs) != set(self.attrs):
+            raise TypeRuleError(f"op {self.name} takes attributes {sorted(self.attrs)}, got {sorted(attrs)}")
+        for key, allowed in self.attrs.items():
+            value = attrs[key]
+            ok = value in allowed if isinstance(allowed, tuple) else isinstance(value, allowed)
+            if not ok:
+                raise TypeRuleError(f"op {self.name}: attribute {key}={value!r} is not one of {allowed}")
+
+    def infer(self, types: list[TensorType], attrs: Attrs, declared: TensorType | None = None) -> TensorType:
+        if self.arity is not None and len(types) != self.arity:
+            raise TypeRuleError(f"{self.name} takes {self.arity} operand(s), got {len(types)}")
+        if self.arity is None and not types:
+            raise TypeRuleError(f"{self.name} takes at least one operand")
+        self.check_attrs(attrs)
+        return self.rule(types, attrs, declared)
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def op(name: str, arity: int | None, attrs: dict[str, Any] | None = None, *, source: bool = False):
+    """Register the decorated type rule as op ``name``; its docstring is the op's contract."""
+
+    def register(rule: TypeRule) -> TypeRule:
+        OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source)
+        return rule
+
+    return register
+
+
+def _require_float(t: TensorType, what: str, operand: int = 0) -> None:
+    if not t.is_float:
+        raise TypeRuleError(f"{what} needs float values, got {t}",
+                            "int inputs (edge types, node types, batch ids) can only index parameters: W[etype]",
+                            operand)
+
+
+def _require_declared(declared: TensorType | None, name: str) -> TensorType:
+    if declared is None:
+        raise TypeRuleError(f"source op {name} needs a declared type")
+    return declared
+
+
+def _normalize_axis(axis: int, rank: int, what: str) -> int:
+    if not -rank <= axis < rank:
+        raise TypeRuleError(f"{what}: axis {axis} is out of range for {rank} feature axes",
+                            "feature axes count from 0 (the row axis is implicit); -1 is the last")
+    return axis % rank
+
+
+# ---- sources -----------------------------------------------------------------------------
+
+
+@op("input", 0, {"name": str}, source=True)
+def _input(types, attrs, declared):
+    """A model input, looked up by name in the call's inputs, then in the graph's arrays."""
+    t = _require_declared(declared, "input")
+    if t.domain is Domain.PARAM:
+        raise TypeRuleError("an input has domain node, edge or graph")
+    return t
+
+
+@op("param", 0, {"name": str, "init": str}, source=True)
+def _param(types, attrs, declared):
+    """A learnable parameter, read from the model's parameter store by name."""
+    t = _require_declared(declared, "param")
+    if t.domain is not Domain.PARAM or not t.is_float:
+        raise TypeRuleError("a parameter is a float param value")
+    return t
+
+
+@op("const", 0, {"value": float}, source=True)
+def _const(types, attrs, declared):
+    """A float scalar constant (param[])."""
+    t = _require_declared(declared, "const")
+    if t.domain is not Domain.PARAM or t.shape or not t.is_float:
+        raise TypeRuleError("a constant is a float param[] scalar")
+    return t
+
+
+@op("degree", 0, {"dir": ("in", "out")}, source=True)
+def _degree(types, attrs, declared):
+    """Per-node edge count as float: ``in`` counts edges j->i at i, ``out`` at j (multi-edges count)."""
+    t = _require_declared(declared, "degree")
+    if t.domain is not Domain.NODE or t.shape or not t.is_float:
+        raise TypeRuleError("a degree is a float node[] value")
+    return t
+
+
+# ---- elementwise -------------------------------------------------------------------------
+
+UNARY_OPS = ("neg", "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "gelu",
+             "silu", "softplus")
+UNARY_OPS_WITH_ATTR = {"leaky_relu": "slope", "elu": "alpha", "dropout": "p"}
+BINARY_OPS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
+
+_UNARY_DOCS = {
+    "neg": "-x", "relu": "max(x, 0)", "sigmoid": "1 / (1 + exp(-x))", "tanh": "tanh(x)",
+    "exp": "exp(x)", "log": "natural log", "sqrt": "square root", "rsqrt": "1 / sqrt(x)",
+    "abs": "|x|", "gelu": "x * Phi(x) (exact, erf form)", "silu": "x * sigmoid(x)",
+    "softplus": "log(1 + exp(x))", "leaky_relu": "x if x > 0 else slope * x",
+    "elu": "x if x > 0 else alpha * (exp(x) - 1)",
+    "dropout": "identity at inference; in training, zero with probability p and scale by 1/(1-p)",
+}
+_BINARY_DOCS = {"add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b", "pow": "a ** b",
+                "maximum": "elementwise max", "minimum": "elementwise min"}
+
+
+def _unary_rule(name):
+    def rule(types, attrs, declared):
+        _require_float(types[0], name)
+        return types[0]
+    rule.__doc__ = f"Elementwise {_UNARY_DOCS[name]}; type preserved."
+    return rule
+
+
+def _binary_rule(name):
+    def rule(types, attrs, declared):
+        for i, t in enumerate(types):
+            _require_float(t, name, i)
+        domain = join_domains(types, f"'{name}'")
+        shape = broadcast_shapes([t.shape for t in types], f"'{name}'")
+        return TensorType(domain, shape, types[0].dtype)
+    rule.__doc__ = (f"Elementwise {_BINARY_DOCS[name]} with broadcasting (params uniform over rows, "
+                    "feature shapes aligned from the left).")
+    return rule
+
+
+for _name in UNARY_OPS:
+    op(_name, 1)(_unary_rule(_name))
+for _name, _attr in UNARY_OPS_WITH_ATTR.items():
+    op(_name, 1, {_attr: float})(_unary_rule(_name))
+for _name in BINARY_OPS:
+    op(_name, 2)(_binary_rule(_name))
+
+
+# ---- dense algebra -----------------------------------------------------------------------
+
+
+@op("matmul", 2)
+def _matmul(types, attrs, declared):
+    """Contract the last feature axis of a with the first of b: a[..., K] @ b[K, ...] -> [..., ...].
+
+    With a param b, every row of a is multiplied by the same matrix; with b of a's domain
+    (e.g. W[etype] on edges), each row by its own."""
+    a, b = types
+    _require_float(a, "matmul", 0)
+    _require_float(b, "matmul", 1)
+    if a.rank < 1:
+        raise TypeRuleError(f"matmul needs a feature axis on the left, got {a}",
+                            "scale by a scalar with * instead", 0)
+    if b.rank < 1:
+        raise TypeRuleError(f"matmul needs a feature axis on the right, got {b}",
+                            "scale by a scalar with * instead", 1)
+    if a.shape[-1] != b.shape[0]:
+        raise TypeRuleError(
+            f"matmul shape mismatch: {shape_str(a.shape)} @ {shape_str(b.shape)} "
+            f"(inner dims {a.shape[-1]} and {b.shape[0]} differ)",
+            "the last feature dim of the left operand must equal the first dim of the right one")
+    domain = join_domains(types, "matmul")
+    return TensorType(domain, a.shape[:-1] + b.shape[1:], a.dtype)
+
+
+@op("reduce", 1, {"reduce": AXIS_REDUCTIONS, "axis": int})
+def _reduce(types, attrs, declared):
+    """Reduce one feature axis (sum, mean, max, min); rows are kept."""
+    (t,) = types
+    _require_float(t, "reduce")
+    axis = _normalize_axis(attrs["axis"], t.rank, f"{attrs['reduce']}")
+    return t.with_(shape=t.shape[:axis] + t.shape[axis + 1:])
+
+
+@op("axis_softmax", 1, {"axis": int})
+def _axis_softmax(types, attrs, declared):
+    """Softmax along one feature axis of each row."""
+    (t,) = types
+    _require_float(t, "softmax")
+    _normalize_axis(attrs["axis"], t.rank, "softmax")
+    return t
+
+
+@op("concat", None, {"axis": int})
+def _concat(types, attrs, declared):
+    """Concatenate along a feature axis; all operands share domain, rank and the other dims."""
+    domains = {t.domain for t in types}
+    if len(domains) > 1:
+        raise TypeRuleError(f"concat of values of different domains ({', '.join(sorted(map(str, domains)))})",
+                            "gather or reduce to one domain first", 1)
+    rank = types[0].rank
+    if rank == 0:
+        raise TypeRuleError("concat needs values with a feature axis", "reshape scalars with reshape(x, [1])", 0)
+    axis = _normalize_axis(attrs["axis"], rank, "concat")
+    total = Dim(0)
+    for i, t in enumerate(types):
+        _require_float(t, "concat", i)
+        if t.rank != rank or t.shape[:axis] + t.shape[axis + 1:] != types[0].shape[:axis] + types[0].shape[axis + 1:]:
+            raise TypeRuleError(f"concat: {t} does not match {types[0]} outside axis {axis}",
+                                "all operands need the same feature shape except along the concat axis", i)
+        total = _add_dims(total, t.shape[axis])
+    return types[0].with_(shape=types[0].shape[:axis] + (total,) + types[0].shape[axis + 1:])
+
+
+def _add_dims(a: Dim, b: Dim) -> Dim:
+    if a.is_static and b.is_static:
+        return Dim(a.value + b.value)
+    if a == Dim(0):
+        return b
+    if a.symbols == b.symbols:
+        return Dim(a.coeff + b.coeff, a.symbols)
+    raise TypeRuleError(f"concat along an axis of dims {a} and {b} needs their sum, which is not a product of dims",
+                        "bind the dims to integers with `dim NAME = value`")
+
+
+def shape_size(shape) -> Dim:
+    size = Dim(1)
+    for d in shape:
+        size = size * d
+    return size
+
+
+@op("reshape", 1, source=False)
+def _reshape(types, attrs, declared):
+    """Reshape each row's features to the declared shape (same number of elements)."""
+    (t,) = types
+    target = _require_declared(declared, "reshape")
+    if shape_size(t.shape) != shape_size(target.shape):
+        raise TypeRuleError(f"cannot reshape {shape_str(t.shape)} ({shape_size(t.shape)} elements) to "
+                            f"{shape_str(target.shape)} ({shape_size(target.shape)} elements)",
+                            "the new shape must hold the same number of elements per row")
+    return t.with_(shape=target.shape)
+
+
+# ---- graph movement ----------------------------------------------------------------------
+
+
+@op("gather", 1, {"index": GATHER_INDICES})
+def _gather(types, attrs, declared):
+    """Move values along the graph: node -> edge by ``src`` or ``dst`` endpoint; graph -> node by ``batch``."""
+    (t,) = types
+    index = attrs["index"]
+    needed = Domain.GRAPH if index == "batch" else Domain.NODE
+    if t.domain is not needed:
+        if index == "batch":
+            hint = "x[batch] broadcasts per-graph values to their nodes"
+        elif t.domain is Domain.EDGE:
+            hint = f"it already has one row per edge: use it directly, or reduce it first: sum(...) by dst"
+        else:
+            hint = f"x[{index}] reads node values at each edge's {'source' if index == 'src' else 'destination'}"
+        raise TypeRuleError(f"cannot gather a {t.domain} value by {index}: [{index}] reads {needed} values", hint, 0)
+    return t.with_(domain=Domain.NODE if index == "batch" else Domain.EDGE)
+
+
+@op("take", 2)
+def _take(types, attrs, declared):
+    """Index a parameter's first axis by an int value per row: W[etype] gives each edge its W_r."""
+    w, idx = types
+    if w.domain is not Domain.PARAM or w.rank < 1:
+        raise TypeRuleError(f"only a parameter with a leading axis can be indexed by {idx}, got {w}",
+                            "declare it as param[R, ...] with R the number of types", 0)
+    if idx.dtype != INT_DTYPE or idx.domain is Domain.PARAM or idx.rank != 0:
+        raise TypeRuleError(f"a parameter index must be an int node, edge or graph value, got {idx}",
+                            "declare the input as, e.g., etype: edge int", 1)
+    return TensorType(idx.domain, w.shape[1:], w.dtype)
+
+
+@op("select", 1, {"index": int})
+def _select(types, attrs, declared):
+    """Static index into the first feature axis: W[t] with t a loop counter or an integer."""
+    (t,) = types
+    if t.rank < 1:
+        raise TypeRuleError(f"cannot index {t}: it has no feature axis")
+    size = t.shape[0]
+    if size.is_static and not 0 <= attrs["index"] < size.value:
+        raise TypeRuleError(f"index {attrs['index']} is out of range for an axis of size {size}")
+    return t.with_(shape=t.shape[1:])
+
+
+def _reduced_domain(t: TensorType, by: str, what: str) -> Domain:
+    if by == "graph":
+        if t.domain is not Domain.NODE:
+            raise TypeRuleError(f"{what} by graph reduces node values to their graphs, got a {t.domain} value",
+                                "reduce edges to nodes first (sum(...) by dst)", 0)
+        return Domain.GRAPH
+    if t.domain is not Domain.EDGE:
+        hint = (f"gather node values onto edges first: {what}(h[src]) by {by}" if t.domain is Domain.NODE
+                else f"{what} by {by} reduces edge values onto nodes")
+        raise TypeRuleError(f"{what} by {by} reduces edge values to nodes, got a {t.domain} value", hint, 0)
+    return Domain.NODE
+
+
+@op("aggregate", 1, {"reduce": AGGREGATIONS, "by": REDUCE_AXES})
+def _aggregate(types, attrs, declared):
+    """Reduce edge rows onto nodes (by dst: over in-edges; by src: over out-edges) or node rows onto
+    graphs (by graph). sum, mean, max, min, std (population); an empty group gives 0."""
+    (t,) = types
+    _require_float(t, attrs["reduce"])
+    return t.with_(domain=_reduced_domain(t, attrs["by"], attrs["reduce"]))
+
+
+@op("softmax", 1, {"by": REDUCE_AXES})
+def _softmax(types, attrs, declared):
+    """Segment softmax: normalise each edge row over the edges sharing its dst (or src) node, or each
+    node row over the nodes of its graph; per feature element, max-subtracted."""
+    (t,) = types
+    _require_float(t, "softmax")
+    _reduced_domain(t, attrs["by"], "softmax")
+    return t

@@ -1,0 +1,259 @@
+"""Stage 4: a compiled model. Binds run-time dims from inputs, validates inputs and weights,
+owns the parameter store and runs the program on a backend."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mpdsl.diagnostics import GraphError, InputError, WeightsError
+from mpdsl.graph import Graph
+from mpdsl.ir import Program, print_program
+from mpdsl.types import Domain, INT_DTYPE, TensorType
+
+NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": np.int64}
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):  # a torch tensor
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, dtype) -> np.ndarray:
+    """Initial parameter values. glorot: U(+-sqrt(6 / (fan_in + fan_out))) with fan_in = shape[0],
+    fan_out = prod(shape[1:]); normal: N(0, 1 / fan_in); uniform: U(+-1 / sqrt(fan_in));
+    zeros, ones, or a number (every element)."""
+    fan_in = shape[0] if shape else 1
+    fan_out = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    if init == "glorot":
+        bound = np.sqrt(6.0 / max(fan_in + fan_out, 1))
+        value = rng.uniform(-bound, bound, shape)
+    elif init == "normal":
+        value = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), shape)
+    elif init == "uniform":
+        bound = 1.0 / np.sqrt(max(fan_in, 1))
+        value = rng.uniform(-bound, bound, shape)
+    elif init == "zeros":
+        value = np.zeros(shape)
+    elif init == "ones":
+        value = np.ones(shape)
+    else:
+        value = np.full(shape, float(init))
+    return value.astype(dtype)
+
+
+class CompiledModel:
+    """A model compiled from .mp source: call it on a graph to run it.
+
+    ``params`` maps each declared parameter name to its array; parameters whose shapes depend
+    on dims bound from the data (e.g. ``W: param[F, H]`` with ``x: node[F]``) are created at the
+    first call, or by ``init(seed, graph=...)``.
+    """
+
+    def __init__(self, program: Program, backend, *, source_name: str = "<string>", seed: int = 0,
+                 ast=None, compile_seconds: float = 0.0):
+        self.ir = program
+        self.ast = ast
+        self.backend = backend
+        self.source_name = source_name
+        self.seed = seed
+        self.compile_seconds = compile_seconds
+        self.float_dtype = np.dtype(NUMPY_DTYPES[program.float_dtype])
+        self.dims: dict[str, int] = {k: v for k, v in program.dims if v is not None}
+        self.training = False
+        self.params: dict[str, np.ndarray] = {}
+        self.last_run_seconds = 0.0
+        if all(self._static(t) for t in self.param_types.values()):
+            self.init(seed)
+
+    # ---- interface -----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def param_types(self) -> dict[str, TensorType]:
+        return {v.attr["name"]: v.type for v in self.ir.params}
+
+    @property
+    def input_types(self) -> dict[str, TensorType]:
+        return {v.attr["name"]: v.type for v in self.ir.inputs}
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for name, _ in self.ir.outputs]
+
+    def _static(self, t: TensorType) -> bool:
+        return all(d.substitute(self.dims).is_static for d in t.shape)
+
+    def param_shapes(self, dims: Mapping[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+        env = {**self.dims, **(dims or {})}
+        shapes = {}
+        for name, t in self.param_types.items():
+            resolved = [d.substitute(env) for d in t.shape]
+            unbound = sorted({s for d in resolved for s in d.symbols})
+            if unbound:
+                raise InputError(f"the shape of parameter '{name}' depends on {', '.join(unbound)}, which "
+                                 "is bound from the model's inputs",
+                                 "pass a graph (init(seed, graph=g)) or the dims (init(seed, F=16))")
+            shapes[name] = tuple(d.value for d in resolved)
+        return shapes
+
+    def init(self, seed: int = 0, graph: Graph | None = None, **dims: int) -> "CompiledModel":
+        """(Re)initialise every parameter from its declared initializer; deterministic in ``seed``
+        and the parameter's name."""
+        if graph is not None:
+            dims = {**self.bind(graph, {})[1], **dims}
+        for name, shape in self.param_shapes(dims).items():
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            init = next(v.attr["init"] for v in self.ir.params if v.attr["name"] == name)
+            self.params[name] = initial_value(init, shape, rng, self.float_dtype)
+        self.dims.update(dims)
+        return self
+
+    def load_weights(self, weights: str | Path | Mapping[str, Any]) -> "CompiledModel":
+        """Load parameters from an .npz file or a mapping name -> array (all of them, exactly)."""
+        if isinstance(weights, (str, Path)):
+            try:
+                with np.load(weights, allow_pickle=False) as data:
+                    weights = {k: data[k] for k in data.files}
+            except (OSError, ValueError) as err:
+                raise WeightsError(f"cannot read weights from {weights}: {err}",
+                                   "weights are an .npz file with one array per parameter") from None
+        declared = self.param_types
+        missing = sorted(set(declared) - set(weights))
+        extra = sorted(set(weights) - set(declared))
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                    ([f"unknown {', '.join(extra)}"] if extra else [])
+            raise WeightsError(f"weights do not match the parameters of '{self.name}': {'; '.join(parts)}",
+                               f"expected exactly: {', '.join(declared)}")
+        arrays = {k: _to_numpy(v) for k, v in weights.items()}
+        dims = dict(self.dims)
+        for name, t in declared.items():
+            arr = arrays[name]
+            if arr.dtype.kind not in "fiu":
+                raise WeightsError(f"weight '{name}' has dtype {arr.dtype}", "weights are real numbers")
+            self._bind_shape(f"weight '{name}'", t, arr.shape, dims, WeightsError)
+            if not np.all(np.isfinite(arr)):
+                raise WeightsError(f"weight '{name}' holds non-finite values", "check the file")
+        self.dims = dims
+        self.params = {k: arrays[k].astype(self.float_dtype) for k in declared}
+        return self
+
+    def save_weights(self, path: str | Path) -> None:
+        if not self.params:
+            raise WeightsError("the model has no parameters yet", "call init(seed, graph=...) or run it once")
+        np.savez(path, **self.params)
+
+    # ---- running -------------------------------------------------------------------------
+
+    @staticmethod
+    def _bind_shape(what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error) -> None:
+        declared = "[" + ", ".join(str(d) for d in t.shape) + "]"
+        if len(shape) != t.rank:
+            raise error(f"{what} has shape {list(shape)} but is declared {declared}",
+                        f"it needs {t.rank} axes")
+        for axis, (dim, size) in enumerate(zip(t.shape, shape)):
+            resolved = dim.substitute(dims)
+            if resolved.is_static:
+                if resolved.value != size:
+                    raise error(f"{what} has size {size} on axis {axis} but is declared {declared} "
+                                f"({dim} = {resolved.value})", "make the data and the declaration agree")
+            elif len(resolved.symbols) == 1 and resolved.coeff == 1:
+                dims[resolved.symbols[0]] = size
+            else:
+                raise error(f"{what}: cannot bind {dim} from a size of {size}",
+                            "bind product dims with `dim NAME = value`")
+
+    def bind(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Find, check and convert every model input; returns the arrays and the bound dims."""
+        unknown = sorted(set(inputs) - set(self.input_types))
+        if unknown:
+            raise InputError(f"'{self.name}' has no input named {', '.join(unknown)}",
+                             f"its inputs are: {', '.join(self.input_types) or 'none'}")
+        rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs}
+        dims = dict(self.dims)
+        arrays: dict[str, np.ndarray] = {}
+        for name, t in self.input_types.items():
+            if name in inputs:
+                arr = _to_numpy(inputs[name])
+            elif name in graph:
+                arr = graph[name]
+            else:
+                raise InputError(f"model input '{name}' ({t}) is not given",
+                                 f"pass {name}=... or add an array '{name}' to the graph")
+            if arr.ndim == 0 or arr.shape[0] != rows[t.domain]:
+                got = "a scalar" if arr.ndim == 0 else f"{arr.shape[0]} rows"
+                raise InputError(f"input '{name}' has {got} but the graph has {rows[t.domain]} {t.domain}s",
+                                 f"{name} is declared {t}: one row per {t.domain}")
+            if t.dtype == INT_DTYPE:
+                if arr.dtype.kind not in "iu":
+                    raise InputError(f"input '{name}' has dtype {arr.dtype} but is declared int",
+                                     f"pass integer ids ({name}.astype(np.int64))")
+                if arr.size and arr.min() < 0:
+                    pos = int(np.argmax(arr < 0))
+                    raise InputError(f"{name}[{pos}] = {int(arr[pos])} is negative", "ids start at 0")
+                arr = arr.astype(np.int64, copy=False)
+            else:
+                if arr.dtype.kind not in "fiub":
+                    raise InputError(f"input '{name}' has dtype {arr.dtype}", "features are real numbers")
+                arr = arr.astype(self.float_dtype, copy=False)
+            self._bind_shape(f"input '{name}'", t, arr.shape[1:], dims, InputError)
+            arrays[name] = arr
+        return arrays, dims
+
+    def __call__(self, graph: Graph | str | Path | Any, **inputs: Any) -> np.ndarray | dict[str, np.ndarray]:
+        """Run on ``graph`` (a Graph, an .npz path or a PyG Data); inputs not given as keywords are
+        read from the graph's arrays by name. One output: an array; several: a dict by name."""
+        outputs = self.run(graph, **inputs)
+        return outputs["out"] if list(outputs) == ["out"] else outputs
+
+    def run(self, graph: Graph | str | Path | Any, **inputs: Any) -> dict[str, np.ndarray]:
+        graph = as_graph(graph)
+        arrays, dims = self.bind(graph, inputs)
+        missing_params = set(self.param_types) - set(self.params)
+        if missing_params:
+            self.init(self.seed, **{k: v for k, v in dims.items() if k not in self.dims})
+        else:
+            self._check_param_dims(dims)
+        start = time.perf_counter()
+        outputs = self.backend.run(self.ir, graph, arrays, self.params, dims, training=self.training)
+        self.last_run_seconds = time.perf_counter() - start
+        return outputs
+
+    def _check_param_dims(self, dims: dict[str, int]) -> None:
+        for name, t in self.param_types.items():
+            self._bind_shape(f"parameter '{name}'", t, self.params[name].shape, dict(dims), InputError)
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        self.training = mode
+        return self
+
+    def eval(self) -> "CompiledModel":
+        return self.train(False)
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel({self.name!r}, backend={self.backend.name!r}, "
+                f"params={ {k: list(v.shape) for k, v in self.params.items()} })")
+
+    def ir_text(self, locations: bool = False) -> str:
+        return print_program(self.ir, locations)
+
+
+def as_graph(graph: Any) -> Graph:
+    if isinstance(graph, Graph):
+        return graph
+    if isinstance(graph, (str, Path)):
+        return Graph.load(graph)
+    if hasattr(graph, "edge_index"):
+        return Graph.from_pyg(graph)
+    raise GraphError(f"cannot use a {type(graph).__name__} as a graph",
+                     "pass an mpdsl.Graph, an .npz path or a torch_geometric Data")
+

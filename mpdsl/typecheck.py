@@ -1,0 +1,660 @@
+"""Stage 2: AST -> typed IR. Name resolution, domain and shape checking with symbolic dims,
+layer instantiation (inlined at each call, dims unified per call) and loop unrolling.
+
+Checking and lowering are one walk (elaboration): every expression is typed by the same
+per-op type rules (``mpdsl.ops``) that the IR verifier re-runs, so the checker cannot
+disagree with the IR. Every user error is a ``CompileError`` at the offending text.
+
+Scoping: each name is defined once per block. A ``for`` body may assign names of the
+enclosing scopes (loop-carried state, e.g. ``h = step(h)``); names first defined in the body
+are local to one iteration. Layers see only their arguments; the dims in a layer's signature
+are local to it and bound at each call from the argument types.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from mpdsl import ast
+from mpdsl.diagnostics import CompileError, Span
+from mpdsl.ir import Program, Value, make_value, verify
+from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS
+from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, shape_str
+
+RESERVED = {"src", "dst", "batch", "graph"}
+BUILTIN_INDICES = ("src", "dst", "batch")
+
+
+@dataclass(frozen=True)
+class LoopCounter:
+    value: int
+
+
+class _Builder:
+    """Collects emitted values in order."""
+
+    def __init__(self):
+        self.values: list[Value] = []
+
+    def add(self, value: Value) -> Value:
+        self.values.append(value)
+        return value
+
+
+class _Scope:
+    def __init__(self, parent: "_Scope | None", carries: bool):
+        self.parent = parent
+        self.carries = carries  # a for-body: may rebind names of enclosing scopes
+        self.names: dict[str, object] = {}
+        self.assigned_here: set[str] = set()
+
+    def lookup(self, name: str):
+        scope = self
+        while scope is not None:
+            if name in scope.names:
+                return scope.names[name]
+            scope = scope.parent
+        return None
+
+    def owner(self, name: str) -> "_Scope | None":
+        scope = self
+        while scope is not None:
+            if name in scope.names:
+                return scope
+            scope = scope.parent
+        return None
+
+    def visible(self) -> set[str]:
+        names: set[str] = set()
+        scope = self
+        while scope is not None:
+            names |= set(scope.names)
+            scope = scope.parent
+        return names
+
+
+def _close(name: str, candidates) -> str | None:
+    match = difflib.get_close_matches(name, sorted(candidates), n=1)
+    return match[0] if match else None
+
+
+class Checker:
+    """Type-checks one model of a module and lowers it to IR."""
+
+    def __init__(self, module: ast.Module, float_dtype: str = "f32",
+                 dims: dict[str, int] | None = None):
+        self.module = module
+        self.float_dtype = float_dtype
+        self.overrides = dict(dims or {})
+        self.layers: dict[str, ast.FuncDef] = {}
+        self.global_dims: dict[str, int] = {}
+        self.call_stack: list[str] = []
+        self.builder = _Builder()
+
+    # ---- errors and emission -------------------------------------------------------------
+
+    @staticmethod
+    def error(message: str, span: Span, hint: str | None = None) -> CompileError:
+        return CompileError(message, span, hint)
+
+    def emit(self, op: str, operands: list[Value], attrs: dict, span: Span,
+             operand_spans: list[Span] | None = None, declared: TensorType | None = None) -> Value:
+        try:
+            t = OPS[op].infer([o.type for o in operands], attrs, declared)
+        except TypeRuleError as err:
+            blame = span
+            if err.operand is not None and operand_spans and err.operand < len(operand_spans):
+                blame = operand_spans[err.operand]
+            raise self.error(err.message, blame, err.hint) from None
+        return self.builder.add(make_value(op, operands, attrs, t, span))
+
+    def const(self, value: float, span: Span) -> Value:
+        return self.emit("const", [], {"value": float(value)}, span,
+                         declared=TensorType(Domain.PARAM, (), self.float_dtype))
+
+    # ---- module level --------------------------------------------------------------------
+
+    def collect(self) -> None:
+        seen: dict[str, ast.Node] = {}
+        for item in self.module.items:
+            name = item.name
+            span = item.name_span if isinstance(item, ast.FuncDef) else item.span
+            if name in seen:
+                raise self.error(f"duplicate definition of '{name}'", span,
+                                 f"'{name}' is already defined at line {seen[name].span.line}; rename one of them")
+            if name in RESERVED:
+                raise self.error(f"'{name}' is a reserved name", span, "src, dst, batch and graph are built in")
+            seen[name] = item
+            if isinstance(item, ast.DimDef):
+                self.global_dims[name] = item.value
+            elif item.kind == "layer":
+                self.layers[name] = item
+        for key, value in self.overrides.items():
+            if not isinstance(value, int) or value < 0:
+                raise CompileError(f"dimension override {key}={value!r} is not a non-negative integer", None)
+            self.global_dims[key] = value
+
+    def pick_model(self, name: str | None) -> ast.FuncDef:
+        models = {m.name: m for m in self.module.models}
+        if name is not None:
+            if name not in models:
+                raise CompileError(f"no model named '{name}'", None,
+                                   f"models in this file: {', '.join(models) or 'none'}")
+            return models[name]
+        if not models:
+            raise self.error("the program defines no model", self.module.span,
+                             "add `model NAME(x: node[F], ...) -> node[C] { ... }`")
+        if len(models) > 1:
+            raise CompileError(f"the program defines several models ({', '.join(models)})", None,
+                               "choose one with --model NAME (or model= in mpdsl.compile)")
+        return next(iter(models.values()))
+
+    def check(self, model_name: str | None = None) -> Program:
+        self.collect()
+        for layer in self.layers.values():
+            self.check_layer_generic(layer)
+        model = self.pick_model(model_name)
+        return self.lower_model(model)
+
+    # ---- types ---------------------------------------------------------------------------
+
+    def eval_dim(self, expr: ast.DimExpr, env: dict[str, Dim], what: str) -> Dim:
+        result = Dim(1)
+        for factor in expr.factors:
+            if isinstance(factor, int):
+                result = result * Dim(factor)
+            elif factor in env:
+                result = result * env[factor]
+            else:
+                raise self.error(f"unbound dimension '{factor}' in {what}", expr.span,
+                                 f"declare it with `dim {factor} = ...` or use it in an input's type so it is bound from data")
+        return result
+
+    def eval_type(self, texpr: ast.TypeExpr, env: dict[str, Dim], what: str) -> TensorType:
+        shape = tuple(self.eval_dim(d, env, what) for d in texpr.dims)
+        dtype = INT_DTYPE if texpr.dtype == "int" else self.float_dtype
+        return TensorType(Domain(texpr.domain), shape, dtype)
+
+    def check_arg_type(self, arg: ast.Arg) -> None:
+        t = arg.type
+        if t.dtype == "int":
+            if t.domain == "param":
+                raise self.error("parameters are float", t.span, f"declare it as param[...] (drop 'int')")
+            if t.dims:
+                raise self.error("int inputs are one index per row", t.span,
+                                 f"declare it as {t.domain} int (no feature dims)")
+        if arg.name in RESERVED:
+            raise self.error(f"'{arg.name}' is a reserved name", arg.span,
+                             "src, dst, batch and graph are built in; rename the argument")
+
+    def bind_pattern(self, texpr: ast.TypeExpr, actual: TensorType, env: dict[str, Dim],
+                     span: Span, what: str) -> None:
+        """Unify a declared argument type with an actual one, binding the declared dims in ``env``."""
+
+        def mismatch(detail: str) -> CompileError:
+            return self.error(f"{what}: expected {texpr}, got {actual} ({detail})", span,
+                              "pass a value of the declared domain and shape, or change the declaration")
+
+        if actual.domain.value != texpr.domain:
+            raise mismatch(f"domain {actual.domain} is not {texpr.domain}")
+        if (texpr.dtype == "int") != (actual.dtype == INT_DTYPE):
+            raise mismatch("dtype differs")
+        if len(texpr.dims) != actual.rank:
+            raise mismatch(f"{actual.rank} feature axes, not {len(texpr.dims)}")
+        pending = []
+        for dexpr, dim in zip(texpr.dims, actual.shape):
+            if len(dexpr.factors) == 1 and isinstance(dexpr.factors[0], str) and dexpr.factors[0] not in env:
+                env[dexpr.factors[0]] = dim
+            else:
+                pending.append((dexpr, dim))
+        for dexpr, dim in pending:
+            expected = self.eval_dim(dexpr, env, what)
+            if expected != dim:
+                raise mismatch(f"dim {dexpr} = {expected} but got {dim}")
+
+    # ---- layers and models ---------------------------------------------------------------
+
+    def check_layer_generic(self, layer: ast.FuncDef) -> None:
+        """Check a layer once with its signature dims as symbols (errors found even if uncalled)."""
+        env: dict[str, Dim] = {}
+        args = []
+        for arg in layer.args:
+            self.check_arg_type(arg)
+            for d in arg.type.dims:
+                for f in d.factors:
+                    if isinstance(f, str) and f not in env:
+                        env[f] = Dim(1, (f,))
+        self.check_unique_args(layer)
+        saved, self.builder = self.builder, _Builder()
+        self.call_stack.append(layer.name)
+        try:
+            for arg in layer.args:
+                t = self.eval_type(arg.type, env, f"the type of '{arg.name}'")
+                args.append(self.builder.add(make_value("input" if t.domain is not Domain.PARAM else "param",
+                                                        [], self._generic_attrs(arg, t), t, arg.span)))
+            self.elaborate_body(layer, args, env)
+        finally:
+            self.call_stack.pop()
+            self.builder = saved
+
+    @staticmethod
+    def _generic_attrs(arg: ast.Arg, t: TensorType) -> dict:
+        return {"name": arg.name} if t.domain is not Domain.PARAM else {"name": arg.name, "init": "zeros"}
+
+    def check_unique_args(self, func: ast.FuncDef) -> None:
+        seen: dict[str, ast.Arg] = {}
+        for arg in func.args:
+            if arg.name in seen:
+                raise self.error(f"duplicate definition of argument '{arg.name}'", arg.span,
+                                 "each argument needs its own name")
+            if arg.name in self.layers:
+                raise self.error(f"argument '{arg.name}' shadows the layer of the same name", arg.span,
+                                 "rename the argument")
+            seen[arg.name] = arg
+
+    def lower_model(self, model: ast.FuncDef) -> Program:
+        self.check_unique_args(model)
+        env: dict[str, Dim] = {k: Dim(v) for k, v in self.global_dims.items()}
+        run_time_dims: list[str] = []
+        # Input types bind their dims from data: a plain name not yet defined becomes a run-time symbol.
+        for arg in model.args:
+            self.check_arg_type(arg)
+            if arg.type.domain == "param":
+                continue
+            for d in arg.type.dims:
+                if len(d.factors) == 1 and isinstance(d.factors[0], str) and d.factors[0] not in env:
+                    env[d.factors[0]] = Dim(1, (d.factors[0],))
+                    run_time_dims.append(d.factors[0])
+        args: list[Value] = []
+        for arg in model.args:
+            t = self.eval_type(arg.type, env, f"the type of '{arg.name}'")
+            if t.domain is Domain.PARAM:
+                init = self.initializer(arg, t)
+                args.append(self.emit("param", [], {"name": arg.name, "init": init}, arg.span, declared=t))
+            else:
+                if arg.init is not None:
+                    raise self.error(f"input '{arg.name}' cannot have an initializer", arg.span,
+                                     "only param arguments take `= init`")
+                args.append(self.emit("input", [], {"name": arg.name}, arg.span, declared=t))
+        self.call_stack.append(model.name)
+        outputs = self.elaborate_body(model, args, env)
+        self.call_stack.pop()
+        names = self.output_names(model)
+        dims = tuple((k, v) for k, v in sorted(self.global_dims.items())) + tuple((k, None) for k in run_time_dims)
+        used = {k for v in self.builder.values for d in v.type.shape for k in d.symbols}
+        dims = tuple((k, v) for k, v in dims if v is None or k in used or k in self.global_dims)
+        program = Program(model.name, dims, tuple(self.live_values(outputs)), tuple(zip(names, outputs)))
+        return verify(program)
+
+    def live_values(self, outputs: list[Value]) -> list[Value]:
+        """Values that reach an output, plus every input and param (they define the interface)."""
+        live: set[int] = set()
+        stack = list(outputs)
+        while stack:
+            v = stack.pop()
+            if id(v) in live:
+                continue
+            live.add(id(v))
+            stack.extend(v.operands)
+        return [v for v in self.builder.values if id(v) in live or v.op in ("input", "param")]
+
+    @staticmethod
+    def output_names(model: ast.FuncDef) -> list[str]:
+        if len(model.results) == 1 and model.results[0].name is None:
+            return ["out"]
+        return [r.name or f"out{i}" for i, r in enumerate(model.results)]
+
+    def initializer(self, arg: ast.Arg, t: TensorType) -> str:
+        if arg.init is None:
+            return "glorot" if t.rank >= 2 else "zeros"
+        if isinstance(arg.init, float):
+            return repr(arg.init)
+        if arg.init not in INITIALIZERS:
+            close = _close(arg.init, INITIALIZERS)
+            raise self.error(f"unknown initializer '{arg.init}'", arg.span,
+                             f"did you mean '{close}'?" if close else f"use one of {', '.join(INITIALIZERS)} or a number")
+        if arg.init == "glorot" and t.rank < 2:
+            raise self.error(f"glorot needs a parameter with at least 2 axes, '{arg.name}' has {t.rank}",
+                             arg.span, "use zeros, ones, normal, uniform or a number")
+        return arg.init
+
+    def elaborate_body(self, func: ast.FuncDef, args: list[Value], env: dict[str, Dim]) -> list[Value]:
+        scope = _Scope(None, carries=False)
+        for arg, value in zip(func.args, args):
+            scope.names[arg.name] = value
+        returned = self.block(func.body, scope, env, top=True)
+        if returned is None:
+            raise self.error(f"{func.kind} '{func.name}' does not return a value", func.name_span,
+                             "end the body with `return EXPR`")
+        values, ret = returned
+        if len(values) != len(func.results):
+            raise self.error(f"{func.kind} '{func.name}' declares {len(func.results)} result(s) but returns "
+                             f"{len(values)}", ret.span, "make the return statement match the declared results")
+        for i, (value, result, expr) in enumerate(zip(values, func.results, ret.values)):
+            expected = self.eval_type(result.type, env, f"the result type of '{func.name}'")
+            if expected != value.type:
+                raise self.error(f"{func.kind} '{func.name}' returns {value.type} where it declares {expected}",
+                                 expr.span, "change the declared result type or the returned expression")
+        return values
+
+    # ---- statements ----------------------------------------------------------------------
+
+    def block(self, stmts, scope: _Scope, env: dict[str, Dim], top: bool):
+        for i, stmt in enumerate(stmts):
+            if isinstance(stmt, ast.Return):
+                if not top:
+                    raise self.error("return inside a for loop", stmt.span, "return after the loop")
+                if i != len(stmts) - 1:
+                    raise self.error("statements after return are never run", stmts[i + 1].span,
+                                     "move the return to the end of the body")
+                return [self.expr(e, scope, env) for e in stmt.values], stmt
+            if isinstance(stmt, ast.Assign):
+                self.assign(stmt, scope, env)
+            elif isinstance(stmt, ast.For):
+                self.for_loop(stmt, scope, env)
+        return None
+
+    def assign(self, stmt: ast.Assign, scope: _Scope, env: dict[str, Dim]) -> None:
+        if isinstance(stmt.value, ast.Call) and stmt.value.func in self.layers:
+            values = self.call_layer(stmt.value, scope, env)
+        else:
+            values = [self.expr(stmt.value, scope, env)]
+        if len(values) != len(stmt.targets):
+            raise self.error(f"{len(stmt.targets)} name(s) assigned from {len(values)} value(s)", stmt.span,
+                             "assign as many names as the right-hand side returns")
+        for name, span, value in zip(stmt.targets, stmt.target_spans, values):
+            self.define(name, value, span, scope, env)
+
+    def define(self, name: str, value: object, span: Span, scope: _Scope, env: dict[str, Dim]) -> None:
+        if name in RESERVED:
+            raise self.error(f"'{name}' is a reserved name", span, "src, dst, batch and graph are built in")
+        if name in self.layers or name in env:
+            what = "layer" if name in self.layers else "dimension"
+            raise self.error(f"'{name}' shadows the {what} of the same name", span, "choose another name")
+        if name in scope.assigned_here:
+            raise self.error(f"duplicate definition of '{name}'", span,
+                             "each name is assigned once per block: use a new name (h1, h2, ...)")
+        scope.assigned_here.add(name)
+        owner = scope.owner(name)
+        if owner is None or owner is scope:
+            if owner is scope and scope.parent is None:
+                raise self.error(f"duplicate definition of '{name}'", span,
+                                 f"'{name}' is an argument; assign to a new name")
+            scope.names[name] = value
+            return
+        if not scope.carries:
+            raise self.error(f"duplicate definition of '{name}'", span, "use a new name")
+        old = owner.names[name]
+        if isinstance(old, Value) and isinstance(value, Value) and old.type != value.type:
+            raise self.error(f"loop-carried '{name}' changes type from {old.type} to {value.type}", span,
+                             "a value rebound in a loop must keep its type")
+        owner.names[name] = value
+
+    def for_loop(self, stmt: ast.For, scope: _Scope, env: dict[str, Dim]) -> None:
+        def bound(b) -> int:
+            if isinstance(b, int):
+                return b
+            if b in env and env[b].is_static:
+                return env[b].value
+            raise self.error(f"loop bound '{b}' is not a known integer", stmt.span,
+                             f"declare it with `dim {b} = ...`")
+
+        start, stop = bound(stmt.start), bound(stmt.stop)
+        if stmt.var in RESERVED or scope.lookup(stmt.var) is not None:
+            raise self.error(f"loop counter '{stmt.var}' shadows an existing name", stmt.span, "rename the counter")
+        for i in range(start, stop):
+            body_scope = _Scope(scope, carries=True)
+            body_scope.names[stmt.var] = LoopCounter(i)
+            self.block(stmt.body, body_scope, env, top=False)
+
+    # ---- expressions ---------------------------------------------------------------------
+
+    def expr(self, e: ast.Expr, scope: _Scope, env: dict[str, Dim]) -> Value:
+        if isinstance(e, ast.Number):
+            return self.const(e.value, e.span)
+        if isinstance(e, ast.Name):
+            return self.name(e, scope, env)
+        if isinstance(e, ast.Neg):
+            if isinstance(e.operand, ast.Number):
+                return self.const(-e.operand.value, e.span)
+            x = self.expr(e.operand, scope, env)
+            return self.emit("neg", [x], {}, e.span, [e.operand.span])
+        if isinstance(e, ast.BinOp):
+            lhs = self.expr(e.lhs, scope, env)
+            rhs = self.expr(e.rhs, scope, env)
+            return self.emit(e.op, [lhs, rhs], {}, e.span, [e.lhs.span, e.rhs.span])
+        if isinstance(e, ast.Index):
+            return self.index(e, scope, env)
+        if isinstance(e, ast.Call):
+            if e.func in self.layers:
+                values = self.call_layer(e, scope, env)
+                if len(values) != 1:
+                    raise self.error(f"layer '{e.func}' returns {len(values)} values; it cannot be used in an expression",
+                                     e.span, f"assign them: a, b = {e.func}(...)")
+                return values[0]
+            return self.call(e, scope, env)
+        if isinstance(e, ast.ShapeLiteral):
+            raise self.error("a shape literal is only allowed as the shape argument of reshape", e.span,
+                             "reshape(x, [H * C])")
+        raise AssertionError(f"unhandled expression {type(e).__name__}")  # grammar and AST are closed
+
+    def name(self, e: ast.Name, scope: _Scope, env: dict[str, Dim]) -> Value:
+        bound = scope.lookup(e.id)
+        if isinstance(bound, Value):
+            return bound
+        if isinstance(bound, LoopCounter):
+            return self.const(bound.value, e.span)
+        if e.id in BUILTIN_INDICES or e.id == "graph":
+            raise self.error(f"'{e.id}' is an index, not a value", e.span,
+                             f"use it in brackets, e.g. h[{e.id if e.id != 'graph' else 'src'}]" if e.id != "graph"
+                             else "use it in a reduction: sum(h) by graph")
+        if e.id in env:
+            if env[e.id].is_static:
+                return self.const(env[e.id].value, e.span)
+            raise self.error(f"dimension '{e.id}' is only known at run time and cannot be used as a number",
+                             e.span, f"declare it with `dim {e.id} = ...`")
+        if e.id in self.layers:
+            raise self.error(f"layer '{e.id}' used as a value", e.span, f"call it: {e.id}(...)")
+        close = _close(e.id, scope.visible())
+        raise self.error(f"unknown name '{e.id}'", e.span,
+                         f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument")
+
+    def index(self, e: ast.Index, scope: _Scope, env: dict[str, Dim]) -> Value:
+        idx = e.index
+        if isinstance(idx, ast.Name) and idx.id in BUILTIN_INDICES and scope.lookup(idx.id) is None:
+            base = self.expr(e.base, scope, env)
+            return self.emit("gather", [base], {"index": idx.id}, e.span, [e.base.span])
+        static = None
+        if isinstance(idx, ast.Number) and idx.is_int:
+            static = int(idx.value)
+        elif isinstance(idx, ast.Name) and isinstance(scope.lookup(idx.id), LoopCounter):
+            static = scope.lookup(idx.id).value
+        base = self.expr(e.base, scope, env)
+        if static is not None:
+            return self.emit("select", [base], {"index": static}, e.span, [e.base.span])
+        index_value = self.expr(idx, scope, env)
+        if index_value.type.dtype != INT_DTYPE:
+            raise self.error(f"cannot index by a {index_value.type} value", idx.span,
+                             "index with src, dst, batch, an int input (W[etype]) or a loop counter (W[t])")
+        return self.emit("take", [base, index_value], {}, e.span, [e.base.span, idx.span])
+
+    def call_layer(self, e: ast.Call, scope: _Scope, env: dict[str, Dim]) -> list[Value]:
+        layer = self.layers[e.func]
+        if e.by is not None:
+            raise self.error(f"layer '{e.func}' does not take `by`", e.by_span or e.span,
+                             "`by` belongs to reductions such as sum(...) by dst")
+        if e.keywords:
+            raise self.error(f"layer '{e.func}' takes positional arguments only", e.keywords[0].span,
+                             "pass arguments in declaration order")
+        if len(e.args) != len(layer.args):
+            raise self.error(f"layer '{e.func}' takes {len(layer.args)} argument(s), got {len(e.args)}", e.span,
+                             f"signature: {e.func}({', '.join(f'{a.name}: {a.type}' for a in layer.args)})")
+        if e.func in self.call_stack:
+            raise self.error(f"layer '{e.func}' calls itself", e.callee_span,
+                             "layers cannot recurse; repeat with `for t in 0..T { ... }`")
+        values = [self.expr(a, scope, env) for a in e.args]
+        layer_env: dict[str, Dim] = {}
+        for i, (arg, value, aexpr) in enumerate(zip(layer.args, values, e.args)):
+            self.bind_pattern(arg.type, value.type, layer_env, aexpr.span,
+                              f"argument {i + 1} ('{arg.name}') of layer '{e.func}'")
+        self.call_stack.append(e.func)
+        try:
+            return self.elaborate_body(layer, values, layer_env)
+        finally:
+            self.call_stack.pop()
+
+    # ---- builtin functions ---------------------------------------------------------------
+
+    def call(self, e: ast.Call, scope: _Scope, env: dict[str, Dim]) -> Value:
+        handler = BUILTINS.get(e.func)
+        if handler is None:
+            close = _close(e.func, list(BUILTINS) + list(self.layers))
+            raise self.error(f"unknown function '{e.func}'", e.callee_span,
+                             f"did you mean '{close}'?" if close else "define it as a layer, or see the list of builtins in the README")
+        if e.by is not None and e.func not in REDUCING:
+            raise self.error(f"'{e.func}' does not take `by`", e.by_span,
+                             "`by dst|src|graph` belongs to sum, mean, max, min, std and softmax")
+        if e.by is not None and e.by not in REDUCE_AXES:
+            raise self.error(f"unknown reduction axis '{e.by}'", e.by_span,
+                             "reduce by dst (over in-edges), by src (over out-edges) or by graph (over a graph's nodes)")
+        return handler(self, e, scope, env)
+
+    def args_exactly(self, e: ast.Call, n: int, keywords: tuple[str, ...] = ()) -> None:
+        for kw in e.keywords:
+            if kw.name not in keywords:
+                raise self.error(f"'{e.func}' has no keyword argument '{kw.name}'", kw.span,
+                                 f"keywords of {e.func}: {', '.join(keywords) or 'none'}")
+        if len(e.args) != n:
+            raise self.error(f"'{e.func}' takes {n} argument(s), got {len(e.args)}", e.span,
+                             f"call it as {SIGNATURES.get(e.func, e.func + '(...)')}")
+
+    def static_number(self, e: ast.Expr, what: str, integer: bool, scope: _Scope) -> float:
+        node, sign = e, 1
+        if isinstance(node, ast.Neg):
+            node, sign = node.operand, -1
+        if isinstance(node, ast.Number) and (node.is_int or not integer):
+            return sign * (int(node.value) if integer else node.value)
+        if isinstance(node, ast.Name) and isinstance(scope.lookup(node.id), LoopCounter):
+            return sign * scope.lookup(node.id).value
+        raise self.error(f"{what} must be a {'integer' if integer else 'number'} literal", e.span,
+                         f"write the {what} as a constant, e.g. {'-1' if integer else '0.2'}")
+
+    def static_option(self, e: ast.Call, position: int, keyword: str, default, integer: bool, scope: _Scope):
+        for kw in e.keywords:
+            if kw.name == keyword:
+                return self.static_number(kw.value, keyword, integer, scope)
+        if len(e.args) > position:
+            return self.static_number(e.args[position], keyword, integer, scope)
+        return default
+
+
+def _unary(op: str):
+    def handler(ch: Checker, e: ast.Call, scope, env) -> Value:
+        ch.args_exactly(e, 1)
+        x = ch.expr(e.args[0], scope, env)
+        return ch.emit(op, [x], {}, e.span, [e.args[0].span])
+    return handler
+
+
+def _unary_with(op: str, attr: str, default: float):
+    def handler(ch: Checker, e: ast.Call, scope, env) -> Value:
+        ch.args_exactly(e, 2 if len(e.args) == 2 else 1, (attr,))
+        value = ch.static_option(e, 1, attr, default, False, scope)
+        x = ch.expr(e.args[0], scope, env)
+        return ch.emit(op, [x], {attr: float(value)}, e.span, [e.args[0].span])
+    return handler
+
+
+def _binary(op: str):
+    def handler(ch: Checker, e: ast.Call, scope, env) -> Value:
+        ch.args_exactly(e, 2)
+        a, b = (ch.expr(x, scope, env) for x in e.args)
+        return ch.emit(op, [a, b], {}, e.span, [x.span for x in e.args])
+    return handler
+
+
+def _reduction(name: str):
+    def handler(ch: Checker, e: ast.Call, scope, env) -> Value:
+        if e.by is not None:
+            ch.args_exactly(e, 1)
+            x = ch.expr(e.args[0], scope, env)
+            if name == "softmax":
+                return ch.emit("softmax", [x], {"by": e.by}, e.span, [e.args[0].span])
+            return ch.emit("aggregate", [x], {"reduce": name, "by": e.by}, e.span, [e.args[0].span])
+        if len(e.args) == 1 and not e.keywords:
+            raise ch.error(f"'{name}' needs `by dst`, `by src`, `by graph` or a feature axis", e.span,
+                           f"{name}(m) by dst reduces messages onto nodes; {name}(x, -1) reduces the last feature axis")
+        if name == "std":
+            raise ch.error("std reduces over a graph axis only", e.span, "std(m) by dst")
+        ch.args_exactly(e, 2 if len(e.args) >= 2 else 1, ("axis",))
+        axis = int(ch.static_option(e, 1, "axis", None, True, scope))
+        x = ch.expr(e.args[0], scope, env)
+        if name == "softmax":
+            return ch.emit("axis_softmax", [x], {"axis": axis}, e.span, [e.args[0].span])
+        return ch.emit("reduce", [x], {"reduce": name, "axis": axis}, e.span, [e.args[0].span])
+    return handler
+
+
+def _degree(direction: str):
+    def handler(ch: Checker, e: ast.Call, scope, env) -> Value:
+        ch.args_exactly(e, 0)
+        return ch.emit("degree", [], {"dir": direction}, e.span,
+                       declared=TensorType(Domain.NODE, (), ch.float_dtype))
+    return handler
+
+
+def _concat(ch: Checker, e: ast.Call, scope, env) -> Value:
+    for kw in e.keywords:
+        if kw.name != "axis":
+            raise ch.error(f"'concat' has no keyword argument '{kw.name}'", kw.span, "concat(a, b, ..., axis=-1)")
+    if len(e.args) < 2:
+        raise ch.error("'concat' takes at least 2 values", e.span, "concat(a, b, ..., axis=-1)")
+    axis = int(ch.static_option(e, len(e.args), "axis", -1, True, scope))
+    values = [ch.expr(a, scope, env) for a in e.args]
+    return ch.emit("concat", values, {"axis": axis}, e.span, [a.span for a in e.args])
+
+
+def _reshape(ch: Checker, e: ast.Call, scope, env) -> Value:
+    ch.args_exactly(e, 2)
+    shape_expr = e.args[1]
+    if not isinstance(shape_expr, ast.ShapeLiteral):
+        raise ch.error("the shape of reshape must be a literal like [H * C]", shape_expr.span,
+                       "reshape(x, [H * C]) with dims and integers")
+    x = ch.expr(e.args[0], scope, env)
+    shape = tuple(ch.eval_dim(d, env, "reshape") for d in shape_expr.dims)
+    return ch.emit("reshape", [x], {}, e.span, [e.args[0].span], declared=x.type.with_(shape=shape))
+
+
+BUILTINS: dict[str, Callable] = {name: _unary(name) for name in UNARY_OPS if name != "neg"}
+BUILTINS.update({
+    "leaky_relu": _unary_with("leaky_relu", "slope", 0.01),
+    "elu": _unary_with("elu", "alpha", 1.0),
+    "dropout": _unary_with("dropout", "p", 0.5),
+    "maximum": _binary("maximum"),
+    "minimum": _binary("minimum"),
+    "in_degree": _degree("in"),
+    "out_degree": _degree("out"),
+    "concat": _concat,
+    "reshape": _reshape,
+    "softmax": _reduction("softmax"),
+})
+BUILTINS.update({name: _reduction(name) for name in AGGREGATIONS})
+REDUCING = set(AGGREGATIONS) | {"softmax"}
+assert set(AXIS_REDUCTIONS) <= REDUCING
+
+SIGNATURES = {
+    "leaky_relu": "leaky_relu(x, slope=0.01)", "elu": "elu(x, alpha=1.0)", "dropout": "dropout(x, p=0.5)",
+    "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "in_degree": "in_degree()",
+    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])",
+    **{n: f"{n}(m) by dst or {n}(x, axis)" for n in AXIS_REDUCTIONS},
+    "std": "std(m) by dst", "softmax": "softmax(score) by dst or softmax(x, axis)",
+    **{n: f"{n}(x)" for n in UNARY_OPS},
+}
+
+
+def check(module: ast.Module, model: str | None = None, float_dtype: str = "f32",
+          dims: dict[str, int] | None = None) -> Program:
+    """Type-check ``module`` and lower its model (the only one, or ``model``) to verified IR."""
+    return Checker(module, float_dtype, dims).check(model)
