@@ -145,18 +145,23 @@ _BINARY_DOCS = {"add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b", 
 
 def _unary_rule(name):
     def rule(types, attrs, declared):
-        _require_float(types[0], name)
+        _require_float(types[0], OPERATOR_SYMBOLS.get(name, f"'{name}'"))
         return types[0]
     rule.__doc__ = f"Elementwise {_UNARY_DOCS[name]}; type preserved."
     return rule
 
 
+OPERATOR_SYMBOLS = {"add": "'+'", "sub": "'-'", "mul": "'*'", "div": "'/'", "pow": "'**'", "neg": "'-'"}
+
+
 def _binary_rule(name):
+    shown = OPERATOR_SYMBOLS.get(name, f"'{name}'")
+
     def rule(types, attrs, declared):
         for i, t in enumerate(types):
-            _require_float(t, name, i)
-        domain = join_domains(types, f"'{name}'")
-        shape = broadcast_shapes([t.shape for t in types], f"'{name}'")
+            _require_float(t, shown, i)
+        domain = join_domains(types, shown)
+        shape = broadcast_shapes([t.shape for t in types], shown)
         return TensorType(domain, shape, types[0].dtype)
     rule.__doc__ = (f"Elementwise {_BINARY_DOCS[name]} with broadcasting (params uniform over rows, "
                     "feature shapes aligned from the left).")
@@ -283,7 +288,7 @@ def _gather(types, attrs, declared):
             hint = f"it already has one row per edge: use it directly, or reduce it first: sum(...) by dst"
         else:
             hint = f"x[{index}] reads node values at each edge's {'source' if index == 'src' else 'destination'}"
-        raise TypeRuleError(f"cannot gather a {t.domain} value by {index}: [{index}] reads {needed} values", hint, 0)
+        raise TypeRuleError(f"cannot gather {_a(t.domain)} value by {index}: [{index}] reads {needed} values", hint, 0)
     return t.with_(domain=Domain.NODE if index == "batch" else Domain.EDGE)
 
 
@@ -312,16 +317,20 @@ def _select(types, attrs, declared):
     return t.with_(shape=t.shape[1:])
 
 
+def _a(domain: Domain) -> str:
+    return f"an {domain}" if domain is Domain.EDGE else f"a {domain}"
+
+
 def _reduced_domain(t: TensorType, by: str, what: str) -> Domain:
     if by == "graph":
         if t.domain is not Domain.NODE:
-            raise TypeRuleError(f"{what} by graph reduces node values to their graphs, got a {t.domain} value",
+            raise TypeRuleError(f"{what} by graph reduces node values to their graphs, got {_a(t.domain)} value",
                                 "reduce edges to nodes first (sum(...) by dst)", 0)
         return Domain.GRAPH
     if t.domain is not Domain.EDGE:
         hint = (f"gather node values onto edges first: {what}(h[src]) by {by}" if t.domain is Domain.NODE
                 else f"{what} by {by} reduces edge values onto nodes")
-        raise TypeRuleError(f"{what} by {by} reduces edge values to nodes, got a {t.domain} value", hint, 0)
+        raise TypeRuleError(f"{what} by {by} reduces edge values to nodes, got {_a(t.domain)} value", hint, 0)
     return Domain.NODE
 
 

@@ -24,7 +24,7 @@ _TOKEN_NAMES = {
 @functools.lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
     grammar = resources.files("mpdsl.grammar").joinpath("mpdsl.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=True)
 
 
 def _describe(token_type: str) -> str:

@@ -1,0 +1,138 @@
+"""The command line: ``mpdsl check | compile | run``.
+
+Exit codes: 0 success, 1 user error (bad program, graph, weights or inputs), 2 bad usage.
+Results go to stdout; the timing/shape summary and diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mpdsl import ast as mp_ast
+from mpdsl.api import compile as compile_model
+from mpdsl.api import lower, read_source
+from mpdsl.backends import available_backends
+from mpdsl.diagnostics import MpdslError
+from mpdsl.ir import print_program
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _dims(values: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in values or []:
+        name, _, value = item.partition("=")
+        if not name.isidentifier() or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"--dim expects NAME=INT, got {item!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpdsl", description="Compile and run message-passing GNN models (.mp files).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model_file", help="the .mp program")
+        p.add_argument("--model", help="the model to use when the file defines several")
+        p.add_argument("--dim", action="append", metavar="NAME=INT", help="override a `dim` constant (repeatable)")
+        p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+
+    check = sub.add_parser("check", help="parse and type/shape-check a program")
+    common(check)
+    comp = sub.add_parser("compile", help="print a stage of the compilation")
+    common(comp)
+    comp.add_argument("--emit", choices=["ast", "ir"], default="ir", help="what to print (default: ir)")
+    comp.add_argument("--locations", action="store_true", help="with --emit ir: print source locations")
+    run = sub.add_parser("run", help="run a model on a graph")
+    common(run)
+    run.add_argument("--graph", required=True, help="graph file (.npz, PyG names: edge_index, x, ...)")
+    run.add_argument("--weights", help="parameters (.npz, one array per parameter); default: initialise")
+    run.add_argument("--seed", type=int, default=0, help="seed of the parameter initialisation (default 0)")
+    run.add_argument("--out", help="write the outputs to this .npz")
+    run.add_argument("--save-weights", help="write the parameters used to this .npz")
+    run.add_argument("--backend", default="numpy", choices=available_backends())
+    return parser
+
+
+def _summary_line(name: str, array: np.ndarray) -> str:
+    return f"{name}: {list(array.shape)} {array.dtype}"
+
+
+def _show(name: str, array: np.ndarray, rows: int = 5) -> str:
+    lines = [f"{name}: shape {list(array.shape)}, dtype {array.dtype}"]
+    if array.size:
+        lines.append(f"  mean {array.mean():.6g}  std {array.std():.6g}  min {array.min():.6g}  max {array.max():.6g}")
+    with np.printoptions(precision=4, suppress=True, linewidth=100):
+        lines.append(str(array[:rows]))
+    if array.ndim == 2 and array.shape[1] > 1 and array.shape[0]:
+        pred = array.argmax(axis=1)
+        counts = np.bincount(pred, minlength=array.shape[1])
+        lines.append(f"  argmax per row (first {min(20, len(pred))}): {pred[:20].tolist()}  class counts: {counts.tolist()}")
+    if array.shape[0] > rows:
+        lines.append(f"  ... {array.shape[0] - rows} more rows")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        dims = _dims(args.dim)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) and EXIT_USAGE
+    except argparse.ArgumentTypeError as err:
+        print(f"mpdsl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run_command(args, dims)
+    except MpdslError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
+    start = time.perf_counter()
+    if args.command in ("check", "compile"):
+        text, name = read_source(Path(args.model_file))
+        module, program = lower(text, name, model=args.model, dtype=args.dtype, dims=dims)
+        elapsed = (time.perf_counter() - start) * 1e3
+        if args.command == "check":
+            print(f"{name}: ok: model {program.name}, {len(program.inputs)} input(s), "
+                  f"{len(program.params)} parameter(s), {len(program.values)} IR values")
+        elif args.emit == "ast":
+            print(mp_ast.dump(module))
+        else:
+            print(print_program(program, locations=args.locations), end="")
+        print(f"[mpdsl] {args.command} {name} in {elapsed:.1f} ms", file=sys.stderr)
+        return EXIT_OK
+
+    model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
+                          dims=dims, seed=args.seed)
+    from mpdsl.runtime import as_graph
+
+    graph = as_graph(args.graph)
+    if args.weights:
+        model.load_weights(args.weights)
+    outputs = model.run(graph)
+    for name, array in outputs.items():
+        print(_show(name, array))
+    if args.out:
+        np.savez(args.out, **outputs)
+    if args.save_weights:
+        model.save_weights(args.save_weights)
+    shapes = "; ".join(_summary_line(n, a) for n, a in outputs.items())
+    params = sum(int(p.size) for p in model.params.values())
+    print(f"[mpdsl] {model.name} on {graph.num_nodes} nodes / {graph.num_edges} edges: compile "
+          f"{model.compile_seconds * 1e3:.1f} ms, run {model.last_run_seconds * 1e3:.1f} ms on {args.backend}; "
+          f"{params} parameters; {shapes}", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""IR: printer/parser round trip, golden dumps of every example, verifier, backend coverage."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+import mpdsl
+from mpdsl.backends import BACKENDS, available_backends, get_backend
+from mpdsl.ir import IRParseError, Program, VerificationError, make_value, parse_program, print_program, verify
+from mpdsl.ops import OPS
+from mpdsl.types import Dim, Domain, TensorType
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.mp"))
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("locations", [False, True])
+def test_round_trip(path, locations):
+    program = mpdsl.compile(path).ir
+    text = print_program(program, locations=locations)
+    reparsed = verify(parse_program(text))
+    assert print_program(reparsed, locations=locations) == text
+    assert [v.type for v in reparsed.values] == [v.type for v in program.values]
+    assert [(v.op, v.attrs) for v in reparsed.values] == [(v.op, v.attrs) for v in program.values]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_golden_ir(path):
+    """`mpdsl compile --emit ir` of each example; regenerate with MPDSL_UPDATE_GOLDEN=1."""
+    text = print_program(mpdsl.compile(path).ir)
+    golden = GOLDEN / f"{path.stem}.ir"
+    if os.environ.get("MPDSL_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file for {path.name}: run with MPDSL_UPDATE_GOLDEN=1"
+    assert text == golden.read_text()
+
+
+def test_every_example_has_a_golden_file():
+    assert {p.stem for p in EXAMPLES} <= {p.stem for p in GOLDEN.glob("*.ir")}
+
+
+def test_float64_programs_print_f64():
+    text = print_program(mpdsl.compile(ROOT / "examples" / "gcn.mp", dtype="float64").ir)
+    assert " f64" in text and " f32" not in text
+
+
+def _small_program() -> Program:
+    node = TensorType(Domain.NODE, (Dim(1, ("F",)),), "f32")
+    x = make_value("input", [], {"name": "x"}, node)
+    r = make_value("relu", [x], {}, node)
+    return Program("p", (("F", None),), (x, r), (("out", r),))
+
+
+def test_verifier_accepts_a_well_formed_program():
+    verify(_small_program())
+
+
+@pytest.mark.parametrize("breakage", ["wrong_type", "use_before_def", "unknown_op", "bad_attr",
+                                      "undeclared_dim", "dangling_output", "duplicate_input"])
+def test_verifier_rejects(breakage):
+    p = _small_program()
+    x, r = p.values
+    node = x.type
+    if breakage == "wrong_type":
+        bad = make_value("relu", [x], {}, node.with_(domain=Domain.EDGE))
+        p = Program("p", p.dims, (x, bad), (("out", bad),))
+    elif breakage == "use_before_def":
+        p = Program("p", p.dims, (r, x), (("out", r),))
+    elif breakage == "unknown_op":
+        bad = make_value("frobnicate", [x], {}, node)
+        p = Program("p", p.dims, (x, bad), (("out", bad),))
+    elif breakage == "bad_attr":
+        bad = make_value("gather", [x], {"index": "sideways"}, node.with_(domain=Domain.EDGE))
+        p = Program("p", p.dims, (x, bad), (("out", bad),))
+    elif breakage == "undeclared_dim":
+        p = Program("p", (), p.values, p.outputs)
+    elif breakage == "dangling_output":
+        other = make_value("neg", [x], {}, node)
+        p = Program("p", p.dims, p.values, (("out", other),))
+    elif breakage == "duplicate_input":
+        x2 = make_value("input", [], {"name": "x"}, node)
+        p = Program("p", p.dims, (x, x2, r), (("out", r),))
+    with pytest.raises(VerificationError):
+        verify(p)
+
+
+def test_ir_parser_rejects_malformed_text():
+    with pytest.raises(IRParseError):
+        parse_program("program @p dims() {\n  %0 = relu %x : node[] f32\n  return %0 as out\n}\n")
+    with pytest.raises(IRParseError):
+        parse_program("program @p {")
+
+
+def test_every_op_has_a_rule_in_every_backend():
+    for name in available_backends():
+        get_backend(name)
+    assert BACKENDS, "no backend registered"
+    for name, cls in BACKENDS.items():
+        assert cls.missing_rules() == [], f"backend {name} has no rule for {cls.missing_rules()}"
+
+
+def test_coverage_check_can_fail():
+    from mpdsl.backends import Backend
+
+    class Partial(Backend):
+        pass
+
+    assert set(Partial.missing_rules()) == set(OPS)
+
+
+def test_every_op_documents_its_contract():
+    assert all(op.doc for op in OPS.values()), [n for n, op in OPS.items() if not op.doc]
