@@ -51,7 +51,7 @@ class Segments:
         return self._matrices[key]
 
     def sum(self, rows: np.ndarray) -> np.ndarray:
-        flat = rows.reshape(len(rows), -1)
+        flat = rows.reshape(len(rows), int(np.prod(rows.shape[1:])))
         out = np.asarray(self.incidence(rows.dtype) @ flat)
         return out.reshape((self.num_segments,) + rows.shape[1:])
 
@@ -255,6 +255,16 @@ class NumpyBackend(Backend):
             raise InputError(f"{name}[{pos}] = {int(index[pos])} is out of range for a parameter with "
                              f"{w.shape[0]} entries", f"{name} values must be below {w.shape[0]}")
         return w[index]
+
+    @rule("one_hot")
+    def _one_hot(self, ctx, v, ids):
+        classes = v.attr["classes"]
+        if len(ids) and ids.max() >= classes:
+            pos = int(np.argmax(ids >= classes))
+            name = v.operands[0].attr.get("name", "the ids")
+            raise InputError(f"{name}[{pos}] = {int(ids[pos])} is out of range for one_hot with {classes} classes",
+                             f"{name} values must be below {classes}")
+        return np.eye(classes, dtype=ctx.float_dtype)[ids]
 
     @rule("select")
     def _select(self, ctx, v, x):

@@ -34,7 +34,9 @@ def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype:
     if dtype not in DTYPES:
         raise MpdslError(f"unknown dtype {dtype!r}", "use float32 or float64")
     module = syntax.parse(text, name)
-    return module, typecheck.check(module, model, DTYPES[dtype], dims)
+    base_dir = Path(name).parent if name != "<string>" else Path.cwd()
+    imported = syntax.resolve_imports(module, base_dir)
+    return module, typecheck.check(module, model, DTYPES[dtype], dims, imported, syntax.prelude())
 
 
 def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,

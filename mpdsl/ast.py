@@ -142,6 +142,13 @@ class DimDef(Node):
 
 
 @dataclass(frozen=True)
+class Import(Node):
+    """``import "path.mp"``: the dims and layers of another file (path relative to this one)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class FuncDef(Node):
     """A ``layer`` or a ``model``; ``kind`` says which."""
 
@@ -157,6 +164,10 @@ class FuncDef(Node):
 @dataclass(frozen=True)
 class Module(Node):
     items: tuple[Node, ...]
+
+    @property
+    def imports(self) -> tuple[Import, ...]:
+        return tuple(i for i in self.items if isinstance(i, Import))
 
     @property
     def dims(self) -> tuple[DimDef, ...]:

@@ -238,8 +238,7 @@ def verify(program: Program) -> Program:
             if id(o) not in seen:
                 raise VerificationError(f"{where}: operand {o!r} is not defined before use")
         try:
-            inferred = opdef.infer([o.type for o in v.operands], v.attr,
-                                   v.type if opdef.is_source or v.op == "reshape" else None)
+            inferred = opdef.infer([o.type for o in v.operands], v.attr, v.type if opdef.declared else None)
         except TypeRuleError as err:
             raise VerificationError(f"{where}: {err.message}") from None
         if inferred != v.type:

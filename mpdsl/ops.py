@@ -33,6 +33,7 @@ class OpDef:
     rule: TypeRule = field(repr=False)
     doc: str = ""
     is_source: bool = False
+    declared: bool = False  # the rule reads the value's declared type (sources, reshape, one_hot)
 
     def check_attrs(self, attrs: Attrs) -> None:
         if set(attrs) != set(self.attrs):
@@ -55,11 +56,13 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 
-def op(name: str, arity: int | None, attrs: dict[str, Any] | None = None, *, source: bool = False):
+def op(name: str, arity: int | None, attrs: dict[str, Any] | None = None, *, source: bool = False,
+       declared: bool = False):
     """Register the decorated type rule as op ``name``; its docstring is the op's contract."""
 
     def register(rule: TypeRule) -> TypeRule:
-        OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source)
+        OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source,
+                          source or declared)
         return rule
 
     return register
@@ -260,7 +263,7 @@ def shape_size(shape) -> Dim:
     return size
 
 
-@op("reshape", 1, source=False)
+@op("reshape", 1, declared=True)
 def _reshape(types, attrs, declared):
     """Reshape each row's features to the declared shape (same number of elements)."""
     (t,) = types
@@ -270,6 +273,22 @@ def _reshape(types, attrs, declared):
                             f"{shape_str(target.shape)} ({shape_size(target.shape)} elements)",
                             "the new shape must hold the same number of elements per row")
     return t.with_(shape=target.shape)
+
+
+@op("one_hot", 1, {"classes": int}, declared=True)
+def _one_hot(types, attrs, declared):
+    """Float indicator vector of each row's int id: one_hot(etype, R)[r] = 1 if etype == r (ids >= R are
+    refused at run time)."""
+    (t,) = types
+    target = _require_declared(declared, "one_hot")
+    if t.dtype != INT_DTYPE or t.domain is Domain.PARAM or t.rank != 0:
+        raise TypeRuleError(f"one_hot takes int ids (a node, edge or graph int input), got {t}",
+                            "declare the ids as, e.g., etype: edge int", 0)
+    if attrs["classes"] < 1:
+        raise TypeRuleError("one_hot needs at least one class")
+    if not target.is_float or target.domain is not t.domain or target.shape != (Dim(attrs["classes"]),):
+        raise TypeRuleError(f"one_hot of {t} with {attrs['classes']} classes is {t.domain}[{attrs['classes']}] float")
+    return target
 
 
 # ---- graph movement ----------------------------------------------------------------------

@@ -64,7 +64,8 @@ class CompiledModel:
         self.seed = seed
         self.compile_seconds = compile_seconds
         self.float_dtype = np.dtype(NUMPY_DTYPES[program.float_dtype])
-        self.dims: dict[str, int] = {k: v for k, v in program.dims if v is not None}
+        self.static_dims: dict[str, int] = {k: v for k, v in program.dims if v is not None}
+        self.dims: dict[str, int] = dict(self.static_dims)  # plus dims bound by the current parameters
         self.training = False
         self.params: dict[str, np.ndarray] = {}
         self.last_run_seconds = 0.0
@@ -93,7 +94,7 @@ class CompiledModel:
         return all(d.substitute(self.dims).is_static for d in t.shape)
 
     def param_shapes(self, dims: Mapping[str, int] | None = None) -> dict[str, tuple[int, ...]]:
-        env = {**self.dims, **(dims or {})}
+        env = {**self.static_dims, **(dims or {})}
         shapes = {}
         for name, t in self.param_types.items():
             resolved = [d.substitute(env) for d in t.shape]
@@ -114,7 +115,7 @@ class CompiledModel:
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             init = next(v.attr["init"] for v in self.ir.params if v.attr["name"] == name)
             self.params[name] = initial_value(init, shape, rng, self.float_dtype)
-        self.dims.update(dims)
+        self.dims = {**self.static_dims, **dims}
         return self
 
     def load_weights(self, weights: str | Path | Mapping[str, Any]) -> "CompiledModel":
@@ -135,7 +136,7 @@ class CompiledModel:
             raise WeightsError(f"weights do not match the parameters of '{self.name}': {'; '.join(parts)}",
                                f"expected exactly: {', '.join(declared)}")
         arrays = {k: _to_numpy(v) for k, v in weights.items()}
-        dims = dict(self.dims)
+        dims = dict(self.static_dims)
         for name, t in declared.items():
             arr = arrays[name]
             if arr.dtype.kind not in "fiu":
@@ -220,7 +221,7 @@ class CompiledModel:
         arrays, dims = self.bind(graph, inputs)
         missing_params = set(self.param_types) - set(self.params)
         if missing_params:
-            self.init(self.seed, **{k: v for k, v in dims.items() if k not in self.dims})
+            self.init(self.seed, **{k: v for k, v in dims.items() if k not in self.static_dims})
         else:
             self._check_param_dims(dims)
         start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
+from pathlib import Path
 
 import lark
 from lark import Token, Transformer, v_args
@@ -16,8 +17,8 @@ _TOKEN_NAMES = {
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'",
     "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "EQUAL": "'='", "PLUS": "'+'",
     "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "NAME": "a name",
-    "NUMBER": "a number", "INT": "an integer", "DOMAIN": "a domain (node, edge, graph, param)",
-    "DTYPE": "'int' or 'float'", "RETURN": "'return'", "__ANON_0": "'->'", "$END": "end of file",
+    "NUMBER": "a number", "INT": "an integer", "DOMAIN": "a domain (node, edge, graph, param, any)",
+    "DTYPE": "'int' or 'float'", "STRING": "a string", "RETURN": "'return'", "__ANON_0": "'->'", "$END": "end of file",
 }
 
 
@@ -57,6 +58,10 @@ class _Builder(Transformer):
     @v_args(meta=True)
     def start(self, meta, items):
         return ast.Module(self._span(meta), tuple(items))
+
+    @v_args(meta=True)
+    def import_def(self, meta, children):
+        return ast.Import(self._span(meta), str(children[0])[1:-1])
 
     @v_args(meta=True)
     def dim_def(self, meta, children):
@@ -232,3 +237,36 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
         raise CompileError("syntax error: unexpected end of file", None,
                            f"expected {', '.join(sorted(err.expected))}") from None
     return _Builder(source).transform(tree)
+
+
+@functools.lru_cache(maxsize=1)
+def prelude() -> ast.Module:
+    """The prelude: layers every program can call (GRU cell, norms, ...), shadowable by the user."""
+    text = resources.files("mpdsl").joinpath("prelude.mp").read_text()
+    return parse(text, "<prelude>")
+
+
+def resolve_imports(module: ast.Module, base_dir: Path) -> list[ast.Module]:
+    """The modules ``module`` imports, transitively, each once, in dependency order (the module
+    itself excluded). Paths are relative to the importing file."""
+    main_name = module.span.source.name
+    seen: set[str] = {str(Path(main_name).resolve())} if main_name != "<string>" else set()
+    ordered: list[ast.Module] = []
+
+    def visit(mod: ast.Module, directory: Path) -> None:
+        for imp in mod.imports:
+            path = (directory / imp.path).resolve()
+            if str(path) in seen:
+                continue
+            seen.add(str(path))
+            try:
+                text = path.read_text()
+            except OSError:
+                raise CompileError(f"cannot import '{imp.path}': no such file", imp.span,
+                                   f"the path is relative to this file's folder ({directory})") from None
+            imported = parse(text, str(Path(imp.path) if not Path(imp.path).is_absolute() else path))
+            visit(imported, path.parent)
+            ordered.append(imported)
+
+    visit(module, base_dir)
+    return ordered

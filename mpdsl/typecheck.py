@@ -24,6 +24,7 @@ from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_A
 from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, shape_str
 
 RESERVED = {"src", "dst", "batch", "graph"}
+ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
 BUILTIN_INDICES = ("src", "dst", "batch")
 
 
@@ -84,8 +85,11 @@ class Checker:
     """Type-checks one model of a module and lowers it to IR."""
 
     def __init__(self, module: ast.Module, float_dtype: str = "f32",
-                 dims: dict[str, int] | None = None):
+                 dims: dict[str, int] | None = None, imported: list[ast.Module] | None = None,
+                 prelude: ast.Module | None = None):
         self.module = module
+        self.imported = list(imported or [])
+        self.prelude = prelude
         self.float_dtype = float_dtype
         self.overrides = dict(dims or {})
         self.layers: dict[str, ast.FuncDef] = {}
@@ -117,13 +121,22 @@ class Checker:
     # ---- module level --------------------------------------------------------------------
 
     def collect(self) -> None:
+        """Gather dims and layers: the prelude's (shadowable), the imported modules', then this module's."""
         seen: dict[str, ast.Node] = {}
-        for item in self.module.items:
+        prelude_items = list(self.prelude.items) if self.prelude is not None else []
+        user_items = [i for m in self.imported + [self.module] for i in m.items if not isinstance(i, ast.Import)]
+        user_names = {i.name for i in user_items}
+        items = [i for i in prelude_items if i.name not in user_names] + user_items
+        for item in items:
+            if isinstance(item, ast.FuncDef) and item.kind == "model" and item not in self.module.items:
+                continue  # only the compiled file's models are entry points
             name = item.name
             span = item.name_span if isinstance(item, ast.FuncDef) else item.span
             if name in seen:
+                first = seen[name].span
+                where = f"line {first.line}" + ("" if first.source is span.source else f" of {first.source.name}")
                 raise self.error(f"duplicate definition of '{name}'", span,
-                                 f"'{name}' is already defined at line {seen[name].span.line}; rename one of them")
+                                 f"'{name}' is already defined at {where}; rename one of them")
             if name in RESERVED:
                 raise self.error(f"'{name}' is a reserved name", span, "src, dst, batch and graph are built in")
             seen[name] = item
@@ -175,6 +188,11 @@ class Checker:
     def eval_type(self, texpr: ast.TypeExpr, env: dict[str, Dim], what: str) -> TensorType:
         shape = tuple(self.eval_dim(d, env, what) for d in texpr.dims)
         dtype = INT_DTYPE if texpr.dtype == "int" else self.float_dtype
+        if texpr.domain == ANY:
+            if ANY not in env:
+                raise self.error(f"'any' in {what} is not bound by an argument", texpr.span,
+                                 "give at least one argument an 'any' type so the domain is known")
+            return TensorType(env[ANY], shape, dtype)
         return TensorType(Domain(texpr.domain), shape, dtype)
 
     def check_arg_type(self, arg: ast.Arg) -> None:
@@ -188,6 +206,8 @@ class Checker:
         if arg.name in RESERVED:
             raise self.error(f"'{arg.name}' is a reserved name", arg.span,
                              "src, dst, batch and graph are built in; rename the argument")
+        if t.domain == ANY and t.dtype == "int":
+            raise self.error("an 'any' argument is float", t.span, "declare int ids with a concrete domain")
 
     def bind_pattern(self, texpr: ast.TypeExpr, actual: TensorType, env: dict[str, Dim],
                      span: Span, what: str) -> None:
@@ -197,7 +217,13 @@ class Checker:
             return self.error(f"{what}: expected {texpr}, got {actual} ({detail})", span,
                               "pass a value of the declared domain and shape, or change the declaration")
 
-        if actual.domain.value != texpr.domain:
+        if texpr.domain == ANY:
+            if actual.domain is Domain.PARAM:
+                raise mismatch("'any' stands for a node, edge or graph value")
+            if ANY in env and env[ANY] != actual.domain:
+                raise mismatch(f"'any' is already {env[ANY]} in this call")
+            env[ANY] = actual.domain
+        elif actual.domain.value != texpr.domain:
             raise mismatch(f"domain {actual.domain} is not {texpr.domain}")
         if (texpr.dtype == "int") != (actual.dtype == INT_DTYPE):
             raise mismatch("dtype differs")
@@ -219,6 +245,8 @@ class Checker:
     def check_layer_generic(self, layer: ast.FuncDef) -> None:
         """Check a layer once with its signature dims as symbols (errors found even if uncalled)."""
         env: dict[str, Dim] = {}
+        if any(arg.type.domain == ANY for arg in layer.args):
+            env[ANY] = Domain.NODE  # 'any' is checked with node as its stand-in
         args = []
         for arg in layer.args:
             self.check_arg_type(arg)
@@ -261,6 +289,9 @@ class Checker:
         # Input types bind their dims from data: a plain name not yet defined becomes a run-time symbol.
         for arg in model.args:
             self.check_arg_type(arg)
+            if arg.type.domain == ANY:
+                raise self.error("a model's arguments have a concrete domain", arg.type.span,
+                                 "'any' is for layers; declare node, edge, graph or param")
             if arg.type.domain == "param":
                 continue
             for d in arg.type.dims:
@@ -627,6 +658,18 @@ def _reshape(ch: Checker, e: ast.Call, scope, env) -> Value:
     return ch.emit("reshape", [x], {}, e.span, [e.args[0].span], declared=x.type.with_(shape=shape))
 
 
+def _one_hot(ch: Checker, e: ast.Call, scope, env) -> Value:
+    ch.args_exactly(e, 2)
+    ids = ch.expr(e.args[0], scope, env)
+    classes_expr = e.args[1]
+    if isinstance(classes_expr, ast.Name) and classes_expr.id in env and env[classes_expr.id].is_static:
+        classes = env[classes_expr.id].value
+    else:
+        classes = int(ch.static_number(classes_expr, "number of classes", True, scope))
+    declared = TensorType(ids.type.domain, (Dim(classes),), ch.float_dtype)
+    return ch.emit("one_hot", [ids], {"classes": classes}, e.span, [e.args[0].span], declared=declared)
+
+
 BUILTINS: dict[str, Callable] = {name: _unary(name) for name in UNARY_OPS if name != "neg"}
 BUILTINS.update({
     "leaky_relu": _unary_with("leaky_relu", "slope", 0.01),
@@ -638,6 +681,7 @@ BUILTINS.update({
     "out_degree": _degree("out"),
     "concat": _concat,
     "reshape": _reshape,
+    "one_hot": _one_hot,
     "softmax": _reduction("softmax"),
 })
 BUILTINS.update({name: _reduction(name) for name in AGGREGATIONS})
@@ -647,7 +691,7 @@ assert set(AXIS_REDUCTIONS) <= REDUCING
 SIGNATURES = {
     "leaky_relu": "leaky_relu(x, slope=0.01)", "elu": "elu(x, alpha=1.0)", "dropout": "dropout(x, p=0.5)",
     "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "in_degree": "in_degree()",
-    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])",
+    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])", "one_hot": "one_hot(etype, R)",
     **{n: f"{n}(m) by dst or {n}(x, axis)" for n in AXIS_REDUCTIONS},
     "std": "std(m) by dst", "softmax": "softmax(score) by dst or softmax(x, axis)",
     **{n: f"{n}(x)" for n in UNARY_OPS},
@@ -655,6 +699,8 @@ SIGNATURES = {
 
 
 def check(module: ast.Module, model: str | None = None, float_dtype: str = "f32",
-          dims: dict[str, int] | None = None) -> Program:
-    """Type-check ``module`` and lower its model (the only one, or ``model``) to verified IR."""
-    return Checker(module, float_dtype, dims).check(model)
+          dims: dict[str, int] | None = None, imported: list[ast.Module] | None = None,
+          prelude: ast.Module | None = None) -> Program:
+    """Type-check ``module`` and lower its model (the only one, or ``model``) to verified IR.
+    ``imported`` modules and the ``prelude`` contribute dims and layers."""
+    return Checker(module, float_dtype, dims, imported, prelude).check(model)

@@ -215,7 +215,8 @@ def assert_perturbations_detected(model, weights: dict[str, np.ndarray], graph, 
     try:
         for name, value in weights.items():
             changed = dict(weights)
-            changed[name] = value + (0.05 * rng.standard_normal(value.shape) + 0.05).astype(value.dtype)
+            delta = 0.05 * rng.standard_normal(value.shape) + 0.05
+            changed[name] = value + delta.astype(value.dtype)
             model.load_weights(changed)
             assert not is_close(model(graph), want, dtype), \
                 f"{what}: perturbing parameter {name!r} went unnoticed by the comparison"
@@ -351,7 +352,6 @@ LAYERS = {
 }
 
 
-@lru_cache(maxsize=None)
 def compiled_layer(kind: str, dtype: str):
     return mpdsl.compile(LAYERS[kind].source, dtype=dtype)
 
@@ -439,7 +439,7 @@ class SageMeanStack(torch.nn.Module):
 
 
 class SageMaxStack(torch.nn.Module):
-    """examples/sage_max.mp: relu(sage_pool(x)), sage_pool, with SAGEConv(aggr="max", project=True)."""
+    """examples/sage_max.mp: relu(sage_pool(x)), sage_pool; SAGEConv(aggr="max", project=True)."""
 
     def __init__(self, f, dims):
         super().__init__()
@@ -508,7 +508,6 @@ EXAMPLE_STACKS = {
 }
 
 
-@lru_cache(maxsize=None)
 def compiled_example(name: str, dtype: str):
     return mpdsl.compile(EXAMPLES / f"{name}.mp", dtype=dtype)
 
@@ -555,3 +554,49 @@ def test_example_dropout_is_identity_at_inference():
         assert not is_close(model(graph), first, "float64"), "dropout in training mode did nothing"
     finally:
         model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Edge cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["gcn", "sage_mean", "sage_max_project", "gin"])
+def test_single_layer_on_graph_without_edges(kind, dtype):
+    """Every node isolated: PyG aggregates each empty neighbourhood to 0 (GCN keeps its self
+    loop); the README promises the same ("an empty group gives 0 (as PyG)")."""
+    spec = LAYERS[kind]
+    rng = np.random.default_rng(3)
+    case = GraphCase("edgeless", np.zeros((2, 0), dtype=np.int64), 5, rng.standard_normal((5, 3)))
+    conv = build(lambda: spec.factory(3), dtype, seed=13)
+    want = pyg_forward(conv, case, dtype)
+    model = compiled_layer(kind, dtype).load_weights(spec.weights(conv))
+    try:
+        got = model(case.mpdsl_graph(dtype))
+    except ValueError as err:
+        pytest.fail(f"{kind}: mpdsl raised on a graph with no edges ({err}); "
+                    f"PyG returns an array of shape {want.shape}")
+    assert_close(got, want, dtype, f"{kind} on a graph without edges ({dtype})")
+
+
+def test_gcn_layer_adds_one_self_loop_even_when_present():
+    """The .mp GCN layer (as examples/gcn.mp) always adds one self loop per node (deg + 1 and the
+    z * norm * norm term), i.e. PyG's add_self_loops, not GCNConv's add_remaining_self_loops.
+    On a graph that already has self loops it therefore equals GCNConv(add_self_loops=False) on
+    the graph plus one more loop per node, and differs from a plain GCNConv on the graph."""
+    dtype = "float64"
+    base = graph_case("random")
+    loops = np.array([[1, 2, 3, 3], [1, 2, 3, 3]], dtype=np.int64)  # node 3 has a double loop
+    case = GraphCase("random+some-loops", np.concatenate([base.edge_index, loops], axis=1),
+                     base.num_nodes, base.x)
+    conv = build(lambda: pyg_nn.GCNConv(case.x.shape[1], K), dtype, seed=17)
+    model = compiled_layer("gcn", dtype).load_weights(LAYERS["gcn"].weights(conv))
+    got = model(case.mpdsl_graph(dtype))
+
+    explicit = build(lambda: pyg_nn.GCNConv(case.x.shape[1], K, add_self_loops=False), dtype,
+                     seed=17)
+    explicit.load_state_dict(conv.state_dict())
+    assert_close(got, pyg_forward(explicit, case.with_self_loops(), dtype), dtype,
+                 "gcn layer vs GCNConv(add_self_loops=False) on graph + one loop per node")
+    assert not is_close(got, pyg_forward(conv, case, dtype), dtype), \
+        "on a graph with self loops the .mp GCN layer was expected to differ from GCNConv"

@@ -1,0 +1,113 @@
+"""Language features beyond single files: imports, the prelude, domain-generic layers, one_hot."""
+
+import numpy as np
+import pytest
+
+import mpdsl
+
+KARATE = mpdsl.Graph.load(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "data" / "karate.npz")
+
+MAIN = """
+import "lib/layers.mp"
+model m(x: node[F], W: param[F, K]) -> node[K] {
+    return double(x @ W)
+}
+"""
+
+
+def test_imports_are_relative_and_transitive(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "layers.mp").write_text(
+        'import "base.mp"\nlayer double(h: any[D]) -> any[D] {\n    return twice * h\n}\n'
+        'model ignored(x: node[F]) -> node[F] {\n    return x\n}\n')
+    (tmp_path / "lib" / "base.mp").write_text("dim K = 3\nlayer unused(h: node[D]) -> node[D] {\n    return h\n}\n")
+    main = tmp_path / "main.mp"
+    main.write_text(MAIN.replace("twice", "2.0"))
+    (tmp_path / "lib" / "layers.mp").write_text(
+        (tmp_path / "lib" / "layers.mp").read_text().replace("twice", "2.0"))
+    m = mpdsl.compile(main, dtype="float64")
+    out = m(KARATE)
+    np.testing.assert_allclose(out, 2.0 * KARATE["x"] @ m.params["W"])
+    assert out.shape == (34, 3)
+
+
+def test_missing_import_is_located(tmp_path):
+    main = tmp_path / "main.mp"
+    main.write_text(MAIN)
+    with pytest.raises(mpdsl.CompileError) as info:
+        mpdsl.compile(main)
+    assert (info.value.line, info.value.col) == (2, 1)
+    assert info.value.message == "cannot import 'lib/layers.mp': no such file"
+
+
+def test_duplicate_across_files_names_the_other_file(tmp_path):
+    (tmp_path / "a.mp").write_text("dim K = 3\n")
+    main = tmp_path / "main.mp"
+    main.write_text('import "a.mp"\ndim K = 4\nmodel m(x: node[F]) -> node[F] {\n    return x\n}\n')
+    with pytest.raises(mpdsl.CompileError, match="duplicate definition of 'K'") as info:
+        mpdsl.compile(main)
+    assert "a.mp" in info.value.hint
+
+
+def test_errors_inside_imported_files_point_into_them(tmp_path):
+    (tmp_path / "bad.mp").write_text("layer l(h: node[D]) -> node[D] {\n    return relu(q)\n}\n")
+    main = tmp_path / "main.mp"
+    main.write_text('import "bad.mp"\nmodel m(x: node[F]) -> node[F] {\n    return l(x)\n}\n')
+    with pytest.raises(mpdsl.CompileError) as info:
+        mpdsl.compile(main)
+    assert info.value.render().startswith("bad.mp:2:17: error: unknown name 'q'")
+
+
+def test_prelude_layers_and_shadowing():
+    uses_prelude = "model m(x: node[F], g: param[F] = ones, b: param[F]) -> node[F] {\n    return layer_norm(x, g, b)\n}\n"
+    m = mpdsl.compile(uses_prelude, dtype="float64")
+    x = np.random.default_rng(0).normal(size=(34, 6))
+    out = m(KARATE, x=x)
+    expected = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    shadowed = "layer layer_norm(x: any[D], g: param[D], b: param[D]) -> any[D] {\n    return x + b\n}\n" + uses_prelude
+    np.testing.assert_allclose(mpdsl.compile(shadowed, dtype="float64")(KARATE, x=x), x)
+
+
+def test_any_layers_run_on_nodes_and_edges():
+    src = """
+layer affine(h: any[D], W: param[D, K]) -> any[K] {
+    return h @ W
+}
+model m(x: node[F], e: edge[F], W: param[F, 2]) -> (n: node[2], m: edge[2]) {
+    return affine(x, W), affine(e, W)
+}
+"""
+    m = mpdsl.compile(src, dtype="float64")
+    e = np.ones((156, 34))
+    out = m(KARATE, e=e)
+    np.testing.assert_allclose(out["m"], e @ m.params["W"])
+    np.testing.assert_allclose(out["n"], KARATE["x"] @ m.params["W"])
+
+
+@pytest.mark.parametrize("source,message", [
+    ("layer l(a: any[D], b: any[D]) -> any[D] {\n    return a + b\n}\n"
+     "model m(x: node[F], e: edge[F]) -> node[F] {\n    return l(x, e)\n}\n",
+     "argument 2 ('b') of layer 'l': expected any[D], got edge[F] f32 ('any' is already node in this call)"),
+    ("layer l(a: any[D]) -> any[D] {\n    return a\n}\n"
+     "model m(x: node[F], W: param[F]) -> node[F] {\n    return l(W)\n}\n",
+     "argument 1 ('a') of layer 'l': expected any[D], got param[F] f32 ('any' stands for a node, edge or graph value)"),
+    ("model m(x: any[F]) -> node[F] {\n    return x\n}\n", "a model's arguments have a concrete domain"),
+    ("layer l(W: param[D]) -> any[D] {\n    return W\n}\nmodel m(x: node[F]) -> node[F] {\n    return x\n}\n",
+     "'any' in the result type of 'l' is not bound by an argument"),
+])
+def test_any_errors(source, message):
+    with pytest.raises(mpdsl.CompileError) as info:
+        mpdsl.compile(source)
+    assert info.value.message == message
+
+
+def test_one_hot():
+    src = "model m(t: node int) -> node[3] {\n    return one_hot(t, 3)\n}\n"
+    m = mpdsl.compile(src, dtype="float64")
+    t = np.arange(34) % 3
+    np.testing.assert_array_equal(m(KARATE, t=t), np.eye(3)[t])
+    with pytest.raises(mpdsl.InputError, match=r"t\[0\] = 5 is out of range for one_hot"):
+        m(KARATE, t=np.full(34, 5))
+    with pytest.raises(mpdsl.CompileError, match="one_hot takes int ids"):
+        mpdsl.compile("model m(x: node[F]) -> node[3] {\n    return one_hot(x, 3)\n}\n")
