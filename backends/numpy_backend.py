@@ -285,9 +285,9 @@ class NumpyBackend(Backend):
         mean = total / counts
         if kind == "mean":
             return mean
-        # std: population standard deviation, variance clamped at 0 against rounding.
-        var = seg.sum(x * x) / counts - mean * mean
-        return np.sqrt(np.maximum(var, 0))
+        # std: population standard deviation, two-pass (deviations from the group mean) for accuracy.
+        centred = x - seg.broadcast(mean)
+        return np.sqrt(seg.sum(centred * centred) / counts)
 
     @rule("softmax")
     def _softmax(self, ctx, v, x):

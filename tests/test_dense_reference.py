@@ -43,7 +43,7 @@ OUT_DIM = {name: dims["C"] for name, dims in DIMS.items()}
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str, dtype: str, features: int) -> mpdsl.CompiledModel:
-    # One model per feature width: a compiled model keeps the dims it has bound (F).
+    # One model per (example, dtype, feature width): tests never rely on re-binding F.
     return mpdsl.compile(EXAMPLES / f"{name}.mp", dtype=dtype, dims=DIMS[name])
 
 
