@@ -220,6 +220,14 @@ class NumpyBackend(Backend):
         axis %= t.rank
         return axis if t.domain is Domain.PARAM else axis + 1
 
+    @rule("einsum")
+    def _einsum(self, ctx, v, *xs):
+        inputs, out = v.attr["spec"].split("->")
+        terms = [("..." if o.type.domain is not Domain.PARAM else "") + term
+                 for term, o in zip(inputs.split(","), v.operands)]
+        row = "..." if v.type.domain is not Domain.PARAM else ""
+        return np.einsum(f"{','.join(terms)}->{row}{out}", *xs, optimize=len(xs) > 2)
+
     @rule("reduce")
     def _reduce(self, ctx, v, x):
         fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}[v.attr["reduce"]]

@@ -90,6 +90,13 @@ class Index(Expr):
 
 
 @dataclass(frozen=True)
+class String(Expr):
+    """A string literal (einsum's subscripts)."""
+
+    value: str
+
+
+@dataclass(frozen=True)
 class ShapeLiteral(Expr):
     dims: tuple[DimExpr, ...]
 

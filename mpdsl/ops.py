@@ -256,6 +256,42 @@ def _add_dims(a: Dim, b: Dim) -> Dim:
                         "bind the dims to integers with `dim NAME = value`")
 
 
+def parse_subscripts(spec: str) -> tuple[list[str], str]:
+    """'hd,hde->he' -> (['hd', 'hde'], 'he'); letters name feature axes."""
+    if spec.count("->") != 1:
+        raise TypeRuleError(f"einsum subscripts {spec!r} need exactly one '->'", "e.g. \"hd,hde->he\"")
+    lhs, out = spec.replace(" ", "").split("->")
+    inputs = lhs.split(",")
+    for term in inputs + [out]:
+        if not all(c.isalpha() and c.islower() for c in term):
+            raise TypeRuleError(f"einsum subscripts {spec!r}: use lower-case letters, one per feature axis",
+                                "the row axis is implicit and shared")
+    return inputs, out
+
+
+@op("einsum", None, {"spec": str})
+def _einsum(types, attrs, declared):
+    """Einstein summation over feature axes, e.g. "hd,hde->he" (per-head matmul); the row axis is
+    implicit and shared by all non-param operands; letters absent from the output are summed."""
+    inputs, out = parse_subscripts(attrs["spec"])
+    if len(inputs) != len(types):
+        raise TypeRuleError(f"einsum subscripts {attrs['spec']!r} name {len(inputs)} operand(s), got {len(types)}")
+    sizes: dict[str, Dim] = {}
+    for i, (term, t) in enumerate(zip(inputs, types)):
+        _require_float(t, "einsum", i)
+        if len(term) != t.rank:
+            raise TypeRuleError(f"einsum term {term!r} has {len(term)} letters but operand {i + 1} is {t}",
+                                "one letter per feature axis", i)
+        for letter, dim in zip(term, t.shape):
+            if sizes.setdefault(letter, dim) != dim:
+                raise TypeRuleError(f"einsum axis {letter!r} is {sizes[letter]} in one operand and {dim} in another",
+                                    "axes with the same letter need the same size", i)
+    if len(set(out)) != len(out) or not set(out) <= set(sizes):
+        raise TypeRuleError(f"einsum output {out!r} must use distinct letters from the inputs")
+    domain = join_domains(types, "einsum")
+    return TensorType(domain, tuple(sizes[c] for c in out), types[0].dtype)
+
+
 def shape_size(shape) -> Dim:
     size = Dim(1)
     for d in shape:

@@ -183,6 +183,10 @@ class _Builder(Transformer):
         return ast.Name(self._span(meta), str(children[0]))
 
     @v_args(meta=True)
+    def string(self, meta, children):
+        return ast.String(self._span(meta), str(children[0])[1:-1])
+
+    @v_args(meta=True)
     def shape_literal(self, meta, children):
         return ast.ShapeLiteral(self._span(meta), tuple(children[0]))
 

@@ -466,6 +466,9 @@ class Checker:
                                      e.span, f"assign them: a, b = {e.func}(...)")
                 return values[0]
             return self.call(e, scope, env)
+        if isinstance(e, ast.String):
+            raise self.error("a string is only allowed as the subscripts of einsum", e.span,
+                             'einsum("hd,hde->he", a, b)')
         if isinstance(e, ast.ShapeLiteral):
             raise self.error("a shape literal is only allowed as the shape argument of reshape", e.span,
                              "reshape(x, [H * C])")
@@ -670,6 +673,16 @@ def _one_hot(ch: Checker, e: ast.Call, scope, env) -> Value:
     return ch.emit("one_hot", [ids], {"classes": classes}, e.span, [e.args[0].span], declared=declared)
 
 
+def _einsum(ch: Checker, e: ast.Call, scope, env) -> Value:
+    if e.keywords:
+        raise ch.error("'einsum' takes no keyword arguments", e.keywords[0].span, SIGNATURES["einsum"])
+    if len(e.args) < 2 or not isinstance(e.args[0], ast.String):
+        raise ch.error("einsum takes the subscripts as a string, then the operands", e.span, SIGNATURES["einsum"])
+    values = [ch.expr(a, scope, env) for a in e.args[1:]]
+    return ch.emit("einsum", values, {"spec": e.args[0].value.replace(" ", "")}, e.span,
+                   [a.span for a in e.args[1:]])
+
+
 BUILTINS: dict[str, Callable] = {name: _unary(name) for name in UNARY_OPS if name != "neg"}
 BUILTINS.update({
     "leaky_relu": _unary_with("leaky_relu", "slope", 0.01),
@@ -682,6 +695,7 @@ BUILTINS.update({
     "concat": _concat,
     "reshape": _reshape,
     "one_hot": _one_hot,
+    "einsum": _einsum,
     "softmax": _reduction("softmax"),
 })
 BUILTINS.update({name: _reduction(name) for name in AGGREGATIONS})
@@ -691,7 +705,7 @@ assert set(AXIS_REDUCTIONS) <= REDUCING
 SIGNATURES = {
     "leaky_relu": "leaky_relu(x, slope=0.01)", "elu": "elu(x, alpha=1.0)", "dropout": "dropout(x, p=0.5)",
     "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "in_degree": "in_degree()",
-    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])", "one_hot": "one_hot(etype, R)",
+    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])", "one_hot": "one_hot(etype, R)", "einsum": 'einsum("hd,hde->he", a, b)',
     **{n: f"{n}(m) by dst or {n}(x, axis)" for n in AXIS_REDUCTIONS},
     "std": "std(m) by dst", "softmax": "softmax(score) by dst or softmax(x, axis)",
     **{n: f"{n}(x)" for n in UNARY_OPS},

@@ -111,3 +111,32 @@ def test_one_hot():
         m(KARATE, t=np.full(34, 5))
     with pytest.raises(mpdsl.CompileError, match="one_hot takes int ids"):
         mpdsl.compile("model m(x: node[F]) -> node[3] {\n    return one_hot(x, 3)\n}\n")
+
+
+def test_einsum_per_head_matmul_and_contraction():
+    src = '''
+model m(x: node[F], W: param[F, 2, 3], R: param[2, 3, 4]) -> (a: edge[2, 4], b: node[]) {
+    k = x @ W
+    return einsum("hd,hde->he", k[src], R), einsum("hd,hd->", k, k)
+}'''
+    m = mpdsl.compile(src, dtype="float64")
+    out = m(KARATE)
+    k = (KARATE["x"] @ m.params["W"].reshape(34, 6)).reshape(34, 2, 3)
+    expected = np.stack([k[KARATE.src][:, h] @ m.params["R"][h] for h in range(2)], axis=1)
+    np.testing.assert_allclose(out["a"], expected, rtol=1e-12)
+    np.testing.assert_allclose(out["b"], (k * k).sum((1, 2)), rtol=1e-12)
+    from mpdsl.ir import parse_program, print_program
+    assert print_program(parse_program(print_program(m.ir))) == print_program(m.ir)
+
+
+@pytest.mark.parametrize("call,message", [
+    ('einsum("d->dd", x)', "einsum output 'dd' must use distinct letters from the inputs"),
+    ('einsum("hd,d->h", x, x)', "einsum term 'hd' has 2 letters but operand 1 is node[F] f32"),
+    ('einsum("d,d", x, x)', "einsum subscripts 'd,d' need exactly one '->'"),
+    ('einsum(x, x)', "einsum takes the subscripts as a string, then the operands"),
+    ('relu("d")', "a string is only allowed as the subscripts of einsum"),
+])
+def test_einsum_errors(call, message):
+    with pytest.raises(mpdsl.CompileError) as info:
+        mpdsl.compile(f"model m(x: node[F]) -> node[F] {{\n    return {call}\n}}\n")
+    assert info.value.message == message
