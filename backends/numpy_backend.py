@@ -13,14 +13,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.special
+from scipy.sparse import _sparsetools  # csr_matvecs writes into a slice of the output (no copy)
 
 from mpdsl.backends import Backend, register_backend, rule
 from mpdsl.diagnostics import InputError
 from mpdsl.ir import Program, Value
 from mpdsl.types import Domain, TensorType
+
+
+WORKERS = max(1, min(8, os.cpu_count() or 1))
+_POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 
 
 @dataclass
@@ -51,7 +59,7 @@ class Segments:
         return self._matrices[key]
 
     def sum(self, rows: np.ndarray) -> np.ndarray:
-        flat = rows.reshape(len(rows), int(np.prod(rows.shape[1:])))
+        flat = rows.reshape(len(rows), _width(rows.shape[1:]))
         out = np.asarray(self.incidence(rows.dtype) @ flat)
         return out.reshape((self.num_segments,) + rows.shape[1:])
 
@@ -65,6 +73,80 @@ class Segments:
 
     def broadcast(self, per_segment: np.ndarray) -> np.ndarray:
         return per_segment[self.index]
+
+
+class PullCSR:
+    """A graph's edges grouped by the node they reduce onto (dst, or src for by-src ops), for
+    pull-style sparse products: row i of the N x N matrix holds the edges reducing onto i, its
+    column indices the nodes they read. Rows are split into blocks of equal edge count (one per
+    worker) so a skewed degree distribution still balances; index arrays are int32 where they fit."""
+
+    def __init__(self, indptr: np.ndarray, perm: np.ndarray, read: np.ndarray, num_nodes: int,
+                 workers: int = WORKERS):
+        small = len(perm) < 2 ** 31 - 1 and num_nodes < 2 ** 31 - 1
+        itype = np.int32 if small else np.int64
+        self.indptr = indptr.astype(itype)
+        self.perm = perm
+        self.columns = read[perm].astype(itype)
+        self.num_nodes = num_nodes
+        self.nnz = len(perm)
+        targets = np.linspace(0, self.nnz, workers + 1)
+        bounds = np.searchsorted(indptr, targets, side="left").clip(0, num_nodes)
+        bounds[0], bounds[-1] = 0, num_nodes
+        self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        self._local_indptr = [self.indptr[a:b + 1] - self.indptr[a] for a, b in self.blocks]
+        self._ones: dict[np.dtype, np.ndarray] = {}
+
+    def ones(self, dtype) -> np.ndarray:
+        key = np.dtype(dtype)
+        if key not in self._ones:
+            self._ones[key] = np.ones(self.nnz, dtype=key)
+        return self._ones[key]
+
+    def spmm(self, x: np.ndarray, data: np.ndarray | None = None) -> np.ndarray:
+        """out[i] = sum over row i's edges e of data[e] * x[column[e]]; ``data`` in CSR order
+        (None: all ones). x is [N, F] (any trailing shape is flattened)."""
+        x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
+        data = self.ones(x.dtype) if data is None else np.ascontiguousarray(data, dtype=x.dtype)
+        out = np.zeros((self.num_nodes, x2.shape[1]), dtype=x.dtype)
+        if self.nnz and x2.shape[1]:
+            width = x2.shape[1]
+
+            def run(block: int) -> None:
+                a, b = self.blocks[block]
+                lo, hi = int(self.indptr[a]), int(self.indptr[b])
+                _sparsetools.csr_matvecs(b - a, x2.shape[0], width, self._local_indptr[block],
+                                         self.columns[lo:hi], data[lo:hi], x2.ravel(), out[a:b].ravel())
+
+            if len(self.blocks) > 1:
+                list(_POOL.map(run, range(len(self.blocks))))
+            else:
+                run(0)
+        return out.reshape((self.num_nodes,) + x.shape[1:])
+
+    def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
+        """out[i] = max (or min) over row i's edges of weight * x[column]; 0 for empty rows. Works
+        in row blocks so at most ~4M gathered elements exist at once."""
+        out = np.zeros((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
+        row_size = max(1, int(np.prod(x.shape[1:])))
+        step = max(1, (4 << 20) // row_size)
+        lengths = np.diff(self.indptr)
+        start_row = 0
+        while start_row < self.num_nodes:
+            lo = int(self.indptr[start_row])
+            end_row = int(np.searchsorted(self.indptr, lo + step, side="right")) - 1
+            end_row = min(max(end_row, start_row + 1), self.num_nodes)
+            hi = int(self.indptr[end_row])
+            if hi > lo:
+                values = x[self.columns[lo:hi]]
+                if weights is not None:
+                    w = weights[lo:hi]
+                    values = values * w.reshape(w.shape + (1,) * (values.ndim - w.ndim))
+                rows = np.nonzero(lengths[start_row:end_row])[0]
+                starts = self.indptr[start_row:end_row][rows] - lo
+                out[start_row + rows] = ufunc.reduceat(values, starts, axis=0)
+            start_row = end_row
+        return out
 
 
 @dataclass
@@ -94,8 +176,19 @@ class ExecContext:
             self.segments[by] = Segments(index, indptr, perm)
         return self.segments[by]
 
+    def pull(self, by: str) -> PullCSR:
+        g = self.graph
+        if by == "dst":
+            return g.cached("numpy.pull_dst", lambda: PullCSR(*g.csr_by_dst(), g.src, g.num_nodes))
+        return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_nodes))
+
     def concrete_shape(self, t: TensorType) -> tuple[int, ...]:
         return tuple(d.substitute(self.dims).value for d in t.shape)
+
+
+def _width(shape) -> int:
+    """Number of elements of a (feature) shape; explicit so that zero-row arrays reshape too."""
+    return int(np.prod(shape, dtype=np.int64))
 
 
 def _expand(arr: np.ndarray, t: TensorType, result: TensorType) -> np.ndarray:
@@ -205,14 +298,13 @@ class NumpyBackend(Backend):
         ta, tb = (o.type for o in v.operands)
         k = a.shape[-1]
         if tb.domain is Domain.PARAM:
-            out = a.reshape(-1, k) @ b.reshape(k, -1)
+            out = a.reshape(_width(a.shape[:-1]), k) @ b.reshape(k, _width(b.shape[1:]))
             return out.reshape(a.shape[:-1] + b.shape[1:])
         rows = b.shape[0]
-        a3 = a.reshape((1 if ta.domain is Domain.PARAM else rows), -1, k)
-        b3 = b.reshape(rows, k, -1)
-        out = np.matmul(a3, b3)
         a_feat = a.shape[:-1] if ta.domain is Domain.PARAM else a.shape[1:-1]
-        return out.reshape((rows,) + a_feat + b.shape[2:])
+        a3 = a.reshape((1 if ta.domain is Domain.PARAM else rows, _width(a_feat), k))
+        b3 = b.reshape(rows, k, _width(b.shape[2:]))
+        return np.matmul(a3, b3).reshape((rows,) + a_feat + b.shape[2:])
 
     @staticmethod
     def _axis(v: Value, axis: int) -> int:
@@ -302,3 +394,76 @@ class NumpyBackend(Backend):
         seg = ctx.segments_by(v.attr["by"])
         shifted = np.exp(x - seg.broadcast(seg.extreme(x, np.maximum)))
         return shifted / seg.broadcast(seg.sum(shifted))
+
+    # ---- fused graph ops -----------------------------------------------------------------
+
+    @staticmethod
+    def _per_group(x: np.ndarray, w: np.ndarray, fn) -> np.ndarray:
+        """Apply ``fn(x_q, w_q)`` to each group of leading feature axes that the weights cover."""
+        groups = int(np.prod(w.shape[1:]))
+        xs = x.reshape((x.shape[0], groups, _width(x.shape[1:]) // max(groups, 1)))
+        ws = w.reshape((w.shape[0], groups))
+        parts = [fn(xs[:, q], ws[:, q]) for q in range(groups)]
+        return np.stack(parts, axis=1).reshape(x.shape) if parts else np.zeros_like(x)
+
+    @rule("gspmm")
+    def _gspmm(self, ctx, v, x, w=None):
+        csr = ctx.pull(v.attr["by"])
+        kind = v.attr["reduce"]
+        if kind in ("max", "min"):
+            ufunc = np.maximum if kind == "max" else np.minimum
+            return csr.extreme(x, ufunc, None if w is None else w[csr.perm])
+        if w is None:
+            out = csr.spmm(x)
+        elif w.ndim == 1:
+            out = csr.spmm(x, w[csr.perm])
+        else:
+            out = self._per_group(x, w[csr.perm], csr.spmm)
+        if kind == "mean":
+            counts = np.maximum(np.diff(csr.indptr), 1).astype(x.dtype)
+            out /= counts.reshape((-1,) + (1,) * (x.ndim - 1))
+        return out
+
+    @rule("attention")
+    def _attention(self, ctx, v, s, x):
+        csr = ctx.pull(v.attr["by"])
+        ordered = s[csr.perm]
+        # Softmax over each row's edges, computed in CSR order: the max and sum are per row.
+        starts = csr.indptr[:-1][np.diff(csr.indptr) > 0]
+        row_of_edge = np.repeat(np.arange(csr.num_nodes), np.diff(csr.indptr))
+        peak = np.maximum.reduceat(ordered, starts, axis=0) if len(starts) else ordered[:0]
+        full_peak = np.zeros((csr.num_nodes,) + s.shape[1:], dtype=s.dtype)
+        full_peak[np.diff(csr.indptr) > 0] = peak
+        weights = np.exp(ordered - full_peak[row_of_edge])
+        totals = np.add.reduceat(weights, starts, axis=0) if len(starts) else weights[:0]
+        full_totals = np.ones((csr.num_nodes,) + s.shape[1:], dtype=s.dtype)
+        full_totals[np.diff(csr.indptr) > 0] = totals
+        weights /= full_totals[row_of_edge]
+        if weights.ndim == 1:
+            return csr.spmm(x, weights)
+        return self._per_group(x, weights, csr.spmm)
+
+    @rule("typed_linear")
+    def _typed_linear(self, ctx, v, h, w, types):
+        g = ctx.graph
+        nodes = g.src if v.attr["index"] == "src" else g.dst
+        relations = w.shape[0]
+        if len(types) and types.max() >= relations:
+            pos = int(np.argmax(types >= relations))
+            name = v.operands[2].attr.get("name", "the type")
+            raise InputError(f"{name}[{pos}] = {int(types[pos])} is out of range for a parameter with "
+                             f"{relations} entries", f"{name} values must be below {relations}")
+        pairs, inverse = np.unique(nodes * relations + types, return_inverse=True)
+        pair_nodes, pair_types = pairs // relations, pairs % relations
+        k = h.shape[-1]
+        out_shape = h.shape[1:-1] + w.shape[2:]
+        compact = np.empty((len(pairs),) + out_shape, dtype=h.dtype)
+        order = np.argsort(pair_types, kind="stable")
+        bounds = np.searchsorted(pair_types[order], np.arange(relations + 1))
+        for r in range(relations):
+            rows = order[bounds[r]:bounds[r + 1]]
+            if len(rows):
+                block = h[pair_nodes[rows]]
+                product = block.reshape(_width(block.shape[:-1]), k) @ w[r].reshape(k, _width(w.shape[2:]))
+                compact[rows] = product.reshape((len(rows),) + out_shape)
+        return compact[inverse]

@@ -9,6 +9,8 @@ from mpdsl import syntax, typecheck
 from mpdsl.backends import get_backend
 from mpdsl.diagnostics import MpdslError
 from mpdsl.ir import Program
+from mpdsl.passes import PassManager
+from mpdsl.plan import LAYOUT_MODES
 from mpdsl.runtime import CompiledModel
 
 DTYPES = {"float32": "f32", "float64": "f64", "f32": "f32", "f64": "f64"}
@@ -40,14 +42,25 @@ def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype:
 
 
 def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,
-            dtype: str = "float32", dims: dict[str, int] | None = None, seed: int = 0) -> CompiledModel:
+            dtype: str = "float32", dims: dict[str, int] | None = None, seed: int = 0,
+            optimize: bool = True, passes: list[str] | None = None, layout: str = "auto") -> CompiledModel:
     """Compile a .mp program (a path or the text itself) into a callable model.
 
     ``model`` picks a model when the file defines several; ``dims`` overrides `dim` constants;
-    ``seed`` initialises the parameters (see ``CompiledModel.init``)."""
+    ``seed`` initialises the parameters (see ``CompiledModel.init``). ``optimize=False`` runs the
+    reference IR as written; ``passes`` replaces the default pipeline; ``layout`` is "auto" (node
+    reordering when it pays), "reorder" (always) or "none"."""
     start = time.perf_counter()
     text, name = read_source(path_or_source)
     module, program = lower(text, name, model=model, dtype=dtype, dims=dims)
+    if layout not in LAYOUT_MODES:
+        raise MpdslError(f"unknown layout mode {layout!r}", f"use one of {', '.join(LAYOUT_MODES)}")
+    if passes is not None:
+        PassManager(list(passes))  # unknown pass names are reported now
     runner = get_backend(backend)
-    return CompiledModel(program, runner, source_name=name, seed=seed, ast=module,
-                         compile_seconds=time.perf_counter() - start)
+    model_ = CompiledModel(program, runner, source_name=name, seed=seed, ast=module, optimize=optimize,
+                           passes=passes, layout=layout)
+    if optimize:
+        model_.optimized_ir  # noqa: B018 - optimise the compile-time-known part now
+    model_.compile_seconds = time.perf_counter() - start
+    return model_

@@ -47,8 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     common(check)
     comp = sub.add_parser("compile", help="print a stage of the compilation")
     common(comp)
-    comp.add_argument("--emit", choices=["ast", "ir"], default="ir", help="what to print (default: ir)")
-    comp.add_argument("--locations", action="store_true", help="with --emit ir: print source locations")
+    comp.add_argument("--emit", choices=["ast", "ir", "ir-opt", "plan"], default="ir",
+                      help="what to print: the AST, the IR, the optimized IR, or the execution plan (default: ir)")
+    comp.add_argument("--locations", action="store_true", help="with --emit ir/ir-opt: print source locations")
+    comp.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
+    comp.add_argument("--graph", help="with --emit plan: size the plan for this graph (.npz)")
+    comp.add_argument("--layout", choices=["auto", "reorder", "none"], default="auto",
+                      help="node reordering for locality (default: auto, when it pays)")
     run = sub.add_parser("run", help="run a model on a graph")
     common(run)
     run.add_argument("--graph", required=True, help="graph file (.npz, PyG names: edge_index, x, ...)")
@@ -57,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="write the outputs to this .npz")
     run.add_argument("--save-weights", help="write the parameters used to this .npz")
     run.add_argument("--backend", default="numpy", choices=available_backends())
+    run.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
+    run.add_argument("--no-opt", action="store_true", help="run the reference IR as written (no passes)")
+    run.add_argument("--layout", choices=["auto", "reorder", "none"], default="auto",
+                     help="node reordering for locality (default: auto, when it pays)")
     return parser
 
 
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
     start = time.perf_counter()
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if getattr(args, "passes", None) else None
+    if args.command == "compile" and args.emit in ("ir-opt", "plan"):
+        return _emit_optimized(args, dims, passes, start)
     if args.command in ("check", "compile"):
         text, name = read_source(Path(args.model_file))
         module, program = lower(text, name, model=args.model, dtype=args.dtype, dims=dims)
@@ -113,7 +125,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         return EXIT_OK
 
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
-                          dims=dims, seed=args.seed)
+                          dims=dims, seed=args.seed, optimize=not args.no_opt, passes=passes, layout=args.layout)
     from mpdsl.runtime import as_graph
 
     graph = as_graph(args.graph)
@@ -131,6 +143,31 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
     print(f"[mpdsl] {model.name} on {graph.num_nodes} nodes / {graph.num_edges} edges: compile "
           f"{model.compile_seconds * 1e3:.1f} ms, run {model.last_run_seconds * 1e3:.1f} ms on {args.backend}; "
           f"{params} parameters; {shapes}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
+    from mpdsl.plan import decide_node_order, report
+    from mpdsl.runtime import as_graph
+
+    model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
+                          passes=passes, layout=args.layout)
+    graph = as_graph(args.graph) if args.graph else None
+    bound = dict(model.static_dims)
+    if graph is not None:
+        bound = model.bind(graph, {})[1]
+    program, ctx = model.optimized_for(bound)
+    elapsed = (time.perf_counter() - start) * 1e3
+    if args.emit == "ir-opt":
+        print(print_program(program, locations=args.locations), end="")
+    else:
+        decision = decide_node_order(graph, args.layout) if graph is not None else None
+        unbound = sorted({s for v in model.ir.values for d in v.type.shape for s in d.symbols} - set(bound))
+        if unbound:
+            raise MpdslError(f"the plan needs the sizes of {', '.join(unbound)}, bound from the model's inputs",
+                             "pass --graph g.npz (or --dim NAME=INT)")
+        print(report(model.ir, program, ctx.notes, bound, graph, decision), end="")
+    print(f"[mpdsl] compile {model.source_name} in {elapsed:.1f} ms", file=sys.stderr)
     return EXIT_OK
 
 

@@ -421,6 +421,12 @@ class Graph:
     # ----------------------------------------------------------------------------------------
     # Cached layouts
 
+    def cached(self, key: Any, build: Any) -> Any:
+        """A derived structure cached on this (immutable) graph: ``build()`` runs on first use."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
     def csr_by_dst(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [N+1], perm [E]): ``perm[indptr[i]:indptr[i+1]]`` are the edges into node i,
         in their original order."""

@@ -406,3 +406,64 @@ def _softmax(types, attrs, declared):
     _require_float(t, "softmax")
     _reduced_domain(t, attrs["by"], "softmax")
     return t
+
+
+# ---- fused ops (created by the optimizer; see mpdsl/passes) ----------------------------------
+
+LAYOUTS = ("auto", "csr_dst", "csr_src", "coo")
+GRAPH_REDUCTIONS = ("sum", "mean", "max", "min")
+
+
+def _is_prefix(prefix, shape) -> bool:
+    return len(prefix) <= len(shape) and tuple(shape[:len(prefix)]) == tuple(prefix)
+
+
+def _edge_weights(w: TensorType, x: TensorType, what: str) -> None:
+    if w.domain is not Domain.EDGE or not w.is_float:
+        raise TypeRuleError(f"{what}: weights must be float edge values, got {w}", operand=1)
+    if not _is_prefix(w.shape, x.shape):
+        raise TypeRuleError(f"{what}: weight shape {shape_str(w.shape)} is not a prefix of {shape_str(x.shape)}",
+                            operand=1)
+
+
+@op("gspmm", None, {"reduce": GRAPH_REDUCTIONS, "by": ("src", "dst"), "layout": LAYOUTS})
+def _gspmm(types, attrs, declared):
+    """Fused gather -> weight -> reduce (g-SpMM): by dst, out_i = reduce over edges j->i of w_e * x_j
+    (by src, over edges j->i into j, of w_e * x_i). Operands: x node[S], optionally w edge[P] with P a
+    prefix of S (scalar or per-head weights). Never materialises an E x S tensor."""
+    if len(types) not in (1, 2):
+        raise TypeRuleError("gspmm takes x and optional edge weights")
+    x = types[0]
+    if x.domain is not Domain.NODE or not x.is_float:
+        raise TypeRuleError(f"gspmm reads float node values, got {x}", operand=0)
+    if len(types) == 2:
+        _edge_weights(types[1], x, "gspmm")
+    return x
+
+
+@op("attention", 2, {"by": ("src", "dst"), "layout": LAYOUTS})
+def _attention(types, attrs, declared):
+    """Fused edge softmax and weighted aggregation: by dst, out_i = sum over edges j->i of
+    softmax_i(s)_e * x_j, the softmax over each node's in-edges per score element (online softmax:
+    no normalised E x S tensor). s edge[P], x node[S], P a prefix of S."""
+    s, x = types
+    if x.domain is not Domain.NODE or not x.is_float:
+        raise TypeRuleError(f"attention aggregates float node values, got {x}", operand=1)
+    if s.domain is not Domain.EDGE or not s.is_float or not _is_prefix(s.shape, x.shape):
+        raise TypeRuleError(f"attention scores must be edge values with a prefix shape of {shape_str(x.shape)}, "
+                            f"got {s}", operand=0)
+    return x
+
+
+@op("typed_linear", 3, {"index": ("src", "dst")})
+def _typed_linear(types, attrs, declared):
+    """Relation-typed matmul with compact materialisation: out_e = h[index_e] @ W[t_e], computed once
+    per distinct (node, type) pair and gathered to the edges. h node[..., D], W param[R, D, ...], t edge int."""
+    h, w, t = types
+    if h.domain is not Domain.NODE or w.domain is not Domain.PARAM or w.rank < 2:
+        raise TypeRuleError(f"typed_linear takes node values and a param[R, D, ...], got {h} and {w}")
+    if t.domain is not Domain.EDGE or t.dtype != INT_DTYPE or t.rank != 0:
+        raise TypeRuleError(f"typed_linear indexes by an int edge value, got {t}", operand=2)
+    if h.rank < 1 or h.shape[-1] != w.shape[1]:
+        raise TypeRuleError(f"typed_linear shape mismatch: {shape_str(h.shape)} @ {shape_str(w.shape[1:])}")
+    return TensorType(Domain.EDGE, h.shape[:-1] + w.shape[2:], h.dtype)

@@ -13,6 +13,9 @@ import numpy as np
 from mpdsl.diagnostics import GraphError, InputError, WeightsError
 from mpdsl.graph import Graph
 from mpdsl.ir import Program, print_program
+from mpdsl.passes import PassContext, optimize
+from mpdsl.passes.rewrite import specialize
+from mpdsl.plan import choose_node_order
 from mpdsl.types import Domain, INT_DTYPE, TensorType
 
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": np.int64}
@@ -56,8 +59,13 @@ class CompiledModel:
     """
 
     def __init__(self, program: Program, backend, *, source_name: str = "<string>", seed: int = 0,
-                 ast=None, compile_seconds: float = 0.0):
+                 ast=None, compile_seconds: float = 0.0, optimize: bool = True,
+                 passes: list[str] | None = None, layout: str = "auto"):
         self.ir = program
+        self.optimize = optimize
+        self.passes = passes
+        self.layout = layout
+        self._specialized: dict[tuple, tuple[Program, PassContext]] = {}
         self.ast = ast
         self.backend = backend
         self.source_name = source_name
@@ -225,9 +233,34 @@ class CompiledModel:
         else:
             self._check_param_dims(dims)
         start = time.perf_counter()
-        outputs = self.backend.run(self.ir, graph, arrays, self.params, dims, training=self.training)
+        program = self.program_for(dims)
+        order = choose_node_order(graph, program, self.layout) if self.optimize else None
+        self.last_node_order = order
+        if order is not None:
+            graph, arrays = order.apply(graph, arrays, self.input_types)
+        outputs = self.backend.run(program, graph, arrays, self.params, dims, training=self.training)
+        if order is not None:
+            outputs = order.restore(outputs, {name: v.type for name, v in program.outputs})
         self.last_run_seconds = time.perf_counter() - start
         return outputs
+
+    def program_for(self, dims: Mapping[str, int]) -> Program:
+        """The program run for these dims: the reference IR, or the optimized IR specialised to
+        the dims (cached)."""
+        if not self.optimize:
+            return self.ir
+        return self.optimized_for(dims)[0]
+
+    def optimized_for(self, dims: Mapping[str, int]) -> tuple[Program, PassContext]:
+        key = tuple(sorted(dims.items()))
+        if key not in self._specialized:
+            self._specialized[key] = optimize(specialize(self.ir, dict(dims)), self.passes, dict(dims))
+        return self._specialized[key]
+
+    @property
+    def optimized_ir(self) -> Program:
+        """The optimized IR with the dims known at compile time (others stay symbolic)."""
+        return self.optimized_for(self.static_dims)[0]
 
     def _check_param_dims(self, dims: dict[str, int]) -> None:
         for name, t in self.param_types.items():

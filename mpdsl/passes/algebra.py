@@ -1,0 +1,99 @@
+"""Algebraic reordering: compute row-wise work on the smaller domain and move linear maps across
+aggregations (Graphiler's "reorder", PIGEON's linear operator reordering)."""
+
+from __future__ import annotations
+
+from mpdsl.ir import Program, Value
+from mpdsl.ops import BINARY_OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, shape_size
+from mpdsl.passes import Pass, PassContext, register
+from mpdsl.passes.rewrite import Rewriter, rewrite_to_fixpoint
+from mpdsl.types import Dim, Domain
+
+# Ops whose output row r depends only on row r of each row-domain operand (params are uniform).
+# dropout is excluded: hoisting it would share one random mask among all edges of a node.
+ROW_WISE = (set(UNARY_OPS) | (set(UNARY_OPS_WITH_ATTR) - {"dropout"}) | set(BINARY_OPS)
+            | {"matmul", "reduce", "axis_softmax", "concat", "reshape", "select", "einsum", "one_hot", "take"})
+_GATHER_SOURCE = {"src": Domain.NODE, "dst": Domain.NODE, "batch": Domain.GRAPH}
+
+
+@register
+class HoistGathers(Pass):
+    """Row-wise ops whose row operands are all gathers by the same index run on the gathered-from
+    rows, then one gather moves the result: op(x[src], W) -> op(x, W)[src]. This moves linear maps
+    before gathers ((h[src]) @ W == (h @ W)[src]) and computes per-node terms once per node instead of
+    once per edge (assumes E >= N; graph -> node broadcasts always shrink)."""
+
+    name = "hoist_gathers"
+
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        def rule(v: Value, rw: Rewriter) -> Value | None:
+            if v.op not in ROW_WISE:
+                return None
+            rows = [o for o in v.operands if o.type.domain is not Domain.PARAM]
+            if not rows or any(o.op != "gather" for o in rows):
+                return None
+            indices = {o.attr["index"] for o in rows}
+            if len(indices) != 1:
+                return None
+            index = indices.pop()
+            operands = [o.operands[0] if o.op == "gather" else o for o in v.operands]
+            declared = v.type.with_(domain=_GATHER_SOURCE[index]) if v.op in ("reshape", "one_hot") else None
+            inner = rw.emit(v.op, operands, v.attr, like=v, declared=declared)
+            return rw.emit("gather", [inner], {"index": index}, like=v)
+
+        result, rounds = rewrite_to_fixpoint(program, rule)
+        if rounds:
+            ctx.note(self.name, "moved row-wise work before gathers (computed per node, not per edge)")
+        return result
+
+
+def _known(dim: Dim, dims: dict[str, int]) -> int | None:
+    d = dim.substitute(dims)
+    return d.value if d.is_static else None
+
+
+@register
+class ReorderLinear(Pass):
+    """Move linear maps and destination-constant factors across sum/mean aggregations:
+    (sum(m) by dst) @ W -> sum(m @ W) by dst when W narrows the features (decided from the dims;
+    left for bind time when they are unknown), and sum(m * b[dst]) by dst -> b * sum(m) by dst
+    (likewise b[src] by src, v[batch] by graph, and division by such a factor)."""
+
+    name = "reorder_linear"
+
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        decisions: list[str] = []
+
+        def across_aggregation(v: Value, rw: Rewriter) -> Value | None:
+            agg, w = v.operands
+            if agg.op != "aggregate" or agg.attr["reduce"] not in ("sum", "mean") or w.type.domain is not Domain.PARAM:
+                return None
+            d_in, d_out = _known(w.type.shape[0], ctx.dims), _known(shape_size(w.type.shape[1:]), ctx.dims)
+            if d_in is None or d_out is None:
+                decisions.append(f"{agg.attr['reduce']} by {agg.attr['by']} @ {w.type}: widths unknown, kept (decided at bind time)")
+                return None
+            if d_out >= d_in:
+                return None
+            decisions.append(f"moved @ {w.type} before {agg.attr['reduce']} by {agg.attr['by']}: width {d_in} -> {d_out}")
+            inner = rw.emit("matmul", [agg.operands[0], w], like=v)
+            return rw.emit("aggregate", [inner], agg.attr, like=agg)
+
+        def constant_factor(v: Value, rw: Rewriter) -> Value | None:
+            (m,) = v.operands
+            if v.attr["reduce"] not in ("sum", "mean") or m.op not in ("mul", "div"):
+                return None
+            index = {"dst": "dst", "src": "src", "graph": "batch"}[v.attr["by"]]
+            for pos in ((0, 1) if m.op == "mul" else (1,)):
+                factor, rest = m.operands[pos], m.operands[1 - pos]
+                if (factor.op == "gather" and factor.attr["index"] == index
+                        and rest.type.domain is m.type.domain and rest.type.shape == m.type.shape):
+                    decisions.append(f"pulled a factor constant per {index} out of {v.attr['reduce']} by {v.attr['by']}")
+                    reduced = rw.emit("aggregate", [rest], v.attr, like=v)
+                    return rw.emit(m.op, [factor.operands[0], reduced] if pos == 0 else [reduced, factor.operands[0]],
+                                   like=m)
+            return None
+
+        result, _ = rewrite_to_fixpoint(program, {"matmul": [across_aggregation], "aggregate": [constant_factor]})
+        for text in dict.fromkeys(decisions):
+            ctx.note(self.name, text)
+        return result

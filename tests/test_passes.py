@@ -1,0 +1,226 @@
+"""Optimizer: every pass alone and the full pipeline preserve every example's meaning; the verifier
+runs after each pass; FileCheck-style checks of the optimized IR; plan report; node reordering."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mpdsl  # noqa: E402
+from filecheck import filecheck  # noqa: E402
+from mpdsl.ir import print_program, verify  # noqa: E402
+from mpdsl.passes import DEFAULT_PIPELINE, PASSES, Pass, PassError, PassManager, optimize, register  # noqa: E402
+from mpdsl.passes.rewrite import specialize  # noqa: E402
+from mpdsl.types import Domain  # noqa: E402
+from strategies import batched_graphs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.mp"))
+FEATURES = 5
+
+
+def _index_bound(model: mpdsl.CompiledModel, name: str) -> int:
+    """Largest id + 1 an int input may hold: the leading dim of the parameter it indexes."""
+    program = model.ir
+    bounds = []
+    for v in program.values:
+        if any(o.op == "input" and o.attr["name"] == name for o in v.operands):
+            if v.op in ("take",) and v.operands[1].attr.get("name") == name:
+                bounds.append(v.operands[0].type.shape[0].value)
+            if v.op == "one_hot":
+                bounds.append(v.attr["classes"])
+    return min(bounds) if bounds else 1
+
+
+def synth_inputs(model: mpdsl.CompiledModel, graph: mpdsl.Graph, rng: np.random.Generator) -> dict:
+    rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs}
+    inputs = {}
+    for name, t in model.input_types.items():
+        n = rows[t.domain]
+        if t.dtype == "i64":
+            inputs[name] = rng.integers(0, _index_bound(model, name), n)
+        else:
+            shape = tuple(d.value if d.is_static else FEATURES for d in t.shape)
+            inputs[name] = rng.normal(size=(n,) + shape)
+    return inputs
+
+
+def random_graph(seed: int = 0, nodes: int = 40, edges: int = 160) -> mpdsl.Graph:
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, nodes - 3, edges)          # the last 3 nodes are isolated
+    dst = np.where(rng.random(edges) < 0.3, 0, rng.integers(0, nodes - 3, edges))  # node 0 is a hub
+    src[:5], dst[:5] = 7, 8                           # a multi-edge
+    parts = [mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes),
+             mpdsl.Graph.from_arrays(np.array([[0, 1, 1], [1, 0, 2]]), 3),
+             mpdsl.Graph.from_arrays(np.zeros((2, 0), np.int64), 1)]
+    return mpdsl.Graph.batch(parts)
+
+
+def run_both(path: Path, graph: mpdsl.Graph, passes, seed: int = 0):
+    reference = mpdsl.compile(path, dtype="float64", optimize=False, seed=seed)
+    inputs = synth_inputs(reference, graph, np.random.default_rng(seed))
+    expected = reference.run(graph, **inputs)
+    optimized = mpdsl.compile(path, dtype="float64", passes=passes, layout="none")
+    optimized.load_weights(reference.params)
+    _, dims = optimized.bind(graph, inputs)
+    program, _ = optimize(specialize(optimized.ir, dims), passes, dims, verify_each=True)
+    got = optimized.backend.run(program, graph, optimized.bind(graph, inputs)[0], optimized.params, dims)
+    return expected, got
+
+
+def assert_same(expected: dict, got: dict, what: str) -> None:
+    assert expected.keys() == got.keys()
+    for name in expected:
+        scale = max(1.0, float(np.abs(expected[name]).max(initial=0)))
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-10 * scale, err_msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("pass_name", sorted(PASSES) or DEFAULT_PIPELINE)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_each_pass_alone_preserves_meaning(path, pass_name):
+    expected, got = run_both(path, random_graph(), [pass_name])
+    assert_same(expected, got, f"{path.stem} with {pass_name}")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_full_pipeline_preserves_meaning(path):
+    expected, got = run_both(path, random_graph(1), None)
+    assert_same(expected, got, f"{path.stem} optimized")
+
+
+@settings(max_examples=15, deadline=None)
+@given(graph=batched_graphs(), which=st.sampled_from(EXAMPLES), seed=st.integers(0, 1000))
+def test_full_pipeline_on_random_graphs(graph, which, seed):
+    expected, got = run_both(which, graph, None, seed)
+    assert_same(expected, got, f"{which.stem} optimized")
+
+
+def test_passes_are_registered_by_name_with_contracts():
+    PassManager([])  # loads the registry
+    assert set(DEFAULT_PIPELINE) <= set(PASSES)
+    assert all((cls.__doc__ or "").strip() for cls in PASSES.values())
+
+
+def test_pass_manager_names_the_pass_that_breaks_the_ir():
+    @register
+    class Breaker(Pass):
+        """Drops the first value (breaks SSA on purpose)."""
+        name = "breaker_for_test"
+
+        def run(self, program, ctx):
+            from mpdsl.ir import Program
+            return Program(program.name, program.dims, program.values[1:], program.outputs)
+
+    try:
+        model = mpdsl.compile(ROOT / "examples" / "gcn.mp", optimize=False)
+        with pytest.raises(PassError, match="pass 'breaker_for_test' produced invalid IR"):
+            PassManager(["cse", "breaker_for_test"], verify_each=True).run(model.ir)
+    finally:
+        PASSES.pop("breaker_for_test")
+
+
+def test_unknown_pass_is_a_user_error():
+    with pytest.raises(mpdsl.MpdslError, match="unknown pass"):
+        mpdsl.compile(ROOT / "examples" / "gcn.mp", passes=["cse", "nope"])
+
+
+@pytest.mark.parametrize("check", sorted((Path(__file__).parent / "filecheck").glob("*.check")), ids=lambda p: p.stem)
+def test_optimized_ir_filecheck(check):
+    model = mpdsl.compile(ROOT / "examples" / f"{check.stem}.mp")
+    dims = dict(model.static_dims)
+    if check.stem == "sage_mean":
+        dims["F"] = 64
+    program, _ = model.optimized_for(dims)
+    filecheck(print_program(program), check.read_text())
+
+
+def test_filecheck_can_fail():
+    with pytest.raises(AssertionError):
+        filecheck("a\nb\n", "CHECK: b\nCHECK: a")
+    with pytest.raises(AssertionError):
+        filecheck("a\nb\nc\n", "CHECK: a\nCHECK-NOT: b\nCHECK: c")
+    with pytest.raises(AssertionError):
+        filecheck("a\nb\nc\n", "CHECK: a\nCHECK-NEXT: c")
+
+
+@pytest.mark.parametrize("name", ["gcn", "sage_mean", "sage_max", "gin", "gat"])
+def test_fused_programs_materialise_no_edge_by_feature_tensor(name):
+    model = mpdsl.compile(ROOT / "examples" / f"{name}.mp")
+    program, _ = model.optimized_for({**model.static_dims, "F": 64})
+    verify(program)
+    for v in program.values:
+        if v.type.domain is Domain.EDGE:
+            assert v.type.rank <= 1 and v.op in ("gather", "add", "leaky_relu", "mul"), (name, v)
+            assert v.type.rank == 0 or name == "gat", (name, v)
+
+
+def test_width_dependent_reordering_waits_for_the_dims():
+    model = mpdsl.compile(ROOT / "examples" / "sage_mean.mp")
+    symbolic = print_program(model.optimized_ir)
+    assert "gspmm %x" in symbolic, "F unknown: the first mean stays before its matmul"
+    narrowing = print_program(model.optimized_for({**model.static_dims, "F": 64})[0])
+    widening = print_program(model.optimized_for({**model.static_dims, "F": 8})[0])
+    assert "gspmm %x" not in narrowing and "gspmm %x" in widening
+
+
+def test_plan_reports_kernels_bytes_and_decisions(capsys):
+    from mpdsl.cli import main
+    assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan", "--graph",
+                 str(ROOT / "examples" / "data" / "karate.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "gspmm" in out and "csr_dst" in out and "unoptimized" in out and "bytes materialised" in out
+    assert "[node order] no reordering" in out and "[fuse_message_aggregate]" in out
+    per_edge = next(line for line in out.splitlines() if line.strip().startswith("of which per-edge"))
+    assert per_edge.split()[-2:] == ["0", "B"], per_edge
+    assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan"]) == 1
+    assert "pass --graph" in capsys.readouterr().err
+
+
+def test_emit_ir_opt_and_passes_flag(capsys):
+    from mpdsl.cli import main
+    assert main(["compile", str(ROOT / "examples" / "gin.mp"), "--emit", "ir-opt"]) == 0
+    assert "gspmm" in capsys.readouterr().out
+    assert main(["compile", str(ROOT / "examples" / "gin.mp"), "--emit", "ir-opt", "--passes", "dce"]) == 0
+    out = capsys.readouterr().out
+    assert "gspmm" not in out and "aggregate" in out
+
+
+def community_graph(seed=0, communities=40, size=30, edges_per_node=8):
+    rng = np.random.default_rng(seed)
+    n = communities * size
+    src = rng.integers(0, n, n * edges_per_node)
+    same = rng.random(len(src)) < 0.9
+    dst = np.where(same, src // size * size + rng.integers(0, size, len(src)), rng.integers(0, n, len(src)))
+    shuffle = rng.permutation(n)
+    return mpdsl.Graph.from_arrays(np.stack([shuffle[src], shuffle[dst]]), n, x=rng.normal(size=(n, 6)))
+
+
+@pytest.mark.parametrize("name", ["gcn", "gat", "sage_max"])
+def test_node_reordering_is_invisible(name):
+    g = community_graph()
+    plain = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype="float64", layout="none", seed=3)
+    reordered = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype="float64", layout="reorder", seed=3)
+    np.testing.assert_allclose(reordered(g), plain(g), rtol=1e-10, atol=1e-12)
+    assert reordered.last_node_order is not None and plain.last_node_order is None
+
+
+def test_community_order_makes_edges_local():
+    from mpdsl.plan import decide_node_order, locality
+    g = community_graph()
+    decision = decide_node_order(g, "reorder")
+    before = locality(g.src, g.dst, g.num_nodes)
+    order = decision.order
+    after = locality(order.inverse[g.src], order.inverse[g.dst], g.num_nodes)
+    assert before < 0.2 and after > 0.6, (before, after)
+    assert sorted(order.perm.tolist()) == list(range(g.num_nodes))
+
+
+def test_auto_layout_skips_small_graphs():
+    from mpdsl.plan import decide_node_order
+    decision = decide_node_order(community_graph(), "auto")
+    assert decision.order is None and "below" in decision.reason
