@@ -96,6 +96,9 @@ class Checker:
         self.global_dims: dict[str, int] = {}
         self.call_stack: list[str] = []
         self.builder = _Builder()
+        # > 0 while a layer is checked with its signature dims as symbols (its IR is thrown away):
+        # a dim used as a number then stands for any value; each call checks it with real dims.
+        self.generic_depth = 0
 
     # ---- errors and emission -------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class Checker:
         self.check_unique_args(layer)
         saved, self.builder = self.builder, _Builder()
         self.call_stack.append(layer.name)
+        self.generic_depth += 1
         try:
             for arg in layer.args:
                 t = self.eval_type(arg.type, env, f"the type of '{arg.name}'")
@@ -264,6 +268,7 @@ class Checker:
                                                         [], self._generic_attrs(arg, t), t, arg.span)))
             self.elaborate_body(layer, args, env)
         finally:
+            self.generic_depth -= 1
             self.call_stack.pop()
             self.builder = saved
 
@@ -487,6 +492,8 @@ class Checker:
         if e.id in env:
             if env[e.id].is_static:
                 return self.const(env[e.id].value, e.span)
+            if self.generic_depth:
+                return self.const(1.0, e.span)
             raise self.error(f"dimension '{e.id}' is only known at run time and cannot be used as a number",
                              e.span, f"declare it with `dim {e.id} = ...`")
         if e.id in self.layers:
@@ -572,8 +579,8 @@ class Checker:
             return sign * (int(node.value) if integer else node.value)
         if isinstance(node, ast.Name) and isinstance(scope.lookup(node.id), LoopCounter):
             return sign * scope.lookup(node.id).value
-        raise self.error(f"{what} must be a {'integer' if integer else 'number'} literal", e.span,
-                         f"write the {what} as a constant, e.g. {'-1' if integer else '0.2'}")
+        raise self.error(f"{what} must be {'an integer' if integer else 'a number'} literal", e.span,
+                         f"write the {what} as a constant, e.g. {'2' if integer else '0.2'}")
 
     def static_option(self, e: ast.Call, position: int, keyword: str, default, integer: bool, scope: _Scope):
         for kw in e.keywords:
@@ -665,8 +672,15 @@ def _one_hot(ch: Checker, e: ast.Call, scope, env) -> Value:
     ch.args_exactly(e, 2)
     ids = ch.expr(e.args[0], scope, env)
     classes_expr = e.args[1]
-    if isinstance(classes_expr, ast.Name) and classes_expr.id in env and env[classes_expr.id].is_static:
-        classes = env[classes_expr.id].value
+    if isinstance(classes_expr, ast.Name) and classes_expr.id in env:
+        dim = env[classes_expr.id]
+        if not dim.is_static:
+            if ch.generic_depth:  # checked again with the real value at each call
+                declared = TensorType(ids.type.domain, (dim,), ch.float_dtype)
+                return ch.builder.add(make_value("one_hot", [ids], {"classes": 1}, declared, e.span))
+            raise ch.error(f"the number of classes '{classes_expr.id}' is only known at run time", classes_expr.span,
+                           f"declare it with `dim {classes_expr.id} = ...`")
+        classes = dim.value
     else:
         classes = int(ch.static_number(classes_expr, "number of classes", True, scope))
     declared = TensorType(ids.type.domain, (Dim(classes),), ch.float_dtype)

@@ -140,3 +140,39 @@ def test_einsum_errors(call, message):
     with pytest.raises(mpdsl.CompileError) as info:
         mpdsl.compile(f"model m(x: node[F]) -> node[F] {{\n    return {call}\n}}\n")
     assert info.value.message == message
+
+
+def test_layer_dims_as_numbers_and_one_hot_classes():
+    src = """
+dim R = 3
+dim F = 34
+layer typed(h: node[D], etype: edge int, W: param[N, D, K]) -> node[K] {
+    count = sum(one_hot(etype, N)) by dst
+    return (sum(h[src] @ W[etype]) by dst) / sqrt(D) + sum(count, -1)
+}
+model m(x: node[F], etype: edge int, W: param[R, F, 2]) -> node[2] {
+    return typed(x, etype, W)
+}
+"""
+    m = mpdsl.compile(src, dtype="float64")
+    etype = np.arange(156) % 3
+    out = m(KARATE, etype=etype)
+    x, W = KARATE["x"].astype(float), m.params["W"]
+    expected = np.zeros((34, 2))
+    for e, (s, d) in enumerate(zip(KARATE.src, KARATE.dst)):
+        expected[d] += x[s] @ W[etype[e]]
+    expected = expected / np.sqrt(34) + np.bincount(KARATE.dst, minlength=34)[:, None]
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+def test_run_time_dims_are_not_numbers_even_through_layers():
+    src = """
+layer scale(h: node[D]) -> node[D] {
+    return h / sqrt(D)
+}
+model m(x: node[F]) -> node[F] {
+    return scale(x)
+}
+"""
+    with pytest.raises(mpdsl.CompileError, match="dimension 'D' is only known at run time"):
+        mpdsl.compile(src)

@@ -1,0 +1,278 @@
+"""CPU benchmark: mpdsl (NumPy/SciPy backend) against PyTorch Geometric in the same run.
+
+    python benchmarks/bench_cpu.py [--nodes 100000] [--edges 1000000] [--features 64] [--repeats 7]
+                                   [--results benchmarks/RESULTS.md]
+
+Graphs (seeded): a uniform random graph, and a block-community graph (communities of 100 nodes,
+90% of edges inside a community) whose node ids are shuffled. Models: one layer each of GCN,
+SAGE-mean, GIN (2-layer MLP) and GAT (8 heads x 8), the same weights in every system; outputs are
+checked against each other. Each measurement runs in its own process: the median of ``repeats``
+forward passes after one warm-up, and the peak resident memory the forward passes add.
+GB/s is the minimum traffic of the aggregation (CSR index + features read once + output written
+once) over the median time, beside the machine's measured copy bandwidth.
+This is a benchmark, not a test: it asserts nothing but agreement of the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MODELS = ("gcn", "sage", "gin", "gat")
+HEADS, CHANNELS = 8, 8
+
+
+# ---- graphs -----------------------------------------------------------------------------------
+
+def make_graph(kind: str, nodes: int, edges: int, features: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, nodes, edges)
+    if kind == "uniform":
+        dst = rng.integers(0, nodes, edges)
+    else:
+        size = 100
+        inside = rng.random(edges) < 0.9
+        dst = np.where(inside, src // size * size + rng.integers(0, size, edges), rng.integers(0, nodes, edges))
+        dst = np.minimum(dst, nodes - 1)
+        shuffle = rng.permutation(nodes)
+        src, dst = shuffle[src], shuffle[dst]
+    x = rng.normal(size=(nodes, features)).astype(np.float32)
+    return np.stack([src, dst]).astype(np.int64), x
+
+
+# ---- child: one measurement -------------------------------------------------------------------
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _mpdsl_model(name: str, features: int):
+    import mpdsl
+    source = (HERE / "models" / f"{name}.mp").read_text()
+    header = f"dim H = {HEADS}\ndim C = {CHANNELS}\n" if name == "gat" else f"dim K = {features}\n"
+    model = mpdsl.compile(header + source)
+    model.init(seed=0, F=features)
+    rng = np.random.default_rng(1)
+    for key, value in model.params.items():  # non-zero biases and eps, so that they are compared too
+        if value.ndim <= 1:
+            model.params[key] = (0.1 * rng.normal(size=value.shape)).astype(np.float32)
+    return model
+
+
+def _pyg_layer(name: str, params: dict, features: int):
+    import torch
+    from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    with torch.no_grad():
+        if name == "gcn":
+            layer = GCNConv(features, features, cached=True)
+            layer.lin.weight.copy_(t(params["W"].T))
+            layer.bias.copy_(t(params["b"]))
+        elif name == "sage":
+            layer = SAGEConv(features, features, aggr="mean")
+            layer.lin_l.weight.copy_(t(params["W_n"].T))
+            layer.lin_l.bias.copy_(t(params["b"]))
+            layer.lin_r.weight.copy_(t(params["W_s"].T))
+        elif name == "gin":
+            mlp = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU(),
+                                      torch.nn.Linear(features, features))
+            layer = GINConv(mlp, train_eps=True)
+            mlp[0].weight.copy_(t(params["W1"].T))
+            mlp[0].bias.copy_(t(params["b1"]))
+            mlp[2].weight.copy_(t(params["W2"].T))
+            mlp[2].bias.copy_(t(params["b2"]))
+            layer.eps.copy_(t(params["eps"].reshape(1)))
+        else:
+            layer = GATConv(features, CHANNELS, heads=HEADS, add_self_loops=False)
+            layer.lin.weight.copy_(t(params["W"].reshape(features, -1).T))
+            layer.att_src.copy_(t(params["a_src"][None]))
+            layer.att_dst.copy_(t(params["a_dst"][None]))
+            layer.bias.copy_(t(params["b"]))
+    return layer.eval()
+
+
+def child(args: argparse.Namespace) -> None:
+    data = np.load(args.graph_file)
+    edge_index, x = data["edge_index"], data["x"]
+    model = _mpdsl_model(args.model, x.shape[1])
+    if args.system.startswith("mpdsl"):
+        import mpdsl
+        model.layout = "none" if args.system == "mpdsl-no-reorder" else "auto"
+        graph = mpdsl.Graph.from_arrays(edge_index, x.shape[0], x=x)
+        model(graph)  # warm-up: builds the CSR and the node order (cached per graph), specialises the plan
+
+        def forward():
+            return model(graph)
+    else:
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        layer = _pyg_layer(args.model, model.params, x.shape[1])
+        xt = torch.from_numpy(x)
+        ei = torch.from_numpy(edge_index)
+        if args.system == "pyg-csr":
+            from torch_geometric.utils import to_torch_csr_tensor
+            # adj_t[i, j] = 1 for an edge j -> i: PyG's transposed-adjacency convention.
+            adj = to_torch_csr_tensor(ei.flip(0), size=(x.shape[0], x.shape[0]))
+            graph_arg = adj
+        else:
+            graph_arg = ei
+        with torch.no_grad():
+            layer(xt, graph_arg)  # warm-up (GCN: caches the normalised adjacency)
+
+        def forward():
+            with torch.no_grad():
+                return layer(xt, graph_arg).numpy()
+    _reset_peak()
+    baseline = _rss_mb("VmRSS")
+    times = []
+    out = None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        out = forward()
+        times.append(time.perf_counter() - start)
+    peak = _rss_mb("VmHWM") - baseline
+    np.save(args.out_file, np.asarray(out, dtype=np.float32))
+    print(json.dumps({"times": times, "median_ms": 1e3 * float(np.median(times)), "peak_mb": peak}))
+
+
+# ---- parent -----------------------------------------------------------------------------------
+
+def copy_bandwidth() -> float:
+    a = np.ones(64 << 20, dtype=np.float32)
+    b = np.empty_like(a)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - start)
+    return 2 * a.nbytes / float(np.median(times)) / 1e9
+
+
+def min_bytes(model: str, nodes: int, edges: int, features: int) -> int:
+    index = 4 * edges + 4 * (nodes + 1)
+    width = HEADS * CHANNELS if model == "gat" else features
+    extra = 2 * 4 * edges * HEADS if model == "gat" else 0  # attention scores read and weights used
+    return index + 4 * nodes * width * 2 + extra
+
+
+def compile_times() -> dict[str, float]:
+    import mpdsl
+    result = {}
+    for path in sorted((HERE.parent / "examples").glob("*.mp")):
+        mpdsl.compile(path)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            mpdsl.compile(path)
+            times.append(time.perf_counter() - start)
+        result[path.stem] = 1e3 * float(np.median(times))
+    return result
+
+
+def run_child(system: str, model: str, graph_file: Path, repeats: int, workdir: Path) -> dict:
+    out_file = workdir / f"{system}-{model}-{graph_file.stem}.npy"
+    proc = subprocess.run([sys.executable, __file__, "--child", "--system", system, "--model", model,
+                           "--graph-file", str(graph_file), "--repeats", str(repeats), "--out-file", str(out_file)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["out_file"] = str(out_file)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=100_000)
+    parser.add_argument("--edges", type=int, default=1_000_000)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--results", help="write the markdown table to this file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--graph-file", help=argparse.SUPPRESS)
+    parser.add_argument("--out-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import torch_geometric
+    bandwidth = copy_bandwidth()
+    lines = []
+
+    def emit(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    command = "python benchmarks/bench_cpu.py " + " ".join(a for a in sys.argv[1:])
+    emit(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+         f"numpy {np.__version__}, torch-geometric {torch_geometric.__version__}; copy bandwidth {bandwidth:.1f} GB/s")
+    emit(f"graphs: {args.nodes} nodes, {args.edges} edges, {args.features} features (float32); "
+         f"median of {args.repeats} forward passes after a warm-up")
+    emit()
+    emit("| graph | model | system | median ms | vs PyG default | vs PyG CSR | GB/s (min traffic) | peak MB | max rel. diff |")
+    emit("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for kind in ("uniform", "community"):
+            edge_index, x = make_graph(kind, args.nodes, args.edges, args.features)
+            graph_file = workdir / f"{kind}.npz"
+            np.savez(graph_file, edge_index=edge_index, x=x)
+            for model in args.models.split(","):
+                systems = ["mpdsl"] + (["mpdsl-no-reorder"] if kind == "community" else []) + ["pyg-default"] + \
+                          (["pyg-csr"] if model != "gat" else [])
+                results = {s: run_child(s, model, graph_file, args.repeats, workdir) for s in systems}
+                reference = results.get("pyg-default", {})
+                ref_out = np.load(reference["out_file"]) if "out_file" in reference else None
+                for system in systems:
+                    r = results[system]
+                    if "error" in r:
+                        emit(f"| {kind} | {model} | {system} | error: {r['error']} | | | | | |")
+                        continue
+                    out = np.load(r["out_file"])
+                    diff = (float(np.abs(out - ref_out).max() / max(1e-12, np.abs(ref_out).max()))
+                            if ref_out is not None else float("nan"))
+                    ms = r["median_ms"]
+                    vs_default = reference["median_ms"] / ms if "median_ms" in reference else float("nan")
+                    csr = results.get("pyg-csr", {})
+                    vs_csr = f"{csr['median_ms'] / ms:.2f}x" if "median_ms" in csr else "-"
+                    gbs = min_bytes(model, args.nodes, args.edges, args.features) / (ms / 1e3) / 1e9
+                    emit(f"| {kind} | {model} | {system} | {ms:.1f} | {vs_default:.2f}x | {vs_csr} | {gbs:.1f} | "
+                         f"{r['peak_mb']:.0f} | {diff:.1e} |")
+    emit()
+    times = compile_times()
+    emit("compile (parse, check, lower, optimize) per example, median of 5, ms: " +
+         ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    if args.results:
+        Path(args.results).write_text("\n".join(lines) + "\n")
+        print(f"(also written to {args.results}; command: {command})")
+
+
+if __name__ == "__main__":
+    main()
