@@ -87,6 +87,7 @@ class PullCSR:
         itype = np.int32 if small else np.int64
         self.indptr = indptr.astype(itype)
         self.perm = perm
+        self.in_edge_order = bool(np.array_equal(perm, np.arange(len(perm))))  # edges already sorted
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
         self.nnz = len(perm)
@@ -96,6 +97,10 @@ class PullCSR:
         self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         self._local_indptr = [self.indptr[a:b + 1] - self.indptr[a] for a, b in self.blocks]
         self._ones: dict[np.dtype, np.ndarray] = {}
+
+    def ordered(self, per_edge: np.ndarray) -> np.ndarray:
+        """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
+        return per_edge if self.in_edge_order else per_edge[self.perm]
 
     def ones(self, dtype) -> np.ndarray:
         key = np.dtype(dtype)
@@ -412,13 +417,13 @@ class NumpyBackend(Backend):
         kind = v.attr["reduce"]
         if kind in ("max", "min"):
             ufunc = np.maximum if kind == "max" else np.minimum
-            return csr.extreme(x, ufunc, None if w is None else w[csr.perm])
+            return csr.extreme(x, ufunc, None if w is None else csr.ordered(w))
         if w is None:
             out = csr.spmm(x)
         elif w.ndim == 1:
-            out = csr.spmm(x, w[csr.perm])
+            out = csr.spmm(x, csr.ordered(w))
         else:
-            out = self._per_group(x, w[csr.perm], csr.spmm)
+            out = self._per_group(x, csr.ordered(w), csr.spmm)
         if kind == "mean":
             counts = np.maximum(np.diff(csr.indptr), 1).astype(x.dtype)
             out /= counts.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -427,7 +432,7 @@ class NumpyBackend(Backend):
     @rule("attention")
     def _attention(self, ctx, v, s, x):
         csr = ctx.pull(v.attr["by"])
-        ordered = s[csr.perm]
+        ordered = csr.ordered(s)
         # Softmax over each row's edges, computed in CSR order: the max and sum are per row.
         starts = csr.indptr[:-1][np.diff(csr.indptr) > 0]
         row_of_edge = np.repeat(np.arange(csr.num_nodes), np.diff(csr.indptr))

@@ -147,7 +147,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
 
 
 def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
-    from mpdsl.plan import decide_node_order, report
+    from mpdsl.plan import choose_layout, decide_node_order, report
     from mpdsl.runtime import as_graph
 
     model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
@@ -161,12 +161,14 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
     if args.emit == "ir-opt":
         print(print_program(program, locations=args.locations), end="")
     else:
-        decision = decide_node_order(graph, args.layout) if graph is not None else None
+        layout = choose_layout(graph, program, args.layout) if graph is not None else None
+        reasons = list(layout.reasons) if layout is not None else (
+            [decide_node_order(graph, args.layout).reason] if graph is not None else [])
         unbound = sorted({s for v in model.ir.values for d in v.type.shape for s in d.symbols} - set(bound))
         if unbound:
             raise MpdslError(f"the plan needs the sizes of {', '.join(unbound)}, bound from the model's inputs",
                              "pass --graph g.npz (or --dim NAME=INT)")
-        print(report(model.ir, program, ctx.notes, bound, graph, decision), end="")
+        print(report(model.ir, program, ctx.notes, bound, graph, reasons), end="")
     print(f"[mpdsl] compile {model.source_name} in {elapsed:.1f} ms", file=sys.stderr)
     return EXIT_OK
 

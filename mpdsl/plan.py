@@ -29,23 +29,50 @@ class NodeOrder:
     perm: np.ndarray
     inverse: np.ndarray
 
+
+@dataclass
+class GraphLayout:
+    """How a graph is laid out for running: nodes relabelled (``nodes``: new node k is old node
+    ``nodes.perm[k]``) and/or edges stored in another order (``edge_perm``: new edge k is old edge
+    ``edge_perm[k]``). Applied to the graph and the inputs before running, undone on the outputs."""
+
+    nodes: NodeOrder | None
+    edge_perm: np.ndarray | None
+    reasons: tuple[str, ...]
+
     def apply(self, graph: Graph, arrays: dict[str, np.ndarray], input_types: Mapping[str, TensorType]
               ) -> tuple[Graph, dict[str, np.ndarray]]:
         def build() -> Graph:
-            node_data = {k: v[self.perm] for k, v in graph.node_data.items()}
-            return Graph(self.inverse[graph.edge_index], graph.num_nodes, node_data=node_data,
-                         edge_data=graph.edge_data, graph_data=graph.graph_data)
+            edge_index = graph.edge_index
+            node_data, edge_data = graph.node_data, graph.edge_data
+            if self.nodes is not None:
+                edge_index = self.nodes.inverse[edge_index]
+                node_data = {k: v[self.nodes.perm] for k, v in node_data.items()}
+            if self.edge_perm is not None:
+                edge_index = edge_index[:, self.edge_perm]
+                edge_data = {k: v[self.edge_perm] for k, v in edge_data.items()}
+            return Graph(edge_index, graph.num_nodes, node_data=node_data, edge_data=edge_data,
+                         graph_data=graph.graph_data)
 
-        permuted = graph.cached(("node_order_graph", id(self)), build)
-        moved = {k: (a[self.perm] if input_types[k].domain is Domain.NODE else a) for k, a in arrays.items()}
-        return permuted, moved
+        laid_out = graph.cached(("laid_out", id(self)), build)
+        moved = {}
+        for name, array in arrays.items():
+            domain = input_types[name].domain
+            if domain is Domain.NODE and self.nodes is not None:
+                array = array[self.nodes.perm]
+            elif domain is Domain.EDGE and self.edge_perm is not None:
+                array = array[self.edge_perm]
+            moved[name] = array
+        return laid_out, moved
 
     def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
         restored = {}
         for name, array in outputs.items():
-            if types[name].domain is Domain.NODE:
+            perm = {Domain.NODE: self.nodes.perm if self.nodes is not None else None,
+                    Domain.EDGE: self.edge_perm}.get(types[name].domain)
+            if perm is not None:
                 original = np.empty_like(array)
-                original[self.perm] = array
+                original[perm] = array
                 array = original
             restored[name] = array
         return restored
@@ -102,8 +129,7 @@ def decide_node_order(graph: Graph, mode: str) -> LayoutDecision:
         return LayoutDecision(None, f"no reordering: {n} nodes is below {REORDER_MIN_NODES} (features stay in cache)", 0.0)
     if mode == "auto" and before >= 0.5:
         return LayoutDecision(None, f"no reordering: {before:.0%} of edges are already local", 0.0)
-    perm = community_order(graph.src, graph.dst, n)
-    order = _order_from_perm(perm)
+    order = _order_from_perm(community_order(graph.src, graph.dst, n))
     after = locality(order.inverse[graph.src], order.inverse[graph.dst], n)
     seconds = time.perf_counter() - start
     if mode == "auto" and not (after >= 2 * before and after >= 0.3):
@@ -113,11 +139,30 @@ def decide_node_order(graph: Graph, mode: str) -> LayoutDecision:
                                  f"(computed once per graph in {seconds * 1e3:.0f} ms)", seconds)
 
 
-def choose_node_order(graph: Graph, program: Program, mode: str) -> NodeOrder | None:
-    """The node order to run ``program`` on ``graph`` with (None: as given); cached per graph."""
+EDGE_ORDER_OPS = {"attention", "softmax"}
+
+
+def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | None:
+    """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph."""
     if not any(v.op in GRAPH_OPS for v in program.values) or graph.num_nodes == 0:
         return None
-    return graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode)).order
+    nodes = graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode))
+    reasons = [nodes.reason]
+    edge_perm = None
+    per_edge_by_dst = any(v.op in EDGE_ORDER_OPS and v.attr.get("by") == "dst" for v in program.values) or any(
+        v.op == "gspmm" and v.attr["by"] == "dst" and len(v.operands) == 2 for v in program.values)
+    if mode != "none" and per_edge_by_dst and graph.num_edges:
+        def sorted_edges() -> np.ndarray | None:
+            dst = graph.dst if nodes.order is None else nodes.order.inverse[graph.dst]
+            perm = np.argsort(dst, kind="stable")
+            return None if np.array_equal(perm, np.arange(len(perm))) else perm
+        edge_perm = graph.cached(("edge_order", mode), sorted_edges)
+        if edge_perm is not None:
+            reasons.append("edges stored sorted by destination: per-edge values (scores, weights) are read "
+                           "in CSR order without a permutation")
+    if nodes.order is None and edge_perm is None:
+        return None
+    return GraphLayout(nodes.order, edge_perm, tuple(reasons))
 
 
 # ---- cost report ------------------------------------------------------------------------------
@@ -177,7 +222,7 @@ def _fmt_flops(n: int) -> str:
 
 
 def report(reference: Program, optimized: Program, notes: list[tuple[str, str]], dims: Mapping[str, int],
-           graph: Graph | None, layout_decision: LayoutDecision | None) -> str:
+           graph: Graph | None, layout_reasons: list[str]) -> str:
     """The text of ``--emit plan``."""
     if graph is not None:
         rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs,
@@ -217,6 +262,6 @@ def report(reference: Program, optimized: Program, notes: list[tuple[str, str]],
               f"{'FLOPs':<26} {_fmt_flops(rf):>14} {_fmt_flops(of):>14}", "", "decisions:"]
     for pass_name, text in notes:
         lines.append(f"  [{pass_name}] {text}")
-    if layout_decision is not None:
-        lines.append(f"  [node order] {layout_decision.reason}")
+    for reason in layout_reasons:
+        lines.append(f"  [graph layout] {reason}")
     return "\n".join(lines) + "\n"

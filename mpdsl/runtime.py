@@ -15,7 +15,7 @@ from mpdsl.graph import Graph
 from mpdsl.ir import Program, print_program
 from mpdsl.passes import PassContext, optimize
 from mpdsl.passes.rewrite import specialize
-from mpdsl.plan import choose_node_order
+from mpdsl.plan import choose_layout
 from mpdsl.types import Domain, INT_DTYPE, TensorType
 
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": np.int64}
@@ -234,13 +234,13 @@ class CompiledModel:
             self._check_param_dims(dims)
         start = time.perf_counter()
         program = self.program_for(dims)
-        order = choose_node_order(graph, program, self.layout) if self.optimize else None
-        self.last_node_order = order
-        if order is not None:
-            graph, arrays = order.apply(graph, arrays, self.input_types)
+        layout = choose_layout(graph, program, self.layout) if self.optimize else None
+        self.last_layout = layout
+        if layout is not None:
+            graph, arrays = layout.apply(graph, arrays, self.input_types)
         outputs = self.backend.run(program, graph, arrays, self.params, dims, training=self.training)
-        if order is not None:
-            outputs = order.restore(outputs, {name: v.type for name, v in program.outputs})
+        if layout is not None:
+            outputs = layout.restore(outputs, {name: v.type for name, v in program.outputs})
         self.last_run_seconds = time.perf_counter() - start
         return outputs
 

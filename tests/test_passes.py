@@ -174,7 +174,7 @@ def test_plan_reports_kernels_bytes_and_decisions(capsys):
                  str(ROOT / "examples" / "data" / "karate.npz")]) == 0
     out = capsys.readouterr().out
     assert "gspmm" in out and "csr_dst" in out and "unoptimized" in out and "bytes materialised" in out
-    assert "[node order] no reordering" in out and "[fuse_message_aggregate]" in out
+    assert "[graph layout] no reordering" in out and "[fuse_message_aggregate]" in out
     per_edge = next(line for line in out.splitlines() if line.strip().startswith("of which per-edge"))
     assert per_edge.split()[-2:] == ["0", "B"], per_edge
     assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan"]) == 1
@@ -206,7 +206,8 @@ def test_node_reordering_is_invisible(name):
     plain = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype="float64", layout="none", seed=3)
     reordered = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype="float64", layout="reorder", seed=3)
     np.testing.assert_allclose(reordered(g), plain(g), rtol=1e-10, atol=1e-12)
-    assert reordered.last_node_order is not None and plain.last_node_order is None
+    assert reordered.last_layout is not None and reordered.last_layout.nodes is not None
+    assert plain.last_layout is None
 
 
 def test_community_order_makes_edges_local():
@@ -215,6 +216,7 @@ def test_community_order_makes_edges_local():
     decision = decide_node_order(g, "reorder")
     before = locality(g.src, g.dst, g.num_nodes)
     order = decision.order
+    assert order is not None
     after = locality(order.inverse[g.src], order.inverse[g.dst], g.num_nodes)
     assert before < 0.2 and after > 0.6, (before, after)
     assert sorted(order.perm.tolist()) == list(range(g.num_nodes))
@@ -224,3 +226,20 @@ def test_auto_layout_skips_small_graphs():
     from mpdsl.plan import decide_node_order
     decision = decide_node_order(community_graph(), "auto")
     assert decision.order is None and "below" in decision.reason
+
+
+def test_layout_restores_edge_and_node_outputs():
+    src = """
+model m(x: node[F], e: edge[F], a: param[F]) -> (h: node[F], s: edge[]) {
+    score = sum(x[src] * a, -1) + sum(e, -1)
+    return sum((softmax(score) by dst) * x[src]) by dst, score
+}
+"""
+    g = community_graph(1)
+    e = np.random.default_rng(0).normal(size=(g.num_edges, 6))
+    plain = mpdsl.compile(src, dtype="float64", layout="none", seed=1)
+    laid_out = mpdsl.compile(src, dtype="float64", layout="reorder", seed=1)
+    a, b = plain(g, e=e), laid_out(g, e=e)
+    assert laid_out.last_layout.edge_perm is not None and laid_out.last_layout.nodes is not None
+    np.testing.assert_allclose(b["h"], a["h"], rtol=1e-10)
+    np.testing.assert_allclose(b["s"], a["s"], rtol=1e-12)
