@@ -88,6 +88,7 @@ class PullCSR:
         self.indptr = indptr.astype(itype)
         self.perm = perm
         self.in_edge_order = bool(np.array_equal(perm, np.arange(len(perm))))  # edges already sorted
+        self.row_of_edge = np.repeat(np.arange(num_nodes, dtype=itype), np.diff(indptr))  # CSR order
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
         self.nnz = len(perm)
@@ -276,7 +277,10 @@ class NumpyBackend(Backend):
 
     @rule("leaky_relu")
     def _leaky_relu(self, ctx, v, x):
-        return np.where(x > 0, x, x * x.dtype.type(v.attr["slope"]))
+        slope = x.dtype.type(v.attr["slope"])
+        if 0 <= slope <= 1:
+            return np.maximum(x, x * slope)
+        return np.where(x > 0, x, x * slope)
 
     @rule("elu")
     def _elu(self, ctx, v, x):
@@ -432,21 +436,22 @@ class NumpyBackend(Backend):
     @rule("attention")
     def _attention(self, ctx, v, s, x):
         csr = ctx.pull(v.attr["by"])
-        ordered = csr.ordered(s)
-        # Softmax over each row's edges, computed in CSR order: the max and sum are per row.
-        starts = csr.indptr[:-1][np.diff(csr.indptr) > 0]
-        row_of_edge = np.repeat(np.arange(csr.num_nodes), np.diff(csr.indptr))
-        peak = np.maximum.reduceat(ordered, starts, axis=0) if len(starts) else ordered[:0]
-        full_peak = np.zeros((csr.num_nodes,) + s.shape[1:], dtype=s.dtype)
-        full_peak[np.diff(csr.indptr) > 0] = peak
-        weights = np.exp(ordered - full_peak[row_of_edge])
-        totals = np.add.reduceat(weights, starts, axis=0) if len(starts) else weights[:0]
-        full_totals = np.ones((csr.num_nodes,) + s.shape[1:], dtype=s.dtype)
-        full_totals[np.diff(csr.indptr) > 0] = totals
-        weights /= full_totals[row_of_edge]
-        if weights.ndim == 1:
-            return csr.spmm(x, weights)
-        return self._per_group(x, weights, csr.spmm)
+        scores = csr.ordered(s)
+        rows = np.diff(csr.indptr) > 0
+        starts = csr.indptr[:-1][rows]
+        out = np.zeros_like(x)
+        if not len(starts):
+            return out
+        # Softmax per row: subtract the row max, exponentiate, aggregate, then divide the aggregated
+        # row (N x S) by the row total instead of normalising every edge weight (E x P).
+        peak = np.zeros((csr.num_nodes,) + s.shape[1:], dtype=s.dtype)
+        peak[rows] = np.maximum.reduceat(scores, starts, axis=0)
+        weights = scores - peak[csr.row_of_edge]
+        np.exp(weights, out=weights)
+        totals = np.add.reduceat(weights, starts, axis=0)
+        out = csr.spmm(x, weights) if weights.ndim == 1 else self._per_group(x, weights, csr.spmm)
+        out[rows] /= totals.reshape(totals.shape + (1,) * (x.ndim - totals.ndim))
+        return out
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):

@@ -27,12 +27,15 @@ def _to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, dtype) -> np.ndarray:
+def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, dtype,
+                  stacked: bool = False) -> np.ndarray:
     """Initial parameter values. glorot: U(+-sqrt(6 / (fan_in + fan_out))) with fan_in = shape[0],
     fan_out = prod(shape[1:]); normal: N(0, 1 / fan_in); uniform: U(+-1 / sqrt(fan_in));
-    zeros, ones, or a number (every element)."""
-    fan_in = shape[0] if shape else 1
-    fan_out = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    zeros, ones, or a number (every element). A ``stacked`` parameter (indexed per layer or per
+    type, W[t] / W[etype]) takes its fans from one slice, shape[1:]."""
+    fan_shape = shape[1:] if stacked and len(shape) > 1 else shape
+    fan_in = fan_shape[0] if fan_shape else 1
+    fan_out = int(np.prod(fan_shape[1:])) if len(fan_shape) > 1 else 1
     if init == "glorot":
         bound = np.sqrt(6.0 / max(fan_in + fan_out, 1))
         value = rng.uniform(-bound, bound, shape)
@@ -119,10 +122,12 @@ class CompiledModel:
         and the parameter's name."""
         if graph is not None:
             dims = {**self.bind(graph, {})[1], **dims}
+        stacked = {o.attr["name"] for v in self.ir.values if v.op in ("select", "take")
+                   for o in v.operands[:1] if o.op == "param"}
         for name, shape in self.param_shapes(dims).items():
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             init = next(v.attr["init"] for v in self.ir.params if v.attr["name"] == name)
-            self.params[name] = initial_value(init, shape, rng, self.float_dtype)
+            self.params[name] = initial_value(init, shape, rng, self.float_dtype, name in stacked)
         self.dims = {**self.static_dims, **dims}
         return self
 
@@ -149,9 +154,12 @@ class CompiledModel:
             arr = arrays[name]
             if arr.dtype.kind not in "fiu":
                 raise WeightsError(f"weight '{name}' has dtype {arr.dtype}", "weights are real numbers")
-            self._bind_shape(f"weight '{name}'", t, arr.shape, dims, WeightsError)
             if not np.all(np.isfinite(arr)):
                 raise WeightsError(f"weight '{name}' holds non-finite values", "check the file")
+        # Plain dims first, from any weight; then products such as 2*F are checked against them.
+        for defer_products in (True, False):
+            for name, t in declared.items():
+                self._bind_shape(f"weight '{name}'", t, arrays[name].shape, dims, WeightsError, defer_products)
         self.dims = dims
         self.params = {k: arrays[k].astype(self.float_dtype) for k in declared}
         return self
@@ -164,7 +172,8 @@ class CompiledModel:
     # ---- running -------------------------------------------------------------------------
 
     @staticmethod
-    def _bind_shape(what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error) -> None:
+    def _bind_shape(what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error,
+                    defer_products: bool = False) -> None:
         declared = "[" + ", ".join(str(d) for d in t.shape) + "]"
         if len(shape) != t.rank:
             raise error(f"{what} has shape {list(shape)} but is declared {declared}",
@@ -177,6 +186,8 @@ class CompiledModel:
                                 f"({dim} = {resolved.value})", "make the data and the declaration agree")
             elif len(resolved.symbols) == 1 and resolved.coeff == 1:
                 dims[resolved.symbols[0]] = size
+            elif defer_products:
+                continue
             else:
                 raise error(f"{what}: cannot bind {dim} from a size of {size}",
                             "bind product dims with `dim NAME = value`")

@@ -186,3 +186,18 @@ def test_training_mode_dropout():
     np.testing.assert_array_equal(m(KARATE, x=x), x)
     out = m.train()(KARATE, x=x)
     assert set(np.unique(out)) <= {0.0, 2.0} and 0 < (out == 0).mean() < 1
+
+
+def test_weights_with_product_dims_bind_in_any_order():
+    m = mpdsl.compile("model m(x: node[F], W: param[2 * F, F]) -> node[F] {\n    return concat(x, x) @ W\n}\n")
+    m.load_weights({"W": np.zeros((6, 3))})
+    assert m.dims["F"] == 3
+    with pytest.raises(mpdsl.WeightsError, match="cannot bind 2\\*F"):
+        mpdsl.compile("model m(x: node[F], W: param[2 * F, 3]) -> node[3] {\n    return concat(x, x) @ W\n}\n"
+                      ).load_weights({"W": np.zeros((6, 3))})
+
+
+def test_stacked_parameters_take_glorot_fans_from_one_slice():
+    src = "dim T = 50\nmodel m(x: node[F], W: param[T, F, F]) -> node[F] {\n    return x @ W[3]\n}\n"
+    W = mpdsl.compile(src).init(0, F=4).params["W"]
+    assert np.abs(W).max() <= np.sqrt(6 / 8) and np.abs(W).max() > np.sqrt(6 / 54)
