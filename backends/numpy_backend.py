@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import contextlib
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +31,62 @@ from mpdsl.types import Domain, TensorType
 
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
+PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
+
+
+class _BlasThreads:
+    """The thread count of the OpenBLAS builds loaded in this process (NumPy's). While a program
+    runs, BLAS is held to one thread and the backend splits rows over its own pool instead: idle
+    OpenBLAS workers spin after each call and would steal the cores from the sparse kernels."""
+
+    _SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")
+
+    def __init__(self):
+        self._libs = None
+
+    def _load(self) -> list:
+        if self._libs is None:
+            self._libs = []
+            try:
+                paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+            except OSError:
+                paths = set()
+            for path in sorted(paths):
+                try:
+                    lib = ctypes.CDLL(path)
+                except OSError:
+                    continue
+                for name in self._SETTERS:
+                    getter = name.replace("set_num", "get_num")
+                    if hasattr(lib, name) and hasattr(lib, getter):
+                        self._libs.append((getattr(lib, name), getattr(lib, getter)))
+                        break
+        return self._libs
+
+    @contextlib.contextmanager
+    def limited(self, threads: int):
+        libs = self._load()
+        previous = [get() for _, get in libs]
+        for set_, _ in libs:
+            set_(threads)
+        try:
+            yield
+        finally:
+            for (set_, _), count in zip(libs, previous):
+                set_(count)
+
+
+BLAS = _BlasThreads()
+
+
+def row_parallel(rows: int, work) -> None:
+    """Run ``work(start, stop)`` over row blocks on the backend's pool (one block when small)."""
+    if rows < PARALLEL_ROWS or WORKERS == 1:
+        work(0, rows)
+        return
+    bounds = np.linspace(0, rows, WORKERS + 1).astype(int)
+    list(_POOL.map(lambda i: work(bounds[i], bounds[i + 1]), range(WORKERS)))
 
 
 @dataclass
@@ -98,6 +156,24 @@ class PullCSR:
         self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         self._local_indptr = [self.indptr[a:b + 1] - self.indptr[a] for a, b in self.blocks]
         self._ones: dict[np.dtype, np.ndarray] = {}
+        self._expanded: dict[int, PullCSR] = {}
+
+    def expanded(self, groups: int) -> "PullCSR":
+        """The same edges over (node, group) rows: row i * groups + q holds row i's edges, reading
+        node j's group q (row j * groups + q of the input); its per-edge values are the CSR-ordered
+        [E, groups] weights flattened. Cached per group count."""
+        if groups not in self._expanded:
+            lengths = np.diff(self.indptr).astype(np.int64)
+            big_indptr = np.concatenate([[0], np.cumsum(np.repeat(lengths, groups))])
+            big_rows = np.repeat(np.arange(self.num_nodes * groups), np.repeat(lengths, groups))
+            position = np.arange(len(big_rows)) - big_indptr[big_rows]
+            node, group = big_rows // groups, big_rows % groups
+            edge = self.indptr[node].astype(np.int64) + position  # CSR position of the edge
+            value_index = edge * groups + group                    # into the flattened [E, groups] values
+            read = np.empty(len(value_index), dtype=np.int64)
+            read[value_index] = self.columns[edge].astype(np.int64) * groups + group
+            self._expanded[groups] = PullCSR(big_indptr, value_index, read, self.num_nodes * groups)
+        return self._expanded[groups]
 
     def ordered(self, per_edge: np.ndarray) -> np.ndarray:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
@@ -239,7 +315,7 @@ class NumpyBackend(Backend):
                           np.random.default_rng(seed))
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"), BLAS.limited(1):
             for v in program.values:
                 start = time.perf_counter()
                 args = [env[id(o)] for o in v.operands]
@@ -297,8 +373,18 @@ class NumpyBackend(Backend):
     @rule(*_BINARY)
     def _binary(self, ctx, v, a, b):
         ta, tb = (o.type for o in v.operands)
-        out = _BINARY[v.op](_expand(a, ta, v.type), _expand(b, tb, v.type))
-        return out.astype(ctx.float_dtype, copy=False)
+        a, b = _expand(a, ta, v.type), _expand(b, tb, v.type)
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        ufunc = _BINARY[v.op]
+        if v.type.domain is Domain.PARAM or shape[0] < PARALLEL_ROWS:
+            return ufunc(a, b).astype(ctx.float_dtype, copy=False)
+        out = np.empty(shape, dtype=ctx.float_dtype)
+
+        def rows(x, lo, hi):
+            return x[lo:hi] if x.shape[0] != 1 else x
+
+        row_parallel(shape[0], lambda lo, hi: ufunc(rows(a, lo, hi), rows(b, lo, hi), out=out[lo:hi]))
+        return out
 
     # ---- dense algebra -------------------------------------------------------------------
 
@@ -307,7 +393,10 @@ class NumpyBackend(Backend):
         ta, tb = (o.type for o in v.operands)
         k = a.shape[-1]
         if tb.domain is Domain.PARAM:
-            out = a.reshape(_width(a.shape[:-1]), k) @ b.reshape(k, _width(b.shape[1:]))
+            a2 = a.reshape(_width(a.shape[:-1]), k)
+            b2 = b.reshape(k, _width(b.shape[1:]))
+            out = np.empty((a2.shape[0], b2.shape[1]), dtype=np.result_type(a, b))
+            row_parallel(a2.shape[0], lambda lo, hi: np.matmul(a2[lo:hi], b2, out=out[lo:hi]))
             return out.reshape(a.shape[:-1] + b.shape[1:])
         rows = b.shape[0]
         a_feat = a.shape[:-1] if ta.domain is Domain.PARAM else a.shape[1:-1]
@@ -407,13 +496,15 @@ class NumpyBackend(Backend):
     # ---- fused graph ops -----------------------------------------------------------------
 
     @staticmethod
-    def _per_group(x: np.ndarray, w: np.ndarray, fn) -> np.ndarray:
-        """Apply ``fn(x_q, w_q)`` to each group of leading feature axes that the weights cover."""
-        groups = int(np.prod(w.shape[1:]))
-        xs = x.reshape((x.shape[0], groups, _width(x.shape[1:]) // max(groups, 1)))
-        ws = w.reshape((w.shape[0], groups))
-        parts = [fn(xs[:, q], ws[:, q]) for q in range(groups)]
-        return np.stack(parts, axis=1).reshape(x.shape) if parts else np.zeros_like(x)
+    def _grouped_spmm(csr: PullCSR, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """out[i, q] = sum over row i's edges e of w[e, q] * x[column e, q] for each group q of the
+        leading feature axes the weights cover (per-head weights): one sparse product over the
+        (node, group) rows, reading x in place. ``w`` is in CSR order."""
+        groups = _width(w.shape[1:])
+        expanded = csr.expanded(groups)
+        xs = x.reshape((x.shape[0] * groups, _width(x.shape[1:]) // max(groups, 1)))
+        out = expanded.spmm(xs, expanded.ordered(w.reshape(-1) if w.size else w.reshape(0)))
+        return out.reshape(x.shape)
 
     @rule("gspmm")
     def _gspmm(self, ctx, v, x, w=None):
@@ -427,7 +518,7 @@ class NumpyBackend(Backend):
         elif w.ndim == 1:
             out = csr.spmm(x, csr.ordered(w))
         else:
-            out = self._per_group(x, csr.ordered(w), csr.spmm)
+            out = self._grouped_spmm(csr, x, csr.ordered(w))
         if kind == "mean":
             counts = np.maximum(np.diff(csr.indptr), 1).astype(x.dtype)
             out /= counts.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -449,7 +540,7 @@ class NumpyBackend(Backend):
         weights = scores - peak[csr.row_of_edge]
         np.exp(weights, out=weights)
         totals = np.add.reduceat(weights, starts, axis=0)
-        out = csr.spmm(x, weights) if weights.ndim == 1 else self._per_group(x, weights, csr.spmm)
+        out = csr.spmm(x, weights) if weights.ndim == 1 else self._grouped_spmm(csr, x, weights)
         out[rows] /= totals.reshape(totals.shape + (1,) * (x.ndim - totals.ndim))
         return out
 

@@ -146,11 +146,15 @@ def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | No
     """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph."""
     if not any(v.op in GRAPH_OPS for v in program.values) or graph.num_nodes == 0:
         return None
+    per_edge_by_dst = any(v.op in EDGE_ORDER_OPS and v.attr.get("by") == "dst" for v in program.values) or any(
+        v.op == "gspmm" and v.attr["by"] == "dst" and len(v.operands) == 2 for v in program.values)
+    return graph.cached(("layout", mode, per_edge_by_dst), lambda: _decide_layout(graph, mode, per_edge_by_dst))
+
+
+def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool) -> GraphLayout | None:
     nodes = graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode))
     reasons = [nodes.reason]
     edge_perm = None
-    per_edge_by_dst = any(v.op in EDGE_ORDER_OPS and v.attr.get("by") == "dst" for v in program.values) or any(
-        v.op == "gspmm" and v.attr["by"] == "dst" and len(v.operands) == 2 for v in program.values)
     if mode != "none" and per_edge_by_dst and graph.num_edges:
         def sorted_edges() -> np.ndarray | None:
             dst = graph.dst if nodes.order is None else nodes.order.inverse[graph.dst]
