@@ -54,10 +54,11 @@ def _known(dim: Dim, dims: dict[str, int]) -> int | None:
 
 @register
 class ReorderLinear(Pass):
-    """Move linear maps and destination-constant factors across sum/mean aggregations:
+    """Move linear maps and destination-constant factors across reductions:
     (sum(m) by dst) @ W -> sum(m @ W) by dst when W narrows the features (decided from the dims;
-    left for bind time when they are unknown), and sum(m * b[dst]) by dst -> b * sum(m) by dst
-    (likewise b[src] by src, v[batch] by graph, and division by such a factor)."""
+    left for bind time when they are unknown); sum(m * b[dst]) by dst -> b * sum(m) by dst
+    (likewise b[src] by src, v[batch] by graph, and division by such a factor); and a feature-axis
+    sum of (x @ W) * p becomes x @ (the same sum of W * p), computed once on the weight."""
 
     name = "reorder_linear"
 
@@ -93,7 +94,40 @@ class ReorderLinear(Pass):
                                    like=m)
             return None
 
-        result, _ = rewrite_to_fixpoint(program, {"matmul": [across_aggregation], "aggregate": [constant_factor]})
+        def reduce_into_weight(v: Value, rw: Rewriter) -> Value | None:
+            """sum((x @ W) * p, axis) -> x @ sum(W * p, axis + 1): the reduction happens once on the
+            weight instead of on every row (e.g. GAT's attention logits a . (x W))."""
+            if v.attr["reduce"] not in ("sum", "mean"):
+                return None
+            (m,) = v.operands
+            scale = None
+            if m.op == "mul":
+                a, b = m.operands
+                mm, scale = (a, b) if a.op == "matmul" else (b, a)
+                if mm.op != "matmul" or scale.type.domain is not Domain.PARAM:
+                    return None
+            elif m.op == "matmul":
+                mm = m
+            else:
+                return None
+            x, w = mm.operands
+            if x.type.rank != 1 or w.type.domain is not Domain.PARAM or x.type.domain is Domain.PARAM:
+                return None
+            if scale is not None and (scale.type.rank > w.type.rank - 1 or any(
+                    d not in (Dim(1), e) for d, e in zip(scale.type.shape, w.type.shape[1:]))):
+                return None
+            if scale is not None:
+                lifted = rw.emit("reshape", [scale], like=v,
+                                 declared=scale.type.with_(shape=(Dim(1),) + scale.type.shape))
+                w = rw.emit("mul", [w, lifted], like=v)
+            axis = v.attr["axis"] % mm.type.rank
+            folded = rw.emit("reduce", [w], {"reduce": v.attr["reduce"], "axis": axis + 1}, like=v)
+            decisions.append(f"{v.attr['reduce']} over an axis of (x @ W){' * p' if scale is not None else ''} "
+                             "folded into the weight")
+            return rw.emit("matmul", [x, folded], like=v)
+
+        result, _ = rewrite_to_fixpoint(program, {"matmul": [across_aggregation], "aggregate": [constant_factor],
+                                                  "reduce": [reduce_into_weight]})
         for text in dict.fromkeys(decisions):
             ctx.note(self.name, text)
         return result
