@@ -126,8 +126,21 @@ class ReorderLinear(Pass):
                              "folded into the weight")
             return rw.emit("matmul", [x, folded], like=v)
 
+        def common_factor(v: Value, rw: Rewriter) -> Value | None:
+            """a * n + b * n -> (a + b) * n: one multiplication pass instead of two."""
+            left, right = v.operands
+            if left.op != "mul" or right.op != "mul":
+                return None
+            for i in (0, 1):
+                for j in (0, 1):
+                    n, a, b = left.operands[i], left.operands[1 - i], right.operands[1 - j]
+                    if n is right.operands[j] and a.type == b.type == v.type:
+                        decisions.append("factored a common multiplier out of a sum")
+                        return rw.emit("mul", [rw.emit("add", [a, b], like=v), n], like=v)
+            return None
+
         result, _ = rewrite_to_fixpoint(program, {"matmul": [across_aggregation], "aggregate": [constant_factor],
-                                                  "reduce": [reduce_into_weight]})
+                                                  "reduce": [reduce_into_weight], "add": [common_factor]})
         for text in dict.fromkeys(decisions):
             ctx.note(self.name, text)
         return result
