@@ -40,8 +40,10 @@ class GraphLayout:
     edge_perm: np.ndarray | None
     reasons: tuple[str, ...]
 
-    def apply(self, graph: Graph, arrays: dict[str, np.ndarray], input_types: Mapping[str, TensorType]
-              ) -> tuple[Graph, dict[str, np.ndarray]]:
+    def apply(self, graph: Graph, arrays: dict[str, np.ndarray], input_types: Mapping[str, TensorType],
+              from_graph: frozenset[str] = frozenset()) -> tuple[Graph, dict[str, np.ndarray]]:
+        """The laid-out graph (built once per graph) and the inputs in its order; inputs named in
+        ``from_graph`` were read from the graph and are taken from its laid-out copy."""
         def build() -> Graph:
             edge_index = graph.edge_index
             node_data, edge_data = graph.node_data, graph.edge_data
@@ -58,7 +60,9 @@ class GraphLayout:
         moved = {}
         for name, array in arrays.items():
             domain = input_types[name].domain
-            if domain is Domain.NODE and self.nodes is not None:
+            if name in from_graph:
+                array = laid_out[name].astype(array.dtype, copy=False)
+            elif domain is Domain.NODE and self.nodes is not None:
                 array = array[self.nodes.perm]
             elif domain is Domain.EDGE and self.edge_perm is not None:
                 array = array[self.edge_perm]

@@ -248,7 +248,7 @@ class CompiledModel:
         layout = choose_layout(graph, program, self.layout) if self.optimize else None
         self.last_layout = layout
         if layout is not None:
-            graph, arrays = layout.apply(graph, arrays, self.input_types)
+            graph, arrays = layout.apply(graph, arrays, self.input_types, frozenset(set(arrays) - set(inputs)))
         outputs = self.backend.run(program, graph, arrays, self.params, dims, training=self.training)
         if layout is not None:
             outputs = layout.restore(outputs, {name: v.type for name, v in program.outputs})
