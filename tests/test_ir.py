@@ -39,8 +39,21 @@ def test_golden_ir(path):
     assert text == golden.read_text()
 
 
-def test_every_example_has_a_golden_file():
-    assert {p.stem for p in EXAMPLES} <= {p.stem for p in GOLDEN.glob("*.ir")}
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_golden_optimized_ir(path):
+    """`mpdsl compile --emit ir-opt` of each example (dims known at compile time; others symbolic)."""
+    text = print_program(verify(mpdsl.compile(path).optimized_ir))
+    golden = GOLDEN / f"{path.stem}.opt.ir"
+    if os.environ.get("MPDSL_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file for {path.name}: run with MPDSL_UPDATE_GOLDEN=1"
+    assert text == golden.read_text()
+
+
+def test_every_example_has_golden_files():
+    stems = {p.stem for p in EXAMPLES}
+    assert stems <= {p.name[:-3] for p in GOLDEN.glob("*.ir") if not p.name.endswith(".opt.ir")}
+    assert stems <= {p.name[:-7] for p in GOLDEN.glob("*.opt.ir")}
 
 
 def test_float64_programs_print_f64():
