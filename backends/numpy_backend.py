@@ -155,7 +155,7 @@ class PullCSR:
         bounds[0], bounds[-1] = 0, num_nodes
         self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         self._local_indptr = [self.indptr[a:b + 1] - self.indptr[a] for a, b in self.blocks]
-        self._ones: dict[np.dtype, np.ndarray] = {}
+        self._ones: dict = {}  # cached edge values: all ones per dtype, mean weights per dtype
         self._expanded: dict[int, PullCSR] = {}
 
     def expanded(self, groups: int) -> "PullCSR":
@@ -178,6 +178,14 @@ class PullCSR:
     def ordered(self, per_edge: np.ndarray) -> np.ndarray:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
         return per_edge if self.in_edge_order else per_edge[self.perm]
+
+    def mean_weights(self, dtype) -> np.ndarray:
+        """Per-edge 1 / (edge count of its row), in CSR order: an SpMM with these is a mean."""
+        key = ("mean", np.dtype(dtype))
+        if key not in self._ones:
+            counts = np.maximum(np.diff(self.indptr), 1)
+            self._ones[key] = np.repeat((1.0 / counts).astype(dtype), np.diff(self.indptr))
+        return self._ones[key]
 
     def ones(self, dtype) -> np.ndarray:
         key = np.dtype(dtype)
@@ -514,11 +522,9 @@ class NumpyBackend(Backend):
             ufunc = np.maximum if kind == "max" else np.minimum
             return csr.extreme(x, ufunc, None if w is None else csr.ordered(w))
         if w is None:
-            out = csr.spmm(x)
-        elif w.ndim == 1:
-            out = csr.spmm(x, csr.ordered(w))
-        else:
-            out = self._grouped_spmm(csr, x, csr.ordered(w))
+            # mean: the 1 / count of each row is the product's edge value (no division pass)
+            return csr.spmm(x, csr.mean_weights(x.dtype) if kind == "mean" else None)
+        out = csr.spmm(x, csr.ordered(w)) if w.ndim == 1 else self._grouped_spmm(csr, x, csr.ordered(w))
         if kind == "mean":
             counts = np.maximum(np.diff(csr.indptr), 1).astype(x.dtype)
             out /= counts.reshape((-1,) + (1,) * (x.ndim - 1))

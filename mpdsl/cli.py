@@ -147,7 +147,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
 
 
 def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
-    from mpdsl.plan import choose_layout, decide_node_order, report
+    from mpdsl.plan import choose_layout, decide_node_order, degree_balance, report
     from mpdsl.runtime import as_graph
 
     model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
@@ -164,6 +164,8 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
         layout = choose_layout(graph, program, args.layout) if graph is not None else None
         reasons = list(layout.reasons) if layout is not None else (
             [decide_node_order(graph, args.layout).reason] if graph is not None else [])
+        if graph is not None:
+            reasons.append(degree_balance(graph))
         unbound = sorted({s for v in model.ir.values for d in v.type.shape for s in d.symbols} - set(bound))
         if unbound:
             raise MpdslError(f"the plan needs the sizes of {', '.join(unbound)}, bound from the model's inputs",

@@ -173,6 +173,17 @@ def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool) -> GraphLayou
     return GraphLayout(nodes.order, edge_perm, tuple(reasons))
 
 
+def degree_balance(graph: Graph) -> str:
+    """How the CSR kernels split rows among workers, and why (degree bucketing for skew)."""
+    degrees = graph.in_degree()
+    if not len(degrees) or not graph.num_edges:
+        return "no edges: nothing to balance"
+    peak, mean = int(degrees.max()), float(degrees.mean())
+    skew = "skewed" if peak > 32 * max(mean, 1.0) else "even"
+    return (f"in-degrees {skew} (max {peak}, mean {mean:.1f}): CSR rows are split among workers in blocks of "
+            "equal edge count, not equal row count")
+
+
 # ---- cost report ------------------------------------------------------------------------------
 
 

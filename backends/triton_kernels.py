@@ -1,0 +1,557 @@
+"""Triton kernel generation for the graph ops of the mpdsl IR.
+
+A kernel is *generated*: its Python/Triton source text is assembled from the IR op's attributes
+(reduction, direction, layout) and its static shapes (feature width, weight groups, inner dims,
+dtype), so that every size is a literal in the source and every branch on an attribute is taken
+here, in the generator, not at run time in the kernel. A ``KernelSpec`` holds exactly what the
+source depends on; its hash names the kernel and keys the cache (``KERNELS``), which counts the
+compilations so that tests can check that equal ops share one kernel.
+
+Kernels (all deterministic except the COO ones, which use atomics):
+
+* ``SegmentReduce``: sum / mean / max / min / std over CSR segments (the edges into a node, out of
+  a node, or the nodes of a graph). With ``gather`` the value of a member edge is read at its
+  other endpoint (fused message-aggregate, g-SpMM), optionally scaled by an edge weight that is a
+  scalar or one per group of features (per-head weights); otherwise at the member row itself
+  (``aggregate``). One program per (block of segments, block of features); the segments are
+  visited in order of decreasing size, so the rows of one block have similar degrees.
+* ``SegmentSoftmax``: softmax over each segment (``softmax`` by dst / src / graph): an online
+  max-and-sum pass, then a normalising pass that writes every member row.
+* ``Attention``: fused edge softmax by destination and weighted sum of the source rows in ONE pass
+  over the edges with an online softmax (running max, running sum, rescaled accumulator), per
+  head (score groups).
+* ``TypedLinear``: relation-typed grouped matmul: tiles of (node, relation) pairs of one relation
+  times that relation's matrix.
+* ``CooGspmm`` / ``CooAttention``: COO layout, one program per block of edges, accumulation with
+  atomics into scratch buffers, then a finishing kernel that writes every output element.
+
+This module imports neither torch nor triton at import time: ``generate`` only builds text, and
+``KERNELS.get`` imports triton when it compiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import linecache
+import os
+import threading
+from dataclasses import dataclass, fields
+from typing import Any
+
+STORE = {"f32": "tl.float32", "f16": "tl.float16", "f64": "tl.float64"}
+ACCUMULATE = {"f32": "tl.float32", "f16": "tl.float32", "f64": "tl.float64"}
+NEG_SENTINEL = "-3.0e38"  # the running max of an online softmax before any edge (finite: no inf - inf)
+
+HEADER = "import triton\nimport triton.language as tl\n"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+# ---- specs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a kernel's source depends on (and nothing else): the fused op and its static shapes."""
+
+    kind = "kernel"
+
+    @property
+    def key(self) -> str:
+        text = self.kind + repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        return f"mpdsl_{self.kind}_{self.key}"
+
+    def functions(self) -> tuple[str, ...]:
+        """Names of the @triton.jit functions the source defines, in launch order."""
+        return (self.name,)
+
+
+@dataclass(frozen=True)
+class SegmentReduce(KernelSpec):
+    """out[s, f] = reduce over the members m of segment s of value(m)[f].
+
+    ``gather``: value(m) = w[m, f // (width // groups)] * x[cols[m], f] (g-SpMM; ``groups`` 0 means no
+    weight); otherwise value(m) = x[m, f]."""
+
+    op: str          # "gspmm" or "aggregate" (naming only)
+    reduce: str      # sum mean max min std
+    gather: bool
+    width: int       # feature elements per row (the flattened feature shape)
+    groups: int      # weight groups: 0 none, 1 a scalar per edge, G one per group of width // G features
+    dtype: str       # f32 f16 f64
+
+    @property
+    def kind(self) -> str:
+        return f"{self.op}_{self.reduce}"
+
+
+@dataclass(frozen=True)
+class SegmentSoftmax(KernelSpec):
+    """out[m, f] = softmax of x[., f] over the members of m's segment."""
+
+    width: int
+    dtype: str
+    kind = "softmax"
+
+
+@dataclass(frozen=True)
+class Attention(KernelSpec):
+    """out[i, f] = sum over members e of i of softmax_i(score[., f // K])[e] * x[cols[e], f] (K = width // groups)."""
+
+    width: int
+    groups: int
+    dtype: str
+    kind = "attention"
+
+
+@dataclass(frozen=True)
+class TypedLinear(KernelSpec):
+    """compact[r_out, :] = h[r_in, :] @ W[rel] for tiles of rows that share the relation rel."""
+
+    inner: int       # D: contracted dim
+    width: int       # B: output columns per row
+    dtype: str
+    kind = "typed_linear"
+
+
+@dataclass(frozen=True)
+class CooGspmm(KernelSpec):
+    """gspmm over a COO edge list: atomics into a scratch accumulator, then a finishing kernel."""
+
+    reduce: str
+    width: int
+    groups: int
+    dtype: str
+
+    @property
+    def kind(self) -> str:
+        return f"gspmm_coo_{self.reduce}"
+
+    def functions(self) -> tuple[str, ...]:
+        return (f"{self.name}_scatter", f"{self.name}_finish")
+
+
+@dataclass(frozen=True)
+class CooAttention(KernelSpec):
+    """attention over a COO edge list: atomic max of the scores, atomic sums of the exponentials
+    and the weighted rows, then a finishing kernel that divides."""
+
+    width: int
+    groups: int
+    dtype: str
+    kind = "attention_coo"
+
+    def functions(self) -> tuple[str, ...]:
+        return (f"{self.name}_peak", f"{self.name}_scatter", f"{self.name}_finish")
+
+
+# ---- source building ------------------------------------------------------------------------
+
+
+class _Code:
+    """Lines of source with an indentation level."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.level = 0
+
+    def __call__(self, *lines: str) -> "_Code":
+        for line in lines:
+            self.lines.append("    " * self.level + line if line else "")
+        return self
+
+    @contextlib.contextmanager
+    def block(self, header: str):
+        self(header)
+        self.level += 1
+        try:
+            yield
+        finally:
+            self.level -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _signature(code: _Code, name: str, args: list[str], blocks: list[str], doc: str):
+    code("@triton.jit")
+    params = ", ".join(args + [f"{b}: tl.constexpr" for b in blocks])
+    return code.block(f"def {name}({params}):"), doc
+
+
+def _def(code: _Code, name: str, args: list[str], blocks: list[str], doc: str):
+    code("@triton.jit")
+    params = ", ".join(args + [f"{b}: tl.constexpr" for b in blocks])
+    cm = code.block(f"def {name}({params}):")
+    return cm, doc
+
+
+def _group_index(base: str, groups: int, width: int) -> str:
+    """Index of the per-(row, group) element for feature lanes ``feat`` (groups of width // groups)."""
+    per = width // groups
+    if groups == 1:
+        return f"{base}[:, None] + feat[None, :] * 0"
+    if per == 1:
+        return f"{base}[:, None] * {groups} + feat[None, :]"
+    return f"{base}[:, None] * {groups} + feat[None, :] // {per}"
+
+
+def _segment_prologue(code: _Code, width: int) -> None:
+    code("pid_r = tl.program_id(0)",
+         "pid_f = tl.program_id(1)",
+         "slot = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)",
+         "row_ok = slot < n_rows",
+         "row = tl.load(order + slot, mask=row_ok, other=0).to(tl.int64)  # segments by decreasing size",
+         "feat = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)",
+         f"feat_ok = feat < {width}",
+         "out_ok = row_ok[:, None] & feat_ok[None, :]",
+         "start = tl.load(indptr + row, mask=row_ok, other=0).to(tl.int64)",
+         "count = tl.load(indptr + row + 1, mask=row_ok, other=0).to(tl.int64) - start",
+         "longest = tl.max(count, axis=0)")
+
+
+def _member_loads(code: _Code, *, gather: bool, need_member: bool, width: int, acc: str,
+                  other: str = "0.0") -> None:
+    """Inside the loop over member position i: ``live``, ``ok``, ``member`` (the edge / node id
+    of the member), ``node`` (gather: the endpoint the value is read at) and ``val``."""
+    code("live = i < count",
+         "ok = live[:, None] & feat_ok[None, :]")
+    if need_member:
+        code("member = tl.load(perm + start + i, mask=live, other=0).to(tl.int64)")
+    read = "member"
+    if gather:
+        code("node = tl.load(cols + start + i, mask=live, other=0).to(tl.int64)")
+        read = "node"
+    code(f"val = tl.load(x + {read}[:, None] * {width} + feat[None, :], mask=ok, other={other}).to({acc})")
+
+
+def _weight_line(code: _Code, groups: int, width: int, acc: str) -> None:
+    if groups == 1:
+        code(f"val = val * tl.load(w + member, mask=live, other=0.0).to({acc})[:, None]")
+    else:
+        code(f"val = val * tl.load(w + {_group_index('member', groups, width)}, mask=ok, other=0.0).to({acc})")
+
+
+def _store_rows(code: _Code, width: int, value: str, store: str) -> None:
+    code(f"tl.store(out + row[:, None] * {width} + feat[None, :], {value}.to({store}), mask=out_ok)")
+
+
+def _gen_segment_reduce(spec: SegmentReduce) -> str:
+    F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    args = ["indptr", "order", "perm"] + (["cols"] if spec.gather else []) + ["x"] + (["w"] if G else []) + \
+        ["out", "n_rows"]
+    if spec.gather:
+        term = "x[cols[e], f]" if not G else (
+            "w[e] * x[cols[e], f]" if G == 1 else f"w[e, f // {F // G}] * x[cols[e], f]")
+    else:
+        term = "x[e, f]"
+    what = {"sum": "sum", "mean": "mean (sum / max(count, 1))", "max": "max (0 if empty)",
+            "min": "min (0 if empty)", "std": "population std, two passes (0 if empty)"}[spec.reduce]
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}({', '.join(args)}, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):"):
+        code(f'"""out[s, f] = {what} over the members e of segment s of {term}; {F} features, '
+             f'{acc} accumulation."""')
+        _segment_prologue(code, F)
+        init = {"max": 'float("-inf")', "min": 'float("inf")'}.get(spec.reduce)
+        if init:
+            code(f"acc = tl.full([BLOCK_R, BLOCK_F], {init}, dtype={acc})")
+        else:
+            code(f"acc = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})")
+        with code.block("for i in range(0, longest):"):
+            _member_loads(code, gather=spec.gather, need_member=bool(G) or not spec.gather, width=F, acc=acc)
+            if G:
+                _weight_line(code, G, F, acc)
+            if spec.reduce in ("max", "min"):
+                fn = "tl.maximum" if spec.reduce == "max" else "tl.minimum"
+                code(f"acc = tl.where(ok, {fn}(acc, val), acc)")
+            else:
+                code("acc += val")
+        if spec.reduce == "sum":
+            result = "acc"
+        elif spec.reduce in ("mean", "std"):
+            code(f"size = tl.maximum(count, 1).to({acc})[:, None]",
+                 "mean = acc / size")
+            result = "mean"
+            if spec.reduce == "std":
+                code(f"sq = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})")
+                with code.block("for i in range(0, longest):"):
+                    _member_loads(code, gather=spec.gather, need_member=bool(G) or not spec.gather, width=F,
+                                  acc=acc)
+                    if G:
+                        _weight_line(code, G, F, acc)
+                    code("dev = tl.where(ok, val - mean, 0.0)",
+                         "sq += dev * dev")
+                code("std = tl.sqrt(sq / size)")
+                result = "std"
+        else:
+            code("acc = tl.where(count[:, None] > 0, acc, 0.0)")
+            result = "acc"
+        _store_rows(code, F, result, store)
+    return code.text()
+
+
+def _gen_segment_softmax(spec: SegmentSoftmax) -> str:
+    F, acc, store = spec.width, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}(indptr, order, perm, x, out, n_rows, BLOCK_R: tl.constexpr, "
+                    "BLOCK_F: tl.constexpr):"):
+        code(f'"""out[e, f] = exp(x[e, f] - max) / sum over the members of e\'s segment (per feature); '
+             f'{F} features: an online max-and-sum pass, then a pass that writes every member."""')
+        _segment_prologue(code, F)
+        code(f"peak = tl.full([BLOCK_R, BLOCK_F], {NEG_SENTINEL}, dtype={acc})",
+             f"total = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})")
+        with code.block("for i in range(0, longest):"):
+            _member_loads(code, gather=False, need_member=True, width=F, acc=acc)
+            code("val = tl.where(ok, val, peak)",
+                 "new_peak = tl.maximum(peak, val)",
+                 "total = tl.where(ok, total * tl.exp(peak - new_peak) + tl.exp(val - new_peak), total)",
+                 "peak = new_peak")
+        code("total = tl.where(total > 0, total, 1.0)")
+        with code.block("for i in range(0, longest):"):
+            _member_loads(code, gather=False, need_member=True, width=F, acc=acc)
+            code(f"tl.store(out + member[:, None] * {F} + feat[None, :], "
+                 f"(tl.exp(val - peak) / total).to({store}), mask=ok)")
+    return code.text()
+
+
+def _gen_attention(spec: Attention) -> str:
+    F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}(indptr, order, perm, cols, score, x, out, n_rows, "
+                    "BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):"):
+        code(f'"""out[i, f] = sum over edges e of i of softmax_i(score)[e, f // {F // G}] * x[cols[e], f]; '
+             f'{G} score group(s) of {F // G} features, one pass with an online softmax."""')
+        _segment_prologue(code, F)
+        code(f"peak = tl.full([BLOCK_R, BLOCK_F], {NEG_SENTINEL}, dtype={acc})  # running max",
+             f"total = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})  # running sum of exp(score - peak)",
+             f"acc = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})  # running sum of exp(score - peak) * x")
+        with code.block("for i in range(0, longest):"):
+            _member_loads(code, gather=True, need_member=True, width=F, acc=acc)
+            code(f"s = tl.load(score + {_group_index('member', G, F)}, mask=ok, other=0.0).to({acc})",
+                 "s = tl.where(ok, s, peak)",
+                 "new_peak = tl.maximum(peak, s)",
+                 "scale = tl.exp(peak - new_peak)",
+                 "p = tl.exp(s - new_peak)",
+                 "total = tl.where(ok, total * scale + p, total)",
+                 "acc = tl.where(ok, acc * scale + p * val, acc)",
+                 "peak = new_peak")
+        code("result = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0), 0.0)")
+        _store_rows(code, F, "result", store)
+    return code.text()
+
+
+def _gen_typed_linear(spec: TypedLinear) -> str:
+    D, B, acc, store = spec.inner, spec.width, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}(tile_rel, tile_lo, tile_hi, rows_in, rows_out, h, w, out, "
+                    "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):"):
+        code(f'"""out[rows_out[m]] = h[rows_in[m]] @ W[rel] for the rows m of one tile, all of relation rel; '
+             f'W[rel] is [{D}, {B}]."""')
+        code("tile = tl.program_id(0)",
+             "pid_n = tl.program_id(1)",
+             "rel = tl.load(tile_rel + tile).to(tl.int64)",
+             "lo = tl.load(tile_lo + tile)",
+             "hi = tl.load(tile_hi + tile)",
+             "m = lo + tl.arange(0, BLOCK_M)",
+             "m_ok = m < hi",
+             "row_in = tl.load(rows_in + m, mask=m_ok, other=0).to(tl.int64)",
+             "row_out = tl.load(rows_out + m, mask=m_ok, other=0).to(tl.int64)",
+             "n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+             f"n_ok = n < {B}",
+             f"acc = tl.zeros([BLOCK_M, BLOCK_N], dtype={acc})")
+        with code.block(f"for k0 in range(0, {D}, BLOCK_K):"):
+            code("k = k0 + tl.arange(0, BLOCK_K)",
+                 f"k_ok = k < {D}",
+                 f"a = tl.load(h + row_in[:, None] * {D} + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)",
+                 f"b = tl.load(w + rel * {D * B} + k[:, None] * {B} + n[None, :], mask=k_ok[:, None] & n_ok[None, :], "
+                 "other=0.0)")
+            if spec.dtype == "f64":
+                code("acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)")
+            elif spec.dtype == "f32":
+                code('acc = tl.dot(a, b, acc, input_precision="ieee")')
+            else:
+                code("acc = tl.dot(a, b, acc)  # f16 operands, f32 accumulation")
+        code(f"tl.store(out + row_out[:, None] * {B} + n[None, :], acc.to({store}), "
+             "mask=m_ok[:, None] & n_ok[None, :])")
+    return code.text()
+
+
+def _coo_prologue(code: _Code, width: int) -> None:
+    code("pid_e = tl.program_id(0)",
+         "pid_f = tl.program_id(1)",
+         "edge = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)",
+         "live = edge < n_edges",
+         "feat = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)",
+         f"feat_ok = feat < {width}",
+         "ok = live[:, None] & feat_ok[None, :]",
+         "member = edge.to(tl.int64)",
+         "target = tl.load(write + edge, mask=live, other=0).to(tl.int64)")
+
+
+def _finish_prologue(code: _Code, width: int) -> None:
+    code("pid_r = tl.program_id(0)",
+         "pid_f = tl.program_id(1)",
+         "row = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)",
+         "row_ok = row < n_rows",
+         "feat = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)",
+         f"feat_ok = feat < {width}",
+         "out_ok = row_ok[:, None] & feat_ok[None, :]")
+
+
+def _gen_coo_gspmm(spec: CooGspmm) -> str:
+    F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    scatter, finish = spec.functions()
+    atomic = {"max": "tl.atomic_max", "min": "tl.atomic_min"}.get(spec.reduce, "tl.atomic_add")
+    code = _Code()
+    code("@triton.jit")
+    args = ["read", "write", "x"] + (["w"] if G else []) + ["acc", "n_edges"]
+    with code.block(f"def {scatter}({', '.join(args)}, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):"):
+        code(f'"""COO: {atomic}(acc[write[e], f], value of edge e) for a block of edges; {F} features."""')
+        _coo_prologue(code, F)
+        code("node = tl.load(read + edge, mask=live, other=0).to(tl.int64)",
+             f"val = tl.load(x + node[:, None] * {F} + feat[None, :], mask=ok, other=0.0).to({acc})")
+        if G:
+            _weight_line(code, G, F, acc)
+        code(f"{atomic}(acc + target[:, None] * {F} + feat[None, :], val, mask=ok)")
+    code("")
+    code("")
+    code("@triton.jit")
+    with code.block(f"def {finish}(acc, count, out, n_rows, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):"):
+        code(f'"""Writes every output element: the {spec.reduce} from the accumulator (0 for rows without edges)."""')
+        _finish_prologue(code, F)
+        code(f"value = tl.load(acc + row[:, None] * {F} + feat[None, :], mask=out_ok, other=0.0)",
+             "n = tl.load(count + row, mask=row_ok, other=0)")
+        if spec.reduce == "mean":
+            code(f"value = value / tl.maximum(n, 1).to({acc})[:, None]")
+        elif spec.reduce in ("max", "min"):
+            code("value = tl.where(n[:, None] > 0, value, 0.0)")
+        _store_rows(code, F, "value", store)
+    return code.text()
+
+
+def _gen_coo_attention(spec: CooAttention) -> str:
+    F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    K = F // G
+    peak_fn, scatter, finish = spec.functions()
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {peak_fn}(write, score, peak, n_edges, BLOCK_E: tl.constexpr):"):
+        code(f'"""COO: peak[write[e], g] = max of the scores of the edges into each node, per group ({G})."""')
+        code("edge = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)",
+             "live = edge < n_edges",
+             f"grp = tl.arange(0, {next_pow2(G)})",
+             f"ok = live[:, None] & (grp < {G})[None, :]",
+             "target = tl.load(write + edge, mask=live, other=0).to(tl.int64)",
+             f"s = tl.load(score + edge.to(tl.int64)[:, None] * {G} + grp[None, :], mask=ok, other=0.0).to({acc})",
+             f"tl.atomic_max(peak + target[:, None] * {G} + grp[None, :], s, mask=ok)")
+    code("")
+    code("")
+    code("@triton.jit")
+    with code.block(f"def {scatter}(read, write, score, peak, x, denom, acc, n_edges, BLOCK_E: tl.constexpr, "
+                    "BLOCK_F: tl.constexpr):"):
+        code('"""COO: p = exp(score - peak); denom[write[e], g] += p (once per group); '
+             'acc[write[e], f] += p * x[read[e], f]."""')
+        _coo_prologue(code, F)
+        code("node = tl.load(read + edge, mask=live, other=0).to(tl.int64)",
+             f"s = tl.load(score + {_group_index('member', G, F)}, mask=ok, other=0.0).to({acc})",
+             f"top = tl.load(peak + {_group_index('target', G, F)}, mask=ok, other=0.0)",
+             "p = tl.where(ok, tl.exp(s - top), 0.0)",
+             f"val = tl.load(x + node[:, None] * {F} + feat[None, :], mask=ok, other=0.0).to({acc})",
+             f"tl.atomic_add(denom + {_group_index('target', G, F)}, p, mask=ok & (feat[None, :] % {K} == 0))",
+             f"tl.atomic_add(acc + target[:, None] * {F} + feat[None, :], p * val, mask=ok)")
+    code("")
+    code("")
+    code("@triton.jit")
+    with code.block(f"def {finish}(denom, acc, out, n_rows, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):"):
+        code('"""Writes every output element: acc / denom (0 for rows without edges)."""')
+        _finish_prologue(code, F)
+        code(f"value = tl.load(acc + row[:, None] * {F} + feat[None, :], mask=out_ok, other=0.0)",
+             f"d = tl.load(denom + {_group_index('row', G, F)}, mask=out_ok, other=0.0)",
+             "value = tl.where(d > 0, value / tl.where(d > 0, d, 1.0), 0.0)")
+        _store_rows(code, F, "value", store)
+    return code.text()
+
+
+_GENERATORS = {SegmentReduce: _gen_segment_reduce, SegmentSoftmax: _gen_segment_softmax, Attention: _gen_attention,
+               TypedLinear: _gen_typed_linear, CooGspmm: _gen_coo_gspmm, CooAttention: _gen_coo_attention}
+
+
+def generate(spec: KernelSpec) -> str:
+    """The source text of the kernel(s) of ``spec`` (without the module header)."""
+    return _GENERATORS[type(spec)](spec)
+
+
+# ---- compilation cache ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _interpreter(on: bool):
+    """Triton decides at decoration time whether a function runs in its interpreter; kernels are
+    decorated here, lazily, so an explicit interpreter request only needs to hold while they are."""
+    if not on or os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+class KernelCache:
+    """Generated kernels by hash. ``sources`` maps a spec's key to its text; ``compilations``
+    counts the sources turned into Triton functions (one per key and interpreter mode)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, str] = {}
+        self._compiled: dict[tuple[str, bool], dict[str, Any]] = {}
+        self.compilations = 0
+        self._lock = threading.Lock()
+
+    def source(self, spec: KernelSpec) -> str:
+        key = spec.key
+        if key not in self.sources:
+            self.sources[key] = generate(spec)
+        return self.sources[key]
+
+    def get(self, spec: KernelSpec, interpret: bool) -> dict[str, Any]:
+        """The jit functions of ``spec`` by name (compiled on first use)."""
+        cache_key = (spec.key, interpret)
+        found = self._compiled.get(cache_key)
+        if found is not None:
+            return found
+        with self._lock:
+            if cache_key not in self._compiled:
+                text = HEADER + "\n\n" + self.source(spec)
+                filename = f"<mpdsl-triton {spec.name}{' interpreted' if interpret else ''}>"
+                # Triton reads a kernel's source with inspect.getsourcelines: register it with linecache.
+                linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+                namespace: dict[str, Any] = {"__name__": f"mpdsl_triton_{spec.key}"}
+                with _interpreter(interpret):
+                    exec(compile(text, filename, "exec"), namespace)  # noqa: S102 - our own generated source
+                self._compiled[cache_key] = {name: namespace[name] for name in spec.functions()}
+                self.compilations += 1
+        return self._compiled[cache_key]
+
+    def clear(self) -> None:
+        self.sources.clear()
+        self._compiled.clear()
+        self.compilations = 0
+
+
+KERNELS = KernelCache()

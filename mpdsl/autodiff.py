@@ -1,0 +1,818 @@
+"""Reverse-mode differentiation on the IR.
+
+``grad_program(program, wrt=[...])`` builds a new, verified IR program that computes the gradients of
+a program's outputs, JAX-style: ``ADJOINTS`` maps each op name to a rule that, given a value, the
+cotangent of its result and a builder, emits the IR ops computing the cotangents of its operands
+(vector-Jacobian products). Ops whose results carry no gradient are listed, with the reason, in
+``NOT_DIFFERENTIABLE``; every op of ``mpdsl.ops.OPS`` must be in one table or the other
+(``missing_adjoints()``).
+
+The gradient program's inputs are the forward program's inputs and parameters plus one cotangent
+per differentiated output (``input`` ``d_<output>``, or a ``param`` for a param-domain output); its
+outputs are ``d_<param>`` for every parameter in ``wrt`` (then ``d_<input>`` for the inputs asked
+for). It recomputes the forward values it needs (they are the forward program's own values, shared),
+so it is best built from the reference IR and then optimized like any program: the passes fuse the
+backward graph ops too (the transpose of a gather by src is a sum by src, which becomes a g-SpMM).
+
+Rules worth knowing:
+
+* graph movement: ``gather by src`` <-> ``sum by src`` (likewise dst; ``batch`` <-> ``by graph``);
+  ``mean`` divides by max(count, 1) before gathering; ``max``/``min`` route the cotangent to the
+  elements equal to the result, split evenly among ties (as torch's amax/scatter_reduce);
+  segment ``softmax``: y * (g - sum(y * g) [gathered]).
+* elementwise ops un-broadcast: a param operand's cotangent is summed over rows (``contract_rows``)
+  and over broadcast feature axes; ``maximum``/``minimum`` split ties in half (as torch).
+* ``matmul``: the left cotangent is g @ b^T (a matmul), a param right operand gets
+  sum over rows of a^T g (``contract_rows``, one BLAS product).
+* ``take`` (W[etype]): the cotangent is scattered back per type with one_hot(etype) contracted
+  against it over the rows.
+* ``dropout`` is differentiated with inference semantics (identity). For training, first replace each
+  dropout by a multiplication with a mask input (``mask_dropout``) so that the forward and backward
+  programs use the same mask.
+* fused ops (``gspmm``, ``attention``, ``typed_linear``) are differentiated by emitting their
+  unfused definition and differentiating that.
+
+Some adjoints need ops the language does not expose. They are defined here (type rule, contract and
+NumPy rule) and registered into ``mpdsl.ops.OPS`` and the NumPy backend when this module is imported:
+``gt``, ``eq`` (float 0/1 comparisons), ``contract_rows`` (einsum that also sums the row axis: a param
+result), ``broadcast`` (expand to a declared type), ``slice`` and ``pad`` (a feature-axis range and
+its transpose).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from mpdsl.diagnostics import CompileError
+from mpdsl.ir import Program, Value, make_value, verify
+from mpdsl.ops import (BINARY_OPS, OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, _normalize_axis, _require_float, op,
+                       parse_subscripts)
+from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
+from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, broadcast_shapes, join_domains
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+OPPOSITE = {"src": "dst", "dst": "src"}
+GATHER_FOR = {"src": "src", "dst": "dst", "graph": "batch"}      # aggregate by -> gather index
+AGGREGATE_FOR = {"src": "src", "dst": "dst", "batch": "graph"}   # gather index -> aggregate by
+
+
+# =====================================================================================================
+# Ops used by the adjoints (to be moved into mpdsl/ops.py; NumPy rules into backends/numpy_backend.py)
+# =====================================================================================================
+
+EXTRA_OPS = ("gt", "eq", "contract_rows", "broadcast", "slice", "pad")
+
+
+def _comparison_rule(name: str, symbol: str):
+    def rule(types, attrs, declared):
+        for i, t in enumerate(types):
+            _require_float(t, f"'{name}'", i)
+        domain = join_domains(types, f"'{name}'")
+        return TensorType(domain, broadcast_shapes([t.shape for t in types], f"'{name}'"), types[0].dtype)
+
+    rule.__doc__ = (f"Elementwise comparison: 1.0 where a {symbol} b, else 0.0 (float), with the broadcasting "
+                    "of binary ops. Piecewise constant: no gradient.")
+    return rule
+
+
+def _register_extra_ops() -> None:
+    if "contract_rows" in OPS:
+        return
+    op("gt", 2)(_comparison_rule("gt", ">"))
+    op("eq", 2)(_comparison_rule("eq", "=="))
+
+    @op("contract_rows", None, {"spec": str})
+    def _contract_rows(types, attrs, declared):
+        """Einstein summation like einsum (letters name feature axes) that also sums the implicit row
+        axis shared by the non-param operands, e.g. "k,m->km" on two node values is sum over nodes of
+        their outer products: the result is a param value. At least one operand has rows."""
+        inputs, out = parse_subscripts(attrs["spec"])
+        if len(inputs) != len(types):
+            raise TypeRuleError(f"contract_rows subscripts {attrs['spec']!r} name {len(inputs)} operand(s), "
+                                f"got {len(types)}")
+        sizes: dict[str, Dim] = {}
+        for i, (term, t) in enumerate(zip(inputs, types)):
+            _require_float(t, "contract_rows", i)
+            if len(term) != t.rank:
+                raise TypeRuleError(f"contract_rows term {term!r} has {len(term)} letters but operand {i + 1} "
+                                    f"is {t}", "one letter per feature axis", i)
+            for letter, dim in zip(term, t.shape):
+                if sizes.setdefault(letter, dim) != dim:
+                    raise TypeRuleError(f"contract_rows axis {letter!r} is {sizes[letter]} in one operand and "
+                                        f"{dim} in another", operand=i)
+        if len(set(out)) != len(out) or not set(out) <= set(sizes):
+            raise TypeRuleError(f"contract_rows output {out!r} must use distinct letters from the inputs")
+        if join_domains(types, "contract_rows") is Domain.PARAM:
+            raise TypeRuleError("contract_rows sums over rows: at least one operand must be a node, edge or "
+                                "graph value", "use einsum on param values")
+        return TensorType(Domain.PARAM, tuple(sizes[c] for c in out), types[0].dtype)
+
+    @op("broadcast", 1, declared=True)
+    def _broadcast(types, attrs, declared):
+        """Expand to the declared type: feature axes of size 1 (and missing trailing axes) are repeated,
+        shapes aligned from the left; a param value may be repeated over the rows of a node, edge or
+        graph domain."""
+        (t,) = types
+        if declared is None:
+            raise TypeRuleError("broadcast needs a declared type")
+        _require_float(t, "broadcast")
+        if t.domain is not declared.domain and t.domain is not Domain.PARAM:
+            raise TypeRuleError(f"cannot broadcast {t} to {declared}: different rows")
+        if t.rank > declared.rank or broadcast_shapes([t.shape, declared.shape], "broadcast") != declared.shape:
+            raise TypeRuleError(f"cannot broadcast {t} to {declared}")
+        if t.dtype != declared.dtype:
+            raise TypeRuleError(f"broadcast keeps the dtype: {t} to {declared}")
+        return declared
+
+    def _static_axis(t: TensorType, axis: int, what: str) -> tuple[int, int]:
+        if t.rank < 1:
+            raise TypeRuleError(f"{what} needs a feature axis, got {t}")
+        axis = _normalize_axis(axis, t.rank, what)
+        size = t.shape[axis]
+        if not size.is_static:
+            raise TypeRuleError(f"{what} along an axis of symbolic size {size}", "bind the dims first")
+        return axis, size.value
+
+    @op("slice", 1, {"axis": int, "start": int, "stop": int})
+    def _slice(types, attrs, declared):
+        """Elements start..stop-1 of one feature axis (of static size)."""
+        (t,) = types
+        axis, size = _static_axis(t, attrs["axis"], "slice")
+        start, stop = attrs["start"], attrs["stop"]
+        if not 0 <= start <= stop <= size:
+            raise TypeRuleError(f"slice {start}:{stop} is out of range for an axis of size {size}")
+        return t.with_(shape=t.shape[:axis] + (Dim(stop - start),) + t.shape[axis + 1:])
+
+    @op("pad", 1, {"axis": int, "before": int, "after": int})
+    def _pad(types, attrs, declared):
+        """Zero-pad one feature axis (of static size) with ``before`` and ``after`` elements (the
+        transpose of slice)."""
+        (t,) = types
+        _require_float(t, "pad")
+        axis, size = _static_axis(t, attrs["axis"], "pad")
+        if attrs["before"] < 0 or attrs["after"] < 0:
+            raise TypeRuleError("pad widths are not negative")
+        return t.with_(shape=t.shape[:axis] + (Dim(size + attrs["before"] + attrs["after"]),) + t.shape[axis + 1:])
+
+    _register_numpy_rules()
+
+
+def _register_numpy_rules() -> None:
+    from mpdsl.backends.numpy_backend import NumpyBackend, _expand  # the reference backend
+
+    def feature_axis(v: Value, axis: int) -> int:
+        t = v.operands[0].type
+        axis %= t.rank
+        return axis if t.domain is Domain.PARAM else axis + 1
+
+    def compare(ufunc):
+        def run(self, ctx, v, a, b):
+            ta, tb = (o.type for o in v.operands)
+            return ufunc(_expand(a, ta, v.type), _expand(b, tb, v.type)).astype(ctx.float_dtype)
+        return run
+
+    def contract_rows(self, ctx, v, *xs):
+        inputs, out = v.attr["spec"].split("->")
+        terms = [("" if o.type.domain is Domain.PARAM else "R") + term.strip()
+                 for term, o in zip(inputs.split(","), v.operands)]
+        result = np.einsum(f"{','.join(terms)}->{out.strip()}", *xs, optimize=True)
+        return np.asarray(result, dtype=ctx.float_dtype)
+
+    def broadcast(self, ctx, v, x):
+        shape = ctx.concrete_shape(v.type)
+        if v.type.domain is Domain.PARAM:
+            full = shape
+            arr = x.reshape(x.shape + (1,) * (len(shape) - x.ndim))
+        else:
+            g = ctx.graph
+            rows = {Domain.NODE: g.num_nodes, Domain.EDGE: g.num_edges, Domain.GRAPH: g.num_graphs}[v.type.domain]
+            full = (rows,) + shape
+            arr = _expand(x, v.operands[0].type, v.type)
+        return np.array(np.broadcast_to(arr, full), dtype=ctx.float_dtype)
+
+    def slice_(self, ctx, v, x):
+        axis = feature_axis(v, v.attr["axis"])
+        index = (slice(None),) * axis + (slice(v.attr["start"], v.attr["stop"]),)
+        return np.ascontiguousarray(x[index])
+
+    def pad(self, ctx, v, x):
+        axis = feature_axis(v, v.attr["axis"])
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (v.attr["before"], v.attr["after"])
+        return np.pad(x, widths)
+
+    for name, fn in (("gt", compare(np.greater)), ("eq", compare(np.equal)), ("contract_rows", contract_rows),
+                     ("broadcast", broadcast), ("slice", slice_), ("pad", pad)):
+        NumpyBackend.rules.setdefault(name, fn)
+
+
+_register_extra_ops()
+
+
+# =====================================================================================================
+# The builder and helpers the rules emit through
+# =====================================================================================================
+
+
+class GradBuilder(Rewriter):
+    """A Rewriter whose emitted values carry the span of the value being differentiated (``like``),
+    with shorthands for the ops the rules use."""
+
+    def __init__(self, dtype: str):
+        super().__init__()
+        self.dtype = dtype
+        self.like: Value | None = None
+
+    def emit(self, op: str, operands, attrs: dict | None = None, like: Value | None = None,
+             declared: TensorType | None = None) -> Value:
+        try:
+            return super().emit(op, list(operands), attrs, like if like is not None else self.like, declared)
+        except TypeRuleError as err:
+            raise AssertionError(f"adjoint of {self.like!r} built an ill-typed {op}: {err.message}") from None
+
+    def c(self, value: float) -> Value:
+        return self.const(value, self.dtype, like=self.like)
+
+    def binary(self, op: str, a: Value | float, b: Value | float) -> Value:
+        a = self.c(a) if not isinstance(a, Value) else a
+        b = self.c(b) if not isinstance(b, Value) else b
+        return self.emit(op, [a, b])
+
+    def add(self, a, b): return self.binary("add", a, b)
+    def sub(self, a, b): return self.binary("sub", a, b)
+    def mul(self, a, b): return self.binary("mul", a, b)
+    def div(self, a, b): return self.binary("div", a, b)
+    def gt(self, a, b): return self.binary("gt", a, b)
+    def eq(self, a, b): return self.binary("eq", a, b)
+    def maximum(self, a, b): return self.binary("maximum", a, b)
+    def minimum(self, a, b): return self.binary("minimum", a, b)
+
+    def unary(self, op: str, x: Value, **attrs) -> Value:
+        return self.emit(op, [x], attrs)
+
+    def neg(self, x): return self.unary("neg", x)
+
+    def reshape(self, x: Value, shape: Sequence[Dim]) -> Value:
+        shape = tuple(shape)
+        if x.type.shape == shape:
+            return x
+        return self.emit("reshape", [x], declared=x.type.with_(shape=shape))
+
+    def broadcast(self, x: Value, t: TensorType) -> Value:
+        if x.type == t:
+            return x
+        return self.emit("broadcast", [x], declared=t)
+
+    def gather(self, x: Value, index: str) -> Value:
+        return self.emit("gather", [x], {"index": index})
+
+    def aggregate(self, x: Value, reduce: str, by: str) -> Value:
+        return self.emit("aggregate", [x], {"reduce": reduce, "by": by})
+
+    def reduce_sum(self, x: Value, axis: int) -> Value:
+        return self.emit("reduce", [x], {"reduce": "sum", "axis": axis})
+
+    def zeros(self, t: TensorType) -> Value:
+        return self.broadcast(self.c(0.0), t)
+
+    def contract(self, operands: Sequence[Value], terms: Sequence[str], target: str,
+                 out: TensorType) -> Value:
+        """The sum over all other letters (and over rows when ``out`` is a param and an operand has
+        rows) of the product of ``operands``, laid out as ``target`` and expanded to ``out``: letters
+        of ``target`` in no operand, and rows when no operand has any, are broadcast."""
+        present = set("".join(terms))
+        reduced = "".join(ch for ch in target if ch in present)
+        rows = any(o.type.domain is not Domain.PARAM for o in operands)
+        spec = f"{','.join(terms)}->{reduced}"
+        if len(operands) == 1 and terms[0] == reduced and operands[0].type.domain in (out.domain, Domain.PARAM):
+            result = operands[0]
+        elif out.domain is Domain.PARAM and rows:
+            result = self.emit("contract_rows", operands, {"spec": spec})
+        else:
+            result = self.emit("einsum", operands, {"spec": spec})
+        if reduced != target:
+            shape = tuple(dim if ch in present else Dim(1) for ch, dim in zip(target, out.shape))
+            result = self.reshape(result, shape)
+        return self.broadcast(result, out)
+
+    def unbroadcast(self, g: Value, t: TensorType) -> Value:
+        """The cotangent of an operand of type ``t`` broadcast to ``g``'s type: summed over the rows (a
+        param operand of a row value) and over the feature axes ``t`` has as 1 or lacks."""
+        if g.type == t:
+            return g
+        letters = LETTERS[:g.type.rank]
+        target = "".join(letters[i] for i in range(t.rank))
+        kept = "".join(letters[i] for i in range(t.rank) if t.shape[i] == g.type.shape[i])
+        reduced_type = TensorType(t.domain, tuple(d for d, ch in zip(t.shape, target) if ch in kept), t.dtype)
+        result = self.contract([g], [letters], kept, reduced_type)
+        return self.reshape(result, t.shape)
+
+
+def _static(dim: Dim, v: Value, what: str) -> int:
+    if not dim.is_static:
+        raise CompileError(f"differentiating {what} needs the size of dimension {dim}, which is bound at run time",
+                           v.span, "pass dims= to grad_program (or differentiate the specialised program)")
+    return dim.value
+
+
+# =====================================================================================================
+# Adjoint rules: rule(v, g, b, needed) -> one cotangent (or None) per operand of v
+# =====================================================================================================
+
+AdjointRule = Callable[[Value, Value, GradBuilder, Sequence[bool]], Sequence["Value | None"]]
+ADJOINTS: dict[str, AdjointRule] = {}
+NOT_DIFFERENTIABLE: dict[str, str] = {
+    "input": "a source: its gradient is an output of the gradient program when asked for",
+    "param": "a source: its gradient is an output of the gradient program",
+    "const": "a constant",
+    "degree": "depends on the graph only",
+    "one_hot": "an indicator of int ids",
+    "gt": "piecewise constant (zero gradient almost everywhere)",
+    "eq": "piecewise constant (zero gradient almost everywhere)",
+}
+
+
+def adjoint(*names: str):
+    def register(rule: AdjointRule) -> AdjointRule:
+        for name in names:
+            ADJOINTS[name] = rule
+        return rule
+    return register
+
+
+def missing_adjoints(ops: Iterable[str] | None = None) -> list[str]:
+    """Ops with neither an adjoint rule nor a not-differentiable entry."""
+    return sorted(set(OPS if ops is None else ops) - set(ADJOINTS) - set(NOT_DIFFERENTIABLE))
+
+
+# ---- elementwise ---------------------------------------------------------------------------------
+
+
+def _unary_derivative(v: Value, b: GradBuilder) -> Value | None:
+    """dv/dx as a value of v's type (None: the cotangent passes through unchanged)."""
+    (x,) = v.operands
+    name = v.op
+    if name == "relu":
+        return b.gt(x, 0.0)
+    if name == "sigmoid":
+        return b.mul(v, b.sub(1.0, v))
+    if name == "tanh":
+        return b.sub(1.0, b.mul(v, v))
+    if name == "exp":
+        return v
+    if name == "log":
+        return b.div(1.0, x)
+    if name == "sqrt":
+        return b.div(0.5, v)
+    if name == "rsqrt":                           # d x^-1/2 = -1/2 x^-3/2 = -1/2 y / x
+        return b.mul(-0.5, b.div(v, x))
+    if name == "abs":                             # sign(x), 0 at 0 (as torch)
+        return b.sub(b.gt(x, 0.0), b.gt(0.0, x))
+    if name == "gelu":                            # Phi(x) + x phi(x); Phi(x) = gelu(x) / x, 1/2 at 0
+        zero = b.eq(x, 0.0)
+        cdf = b.div(b.add(v, b.mul(zero, 0.5)), b.add(x, zero))
+        pdf = b.mul(b.unary("exp", b.mul(b.mul(x, x), -0.5)), 1.0 / np.sqrt(2.0 * np.pi))
+        return b.add(cdf, b.mul(x, pdf))
+    if name == "silu":                            # s (1 + x (1 - s))
+        s = b.unary("sigmoid", x)
+        return b.mul(s, b.add(1.0, b.mul(x, b.sub(1.0, s))))
+    if name == "softplus":
+        return b.unary("sigmoid", x)
+    if name == "leaky_relu":                      # 1 for x > 0, else slope
+        slope = v.attr["slope"]
+        return b.add(b.mul(b.gt(x, 0.0), 1.0 - slope), slope)
+    if name == "elu":                             # 1 for x > 0, else alpha exp(x)
+        positive = b.gt(x, 0.0)
+        negative = b.mul(b.unary("exp", b.minimum(x, 0.0)), v.attr["alpha"])
+        return b.add(positive, b.mul(b.sub(1.0, positive), negative))
+    raise AssertionError(name)
+
+
+@adjoint(*(set(UNARY_OPS) | set(UNARY_OPS_WITH_ATTR)) - {"neg", "dropout"})
+def _unary_adjoint(v, g, b, needed):
+    return [b.mul(g, _unary_derivative(v, b))]
+
+
+@adjoint("neg")
+def _neg_adjoint(v, g, b, needed):
+    return [b.neg(g)]
+
+
+@adjoint("dropout")
+def _dropout_adjoint(v, g, b, needed):
+    # Inference semantics (identity). Training programs have their dropouts replaced by mask
+    # multiplications first (mask_dropout), so that forward and backward share the mask.
+    return [g]
+
+
+@adjoint(*BINARY_OPS)
+def _binary_adjoint(v, g, b, needed):
+    x, y = v.operands
+    name = v.op
+    if name == "add":
+        gx, gy = (g if needed[0] else None), (g if needed[1] else None)
+    elif name == "sub":
+        gx, gy = (g if needed[0] else None), (b.neg(g) if needed[1] else None)
+    elif name == "mul":
+        gx = b.mul(g, y) if needed[0] else None
+        gy = b.mul(g, x) if needed[1] else None
+    elif name == "div":
+        gx = b.div(g, y) if needed[0] else None
+        gy = b.neg(b.div(b.mul(g, v), y)) if needed[1] else None
+    elif name == "pow":
+        gx = gy = None
+        if needed[0]:
+            if y.op == "const":                     # c x^(c-1); nothing for c == 0
+                c = y.attr["value"]
+                gx = None if c == 0 else b.mul(b.mul(g, c), b.binary("pow", x, c - 1.0))
+            else:                                   # y x^(y-1), 0 where y == 0 (as torch)
+                exponent = b.add(b.sub(y, 1.0), b.eq(y, 0.0))
+                gx = b.mul(b.mul(g, y), b.binary("pow", x, exponent))
+        if needed[1]:                               # x^y log x, 0 where x == 0 (as torch)
+            gy = b.mul(b.mul(g, v), b.unary("log", b.add(x, b.eq(x, 0.0))))
+    elif name in ("maximum", "minimum"):            # ties split in half (as torch)
+        tie = b.mul(b.eq(x, y), 0.5)
+        first, second = (x, y) if name == "maximum" else (y, x)
+        gx = b.mul(g, b.add(b.gt(first, second), tie)) if needed[0] else None
+        gy = b.mul(g, b.add(b.gt(second, first), tie)) if needed[1] else None
+    else:
+        raise AssertionError(name)
+    return [None if gx is None else b.unbroadcast(gx, x.type),
+            None if gy is None else b.unbroadcast(gy, y.type)]
+
+
+# ---- dense algebra -------------------------------------------------------------------------------
+
+
+@adjoint("matmul")
+def _matmul_adjoint(v, g, b, needed):
+    x, w = v.operands
+    p = LETTERS[:x.type.rank - 1]
+    k = LETTERS[x.type.rank - 1]
+    m = LETTERS[x.type.rank:x.type.rank + w.type.rank - 1]
+    gx = gw = None
+    if needed[0]:
+        if w.type.domain is Domain.PARAM and w.type.rank >= 2 and x.type.domain is not Domain.PARAM:
+            # g @ w^T as one matmul: w^T is [prod(M), K], g flattened to [..., prod(M)].
+            flat = _shape_size(w.type.shape[1:])
+            wt = b.emit("einsum", [w], {"spec": f"{k}{m}->{m}{k}"})
+            wt = b.reshape(wt, (flat, w.type.shape[0]))
+            gx = b.emit("matmul", [b.reshape(g, x.type.shape[:-1] + (flat,)), wt])
+        else:
+            gx = b.contract([g, w], [p + m, k + m], p + k, x.type)
+    if needed[1]:
+        gw = b.contract([x, g], [p + k, p + m], k + m, w.type)
+    return [gx, gw]
+
+
+def _shape_size(shape) -> Dim:
+    size = Dim(1)
+    for d in shape:
+        size = size * d
+    return size
+
+
+def _einsum_terms(v: Value, b: GradBuilder) -> tuple[list[str], str]:
+    inputs, out = parse_subscripts(v.attr["spec"])
+    for term in inputs:
+        if len(set(term)) != len(term):
+            raise CompileError(f"cannot differentiate {v.op} {v.attr['spec']!r}: a letter repeats within one "
+                               "operand (a diagonal)", v.span, "write the diagonal with other ops")
+    return inputs, out
+
+
+@adjoint("einsum", "contract_rows")
+def _einsum_adjoint(v, g, b, needed):
+    inputs, out = _einsum_terms(v, b)
+    grads = []
+    for i, (operand, term) in enumerate(zip(v.operands, inputs)):
+        if not needed[i]:
+            grads.append(None)
+            continue
+        others = [o for j, o in enumerate(v.operands) if j != i]
+        other_terms = [t for j, t in enumerate(inputs) if j != i]
+        grads.append(b.contract([g] + others, [out] + other_terms, term, operand.type))
+    return grads
+
+
+@adjoint("reduce")
+def _reduce_adjoint(v, g, b, needed):
+    (x,) = v.operands
+    axis = v.attr["axis"] % x.type.rank
+    kept = x.type.shape[:axis] + (Dim(1),) + x.type.shape[axis + 1:]
+    kind = v.attr["reduce"]
+    if kind == "sum":
+        return [b.broadcast(b.reshape(g, kept), x.type)]
+    if kind == "mean":
+        n = _static(x.type.shape[axis], v, f"mean over an axis of size {x.type.shape[axis]}")
+        return [b.broadcast(b.reshape(b.div(g, float(n)), kept), x.type)]
+    # max / min: the cotangent goes to the elements equal to the result, split evenly among ties.
+    mask = b.eq(x, b.reshape(v, kept))
+    count = b.reduce_sum(mask, axis)
+    return [b.mul(mask, b.reshape(b.div(g, count), kept))]
+
+
+@adjoint("axis_softmax")
+def _axis_softmax_adjoint(v, g, b, needed):
+    (x,) = v.operands
+    axis = v.attr["axis"] % x.type.rank
+    kept = x.type.shape[:axis] + (Dim(1),) + x.type.shape[axis + 1:]
+    total = b.reshape(b.reduce_sum(b.mul(v, g), axis), kept)
+    return [b.mul(v, b.sub(g, total))]
+
+
+@adjoint("concat")
+def _concat_adjoint(v, g, b, needed):
+    axis = v.attr["axis"] % v.type.rank
+    grads, start = [], 0
+    for operand, need in zip(v.operands, needed):
+        size = _static(operand.type.shape[axis], v, f"concat along an axis of size {operand.type.shape[axis]}")
+        grads.append(b.emit("slice", [g], {"axis": axis, "start": start, "stop": start + size}) if need else None)
+        start += size
+    return grads
+
+
+@adjoint("reshape")
+def _reshape_adjoint(v, g, b, needed):
+    return [b.reshape(g, v.operands[0].type.shape)]
+
+
+@adjoint("broadcast")
+def _broadcast_adjoint(v, g, b, needed):
+    return [b.unbroadcast(g, v.operands[0].type)]
+
+
+@adjoint("slice")
+def _slice_adjoint(v, g, b, needed):
+    (x,) = v.operands
+    axis = v.attr["axis"] % x.type.rank
+    size = x.type.shape[axis].value
+    return [b.emit("pad", [g], {"axis": axis, "before": v.attr["start"], "after": size - v.attr["stop"]})]
+
+
+@adjoint("pad")
+def _pad_adjoint(v, g, b, needed):
+    (x,) = v.operands
+    axis = v.attr["axis"] % x.type.rank
+    start = v.attr["before"]
+    return [b.emit("slice", [g], {"axis": axis, "start": start, "stop": start + x.type.shape[axis].value})]
+
+
+@adjoint("select")
+def _select_adjoint(v, g, b, needed):
+    (x,) = v.operands
+    n = _static(x.type.shape[0], v, f"an index into an axis of size {x.type.shape[0]}")
+    i = v.attr["index"]
+    row = b.reshape(g, (Dim(1),) + g.type.shape)
+    return [b.emit("pad", [row], {"axis": 0, "before": i, "after": n - i - 1})]
+
+
+@adjoint("take")
+def _take_adjoint(v, g, b, needed):
+    w, index = v.operands
+    r = _static(w.type.shape[0], v, f"W[ids] with {w.type.shape[0]} entries")
+    one_hot = b.emit("one_hot", [index], {"classes": r},
+                     declared=TensorType(index.type.domain, (Dim(r),), b.dtype))
+    letters = LETTERS[1:1 + g.type.rank]
+    return [b.contract([one_hot, g], ["a", letters], "a" + letters, w.type), None]
+
+
+# ---- graph movement ------------------------------------------------------------------------------
+
+
+@adjoint("gather")
+def _gather_adjoint(v, g, b, needed):
+    return [b.aggregate(g, "sum", AGGREGATE_FOR[v.attr["index"]])]
+
+
+def _group_count(b: GradBuilder, by: str) -> Value:
+    """Rows per group of an aggregation ``by`` (node[] for src / dst, graph[] for graph)."""
+    if by == "graph":
+        ones = b.broadcast(b.c(1.0), TensorType(Domain.NODE, (), b.dtype))
+        return b.aggregate(ones, "sum", "graph")
+    return b.emit("degree", [], {"dir": "in" if by == "dst" else "out"},
+                  declared=TensorType(Domain.NODE, (), b.dtype))
+
+
+@adjoint("aggregate")
+def _aggregate_adjoint(v, g, b, needed):
+    (x,) = v.operands
+    by, kind = v.attr["by"], v.attr["reduce"]
+    index = GATHER_FOR[by]
+    if kind == "sum":
+        return [b.gather(g, index)]
+    if kind == "mean":
+        return [b.gather(b.div(g, b.maximum(_group_count(b, by), 1.0)), index)]
+    if kind in ("max", "min"):
+        # Route to the rows equal to the result (the arg-extremes), split evenly among ties.
+        mask = b.eq(x, b.gather(v, index))
+        count = b.aggregate(mask, "sum", by)
+        return [b.mul(mask, b.gather(b.div(g, b.maximum(count, 1.0)), index))]
+    if kind == "std":
+        # d std / dx_e = (x_e - mean) / (n std); a zero std (all rows equal) gets 0.
+        count = b.maximum(_group_count(b, by), 1.0)
+        centred = b.sub(x, b.gather(b.aggregate(x, "mean", by), index))
+        denominator = b.mul(v, count)
+        scale = b.div(g, b.add(denominator, b.eq(denominator, 0.0)))
+        return [b.mul(centred, b.gather(scale, index))]
+    raise AssertionError(kind)
+
+
+@adjoint("softmax")
+def _softmax_adjoint(v, g, b, needed):
+    by = v.attr["by"]
+    total = b.aggregate(b.mul(v, g), "sum", by)
+    return [b.mul(v, b.sub(g, b.gather(total, GATHER_FOR[by])))]
+
+
+# ---- fused ops: their unfused definition, differentiated ------------------------------------------
+
+
+def _unfuse(v: Value, b: GradBuilder) -> Value:
+    """Emit the composition of primitive ops a fused value stands for (its root)."""
+    if v.op == "gspmm":
+        by = v.attr["by"]
+        message = b.gather(v.operands[0], OPPOSITE[by])
+        if len(v.operands) == 2:
+            message = b.mul(message, v.operands[1])
+        return b.aggregate(message, v.attr["reduce"], by)
+    if v.op == "attention":
+        by = v.attr["by"]
+        s, x = v.operands
+        alpha = b.emit("softmax", [s], {"by": by})
+        return b.aggregate(b.mul(alpha, b.gather(x, OPPOSITE[by])), "sum", by)
+    if v.op == "typed_linear":
+        h, w, t = v.operands
+        return b.emit("matmul", [b.gather(h, v.attr["index"]), b.emit("take", [w, t])])
+    raise AssertionError(v.op)
+
+
+@adjoint("gspmm", "attention", "typed_linear")
+def _fused_adjoint(v, g, b, needed):
+    start = len(b.values)
+    root = _unfuse(v, b)
+    assert root.type == v.type, (v, root)
+    local = b.values[start:]
+    leaves = {id(o) for o, need in zip(v.operands, needed) if need}
+    cotangents = {id(root): g}
+    _backprop(b, local, cotangents, _active(local, leaves))
+    b.like = v
+    return [cotangents.get(id(o)) if need else None for o, need in zip(v.operands, needed)]
+
+
+# =====================================================================================================
+# Reverse mode
+# =====================================================================================================
+
+
+def _active(values: Sequence[Value], leaves: set[int]) -> set[int]:
+    """Ids of the leaves and of the values that depend on them through differentiable ops."""
+    active = set(leaves)
+    for v in values:
+        if id(v) not in active and v.op not in NOT_DIFFERENTIABLE and any(id(o) in active for o in v.operands):
+            active.add(id(v))
+    return active
+
+
+def _accumulate(b: GradBuilder, cotangents: dict[int, Value], target: Value, g: Value) -> None:
+    if g.type != target.type:
+        raise AssertionError(f"the cotangent of {target!r} has type {g.type}")
+    earlier = cotangents.get(id(target))
+    cotangents[id(target)] = g if earlier is None else b.add(earlier, g)
+
+
+def _backprop(b: GradBuilder, values: Sequence[Value], cotangents: dict[int, Value], active: set[int]) -> None:
+    """Walk ``values`` backwards, turning the cotangent of each active value into its operands'."""
+    for v in reversed(values):
+        g = cotangents.get(id(v))
+        if g is None or v.op in ("input", "param") or id(v) not in active:
+            continue
+        needed = [id(o) in active for o in v.operands]
+        if not any(needed):
+            continue
+        rule = ADJOINTS.get(v.op)
+        if rule is None:
+            reason = NOT_DIFFERENTIABLE.get(v.op)
+            if reason is not None:
+                continue
+            raise CompileError(f"op '{v.op}' cannot be differentiated: it has no adjoint rule", v.span,
+                               "add a rule to mpdsl.autodiff.ADJOINTS (or a NOT_DIFFERENTIABLE entry)")
+        b.like = v
+        grads = rule(v, g, b, needed)
+        for operand, need, grad in zip(v.operands, needed, grads):
+            if need and grad is not None:
+                _accumulate(b, cotangents, operand, grad)
+
+
+def grad_program(program: Program, wrt: Sequence[str] | None = None, outputs: Sequence[str] | None = None, *,
+                 inputs: Sequence[str] = (), dims: dict[str, int] | None = None) -> Program:
+    """The reverse-mode gradient program of ``program``.
+
+    ``wrt``: parameter names (default: every parameter); ``outputs``: the outputs differentiated
+    (default: all float outputs); ``inputs``: float inputs whose gradients are wanted too; ``dims``:
+    bind these dims first (adjoints of concat, select, take and axis means need static sizes).
+    The result's inputs are the program's inputs and params plus one cotangent ``d_<output>`` per
+    differentiated output; its outputs are ``d_<param>`` per ``wrt`` entry then ``d_<input>``."""
+    if dims:
+        program = specialize(program, dict(dims))
+    params = {v.attr["name"]: v for v in program.params}
+    sources = {v.attr["name"]: v for v in program.inputs}
+    wrt = list(params) if wrt is None else list(wrt)
+    for name in wrt:
+        if name not in params:
+            raise CompileError(f"'{program.name}' has no parameter named '{name}'", None,
+                               f"its parameters are: {', '.join(params) or 'none'}")
+    for name in inputs:
+        if name not in sources or not sources[name].type.is_float:
+            raise CompileError(f"'{program.name}' has no float input named '{name}'", None)
+    out_map = dict(program.outputs)
+    names = [n for n, v in program.outputs if v.type.is_float] if outputs is None else list(outputs)
+    for name in names:
+        if name not in out_map or not out_map[name].type.is_float:
+            raise CompileError(f"'{program.name}' has no float output named '{name}'", None)
+    taken = set(params) | set(sources)
+    dtype = program.float_dtype
+
+    b = GradBuilder(dtype)
+    cotangents: dict[int, Value] = {}
+    for name in names:
+        cname = f"d_{name}"
+        if cname in taken:
+            raise CompileError(f"cannot name the cotangent of output '{name}' {cname!r}: the program already "
+                               "has an input or parameter of that name", None)
+        t = out_map[name].type
+        source = (make_value("param", [], {"name": cname, "init": "zeros"}, t) if t.domain is Domain.PARAM
+                  else make_value("input", [], {"name": cname}, t))
+        b.values.append(source)
+        _accumulate(b, cotangents, out_map[name], source)
+
+    leaves = {id(params[n]) for n in wrt} | {id(sources[n]) for n in inputs}
+    _backprop(b, program.values, cotangents, _active(program.values, leaves))
+
+    b.like = None
+    results = []
+    for name in wrt:
+        v = params[name]
+        results.append((f"d_{name}", cotangents.get(id(v)) or b.zeros(v.type)))
+    for name in inputs:
+        v = sources[name]
+        results.append((f"d_{name}", cotangents.get(id(v)) or b.zeros(v.type)))
+    if not results:
+        raise CompileError("nothing to differentiate with respect to", None, "name parameters in wrt= or inputs=")
+    values = tuple(program.values) + tuple(b.values)
+    return verify(prune(Program(f"{program.name}_grad", program.dims, values, tuple(results))))
+
+
+# =====================================================================================================
+# Training programs: dropout masks as inputs
+# =====================================================================================================
+
+
+def mask_dropout(program: Program, prefix: str = "dropout_mask") -> tuple[Program, list[tuple[str, TensorType, float]]]:
+    """The training form of ``program``: each ``dropout(x, p)`` with p > 0 becomes ``x * mask`` with the
+    mask a new input (a param for param values) of x's type, holding keep / (1 - p) per element; the
+    same masks are then fed to the forward and the gradient program. Returns the program and the masks
+    (name, type, p) in program order."""
+    taken = {v.name for v in program.values if v.name is not None}
+    masks: list[tuple[str, TensorType, float]] = []
+
+    def rule(v: Value, rw: Rewriter) -> Value | None:
+        if v.op != "dropout":
+            return None
+        (x,) = v.operands
+        if v.attr["p"] == 0:
+            return x
+        name = f"{prefix}{len(masks)}"
+        while name in taken:
+            name = "_" + name
+        taken.add(name)
+        t = v.type
+        source = (make_value("param", [], {"name": name, "init": "ones"}, t, v.span) if t.domain is Domain.PARAM
+                  else make_value("input", [], {"name": name}, t, v.span))
+        rw.values.append(source)
+        masks.append((name, t, float(v.attr["p"])))
+        return rw.emit("mul", [x, source], like=v)
+
+    result, _ = rewrite(program, rule)
+    return verify(result), masks
+
+
+def retype(program: Program, dtype: str) -> Program:
+    """The program with every float value's dtype set to ``dtype`` ("f32" / "f64")."""
+    if program.float_dtype == dtype:
+        return program
+    mapping: dict[int, Value] = {}
+    values = []
+    for v in program.values:
+        t = v.type.with_(dtype=dtype) if v.type.is_float else v.type
+        nv = Value(v.op, tuple(mapping[id(o)] for o in v.operands), v.attrs, t, v.span)
+        mapping[id(v)] = nv
+        values.append(nv)
+    return Program(program.name, program.dims, tuple(values),
+                   tuple((n, mapping[id(v)]) for n, v in program.outputs))
+
+
+__all__ = ["ADJOINTS", "NOT_DIFFERENTIABLE", "EXTRA_OPS", "GradBuilder", "grad_program", "mask_dropout",
+           "missing_adjoints", "retype"]
