@@ -26,6 +26,7 @@ the agreement.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,14 +42,16 @@ pyg_data = pytest.importorskip("torch_geometric.data")
 import mpdsl  # noqa: E402
 from mpdsl.graph import Graph  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+# The shared comparison helpers, re-exported for tests that import them from this module.
+from comparison import (  # noqa: E402, F401
+    DTYPES, TOLERANCES, TORCH_DTYPES, a, assert_close, assert_nontrivial,
+    assert_perturbations_detected, build, compare, is_close, lin_t, randomize_)
+from comparison import tolerances as _tolerances  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 DATA = EXAMPLES / "data"
-
-DTYPES = ("float32", "float64")
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# (rtol, atol); atol is scaled by the magnitude of the reference output (at least 1).
-TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-10, 1e-12)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,37 +137,6 @@ GRAPHS = ("karate", "lesmis", "random")
 # Helpers
 
 
-def randomize_(module, seed: int) -> None:
-    """Fill every parameter of ``module`` with seeded non-zero values (uniform, variance about
-    1 / fan_in for matrices, scale 0.5 for vectors), so that biases and attention vectors are
-    exercised too; PyG initialises biases to zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            scale = np.sqrt(3.0 / p.shape[-1]) if p.dim() >= 2 else 0.5
-            values = (torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
-            p.copy_(values.to(p.dtype))
-
-
-def build(factory: Callable[[], object], dtype: str, seed: int):
-    """A PyG module in eval mode, in ``dtype``, with randomized parameters."""
-    torch.manual_seed(seed)
-    module = factory()
-    module = module.double() if dtype == "float64" else module.float()
-    randomize_(module, seed)
-    return module.eval()
-
-
-def a(tensor) -> np.ndarray:
-    """A parameter as a numpy array (a copy, in the module's dtype)."""
-    return tensor.detach().cpu().numpy().copy()
-
-
-def lin_t(linear) -> np.ndarray:
-    """A PyG/torch Linear's weight as an mpdsl param[in, out]."""
-    return a(linear.weight).T.copy()
-
-
 def gat_weights(conv, suffix: str = "") -> dict[str, np.ndarray]:
     """GATConv parameters under mpdsl names: W [in, H, C], a_src / a_dst [H, C], b."""
     heads, out = conv.heads, conv.out_channels
@@ -180,56 +152,6 @@ def pyg_forward(module, case: GraphCase, dtype: str) -> np.ndarray:
     x, edge_index = case.torch_inputs(dtype)
     with torch.no_grad():
         return module(x, edge_index).numpy()
-
-
-def _tolerances(want: np.ndarray, dtype: str) -> tuple[float, float]:
-    rtol, atol = TOLERANCES[dtype]
-    return rtol, atol * max(1.0, float(np.abs(want).max()))
-
-
-def assert_close(got: np.ndarray, want: np.ndarray, dtype: str, what: str) -> None:
-    assert got.dtype == np.dtype(dtype), f"{what}: mpdsl returned {got.dtype}, expected {dtype}"
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != PyG {want.shape}"
-    rtol, atol = _tolerances(want, dtype)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol,
-                               err_msg=f"{what}: mpdsl disagrees with PyG")
-
-
-def is_close(got: np.ndarray, want: np.ndarray, dtype: str) -> bool:
-    rtol, atol = _tolerances(want, dtype)
-    return got.shape == want.shape and bool(np.allclose(got, want, rtol=rtol, atol=atol))
-
-
-def assert_nontrivial(want: np.ndarray, what: str) -> None:
-    """The reference output is not (nearly) constant, so agreeing with it means something."""
-    assert np.isfinite(want).all(), f"{what}: PyG output is not finite"
-    assert np.abs(want).max() > 1e-2, f"{what}: PyG output is nearly zero"
-    assert np.ptp(want, axis=0).max() > 1e-2, f"{what}: PyG output is the same for every node"
-
-
-def assert_perturbations_detected(model, weights: dict[str, np.ndarray], graph, want: np.ndarray,
-                                  dtype: str, what: str, seed: int = 0) -> None:
-    """Perturbing any one parameter must break the agreement: every copied weight matters, and
-    the comparison above is able to fail."""
-    rng = np.random.default_rng(seed)
-    try:
-        for name, value in weights.items():
-            changed = dict(weights)
-            delta = 0.05 * rng.standard_normal(value.shape) + 0.05
-            changed[name] = value + delta.astype(value.dtype)
-            model.load_weights(changed)
-            assert not is_close(model(graph), want, dtype), \
-                f"{what}: perturbing parameter {name!r} went unnoticed by the comparison"
-    finally:
-        model.load_weights(weights)
-
-
-def compare(model, weights, graph, want, dtype: str, what: str, perturb: bool = True) -> None:
-    model.load_weights(weights)
-    assert_nontrivial(want, what)
-    assert_close(model(graph), want, dtype, what)
-    if perturb:
-        assert_perturbations_detected(model, weights, graph, want, dtype, what)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from comparison import (  # noqa: E402
+    DTYPES, a, as_outputs, assert_close, build, compare, lin_t)
 from strategies import graphs  # noqa: E402
 
 import mpdsl  # noqa: E402
@@ -55,9 +57,6 @@ from mpdsl.graph import Graph  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA = EXAMPLES / "data"
 
-DTYPES = ("float32", "float64")
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-10, 1e-12)}  # (rtol, atol before scaling)
 nn = torch.nn
 
 
@@ -142,15 +141,6 @@ GRAPHS = ("multigraph", "sparse", "karate")
 # Torch helpers
 
 
-def a(tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy().copy()
-
-
-def lin_t(linear) -> np.ndarray:
-    """A torch Linear's weight as an mpdsl param[in, out]."""
-    return a(linear.weight).T.copy()
-
-
 def heads_t(linear, heads: int) -> np.ndarray:
     """A Linear(in, heads * c) weight as param[in, heads, c] (torch views the output as [.., H, C])."""
     return lin_t(linear).reshape(lin_t(linear).shape[0], heads, -1)
@@ -171,31 +161,6 @@ def segment_softmax(score, index, n: int):
     top = top.scatter_reduce(0, expanded, score, "amax", include_self=True)
     ex = torch.exp(score - top[index])
     return ex / scatter_sum(ex, index, n)[index]
-
-
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Seeded non-zero values for every parameter (uniform, variance ~1/fan_in for matrices, scale
-    0.5 for vectors) and for batch-norm running statistics (mean +-0.5, variance in [0.5, 1.5])."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, scale):
-        return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
-
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_(uniform(p.shape, np.sqrt(3.0 / p.shape[-1]) if p.dim() >= 2 else 0.5).to(p.dtype))
-        for _, m in sorted(module.named_modules()):
-            if isinstance(m, nn.BatchNorm1d):
-                m.running_mean.copy_(uniform(m.running_mean.shape, 0.5).to(m.running_mean.dtype))
-                m.running_var.copy_((1 + uniform(m.running_var.shape, 0.5)).to(m.running_var.dtype))
-
-
-def build(factory: Callable[[], nn.Module], dtype: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    module = factory()
-    module = module.double() if dtype == "float64" else module.float()
-    randomize_(module, seed)
-    return module.eval()
 
 
 def bn_weights(bns, prefix: str) -> dict[str, np.ndarray]:
@@ -521,61 +486,8 @@ def run_reference(module, x, edge_index, edge_attr) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in module(x, edge_index, edge_attr).items()}
 
 
-def as_dict(out) -> dict[str, np.ndarray]:
-    return out if isinstance(out, dict) else {"out": out}
-
-
 # ------------------------------------------------------------------------------------------------
 # Comparison
-
-
-def tolerances(want: np.ndarray, dtype: str) -> tuple[float, float]:
-    rtol, atol = TOLERANCES[dtype]
-    return rtol, atol * max(1.0, float(np.abs(want).max(initial=0.0)))
-
-
-def is_close(got: dict, want: dict, dtype: str) -> bool:
-    return set(got) == set(want) and all(
-        got[k].shape == want[k].shape and np.allclose(got[k], want[k], *tolerances(want[k], dtype))
-        for k in want)
-
-
-def assert_close(got: dict, want: dict, dtype: str, what: str) -> None:
-    assert set(got) == set(want), f"{what}: outputs {sorted(got)} vs reference {sorted(want)}"
-    for k in want:
-        assert got[k].dtype == np.dtype(dtype), f"{what}: {k} is {got[k].dtype}"
-        assert got[k].shape == want[k].shape, f"{what}: {k} shape {got[k].shape} vs {want[k].shape}"
-        rtol, atol = tolerances(want[k], dtype)
-        err = np.abs(got[k] - want[k]) - rtol * np.abs(want[k])
-        worst = np.unravel_index(int(np.argmax(err)), err.shape) if err.size else ()
-        assert np.allclose(got[k], want[k], rtol=rtol, atol=atol), (
-            f"{what}: output {k!r} differs; worst at {worst}: mpdsl {got[k][worst]!r} vs "
-            f"reference {want[k][worst]!r} (rtol {rtol}, atol {atol:.2e})")
-
-
-def assert_nontrivial(want: dict, what: str) -> None:
-    for k, v in want.items():
-        assert np.isfinite(v).all(), f"{what}: reference output {k} is not finite"
-        assert np.abs(v).max() > 1e-2 and np.ptp(v, axis=0).max() > 1e-2, f"{what}: {k} is trivial"
-
-
-def assert_perturbations_detected(model, weights, graph, want, dtype, what,
-                                  invariant: frozenset[str] = frozenset()) -> None:
-    """Perturbing any one parameter breaks the agreement, except for the parameters the output
-    is provably invariant to, for which it must not."""
-    rng = np.random.default_rng(0)
-    try:
-        for name, value in weights.items():
-            delta = 0.05 * rng.standard_normal(value.shape) + 0.05
-            model.load_weights({**weights, name: value + delta.astype(value.dtype)})
-            if name in invariant:
-                assert is_close(as_dict(model(graph)), want, dtype), \
-                    f"{what}: the output was expected to be invariant to {name!r}"
-            else:
-                assert not is_close(as_dict(model(graph)), want, dtype), \
-                    f"{what}: perturbing parameter {name!r} went unnoticed"
-    finally:
-        model.load_weights(weights)
 
 
 def compare_on(name: str, c: Case, dtype: str, perturb: bool) -> None:
@@ -583,13 +495,8 @@ def compare_on(name: str, c: Case, dtype: str, perturb: bool) -> None:
     want = run_reference(module, *c.torch_inputs(dtype))
     model = compiled(name, dtype)
     assert set(weights) == set(model.param_types), "the weight map must cover every parameter"
-    model.load_weights(weights)
-    graph = c.graph(dtype)
-    what = f"{name} on {c.name} ({dtype})"
-    assert_nontrivial(want, what)
-    assert_close(as_dict(model(graph)), want, dtype, what)
-    if perturb:
-        assert_perturbations_detected(model, weights, graph, want, dtype, what, SPECS[name].invariant)
+    compare(model, weights, c.graph(dtype), want, dtype, f"{name} on {c.name} ({dtype})", perturb,
+            invariant=SPECS[name].invariant)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -614,7 +521,7 @@ def test_matches_reference_on_random_graphs(name, g, seed):
     x = torch.from_numpy(np.array(g["x"], dtype=np.float64))
     want = run_reference(module, x, torch.from_numpy(np.array(g.edge_index)), torch.from_numpy(edge_attr))
     model = compiled(name, dtype).load_weights(weights)
-    assert_close(as_dict(model(g)), want, dtype, f"{name} on {g!r}")
+    assert_close(as_outputs(model(g)), want, dtype, f"{name} on {g!r}")
 
 
 # ------------------------------------------------------------------------------------------------

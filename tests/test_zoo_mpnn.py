@@ -16,8 +16,8 @@ members without nodes included) with ``edge_attr`` added. Per-graph outputs are 
 against running each member alone (``unbatch_graphs`` / ``unbatch_nodes``). Every comparison is
 shown able to fail: perturbing any one copied parameter must break the agreement.
 
-Tolerances as in ``test_pyg_reference.py``: float64 rtol 1e-10, float32 rtol 1e-5, atol scaled by
-the magnitude of the reference output.
+Tolerances (``comparison.py``, as in ``test_pyg_reference.py``): float64 rtol 1e-10, float32
+rtol 1e-5, atol scaled by the magnitude of the reference output.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ import mpdsl  # noqa: E402
 from mpdsl.graph import Graph  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comparison import (  # noqa: E402
+    DTYPES, TORCH_DTYPES, a, as_outputs, assert_close, assert_nontrivial,
+    assert_perturbations_detected, build, lin_t)
+from comparison import one_torch_thread  # noqa: E402, F401  (autouse: torch on one thread here)
 from strategies import batched_graphs  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-DTYPES = ("float32", "float64")
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-10, 1e-12)}  # (rtol, atol per unit of max|want|)
 
 F = 5    # node feature width of the fixed test graphs
 FE = 3   # edge feature width
@@ -54,43 +54,6 @@ FE = 3   # edge feature width
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """The references are tiny: torch's intra-op thread pool only adds overhead (hundreds of ms
-    per forward pass on a busy machine), so this module runs torch on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def a(tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy().copy()
-
-
-def lin_t(linear) -> np.ndarray:
-    """A torch Linear's weight [out, in] as an mpdsl param[in, out]."""
-    return a(linear.weight).T.copy()
-
-
-def randomize_(module, seed: int) -> None:
-    """Seeded non-zero values for every parameter (uniform, variance about 1 / fan_in for
-    matrices, scale 0.5 for vectors and scalars) and for batch-norm running statistics."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, low, high):
-        return torch.rand(shape, generator=gen, dtype=torch.float64) * (high - low) + low
-
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            scale = np.sqrt(3.0 / p.shape[-1]) if p.dim() >= 2 else 0.5
-            p.copy_(uniform(p.shape, -scale, scale).to(p.dtype))
-        for _, m in sorted(module.named_modules()):
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_mean.copy_(uniform(m.running_mean.shape, -0.5, 0.5).to(m.running_mean.dtype))
-                m.running_var.copy_(uniform(m.running_var.shape, 0.5, 2.0).to(m.running_var.dtype))
 
 
 def torch_inputs(graph: Graph, dtype: str):
@@ -102,43 +65,6 @@ def torch_inputs(graph: Graph, dtype: str):
             torch.from_numpy(np.array(graph["edge_attr"])).to(t),
             torch.from_numpy(np.array(batch)),
             graph.num_graphs)
-
-
-def as_outputs(result) -> dict[str, np.ndarray]:
-    return result if isinstance(result, dict) else {"out": result}
-
-
-def _tolerances(want: np.ndarray, dtype: str) -> tuple[float, float]:
-    rtol, atol = TOLERANCES[dtype]
-    return rtol, atol * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
-
-
-def assert_close(got: dict, want: dict, dtype: str, what: str) -> None:
-    assert set(got) == set(want), f"{what}: outputs {sorted(got)} != reference {sorted(want)}"
-    for name in want:
-        g, w = got[name], want[name]
-        assert g.dtype == np.dtype(dtype), f"{what}/{name}: mpdsl returned {g.dtype}, expected {dtype}"
-        assert g.shape == w.shape, f"{what}/{name}: shape {g.shape} != reference {w.shape}"
-        rtol, atol = _tolerances(w, dtype)
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol,
-                                   err_msg=f"{what}/{name}: mpdsl disagrees with the reference")
-
-
-def is_close(got: dict, want: dict, dtype: str) -> bool:
-    for name in want:
-        g, w = got[name], want[name]
-        rtol, atol = _tolerances(w, dtype)
-        if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol):
-            return False
-    return True
-
-
-def assert_nontrivial(want: dict, what: str) -> None:
-    for name, w in want.items():
-        assert np.isfinite(w).all(), f"{what}/{name}: reference output is not finite"
-        assert np.abs(w).max() > 1e-2, f"{what}/{name}: reference output is nearly zero"
-        if w.shape[0] > 1:
-            assert np.ptp(w, axis=0).max() > 1e-2, f"{what}/{name}: reference output is the same for every row"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,11 +219,8 @@ def compiled(name: str, dtype: str):
 def reference(name: str, dtype: str, f: int, fe: int, seed: int = 29):
     """(torch module in eval mode, mpdsl weights copied from it)."""
     model = compiled(name, dtype)
-    torch.manual_seed(seed)
-    module = MODELS[name].reference(f, fe, model.dims)
-    module = module.double() if dtype == "float64" else module.float()
-    randomize_(module, seed)
-    module.eval()
+    module = build(lambda: MODELS[name].reference(f, fe, model.dims), dtype, seed,
+                   running_var=(0.5, 2.0))
     weights = module.mpdsl_weights()
     assert set(weights) == set(model.param_types), "the weight map must cover every parameter"
     return module, weights
@@ -391,7 +314,7 @@ def test_model_matches_reference(name, graph_kind, dtype):
     module, weights = reference(name, dtype, F, FE)
     want = run_reference(module, graph, dtype)
     what = f"examples/{name}.mp on {graph_kind} ({dtype})"
-    assert_nontrivial(want, what)
+    assert_nontrivial(want, what, single_row_ok=True)  # one graph: graph-level outputs have one row
     for out in MODELS[name].graph_level:
         assert want[out].shape[0] == graph.num_graphs
     got = run_mpdsl(name, dtype, weights, graph)
@@ -405,18 +328,7 @@ def test_perturbing_any_weight_breaks_the_match(name, dtype):
     graph = zoo_graph("batched")
     module, weights = reference(name, dtype, F, FE)
     want = run_reference(module, graph, dtype)
-    model = compiled(name, dtype)
-    rng = np.random.default_rng(0)
-    try:
-        for pname, value in weights.items():
-            changed = dict(weights)
-            delta = 0.05 * rng.standard_normal(value.shape) + 0.05
-            changed[pname] = value + delta.astype(value.dtype)
-            model.load_weights(changed)
-            assert not is_close(as_outputs(model(graph)), want, dtype), \
-                f"{name}: perturbing parameter {pname!r} went unnoticed"
-    finally:
-        model.load_weights(weights)
+    assert_perturbations_detected(compiled(name, dtype), weights, graph, want, dtype, name)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -40,22 +40,11 @@ import mpdsl  # noqa: E402
 from mpdsl.graph import Graph  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from comparison import DTYPES, a, assert_close, build, compare, is_close, lin_t  # noqa: E402
+from comparison import one_torch_thread  # noqa: E402, F401  (autouse: torch on one thread here)
 from strategies import graphs  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DTYPES = ("float32", "float64")
-# (rtol, atol); atol is scaled by the magnitude of the reference output (at least 1).
-TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-10, 1e-12)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The PyG references run on tiny tensors: one intra-op thread is fastest, and avoids stalls of
-    tens of milliseconds per op when the cores are busy (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,76 +178,19 @@ SEEDS = (7, 11)
 
 
 # ------------------------------------------------------------------------------------------------
-# Helpers
-
-
-def randomize_(module, seed: int) -> None:
-    """Seeded non-zero values for every parameter (uniform, variance about 1 / fan_in for
-    matrices, scale 0.5 for vectors); PyG initialises biases to zero and skips / priors to one."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            scale = np.sqrt(3.0 / p.shape[-1]) if p.dim() >= 2 else 0.5
-            values = (torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
-            p.copy_(values.to(p.dtype))
-
-
-def build(factory, dtype: str, seed: int):
-    torch.manual_seed(seed)
-    module = factory()
-    module = module.double() if dtype == "float64" else module.float()
-    randomize_(module, seed)
-    return module.eval()
-
-
-def a(tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy().copy()
-
-
-def _tolerances(want: np.ndarray, dtype: str) -> tuple[float, float]:
-    rtol, atol = TOLERANCES[dtype]
-    return rtol, atol * max(1.0, float(np.abs(want).max(initial=0.0)))
-
-
-def assert_close(got, want, dtype: str, what: str) -> None:
-    assert got.dtype == np.dtype(dtype), f"{what}: mpdsl returned {got.dtype}, expected {dtype}"
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != PyG {want.shape}"
-    rtol, atol = _tolerances(want, dtype)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol,
-                               err_msg=f"{what}: mpdsl disagrees with PyG")
-
-
-def is_close(got, want, dtype: str) -> bool:
-    rtol, atol = _tolerances(want, dtype)
-    return got.shape == want.shape and bool(np.allclose(got, want, rtol=rtol, atol=atol))
-
-
-def assert_nontrivial(want: np.ndarray, what: str) -> None:
-    assert np.isfinite(want).all(), f"{what}: PyG output is not finite"
-    assert np.abs(want).max() > 1e-2, f"{what}: PyG output is nearly zero"
-    assert np.ptp(want, axis=0).max() > 1e-2, f"{what}: PyG output is the same for every node"
-
-
-def assert_perturbations_detected(model, weights, graph, want, dtype: str, what: str) -> None:
-    """Perturbing any one parameter must break the agreement."""
-    rng = np.random.default_rng(0)
-    try:
-        for name, value in weights.items():
-            changed = dict(weights)
-            delta = 0.05 * rng.standard_normal(value.shape) + 0.05
-            changed[name] = value + delta.astype(value.dtype)
-            model.load_weights(changed)
-            assert not is_close(model(graph), want, dtype), \
-                f"{what}: perturbing parameter {name!r} went unnoticed by the comparison"
-    finally:
-        model.load_weights(weights)
-
-
-# ------------------------------------------------------------------------------------------------
 # The PyG stacks, each with the forward of its example and its weights under the example's names
 
 
-class RGCNStack(torch.nn.Module):
+class _TwoRelationalConvs(torch.nn.Module):
+    """conv2(relu(conv1(x))), each conv called as conv(x, edge_index, edge_type)."""
+
+    def forward(self, g: RelGraph, dtype: str) -> np.ndarray:
+        x, edge_index, edge_type = g.torch_inputs(dtype)
+        h = torch.relu(self.conv1(x, edge_index, edge_type))
+        return self.conv2(h, edge_index, edge_type).detach().numpy()
+
+
+class RGCNStack(_TwoRelationalConvs):
     """examples/rgcn.mp (or rgcn_basis.mp with num_bases): relu(conv(x)), conv."""
 
     def __init__(self, conv_cls, f: int, dims: dict, num_bases: int | None = None,
@@ -267,11 +199,6 @@ class RGCNStack(torch.nn.Module):
         r, h, c = dims["R"], dims["H"], dims["C"]
         self.conv1 = conv_cls(f, h, r, num_bases=num_bases, aggr=aggr)
         self.conv2 = conv_cls(h, c, r, num_bases=num_bases, aggr=aggr)
-
-    def forward(self, g: RelGraph, dtype: str) -> np.ndarray:
-        x, edge_index, edge_type = g.torch_inputs(dtype)
-        h = torch.relu(self.conv1(x, edge_index, edge_type))
-        return self.conv2(h, edge_index, edge_type).detach().numpy()
 
     def mpdsl_weights(self) -> dict[str, np.ndarray]:
         out = {}
@@ -286,7 +213,7 @@ class RGCNStack(torch.nn.Module):
         return out
 
 
-class RGATStack(torch.nn.Module):
+class RGATStack(_TwoRelationalConvs):
     """examples/rgat.mp: relu(RGATConv(concat=True)), RGATConv(concat=False)."""
 
     def __init__(self, f: int, dims: dict):
@@ -294,11 +221,6 @@ class RGATStack(torch.nn.Module):
         r, heads, hid, c = dims["R"], dims["HEADS"], dims["HID"], dims["C"]
         self.conv1 = pyg_nn.RGATConv(f, hid, r, heads=heads, concat=True)
         self.conv2 = pyg_nn.RGATConv(heads * hid, c, r, heads=heads, concat=False)
-
-    def forward(self, g: RelGraph, dtype: str) -> np.ndarray:
-        x, edge_index, edge_type = g.torch_inputs(dtype)
-        h = torch.relu(self.conv1(x, edge_index, edge_type))
-        return self.conv2(h, edge_index, edge_type).detach().numpy()
 
     def mpdsl_weights(self) -> dict[str, np.ndarray]:
         out = {}
@@ -337,9 +259,9 @@ class HGTStack(torch.nn.Module):
     def mpdsl_weights(self) -> dict[str, np.ndarray]:
         stack = np.stack  # over node types (in type order) or relations (in relation order)
         types = self.node_types
-        out = {"W_in": stack([a(self.lin_in[t].weight).T for t in types]),
+        out = {"W_in": stack([lin_t(self.lin_in[t]) for t in types]),
                "b_in": stack([a(self.lin_in[t].bias) for t in types]),
-               "W_out": a(self.lin_out.weight).T.copy(), "b_out": a(self.lin_out.bias)}
+               "W_out": lin_t(self.lin_out), "b_out": a(self.lin_out.bias)}
         for i, conv in enumerate(self.convs, 1):
             heads, width = conv.heads, conv.out_channels
             d, num_rel = width // heads, len(self.edge_types)
@@ -351,7 +273,7 @@ class HGTStack(torch.nn.Module):
                 w = a(lin.weight).reshape(heads, num_rel, d, d)
                 out[f"{mp_name}{i}"] = w.transpose(1, 0, 2, 3).copy()
             out[f"mu{i}"] = stack([a(conv.p_rel["__".join(e)]).reshape(heads) for e in self.edge_types])
-            out[f"W_a{i}"] = stack([a(conv.out_lin.lins[t].weight).T for t in types])
+            out[f"W_a{i}"] = stack([lin_t(conv.out_lin.lins[t]) for t in types])
             out[f"b_a{i}"] = stack([a(conv.out_lin.lins[t].bias) for t in types])
             out[f"skip{i}"] = stack([a(conv.skip[t]).reshape(()) for t in types])
         return out
@@ -422,12 +344,8 @@ def test_example_matches_pyg(example, variant, seed, dtype):
     weights = stack.mpdsl_weights()
     assert set(weights) == set(model.param_types), "the weight map must cover every parameter"
     what = f"examples/{example}.mp vs {CASE_IDS[CASES.index((example, variant))]} on {g.name} ({dtype})"
-    graph = g.mpdsl_graph(dtype)
-    model.load_weights(weights)
-    assert_nontrivial(want, what)
-    assert_close(model(graph), want, dtype, what)
-    if seed == SEEDS[0]:  # once per example and dtype, to keep the file fast
-        assert_perturbations_detected(model, weights, graph, want, dtype, what)
+    # Perturbations are checked once per example and dtype, to keep the file fast.
+    compare(model, weights, g.mpdsl_graph(dtype), want, dtype, what, perturb=seed == SEEDS[0])
 
 
 def test_rgcn_normalises_per_relation():
