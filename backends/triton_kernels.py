@@ -180,19 +180,6 @@ class _Code:
         return "\n".join(self.lines) + "\n"
 
 
-def _signature(code: _Code, name: str, args: list[str], blocks: list[str], doc: str):
-    code("@triton.jit")
-    params = ", ".join(args + [f"{b}: tl.constexpr" for b in blocks])
-    return code.block(f"def {name}({params}):"), doc
-
-
-def _def(code: _Code, name: str, args: list[str], blocks: list[str], doc: str):
-    code("@triton.jit")
-    params = ", ".join(args + [f"{b}: tl.constexpr" for b in blocks])
-    cm = code.block(f"def {name}({params}):")
-    return cm, doc
-
-
 def _group_index(base: str, groups: int, width: int) -> str:
     """Index of the per-(row, group) element for feature lanes ``feat`` (groups of width // groups)."""
     per = width // groups
@@ -318,6 +305,7 @@ def _gen_segment_softmax(spec: SegmentSoftmax) -> str:
         code("total = tl.where(total > 0, total, 1.0)")
         with code.block("for i in range(0, longest):"):
             _member_loads(code, gather=False, need_member=True, width=F, acc=acc)
+            code("val = tl.where(ok, val, peak)")
             code(f"tl.store(out + member[:, None] * {F} + feat[None, :], "
                  f"(tl.exp(val - peak) / total).to({store}), mask=ok)")
     return code.text()
@@ -497,13 +485,18 @@ def generate(spec: KernelSpec) -> str:
 
 @contextlib.contextmanager
 def _interpreter(on: bool):
-    """Triton decides at decoration time whether a function runs in its interpreter; kernels are
-    decorated here, lazily, so an explicit interpreter request only needs to hold while they are."""
-    if not on or os.environ.get("TRITON_INTERPRET") == "1":
+    """Triton decides at decoration time (from TRITON_INTERPRET) whether a function runs in its
+    interpreter; kernels are decorated here, lazily, so the mode asked for only needs to hold while
+    they are (``on`` False compiles for the GPU even where TRITON_INTERPRET=1 is set)."""
+    wanted = "1" if on else None
+    previous = os.environ.get("TRITON_INTERPRET")
+    if (previous == "1") == on:
         yield
         return
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if wanted is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = wanted
     try:
         yield
     finally:

@@ -224,6 +224,7 @@ class GradBuilder(Rewriter):
         super().__init__()
         self.dtype = dtype
         self.like: Value | None = None
+        self._contractions: set[int] = set()  # einsums emitted by contract(): merged into later ones
 
     def emit(self, op: str, operands, attrs: dict | None = None, like: Value | None = None,
              declared: TensorType | None = None) -> Value:
@@ -281,7 +282,12 @@ class GradBuilder(Rewriter):
                  out: TensorType) -> Value:
         """The sum over all other letters (and over rows when ``out`` is a param and an operand has
         rows) of the product of ``operands``, laid out as ``target`` and expanded to ``out``: letters
-        of ``target`` in no operand, and rows when no operand has any, are broadcast."""
+        of ``target`` in no operand, and rows when no operand has any, are broadcast.
+
+        Operands that are contractions themselves are merged in (einsums emitted here, and
+        ``W[ids]`` as one_hot(ids) x W), so that no per-row weight tensor (E x D x K) is built when a
+        narrower order exists: the backend's einsum picks the contraction order."""
+        operands, terms = self._merge(list(operands), list(terms), target)
         present = set("".join(terms))
         reduced = "".join(ch for ch in target if ch in present)
         rows = any(o.type.domain is not Domain.PARAM for o in operands)
@@ -292,10 +298,45 @@ class GradBuilder(Rewriter):
             result = self.emit("contract_rows", operands, {"spec": spec})
         else:
             result = self.emit("einsum", operands, {"spec": spec})
+            self._contractions.add(id(result))
         if reduced != target:
             shape = tuple(dim if ch in present else Dim(1) for ch, dim in zip(target, out.shape))
             result = self.reshape(result, shape)
         return self.broadcast(result, out)
+
+    def _merge(self, operands: list[Value], terms: list[str], target: str) -> tuple[list[Value], list[str]]:
+        if len(operands) < 2:
+            return operands, terms
+        used = set("".join(terms)) | set(target)
+
+        def fresh() -> str:
+            letter = next(ch for ch in LETTERS if ch not in used)
+            used.add(letter)
+            return letter
+
+        merged_ops: list[Value] = []
+        merged_terms: list[str] = []
+        pending = list(zip(operands, terms))
+        while pending:
+            o, term = pending.pop(0)
+            if id(o) in self._contractions and o.op == "einsum":
+                inner_terms, inner_out = parse_subscripts(o.attr["spec"])
+                names = dict(zip(inner_out, term))
+                for letter in sorted(set("".join(inner_terms)) - set(inner_out)):
+                    names[letter] = fresh()
+                pending[:0] = [(x, "".join(names[c] for c in t)) for x, t in zip(o.operands, inner_terms)]
+            elif (o.op == "take" and o.type.domain is not Domain.PARAM and o.type.rank >= 1
+                  and o.operands[0].type.shape[0].is_static):
+                w, index = o.operands
+                r = fresh()
+                one_hot = self.emit("one_hot", [index], {"classes": w.type.shape[0].value},
+                                    declared=TensorType(index.type.domain, (w.type.shape[0],), self.dtype))
+                merged_ops += [one_hot, w]
+                merged_terms += [r, r + term]
+            else:
+                merged_ops.append(o)
+                merged_terms.append(term)
+        return merged_ops, merged_terms
 
     def unbroadcast(self, g: Value, t: TensorType) -> Value:
         """The cotangent of an operand of type ``t`` broadcast to ``g``'s type: summed over the rows (a

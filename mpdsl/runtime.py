@@ -80,6 +80,7 @@ class CompiledModel:
         self.training = False
         self.params: dict[str, np.ndarray] = {}
         self.last_run_seconds = 0.0
+        self.last_layout = None  # the graph layout of the last run (node order, edge order), if any
         if all(self._static(t) for t in self.param_types.values()):
             self.init(seed)
 
