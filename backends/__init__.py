@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 from mpdsl.diagnostics import MpdslError
 from mpdsl.ops import OPS
 
-_BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend"}
+_BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
 BACKENDS: dict[str, type["Backend"]] = {}
 
 

@@ -196,6 +196,9 @@ class PullCSR:
     def spmm(self, x: np.ndarray, data: np.ndarray | None = None) -> np.ndarray:
         """out[i] = sum over row i's edges e of data[e] * x[column[e]]; ``data`` in CSR order
         (None: all ones). x is [N, F] (any trailing shape is flattened)."""
+        if x.dtype == np.float16:  # SciPy's sparse kernels have no float16: accumulate in float32
+            half = None if data is None else data.astype(np.float32)
+            return self.spmm(x.astype(np.float32), half).astype(np.float16)
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
         data = self.ones(x.dtype) if data is None else np.ascontiguousarray(data, dtype=x.dtype)
         out = np.zeros((self.num_nodes, x2.shape[1]), dtype=x.dtype)
@@ -271,6 +274,10 @@ class ExecContext:
         if by == "dst":
             return g.cached("numpy.pull_dst", lambda: PullCSR(*g.csr_by_dst(), g.src, g.num_nodes))
         return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_nodes))
+
+    def rows(self, domain: Domain) -> int:
+        g = self.graph
+        return {Domain.NODE: g.num_nodes, Domain.EDGE: g.num_edges, Domain.GRAPH: g.num_graphs}[domain]
 
     def concrete_shape(self, t: TensorType) -> tuple[int, ...]:
         return tuple(d.substitute(self.dims).value for d in t.shape)
@@ -574,3 +581,39 @@ class NumpyBackend(Backend):
                 product = block.reshape(_width(block.shape[:-1]), k) @ w[r].reshape(k, _width(w.shape[2:]))
                 compact[rows] = product.reshape((len(rows),) + out_shape)
         return compact[inverse]
+
+    # ---- ops of gradient programs --------------------------------------------------------
+
+    @rule("gt", "eq")
+    def _compare(self, ctx, v, a, b):
+        ta, tb = (o.type for o in v.operands)
+        ufunc = np.greater if v.op == "gt" else np.equal
+        return ufunc(_expand(a, ta, v.type), _expand(b, tb, v.type)).astype(ctx.float_dtype)
+
+    @rule("contract_rows")
+    def _contract_rows(self, ctx, v, *xs):
+        inputs, out = v.attr["spec"].split("->")
+        terms = [("" if o.type.domain is Domain.PARAM else "R") + term.strip()
+                 for term, o in zip(inputs.split(","), v.operands)]
+        return np.asarray(np.einsum(f"{','.join(terms)}->{out.strip()}", *xs, optimize=True), dtype=ctx.float_dtype)
+
+    @rule("broadcast")
+    def _broadcast(self, ctx, v, x):
+        shape = ctx.concrete_shape(v.type)
+        if v.type.domain is Domain.PARAM:
+            full, arr = shape, x.reshape(x.shape + (1,) * (len(shape) - x.ndim))
+        else:
+            full = (ctx.rows(v.type.domain),) + shape
+            arr = _expand(x, v.operands[0].type, v.type)
+        return np.array(np.broadcast_to(arr, full), dtype=ctx.float_dtype)
+
+    @rule("slice")
+    def _slice(self, ctx, v, x):
+        axis = self._axis(v, v.attr["axis"])
+        return np.ascontiguousarray(x[(slice(None),) * axis + (slice(v.attr["start"], v.attr["stop"]),)])
+
+    @rule("pad")
+    def _pad(self, ctx, v, x):
+        widths = [(0, 0)] * x.ndim
+        widths[self._axis(v, v.attr["axis"])] = (v.attr["before"], v.attr["after"])
+        return np.pad(x, widths)

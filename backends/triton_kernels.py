@@ -14,7 +14,8 @@ Kernels (all deterministic except the COO ones, which use atomics):
   other endpoint (fused message-aggregate, g-SpMM), optionally scaled by an edge weight that is a
   scalar or one per group of features (per-head weights); otherwise at the member row itself
   (``aggregate``). One program per (block of segments, block of features); the segments are
-  visited in order of decreasing size, so the rows of one block have similar degrees.
+  visited in order of decreasing size, so the rows of one block have similar degrees and the
+  block's first segment gives its loop bound (no reduction needed).
 * ``SegmentSoftmax``: softmax over each segment (``softmax`` by dst / src / graph): an online
   max-and-sum pass, then a normalising pass that writes every member row.
 * ``Attention``: fused edge softmax by destination and weighted sum of the source rows in ONE pass
@@ -26,7 +27,10 @@ Kernels (all deterministic except the COO ones, which use atomics):
   atomics into scratch buffers, then a finishing kernel that writes every output element.
 
 This module imports neither torch nor triton at import time: ``generate`` only builds text, and
-``KERNELS.get`` imports triton when it compiles.
+``KERNELS.get`` imports triton when it compiles. Generated kernels call Triton builtins only (no
+``triton.language`` helper that is itself a jit function, such as ``tl.max``, ``tl.sum``, ``tl.zeros``),
+so a kernel runs in the interpreter or compiled according to the mode it was decorated in, whatever
+the mode in which ``triton`` was imported.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ import os
 import threading
 from dataclasses import dataclass, fields
 from typing import Any
+
+BUILTINS = frozenset({"arange", "atomic_add", "atomic_max", "atomic_min", "constexpr", "dot", "exp", "full",
+                      "load", "maximum", "minimum", "program_id", "sqrt", "store", "where",
+                      "float16", "float32", "float64", "int64"})
+"""The triton.language names generated kernels may use (builtins, not jit functions)."""
 
 STORE = {"f32": "tl.float32", "f16": "tl.float16", "f64": "tl.float64"}
 ACCUMULATE = {"f32": "tl.float32", "f16": "tl.float32", "f64": "tl.float64"}
@@ -71,6 +80,12 @@ class KernelSpec:
     def functions(self) -> tuple[str, ...]:
         """Names of the @triton.jit functions the source defines, in launch order."""
         return (self.name,)
+
+    @property
+    def launch(self) -> str:
+        """How the kernel is launched (for the emitted header)."""
+        return (f"grid (cdiv(segments, BLOCK_R), cdiv({getattr(self, 'width', 0)}, BLOCK_F)), segments by decreasing "
+                "size")
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,10 @@ class TypedLinear(KernelSpec):
     dtype: str
     kind = "typed_linear"
 
+    @property
+    def launch(self) -> str:
+        return f"grid (tiles of BLOCK_M rows of one relation, cdiv({self.width}, BLOCK_N))"
+
 
 @dataclass(frozen=True)
 class CooGspmm(KernelSpec):
@@ -134,6 +153,11 @@ class CooGspmm(KernelSpec):
     def kind(self) -> str:
         return f"gspmm_coo_{self.reduce}"
 
+    @property
+    def launch(self) -> str:
+        return (f"scatter: grid (cdiv(edges, BLOCK_E), cdiv({self.width}, BLOCK_F)); finish: grid (cdiv(nodes, "
+                f"BLOCK_R), cdiv({self.width}, BLOCK_F))")
+
     def functions(self) -> tuple[str, ...]:
         return (f"{self.name}_scatter", f"{self.name}_finish")
 
@@ -147,6 +171,11 @@ class CooAttention(KernelSpec):
     groups: int
     dtype: str
     kind = "attention_coo"
+
+    @property
+    def launch(self) -> str:
+        return (f"peak: grid (cdiv(edges, BLOCK_E),); scatter: grid (cdiv(edges, BLOCK_E), cdiv({self.width}, "
+                f"BLOCK_F)); finish: grid (cdiv(nodes, BLOCK_R), cdiv({self.width}, BLOCK_F))")
 
     def functions(self) -> tuple[str, ...]:
         return (f"{self.name}_peak", f"{self.name}_scatter", f"{self.name}_finish")
@@ -201,7 +230,8 @@ def _segment_prologue(code: _Code, width: int) -> None:
          "out_ok = row_ok[:, None] & feat_ok[None, :]",
          "start = tl.load(indptr + row, mask=row_ok, other=0).to(tl.int64)",
          "count = tl.load(indptr + row + 1, mask=row_ok, other=0).to(tl.int64) - start",
-         "longest = tl.max(count, axis=0)")
+         "first = tl.load(order + pid_r * BLOCK_R).to(tl.int64)  # the block's first segment is its longest",
+         "longest = tl.load(indptr + first + 1) - tl.load(indptr + first)")
 
 
 def _member_loads(code: _Code, *, gather: bool, need_member: bool, width: int, acc: str,
@@ -251,7 +281,7 @@ def _gen_segment_reduce(spec: SegmentReduce) -> str:
         if init:
             code(f"acc = tl.full([BLOCK_R, BLOCK_F], {init}, dtype={acc})")
         else:
-            code(f"acc = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})")
+            code(f"acc = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
         with code.block("for i in range(0, longest):"):
             _member_loads(code, gather=spec.gather, need_member=bool(G) or not spec.gather, width=F, acc=acc)
             if G:
@@ -268,7 +298,7 @@ def _gen_segment_reduce(spec: SegmentReduce) -> str:
                  "mean = acc / size")
             result = "mean"
             if spec.reduce == "std":
-                code(f"sq = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})")
+                code(f"sq = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
                 with code.block("for i in range(0, longest):"):
                     _member_loads(code, gather=spec.gather, need_member=bool(G) or not spec.gather, width=F,
                                   acc=acc)
@@ -295,7 +325,7 @@ def _gen_segment_softmax(spec: SegmentSoftmax) -> str:
              f'{F} features: an online max-and-sum pass, then a pass that writes every member."""')
         _segment_prologue(code, F)
         code(f"peak = tl.full([BLOCK_R, BLOCK_F], {NEG_SENTINEL}, dtype={acc})",
-             f"total = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})")
+             f"total = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
         with code.block("for i in range(0, longest):"):
             _member_loads(code, gather=False, need_member=True, width=F, acc=acc)
             code("val = tl.where(ok, val, peak)",
@@ -321,8 +351,8 @@ def _gen_attention(spec: Attention) -> str:
              f'{G} score group(s) of {F // G} features, one pass with an online softmax."""')
         _segment_prologue(code, F)
         code(f"peak = tl.full([BLOCK_R, BLOCK_F], {NEG_SENTINEL}, dtype={acc})  # running max",
-             f"total = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})  # running sum of exp(score - peak)",
-             f"acc = tl.zeros([BLOCK_R, BLOCK_F], dtype={acc})  # running sum of exp(score - peak) * x")
+             f"total = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})  # running sum of exp(score - peak)",
+             f"acc = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})  # running sum of exp(score - peak) * x")
         with code.block("for i in range(0, longest):"):
             _member_loads(code, gather=True, need_member=True, width=F, acc=acc)
             code(f"s = tl.load(score + {_group_index('member', G, F)}, mask=ok, other=0.0).to({acc})",
@@ -357,16 +387,14 @@ def _gen_typed_linear(spec: TypedLinear) -> str:
              "row_out = tl.load(rows_out + m, mask=m_ok, other=0).to(tl.int64)",
              "n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
              f"n_ok = n < {B}",
-             f"acc = tl.zeros([BLOCK_M, BLOCK_N], dtype={acc})")
+             f"acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype={acc})")
         with code.block(f"for k0 in range(0, {D}, BLOCK_K):"):
             code("k = k0 + tl.arange(0, BLOCK_K)",
                  f"k_ok = k < {D}",
                  f"a = tl.load(h + row_in[:, None] * {D} + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)",
                  f"b = tl.load(w + rel * {D * B} + k[:, None] * {B} + n[None, :], mask=k_ok[:, None] & n_ok[None, :], "
                  "other=0.0)")
-            if spec.dtype == "f64":
-                code("acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)")
-            elif spec.dtype == "f32":
+            if spec.dtype in ("f32", "f64"):
                 code('acc = tl.dot(a, b, acc, input_precision="ieee")')
             else:
                 code("acc = tl.dot(a, b, acc)  # f16 operands, f32 accumulation")

@@ -10,9 +10,11 @@ cotangent of its result and a builder, emits the IR ops computing the cotangents
 The gradient program's inputs are the forward program's inputs and parameters plus one cotangent
 per differentiated output (``input`` ``d_<output>``, or a ``param`` for a param-domain output); its
 outputs are ``d_<param>`` for every parameter in ``wrt`` (then ``d_<input>`` for the inputs asked
-for). It recomputes the forward values it needs (they are the forward program's own values, shared),
-so it is best built from the reference IR and then optimized like any program: the passes fuse the
-backward graph ops too (the transpose of a gather by src is a sum by src, which becomes a g-SpMM).
+for). It contains the forward values it needs (the forward program's own values, shared), so it is
+best built from the reference IR and then optimized like any program: the passes fuse the backward
+graph ops too (the transpose of a gather by src is a sum by src, which becomes a g-SpMM).
+``split_program`` then cuts an optimized gradient program into a forward part (outputs and the
+residuals the backward reads) and a backward part, so that training computes forward values once.
 
 Rules worth knowing:
 
@@ -32,11 +34,15 @@ Rules worth knowing:
 * fused ops (``gspmm``, ``attention``, ``typed_linear``) are differentiated by emitting their
   unfused definition and differentiating that.
 
-Some adjoints need ops the language does not expose. They are defined here (type rule, contract and
-NumPy rule) and registered into ``mpdsl.ops.OPS`` and the NumPy backend when this module is imported:
-``gt``, ``eq`` (float 0/1 comparisons), ``contract_rows`` (einsum that also sums the row axis: a param
-result), ``broadcast`` (expand to a declared type), ``slice`` and ``pad`` (a feature-axis range and
-its transpose).
+The builder keeps the emitted IR narrow: products and broadcasts it made are folded into the
+contractions that consume them, ``W[etype]`` enters contractions as one_hot(etype) x W (no per-edge
+weight tensor), param factors leave sum aggregations, and a row sum of x[src] times edge values sums
+the edge values per node first.
+
+Some adjoints need IR ops the source language does not expose (``mpdsl.ops``, "ops used by
+gradients"): ``gt``, ``eq`` (float 0/1 comparisons), ``contract_rows`` (einsum that also sums the row
+axis: a param result), ``broadcast`` (expand to a declared type), ``slice`` and ``pad`` (a feature-axis
+range and its transpose).
 """
 
 from __future__ import annotations
@@ -47,168 +53,14 @@ import numpy as np
 
 from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
-from mpdsl.ops import (BINARY_OPS, OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, _normalize_axis, _require_float, op,
-                       parse_subscripts)
+from mpdsl.ops import BINARY_OPS, OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, parse_subscripts
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
-from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, broadcast_shapes, join_domains
+from mpdsl.types import Dim, Domain, TensorType, TypeRuleError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OPPOSITE = {"src": "dst", "dst": "src"}
 GATHER_FOR = {"src": "src", "dst": "dst", "graph": "batch"}      # aggregate by -> gather index
 AGGREGATE_FOR = {"src": "src", "dst": "dst", "batch": "graph"}   # gather index -> aggregate by
-
-
-# =====================================================================================================
-# Ops used by the adjoints (to be moved into mpdsl/ops.py; NumPy rules into backends/numpy_backend.py)
-# =====================================================================================================
-
-EXTRA_OPS = ("gt", "eq", "contract_rows", "broadcast", "slice", "pad")
-
-
-def _comparison_rule(name: str, symbol: str):
-    def rule(types, attrs, declared):
-        for i, t in enumerate(types):
-            _require_float(t, f"'{name}'", i)
-        domain = join_domains(types, f"'{name}'")
-        return TensorType(domain, broadcast_shapes([t.shape for t in types], f"'{name}'"), types[0].dtype)
-
-    rule.__doc__ = (f"Elementwise comparison: 1.0 where a {symbol} b, else 0.0 (float), with the broadcasting "
-                    "of binary ops. Piecewise constant: no gradient.")
-    return rule
-
-
-def _register_extra_ops() -> None:
-    if "contract_rows" in OPS:
-        return
-    op("gt", 2)(_comparison_rule("gt", ">"))
-    op("eq", 2)(_comparison_rule("eq", "=="))
-
-    @op("contract_rows", None, {"spec": str})
-    def _contract_rows(types, attrs, declared):
-        """Einstein summation like einsum (letters name feature axes) that also sums the implicit row
-        axis shared by the non-param operands, e.g. "k,m->km" on two node values is sum over nodes of
-        their outer products: the result is a param value. At least one operand has rows."""
-        inputs, out = parse_subscripts(attrs["spec"])
-        if len(inputs) != len(types):
-            raise TypeRuleError(f"contract_rows subscripts {attrs['spec']!r} name {len(inputs)} operand(s), "
-                                f"got {len(types)}")
-        sizes: dict[str, Dim] = {}
-        for i, (term, t) in enumerate(zip(inputs, types)):
-            _require_float(t, "contract_rows", i)
-            if len(term) != t.rank:
-                raise TypeRuleError(f"contract_rows term {term!r} has {len(term)} letters but operand {i + 1} "
-                                    f"is {t}", "one letter per feature axis", i)
-            for letter, dim in zip(term, t.shape):
-                if sizes.setdefault(letter, dim) != dim:
-                    raise TypeRuleError(f"contract_rows axis {letter!r} is {sizes[letter]} in one operand and "
-                                        f"{dim} in another", operand=i)
-        if len(set(out)) != len(out) or not set(out) <= set(sizes):
-            raise TypeRuleError(f"contract_rows output {out!r} must use distinct letters from the inputs")
-        if join_domains(types, "contract_rows") is Domain.PARAM:
-            raise TypeRuleError("contract_rows sums over rows: at least one operand must be a node, edge or "
-                                "graph value", "use einsum on param values")
-        return TensorType(Domain.PARAM, tuple(sizes[c] for c in out), types[0].dtype)
-
-    @op("broadcast", 1, declared=True)
-    def _broadcast(types, attrs, declared):
-        """Expand to the declared type: feature axes of size 1 (and missing trailing axes) are repeated,
-        shapes aligned from the left; a param value may be repeated over the rows of a node, edge or
-        graph domain."""
-        (t,) = types
-        if declared is None:
-            raise TypeRuleError("broadcast needs a declared type")
-        _require_float(t, "broadcast")
-        if t.domain is not declared.domain and t.domain is not Domain.PARAM:
-            raise TypeRuleError(f"cannot broadcast {t} to {declared}: different rows")
-        if t.rank > declared.rank or broadcast_shapes([t.shape, declared.shape], "broadcast") != declared.shape:
-            raise TypeRuleError(f"cannot broadcast {t} to {declared}")
-        if t.dtype != declared.dtype:
-            raise TypeRuleError(f"broadcast keeps the dtype: {t} to {declared}")
-        return declared
-
-    def _static_axis(t: TensorType, axis: int, what: str) -> tuple[int, int]:
-        if t.rank < 1:
-            raise TypeRuleError(f"{what} needs a feature axis, got {t}")
-        axis = _normalize_axis(axis, t.rank, what)
-        size = t.shape[axis]
-        if not size.is_static:
-            raise TypeRuleError(f"{what} along an axis of symbolic size {size}", "bind the dims first")
-        return axis, size.value
-
-    @op("slice", 1, {"axis": int, "start": int, "stop": int})
-    def _slice(types, attrs, declared):
-        """Elements start..stop-1 of one feature axis (of static size)."""
-        (t,) = types
-        axis, size = _static_axis(t, attrs["axis"], "slice")
-        start, stop = attrs["start"], attrs["stop"]
-        if not 0 <= start <= stop <= size:
-            raise TypeRuleError(f"slice {start}:{stop} is out of range for an axis of size {size}")
-        return t.with_(shape=t.shape[:axis] + (Dim(stop - start),) + t.shape[axis + 1:])
-
-    @op("pad", 1, {"axis": int, "before": int, "after": int})
-    def _pad(types, attrs, declared):
-        """Zero-pad one feature axis (of static size) with ``before`` and ``after`` elements (the
-        transpose of slice)."""
-        (t,) = types
-        _require_float(t, "pad")
-        axis, size = _static_axis(t, attrs["axis"], "pad")
-        if attrs["before"] < 0 or attrs["after"] < 0:
-            raise TypeRuleError("pad widths are not negative")
-        return t.with_(shape=t.shape[:axis] + (Dim(size + attrs["before"] + attrs["after"]),) + t.shape[axis + 1:])
-
-    _register_numpy_rules()
-
-
-def _register_numpy_rules() -> None:
-    from mpdsl.backends.numpy_backend import NumpyBackend, _expand  # the reference backend
-
-    def feature_axis(v: Value, axis: int) -> int:
-        t = v.operands[0].type
-        axis %= t.rank
-        return axis if t.domain is Domain.PARAM else axis + 1
-
-    def compare(ufunc):
-        def run(self, ctx, v, a, b):
-            ta, tb = (o.type for o in v.operands)
-            return ufunc(_expand(a, ta, v.type), _expand(b, tb, v.type)).astype(ctx.float_dtype)
-        return run
-
-    def contract_rows(self, ctx, v, *xs):
-        inputs, out = v.attr["spec"].split("->")
-        terms = [("" if o.type.domain is Domain.PARAM else "R") + term.strip()
-                 for term, o in zip(inputs.split(","), v.operands)]
-        result = np.einsum(f"{','.join(terms)}->{out.strip()}", *xs, optimize=True)
-        return np.asarray(result, dtype=ctx.float_dtype)
-
-    def broadcast(self, ctx, v, x):
-        shape = ctx.concrete_shape(v.type)
-        if v.type.domain is Domain.PARAM:
-            full = shape
-            arr = x.reshape(x.shape + (1,) * (len(shape) - x.ndim))
-        else:
-            g = ctx.graph
-            rows = {Domain.NODE: g.num_nodes, Domain.EDGE: g.num_edges, Domain.GRAPH: g.num_graphs}[v.type.domain]
-            full = (rows,) + shape
-            arr = _expand(x, v.operands[0].type, v.type)
-        return np.array(np.broadcast_to(arr, full), dtype=ctx.float_dtype)
-
-    def slice_(self, ctx, v, x):
-        axis = feature_axis(v, v.attr["axis"])
-        index = (slice(None),) * axis + (slice(v.attr["start"], v.attr["stop"]),)
-        return np.ascontiguousarray(x[index])
-
-    def pad(self, ctx, v, x):
-        axis = feature_axis(v, v.attr["axis"])
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (v.attr["before"], v.attr["after"])
-        return np.pad(x, widths)
-
-    for name, fn in (("gt", compare(np.greater)), ("eq", compare(np.equal)), ("contract_rows", contract_rows),
-                     ("broadcast", broadcast), ("slice", slice_), ("pad", pad)):
-        NumpyBackend.rules.setdefault(name, fn)
-
-
-_register_extra_ops()
 
 
 # =====================================================================================================
@@ -218,20 +70,30 @@ _register_extra_ops()
 
 class GradBuilder(Rewriter):
     """A Rewriter whose emitted values carry the span of the value being differentiated (``like``),
-    with shorthands for the ops the rules use."""
+    with shorthands for the ops the rules use.
+
+    It simplifies what it emits (the rules stay literal): a ``broadcast`` it made is not
+    materialised when an elementwise op broadcasts anyway; param factors leave sum / mean
+    aggregations (sum(m * p) by dst = sum(m) by dst * p); and ``contract`` merges the products,
+    broadcasts and contractions it made, and ``W[ids]`` values, into one contraction."""
 
     def __init__(self, dtype: str):
         super().__init__()
         self.dtype = dtype
         self.like: Value | None = None
-        self._contractions: set[int] = set()  # einsums emitted by contract(): merged into later ones
+        self._emitted: set[int] = set()
 
     def emit(self, op: str, operands, attrs: dict | None = None, like: Value | None = None,
              declared: TensorType | None = None) -> Value:
         try:
-            return super().emit(op, list(operands), attrs, like if like is not None else self.like, declared)
+            value = super().emit(op, list(operands), attrs, like if like is not None else self.like, declared)
         except TypeRuleError as err:
             raise AssertionError(f"adjoint of {self.like!r} built an ill-typed {op}: {err.message}") from None
+        self._emitted.add(id(value))
+        return value
+
+    def _made(self, v: Value, op: str) -> bool:
+        return v.op == op and id(v) in self._emitted
 
     def c(self, value: float) -> Value:
         return self.const(value, self.dtype, like=self.like)
@@ -239,6 +101,11 @@ class GradBuilder(Rewriter):
     def binary(self, op: str, a: Value | float, b: Value | float) -> Value:
         a = self.c(a) if not isinstance(a, Value) else a
         b = self.c(b) if not isinstance(b, Value) else b
+        want = OPS[op].infer([a.type, b.type], {})
+        for _ in range(2):  # use a broadcast's source when the op broadcasts it the same way
+            if self._made(a, "broadcast") and OPS[op].infer([a.operands[0].type, b.type], {}) == want:
+                a = a.operands[0]
+            a, b = b, a
         return self.emit(op, [a, b])
 
     def add(self, a, b): return self.binary("add", a, b)
@@ -259,6 +126,8 @@ class GradBuilder(Rewriter):
         shape = tuple(shape)
         if x.type.shape == shape:
             return x
+        if self._made(x, "reshape") and x.operands[0].type.shape == shape:
+            return x.operands[0]
         return self.emit("reshape", [x], declared=x.type.with_(shape=shape))
 
     def broadcast(self, x: Value, t: TensorType) -> Value:
@@ -267,9 +136,19 @@ class GradBuilder(Rewriter):
         return self.emit("broadcast", [x], declared=t)
 
     def gather(self, x: Value, index: str) -> Value:
+        if self._made(x, "broadcast") and x.operands[0].type.domain is x.type.domain:  # gather the narrow source
+            moved = self.emit("gather", [x.operands[0]], {"index": index})
+            return self.broadcast(moved, OPS["gather"].infer([x.type], {"index": index}))
         return self.emit("gather", [x], {"index": index})
 
     def aggregate(self, x: Value, reduce: str, by: str) -> Value:
+        if reduce in ("sum", "mean") and self._made(x, "mul"):
+            want = OPS["aggregate"].infer([x.type], {"reduce": reduce, "by": by})
+            for factor, rest in (x.operands, x.operands[::-1]):
+                if factor.type.domain is Domain.PARAM and rest.type.domain is x.type.domain:
+                    inner = rest.type.with_(domain=want.domain)
+                    if OPS["mul"].infer([inner, factor.type], {}) == want:
+                        return self.mul(self.aggregate(rest, reduce, by), factor)
         return self.emit("aggregate", [x], {"reduce": reduce, "by": by})
 
     def reduce_sum(self, x: Value, axis: int) -> Value:
@@ -284,10 +163,14 @@ class GradBuilder(Rewriter):
         rows) of the product of ``operands``, laid out as ``target`` and expanded to ``out``: letters
         of ``target`` in no operand, and rows when no operand has any, are broadcast.
 
-        Operands that are contractions themselves are merged in (einsums emitted here, and
-        ``W[ids]`` as one_hot(ids) x W), so that no per-row weight tensor (E x D x K) is built when a
-        narrower order exists: the backend's einsum picks the contraction order."""
+        Operands that are products or contractions themselves are merged in (the muls, broadcasts and
+        einsums emitted here, and ``W[ids]`` as one_hot(ids) x W), so that no wide intermediate (an
+        E x D x K weight per edge, an E x F product) is built when a narrower order exists: the
+        backend's einsum picks the order. A row sum of a gathered value times edge values sums the
+        edge values per node first: sum_e x[src_e] w_e = sum_j x_j (sum_{e from j} w_e)."""
         operands, terms = self._merge(list(operands), list(terms), target)
+        if out.domain is Domain.PARAM:
+            operands, terms = self._aggregate_before_row_sum(operands, terms, target)
         present = set("".join(terms))
         reduced = "".join(ch for ch in target if ch in present)
         rows = any(o.type.domain is not Domain.PARAM for o in operands)
@@ -298,34 +181,48 @@ class GradBuilder(Rewriter):
             result = self.emit("contract_rows", operands, {"spec": spec})
         else:
             result = self.emit("einsum", operands, {"spec": spec})
-            self._contractions.add(id(result))
         if reduced != target:
             shape = tuple(dim if ch in present else Dim(1) for ch, dim in zip(target, out.shape))
             result = self.reshape(result, shape)
         return self.broadcast(result, out)
 
     def _merge(self, operands: list[Value], terms: list[str], target: str) -> tuple[list[Value], list[str]]:
-        if len(operands) < 2:
-            return operands, terms
         used = set("".join(terms)) | set(target)
+        several = len(operands) > 1
 
         def fresh() -> str:
             letter = next(ch for ch in LETTERS if ch not in used)
             used.add(letter)
             return letter
 
+        def aligned(o: Value, outer: Value) -> bool:  # broadcast to outer by size-1 / missing trailing axes
+            return (o.type.domain in (outer.type.domain, Domain.PARAM) and o.type.rank <= outer.type.rank
+                    and all(d == e or d == Dim(1) for d, e in zip(o.type.shape, outer.type.shape)))
+
+        def letters_of(o: Value, outer: Value, term: str) -> str:
+            return "".join(term[i] if o.type.shape[i] == outer.type.shape[i] else fresh()
+                           for i in range(o.type.rank))
+
         merged_ops: list[Value] = []
         merged_terms: list[str] = []
         pending = list(zip(operands, terms))
         while pending:
             o, term = pending.pop(0)
-            if id(o) in self._contractions and o.op == "einsum":
+            if self._made(o, "einsum"):
                 inner_terms, inner_out = parse_subscripts(o.attr["spec"])
                 names = dict(zip(inner_out, term))
                 for letter in sorted(set("".join(inner_terms)) - set(inner_out)):
                     names[letter] = fresh()
                 pending[:0] = [(x, "".join(names[c] for c in t)) for x, t in zip(o.operands, inner_terms)]
-            elif (o.op == "take" and o.type.domain is not Domain.PARAM and o.type.rank >= 1
+            elif self._made(o, "mul") and all(aligned(x, o) for x in o.operands):
+                pending[:0] = [(x, letters_of(x, o, term)) for x in o.operands]
+            elif self._made(o, "broadcast") and o.operands[0].type.domain is o.type.domain:
+                (x,) = o.operands
+                pending.insert(0, (x, letters_of(x, o, term)))
+            elif (self._made(o, "reshape") and [d for d in o.type.shape if d != Dim(1)] == list(o.operands[0].type.shape)):
+                # a reshape that only inserted size-1 axes: its source takes the other letters
+                pending.insert(0, (o.operands[0], "".join(ch for ch, d in zip(term, o.type.shape) if d != Dim(1))))
+            elif (several and o.op == "take" and o.type.domain is not Domain.PARAM
                   and o.operands[0].type.shape[0].is_static):
                 w, index = o.operands
                 r = fresh()
@@ -337,6 +234,32 @@ class GradBuilder(Rewriter):
                 merged_ops.append(o)
                 merged_terms.append(term)
         return merged_ops, merged_terms
+
+    def _aggregate_before_row_sum(self, operands: list[Value], terms: list[str], target: str
+                                  ) -> tuple[list[Value], list[str]]:
+        """For a row sum of x[idx] times edge values w1, w2...: the product of the w's, reduced to the
+        letters x has, summed per idx node first, then the row sum over nodes (when that product is
+        no wider than x)."""
+        rows = [i for i, o in enumerate(operands) if o.type.domain is not Domain.PARAM]
+        gathers = [i for i in rows if operands[i].op == "gather"]
+        if len(gathers) != 1 or len(rows) < 2:
+            return operands, terms
+        (g,) = gathers
+        gathered = operands[g]
+        others = [i for i in rows if i != g]
+        needed = set(terms[g]) | set(target) | {ch for i, t in enumerate(terms) if i not in rows for ch in t}
+        letters = "".join(ch for ch in dict.fromkeys("".join(terms[i] for i in others)) if ch in needed)
+        if not set(letters) <= set(terms[g]):
+            return operands, terms
+        if len(others) == 1 and terms[others[0]] == letters:
+            edge = operands[others[0]]
+        else:
+            edge = self.emit("einsum", [operands[i] for i in others],
+                             {"spec": f"{','.join(terms[i] for i in others)}->{letters}"})
+        summed = self.aggregate(edge, "sum", AGGREGATE_FOR[gathered.attr["index"]])
+        keep = [i for i in range(len(operands)) if i not in rows]
+        return ([operands[i] for i in keep] + [gathered.operands[0], summed],
+                [terms[i] for i in keep] + [terms[g], letters])
 
     def unbroadcast(self, g: Value, t: TensorType) -> Value:
         """The cotangent of an operand of type ``t`` broadcast to ``g``'s type: summed over the rows (a
@@ -748,14 +671,16 @@ def _backprop(b: GradBuilder, values: Sequence[Value], cotangents: dict[int, Val
 
 
 def grad_program(program: Program, wrt: Sequence[str] | None = None, outputs: Sequence[str] | None = None, *,
-                 inputs: Sequence[str] = (), dims: dict[str, int] | None = None) -> Program:
+                 inputs: Sequence[str] = (), dims: dict[str, int] | None = None,
+                 keep_outputs: bool = False) -> Program:
     """The reverse-mode gradient program of ``program``.
 
     ``wrt``: parameter names (default: every parameter); ``outputs``: the outputs differentiated
     (default: all float outputs); ``inputs``: float inputs whose gradients are wanted too; ``dims``:
     bind these dims first (adjoints of concat, select, take and axis means need static sizes).
     The result's inputs are the program's inputs and params plus one cotangent ``d_<output>`` per
-    differentiated output; its outputs are ``d_<param>`` per ``wrt`` entry then ``d_<input>``."""
+    differentiated output; its outputs are ``d_<param>`` per ``wrt`` entry then ``d_<input>`` (then,
+    with ``keep_outputs``, the program's own outputs: see ``split_program``)."""
     if dims:
         program = specialize(program, dict(dims))
     params = {v.attr["name"]: v for v in program.params}
@@ -802,8 +727,75 @@ def grad_program(program: Program, wrt: Sequence[str] | None = None, outputs: Se
         results.append((f"d_{name}", cotangents.get(id(v)) or b.zeros(v.type)))
     if not results:
         raise CompileError("nothing to differentiate with respect to", None, "name parameters in wrt= or inputs=")
+    if keep_outputs:
+        clash = sorted({n for n, _ in program.outputs} & {n for n, _ in results})
+        if clash:
+            raise CompileError(f"output name(s) {', '.join(clash)} clash with gradient names", None)
+        results += list(program.outputs)
     values = tuple(program.values) + tuple(b.values)
     return verify(prune(Program(f"{program.name}_grad", program.dims, values, tuple(results))))
+
+
+def split_program(program: Program, forward_outputs: Sequence[str], cotangents: Sequence[str],
+                  prefix: str = "residual") -> tuple[Program, Program, list[str]]:
+    """Split a gradient program built with ``keep_outputs`` (and optimized, typically) into the part
+    that runs before the cotangents are known and the part that needs them: (forward, backward,
+    residual names). ``forward`` computes ``forward_outputs`` and the residuals: the values of the
+    forward part that the backward part reads (as inputs ``<prefix><k>``, params for param values);
+    ``backward`` computes the remaining outputs from the inputs, params, cotangents and residuals.
+    So a training step computes the forward values once."""
+    cotangent_ids = {id(v) for v in program.values if v.op in ("input", "param") and v.name in set(cotangents)}
+    late: set[int] = set(cotangent_ids)
+    for v in program.values:
+        if any(id(o) in late for o in v.operands):
+            late.add(id(v))
+    out_map = dict(program.outputs)
+    sources = ("input", "param", "const", "degree")
+    taken = {v.name for v in program.values if v.name is not None} | set(out_map)
+    residuals: dict[int, Value] = {}     # forward value -> its source in the backward program
+    residual_names: list[str] = []
+    mapping: dict[int, Value] = {}
+    back_values: list[Value] = []
+
+    def early(v: Value) -> Value:
+        """A forward-part value as seen by the backward program."""
+        if v.op in sources:
+            if id(v) not in mapping:
+                mapping[id(v)] = v
+                back_values.append(v)
+            return v
+        if id(v) not in residuals:
+            name = f"{prefix}{len(residual_names)}"
+            while name in taken:
+                name = "_" + name
+            taken.add(name)
+            residual_names.append(name)
+            attrs = {"name": name, "init": "zeros"} if v.type.domain is Domain.PARAM else {"name": name}
+            source = make_value("param" if v.type.domain is Domain.PARAM else "input", [], attrs, v.type, v.span)
+            residuals[id(v)] = source
+            back_values.append(source)
+        return residuals[id(v)]
+
+    for v in program.values:
+        if id(v) in cotangent_ids:
+            mapping[id(v)] = v
+            back_values.append(v)
+        elif id(v) in late:
+            operands = tuple(mapping[id(o)] if id(o) in late else early(o) for o in v.operands)
+            nv = Value(v.op, operands, v.attrs, v.type, v.span)
+            mapping[id(v)] = nv
+            back_values.append(nv)
+    back_outputs = []
+    for name, v in program.outputs:
+        if name not in forward_outputs:
+            back_outputs.append((name, mapping[id(v)] if id(v) in late else early(v)))
+    forward_values = tuple(v for v in program.values if id(v) not in late)
+    by_id = {id(v): v for v in forward_values}
+    residual_outputs = [(name, by_id[key]) for key, name in zip(residuals, residual_names)]  # creation order
+    forward = Program(program.name, program.dims, forward_values,
+                      tuple((n, out_map[n]) for n in forward_outputs) + tuple(residual_outputs))
+    backward = Program(program.name, program.dims, tuple(back_values), tuple(back_outputs))
+    return verify(prune(forward)), verify(prune(backward)), residual_names
 
 
 # =====================================================================================================
@@ -855,5 +847,5 @@ def retype(program: Program, dtype: str) -> Program:
                    tuple((n, mapping[id(v)]) for n, v in program.outputs))
 
 
-__all__ = ["ADJOINTS", "NOT_DIFFERENTIABLE", "EXTRA_OPS", "GradBuilder", "grad_program", "mask_dropout",
-           "missing_adjoints", "retype"]
+__all__ = ["ADJOINTS", "NOT_DIFFERENTIABLE", "GradBuilder", "grad_program", "mask_dropout",
+           "missing_adjoints", "retype", "split_program"]

@@ -47,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     common(check)
     comp = sub.add_parser("compile", help="print a stage of the compilation")
     common(comp)
-    comp.add_argument("--emit", choices=["ast", "ir", "ir-opt", "plan"], default="ir",
-                      help="what to print: the AST, the IR, the optimized IR, or the execution plan (default: ir)")
+    comp.add_argument("--emit", choices=["ast", "ir", "ir-opt", "plan", "triton"], default="ir",
+                      help="what to print: the AST, the IR, the optimized IR, the execution plan, or the "
+                           "generated Triton kernels (default: ir)")
     comp.add_argument("--locations", action="store_true", help="with --emit ir/ir-opt: print source locations")
     comp.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
     comp.add_argument("--graph", help="with --emit plan: size the plan for this graph (.npz)")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
     start = time.perf_counter()
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if getattr(args, "passes", None) else None
-    if args.command == "compile" and args.emit in ("ir-opt", "plan"):
+    if args.command == "compile" and args.emit in ("ir-opt", "plan", "triton"):
         return _emit_optimized(args, dims, passes, start)
     if args.command in ("check", "compile"):
         text, name = read_source(Path(args.model_file))
@@ -158,7 +159,10 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
         bound = model.bind(graph, {})[1]
     program, ctx = model.optimized_for(bound)
     elapsed = (time.perf_counter() - start) * 1e3
-    if args.emit == "ir-opt":
+    if args.emit == "triton":
+        from mpdsl.backends.triton_backend import emit_triton
+        print(emit_triton(program, bound), end="")
+    elif args.emit == "ir-opt":
         print(print_program(program, locations=args.locations), end="")
     else:
         layout = choose_layout(graph, program, args.layout) if graph is not None else None

@@ -340,7 +340,7 @@ def _gather(types, attrs, declared):
         if index == "batch":
             hint = "x[batch] broadcasts per-graph values to their nodes"
         elif t.domain is Domain.EDGE:
-            hint = f"it already has one row per edge: use it directly, or reduce it first: sum(...) by dst"
+            hint = "it already has one row per edge: use it directly, or reduce it first: sum(...) by dst"
         else:
             hint = f"x[{index}] reads node values at each edge's {'source' if index == 'src' else 'destination'}"
         raise TypeRuleError(f"cannot gather {_a(t.domain)} value by {index}: [{index}] reads {needed} values", hint, 0)
@@ -467,3 +467,99 @@ def _typed_linear(types, attrs, declared):
     if h.rank < 1 or h.shape[-1] != w.shape[1]:
         raise TypeRuleError(f"typed_linear shape mismatch: {shape_str(h.shape)} @ {shape_str(w.shape[1:])}")
     return TensorType(Domain.EDGE, h.shape[:-1] + w.shape[2:], h.dtype)
+
+
+# ---- ops used by gradient programs (mpdsl.autodiff); not spelled in the source language ------------
+
+
+def _comparison_rule(name: str, symbol: str):
+    def rule(types, attrs, declared):
+        for i, t in enumerate(types):
+            _require_float(t, f"'{name}'", i)
+        domain = join_domains(types, f"'{name}'")
+        return TensorType(domain, broadcast_shapes([t.shape for t in types], f"'{name}'"), types[0].dtype)
+
+    rule.__doc__ = (f"Elementwise comparison: 1.0 where a {symbol} b, else 0.0 (float), with the broadcasting "
+                    "of binary ops. Piecewise constant: no gradient.")
+    return rule
+
+
+op("gt", 2)(_comparison_rule("gt", ">"))
+op("eq", 2)(_comparison_rule("eq", "=="))
+
+
+@op("contract_rows", None, {"spec": str})
+def _contract_rows(types, attrs, declared):
+    """Einstein summation like einsum (letters name feature axes) that also sums the implicit row
+    axis shared by the non-param operands, e.g. "k,m->km" on two node values is the sum over nodes of
+    their outer products: the result is a param value. At least one operand has rows."""
+    inputs, out = parse_subscripts(attrs["spec"])
+    if len(inputs) != len(types):
+        raise TypeRuleError(f"contract_rows subscripts {attrs['spec']!r} name {len(inputs)} operand(s), "
+                            f"got {len(types)}")
+    sizes: dict[str, Dim] = {}
+    for i, (term, t) in enumerate(zip(inputs, types)):
+        _require_float(t, "contract_rows", i)
+        if len(term) != t.rank:
+            raise TypeRuleError(f"contract_rows term {term!r} has {len(term)} letters but operand {i + 1} "
+                                f"is {t}", "one letter per feature axis", i)
+        for letter, dim in zip(term, t.shape):
+            if sizes.setdefault(letter, dim) != dim:
+                raise TypeRuleError(f"contract_rows axis {letter!r} is {sizes[letter]} in one operand and "
+                                    f"{dim} in another", operand=i)
+    if len(set(out)) != len(out) or not set(out) <= set(sizes):
+        raise TypeRuleError(f"contract_rows output {out!r} must use distinct letters from the inputs")
+    if join_domains(types, "contract_rows") is Domain.PARAM:
+        raise TypeRuleError("contract_rows sums over rows: at least one operand must be a node, edge or "
+                            "graph value", "use einsum on param values")
+    return TensorType(Domain.PARAM, tuple(sizes[c] for c in out), types[0].dtype)
+
+
+@op("broadcast", 1, declared=True)
+def _broadcast(types, attrs, declared):
+    """Expand to the declared type: feature axes of size 1 (and missing trailing axes) are repeated,
+    shapes aligned from the left; a param value may be repeated over the rows of a node, edge or
+    graph domain."""
+    (t,) = types
+    declared = _require_declared(declared, "broadcast")
+    _require_float(t, "broadcast")
+    if t.domain is not declared.domain and t.domain is not Domain.PARAM:
+        raise TypeRuleError(f"cannot broadcast {t} to {declared}: different rows")
+    if t.rank > declared.rank or broadcast_shapes([t.shape, declared.shape], "broadcast") != declared.shape:
+        raise TypeRuleError(f"cannot broadcast {t} to {declared}")
+    if t.dtype != declared.dtype:
+        raise TypeRuleError(f"broadcast keeps the dtype: {t} to {declared}")
+    return declared
+
+
+def _static_axis(t: TensorType, axis: int, what: str) -> tuple[int, int]:
+    if t.rank < 1:
+        raise TypeRuleError(f"{what} needs a feature axis, got {t}")
+    axis = _normalize_axis(axis, t.rank, what)
+    size = t.shape[axis]
+    if not size.is_static:
+        raise TypeRuleError(f"{what} along an axis of symbolic size {size}", "bind the dims first")
+    return axis, size.value
+
+
+@op("slice", 1, {"axis": int, "start": int, "stop": int})
+def _slice(types, attrs, declared):
+    """Elements start..stop-1 of one feature axis (of static size)."""
+    (t,) = types
+    axis, size = _static_axis(t, attrs["axis"], "slice")
+    start, stop = attrs["start"], attrs["stop"]
+    if not 0 <= start <= stop <= size:
+        raise TypeRuleError(f"slice {start}:{stop} is out of range for an axis of size {size}")
+    return t.with_(shape=t.shape[:axis] + (Dim(stop - start),) + t.shape[axis + 1:])
+
+
+@op("pad", 1, {"axis": int, "before": int, "after": int})
+def _pad(types, attrs, declared):
+    """Zero-pad one feature axis (of static size) with ``before`` and ``after`` elements (the
+    transpose of slice)."""
+    (t,) = types
+    _require_float(t, "pad")
+    axis, size = _static_axis(t, attrs["axis"], "pad")
+    if attrs["before"] < 0 or attrs["after"] < 0:
+        raise TypeRuleError("pad widths are not negative")
+    return t.with_(shape=t.shape[:axis] + (Dim(size + attrs["before"] + attrs["after"]),) + t.shape[axis + 1:])

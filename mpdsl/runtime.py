@@ -278,6 +278,12 @@ class CompiledModel:
         for name, t in self.param_types.items():
             self._bind_shape(f"parameter '{name}'", t, self.params[name].shape, dict(dims), InputError)
 
+    def to_torch(self, graph: Graph | None = None, **dims: int):
+        """A trainable ``torch.nn.Module`` running this model: parameters are ``nn.Parameter``s named
+        as in the .mp file, gradients come from the compiler's gradient program (needs torch)."""
+        from mpdsl.torch_module import to_torch
+        return to_torch(self, graph, **dims)
+
     def train(self, mode: bool = True) -> "CompiledModel":
         self.training = mode
         return self

@@ -21,7 +21,7 @@ from mpdsl import ast
 from mpdsl.diagnostics import CompileError, Span
 from mpdsl.ir import Program, Value, make_value, verify
 from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS
-from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, shape_str
+from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
 
 RESERVED = {"src", "dst", "batch", "graph"}
 ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
@@ -202,7 +202,7 @@ class Checker:
         t = arg.type
         if t.dtype == "int":
             if t.domain == "param":
-                raise self.error("parameters are float", t.span, f"declare it as param[...] (drop 'int')")
+                raise self.error("parameters are float", t.span, "declare it as param[...] (drop 'int')")
             if t.dims:
                 raise self.error("int inputs are one index per row", t.span,
                                  f"declare it as {t.domain} int (no feature dims)")

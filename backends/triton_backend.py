@@ -1,0 +1,674 @@
+"""The Triton backend: generated Triton kernels for the graph ops, torch for dense algebra.
+
+Graph ops (``gspmm``, ``attention``, ``aggregate``, ``softmax``, ``typed_linear``) run as Triton
+kernels generated from the IR value (see ``mpdsl.backends.triton_kernels``: the source is built
+from the op's attributes and static shapes, and cached by a hash of both). Every other op is a
+torch op with the NumPy backend's semantics (left-aligned broadcasting, param values without a
+row axis). Values are torch tensors on the device: CUDA when available, else the CPU, where the
+kernels run in Triton's interpreter.
+
+Running it:
+
+* on a CUDA GPU: ``mpdsl run model.mp --graph g.npz --backend triton``;
+* without a GPU, in Triton's interpreter (slow; for tests): set ``TRITON_INTERPRET=1`` in the
+  environment, or construct ``TritonBackend(interpret=True)``: the only switch by which the backend
+  itself turns the interpreter on, and only while it defines its own kernels (lazily, at first use);
+  ``interpret=False`` compiles them for the GPU even where TRITON_INTERPRET=1 is set.
+
+Precision: float32 and float64 programs compute in their dtype; float16 programs store float16
+values but compute in float32 (inside the kernels, and dense ops are upcast op by op).
+Options (``TritonBackend(...)``): ``layout`` ("coo" runs gspmm/attention with the COO + atomics
+kernels whatever the plan chose, "csr" never), ``poison`` (fill every kernel output with NaN
+before the kernel runs: tests check that kernels write every element), block sizes, ``device``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mpdsl.backends import Backend, BackendError, register_backend, rule
+from mpdsl.backends.triton_kernels import (KERNELS, Attention, CooAttention, CooGspmm, KernelSpec, SegmentReduce,
+                                           SegmentSoftmax, TypedLinear, next_pow2)
+from mpdsl.diagnostics import InputError
+from mpdsl.ir import Program, Value, print_program
+from mpdsl.types import Domain, TensorType
+
+torch: Any = None  # imported by _runtime() on first use, so that this module imports without torch
+
+INSTALL_HINT = 'pip install "mpdsl[triton]"'
+KERNEL_OPS = ("gspmm", "attention", "aggregate", "softmax", "typed_linear")
+TORCH_DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64"}
+
+
+def _runtime(interpret: bool | None) -> tuple[Any, bool]:
+    """(torch, interpreting). A one-line BackendError when torch or triton is missing, or when
+    there is neither a CUDA device nor Triton's interpreter."""
+    global torch
+    try:
+        import torch as torch_module
+        import triton  # noqa: F401
+    except ImportError as err:
+        missing = getattr(err, "name", None) or "torch/triton"
+        raise BackendError(f"the triton backend needs torch and triton ({missing} is not installed): "
+                           f"{INSTALL_HINT}") from None
+    torch = torch_module
+    interpreting = interpret if interpret is not None else os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreting and not torch.cuda.is_available():
+        raise BackendError("the triton backend needs a CUDA GPU; without one, run its kernels in Triton's "
+                           "interpreter (slow, for testing) by setting TRITON_INTERPRET=1 in the environment, "
+                           "e.g. TRITON_INTERPRET=1 mpdsl run model.mp --graph g.npz --backend triton")
+    return torch, interpreting
+
+
+def _width(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- graph structures on the device ---------------------------------------------------------
+
+
+@dataclass
+class Segments:
+    """Rows grouped into segments, on the device: members ``perm[indptr[s]:indptr[s+1]]`` of
+    segment s (edge ids, or node ids for graphs), ``cols`` the other endpoint of each member edge
+    in the same order (gather source), ``order`` the segments by decreasing size, ``counts`` the
+    sizes, ``read`` / ``write`` the COO endpoints of every edge (value read at, reduced onto)."""
+
+    indptr: Any
+    perm: Any
+    order: Any
+    counts: Any
+    num_segments: int
+    cols: Any = None
+    read: Any = None
+    write: Any = None
+
+
+def _index_dtype(*sizes: int):
+    return torch.int32 if max(sizes, default=0) < 2 ** 31 - 1 else torch.int64
+
+
+def _segments(graph, by: str, device) -> Segments:
+    def build() -> Segments:
+        if by == "dst":
+            indptr, perm = graph.csr_by_dst()
+            read, write = graph.src, graph.dst
+        elif by == "src":
+            indptr, perm = graph.csr_by_src()
+            read, write = graph.dst, graph.src
+        else:
+            indptr, perm = graph.segments_by_graph()
+            read = write = None
+        itype = _index_dtype(len(perm), len(indptr))
+        counts = np.diff(indptr)
+        order = np.argsort(-counts, kind="stable")
+
+        def dev(a):
+            return torch.from_numpy(np.array(a)).to(device=device, dtype=itype)
+
+        seg = Segments(dev(indptr), dev(perm), dev(order), dev(counts), len(indptr) - 1)
+        if read is not None:
+            seg.cols, seg.read, seg.write = dev(read[perm]), dev(read), dev(write)
+        return seg
+
+    return graph.cached(("triton.segments", by, str(device)), build)
+
+
+def _graph_index(graph, name: str, device):
+    def build():
+        array = {"src": graph.src, "dst": graph.dst, "batch": graph.batch}[name]
+        return torch.from_numpy(np.array(array, dtype=np.int64)).to(device)
+
+    return graph.cached(("triton.index", name, str(device)), build)
+
+
+# ---- execution context ----------------------------------------------------------------------
+
+
+@dataclass
+class TritonContext:
+    program: Program
+    graph: Any
+    device: Any
+    dtype: Any           # torch float dtype of the program's values
+    dtype_name: str      # f32 f16 f64
+    training: bool
+    interpret: bool
+    generator: Any
+    dims: dict[str, int]
+    inputs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    launches: list[str] = field(default_factory=list)
+
+    def segments(self, by: str) -> Segments:
+        return _segments(self.graph, by, self.device)
+
+    def index(self, name: str):
+        return _graph_index(self.graph, name, self.device)
+
+
+def _expand(x, t: TensorType, result: TensorType):
+    """The NumPy backend's broadcasting: params have no row axis, feature shapes align from the left."""
+    pad = (1,) * (result.rank - t.rank)
+    if result.domain is Domain.PARAM:
+        return x.reshape(tuple(x.shape) + pad)
+    if t.domain is Domain.PARAM:
+        return x.reshape((1,) + tuple(x.shape) + pad)
+    return x.reshape(tuple(x.shape) + pad)
+
+
+def _axis(v: Value, axis: int) -> int:
+    t = v.operands[0].type
+    axis %= t.rank
+    return axis if t.domain is Domain.PARAM else axis + 1
+
+
+def _check_ids(ids, bound: int, source: Value, what: str) -> None:
+    """The NumPy backend's message for an int id out of range (one host sync)."""
+    if ids.numel() and int(ids.max()) >= bound:
+        pos = int(torch.nonzero(ids >= bound)[0, 0])
+        name = source.attr.get("name", "the ids")
+        raise InputError(f"{name}[{pos}] = {int(ids[pos])} is out of range for {what}",
+                         f"{name} values must be below {bound}")
+
+
+_UNARY = {
+    "neg": lambda x: -x,
+    "relu": lambda x: torch.clamp_min(x, 0),
+    "sigmoid": lambda x: torch.sigmoid(x),
+    "tanh": lambda x: torch.tanh(x),
+    "exp": lambda x: torch.exp(x),
+    "log": lambda x: torch.log(x),
+    "sqrt": lambda x: torch.sqrt(x),
+    "rsqrt": lambda x: torch.rsqrt(x),
+    "abs": lambda x: torch.abs(x),
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+    "silu": lambda x: x * torch.sigmoid(x),
+    "softplus": lambda x: torch.logaddexp(torch.zeros_like(x), x),
+}
+_BINARY = {
+    "add": lambda a, b: torch.add(a, b), "sub": lambda a, b: torch.sub(a, b), "mul": lambda a, b: torch.mul(a, b),
+    "div": lambda a, b: torch.div(a, b), "pow": lambda a, b: torch.pow(a, b),
+    "maximum": lambda a, b: torch.maximum(a, b), "minimum": lambda a, b: torch.minimum(a, b),
+}
+
+
+@register_backend("triton")
+class TritonBackend(Backend):
+    """Generated Triton kernels for graph ops, torch for the rest (see the module docstring)."""
+
+    def __init__(self, *, interpret: bool | None = None, device: str | None = None, layout: str | None = None,
+                 poison: bool = False, block_rows: int | None = None, block_features: int | None = None,
+                 block_edges: int | None = None, block_m: int | None = None):
+        if layout not in (None, "coo", "csr"):
+            raise BackendError(f"unknown layout override {layout!r}", "use 'coo', 'csr' or None (follow the plan)")
+        self.interpret = interpret
+        self.device = device
+        self.layout = layout
+        self.poison = poison
+        self.block_rows = block_rows
+        self.block_features = block_features
+        self.block_edges = block_edges
+        self.block_m = block_m
+        self.last_op_seconds: dict[str, float] = {}
+        self.last_launches: list[str] = []
+
+    # ---- running -------------------------------------------------------------------------
+
+    def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
+            training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
+        outputs = self.run_tensors(program, graph, inputs, params, dims, training, seed)
+        return {name: t.detach().cpu().numpy() for name, t in outputs.items()}
+
+    def run_tensors(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
+                    training: bool = False, seed: int | None = None) -> dict[str, Any]:
+        """Like ``run``, but inputs and params may be torch tensors already on the device, and the
+        outputs are torch tensors (no host copies: what a GPU benchmark times)."""
+        _, interpreting = _runtime(self.interpret)
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = program.float_dtype
+        dtype = getattr(torch, TORCH_DTYPES[dtype_name])
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int(np.random.SeedSequence().entropy % 2 ** 63))
+        ctx = TritonContext(program, graph, device, dtype, dtype_name, training, interpreting, generator, dims,
+                            {k: self._tensor(a, device, dtype) for k, a in inputs.items()},
+                            {k: self._tensor(a, device, dtype) for k, a in params.items()})
+        env: dict[int, Any] = {}
+        timings: dict[str, float] = {}  # host time per op (kernel launches are asynchronous on a GPU)
+        half = dtype == torch.float16
+        for v in program.values:
+            start = time.perf_counter()
+            args = [env[id(o)] for o in v.operands]
+            if half and v.op not in KERNEL_OPS:  # dense ops on float16 values compute in float32
+                args = [a.float() if a.is_floating_point() else a for a in args]
+            out = self.rules[v.op](self, ctx, v, *args)
+            if half and out.is_floating_point():
+                out = out.to(dtype)
+            env[id(v)] = out
+            timings[v.op] = timings.get(v.op, 0.0) + time.perf_counter() - start
+        self.last_op_seconds = timings
+        self.last_launches = ctx.launches
+        return {name: env[id(v)] for name, v in program.outputs}
+
+    @staticmethod
+    def _tensor(array, device, dtype=None):
+        if isinstance(array, torch.Tensor):
+            t = array
+        else:
+            array = np.asarray(array)
+            if not array.flags.writeable or not array.flags.c_contiguous:
+                array = np.array(array)
+            t = torch.from_numpy(array)
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    # ---- kernel plumbing -----------------------------------------------------------------
+
+    def _kernels(self, ctx: TritonContext, spec: KernelSpec) -> dict[str, Any]:
+        ctx.launches.append(spec.name)
+        return KERNELS.get(spec, ctx.interpret)
+
+    def _output(self, ctx: TritonContext, shape: tuple[int, ...]):
+        if self.poison:
+            return torch.full(shape, float("nan"), dtype=ctx.dtype, device=ctx.device)
+        return torch.empty(shape, dtype=ctx.dtype, device=ctx.device)
+
+    def _row_blocks(self, ctx: TritonContext, width: int) -> tuple[int, int]:
+        """(BLOCK_R, BLOCK_F): the interpreter pays per program, a GPU wants ~4K elements per program."""
+        if ctx.interpret:
+            block_f = min(next_pow2(width), self.block_features or 256)
+            return self.block_rows or 256, block_f
+        block_f = min(next_pow2(width), self.block_features or 128)
+        return self.block_rows or max(4, min(64, 4096 // block_f)), block_f
+
+    def _edge_block(self, ctx: TritonContext) -> int:
+        return self.block_edges or (1024 if ctx.interpret else 64)
+
+    def _layout(self, v: Value) -> str:
+        if self.layout == "coo":
+            return "coo"
+        if self.layout == "csr":
+            return "csr"
+        return "coo" if v.attr.get("layout") == "coo" else "csr"
+
+    @staticmethod
+    def _arg(t):
+        """Kernels get a one-element tensor in place of an empty one (never read: no null pointers)."""
+        return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+    def _segment_launch(self, ctx, spec, seg: Segments, tensors: list, width: int, out):
+        rows = seg.num_segments
+        if out.numel() == 0:
+            return out
+        block_r, block_f = self._row_blocks(ctx, width)
+        (fn,) = self._kernels(ctx, spec).values()
+        grid = (_cdiv(rows, block_r), _cdiv(width, block_f))
+        fn[grid](seg.indptr, seg.order, *[self._arg(t) for t in tensors], out, rows, BLOCK_R=block_r, BLOCK_F=block_f)
+        return out
+
+    # ---- sources -------------------------------------------------------------------------
+
+    @rule("input")
+    def _input(self, ctx, v):
+        return ctx.inputs[v.attr["name"]]
+
+    @rule("param")
+    def _param(self, ctx, v):
+        return ctx.params[v.attr["name"]]
+
+    @rule("const")
+    def _const(self, ctx, v):
+        return torch.tensor(v.attr["value"], dtype=ctx.dtype, device=ctx.device)
+
+    @rule("degree")
+    def _degree(self, ctx, v):
+        by = "dst" if v.attr["dir"] == "in" else "src"
+        return ctx.segments(by).counts.to(ctx.dtype)
+
+    # ---- elementwise ---------------------------------------------------------------------
+
+    @rule(*_UNARY)
+    def _unary(self, ctx, v, x):
+        return _UNARY[v.op](x)
+
+    @rule("leaky_relu")
+    def _leaky_relu(self, ctx, v, x):
+        slope = v.attr["slope"]
+        if 0 <= slope <= 1:
+            return torch.maximum(x, x * slope)
+        return torch.where(x > 0, x, x * slope)
+
+    @rule("elu")
+    def _elu(self, ctx, v, x):
+        return torch.where(x > 0, x, v.attr["alpha"] * torch.expm1(torch.clamp_max(x, 0)))
+
+    @rule("dropout")
+    def _dropout(self, ctx, v, x):
+        p = v.attr["p"]
+        if not ctx.training or p == 0:
+            return x
+        keep = torch.rand(x.shape, generator=ctx.generator, device=ctx.device) >= p
+        return torch.where(keep, x / (1 - p), torch.zeros_like(x))
+
+    @rule(*_BINARY)
+    def _binary(self, ctx, v, a, b):
+        ta, tb = (o.type for o in v.operands)
+        return _BINARY[v.op](_expand(a, ta, v.type), _expand(b, tb, v.type))
+
+    # ---- dense algebra -------------------------------------------------------------------
+
+    @rule("matmul")
+    def _matmul(self, ctx, v, a, b):
+        ta, tb = (o.type for o in v.operands)
+        k = a.shape[-1]
+        a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+        if tb.domain is Domain.PARAM:
+            a2 = a.reshape(_width(a_shape[:-1]), k)
+            b2 = b.reshape(k, _width(b_shape[1:]))
+            return (a2 @ b2).reshape(a_shape[:-1] + b_shape[1:])
+        rows = b_shape[0]
+        a_feat = a_shape[:-1] if ta.domain is Domain.PARAM else a_shape[1:-1]
+        a3 = a.reshape((1 if ta.domain is Domain.PARAM else rows, _width(a_feat), k))
+        b3 = b.reshape(rows, k, _width(b_shape[2:]))
+        return torch.matmul(a3, b3).reshape((rows,) + a_feat + b_shape[2:])
+
+    @rule("einsum")
+    def _einsum(self, ctx, v, *xs):
+        inputs, out = v.attr["spec"].replace(" ", "").split("->")
+        terms = [("..." if o.type.domain is not Domain.PARAM else "") + term
+                 for term, o in zip(inputs.split(","), v.operands)]
+        row = "..." if v.type.domain is not Domain.PARAM else ""
+        return torch.einsum(f"{','.join(terms)}->{row}{out}", *xs)
+
+    @rule("reduce")
+    def _reduce(self, ctx, v, x):
+        fn = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}[v.attr["reduce"]]
+        return fn(x, dim=_axis(v, v.attr["axis"]))
+
+    @rule("axis_softmax")
+    def _axis_softmax(self, ctx, v, x):
+        return torch.softmax(x, dim=_axis(v, v.attr["axis"]))
+
+    @rule("concat")
+    def _concat(self, ctx, v, *xs):
+        return torch.cat(xs, dim=_axis(v, v.attr["axis"]))
+
+    @rule("reshape")
+    def _reshape(self, ctx, v, x):
+        shape = tuple(d.substitute(ctx.dims).value for d in v.type.shape)
+        return x.reshape(shape if v.type.domain is Domain.PARAM else (x.shape[0],) + shape)
+
+    # ---- ops of gradient programs (torch) ------------------------------------------------
+
+    @rule("gt", "eq")
+    def _compare(self, ctx, v, a, b):
+        ta, tb = (o.type for o in v.operands)
+        a, b = _expand(a, ta, v.type), _expand(b, tb, v.type)
+        return (a > b if v.op == "gt" else a == b).to(a.dtype)
+
+    @rule("contract_rows")
+    def _contract_rows(self, ctx, v, *xs):
+        inputs, out = v.attr["spec"].replace(" ", "").split("->")
+        terms = [("" if o.type.domain is Domain.PARAM else "R") + term for term, o in zip(inputs.split(","), v.operands)]
+        return torch.einsum(f"{','.join(terms)}->{out}", *xs)
+
+    @rule("broadcast")
+    def _broadcast(self, ctx, v, x):
+        shape = tuple(d.substitute(ctx.dims).value for d in v.type.shape)
+        if v.type.domain is not Domain.PARAM:
+            g = ctx.graph
+            shape = ({Domain.NODE: g.num_nodes, Domain.EDGE: g.num_edges, Domain.GRAPH: g.num_graphs}[v.type.domain],) + shape
+        return _expand(x, v.operands[0].type, v.type).expand(shape).contiguous()
+
+    @rule("slice")
+    def _slice(self, ctx, v, x):
+        start, stop = v.attr["start"], v.attr["stop"]
+        return x.narrow(_axis(v, v.attr["axis"]), start, stop - start).contiguous()
+
+    @rule("pad")
+    def _pad(self, ctx, v, x):
+        axis = _axis(v, v.attr["axis"])
+
+        def zeros(n):
+            shape = list(x.shape)
+            shape[axis] = n
+            return x.new_zeros(shape)
+
+        return torch.cat([zeros(v.attr["before"]), x, zeros(v.attr["after"])], dim=axis)
+
+    # ---- graph movement (torch) ----------------------------------------------------------
+
+    @rule("gather")
+    def _gather(self, ctx, v, x):
+        return x.index_select(0, ctx.index(v.attr["index"]))
+
+    @rule("take")
+    def _take(self, ctx, v, w, index):
+        _check_ids(index, w.shape[0], v.operands[1], f"a parameter with {w.shape[0]} entries")
+        return w.index_select(0, index)
+
+    @rule("one_hot")
+    def _one_hot(self, ctx, v, ids):
+        classes = v.attr["classes"]
+        _check_ids(ids, classes, v.operands[0], f"one_hot with {classes} classes")
+        return torch.nn.functional.one_hot(ids, classes).to(ctx.dtype)
+
+    @rule("select")
+    def _select(self, ctx, v, x):
+        return x[v.attr["index"]] if v.operands[0].type.domain is Domain.PARAM else x[:, v.attr["index"]]
+
+    # ---- graph ops (generated kernels) -----------------------------------------------------
+
+    @rule("aggregate")
+    def _aggregate(self, ctx, v, x):
+        seg = ctx.segments(v.attr["by"])
+        width = _width(x.shape[1:])
+        spec = SegmentReduce("aggregate", v.attr["reduce"], False, width, 0, ctx.dtype_name)
+        out = self._output(ctx, (seg.num_segments,) + tuple(x.shape[1:]))
+        return self._segment_launch(ctx, spec, seg, [seg.perm, x.contiguous()], width, out)
+
+    @rule("softmax")
+    def _softmax(self, ctx, v, x):
+        seg = ctx.segments(v.attr["by"])
+        width = _width(x.shape[1:])
+        out = self._output(ctx, tuple(x.shape))
+        return self._segment_launch(ctx, SegmentSoftmax(width, ctx.dtype_name), seg, [seg.perm, x.contiguous()],
+                                    width, out)
+
+    @rule("gspmm")
+    def _gspmm(self, ctx, v, x, w=None):
+        seg = ctx.segments(v.attr["by"])
+        width = _width(x.shape[1:])
+        groups = 0 if w is None else max(1, _width(w.shape[1:]))
+        out = self._output(ctx, tuple(x.shape))
+        weights = [] if w is None else [w.contiguous()]
+        if self._layout(v) == "coo":
+            spec = CooGspmm(v.attr["reduce"], width, groups, ctx.dtype_name)
+            return self._coo_gspmm(ctx, spec, seg, x.contiguous(), weights, width, out)
+        spec = SegmentReduce("gspmm", v.attr["reduce"], True, width, groups, ctx.dtype_name)
+        return self._segment_launch(ctx, spec, seg, [seg.perm, seg.cols, x.contiguous()] + weights, width, out)
+
+    @rule("attention")
+    def _attention(self, ctx, v, s, x):
+        seg = ctx.segments(v.attr["by"])
+        width = _width(x.shape[1:])
+        groups = max(1, _width(s.shape[1:]))
+        out = self._output(ctx, tuple(x.shape))
+        if self._layout(v) == "coo":
+            return self._coo_attention(ctx, CooAttention(width, groups, ctx.dtype_name), seg, s.contiguous(),
+                                       x.contiguous(), width, groups, out)
+        spec = Attention(width, groups, ctx.dtype_name)
+        return self._segment_launch(ctx, spec, seg, [seg.perm, seg.cols, s.contiguous(), x.contiguous()], width, out)
+
+    def _accumulator(self, ctx, shape, fill: float):
+        acc_dtype = torch.float64 if ctx.dtype == torch.float64 else torch.float32
+        return torch.full(shape, fill, dtype=acc_dtype, device=ctx.device)
+
+    def _coo_gspmm(self, ctx, spec: CooGspmm, seg: Segments, x, weights, width: int, out):
+        rows = seg.num_segments
+        if out.numel() == 0:
+            return out
+        scatter, finish = self._kernels(ctx, spec).values()
+        fill = {"max": float("-inf"), "min": float("inf")}.get(spec.reduce, 0.0)
+        acc = self._accumulator(ctx, (rows, width), fill)
+        block_r, block_f = self._row_blocks(ctx, width)
+        edges = len(seg.perm)
+        if edges:
+            block_e = self._edge_block(ctx)
+            scatter[(_cdiv(edges, block_e), _cdiv(width, block_f))](
+                seg.read, seg.write, self._arg(x), *weights, acc, edges, BLOCK_E=block_e, BLOCK_F=block_f)
+        finish[(_cdiv(rows, block_r), _cdiv(width, block_f))](acc, seg.counts, out, rows,
+                                                               BLOCK_R=block_r, BLOCK_F=block_f)
+        return out
+
+    def _coo_attention(self, ctx, spec: CooAttention, seg: Segments, s, x, width: int, groups: int, out):
+        rows = seg.num_segments
+        if out.numel() == 0:
+            return out
+        peak_fn, scatter, finish = self._kernels(ctx, spec).values()
+        peak = self._accumulator(ctx, (rows, groups), float("-inf"))
+        denom = self._accumulator(ctx, (rows, groups), 0.0)
+        acc = self._accumulator(ctx, (rows, width), 0.0)
+        block_r, block_f = self._row_blocks(ctx, width)
+        edges = len(seg.perm)
+        if edges:
+            block_e = self._edge_block(ctx)
+            peak_fn[(_cdiv(edges, block_e),)](seg.write, s, peak, edges, BLOCK_E=block_e)
+            scatter[(_cdiv(edges, block_e), _cdiv(width, block_f))](
+                seg.read, seg.write, s, peak, self._arg(x), denom, acc, edges, BLOCK_E=block_e, BLOCK_F=block_f)
+        finish[(_cdiv(rows, block_r), _cdiv(width, block_f))](denom, acc, out, rows, BLOCK_R=block_r, BLOCK_F=block_f)
+        return out
+
+    @rule("typed_linear")
+    def _typed_linear(self, ctx, v, h, w, types):
+        nodes = ctx.index(v.attr["index"])
+        relations = w.shape[0]
+        _check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
+        lead = tuple(h.shape[1:-1])                     # leading feature axes of h: one product each
+        inner, width = h.shape[-1], _width(w.shape[2:])
+        a = max(1, _width(lead))
+        out_shape = lead + tuple(w.shape[2:])
+        # Compact materialisation: one product per distinct (node, relation) pair, gathered to the edges.
+        pairs, inverse = torch.unique(nodes * relations + types, return_inverse=True)
+        count = len(pairs)
+        compact = self._output(ctx, (count,) + out_shape)
+        if count and width:
+            pair_nodes, pair_types = pairs // relations, pairs % relations
+            by_type = torch.argsort(pair_types, stable=True)
+            lanes = torch.arange(a, device=ctx.device)
+            rows_in = (pair_nodes[by_type][:, None] * a + lanes[None, :]).reshape(-1)
+            rows_out = (by_type[:, None] * a + lanes[None, :]).reshape(-1)
+            block_m = self.block_m or (128 if ctx.interpret else 64)
+            per_type = torch.bincount(pair_types, minlength=relations).cpu().numpy() * a
+            bounds = np.concatenate([[0], np.cumsum(per_type)])
+            # Tiles of at most block_m rows, each within one relation: (relation, first row, end row).
+            starts = [np.arange(bounds[r], bounds[r + 1], block_m) for r in range(relations)]
+            rel = np.repeat(np.arange(relations), [len(s) for s in starts])
+            lo = np.concatenate(starts).astype(np.int64)
+            hi = np.minimum(lo + block_m, bounds[rel + 1])
+            table = torch.from_numpy(np.stack([rel, lo, hi])).to(ctx.device)
+            tiles = len(lo)
+            itype = _index_dtype(len(rows_in), h.numel())
+            block_n = max(16, min(next_pow2(width), 64))
+            block_k = max(16, min(next_pow2(inner), 64))
+            (fn,) = self._kernels(ctx, TypedLinear(inner, width, ctx.dtype_name)).values()
+            fn[(tiles, _cdiv(width, block_n))](
+                table[0], table[1].to(itype), table[2].to(itype), rows_in.to(itype), rows_out.to(itype),
+                h.contiguous(), w.contiguous(), compact, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        return compact.index_select(0, inverse)
+
+
+# ---- --emit triton ----------------------------------------------------------------------------
+
+
+def kernel_specs(program: Program, dims: dict[str, int] | None = None, layout: str | None = None
+                 ) -> list[tuple[Value, KernelSpec]]:
+    """The kernel each graph op of ``program`` runs, from its attributes and static shapes (the
+    same specs ``TritonBackend`` builds from the tensors at run time). Raises a BackendError
+    naming the dims that are still unbound."""
+    dims = dict(dims or {})
+    dtype = program.float_dtype
+    specs: list[tuple[Value, KernelSpec]] = []
+    unbound: set[str] = set()
+
+    def width(t: TensorType) -> int | None:
+        size = 1
+        for d in t.shape:
+            d = d.substitute(dims)
+            if not d.is_static:
+                unbound.update(d.symbols)
+                return None
+            size *= d.value
+        return size
+
+    for v in program.values:
+        if v.op not in KERNEL_OPS:
+            continue
+        widths = [width(o.type) for o in v.operands if o.type.is_float]
+        if None in widths:
+            continue
+        coo = layout == "coo" or (layout != "csr" and v.attr.get("layout") == "coo")
+        if v.op == "aggregate":
+            spec: KernelSpec = SegmentReduce("aggregate", v.attr["reduce"], False, widths[0], 0, dtype)
+        elif v.op == "softmax":
+            spec = SegmentSoftmax(widths[0], dtype)
+        elif v.op == "gspmm":
+            groups = 0 if len(widths) == 1 else max(1, widths[1])
+            spec = (CooGspmm(v.attr["reduce"], widths[0], groups, dtype) if coo else
+                    SegmentReduce("gspmm", v.attr["reduce"], True, widths[0], groups, dtype))
+        elif v.op == "attention":
+            spec = CooAttention(widths[1], widths[0], dtype) if coo else Attention(widths[1], widths[0], dtype)
+        else:
+            h, w = v.operands[0].type, v.operands[1].type
+            inner = width(h.with_(shape=h.shape[-1:]))
+            out = width(w.with_(shape=w.shape[2:]))
+            if inner is None or out is None:
+                continue
+            spec = TypedLinear(inner, out, dtype)
+        specs.append((v, spec))
+    if unbound:
+        names = ", ".join(sorted(unbound))
+        raise BackendError(f"the Triton kernels are specialised to static shapes, but {names} "
+                           f"{'is' if len(unbound) == 1 else 'are'} bound from the model's inputs",
+                           f"pass --graph g.npz (or dims={{{', '.join(repr(n) + ': ...' for n in sorted(unbound))}}})")
+    return specs
+
+
+def emit_triton(program: Program, dims: dict[str, int] | None = None, layout: str | None = None) -> str:
+    """The generated Triton source of ``program``'s graph ops, each kernel headed by the IR op it
+    comes from (a kernel shared by several ops is printed once). Needs no GPU, torch or triton."""
+    from mpdsl.backends.triton_kernels import HEADER, KERNELS as cache
+
+    ir_lines = print_program(program).splitlines()[1:1 + len(program.values)]
+    line_of = {id(v): text.strip() for v, text in zip(program.values, ir_lines)}
+    specs = kernel_specs(program, dims, layout)
+    bound = ", ".join(f"{k}={v}" for k, v in sorted((dims or {}).items()))
+    parts = [f"# Triton kernels of @{program.name}" + (f" ({bound})" if bound else "") +
+             ", generated from its IR by mpdsl; dense ops run as torch ops.",
+             HEADER.rstrip("\n")]
+    printed: dict[str, str] = {}
+    for v, spec in specs:
+        header = f"# {line_of[id(v)]}"
+        if spec.key in printed:
+            parts.append(f"{header}\n# -> {spec.name}, the kernel printed above for {printed[spec.key]} "
+                         f"(same op and static shapes: cache key {spec.key})")
+            continue
+        printed[spec.key] = line_of[id(v)].split(" =", 1)[0]
+        parts.append(f"{header}\n# cache key {spec.key}; {spec.launch}\n" + cache.source(spec).rstrip("\n"))
+    dense: dict[str, int] = {}
+    for v in program.values:
+        if v.op not in KERNEL_OPS and v.op not in ("input", "param", "const"):
+            dense[v.op] = dense.get(v.op, 0) + 1
+    if not specs:
+        parts.append("# (no graph ops: nothing runs as a Triton kernel)")
+    parts.append("# torch ops: " + (", ".join(f"{op} x{n}" for op, n in sorted(dense.items())) or "none"))
+    return "\n\n\n".join(parts) + "\n"
