@@ -39,6 +39,7 @@ class GraphLayout:
     nodes: NodeOrder | None
     edge_perm: np.ndarray | None
     reasons: tuple[str, ...]
+    _edge_inverse_cache: np.ndarray | None = None
 
     def apply(self, graph: Graph, arrays: dict[str, np.ndarray], input_types: Mapping[str, TensorType],
               from_graph: frozenset[str] = frozenset()) -> tuple[Graph, dict[str, np.ndarray]]:
@@ -49,10 +50,10 @@ class GraphLayout:
             node_data, edge_data = graph.node_data, graph.edge_data
             if self.nodes is not None:
                 edge_index = self.nodes.inverse[edge_index]
-                node_data = {k: v[self.nodes.perm] for k, v in node_data.items()}
+                node_data = {k: np.take(v, self.nodes.perm, axis=0) for k, v in node_data.items()}
             if self.edge_perm is not None:
                 edge_index = edge_index[:, self.edge_perm]
-                edge_data = {k: v[self.edge_perm] for k, v in edge_data.items()}
+                edge_data = {k: np.take(v, self.edge_perm, axis=0) for k, v in edge_data.items()}
             return Graph(edge_index, graph.num_nodes, node_data=node_data, edge_data=edge_data,
                          graph_data=graph.graph_data)
 
@@ -63,23 +64,29 @@ class GraphLayout:
             if name in from_graph:
                 array = laid_out[name].astype(array.dtype, copy=False)
             elif domain is Domain.NODE and self.nodes is not None:
-                array = array[self.nodes.perm]
+                array = np.take(array, self.nodes.perm, axis=0)
             elif domain is Domain.EDGE and self.edge_perm is not None:
-                array = array[self.edge_perm]
+                array = np.take(array, self.edge_perm, axis=0)
             moved[name] = array
         return laid_out, moved
 
     def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
         restored = {}
         for name, array in outputs.items():
-            perm = {Domain.NODE: self.nodes.perm if self.nodes is not None else None,
-                    Domain.EDGE: self.edge_perm}.get(types[name].domain)
-            if perm is not None:
-                original = np.empty_like(array)
-                original[perm] = array
-                array = original
+            domain = types[name].domain
+            if domain is Domain.NODE and self.nodes is not None:
+                array = np.take(array, self.nodes.inverse, axis=0)
+            elif domain is Domain.EDGE and self.edge_perm is not None:
+                array = np.take(array, self._edge_inverse, axis=0)
             restored[name] = array
         return restored
+
+    @property
+    def _edge_inverse(self) -> np.ndarray:
+        if self._edge_inverse_cache is None:
+            self._edge_inverse_cache = np.empty_like(self.edge_perm)
+            self._edge_inverse_cache[self.edge_perm] = np.arange(len(self.edge_perm))
+        return self._edge_inverse_cache
 
 
 @dataclass
