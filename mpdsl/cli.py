@@ -1,4 +1,4 @@
-"""The command line: ``mpdsl check | compile | run``.
+"""The command line: ``mpdsl check | compile | run | train``.
 
 Exit codes: 0 success, 1 user error (bad program, graph, weights or inputs), 2 bad usage.
 Results go to stdout; the timing/shape summary and diagnostics go to stderr.
@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-opt", action="store_true", help="run the reference IR as written (no passes)")
     run.add_argument("--layout", choices=["auto", "reorder", "none"], default="auto",
                      help="node reordering for locality (default: auto, when it pays)")
+    from mpdsl.train import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="train a model (node classification, graph regression); see mpdsl.train")
+    common(train)
+    add_train_arguments(train)
     return parser
 
 
@@ -107,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
+    if args.command == "train":
+        from mpdsl.train import run_cli
+
+        return run_cli(args, dims)
     start = time.perf_counter()
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if getattr(args, "passes", None) else None
     if args.command == "compile" and args.emit in ("ir-opt", "plan", "triton"):

@@ -511,6 +511,54 @@ class Graph:
         return cls(edge_index, int(node_offsets[-1]), node_data=groups["node"],
                    edge_data=groups["edge"], graph_data=groups["graph"])
 
+    def select_graphs(self, indices: Any) -> Graph:
+        """Graphs ``indices`` of this batch as a new batch, in that order: graph k of the result
+        is graph ``indices[k]`` here, with its nodes and edges in their order here, node and edge
+        arrays taken with them, graph arrays taken by row and ``batch`` renumbered (the graph
+        ``Graph.batch`` gives for the selected graphs one by one). An edge between two graphs is
+        kept when both ends are selected, with its destination's graph."""
+        index = _as_numpy("indices", indices)
+        if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
+            raise GraphError(f"select_graphs needs a 1-D array of graph ids, got shape "
+                             f"{list(index.shape)} and dtype {index.dtype}",
+                             hint="pass integer graph ids, e.g. np.flatnonzero(mask)")
+        index = index.astype(np.int64)
+        bad = (index < 0) | (index >= self._num_graphs)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise GraphError(f"indices[{pos}] = {index[pos]} is out of range for "
+                             f"num_graphs={self._num_graphs}",
+                             hint="graph ids run from 0 to num_graphs - 1")
+        _, first = np.unique(index, return_index=True)
+        if first.size < index.size:
+            repeated = np.ones(index.size, dtype=bool)
+            repeated[first] = False
+            pos = int(np.flatnonzero(repeated)[0])
+            earlier = int(np.flatnonzero(index == index[pos])[0])
+            raise GraphError(f"indices[{pos}] = {index[pos]} is selected twice (also indices[{earlier}])",
+                             hint="each graph can be selected once")
+        position = np.full(self._num_graphs, -1, dtype=np.int64)
+        position[index] = np.arange(index.size)
+        indptr, perm = self.segments_by_graph()
+        sizes = np.diff(indptr)[index]
+        if index.size and sizes[-1] == 0:
+            raise GraphError(f"graph {index[-1]} (the last one selected) has no nodes, which a "
+                             "batch vector cannot record",
+                             hint="drop empty graphs, or place them before a non-empty one")
+        total = int(sizes.sum())
+        starts = np.cumsum(sizes) - sizes
+        nodes = perm[np.repeat(indptr[index] - starts, sizes) + np.arange(total, dtype=np.int64)]
+        new_id = np.full(self._num_nodes, -1, dtype=np.int64)
+        new_id[nodes] = np.arange(total, dtype=np.int64)
+        src, dst = new_id[self.src], new_id[self.dst]
+        edges = np.flatnonzero((src >= 0) & (dst >= 0))
+        edges = edges[np.argsort(position[self._batch_vector()[self.dst[edges]]], kind="stable")]
+        node_data = {name: array[nodes] for name, array in self._node_data.items() if name != "batch"}
+        node_data["batch"] = np.repeat(np.arange(index.size, dtype=np.int64), sizes)
+        return type(self)(np.stack([src[edges], dst[edges]]), total, node_data=node_data,
+                          edge_data={name: array[edges] for name, array in self._edge_data.items()},
+                          graph_data={name: array[index] for name, array in self._graph_data.items()})
+
     def unbatch_nodes(self, array: Any) -> list[np.ndarray]:
         """A node-level array split per graph: entry g holds graph g's rows in node order."""
         array = _as_numpy("array", array)
