@@ -26,6 +26,7 @@ from scipy.sparse import _sparsetools  # csr_matvecs writes into a slice of the 
 from mpdsl.backends import Backend, register_backend, rule
 from mpdsl.diagnostics import InputError
 from mpdsl.ir import Program, Value
+from mpdsl.ops import running_statistic
 from mpdsl.types import Domain, TensorType
 
 
@@ -253,6 +254,7 @@ class ExecContext:
     training: bool
     rng: np.random.Generator
     segments: dict[str, Segments] = field(default_factory=dict)
+    state_updates: dict[str, np.ndarray] = field(default_factory=dict)  # param name -> new value (batch_norm)
 
     def segments_by(self, by: str) -> Segments:
         if by not in self.segments:
@@ -281,6 +283,20 @@ class ExecContext:
 
     def concrete_shape(self, t: TensorType) -> tuple[int, ...]:
         return tuple(d.substitute(self.dims).value for d in t.shape)
+
+
+def batch_norm_training(v: Value, training: bool) -> bool:
+    """Whether a batch_norm value runs in its training form (batch statistics) in a run with ``training``."""
+    return v.attr["mode"] == "train" or (v.attr["mode"] == "auto" and training)
+
+
+def check_batch_norm_rows(v: Value, rows: int) -> int:
+    """The row count of a batch_norm in training, which needs two rows at least (as torch's BatchNorm)."""
+    if rows < 2:
+        domain = v.operands[0].type.domain
+        raise InputError(f"batch_norm in training needs more than one {domain} to take statistics over, got {rows}",
+                         "run the model in eval mode (model.eval()) or on a larger batch")
+    return rows
 
 
 def _width(shape) -> int:
@@ -321,7 +337,13 @@ _BINARY = {
 
 @register_backend("numpy")
 class NumpyBackend(Backend):
-    """Interprets the IR op by op with NumPy and SciPy sparse products (the reference)."""
+    """Interprets the IR op by op with NumPy and SciPy sparse products (the reference).
+
+    After a run, ``last_state_updates`` maps parameter names to their new values: the running
+    statistics that the run's batch_norm ops in training form updated (empty otherwise); the caller
+    (``CompiledModel.run``, the torch module) stores them."""
+
+    last_state_updates: dict[str, np.ndarray] = {}
 
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
@@ -338,6 +360,7 @@ class NumpyBackend(Backend):
                 env[id(v)] = out
                 timings[v.op] = timings.get(v.op, 0.0) + time.perf_counter() - start
         self.last_op_seconds = timings
+        self.last_state_updates = ctx.state_updates
         return {name: env[id(v)] for name, v in program.outputs}
 
     # ---- sources -------------------------------------------------------------------------
@@ -384,6 +407,26 @@ class NumpyBackend(Backend):
             return x
         keep = ctx.rng.random(x.shape) >= p
         return np.where(keep, x / x.dtype.type(1 - p), 0).astype(x.dtype, copy=False)
+
+    @rule("batch_norm")
+    def _batch_norm(self, ctx, v, x, running_mean, running_var, gamma, beta):
+        eps = x.dtype.type(v.attr["eps"])
+        if not batch_norm_training(v, ctx.training):
+            return ((x - running_mean) * (1 / np.sqrt(running_var + eps)) * gamma + beta).astype(x.dtype, copy=False)
+        rows = check_batch_norm_rows(v, x.shape[0])
+        mean = x.mean(axis=0)
+        centred = x - mean
+        var = (centred * centred).mean(axis=0)
+        momentum = v.attr["momentum"]
+        for operand, batch in ((v.operands[1], mean), (v.operands[2], var * (rows / (rows - 1)))):
+            where = running_statistic(operand)
+            if where is not None:
+                name, index = where
+                current = ctx.state_updates.get(name)
+                if current is None:  # later updates of the same statistic start from the earlier ones
+                    current = ctx.state_updates[name] = np.array(ctx.params[name], copy=True)
+                current[index] = (1 - momentum) * current[index] + momentum * batch
+        return (centred * (1 / np.sqrt(var + eps)) * gamma + beta).astype(x.dtype, copy=False)
 
     @rule(*_BINARY)
     def _binary(self, ctx, v, a, b):

@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 
 from mpdsl.backends import Backend, BackendError, register_backend, rule
+from mpdsl.backends.numpy_backend import batch_norm_training, check_batch_norm_rows
 from mpdsl.backends.triton_kernels import (KERNELS, Attention, CooAttention, CooGspmm, KernelSpec, SegmentReduce,
                                            SegmentSoftmax, TypedLinear, next_pow2)
 from mpdsl.diagnostics import InputError
 from mpdsl.ir import Program, Value, print_program
+from mpdsl.ops import running_statistic
 from mpdsl.types import Domain, TensorType
 
 torch: Any = None  # imported by _runtime() on first use, so that this module imports without torch
@@ -149,6 +151,7 @@ class TritonContext:
     inputs: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     launches: list[str] = field(default_factory=list)
+    state_updates: dict[str, Any] = field(default_factory=dict)  # param name -> new value (batch_norm)
 
     def segments(self, by: str) -> Segments:
         return _segments(self.graph, by, self.device)
@@ -222,12 +225,16 @@ class TritonBackend(Backend):
         self.block_m = block_m
         self.last_op_seconds: dict[str, float] = {}
         self.last_launches: list[str] = []
+        # param name -> new value: the running statistics updated by batch_norm ops in training form
+        # (NumPy arrays after run, tensors after run_tensors)
+        self.last_state_updates: dict[str, Any] = {}
 
     # ---- running -------------------------------------------------------------------------
 
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
         outputs = self.run_tensors(program, graph, inputs, params, dims, training, seed)
+        self.last_state_updates = {name: t.detach().cpu().numpy() for name, t in self.last_state_updates.items()}
         return {name: t.detach().cpu().numpy() for name, t in outputs.items()}
 
     def run_tensors(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
@@ -258,6 +265,7 @@ class TritonBackend(Backend):
             timings[v.op] = timings.get(v.op, 0.0) + time.perf_counter() - start
         self.last_op_seconds = timings
         self.last_launches = ctx.launches
+        self.last_state_updates = ctx.state_updates
         return {name: env[id(v)] for name, v in program.outputs}
 
     @staticmethod
@@ -358,6 +366,26 @@ class TritonBackend(Backend):
             return x
         keep = torch.rand(x.shape, generator=ctx.generator, device=ctx.device) >= p
         return torch.where(keep, x / (1 - p), torch.zeros_like(x))
+
+    @rule("batch_norm")
+    def _batch_norm(self, ctx, v, x, running_mean, running_var, gamma, beta):
+        eps = v.attr["eps"]
+        if not batch_norm_training(v, ctx.training):
+            return (x - running_mean) * torch.rsqrt(running_var + eps) * gamma + beta
+        rows = check_batch_norm_rows(v, x.shape[0])
+        mean = x.mean(dim=0)
+        centred = x - mean
+        var = (centred * centred).mean(dim=0)
+        momentum = v.attr["momentum"]
+        for operand, batch in ((v.operands[1], mean), (v.operands[2], var * (rows / (rows - 1)))):
+            where = running_statistic(operand)
+            if where is not None:
+                name, index = where
+                current = ctx.state_updates.get(name)
+                if current is None:  # later updates of the same statistic start from the earlier ones
+                    current = ctx.state_updates[name] = ctx.params[name].clone()
+                current[index] = (1 - momentum) * current[index] + momentum * batch.to(current.dtype)
+        return centred * torch.rsqrt(var + eps) * gamma + beta
 
     @rule(*_BINARY)
     def _binary(self, ctx, v, a, b):

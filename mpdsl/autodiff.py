@@ -31,6 +31,10 @@ Rules worth knowing:
 * ``dropout`` is differentiated with inference semantics (identity). For training, first replace each
   dropout by a multiplication with a mask input (``mask_dropout``) so that the forward and backward
   programs use the same mask.
+* ``batch_norm`` in its training form (mode "train") is differentiated through the batch statistics,
+  as torch's BatchNorm; its running statistics get no gradient there. Mode "auto" (what the source
+  language emits) is differentiated with inference semantics, like dropout: for training, first fix
+  the mode (``set_batch_norm_mode``).
 * fused ops (``gspmm``, ``attention``, ``typed_linear``) are differentiated by emitting their
   unfused definition and differentiating that.
 
@@ -53,7 +57,7 @@ import numpy as np
 
 from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
-from mpdsl.ops import BINARY_OPS, OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, parse_subscripts
+from mpdsl.ops import BINARY_OPS, OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, parse_subscripts, running_statistic
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
 from mpdsl.types import Dim, Domain, TensorType, TypeRuleError
 
@@ -543,6 +547,48 @@ def _take_adjoint(v, g, b, needed):
     return [b.contract([one_hot, g], ["a", letters], "a" + letters, w.type), None]
 
 
+# ---- normalisation -------------------------------------------------------------------------------
+
+
+@adjoint("batch_norm")
+def _batch_norm_adjoint(v, g, b, needed):
+    x, running_mean, running_var, gamma, beta = v.operands
+    letters = LETTERS[:x.type.rank]
+    per_feature = gamma.type
+
+    def row_sum(*values: Value) -> Value:
+        return b.contract(list(values), [letters] * len(values), letters, per_feature)
+
+    if v.attr["mode"] != "train":
+        # The inference form (as "auto": like dropout, differentiated with inference semantics):
+        # y = (x - m) r gamma + beta with r = (v + eps)^-1/2, so dy/dv = -1/2 (x - m) gamma r^3.
+        r = b.unary("rsqrt", b.add(running_var, v.attr["eps"]))
+        scale = b.mul(r, gamma)
+        centred = b.sub(x, running_mean) if needed[2] or needed[3] else None
+        summed = row_sum(g) if needed[1] or needed[4] else None
+        crossed = row_sum(g, centred) if needed[2] or needed[3] else None
+        return [b.mul(g, scale) if needed[0] else None,
+                b.neg(b.mul(summed, scale)) if needed[1] else None,
+                b.mul(b.mul(crossed, gamma), b.mul(b.mul(b.mul(r, r), r), -0.5)) if needed[2] else None,
+                b.mul(crossed, r) if needed[3] else None,
+                summed if needed[4] else None]
+    # The training form: the batch statistics depend on x (torch's BatchNorm backward); the running
+    # statistics do not enter the output. With xhat = (x - mu) r, r = (var + eps)^-1/2 over N rows:
+    # dx = gamma r (g - sum(g) / N - xhat sum(g xhat) / N), dgamma = sum(g xhat), dbeta = sum(g).
+    ones = b.broadcast(b.c(1.0), TensorType(x.type.domain, (), b.dtype))
+    count = b.contract([ones], [""], "", TensorType(Domain.PARAM, (), b.dtype))
+    centred = b.sub(x, b.div(row_sum(x), count))
+    r = b.unary("rsqrt", b.add(b.div(row_sum(centred, centred), count), v.attr["eps"]))
+    xhat = b.mul(centred, r)
+    summed = row_sum(g)
+    crossed = row_sum(g, xhat)
+    dx = None
+    if needed[0]:
+        inner = b.sub(b.sub(g, b.div(summed, count)), b.mul(xhat, b.div(crossed, count)))
+        dx = b.mul(inner, b.mul(gamma, r))
+    return [dx, None, None, crossed if needed[3] else None, summed if needed[4] else None]
+
+
 # ---- graph movement ------------------------------------------------------------------------------
 
 
@@ -832,6 +878,40 @@ def mask_dropout(program: Program, prefix: str = "dropout_mask") -> tuple[Progra
     return verify(result), masks
 
 
+# =====================================================================================================
+# Batch norm: the form of each batch_norm fixed for training or inference
+# =====================================================================================================
+
+
+def set_batch_norm_mode(program: Program, training: bool) -> Program:
+    """The program with every batch_norm of mode "auto" fixed to its training form ("train": batch
+    statistics, running statistics updated, differentiated through the batch statistics) or its
+    inference form ("eval"), so that the program computes the same thing whatever ``training`` flag
+    it is run with, and its gradient program is the gradient of that form."""
+    mode = "train" if training else "eval"
+
+    def rule(v: Value, rw: Rewriter) -> Value | None:
+        if v.op != "batch_norm" or v.attr["mode"] != "auto":
+            return None
+        return rw.emit("batch_norm", list(v.operands), {**v.attr, "mode": mode}, like=v)
+
+    result, _ = rewrite(program, rule)
+    return verify(result)
+
+
+def batch_norm_statistics(program: Program) -> list[str]:
+    """The parameters holding batch_norm running statistics (updated in training, never trained),
+    in program order."""
+    names: dict[str, None] = {}
+    for v in program.values:
+        if v.op == "batch_norm":
+            for operand in v.operands[1:3]:
+                where = running_statistic(operand)
+                if where is not None:
+                    names[where[0]] = None
+    return list(names)
+
+
 def retype(program: Program, dtype: str) -> Program:
     """The program with every float value's dtype set to ``dtype`` ("f32" / "f64")."""
     if program.float_dtype == dtype:
@@ -847,5 +927,5 @@ def retype(program: Program, dtype: str) -> Program:
                    tuple((n, mapping[id(v)]) for n, v in program.outputs))
 
 
-__all__ = ["ADJOINTS", "NOT_DIFFERENTIABLE", "GradBuilder", "grad_program", "mask_dropout",
-           "missing_adjoints", "retype", "split_program"]
+__all__ = ["ADJOINTS", "NOT_DIFFERENTIABLE", "GradBuilder", "batch_norm_statistics", "grad_program",
+           "mask_dropout", "missing_adjoints", "retype", "set_batch_norm_mode", "split_program"]

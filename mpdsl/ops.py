@@ -327,6 +327,49 @@ def _one_hot(types, attrs, declared):
     return target
 
 
+# ---- normalisation -----------------------------------------------------------------------
+
+BATCH_NORM_MODES = ("auto", "train", "eval")
+
+
+@op("batch_norm", 5, {"eps": float, "momentum": float, "mode": BATCH_NORM_MODES})
+def _batch_norm(types, attrs, declared):
+    """Batch normalisation over the rows (Ioffe & Szegedy 2015), as torch.nn.BatchNorm1d: operands x
+    (node, edge or graph values), running_mean, running_var, gamma, beta (params of x's feature
+    shape). Training: (x - mu) / sqrt(var + eps) * gamma + beta with mu, var the mean and biased
+    variance of each feature element over the rows, and the running statistics updated in place:
+    running = (1 - momentum) * running + momentum * batch statistic (unbiased variance). Inference:
+    the running statistics in place of mu and var. ``mode`` "train" / "eval" fixes the form; "auto"
+    follows the run (train() / eval()) and is differentiated in its inference form."""
+    x, *stats = types
+    _require_float(x, "batch_norm")
+    if x.domain is Domain.PARAM:
+        raise TypeRuleError(f"batch_norm normalises over the rows of a node, edge or graph value, got {x}",
+                            "apply it to per-node, per-edge or per-graph values", 0)
+    names = ("running_mean", "running_var", "gamma", "beta")
+    for i, (name, t) in enumerate(zip(names, stats), start=1):
+        if t.domain is not Domain.PARAM or not t.is_float or t.shape != x.shape:
+            raise TypeRuleError(f"batch_norm: {name} must be a param[{', '.join(map(str, x.shape))}] "
+                                f"(the feature shape of x), got {t}", operand=i)
+    if attrs["eps"] <= 0 or not 0 <= attrs["momentum"] <= 1:
+        raise TypeRuleError(f"batch_norm needs eps > 0 and 0 <= momentum <= 1, got eps={attrs['eps']}, "
+                            f"momentum={attrs['momentum']}")
+    return x
+
+
+def running_statistic(value) -> tuple[str, tuple[int, ...]] | None:
+    """Where a batch_norm running statistic (operand 1 or 2, an IR value) lives: (param name, the
+    static indices into it), for a param or a param indexed by constants (``bn_mean[t]`` in a loop);
+    None for anything else (then training cannot update it)."""
+    indices: list[int] = []
+    while value.op == "select":
+        indices.append(value.attr["index"])
+        value = value.operands[0]
+    if value.op != "param":
+        return None
+    return value.attr["name"], tuple(reversed(indices))
+
+
 # ---- graph movement ----------------------------------------------------------------------
 
 

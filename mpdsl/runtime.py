@@ -251,6 +251,9 @@ class CompiledModel:
         if layout is not None:
             graph, arrays = layout.apply(graph, arrays, self.input_types, frozenset(set(arrays) - set(inputs)))
         outputs = self.backend.run(program, graph, arrays, self.params, dims, training=self.training)
+        if self.training:  # batch_norm's running statistics, updated by the run
+            for name, value in getattr(self.backend, "last_state_updates", {}).items():
+                self.params[name] = np.asarray(value, dtype=self.float_dtype)
         if layout is not None:
             outputs = layout.restore(outputs, {name: v.type for name, v in program.outputs})
         self.last_run_seconds = time.perf_counter() - start
@@ -285,10 +288,14 @@ class CompiledModel:
         return to_torch(self, graph, **dims)
 
     def train(self, mode: bool = True) -> "CompiledModel":
+        """Training mode (``mode=False``: eval mode, the default of a new model): dropout draws its
+        masks, and ``batch_norm`` normalises with the statistics of the batch and updates its running
+        statistics (parameters of the model) at every run."""
         self.training = mode
         return self
 
     def eval(self) -> "CompiledModel":
+        """Inference mode: dropout is the identity, ``batch_norm`` uses its running statistics."""
         return self.train(False)
 
     def __repr__(self) -> str:

@@ -16,13 +16,17 @@ program runs.
 
 * The module computes in the dtype of its parameters (float32 or float64): ``module.double()`` runs
   the float64 form of the program.
-* ``train()`` / ``eval()`` switch dropout, as for torch modules (a new module starts in training
-  mode). In training, each dropout's mask is drawn from torch's generator (``torch.manual_seed``
-  makes runs repeatable) and is an input of both parts, so the backward pass uses the forward pass's
-  mask. The prelude's ``batch_norm`` uses its running statistics in both modes (an inference-time
-  layer whose statistics are parameters of the .mp file, trained like the others).
-* ``state_dict()`` holds one tensor per .mp parameter: ``CompiledModel.load_weights(state_dict)``
-  loads it back, and ``sync()`` writes the module's current weights into its compiled model.
+* ``train()`` / ``eval()`` switch dropout and batch norm, as for torch modules (a new module starts
+  in training mode). In training, each dropout's mask is drawn from torch's generator
+  (``torch.manual_seed`` makes runs repeatable) and is an input of both parts, so the backward pass
+  uses the forward pass's mask; ``batch_norm`` normalises with the batch statistics (its gradient
+  flows through them) and each call updates its running statistics, as torch.nn.BatchNorm1d. In
+  eval mode ``batch_norm`` uses the running statistics.
+* The running statistics of ``batch_norm`` (its second and third arguments) are buffers, not
+  parameters: they get no gradients and optimizers leave them alone.
+* ``state_dict()`` holds one tensor per .mp parameter (the running statistics included):
+  ``CompiledModel.load_weights(state_dict)`` loads it back, and ``sync()`` writes the module's
+  current weights into its compiled model.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdsl.autodiff import grad_program, mask_dropout, retype, split_program
+from mpdsl.autodiff import (batch_norm_statistics, grad_program, mask_dropout, retype, set_batch_norm_mode,
+                            split_program)
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.ir import Program
 from mpdsl.passes import optimize
@@ -79,6 +84,8 @@ class _Call:
     dtype: np.dtype
     differentiable: bool                # run train_forward and keep the residuals
     residuals: dict[str, np.ndarray] = field(default_factory=dict)
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)     # running statistics as run
+    state_updates: dict[str, np.ndarray] = field(default_factory=dict)  # their new values (training)
 
 
 class _RunProgram(torch.autograd.Function):
@@ -87,15 +94,21 @@ class _RunProgram(torch.autograd.Function):
         module = call.module
         params, grad_values = module._numpy_tensors(call, tensors)
         program = call.programs.train_forward if call.differentiable else call.programs.forward
-        outputs = module.compiled.backend.run(program, call.graph, {**call.arrays, **grad_values}, params,
-                                              call.dims, training=False)
+        backend = module.compiled.backend
+        outputs = backend.run(program, call.graph, {**call.arrays, **grad_values}, params, call.dims, training=False)
+        call.state_updates = dict(getattr(backend, "last_state_updates", {}))
+        # The running statistics are updated in place after this call: not saved for backward (their
+        # values as run are kept instead).
+        call.statistics = {n: np.array(params[n]) for n in module._statistics}
         names = call.programs.output_names
         if call.differentiable:
             call.residuals = {name: outputs.pop(name) for name in call.programs.residuals}
         if call.layout is not None:
             outputs = call.layout.restore(outputs, {n: v.type for n, v in call.programs.forward.outputs})
         ctx.call = call
-        ctx.save_for_backward(*tensors)
+        params_in = list(module.compiled.param_types)
+        ctx.save_for_backward(*(None if i < len(params_in) and params_in[i] in module._statistics else t
+                                for i, t in enumerate(tensors)))
         result = tuple(torch.from_numpy(np.array(outputs[name])) for name in names)
         ctx.mark_non_differentiable(*(t for t in result if not t.is_floating_point()))
         return result
@@ -129,8 +142,11 @@ class _RunProgram(torch.autograd.Function):
             result.update(call.layout.restore(
                 {f"d_{n}": result[f"d_{n}"] for n in call.grad_inputs},
                 {f"d_{n}": module.compiled.input_types[n] for n in call.grad_inputs}))
-        names = list(module.compiled.param_types) + call.grad_inputs
-        return (None,) + tuple(torch.from_numpy(np.array(result[f"d_{n}"], dtype=call.dtype)) for n in names)
+        def grad(name: str):
+            return torch.from_numpy(np.array(result[f"d_{name}"], dtype=call.dtype))
+
+        return ((None,) + tuple(None if n in module._statistics else grad(n) for n in module.compiled.param_types)
+                + tuple(grad(n) for n in call.grad_inputs))
 
 
 class MpdslModule(torch.nn.Module):
@@ -146,11 +162,16 @@ class MpdslModule(torch.nn.Module):
                                  "the model once first")
             model.init(model.seed, graph=None if graph is None else as_graph(graph), **dims)
         self.compiled = model
+        self._statistics = frozenset(batch_norm_statistics(model.ir))  # buffers: updated, not trained
         for name in model.param_types:
-            if hasattr(self, name) and name not in self._parameters:
+            if hasattr(self, name) and name not in self._parameters and name not in self._buffers:
                 raise MpdslError(f"parameter name '{name}' clashes with an attribute of torch.nn.Module",
                                  "rename the parameter in the .mp file")
-            self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(np.array(model.params[name]))))
+            value = torch.from_numpy(np.array(model.params[name]))
+            if name in self._statistics:
+                self.register_buffer(name, value)
+            else:
+                self.register_parameter(name, torch.nn.Parameter(value))
         self._programs: dict[tuple, Programs] = {}
         self.last_layout = None  # the graph layout of the last call (as CompiledModel.last_layout)
 
@@ -188,18 +209,23 @@ class MpdslModule(torch.nn.Module):
         call = _Call(self, programs, graph, original, {k: v for k, v in arrays.items() if k not in grad_inputs},
                      dims, layout, grad_inputs, np.dtype(dtype), differentiable)
         outputs = _RunProgram.apply(call, *tensors)
+        if call.state_updates:
+            with torch.no_grad():
+                for name, value in call.state_updates.items():
+                    getattr(self, name).copy_(torch.from_numpy(np.asarray(value)))
         if programs.output_names == ["out"]:
             return outputs[0]
         return dict(zip(programs.output_names, outputs))
 
     def _build(self, dims: dict[str, int], dtype: str, training: bool, grad_inputs: list[str]) -> Programs:
         model = self.compiled
-        reference = retype(specialize(model.ir, dims), dtype)
+        reference = set_batch_norm_mode(retype(specialize(model.ir, dims), dtype), training)
         masks: list = []
         if training:
             reference, masks = mask_dropout(reference)
         outputs = [name for name, _ in reference.outputs]
-        gradient = grad_program(reference, wrt=list(model.param_types), inputs=grad_inputs, keep_outputs=True)
+        wrt = [name for name in model.param_types if name not in self._statistics]
+        gradient = grad_program(reference, wrt=wrt, inputs=grad_inputs, keep_outputs=True)
         forward = reference
         if model.optimize:
             forward = optimize(reference, model.passes, dims)[0]
@@ -223,7 +249,8 @@ class MpdslModule(torch.nn.Module):
     def _numpy_tensors(self, call: _Call, tensors) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(params, differentiated inputs laid out) as NumPy arrays."""
         names = list(self.compiled.param_types)
-        params = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+        params = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if t is not None}
+        params.update({n: a for n, a in call.statistics.items() if n not in params})
         values = {n: t.detach().cpu().numpy() for n, t in zip(call.grad_inputs, tensors[len(names):])}
         if call.layout is not None and values:
             _, values = call.layout.apply(call.original, values,
@@ -231,7 +258,7 @@ class MpdslModule(torch.nn.Module):
         return params, values
 
     def _torch_dtype(self) -> torch.dtype:
-        dtypes = {p.dtype for p in self._parameters.values()}
+        dtypes = {p.dtype for p in self._parameters.values()} or {b.dtype for b in self._buffers.values()}
         if not dtypes:
             return torch.float64 if self.compiled.float_dtype == np.float64 else torch.float32
         if len(dtypes) > 1 or next(iter(dtypes)) not in TORCH_DTYPES:
@@ -255,8 +282,9 @@ class MpdslModule(torch.nn.Module):
     # ---- weights -----------------------------------------------------------------------------
 
     def weights(self) -> dict[str, np.ndarray]:
-        """The current parameters as NumPy arrays (copies), named as in the .mp file."""
-        return {n: p.detach().cpu().numpy().copy() for n, p in self._parameters.items()}
+        """The current parameters and running statistics as NumPy arrays (copies), named and ordered as
+        in the .mp file."""
+        return {n: getattr(self, n).detach().cpu().numpy().copy() for n in self.compiled.param_types}
 
     def sync(self) -> CompiledModel:
         """Write the current parameters into the compiled model (in its dtype) and return it."""

@@ -32,9 +32,8 @@ and written with ``--save`` (an .npz that ``CompiledModel.load_weights`` and ``m
 --weights`` read). ``--plot curve.png`` draws the loss and metric curves (needs matplotlib: ``pip
 install "mpdsl[train]"``), ``--history h.json`` writes them as JSON.
 
-Dropout follows ``train()`` / ``eval()`` (training steps in training mode, every evaluation in
-eval mode); the prelude's ``batch_norm`` is the inference form, whose statistics are parameters
-trained like the others, the same in both modes. ``--seed`` seeds the parameter initialisation,
+Dropout and ``batch_norm`` follow ``train()`` / ``eval()`` (training steps in training mode: batch
+statistics, running statistics updated; every evaluation in eval mode: running statistics). ``--seed`` seeds the parameter initialisation,
 torch's generator (dropout masks) and the mini-batch shuffling: a run is repeatable.
 """
 

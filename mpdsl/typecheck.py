@@ -20,7 +20,8 @@ from typing import Callable
 from mpdsl import ast
 from mpdsl.diagnostics import CompileError, Span
 from mpdsl.ir import Program, Value, make_value, verify
-from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS
+from mpdsl.ops import (AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS,
+                       running_statistic)
 from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
 
 RESERVED = {"src", "dst", "batch", "graph"}
@@ -697,6 +698,21 @@ def _einsum(ch: Checker, e: ast.Call, scope, env) -> Value:
                    [a.span for a in e.args[1:]])
 
 
+def _batch_norm(ch: Checker, e: ast.Call, scope, env) -> Value:
+    count = len(e.args)
+    ch.args_exactly(e, count if 5 <= count <= 7 else 5, ("eps", "momentum"))
+    eps = ch.static_option(e, 5, "eps", 1e-5, False, scope)
+    momentum = ch.static_option(e, 6, "momentum", 0.1, False, scope)
+    values = [ch.expr(a, scope, env) for a in e.args[:5]]
+    for i, what in ((1, "running_mean"), (2, "running_var")):
+        if running_statistic(values[i]) is None:
+            raise ch.error(f"the {what} of batch_norm must be a parameter (or a parameter indexed by a loop "
+                           "counter): training updates it in place", e.args[i].span,
+                           "pass a param argument of the model, e.g. batch_norm(x, mean1, var1, gamma1, beta1)")
+    return ch.emit("batch_norm", values, {"eps": float(eps), "momentum": float(momentum), "mode": "auto"},
+                   e.span, [a.span for a in e.args[:5]])
+
+
 BUILTINS: dict[str, Callable] = {name: _unary(name) for name in UNARY_OPS if name != "neg"}
 BUILTINS.update({
     "leaky_relu": _unary_with("leaky_relu", "slope", 0.01),
@@ -711,6 +727,7 @@ BUILTINS.update({
     "one_hot": _one_hot,
     "einsum": _einsum,
     "softmax": _reduction("softmax"),
+    "batch_norm": _batch_norm,
 })
 BUILTINS.update({name: _reduction(name) for name in AGGREGATIONS})
 REDUCING = set(AGGREGATIONS) | {"softmax"}
@@ -720,6 +737,7 @@ SIGNATURES = {
     "leaky_relu": "leaky_relu(x, slope=0.01)", "elu": "elu(x, alpha=1.0)", "dropout": "dropout(x, p=0.5)",
     "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "in_degree": "in_degree()",
     "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])", "one_hot": "one_hot(etype, R)", "einsum": 'einsum("hd,hde->he", a, b)',
+    "batch_norm": "batch_norm(x, running_mean, running_var, gamma, beta, eps=1e-5, momentum=0.1)",
     **{n: f"{n}(m) by dst or {n}(x, axis)" for n in AXIS_REDUCTIONS},
     "std": "std(m) by dst", "softmax": "softmax(score) by dst or softmax(x, axis)",
     **{n: f"{n}(x)" for n in UNARY_OPS},
