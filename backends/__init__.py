@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, ClassVar
 
-from mpdsl.diagnostics import MpdslError
-from mpdsl.ops import OPS
+from mpdsl.diagnostics import InputError, MpdslError
+from mpdsl.ops import OPS, running_statistic
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
 BACKENDS: dict[str, type["Backend"]] = {}
@@ -94,3 +94,41 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'", f"available backends: {', '.join(available_backends())}")
     return BACKENDS[name]()
+
+
+# ---- shared by the backends' batch_norm rules (array-library neutral: NumPy arrays or torch tensors) --
+
+
+def batch_norm_training(v, training: bool) -> bool:
+    """Whether a batch_norm value runs in its training form (batch statistics) in a run with ``training``."""
+    return v.attr["mode"] == "train" or (v.attr["mode"] == "auto" and training)
+
+
+def check_batch_norm_rows(v, rows: int) -> int:
+    """The row count of a batch_norm in training, which needs two rows at least (as torch's BatchNorm)."""
+    if rows < 2:
+        domain = v.operands[0].type.domain
+        raise InputError(f"batch_norm in training needs more than one {domain} to take statistics over, got {rows}",
+                         "run the model in eval mode (model.eval()) or on a larger batch")
+    return rows
+
+
+def batch_norm_statistics(v, x, ctx, copy):
+    """Batch statistics of a batch_norm in its training form: (x - batch mean, biased batch variance),
+    over the rows of ``x``. Records the running-statistic updates (momentum; the variance update uses
+    the unbiased batch variance, as torch's BatchNorm) in ``ctx.state_updates``, starting from the
+    parameter (``copy`` of it) or from an earlier update of the same statistic in this run."""
+    rows = check_batch_norm_rows(v, x.shape[0])
+    mean = x.mean(0)
+    centred = x - mean
+    var = (centred * centred).mean(0)
+    momentum = v.attr["momentum"]
+    for operand, batch in ((v.operands[1], mean), (v.operands[2], var * (rows / (rows - 1)))):
+        where = running_statistic(operand)
+        if where is not None:
+            name, index = where
+            current = ctx.state_updates.get(name)
+            if current is None:
+                current = ctx.state_updates[name] = copy(ctx.params[name])
+            current[index] = (1 - momentum) * current[index] + momentum * batch
+    return centred, var

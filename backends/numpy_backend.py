@@ -23,10 +23,9 @@ import scipy.sparse as sp
 import scipy.special
 from scipy.sparse import _sparsetools  # csr_matvecs writes into a slice of the output (no copy)
 
-from mpdsl.backends import Backend, register_backend, rule
+from mpdsl.backends import Backend, batch_norm_statistics, batch_norm_training, register_backend, rule
 from mpdsl.diagnostics import InputError
 from mpdsl.ir import Program, Value
-from mpdsl.ops import running_statistic
 from mpdsl.types import Domain, TensorType
 
 
@@ -285,20 +284,6 @@ class ExecContext:
         return tuple(d.substitute(self.dims).value for d in t.shape)
 
 
-def batch_norm_training(v: Value, training: bool) -> bool:
-    """Whether a batch_norm value runs in its training form (batch statistics) in a run with ``training``."""
-    return v.attr["mode"] == "train" or (v.attr["mode"] == "auto" and training)
-
-
-def check_batch_norm_rows(v: Value, rows: int) -> int:
-    """The row count of a batch_norm in training, which needs two rows at least (as torch's BatchNorm)."""
-    if rows < 2:
-        domain = v.operands[0].type.domain
-        raise InputError(f"batch_norm in training needs more than one {domain} to take statistics over, got {rows}",
-                         "run the model in eval mode (model.eval()) or on a larger batch")
-    return rows
-
-
 def _width(shape) -> int:
     """Number of elements of a (feature) shape; explicit so that zero-row arrays reshape too."""
     return int(np.prod(shape, dtype=np.int64))
@@ -413,19 +398,7 @@ class NumpyBackend(Backend):
         eps = x.dtype.type(v.attr["eps"])
         if not batch_norm_training(v, ctx.training):
             return ((x - running_mean) * (1 / np.sqrt(running_var + eps)) * gamma + beta).astype(x.dtype, copy=False)
-        rows = check_batch_norm_rows(v, x.shape[0])
-        mean = x.mean(axis=0)
-        centred = x - mean
-        var = (centred * centred).mean(axis=0)
-        momentum = v.attr["momentum"]
-        for operand, batch in ((v.operands[1], mean), (v.operands[2], var * (rows / (rows - 1)))):
-            where = running_statistic(operand)
-            if where is not None:
-                name, index = where
-                current = ctx.state_updates.get(name)
-                if current is None:  # later updates of the same statistic start from the earlier ones
-                    current = ctx.state_updates[name] = np.array(ctx.params[name], copy=True)
-                current[index] = (1 - momentum) * current[index] + momentum * batch
+        centred, var = batch_norm_statistics(v, x, ctx, lambda a: np.array(a, copy=True))
         return (centred * (1 / np.sqrt(var + eps)) * gamma + beta).astype(x.dtype, copy=False)
 
     @rule(*_BINARY)

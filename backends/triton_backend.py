@@ -32,13 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from mpdsl.backends import Backend, BackendError, register_backend, rule
-from mpdsl.backends.numpy_backend import batch_norm_training, check_batch_norm_rows
+from mpdsl.backends import Backend, BackendError, batch_norm_statistics, batch_norm_training, register_backend, rule
 from mpdsl.backends.triton_kernels import (KERNELS, Attention, CooAttention, CooGspmm, KernelSpec, SegmentReduce,
                                            SegmentSoftmax, TypedLinear, next_pow2)
 from mpdsl.diagnostics import InputError
 from mpdsl.ir import Program, Value, print_program
-from mpdsl.ops import running_statistic
 from mpdsl.types import Domain, TensorType
 
 torch: Any = None  # imported by _runtime() on first use, so that this module imports without torch
@@ -372,19 +370,7 @@ class TritonBackend(Backend):
         eps = v.attr["eps"]
         if not batch_norm_training(v, ctx.training):
             return (x - running_mean) * torch.rsqrt(running_var + eps) * gamma + beta
-        rows = check_batch_norm_rows(v, x.shape[0])
-        mean = x.mean(dim=0)
-        centred = x - mean
-        var = (centred * centred).mean(dim=0)
-        momentum = v.attr["momentum"]
-        for operand, batch in ((v.operands[1], mean), (v.operands[2], var * (rows / (rows - 1)))):
-            where = running_statistic(operand)
-            if where is not None:
-                name, index = where
-                current = ctx.state_updates.get(name)
-                if current is None:  # later updates of the same statistic start from the earlier ones
-                    current = ctx.state_updates[name] = ctx.params[name].clone()
-                current[index] = (1 - momentum) * current[index] + momentum * batch.to(current.dtype)
+        centred, var = batch_norm_statistics(v, x, ctx, lambda a: a.clone())
         return centred * torch.rsqrt(var + eps) * gamma + beta
 
     @rule(*_BINARY)

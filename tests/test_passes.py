@@ -17,37 +17,11 @@ from mpdsl.ir import print_program, verify  # noqa: E402
 from mpdsl.passes import DEFAULT_PIPELINE, PASSES, Pass, PassError, PassManager, optimize, register  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
+from comparison import synth_inputs  # noqa: E402
 from strategies import batched_graphs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.mp"))
-FEATURES = 5
-
-
-def _index_bound(model: mpdsl.CompiledModel, name: str) -> int:
-    """Largest id + 1 an int input may hold: the leading dim of the parameter it indexes."""
-    program = model.ir
-    bounds = []
-    for v in program.values:
-        if any(o.op == "input" and o.attr["name"] == name for o in v.operands):
-            if v.op in ("take",) and v.operands[1].attr.get("name") == name:
-                bounds.append(v.operands[0].type.shape[0].value)
-            if v.op == "one_hot":
-                bounds.append(v.attr["classes"])
-    return min(bounds) if bounds else 1
-
-
-def synth_inputs(model: mpdsl.CompiledModel, graph: mpdsl.Graph, rng: np.random.Generator) -> dict:
-    rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs}
-    inputs = {}
-    for name, t in model.input_types.items():
-        n = rows[t.domain]
-        if t.dtype == "i64":
-            inputs[name] = rng.integers(0, _index_bound(model, name), n)
-        else:
-            shape = tuple(d.value if d.is_static else FEATURES for d in t.shape)
-            inputs[name] = rng.normal(size=(n,) + shape)
-    return inputs
 
 
 def random_graph(seed: int = 0, nodes: int = 40, edges: int = 160) -> mpdsl.Graph:

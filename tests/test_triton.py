@@ -33,12 +33,11 @@ from mpdsl.diagnostics import InputError  # noqa: E402
 from mpdsl.ops import OPS  # noqa: E402
 from mpdsl.passes.rewrite import rewrite  # noqa: E402
 from mpdsl.runtime import CompiledModel  # noqa: E402
-from mpdsl.types import Domain  # noqa: E402
+from comparison import synth_inputs as shared_synth_inputs  # noqa: E402
 from strategies import batched_graphs, graphs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.mp"))
-FEATURES = 5
 CPU = dict(device="cpu", interpret=True)  # interpreter on the CPU even where a GPU exists
 
 
@@ -62,31 +61,8 @@ def small_graph(seed: int = 0, nodes: int = 30, edges: int = 90) -> mpdsl.Graph:
 GRAPH = small_graph()
 
 
-def _index_bound(model: CompiledModel, name: str) -> int:
-    bounds = []
-    for v in model.ir.values:
-        if any(o.op == "input" and o.attr["name"] == name for o in v.operands):
-            if v.op == "take" and v.operands[1].attr.get("name") == name:
-                bounds.append(v.operands[0].type.shape[0].value)
-            if v.op == "one_hot":
-                bounds.append(v.attr["classes"])
-    return min(bounds) if bounds else 1
-
-
 def synth_inputs(model: CompiledModel, graph: mpdsl.Graph, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs}
-    inputs = {}
-    for name, t in model.input_types.items():
-        n = rows[t.domain]
-        if name in graph and t.dtype != "i64":
-            continue
-        if t.dtype == "i64":
-            inputs[name] = rng.integers(0, _index_bound(model, name), n)
-        else:
-            shape = tuple(d.value if d.is_static else FEATURES for d in t.shape)
-            inputs[name] = rng.normal(size=(n,) + shape)
-    return inputs
+    return shared_synth_inputs(model, graph, np.random.default_rng(seed), keep_graph_features=True)
 
 
 def reference(source, graph: mpdsl.Graph, seed: int = 0, dtype: str = "float32"):
