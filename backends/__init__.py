@@ -50,6 +50,7 @@ class Backend:
 
     name: ClassVar[str] = ""
     rules: ClassVar[dict[str, Callable]] = {}
+    target: ClassVar[str] = "cpu"  # the device kind the optimizer plans layouts for ("cpu" or "gpu")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -208,6 +208,8 @@ _BINARY = {
 class TritonBackend(Backend):
     """Generated Triton kernels for graph ops, torch for the rest (see the module docstring)."""
 
+    target = "gpu"
+
     def __init__(self, *, interpret: bool | None = None, device: str | None = None, layout: str | None = None,
                  poison: bool = False, block_rows: int | None = None, block_features: int | None = None,
                  block_edges: int | None = None, block_m: int | None = None):

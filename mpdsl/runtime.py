@@ -269,7 +269,8 @@ class CompiledModel:
     def optimized_for(self, dims: Mapping[str, int]) -> tuple[Program, PassContext]:
         key = tuple(sorted(dims.items()))
         if key not in self._specialized:
-            self._specialized[key] = optimize(specialize(self.ir, dict(dims)), self.passes, dict(dims))
+            self._specialized[key] = optimize(specialize(self.ir, dict(dims)), self.passes, dict(dims),
+                                              target=getattr(self.backend, "target", "cpu"))
         return self._specialized[key]
 
     @property

@@ -217,3 +217,14 @@ model m(x: node[F], e: edge[F], a: param[F]) -> (h: node[F], s: edge[]) {
     assert laid_out.last_layout.edge_perm is not None and laid_out.last_layout.nodes is not None
     np.testing.assert_allclose(b["h"], a["h"], rtol=1e-10)
     np.testing.assert_allclose(b["s"], a["s"], rtol=1e-12)
+
+
+def test_gpu_target_plans_coo_for_sums_onto_sources():
+    src = "model m(x: node[F]) -> node[F] {\n    return sum(x[dst]) by src + sum(x[src]) by dst\n}\n"
+    program = mpdsl.compile(src, optimize=False).ir
+    cpu, cpu_ctx = optimize(program, verify_each=True)
+    gpu, gpu_ctx = optimize(program, verify_each=True, target="gpu")
+    layouts = lambda p: sorted(v.attr["layout"] for v in p.values if v.op == "gspmm")  # noqa: E731
+    assert layouts(cpu) == ["csr_dst", "csr_src"]
+    assert layouts(gpu) == ["coo", "csr_dst"]
+    assert any("COO + atomics" in text for _, text in gpu_ctx.notes)

@@ -21,6 +21,7 @@ class PassContext:
 
     dims: dict[str, int] = field(default_factory=dict)
     notes: list[tuple[str, str]] = field(default_factory=list)
+    target: str = "cpu"  # the kind of device the backend runs on: "cpu" or "gpu" (layout choices differ)
 
     def note(self, pass_name: str, text: str) -> None:
         self.notes.append((pass_name, text))
@@ -86,8 +87,8 @@ DEFAULT_PIPELINE = [
 
 
 def optimize(program: Program, passes: list[str] | None = None, dims: dict[str, int] | None = None,
-             verify_each: bool = False) -> tuple[Program, PassContext]:
-    """Run ``passes`` (default: ``DEFAULT_PIPELINE``) on ``program``."""
-    ctx = PassContext(dims=dict(dims or {}))
+             verify_each: bool = False, target: str = "cpu") -> tuple[Program, PassContext]:
+    """Run ``passes`` (default: ``DEFAULT_PIPELINE``) on ``program`` for a ``target`` device kind."""
+    ctx = PassContext(dims=dict(dims or {}), target=target)
     result = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), verify_each).run(program, ctx)
     return result, ctx
