@@ -55,16 +55,25 @@ class Backend:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         rules: dict[str, Callable] = {}
-        for base in reversed(cls.__mro__[1:]):
-            rules.update(getattr(base, "rules", {}))
-        for attr in vars(cls).values():
-            for op in getattr(attr, "__mpdsl_ops__", ()):
-                rules[op] = attr
-            if isinstance(attr, _Unsupported):
-                rules[attr.op] = attr
-        for extra in getattr(cls, "UNSUPPORTED", ()):
-            rules[extra.op] = extra
+        for klass in reversed(cls.__mro__):  # a subclass's rules override its bases'
+            for attr in vars(klass).values():
+                for op in getattr(attr, "__mpdsl_ops__", ()):
+                    rules[op] = attr
+                if isinstance(attr, _Unsupported):
+                    rules[attr.op] = attr
+            for extra in vars(klass).get("UNSUPPORTED", ()):
+                rules[extra.op] = extra
         cls.rules = rules
+
+    @rule("input")
+    def _input(self, ctx, v):
+        """A model input: the array bound to its name (every backend's context has ``inputs``)."""
+        return ctx.inputs[v.attr["name"]]
+
+    @rule("param")
+    def _param(self, ctx, v):
+        """A parameter: the array bound to its name (every backend's context has ``params``)."""
+        return ctx.params[v.attr["name"]]
 
     @classmethod
     def missing_rules(cls) -> list[str]:

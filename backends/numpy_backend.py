@@ -350,14 +350,6 @@ class NumpyBackend(Backend):
 
     # ---- sources -------------------------------------------------------------------------
 
-    @rule("input")
-    def _input(self, ctx, v):
-        return ctx.inputs[v.attr["name"]]
-
-    @rule("param")
-    def _param(self, ctx, v):
-        return ctx.params[v.attr["name"]]
-
     @rule("const")
     def _const(self, ctx, v):
         return np.asarray(v.attr["value"], dtype=ctx.float_dtype)

@@ -325,14 +325,6 @@ class TritonBackend(Backend):
 
     # ---- sources -------------------------------------------------------------------------
 
-    @rule("input")
-    def _input(self, ctx, v):
-        return ctx.inputs[v.attr["name"]]
-
-    @rule("param")
-    def _param(self, ctx, v):
-        return ctx.params[v.attr["name"]]
-
     @rule("const")
     def _const(self, ctx, v):
         return torch.tensor(v.attr["value"], dtype=ctx.dtype, device=ctx.device)
