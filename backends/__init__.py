@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar
 
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.ops import OPS, running_statistic
+from mpdsl.types import Domain
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
 BACKENDS: dict[str, type["Backend"]] = {}
@@ -74,6 +75,11 @@ class Backend:
     def _param(self, ctx, v):
         """A parameter: the array bound to its name (every backend's context has ``params``)."""
         return ctx.params[v.attr["name"]]
+
+    @rule("select")
+    def _select(self, ctx, v, x):
+        """Static index into the first feature axis (after the row axis of a row-domain value)."""
+        return x[v.attr["index"]] if v.operands[0].type.domain is Domain.PARAM else x[:, v.attr["index"]]
 
     @classmethod
     def missing_rules(cls) -> list[str]:
@@ -142,3 +148,13 @@ def batch_norm_statistics(v, x, ctx, copy):
                 current = ctx.state_updates[name] = copy(ctx.params[name])
             current[index] = (1 - momentum) * current[index] + momentum * batch
     return centred, var
+
+
+def check_ids(ids, bound: int, source, what: str) -> None:
+    """Refuse int ids (a 1-D NumPy array or torch tensor) at or above ``bound``, naming the input that
+    holds them and the first offending position."""
+    if len(ids) and int(ids.max()) >= bound:
+        pos = int((ids >= bound).nonzero()[0][0])
+        name = source.attr.get("name", "the ids")
+        raise InputError(f"{name}[{pos}] = {int(ids[pos])} is out of range for {what}",
+                         f"{name} values must be below {bound}")

@@ -23,8 +23,7 @@ import scipy.sparse as sp
 import scipy.special
 from scipy.sparse import _sparsetools  # csr_matvecs writes into a slice of the output (no copy)
 
-from mpdsl.backends import Backend, batch_norm_statistics, batch_norm_training, register_backend, rule
-from mpdsl.diagnostics import InputError
+from mpdsl.backends import Backend, batch_norm_statistics, batch_norm_training, check_ids, register_backend, rule
 from mpdsl.ir import Program, Value
 from mpdsl.types import Domain, TensorType
 
@@ -469,27 +468,14 @@ class NumpyBackend(Backend):
 
     @rule("take")
     def _take(self, ctx, v, w, index):
-        if len(index) and index.max() >= w.shape[0]:
-            pos = int(np.argmax(index >= w.shape[0]))
-            source = v.operands[1]
-            name = source.attr.get("name", "the index")
-            raise InputError(f"{name}[{pos}] = {int(index[pos])} is out of range for a parameter with "
-                             f"{w.shape[0]} entries", f"{name} values must be below {w.shape[0]}")
+        check_ids(index, w.shape[0], v.operands[1], f"a parameter with {w.shape[0]} entries")
         return np.take(w, index, axis=0)
 
     @rule("one_hot")
     def _one_hot(self, ctx, v, ids):
         classes = v.attr["classes"]
-        if len(ids) and ids.max() >= classes:
-            pos = int(np.argmax(ids >= classes))
-            name = v.operands[0].attr.get("name", "the ids")
-            raise InputError(f"{name}[{pos}] = {int(ids[pos])} is out of range for one_hot with {classes} classes",
-                             f"{name} values must be below {classes}")
+        check_ids(ids, classes, v.operands[0], f"one_hot with {classes} classes")
         return np.eye(classes, dtype=ctx.float_dtype)[ids]
-
-    @rule("select")
-    def _select(self, ctx, v, x):
-        return x[v.attr["index"]] if v.operands[0].type.domain is Domain.PARAM else x[:, v.attr["index"]]
 
     @rule("aggregate")
     def _aggregate(self, ctx, v, x):
@@ -570,11 +556,7 @@ class NumpyBackend(Backend):
         g = ctx.graph
         nodes = g.src if v.attr["index"] == "src" else g.dst
         relations = w.shape[0]
-        if len(types) and types.max() >= relations:
-            pos = int(np.argmax(types >= relations))
-            name = v.operands[2].attr.get("name", "the type")
-            raise InputError(f"{name}[{pos}] = {int(types[pos])} is out of range for a parameter with "
-                             f"{relations} entries", f"{name} values must be below {relations}")
+        check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
         pairs, inverse = np.unique(nodes * relations + types, return_inverse=True)
         pair_nodes, pair_types = pairs // relations, pairs % relations
         k = h.shape[-1]

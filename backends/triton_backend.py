@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from mpdsl.backends import Backend, BackendError, batch_norm_statistics, batch_norm_training, register_backend, rule
+from mpdsl.backends import (Backend, BackendError, batch_norm_statistics, batch_norm_training, check_ids,
+                            register_backend, rule)
 from mpdsl.backends.triton_kernels import (KERNELS, Attention, CooAttention, CooGspmm, KernelSpec, SegmentReduce,
                                            SegmentSoftmax, TypedLinear, next_pow2)
-from mpdsl.diagnostics import InputError
 from mpdsl.ir import Program, Value, print_program
 from mpdsl.types import Domain, TensorType
 
@@ -172,15 +172,6 @@ def _axis(v: Value, axis: int) -> int:
     t = v.operands[0].type
     axis %= t.rank
     return axis if t.domain is Domain.PARAM else axis + 1
-
-
-def _check_ids(ids, bound: int, source: Value, what: str) -> None:
-    """The NumPy backend's message for an int id out of range (one host sync)."""
-    if ids.numel() and int(ids.max()) >= bound:
-        pos = int(torch.nonzero(ids >= bound)[0, 0])
-        name = source.attr.get("name", "the ids")
-        raise InputError(f"{name}[{pos}] = {int(ids[pos])} is out of range for {what}",
-                         f"{name} values must be below {bound}")
 
 
 _UNARY = {
@@ -461,18 +452,14 @@ class TritonBackend(Backend):
 
     @rule("take")
     def _take(self, ctx, v, w, index):
-        _check_ids(index, w.shape[0], v.operands[1], f"a parameter with {w.shape[0]} entries")
+        check_ids(index, w.shape[0], v.operands[1], f"a parameter with {w.shape[0]} entries")
         return w.index_select(0, index)
 
     @rule("one_hot")
     def _one_hot(self, ctx, v, ids):
         classes = v.attr["classes"]
-        _check_ids(ids, classes, v.operands[0], f"one_hot with {classes} classes")
+        check_ids(ids, classes, v.operands[0], f"one_hot with {classes} classes")
         return torch.nn.functional.one_hot(ids, classes).to(ctx.dtype)
-
-    @rule("select")
-    def _select(self, ctx, v, x):
-        return x[v.attr["index"]] if v.operands[0].type.domain is Domain.PARAM else x[:, v.attr["index"]]
 
     # ---- graph ops (generated kernels) -----------------------------------------------------
 
@@ -560,7 +547,7 @@ class TritonBackend(Backend):
     def _typed_linear(self, ctx, v, h, w, types):
         nodes = ctx.index(v.attr["index"])
         relations = w.shape[0]
-        _check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
+        check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
         lead = tuple(h.shape[1:-1])                     # leading feature axes of h: one product each
         inner, width = h.shape[-1], _width(w.shape[2:])
         a = max(1, _width(lead))

@@ -137,15 +137,21 @@ def test_example_matches_numpy_fp32(path):
     assert twin.backend.last_launches, "every example has graph ops"
 
 
+def fp16_case(source, graph, device_options):
+    """(fp16 model with poisoned outputs, inputs, NumPy fp32 outputs on the same fp16-rounded data)."""
+    model, inputs, _ = reference(source, graph)
+    inputs = {k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+    model.load_weights({k: v.astype(np.float16).astype(np.float32) for k, v in model.params.items()})
+    expected = model.run(graph, **inputs)
+    half = compile_f16(source, TritonBackend(poison=True, **device_options))
+    half.load_weights(model.params)
+    return half, inputs, expected
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_matches_numpy_fp16(path):
     """fp16 storage, fp32 compute: against NumPy fp32 on the same fp16-rounded weights and inputs."""
-    model, inputs, _ = reference(path, GRAPH)
-    inputs = {k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
-    model.load_weights({k: v.astype(np.float16).astype(np.float32) for k, v in model.params.items()})
-    expected = model.run(GRAPH, **inputs)
-    half = compile_f16(path, TritonBackend(poison=True, **CPU))
-    half.load_weights(model.params)
+    half, inputs, expected = fp16_case(path, GRAPH, CPU)
     got = half.run(GRAPH, **inputs)
     assert all(v.dtype == np.float16 for v in got.values())
     assert_close(expected, got, 2e-2, f"{path.stem} fp16")
@@ -233,12 +239,7 @@ def test_kernel_variants_match_numpy(name, layout):
 def test_kernel_variants_fp16(name, tmp_path):
     source = tmp_path / f"{name}.mp"
     source.write_text(SNIPPETS[name])
-    model, inputs, _ = reference(source, GRAPH)
-    inputs = {k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
-    model.load_weights({k: v.astype(np.float16).astype(np.float32) for k, v in model.params.items()})
-    expected = model.run(GRAPH, **inputs)
-    half = compile_f16(source, TritonBackend(poison=True, **CPU))
-    half.load_weights(model.params)
+    half, inputs, expected = fp16_case(source, GRAPH, CPU)
     assert_close(expected, half.run(GRAPH, **inputs), 1e-2, f"{name} fp16")
 
 

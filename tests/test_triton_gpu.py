@@ -24,7 +24,7 @@ from hypothesis import given, settings  # noqa: E402
 from mpdsl.backends.triton_backend import TritonBackend  # noqa: E402
 from mpdsl.backends.triton_kernels import KERNELS, SegmentReduce  # noqa: E402
 from strategies import graphs  # noqa: E402
-from test_triton import (EXAMPLES, PROPERTY_MODEL, SNIPPETS, assert_close, compile_f16, reference,  # noqa: E402
+from test_triton import (EXAMPLES, PROPERTY_MODEL, SNIPPETS, assert_close, fp16_case, reference,  # noqa: E402
                          small_graph, to_coo, with_backend)
 
 GPU = dict(device="cuda", interpret=False)
@@ -52,13 +52,7 @@ def test_example_on_gpu_fp32(path):
 
 def _fp16_case(source, graph):
     """(fp16 model on the GPU, inputs, NumPy fp32 outputs on the same fp16-rounded data)."""
-    model, inputs, _ = reference(source, graph)
-    inputs = {k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
-    model.load_weights({k: v.astype(np.float16).astype(np.float32) for k, v in model.params.items()})
-    expected = model.run(graph, **inputs)
-    half = compile_f16(source, TritonBackend(poison=True, **GPU))
-    half.load_weights(model.params)
-    return half, inputs, expected
+    return fp16_case(source, graph, GPU)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
