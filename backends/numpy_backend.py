@@ -1,9 +1,11 @@
 """The NumPy/SciPy backend: the reference semantics of mpdsl programs.
 
 Values are NumPy arrays: a node / edge / graph value has its row axis first, a param value
-none. Sum and mean aggregations are CSR sparse products (an n_segments x n_rows incidence
-matrix in CSR order times the dense rows); max, min and softmax use sorted-segment
-``reduceat``; no per-edge Python loop and no ``np.add.at``. An empty group reduces to 0.
+none. Graph ops over the edges (``gspmm`` sums and means, ``attention``) run as compiled pull-style
+CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics); ``aggregate`` sums and means
+are SciPy CSR products; max, min and softmax use sorted-segment ``reduceat``; no per-edge Python
+loop and no ``np.add.at``. An empty group reduces to 0. Row-wise ops run in fused row groups
+(``row_fusion``) block by block on large inputs.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import scipy.sparse as sp
 import scipy.special
-from scipy.sparse import _sparsetools  # csr_matvecs writes into a slice of the output (no copy)
+import numba
 
+from mpdsl.backends import cpu_kernels
+from mpdsl.backends.row_fusion import RowGroup, fuse_rows
 from mpdsl.backends import Backend, batch_norm_statistics, batch_norm_training, check_ids, register_backend, rule
 from mpdsl.ir import Program, Value
 from mpdsl.types import Domain, TensorType
@@ -31,6 +35,7 @@ from mpdsl.types import Domain, TensorType
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
+_NO_WEIGHTS = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 
 
 class _BlasThreads:
@@ -79,9 +84,10 @@ class _BlasThreads:
 BLAS = _BlasThreads()
 
 
-def row_parallel(rows: int, work) -> None:
-    """Run ``work(start, stop)`` over row blocks on the backend's pool (one block when small)."""
-    if rows < PARALLEL_ROWS or WORKERS == 1:
+def row_parallel(rows: int, work, force: bool = False) -> None:
+    """Run ``work(start, stop)`` over row blocks on the backend's pool (one block when small and
+    not ``force``d). ``work`` must not itself call row_parallel with more than PARALLEL_ROWS rows."""
+    if (rows < PARALLEL_ROWS and not force) or WORKERS == 1 or rows < WORKERS:
         work(0, rows)
         return
     bounds = np.linspace(0, rows, WORKERS + 1).astype(int)
@@ -135,11 +141,11 @@ class Segments:
 class PullCSR:
     """A graph's edges grouped by the node they reduce onto (dst, or src for by-src ops), for
     pull-style sparse products: row i of the N x N matrix holds the edges reducing onto i, its
-    column indices the nodes they read. Rows are split into blocks of equal edge count (one per
-    worker) so a skewed degree distribution still balances; index arrays are int32 where they fit."""
+    column indices the nodes they read. The compiled kernels (``cpu_kernels``) split rows into
+    chunks of equal edge count, so a skewed degree distribution still balances; index arrays are
+    int32 where they fit."""
 
-    def __init__(self, indptr: np.ndarray, perm: np.ndarray, read: np.ndarray, num_nodes: int,
-                 workers: int = WORKERS):
+    def __init__(self, indptr: np.ndarray, perm: np.ndarray, read: np.ndarray, num_nodes: int):
         small = len(perm) < 2 ** 31 - 1 and num_nodes < 2 ** 31 - 1
         itype = np.int32 if small else np.int64
         self.indptr = indptr.astype(itype)
@@ -149,72 +155,53 @@ class PullCSR:
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
         self.nnz = len(perm)
-        targets = np.linspace(0, self.nnz, workers + 1)
-        bounds = np.searchsorted(indptr, targets, side="left").clip(0, num_nodes)
-        bounds[0], bounds[-1] = 0, num_nodes
-        self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        self._local_indptr = [self.indptr[a:b + 1] - self.indptr[a] for a, b in self.blocks]
-        self._ones: dict = {}  # cached edge values: all ones per dtype, mean weights per dtype
-        self._expanded: dict[int, PullCSR] = {}
-
-    def expanded(self, groups: int) -> "PullCSR":
-        """The same edges over (node, group) rows: row i * groups + q holds row i's edges, reading
-        node j's group q (row j * groups + q of the input); its per-edge values are the CSR-ordered
-        [E, groups] weights flattened. Cached per group count."""
-        if groups not in self._expanded:
-            lengths = np.diff(self.indptr).astype(np.int64)
-            big_indptr = np.concatenate([[0], np.cumsum(np.repeat(lengths, groups))])
-            big_rows = np.repeat(np.arange(self.num_nodes * groups), np.repeat(lengths, groups))
-            position = np.arange(len(big_rows)) - big_indptr[big_rows]
-            node, group = big_rows // groups, big_rows % groups
-            edge = self.indptr[node].astype(np.int64) + position  # CSR position of the edge
-            value_index = edge * groups + group                    # into the flattened [E, groups] values
-            read = np.empty(len(value_index), dtype=np.int64)
-            read[value_index] = self.columns[edge].astype(np.int64) * groups + group
-            self._expanded[groups] = PullCSR(big_indptr, value_index, read, self.num_nodes * groups)
-        return self._expanded[groups]
+        self.chunks = cpu_kernels.row_chunks(self.indptr, 4 * numba.get_num_threads())
 
     def ordered(self, per_edge: np.ndarray) -> np.ndarray:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
         return per_edge if self.in_edge_order else np.take(per_edge, self.perm, axis=0)
 
-    def mean_weights(self, dtype) -> np.ndarray:
-        """Per-edge 1 / (edge count of its row), in CSR order: an SpMM with these is a mean."""
-        key = ("mean", np.dtype(dtype))
-        if key not in self._ones:
-            counts = np.maximum(np.diff(self.indptr), 1)
-            self._ones[key] = np.repeat((1.0 / counts).astype(dtype), np.diff(self.indptr))
-        return self._ones[key]
-
-    def ones(self, dtype) -> np.ndarray:
-        key = np.dtype(dtype)
-        if key not in self._ones:
-            self._ones[key] = np.ones(self.nnz, dtype=key)
-        return self._ones[key]
-
-    def spmm(self, x: np.ndarray, data: np.ndarray | None = None) -> np.ndarray:
-        """out[i] = sum over row i's edges e of data[e] * x[column[e]]; ``data`` in CSR order
-        (None: all ones). x is [N, F] (any trailing shape is flattened)."""
-        if x.dtype == np.float16:  # SciPy's sparse kernels have no float16: accumulate in float32
+    def spmm(self, x: np.ndarray, data: np.ndarray | None = None, mean: bool = False) -> np.ndarray:
+        """out[i] = sum over row i's edges e of data[e] * x[column[e]] (divided by the row's edge
+        count with ``mean``); ``data`` in CSR order, None for all ones, or [E, G] per-group weights
+        that scale the G groups of x's leading feature axes they cover."""
+        if x.dtype == np.float16:  # the kernels have no float16 arithmetic: accumulate in float32
             half = None if data is None else data.astype(np.float32)
-            return self.spmm(x.astype(np.float32), half).astype(np.float16)
+            return self.spmm(x.astype(np.float32), half, mean).astype(np.float16)
+        out = np.empty((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
+        groups = 1 if data is None or data.ndim == 1 else _width(data.shape[1:])
+        if out.size == 0 or groups == 0:
+            out.fill(0)
+            return out
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
-        data = self.ones(x.dtype) if data is None else np.ascontiguousarray(data, dtype=x.dtype)
-        out = np.zeros((self.num_nodes, x2.shape[1]), dtype=x.dtype)
-        if self.nnz and x2.shape[1]:
-            width = x2.shape[1]
+        out2 = out.reshape(self.num_nodes, x2.shape[1])
+        if groups == 1:
+            weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
+            cpu_kernels.spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
+        else:
+            weights = np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype)
+            mode = cpu_kernels.MEAN if mean else cpu_kernels.SUM
+            cpu_kernels.grouped_spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
+        return out
 
-            def run(block: int) -> None:
-                a, b = self.blocks[block]
-                lo, hi = int(self.indptr[a]), int(self.indptr[b])
-                _sparsetools.csr_matvecs(b - a, x2.shape[0], width, self._local_indptr[block],
-                                         self.columns[lo:hi], data[lo:hi], x2.ravel(), out[a:b].ravel())
-
-            if len(self.blocks) > 1:
-                list(_POOL.map(run, range(len(self.blocks))))
-            else:
-                run(0)
-        return out.reshape((self.num_nodes,) + x.shape[1:])
+    def attention(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """out[i] = sum over row i's edges of softmax(scores)[e] * x[column[e]], the softmax taken
+        over the row's edges per group (scores [E] or [E, G...] in CSR order, covering x's leading
+        feature axes); 0 for a row without edges."""
+        if x.dtype == np.float16:
+            return self.attention(scores.astype(np.float32), x.astype(np.float32)).astype(np.float16)
+        groups = _width(scores.shape[1:])
+        out = np.zeros((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
+        if out.size == 0 or groups == 0:
+            return out
+        x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
+        scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
+        weights = np.empty_like(scores2)
+        cpu_kernels.shift_by_row_max(self.indptr, scores2, weights, self.chunks)
+        row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
+        cpu_kernels.grouped_spmm(self.indptr, self.columns, weights, x2, out.reshape(self.num_nodes, x2.shape[1]),
+                                 self.chunks, cpu_kernels.NORMALIZED)
+        return out
 
     def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
         """out[i] = max (or min) over row i's edges of weight * x[column]; 0 for empty rows. Works
@@ -288,6 +275,11 @@ def _width(shape) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
+def _gather_index(ctx: ExecContext, v: Value) -> np.ndarray:
+    g = ctx.graph
+    return {"src": g.src, "dst": g.dst, "batch": g.batch}[v.attr["index"]]
+
+
 def _expand(arr: np.ndarray, t: TensorType, result: TensorType) -> np.ndarray:
     """Reshape an operand for NumPy broadcasting under mpdsl's rules (param: no row axis;
     feature shapes aligned from the left)."""
@@ -329,6 +321,68 @@ class NumpyBackend(Backend):
 
     last_state_updates: dict[str, np.ndarray] = {}
 
+    def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 2 << 20, block_rows: int | None = None):
+        """``fuse_min_rows``: row groups (``row_fusion``) run block by block from this many rows on,
+        op by op below; a block holds ``block_rows`` rows, or by default as many as fit all members'
+        rows in ``block_bytes`` (1024 to PARALLEL_ROWS - 1: fewer would cost more in per-op
+        overhead than the cache saves)."""
+        self.fuse_min_rows = fuse_min_rows
+        self.block_bytes = block_bytes
+        self.block_rows = block_rows
+        self._schedules: dict[int, tuple[Program, list]] = {}
+
+    def schedule(self, program: Program) -> list:
+        """The program's execution schedule (``row_fusion.fuse_rows``), cached per program."""
+        cached = self._schedules.get(id(program))
+        if cached is None or cached[0] is not program:
+            cached = self._schedules[id(program)] = (program, fuse_rows(program))
+        return cached[1]
+
+    def _run_group(self, ctx: "ExecContext", group: RowGroup, env: dict) -> None:
+        """Run a row group block by block over the pool's workers (op by op when small); only its
+        exports are materialised in full."""
+        rows = ctx.rows(group.domain)
+        if rows < self.fuse_min_rows:
+            for v in group.members:
+                env[id(v)] = self.rules[v.op](self, ctx, v, *[env[id(o)] for o in v.operands])
+            return
+        row_bytes = sum(ctx.float_dtype.itemsize * max(1, _width(ctx.concrete_shape(v.type))) for v in group.members)
+        block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(1024, self.block_bytes // row_bytes)))
+        member_ids = {id(v) for v in group.members}
+
+        def run_block(lo: int, hi: int) -> dict[int, np.ndarray]:
+            local: dict[int, np.ndarray] = {}
+            for v in group.members:
+                args = []
+                for o in v.operands:
+                    if id(o) in member_ids:
+                        args.append(local[id(o)])
+                    elif o.type.domain is group.domain:
+                        args.append(env[id(o)][lo:hi])
+                    else:
+                        args.append(env[id(o)])
+                if v.op == "gather":
+                    local[id(v)] = np.take(args[0], _gather_index(ctx, v)[lo:hi], axis=0)
+                else:
+                    local[id(v)] = self.rules[v.op](self, ctx, v, *args)
+            return local
+
+        first = run_block(0, min(block, rows))
+        for v in group.exports:
+            part = first[id(v)]
+            env[id(v)] = np.empty((rows,) + part.shape[1:], dtype=part.dtype)
+            env[id(v)][:len(part)] = part
+
+        def run_range(lo: int, hi: int) -> None:
+            for start in range(lo, hi, block):
+                local = run_block(start, min(start + block, hi))
+                for v in group.exports:
+                    env[id(v)][start:start + len(local[id(v)])] = local[id(v)]
+
+        rest = rows - min(block, rows)
+        if rest:
+            row_parallel(rest, lambda lo, hi: run_range(min(block, rows) + lo, min(block, rows) + hi), force=True)
+
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
         float_dtype = np.dtype({"f32": np.float32, "f64": np.float64, "f16": np.float16}[program.float_dtype])
@@ -337,12 +391,15 @@ class NumpyBackend(Backend):
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"), BLAS.limited(1):
-            for v in program.values:
+            for step in self.schedule(program):
                 start = time.perf_counter()
-                args = [env[id(o)] for o in v.operands]
-                out = self.rules[v.op](self, ctx, v, *args)
-                env[id(v)] = out
-                timings[v.op] = timings.get(v.op, 0.0) + time.perf_counter() - start
+                if isinstance(step, RowGroup):
+                    self._run_group(ctx, step, env)
+                    key = f"fused {step.domain.value} ops"
+                else:
+                    env[id(step)] = self.rules[step.op](self, ctx, step, *[env[id(o)] for o in step.operands])
+                    key = step.op
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
         self.last_op_seconds = timings
         self.last_state_updates = ctx.state_updates
         return {name: env[id(v)] for name, v in program.outputs}
@@ -462,9 +519,7 @@ class NumpyBackend(Backend):
 
     @rule("gather")
     def _gather(self, ctx, v, x):
-        g = ctx.graph
-        index = {"src": g.src, "dst": g.dst, "batch": g.batch}[v.attr["index"]]
-        return np.take(x, index, axis=0)  # np.take: faster than fancy indexing for row gathers
+        return np.take(x, _gather_index(ctx, v), axis=0)  # np.take: faster than fancy indexing for row gathers
 
     @rule("take")
     def _take(self, ctx, v, w, index):
@@ -504,17 +559,6 @@ class NumpyBackend(Backend):
 
     # ---- fused graph ops -----------------------------------------------------------------
 
-    @staticmethod
-    def _grouped_spmm(csr: PullCSR, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """out[i, q] = sum over row i's edges e of w[e, q] * x[column e, q] for each group q of the
-        leading feature axes the weights cover (per-head weights): one sparse product over the
-        (node, group) rows, reading x in place. ``w`` is in CSR order."""
-        groups = _width(w.shape[1:])
-        expanded = csr.expanded(groups)
-        xs = x.reshape((x.shape[0] * groups, _width(x.shape[1:]) // max(groups, 1)))
-        out = expanded.spmm(xs, expanded.ordered(w.reshape(-1) if w.size else w.reshape(0)))
-        return out.reshape(x.shape)
-
     @rule("gspmm")
     def _gspmm(self, ctx, v, x, w=None):
         csr = ctx.pull(v.attr["by"])
@@ -522,34 +566,12 @@ class NumpyBackend(Backend):
         if kind in ("max", "min"):
             ufunc = np.maximum if kind == "max" else np.minimum
             return csr.extreme(x, ufunc, None if w is None else csr.ordered(w))
-        if w is None:
-            # mean: the 1 / count of each row is the product's edge value (no division pass)
-            return csr.spmm(x, csr.mean_weights(x.dtype) if kind == "mean" else None)
-        out = csr.spmm(x, csr.ordered(w)) if w.ndim == 1 else self._grouped_spmm(csr, x, csr.ordered(w))
-        if kind == "mean":
-            counts = np.maximum(np.diff(csr.indptr), 1).astype(x.dtype)
-            out /= counts.reshape((-1,) + (1,) * (x.ndim - 1))
-        return out
+        return csr.spmm(x, None if w is None else csr.ordered(w), mean=kind == "mean")
 
     @rule("attention")
     def _attention(self, ctx, v, s, x):
         csr = ctx.pull(v.attr["by"])
-        scores = csr.ordered(s)
-        rows = np.diff(csr.indptr) > 0
-        starts = csr.indptr[:-1][rows]
-        out = np.zeros_like(x)
-        if not len(starts):
-            return out
-        # Softmax per row: subtract the row max, exponentiate, aggregate, then divide the aggregated
-        # row (N x S) by the row total instead of normalising every edge weight (E x P).
-        peak = np.zeros((csr.num_nodes,) + s.shape[1:], dtype=s.dtype)
-        peak[rows] = np.maximum.reduceat(scores, starts, axis=0)
-        weights = scores - np.take(peak, csr.row_of_edge, axis=0)
-        np.exp(weights, out=weights)
-        totals = np.add.reduceat(weights, starts, axis=0)
-        out = csr.spmm(x, weights) if weights.ndim == 1 else self._grouped_spmm(csr, x, weights)
-        out[rows] /= totals.reshape(totals.shape + (1,) * (x.ndim - totals.ndim))
-        return out
+        return csr.attention(csr.ordered(s), x)
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):

@@ -57,6 +57,8 @@ class GraphLayout:
             return Graph(edge_index, graph.num_nodes, node_data=node_data, edge_data=edge_data,
                          graph_data=graph.graph_data)
 
+        from mpdsl.backends.cpu_kernels import take_rows
+
         laid_out = graph.cached(("laid_out", id(self)), build)
         moved = {}
         for name, array in arrays.items():
@@ -64,20 +66,22 @@ class GraphLayout:
             if name in from_graph:
                 array = laid_out[name].astype(array.dtype, copy=False)
             elif domain is Domain.NODE and self.nodes is not None:
-                array = np.take(array, self.nodes.perm, axis=0)
+                array = take_rows(array, self.nodes.perm)
             elif domain is Domain.EDGE and self.edge_perm is not None:
-                array = np.take(array, self.edge_perm, axis=0)
+                array = take_rows(array, self.edge_perm)
             moved[name] = array
         return laid_out, moved
 
     def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
+        from mpdsl.backends.cpu_kernels import take_rows
+
         restored = {}
         for name, array in outputs.items():
             domain = types[name].domain
             if domain is Domain.NODE and self.nodes is not None:
-                array = np.take(array, self.nodes.inverse, axis=0)
+                array = take_rows(array, self.nodes.inverse)
             elif domain is Domain.EDGE and self.edge_perm is not None:
-                array = np.take(array, self._edge_inverse, axis=0)
+                array = take_rows(array, self._edge_inverse)
             restored[name] = array
         return restored
 

@@ -1,0 +1,173 @@
+"""The NumPy backend's execution machinery: the row-block fusion schedule and the compiled kernels.
+
+Row groups run block by block only from ``fuse_min_rows`` rows on (8192 by default), so these
+tests force small blocks on small graphs and compare with the op-by-op run of the same program.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mpdsl  # noqa: E402
+from mpdsl.backends import cpu_kernels  # noqa: E402
+from mpdsl.backends.numpy_backend import NumpyBackend  # noqa: E402
+from mpdsl.backends.row_fusion import RowGroup, fuse_rows, is_row_wise  # noqa: E402
+from mpdsl.passes import optimize  # noqa: E402
+from mpdsl.passes.rewrite import specialize  # noqa: E402
+from mpdsl.types import Domain  # noqa: E402
+from comparison import synth_inputs  # noqa: E402
+from strategies import batched_graphs  # noqa: E402
+from test_passes import EXAMPLES, assert_same, random_graph  # noqa: E402
+
+OP_BY_OP = NumpyBackend(fuse_min_rows=1 << 62)
+
+
+def optimized_program(path, graph, seed=0):
+    model = mpdsl.compile(path, dtype="float64", seed=seed, layout="none")
+    inputs = synth_inputs(model, graph, np.random.default_rng(seed))
+    model.run(graph, **inputs)  # initialises the params
+    arrays, dims = model.bind(graph, inputs)
+    program, _ = optimize(specialize(model.ir, dims), None, dims, verify_each=True)
+    return model, program, arrays, dims
+
+
+def run_with(backend, model, program, graph, arrays, dims):
+    return backend.run(program, graph, arrays, model.params, dims)
+
+
+def check_schedule(program, schedule):
+    """Every value once, after its operands; group members share a row domain and are row-wise."""
+    order = []
+    for step in schedule:
+        if isinstance(step, RowGroup):
+            assert len(step.members) >= 2
+            assert all(m.type.domain is step.domain and is_row_wise(m) for m in step.members)
+            assert set(map(id, step.exports)) <= set(map(id, step.members))
+            order.extend(step.members)
+        else:
+            order.append(step)
+    assert sorted(map(id, order)) == sorted(map(id, program.values))
+    seen = set()
+    for v in order:
+        assert all(id(o) in seen for o in v.operands), f"{v.op} scheduled before an operand"
+        seen.add(id(v))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_row_blocks_equal_op_by_op_on_every_example(path):
+    graph = random_graph()
+    model, program, arrays, dims = optimized_program(path, graph)
+    check_schedule(program, fuse_rows(program))
+    want = run_with(OP_BY_OP, model, program, graph, arrays, dims)
+    for block_rows in (1, 7):  # one row per block; blocks that straddle the workers' ranges
+        got = run_with(NumpyBackend(fuse_min_rows=0, block_rows=block_rows), model, program, graph, arrays, dims)
+        assert_same(want, got, f"{path.stem}, blocks of {block_rows} rows")
+
+
+@settings(max_examples=25, deadline=None)
+@given(graph=batched_graphs(), which=st.sampled_from(EXAMPLES), seed=st.integers(0, 1000),
+       block_rows=st.integers(1, 9))
+def test_row_blocks_on_random_graphs(graph, which, seed, block_rows):
+    model, program, arrays, dims = optimized_program(which, graph, seed)
+    want = run_with(OP_BY_OP, model, program, graph, arrays, dims)
+    got = run_with(NumpyBackend(fuse_min_rows=0, block_rows=block_rows), model, program, graph, arrays, dims)
+    assert_same(want, got, which.stem)
+
+
+def test_sage_runs_its_dense_work_as_one_group_after_the_sparse_product():
+    model = mpdsl.compile("dim K = 64\n" + (ROOT / "benchmarks" / "models" / "sage.mp").read_text())
+    program, _ = optimize(specialize(model.ir, {"F": 64}), None, {"F": 64})
+    schedule = fuse_rows(program)
+    groups = [s for s in schedule if isinstance(s, RowGroup)]
+    assert len(groups) == 1
+    ops = [m.op for m in groups[0].members]
+    assert ops.count("matmul") == 2 and "add" in ops
+    gspmm_at = next(i for i, s in enumerate(schedule) if not isinstance(s, RowGroup) and s.op == "gspmm")
+    assert gspmm_at < schedule.index(groups[0])
+    assert [e.op for e in groups[0].exports] == ["add"]  # only the layer's result is materialised
+
+
+def test_default_blocks_on_a_graph_past_the_threshold():
+    rng = np.random.default_rng(3)
+    nodes, edges = 9000, 40000
+    graph = mpdsl.Graph.from_arrays(rng.integers(0, nodes, (2, edges)), nodes)
+    for name in ("gcn", "gin", "gat"):
+        model, program, arrays, dims = optimized_program(ROOT / "examples" / f"{name}.mp", graph)
+        fused = NumpyBackend()
+        got = run_with(fused, model, program, graph, arrays, dims)
+        assert any(k.startswith("fused") for k in fused.last_op_seconds), name
+        assert_same(run_with(OP_BY_OP, model, program, graph, arrays, dims), got, name)
+
+
+def test_edge_group_fuses_the_attention_scores():
+    graph = random_graph()
+    _, program, _, _ = optimized_program(ROOT / "examples" / "gat.mp", graph)
+    edge_groups = [s for s in fuse_rows(program) if isinstance(s, RowGroup) and s.domain is Domain.EDGE]
+    assert edge_groups and {"gather", "leaky_relu"} <= {m.op for m in edge_groups[0].members}
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+
+def random_csr(rng, rows, cols, edges):
+    dst = np.sort(rng.integers(0, rows, edges))
+    indptr = np.searchsorted(dst, np.arange(rows + 1)).astype(np.int32)
+    return indptr, rng.integers(0, cols, edges).astype(np.int32)
+
+
+def dense(indptr, columns, rows, cols, values):
+    a = np.zeros((rows, cols) + values.shape[1:])
+    for r in range(rows):
+        for e in range(indptr[r], indptr[r + 1]):
+            a[r, columns[e]] += values[e]
+    return a
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 12), edges=st.integers(0, 40), groups=st.sampled_from([1, 2, 4]),
+       width=st.integers(1, 3), chunks=st.integers(1, 5), seed=st.integers(0, 99))
+def test_kernels_equal_dense_formulas(rows, edges, groups, width, chunks, seed):
+    rng = np.random.default_rng(seed)
+    cols = 6
+    edges = edges if rows else 0
+    indptr, columns = random_csr(rng, rows, cols, edges)
+    x = rng.normal(size=(cols, groups * width))
+    w = rng.normal(size=(edges, groups))
+    bounds = cpu_kernels.row_chunks(indptr, chunks)
+    counts = np.maximum(np.diff(indptr), 1)[:, None]
+
+    out = np.full((rows, groups * width), np.nan)
+    cpu_kernels.spmm(indptr, columns, w[:, 0].copy(), x, out, bounds, False)
+    a = dense(indptr, columns, rows, cols, w[:, 0])
+    np.testing.assert_allclose(out, a @ x, atol=1e-12)
+    cpu_kernels.spmm(indptr, columns, np.empty(0), x, out, bounds, True)
+    np.testing.assert_allclose(out, (dense(indptr, columns, rows, cols, np.ones(edges)) @ x) / counts, atol=1e-12)
+
+    a_g = dense(indptr, columns, rows, cols, w)  # [rows, cols, groups]
+    x_g = x.reshape(cols, groups, width)
+    want = np.einsum("rcg,cgk->rgk", a_g, x_g).reshape(rows, groups * width)
+    cpu_kernels.grouped_spmm(indptr, columns, w, x, out, bounds, cpu_kernels.SUM)
+    np.testing.assert_allclose(out, want, atol=1e-12)
+
+    shifted = np.full_like(w, np.nan)
+    cpu_kernels.shift_by_row_max(indptr, w, shifted, bounds)
+    row_of_edge = np.repeat(np.arange(rows), np.diff(indptr))
+    peak = np.full((rows, groups), -np.inf)
+    np.maximum.at(peak, row_of_edge, w)
+    np.testing.assert_allclose(shifted, w - peak[row_of_edge], atol=0)
+
+
+def test_take_rows_matches_np_take_and_checks_bounds():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5000, 3, 7)).astype(np.float32)
+    index = rng.permutation(5000)
+    np.testing.assert_array_equal(cpu_kernels.take_rows(x, index), np.take(x, index, axis=0))
+    with pytest.raises(IndexError):
+        cpu_kernels.take_rows(x, np.array([0, 5000] * 5000))
