@@ -10,6 +10,7 @@ first use and cached on disk.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 

@@ -23,9 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import scipy.sparse as sp
 import scipy.special
-import numba
 
-from mpdsl.backends import cpu_kernels
 from mpdsl.backends.row_fusion import RowGroup, fuse_rows
 from mpdsl.backends import Backend, batch_norm_statistics, batch_norm_training, check_ids, register_backend, rule
 from mpdsl.ir import Program, Value
@@ -82,6 +80,12 @@ class _BlasThreads:
 
 
 BLAS = _BlasThreads()
+
+
+def _kernels():
+    """The compiled kernels module (imported on first use: Numba takes a moment to load)."""
+    from mpdsl.backends import cpu_kernels
+    return cpu_kernels
 
 
 def row_parallel(rows: int, work, force: bool = False) -> None:
@@ -155,7 +159,7 @@ class PullCSR:
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
         self.nnz = len(perm)
-        self.chunks = cpu_kernels.row_chunks(self.indptr, 4 * numba.get_num_threads())
+        self.chunks = _kernels().row_chunks(self.indptr, 4 * _kernels().numba.get_num_threads())
 
     def ordered(self, per_edge: np.ndarray) -> np.ndarray:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
@@ -177,11 +181,11 @@ class PullCSR:
         out2 = out.reshape(self.num_nodes, x2.shape[1])
         if groups == 1:
             weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
-            cpu_kernels.spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
+            _kernels().spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
         else:
             weights = np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype)
-            mode = cpu_kernels.MEAN if mean else cpu_kernels.SUM
-            cpu_kernels.grouped_spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
+            mode = _kernels().MEAN if mean else _kernels().SUM
+            _kernels().grouped_spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
         return out
 
     def attention(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -197,10 +201,10 @@ class PullCSR:
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
         weights = np.empty_like(scores2)
-        cpu_kernels.shift_by_row_max(self.indptr, scores2, weights, self.chunks)
+        _kernels().shift_by_row_max(self.indptr, scores2, weights, self.chunks)
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
-        cpu_kernels.grouped_spmm(self.indptr, self.columns, weights, x2, out.reshape(self.num_nodes, x2.shape[1]),
-                                 self.chunks, cpu_kernels.NORMALIZED)
+        _kernels().grouped_spmm(self.indptr, self.columns, weights, x2, out.reshape(self.num_nodes, x2.shape[1]),
+                                 self.chunks, _kernels().NORMALIZED)
         return out
 
     def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
@@ -453,16 +457,15 @@ class NumpyBackend(Backend):
     def _binary(self, ctx, v, a, b):
         ta, tb = (o.type for o in v.operands)
         a, b = _expand(a, ta, v.type), _expand(b, tb, v.type)
-        shape = np.broadcast_shapes(a.shape, b.shape)
         ufunc = _BINARY[v.op]
-        if v.type.domain is Domain.PARAM or shape[0] < PARALLEL_ROWS:
+        if v.type.domain is Domain.PARAM or max(a.shape[0], b.shape[0]) < PARALLEL_ROWS:
             return ufunc(a, b).astype(ctx.float_dtype, copy=False)
-        out = np.empty(shape, dtype=ctx.float_dtype)
+        out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=ctx.float_dtype)
 
         def rows(x, lo, hi):
             return x[lo:hi] if x.shape[0] != 1 else x
 
-        row_parallel(shape[0], lambda lo, hi: ufunc(rows(a, lo, hi), rows(b, lo, hi), out=out[lo:hi]))
+        row_parallel(out.shape[0], lambda lo, hi: ufunc(rows(a, lo, hi), rows(b, lo, hi), out=out[lo:hi]))
         return out
 
     # ---- dense algebra -------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpdsl.ir import Program, Value
+from mpdsl.ir import Program, Value, value_names
 from mpdsl.types import Domain
 
 _ELEMENTWISE = frozenset({
@@ -92,3 +92,16 @@ def fuse_rows(program: Program) -> list[Value | RowGroup]:
                 schedule.append(v)
     close()
     return schedule
+
+
+def describe(program: Program, schedule: list[Value | RowGroup]) -> list[str]:
+    """One line per row group of ``schedule``, for ``--emit plan``: its members and what it materialises."""
+    names = value_names(program)
+    lines = []
+    for step in schedule:
+        if isinstance(step, RowGroup):
+            members = ", ".join(f"{names[m]} {m.op}" for m in step.members)
+            kept = ", ".join(names[m] for m in step.exports) or "nothing"
+            lines.append(f"{step.domain.value} row group [{members}] runs block by block over the {step.domain.value} "
+                         f"rows (numpy backend, from 8192 rows); materialised in full: {kept}")
+    return lines

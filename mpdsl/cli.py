@@ -183,7 +183,11 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
         if unbound:
             raise MpdslError(f"the plan needs the sizes of {', '.join(unbound)}, bound from the model's inputs",
                              "pass --graph g.npz (or --dim NAME=INT)")
-        print(report(model.ir, program, ctx.notes, bound, graph, reasons), end="")
+        notes = list(ctx.notes)
+        if hasattr(model.backend, "schedule"):  # the NumPy backend's row-block fusion
+            from mpdsl.backends.row_fusion import describe
+            notes += [("row_fusion", line) for line in describe(program, model.backend.schedule(program))]
+        print(report(model.ir, program, notes, bound, graph, reasons), end="")
     print(f"[mpdsl] compile {model.source_name} in {elapsed:.1f} ms", file=sys.stderr)
     return EXIT_OK
 
