@@ -56,29 +56,29 @@ def grouped_spmm(indptr, columns, weights, x, out, chunks, mode):
     softmax when the weights are exponentiated scores); an empty row stays 0.
     x: [N, G*C], out: [M, G*C], weights: [E, G] in CSR order."""
     groups = weights.shape[1]
-    features = x.shape[1]
-    width = features // groups
+    width = x.shape[1] // groups
     for chunk in prange(chunks.shape[0] - 1):
-        acc = np.empty(features, dtype=out.dtype)
-        total = np.empty(groups, dtype=out.dtype)
+        acc = np.empty(width, dtype=out.dtype)
         for r in range(chunks[chunk], chunks[chunk + 1]):
-            acc[:] = 0
-            total[:] = 0
             lo, hi = indptr[r], indptr[r + 1]
-            for e in range(lo, hi):
-                j = columns[e]
-                for g in range(groups):
+            # group by group: the row's edges and their input rows stay in L1 across the groups, and
+            # the inner loop runs over one group's contiguous features
+            for g in range(groups):
+                base = g * width
+                acc[:] = 0
+                for e in range(lo, hi):
+                    j = columns[e]
                     w = weights[e, g]
-                    total[g] += w
-                    base = g * width
                     for k in range(width):
-                        acc[base + k] += w * x[j, base + k]
-            if hi > lo and mode == MEAN:
-                acc /= hi - lo
-            elif hi > lo and mode == NORMALIZED:
-                for g in range(groups):
-                    acc[g * width:(g + 1) * width] /= total[g]
-            out[r, :] = acc
+                        acc[k] += w * x[j, base + k]
+                if hi > lo and mode == MEAN:
+                    acc /= hi - lo
+                elif hi > lo and mode == NORMALIZED:
+                    total = weights[lo, g]
+                    for e in range(lo + 1, hi):
+                        total += weights[e, g]
+                    acc /= total
+                out[r, base:base + width] = acc
 
 
 @njit(**_JIT)
