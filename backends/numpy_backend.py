@@ -181,11 +181,11 @@ class PullCSR:
         out2 = out.reshape(self.num_nodes, x2.shape[1])
         if groups == 1:
             weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
-            _kernels().spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
+            _kernels().launch(_kernels().spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
         else:
             weights = np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype)
             mode = _kernels().MEAN if mean else _kernels().SUM
-            _kernels().grouped_spmm(self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
+            _kernels().launch(_kernels().grouped_spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
         return out
 
     def attention(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -201,10 +201,11 @@ class PullCSR:
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
         weights = np.empty_like(scores2)
-        _kernels().shift_by_row_max(self.indptr, scores2, weights, self.chunks)
+        _kernels().launch(_kernels().shift_by_row_max, self.indptr, scores2, weights, self.chunks)
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
-        _kernels().grouped_spmm(self.indptr, self.columns, weights, x2, out.reshape(self.num_nodes, x2.shape[1]),
-                                 self.chunks, _kernels().NORMALIZED)
+        kernels = _kernels()
+        kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
+                       out.reshape(self.num_nodes, x2.shape[1]), self.chunks, kernels.NORMALIZED)
         return out
 
     def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
@@ -279,6 +280,11 @@ def _width(shape) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
+def _numpy_dtype(ctx: ExecContext, v: Value) -> np.dtype:
+    """The array dtype of ``v``'s values: the program's float dtype, or int64 for ids."""
+    return ctx.float_dtype if v.type.is_float else np.dtype(np.int64)
+
+
 def _gather_index(ctx: ExecContext, v: Value) -> np.ndarray:
     g = ctx.graph
     return {"src": g.src, "dst": g.dst, "batch": g.batch}[v.attr["index"]]
@@ -308,6 +314,15 @@ _UNARY = {
     "gelu": lambda x: 0.5 * x * (1 + scipy.special.erf(x / math.sqrt(2))),
     "silu": lambda x: x * scipy.special.expit(x),
     "softplus": lambda x: np.logaddexp(0, x),
+}
+_UNARY_OUT = {  # the unary ops that write into a given array (row-block execution)
+    "neg": lambda x, out: np.negative(x, out=out),
+    "relu": lambda x, out: np.maximum(x, 0, out=out),
+    "tanh": lambda x, out: np.tanh(x, out=out),
+    "exp": lambda x, out: np.exp(x, out=out),
+    "log": lambda x, out: np.log(x, out=out),
+    "sqrt": lambda x, out: np.sqrt(x, out=out),
+    "abs": lambda x, out: np.abs(x, out=out),
 }
 _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
@@ -343,8 +358,9 @@ class NumpyBackend(Backend):
         return cached[1]
 
     def _run_group(self, ctx: "ExecContext", group: RowGroup, env: dict) -> None:
-        """Run a row group block by block over the pool's workers (op by op when small); only its
-        exports are materialised in full."""
+        """Run a row group block by block over the pool's workers (op by op when small). Exports
+        are written straight into their full arrays; each worker keeps one block-sized buffer per
+        other member, so ops with an ``out=`` form (``_compute_into``) allocate nothing per block."""
         rows = ctx.rows(group.domain)
         if rows < self.fuse_min_rows:
             for v in group.members:
@@ -353,39 +369,65 @@ class NumpyBackend(Backend):
         row_bytes = sum(ctx.float_dtype.itemsize * max(1, _width(ctx.concrete_shape(v.type))) for v in group.members)
         block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(1024, self.block_bytes // row_bytes)))
         member_ids = {id(v) for v in group.members}
-
-        def run_block(lo: int, hi: int) -> dict[int, np.ndarray]:
-            local: dict[int, np.ndarray] = {}
-            for v in group.members:
-                args = []
-                for o in v.operands:
-                    if id(o) in member_ids:
-                        args.append(local[id(o)])
-                    elif o.type.domain is group.domain:
-                        args.append(env[id(o)][lo:hi])
-                    else:
-                        args.append(env[id(o)])
-                if v.op == "gather":
-                    local[id(v)] = np.take(args[0], _gather_index(ctx, v)[lo:hi], axis=0)
-                else:
-                    local[id(v)] = self.rules[v.op](self, ctx, v, *args)
-            return local
-
-        first = run_block(0, min(block, rows))
+        exported = {id(v) for v in group.exports}
         for v in group.exports:
-            part = first[id(v)]
-            env[id(v)] = np.empty((rows,) + part.shape[1:], dtype=part.dtype)
-            env[id(v)][:len(part)] = part
+            env[id(v)] = np.empty((rows,) + ctx.concrete_shape(v.type), dtype=_numpy_dtype(ctx, v))
 
         def run_range(lo: int, hi: int) -> None:
+            scratch: dict[int, np.ndarray] = {}
             for start in range(lo, hi, block):
-                local = run_block(start, min(start + block, hi))
-                for v in group.exports:
-                    env[id(v)][start:start + len(local[id(v)])] = local[id(v)]
+                stop = min(start + block, hi)
+                local: dict[int, np.ndarray] = {}
+                for v in group.members:
+                    args = []
+                    for o in v.operands:
+                        if id(o) in member_ids:
+                            args.append(local[id(o)])
+                        elif o.type.domain is group.domain:
+                            args.append(env[id(o)][start:stop])
+                        else:
+                            args.append(env[id(o)])
+                    if id(v) in exported:
+                        target = env[id(v)][start:stop]
+                    else:
+                        if id(v) not in scratch:
+                            scratch[id(v)] = np.empty((block,) + ctx.concrete_shape(v.type), dtype=_numpy_dtype(ctx, v))
+                        target = scratch[id(v)][:stop - start]
+                    if self._compute_into(ctx, v, args, target, start, stop):
+                        local[id(v)] = target
+                    else:
+                        result = self.rules[v.op](self, ctx, v, *args)
+                        if id(v) in exported:
+                            target[...] = result
+                        local[id(v)] = result
 
-        rest = rows - min(block, rows)
-        if rest:
-            row_parallel(rest, lambda lo, hi: run_range(min(block, rows) + lo, min(block, rows) + hi), force=True)
+        row_parallel(rows, run_range, force=True)
+
+    def _compute_into(self, ctx: "ExecContext", v: Value, args: list, target: np.ndarray, start: int, stop: int) -> bool:
+        """Compute rows start:stop of a row-wise ``v`` into ``target`` (the same values as its rule)
+        if the op has an ``out=`` form; False otherwise (the caller runs the rule)."""
+        if target.dtype != ctx.float_dtype:
+            return False
+        if v.op == "gather":
+            if args[0].dtype != target.dtype:
+                return False
+            np.take(args[0], _gather_index(ctx, v)[start:stop], axis=0, out=target)
+            return True
+        if v.op in _BINARY:
+            ta, tb = (o.type for o in v.operands)
+            a, b = _expand(args[0], ta, v.type), _expand(args[1], tb, v.type)
+            if np.broadcast_shapes(a.shape, b.shape) != target.shape:
+                return False
+            _BINARY[v.op](a, b, out=target)
+            return True
+        if v.op in _UNARY_OUT and args[0].shape == target.shape and args[0].dtype == target.dtype:
+            _UNARY_OUT[v.op](args[0], target)
+            return True
+        if v.op == "matmul" and v.operands[0].type.rank == 1 and v.operands[1].type.rank == 2 \
+                and args[0].dtype == args[1].dtype == target.dtype:
+            np.matmul(args[0], args[1], out=target)
+            return True
+        return False
 
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
