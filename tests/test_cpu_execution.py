@@ -171,3 +171,18 @@ def test_take_rows_matches_np_take_and_checks_bounds():
     np.testing.assert_array_equal(cpu_kernels.take_rows(x, index), np.take(x, index, axis=0))
     with pytest.raises(IndexError):
         cpu_kernels.take_rows(x, np.array([0, 5000] * 5000))
+
+
+def test_concurrent_runs_from_two_threads_agree():
+    """The parallel kernels are launched one at a time and row groups use per-call buffers, so two
+    threads may run models at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(5)
+    nodes = 9000
+    graph = mpdsl.Graph.from_arrays(rng.integers(0, nodes, (2, 50000)), nodes, x=rng.normal(size=(nodes, 16)))
+    models = [mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype="float64", seed=1) for name in ("gcn", "gat")]
+    want = [m(graph) for m in models]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: models[i % 2](graph), range(8)))
+    for i, out in enumerate(got):
+        np.testing.assert_array_equal(out, want[i % 2])
