@@ -340,11 +340,11 @@ class NumpyBackend(Backend):
 
     last_state_updates: dict[str, np.ndarray] = {}
 
-    def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 2 << 20, block_rows: int | None = None):
+    def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 512 << 10, block_rows: int | None = None):
         """``fuse_min_rows``: row groups (``row_fusion``) run block by block from this many rows on,
-        op by op below; a block holds ``block_rows`` rows, or by default as many as fit all members'
-        rows in ``block_bytes`` (1024 to PARALLEL_ROWS - 1: fewer would cost more in per-op
-        overhead than the cache saves)."""
+        op by op below; a block holds ``block_rows`` rows, or by default as many as fit the widest
+        member's rows in ``block_bytes`` (at most PARALLEL_ROWS - 1; at least 256: each op of each
+        block costs a few microseconds of Python and BLAS set-up)."""
         self.fuse_min_rows = fuse_min_rows
         self.block_bytes = block_bytes
         self.block_rows = block_rows
@@ -366,8 +366,8 @@ class NumpyBackend(Backend):
             for v in group.members:
                 env[id(v)] = self.rules[v.op](self, ctx, v, *[env[id(o)] for o in v.operands])
             return
-        row_bytes = sum(ctx.float_dtype.itemsize * max(1, _width(ctx.concrete_shape(v.type))) for v in group.members)
-        block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(1024, self.block_bytes // row_bytes)))
+        row_bytes = max(ctx.float_dtype.itemsize * max(1, _width(ctx.concrete_shape(v.type))) for v in group.members)
+        block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(256, self.block_bytes // row_bytes)))
         member_ids = {id(v) for v in group.members}
         exported = {id(v) for v in group.exports}
         for v in group.exports:
