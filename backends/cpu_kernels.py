@@ -136,9 +136,9 @@ def take_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
     node or edge rows); other arrays and small ones go through ``np.take``."""
     if x.dtype not in (np.float32, np.float64) or x.ndim == 0 or len(index) * max(1, x[:1].size) < 1 << 16:
         return np.take(x, index, axis=0)
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(x)):
+        raise IndexError("row index out of range")
     flat = np.ascontiguousarray(x).reshape(len(x), -1)
     out = np.empty((len(index), flat.shape[1]), dtype=x.dtype)
-    if len(index) and int(index.min()) < 0 or len(index) and int(index.max()) >= len(x):
-        raise IndexError("row index out of range")
     launch(_take_rows, flat, index, out)
     return out.reshape((len(index),) + x.shape[1:])

@@ -155,11 +155,11 @@ class PullCSR:
         self.indptr = indptr.astype(itype)
         self.perm = perm
         self.in_edge_order = bool(np.array_equal(perm, np.arange(len(perm))))  # edges already sorted
-        self.row_of_edge = np.repeat(np.arange(num_nodes, dtype=itype), np.diff(indptr))  # CSR order
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
         self.nnz = len(perm)
-        self.chunks = _kernels().row_chunks(self.indptr, 4 * _kernels().numba.get_num_threads())
+        kernels = _kernels()
+        self.chunks = kernels.row_chunks(self.indptr, 4 * kernels.numba.get_num_threads())
 
     def ordered(self, per_edge: np.ndarray) -> np.ndarray:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
@@ -177,15 +177,16 @@ class PullCSR:
         if out.size == 0 or groups == 0:
             out.fill(0)
             return out
+        kernels = _kernels()
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
         out2 = out.reshape(self.num_nodes, x2.shape[1])
         if groups == 1:
             weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
-            _kernels().launch(_kernels().spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
+            kernels.launch(kernels.spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
         else:
             weights = np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype)
-            mode = _kernels().MEAN if mean else _kernels().SUM
-            _kernels().launch(_kernels().grouped_spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
+            mode = kernels.MEAN if mean else kernels.SUM
+            kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
         return out
 
     def attention(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -198,12 +199,12 @@ class PullCSR:
         out = np.zeros((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
         if out.size == 0 or groups == 0:
             return out
+        kernels = _kernels()
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
         weights = np.empty_like(scores2)
-        _kernels().launch(_kernels().shift_by_row_max, self.indptr, scores2, weights, self.chunks)
+        kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks)
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
-        kernels = _kernels()
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
                        out.reshape(self.num_nodes, x2.shape[1]), self.chunks, kernels.NORMALIZED)
         return out
@@ -315,15 +316,6 @@ _UNARY = {
     "silu": lambda x: x * scipy.special.expit(x),
     "softplus": lambda x: np.logaddexp(0, x),
 }
-_UNARY_OUT = {  # the unary ops that write into a given array (row-block execution)
-    "neg": lambda x, out: np.negative(x, out=out),
-    "relu": lambda x, out: np.maximum(x, 0, out=out),
-    "tanh": lambda x, out: np.tanh(x, out=out),
-    "exp": lambda x, out: np.exp(x, out=out),
-    "log": lambda x, out: np.log(x, out=out),
-    "sqrt": lambda x, out: np.sqrt(x, out=out),
-    "abs": lambda x, out: np.abs(x, out=out),
-}
 _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
     "maximum": np.maximum, "minimum": np.minimum,
@@ -420,9 +412,14 @@ class NumpyBackend(Backend):
                 return False
             _BINARY[v.op](a, b, out=target)
             return True
-        if v.op in _UNARY_OUT and args[0].shape == target.shape and args[0].dtype == target.dtype:
-            _UNARY_OUT[v.op](args[0], target)
-            return True
+        unary = _UNARY.get(v.op)
+        if unary is not None and args[0].shape == target.shape and args[0].dtype == target.dtype:
+            if isinstance(unary, np.ufunc):
+                unary(args[0], out=target)
+                return True
+            if v.op == "relu":
+                np.maximum(args[0], 0, out=target)
+                return True
         if v.op == "matmul" and v.operands[0].type.rank == 1 and v.operands[1].type.rank == 2 \
                 and args[0].dtype == args[1].dtype == target.dtype:
             np.matmul(args[0], args[1], out=target)

@@ -94,8 +94,9 @@ def fuse_rows(program: Program) -> list[Value | RowGroup]:
     return schedule
 
 
-def describe(program: Program, schedule: list[Value | RowGroup]) -> list[str]:
-    """One line per row group of ``schedule``, for ``--emit plan``: its members and what it materialises."""
+def describe(program: Program, schedule: list[Value | RowGroup], min_rows: int) -> list[str]:
+    """One line per row group of ``schedule``, for ``--emit plan``: its members and what it
+    materialises; groups run block by block from ``min_rows`` rows on."""
     names = value_names(program)
     lines = []
     for step in schedule:
@@ -103,5 +104,5 @@ def describe(program: Program, schedule: list[Value | RowGroup]) -> list[str]:
             members = ", ".join(f"{names[m]} {m.op}" for m in step.members)
             kept = ", ".join(names[m] for m in step.exports) or "nothing"
             lines.append(f"{step.domain.value} row group [{members}] runs block by block over the {step.domain.value} "
-                         f"rows (numpy backend, from 8192 rows); materialised in full: {kept}")
+                         f"rows (numpy backend, from {min_rows} rows); materialised in full: {kept}")
     return lines

@@ -186,7 +186,8 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
         notes = list(ctx.notes)
         if hasattr(model.backend, "schedule"):  # the NumPy backend's row-block fusion
             from mpdsl.backends.row_fusion import describe
-            notes += [("row_fusion", line) for line in describe(program, model.backend.schedule(program))]
+            notes += [("row_fusion", line) for line in describe(program, model.backend.schedule(program),
+                                                                    model.backend.fuse_min_rows)]
         print(report(model.ir, program, notes, bound, graph, reasons), end="")
     print(f"[mpdsl] compile {model.source_name} in {elapsed:.1f} ms", file=sys.stderr)
     return EXIT_OK
