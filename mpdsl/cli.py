@@ -19,6 +19,7 @@ from mpdsl.api import lower, read_source
 from mpdsl.backends import available_backends
 from mpdsl.diagnostics import MpdslError
 from mpdsl.ir import print_program
+from mpdsl.plan import LAYOUT_MODES
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--locations", action="store_true", help="with --emit ir/ir-opt: print source locations")
     comp.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
     comp.add_argument("--graph", help="with --emit plan: size the plan for this graph (.npz)")
-    comp.add_argument("--layout", choices=["auto", "reorder", "none"], default="auto",
+    comp.add_argument("--layout", choices=LAYOUT_MODES, default="auto",
                       help="node reordering for locality (default: auto, when it pays)")
     run = sub.add_parser("run", help="run a model on a graph")
     common(run)
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="numpy", choices=available_backends())
     run.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
     run.add_argument("--no-opt", action="store_true", help="run the reference IR as written (no passes)")
-    run.add_argument("--layout", choices=["auto", "reorder", "none"], default="auto",
+    run.add_argument("--layout", choices=LAYOUT_MODES, default="auto",
                      help="node reordering for locality (default: auto, when it pays)")
     from mpdsl.train import add_arguments as add_train_arguments
 
@@ -157,7 +158,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
 
 
 def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
-    from mpdsl.plan import choose_layout, decide_node_order, degree_balance, report
+    from mpdsl.plan import choose_layout, degree_balance, node_order, report
     from mpdsl.runtime import as_graph
 
     model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
@@ -176,7 +177,7 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
     else:
         layout = choose_layout(graph, program, args.layout) if graph is not None else None
         reasons = list(layout.reasons) if layout is not None else (
-            [decide_node_order(graph, args.layout).reason] if graph is not None else [])
+            [node_order(graph, args.layout).reason] if graph is not None else [])
         if graph is not None:
             reasons.append(degree_balance(graph))
         unbound = sorted({s for v in model.ir.values for d in v.type.shape for s in d.symbols} - set(bound))

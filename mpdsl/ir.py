@@ -66,10 +66,6 @@ class Program:
         return tuple(v for v in self.values if v.op == "param")
 
     @property
-    def dim_bindings(self) -> dict[str, int | None]:
-        return dict(self.dims)
-
-    @property
     def float_dtype(self) -> str:
         """The float dtype of the program's values (one per program)."""
         return next((v.type.dtype for v in self.values if v.type.is_float), "f32")
@@ -96,8 +92,17 @@ def _format_literal(value: Any) -> str:
     raise TypeError(f"unsupported attribute value {value!r}")
 
 
-def _format_type(t: TensorType) -> str:
-    return f"{t.domain}[{', '.join(str(d) for d in t.shape)}] {t.dtype}"
+def prune(program: Program) -> Program:
+    """Drop values no output depends on (inputs and params stay: they are the interface)."""
+    live: set[int] = set()
+    stack = [v for _, v in program.outputs]
+    while stack:
+        v = stack.pop()
+        if id(v) not in live:
+            live.add(id(v))
+            stack.extend(v.operands)
+    values = tuple(v for v in program.values if id(v) in live or v.op in ("input", "param"))
+    return Program(program.name, program.dims, values, program.outputs)
 
 
 def value_names(program: Program) -> dict[Value, str]:
@@ -124,7 +129,7 @@ def print_program(program: Program, locations: bool = False) -> str:
         attrs = [(k, x) for k, x in v.attrs if not (v.op in ("input", "param") and k == "name")]
         if attrs:
             text += " {" + ", ".join(f"{k}={_format_literal(x)}" for k, x in attrs) + "}"
-        text += f" : {_format_type(v.type)}"
+        text += f" : {v.type}"
         if locations and v.span is not None:
             s = v.span
             text += f' loc("{s.source.name}":{s.line}:{s.col}-{s.end_line}:{s.end_col})'

@@ -32,7 +32,6 @@ class OpDef:
     attrs: dict[str, Any]  # attr name -> tuple of allowed values, or a Python type
     rule: TypeRule = field(repr=False)
     doc: str = ""
-    is_source: bool = False
     declared: bool = False  # the rule reads the value's declared type (sources, reshape, one_hot)
 
     def check_attrs(self, attrs: Attrs) -> None:
@@ -61,8 +60,7 @@ def op(name: str, arity: int | None, attrs: dict[str, Any] | None = None, *, sou
     """Register the decorated type rule as op ``name``; its docstring is the op's contract."""
 
     def register(rule: TypeRule) -> TypeRule:
-        OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source,
-                          source or declared)
+        OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source or declared)
         return rule
 
     return register
@@ -457,14 +455,15 @@ LAYOUTS = ("auto", "csr_dst", "csr_src", "coo")
 GRAPH_REDUCTIONS = ("sum", "mean", "max", "min")
 
 
-def _is_prefix(prefix, shape) -> bool:
+def is_prefix(prefix, shape) -> bool:
+    """Whether ``prefix`` is a leading part of ``shape``."""
     return len(prefix) <= len(shape) and tuple(shape[:len(prefix)]) == tuple(prefix)
 
 
 def _edge_weights(w: TensorType, x: TensorType, what: str) -> None:
     if w.domain is not Domain.EDGE or not w.is_float:
         raise TypeRuleError(f"{what}: weights must be float edge values, got {w}", operand=1)
-    if not _is_prefix(w.shape, x.shape):
+    if not is_prefix(w.shape, x.shape):
         raise TypeRuleError(f"{what}: weight shape {shape_str(w.shape)} is not a prefix of {shape_str(x.shape)}",
                             operand=1)
 
@@ -492,7 +491,7 @@ def _attention(types, attrs, declared):
     s, x = types
     if x.domain is not Domain.NODE or not x.is_float:
         raise TypeRuleError(f"attention aggregates float node values, got {x}", operand=1)
-    if s.domain is not Domain.EDGE or not s.is_float or not _is_prefix(s.shape, x.shape):
+    if s.domain is not Domain.EDGE or not s.is_float or not is_prefix(s.shape, x.shape):
         raise TypeRuleError(f"attention scores must be edge values with a prefix shape of {shape_str(x.shape)}, "
                             f"got {s}", operand=0)
     return x

@@ -3,6 +3,7 @@ report of ``mpdsl compile --emit plan`` (kernels, bytes materialised, FLOPs, lay
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -39,7 +40,6 @@ class GraphLayout:
     nodes: NodeOrder | None
     edge_perm: np.ndarray | None
     reasons: tuple[str, ...]
-    _edge_inverse_cache: np.ndarray | None = None
 
     def apply(self, graph: Graph, arrays: dict[str, np.ndarray], input_types: Mapping[str, TensorType],
               from_graph: frozenset[str] = frozenset()) -> tuple[Graph, dict[str, np.ndarray]]:
@@ -85,12 +85,9 @@ class GraphLayout:
             restored[name] = array
         return restored
 
-    @property
+    @functools.cached_property
     def _edge_inverse(self) -> np.ndarray:
-        if self._edge_inverse_cache is None:
-            self._edge_inverse_cache = np.empty_like(self.edge_perm)
-            self._edge_inverse_cache[self.edge_perm] = np.arange(len(self.edge_perm))
-        return self._edge_inverse_cache
+        return inverse_permutation(self.edge_perm)
 
 
 @dataclass
@@ -128,10 +125,15 @@ def community_order(src: np.ndarray, dst: np.ndarray, num_nodes: int, rounds: in
     return np.lexsort((np.arange(num_nodes), labels))
 
 
-def _order_from_perm(perm: np.ndarray) -> NodeOrder:
+def inverse_permutation(perm: np.ndarray) -> np.ndarray:
+    """``inverse[perm[k]] = k``."""
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(len(perm))
-    return NodeOrder(perm, inverse)
+    return inverse
+
+
+def _order_from_perm(perm: np.ndarray) -> NodeOrder:
+    return NodeOrder(perm, inverse_permutation(perm))
 
 
 def decide_node_order(graph: Graph, mode: str) -> LayoutDecision:
@@ -166,8 +168,13 @@ def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | No
     return graph.cached(("layout", mode, per_edge_by_dst), lambda: _decide_layout(graph, mode, per_edge_by_dst))
 
 
+def node_order(graph: Graph, mode: str) -> LayoutDecision:
+    """``decide_node_order``, cached per graph and mode."""
+    return graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode))
+
+
 def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool) -> GraphLayout | None:
-    nodes = graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode))
+    nodes = node_order(graph, mode)
     reasons = [nodes.reason]
     edge_perm = None
     if mode != "none" and per_edge_by_dst and graph.num_edges:

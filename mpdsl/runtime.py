@@ -3,6 +3,7 @@ owns the parameter store and runs the program on a backend."""
 
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 from pathlib import Path
@@ -90,11 +91,11 @@ class CompiledModel:
     def name(self) -> str:
         return self.ir.name
 
-    @property
+    @functools.cached_property
     def param_types(self) -> dict[str, TensorType]:
         return {v.attr["name"]: v.type for v in self.ir.params}
 
-    @property
+    @functools.cached_property
     def input_types(self) -> dict[str, TensorType]:
         return {v.attr["name"]: v.type for v in self.ir.inputs}
 

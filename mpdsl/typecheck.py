@@ -19,7 +19,7 @@ from typing import Callable
 
 from mpdsl import ast
 from mpdsl.diagnostics import CompileError, Span
-from mpdsl.ir import Program, Value, make_value, verify
+from mpdsl.ir import Program, Value, make_value, prune, verify
 from mpdsl.ops import (AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS,
                        running_statistic)
 from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
@@ -320,22 +320,8 @@ class Checker:
         self.call_stack.pop()
         names = self.output_names(model)
         dims = tuple((k, v) for k, v in sorted(self.global_dims.items())) + tuple((k, None) for k in run_time_dims)
-        used = {k for v in self.builder.values for d in v.type.shape for k in d.symbols}
-        dims = tuple((k, v) for k, v in dims if v is None or k in used or k in self.global_dims)
-        program = Program(model.name, dims, tuple(self.live_values(outputs)), tuple(zip(names, outputs)))
-        return verify(program)
-
-    def live_values(self, outputs: list[Value]) -> list[Value]:
-        """Values that reach an output, plus every input and param (they define the interface)."""
-        live: set[int] = set()
-        stack = list(outputs)
-        while stack:
-            v = stack.pop()
-            if id(v) in live:
-                continue
-            live.add(id(v))
-            stack.extend(v.operands)
-        return [v for v in self.builder.values if id(v) in live or v.op in ("input", "param")]
+        program = Program(model.name, dims, tuple(self.builder.values), tuple(zip(names, outputs)))
+        return verify(prune(program))
 
     @staticmethod
     def output_names(model: ast.FuncDef) -> list[str]:

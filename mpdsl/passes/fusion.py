@@ -4,15 +4,12 @@ matmuls with compact materialisation."""
 from __future__ import annotations
 
 from mpdsl.ir import Program, Value
+from mpdsl.ops import is_prefix
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, rewrite
 from mpdsl.types import Domain
 
 OPPOSITE = {"dst": "src", "src": "dst"}
-
-
-def _is_prefix(prefix, shape) -> bool:
-    return len(prefix) <= len(shape) and tuple(shape[:len(prefix)]) == tuple(prefix)
 
 
 def _mul_factors(v: Value) -> list[Value]:
@@ -60,7 +57,7 @@ class FuseAttention(Pass):
                 alpha, msg = m.operands[pos], m.operands[1 - pos]
                 if (alpha.op == "softmax" and alpha.attr["by"] == by and msg.op == "gather"
                         and msg.attr["index"] == OPPOSITE[by] and msg.type == m.type
-                        and _is_prefix(alpha.type.shape, msg.type.shape)):
+                        and is_prefix(alpha.type.shape, msg.type.shape)):
                     ctx.note(self.name, f"softmax by {by} and weighted sum of {msg.operands[0].type} fused")
                     return rw.emit("attention", [alpha.operands[0], msg.operands[0]],
                                    {"by": by, "layout": "auto"}, like=v)
@@ -93,7 +90,7 @@ class FuseMessageAggregate(Pass):
             weights = [f for f in others if f.type.domain is Domain.EDGE]
             if len(params) + len(weights) != len(others):
                 return None
-            if any(not _is_prefix(w.type.shape, x.type.shape) for w in weights):
+            if any(not is_prefix(w.type.shape, x.type.shape) for w in weights):
                 return None  # an E x F weight: nothing to gain over the plain product
             if v.attr["reduce"] in ("max", "min") and params:
                 return None  # a negative scale would swap max and min

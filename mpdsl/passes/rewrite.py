@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mpdsl.ir import Program, Value, make_value
+from mpdsl.ir import Program, Value, make_value, prune  # noqa: F401 (prune: re-exported)
 from mpdsl.ops import OPS
-from mpdsl.types import TensorType
+from mpdsl.types import Domain, TensorType
 
 Rule = Callable[[Value, "Rewriter"], "Value | None"]
 
@@ -27,7 +27,6 @@ class Rewriter:
         return value
 
     def const(self, value: float, dtype: str, like: Value | None = None) -> Value:
-        from mpdsl.types import Domain
         return self.emit("const", [], {"value": float(value)}, like, TensorType(Domain.PARAM, (), dtype))
 
 
@@ -70,27 +69,6 @@ def rewrite_to_fixpoint(program: Program, rules, limit: int = 50) -> tuple[Progr
     return program, rounds
 
 
-def prune(program: Program) -> Program:
-    """Drop values no output depends on (inputs and params stay: they are the interface)."""
-    live: set[int] = set()
-    stack = [v for _, v in program.outputs]
-    while stack:
-        v = stack.pop()
-        if id(v) not in live:
-            live.add(id(v))
-            stack.extend(v.operands)
-    values = tuple(v for v in program.values if id(v) in live or v.op in ("input", "param"))
-    return Program(program.name, program.dims, values, program.outputs)
-
-
-def users(program: Program) -> dict[int, list[Value]]:
-    result: dict[int, list[Value]] = {id(v): [] for v in program.values}
-    for v in program.values:
-        for o in v.operands:
-            result[id(o)].append(v)
-    for _, v in program.outputs:
-        result[id(v)].append(v)  # an output counts as a use
-    return result
 
 
 def specialize(program: Program, dims: dict[str, int]) -> Program:
