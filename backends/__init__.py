@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, ClassVar
 
+import numpy as np
+
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.ops import OPS, running_statistic
-from mpdsl.types import Domain
+from mpdsl.types import Domain, TensorType
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
 BACKENDS: dict[str, type["Backend"]] = {}
@@ -62,8 +64,6 @@ class Backend:
                     rules[op] = attr
                 if isinstance(attr, _Unsupported):
                     rules[attr.op] = attr
-            for extra in vars(klass).get("UNSUPPORTED", ()):
-                rules[extra.op] = extra
         cls.rules = rules
 
     @rule("input")
@@ -112,7 +112,31 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
-# ---- shared by the backends' batch_norm rules (array-library neutral: NumPy arrays or torch tensors) --
+# ---- shared by the backends (array-library neutral: NumPy arrays or torch tensors) ------------------
+
+
+def feature_width(shape) -> int:
+    """Number of elements of a (feature) shape; explicit so that zero-row arrays reshape too."""
+    return int(np.prod(tuple(shape), dtype=np.int64))
+
+
+def expand_operand(x, t: TensorType, result: TensorType):
+    """Reshape an operand of an elementwise op for NumPy / torch broadcasting under mpdsl's rules
+    (params have no row axis; feature shapes align from the left)."""
+    pad = (1,) * (result.rank - t.rank)
+    if t.domain is Domain.PARAM and result.domain is not Domain.PARAM:
+        return x.reshape((1,) + tuple(x.shape) + pad)
+    return x.reshape(tuple(x.shape) + pad)
+
+
+def array_axis(v, axis: int) -> int:
+    """The array axis of feature axis ``axis`` of ``v``'s first operand (after its row axis, if any)."""
+    t = v.operands[0].type
+    axis %= t.rank
+    return axis if t.domain is Domain.PARAM else axis + 1
+
+
+# ---- shared by the backends' batch_norm rules ------------------------------------------------------
 
 
 def batch_norm_training(v, training: bool) -> bool:

@@ -25,7 +25,8 @@ import scipy.sparse as sp
 import scipy.special
 
 from mpdsl.backends.row_fusion import RowGroup, fuse_rows
-from mpdsl.backends import Backend, batch_norm_statistics, batch_norm_training, check_ids, register_backend, rule
+from mpdsl.backends import (Backend, array_axis, batch_norm_statistics, batch_norm_training, check_ids,
+                            expand_operand, feature_width, register_backend, rule)
 from mpdsl.ir import Program, Value
 from mpdsl.types import Domain, TensorType
 
@@ -126,7 +127,7 @@ class Segments:
         return self._matrices[key]
 
     def sum(self, rows: np.ndarray) -> np.ndarray:
-        flat = rows.reshape(len(rows), _width(rows.shape[1:]))
+        flat = rows.reshape(len(rows), feature_width(rows.shape[1:]))
         out = np.asarray(self.incidence(rows.dtype) @ flat)
         return out.reshape((self.num_segments,) + rows.shape[1:])
 
@@ -157,7 +158,6 @@ class PullCSR:
         self.in_edge_order = bool(np.array_equal(perm, np.arange(len(perm))))  # edges already sorted
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
-        self.nnz = len(perm)
         kernels = _kernels()
         self.chunks = kernels.row_chunks(self.indptr, 4 * kernels.numba.get_num_threads())
 
@@ -173,12 +173,12 @@ class PullCSR:
             half = None if data is None else data.astype(np.float32)
             return self.spmm(x.astype(np.float32), half, mean).astype(np.float16)
         out = np.empty((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
-        groups = 1 if data is None or data.ndim == 1 else _width(data.shape[1:])
+        groups = 1 if data is None or data.ndim == 1 else feature_width(data.shape[1:])
         if out.size == 0 or groups == 0:
             out.fill(0)
             return out
         kernels = _kernels()
-        x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
+        x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         out2 = out.reshape(self.num_nodes, x2.shape[1])
         if groups == 1:
             weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
@@ -195,12 +195,12 @@ class PullCSR:
         feature axes); 0 for a row without edges."""
         if x.dtype == np.float16:
             return self.attention(scores.astype(np.float32), x.astype(np.float32)).astype(np.float16)
-        groups = _width(scores.shape[1:])
+        groups = feature_width(scores.shape[1:])
         out = np.zeros((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
         if out.size == 0 or groups == 0:
             return out
         kernels = _kernels()
-        x2 = np.ascontiguousarray(x.reshape(x.shape[0], _width(x.shape[1:])))
+        x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
         weights = np.empty_like(scores2)
         kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks)
@@ -244,23 +244,20 @@ class ExecContext:
     float_dtype: np.dtype
     training: bool
     rng: np.random.Generator
-    segments: dict[str, Segments] = field(default_factory=dict)
     state_updates: dict[str, np.ndarray] = field(default_factory=dict)  # param name -> new value (batch_norm)
 
     def segments_by(self, by: str) -> Segments:
-        if by not in self.segments:
-            g = self.graph
+        """The graph's rows grouped by dst, src or graph (cached on the graph, like ``pull``)."""
+        g = self.graph
+
+        def build() -> Segments:
             if by == "dst":
-                indptr, perm = g.csr_by_dst()
-                index = g.dst
-            elif by == "src":
-                indptr, perm = g.csr_by_src()
-                index = g.src
-            else:
-                indptr, perm = g.segments_by_graph()
-                index = g.batch
-            self.segments[by] = Segments(index, indptr, perm)
-        return self.segments[by]
+                return Segments(g.dst, *g.csr_by_dst())
+            if by == "src":
+                return Segments(g.src, *g.csr_by_src())
+            return Segments(g.batch, *g.segments_by_graph())
+
+        return g.cached(("numpy.segments", by), build)
 
     def pull(self, by: str) -> PullCSR:
         g = self.graph
@@ -269,16 +266,10 @@ class ExecContext:
         return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_nodes))
 
     def rows(self, domain: Domain) -> int:
-        g = self.graph
-        return {Domain.NODE: g.num_nodes, Domain.EDGE: g.num_edges, Domain.GRAPH: g.num_graphs}[domain]
+        return self.graph.num_rows(domain)
 
     def concrete_shape(self, t: TensorType) -> tuple[int, ...]:
         return tuple(d.substitute(self.dims).value for d in t.shape)
-
-
-def _width(shape) -> int:
-    """Number of elements of a (feature) shape; explicit so that zero-row arrays reshape too."""
-    return int(np.prod(shape, dtype=np.int64))
 
 
 def _numpy_dtype(ctx: ExecContext, v: Value) -> np.dtype:
@@ -289,17 +280,6 @@ def _numpy_dtype(ctx: ExecContext, v: Value) -> np.dtype:
 def _gather_index(ctx: ExecContext, v: Value) -> np.ndarray:
     g = ctx.graph
     return {"src": g.src, "dst": g.dst, "batch": g.batch}[v.attr["index"]]
-
-
-def _expand(arr: np.ndarray, t: TensorType, result: TensorType) -> np.ndarray:
-    """Reshape an operand for NumPy broadcasting under mpdsl's rules (param: no row axis;
-    feature shapes aligned from the left)."""
-    pad = (1,) * (result.rank - t.rank)
-    if result.domain is Domain.PARAM:
-        return arr.reshape(arr.shape + pad)
-    if t.domain is Domain.PARAM:
-        return arr.reshape((1,) + arr.shape + pad)
-    return arr.reshape(arr.shape + pad)
 
 
 _UNARY = {
@@ -358,7 +338,7 @@ class NumpyBackend(Backend):
             for v in group.members:
                 env[id(v)] = self.rules[v.op](self, ctx, v, *[env[id(o)] for o in v.operands])
             return
-        row_bytes = max(ctx.float_dtype.itemsize * max(1, _width(ctx.concrete_shape(v.type))) for v in group.members)
+        row_bytes = max(ctx.float_dtype.itemsize * max(1, feature_width(ctx.concrete_shape(v.type))) for v in group.members)
         block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(256, self.block_bytes // row_bytes)))
         member_ids = {id(v) for v in group.members}
         exported = {id(v) for v in group.exports}
@@ -407,7 +387,7 @@ class NumpyBackend(Backend):
             return True
         if v.op in _BINARY:
             ta, tb = (o.type for o in v.operands)
-            a, b = _expand(args[0], ta, v.type), _expand(args[1], tb, v.type)
+            a, b = expand_operand(args[0], ta, v.type), expand_operand(args[1], tb, v.type)
             if np.broadcast_shapes(a.shape, b.shape) != target.shape:
                 return False
             _BINARY[v.op](a, b, out=target)
@@ -495,7 +475,7 @@ class NumpyBackend(Backend):
     @rule(*_BINARY)
     def _binary(self, ctx, v, a, b):
         ta, tb = (o.type for o in v.operands)
-        a, b = _expand(a, ta, v.type), _expand(b, tb, v.type)
+        a, b = expand_operand(a, ta, v.type), expand_operand(b, tb, v.type)
         ufunc = _BINARY[v.op]
         if v.type.domain is Domain.PARAM or max(a.shape[0], b.shape[0]) < PARALLEL_ROWS:
             return ufunc(a, b).astype(ctx.float_dtype, copy=False)
@@ -514,22 +494,16 @@ class NumpyBackend(Backend):
         ta, tb = (o.type for o in v.operands)
         k = a.shape[-1]
         if tb.domain is Domain.PARAM:
-            a2 = a.reshape(_width(a.shape[:-1]), k)
-            b2 = b.reshape(k, _width(b.shape[1:]))
+            a2 = a.reshape(feature_width(a.shape[:-1]), k)
+            b2 = b.reshape(k, feature_width(b.shape[1:]))
             out = np.empty((a2.shape[0], b2.shape[1]), dtype=np.result_type(a, b))
             row_parallel(a2.shape[0], lambda lo, hi: np.matmul(a2[lo:hi], b2, out=out[lo:hi]))
             return out.reshape(a.shape[:-1] + b.shape[1:])
         rows = b.shape[0]
         a_feat = a.shape[:-1] if ta.domain is Domain.PARAM else a.shape[1:-1]
-        a3 = a.reshape((1 if ta.domain is Domain.PARAM else rows, _width(a_feat), k))
-        b3 = b.reshape(rows, k, _width(b.shape[2:]))
+        a3 = a.reshape((1 if ta.domain is Domain.PARAM else rows, feature_width(a_feat), k))
+        b3 = b.reshape(rows, k, feature_width(b.shape[2:]))
         return np.matmul(a3, b3).reshape((rows,) + a_feat + b.shape[2:])
-
-    @staticmethod
-    def _axis(v: Value, axis: int) -> int:
-        t = v.operands[0].type
-        axis %= t.rank
-        return axis if t.domain is Domain.PARAM else axis + 1
 
     @rule("einsum")
     def _einsum(self, ctx, v, *xs):
@@ -542,15 +516,15 @@ class NumpyBackend(Backend):
     @rule("reduce")
     def _reduce(self, ctx, v, x):
         fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}[v.attr["reduce"]]
-        return fn(x, axis=self._axis(v, v.attr["axis"]))
+        return fn(x, axis=array_axis(v, v.attr["axis"]))
 
     @rule("axis_softmax")
     def _axis_softmax(self, ctx, v, x):
-        return scipy.special.softmax(x, axis=self._axis(v, v.attr["axis"])).astype(x.dtype, copy=False)
+        return scipy.special.softmax(x, axis=array_axis(v, v.attr["axis"])).astype(x.dtype, copy=False)
 
     @rule("concat")
     def _concat(self, ctx, v, *xs):
-        return np.concatenate(xs, axis=self._axis(v, v.attr["axis"]))
+        return np.concatenate(xs, axis=array_axis(v, v.attr["axis"]))
 
     @rule("reshape")
     def _reshape(self, ctx, v, x):
@@ -632,7 +606,7 @@ class NumpyBackend(Backend):
             rows = order[bounds[r]:bounds[r + 1]]
             if len(rows):
                 block = h[pair_nodes[rows]]
-                product = block.reshape(_width(block.shape[:-1]), k) @ w[r].reshape(k, _width(w.shape[2:]))
+                product = block.reshape(feature_width(block.shape[:-1]), k) @ w[r].reshape(k, feature_width(w.shape[2:]))
                 compact[rows] = product.reshape((len(rows),) + out_shape)
         return compact[inverse]
 
@@ -642,7 +616,7 @@ class NumpyBackend(Backend):
     def _compare(self, ctx, v, a, b):
         ta, tb = (o.type for o in v.operands)
         ufunc = np.greater if v.op == "gt" else np.equal
-        return ufunc(_expand(a, ta, v.type), _expand(b, tb, v.type)).astype(ctx.float_dtype)
+        return ufunc(expand_operand(a, ta, v.type), expand_operand(b, tb, v.type)).astype(ctx.float_dtype)
 
     @rule("contract_rows")
     def _contract_rows(self, ctx, v, *xs):
@@ -658,16 +632,16 @@ class NumpyBackend(Backend):
             full, arr = shape, x.reshape(x.shape + (1,) * (len(shape) - x.ndim))
         else:
             full = (ctx.rows(v.type.domain),) + shape
-            arr = _expand(x, v.operands[0].type, v.type)
+            arr = expand_operand(x, v.operands[0].type, v.type)
         return np.array(np.broadcast_to(arr, full), dtype=ctx.float_dtype)
 
     @rule("slice")
     def _slice(self, ctx, v, x):
-        axis = self._axis(v, v.attr["axis"])
+        axis = array_axis(v, v.attr["axis"])
         return np.ascontiguousarray(x[(slice(None),) * axis + (slice(v.attr["start"], v.attr["stop"]),)])
 
     @rule("pad")
     def _pad(self, ctx, v, x):
         widths = [(0, 0)] * x.ndim
-        widths[self._axis(v, v.attr["axis"])] = (v.attr["before"], v.attr["after"])
+        widths[array_axis(v, v.attr["axis"])] = (v.attr["before"], v.attr["after"])
         return np.pad(x, widths)

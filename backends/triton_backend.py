@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from mpdsl.backends import (Backend, BackendError, batch_norm_statistics, batch_norm_training, check_ids,
-                            register_backend, rule)
+from mpdsl.backends import (Backend, BackendError, array_axis, batch_norm_statistics, batch_norm_training,
+                            check_ids, expand_operand, feature_width, register_backend, rule)
 from mpdsl.backends.triton_kernels import (KERNELS, Attention, CooAttention, CooGspmm, KernelSpec, SegmentReduce,
                                            SegmentSoftmax, TypedLinear, next_pow2)
 from mpdsl.ir import Program, Value, print_program
@@ -64,10 +64,6 @@ def _runtime(interpret: bool | None) -> tuple[Any, bool]:
                            "interpreter (slow, for testing) by setting TRITON_INTERPRET=1 in the environment, "
                            "e.g. TRITON_INTERPRET=1 mpdsl run model.mp --graph g.npz --backend triton")
     return torch, interpreting
-
-
-def _width(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -156,22 +152,6 @@ class TritonContext:
 
     def index(self, name: str):
         return _graph_index(self.graph, name, self.device)
-
-
-def _expand(x, t: TensorType, result: TensorType):
-    """The NumPy backend's broadcasting: params have no row axis, feature shapes align from the left."""
-    pad = (1,) * (result.rank - t.rank)
-    if result.domain is Domain.PARAM:
-        return x.reshape(tuple(x.shape) + pad)
-    if t.domain is Domain.PARAM:
-        return x.reshape((1,) + tuple(x.shape) + pad)
-    return x.reshape(tuple(x.shape) + pad)
-
-
-def _axis(v: Value, axis: int) -> int:
-    t = v.operands[0].type
-    axis %= t.rank
-    return axis if t.domain is Domain.PARAM else axis + 1
 
 
 _UNARY = {
@@ -361,7 +341,7 @@ class TritonBackend(Backend):
     @rule(*_BINARY)
     def _binary(self, ctx, v, a, b):
         ta, tb = (o.type for o in v.operands)
-        return _BINARY[v.op](_expand(a, ta, v.type), _expand(b, tb, v.type))
+        return _BINARY[v.op](expand_operand(a, ta, v.type), expand_operand(b, tb, v.type))
 
     # ---- dense algebra -------------------------------------------------------------------
 
@@ -371,13 +351,13 @@ class TritonBackend(Backend):
         k = a.shape[-1]
         a_shape, b_shape = tuple(a.shape), tuple(b.shape)
         if tb.domain is Domain.PARAM:
-            a2 = a.reshape(_width(a_shape[:-1]), k)
-            b2 = b.reshape(k, _width(b_shape[1:]))
+            a2 = a.reshape(feature_width(a_shape[:-1]), k)
+            b2 = b.reshape(k, feature_width(b_shape[1:]))
             return (a2 @ b2).reshape(a_shape[:-1] + b_shape[1:])
         rows = b_shape[0]
         a_feat = a_shape[:-1] if ta.domain is Domain.PARAM else a_shape[1:-1]
-        a3 = a.reshape((1 if ta.domain is Domain.PARAM else rows, _width(a_feat), k))
-        b3 = b.reshape(rows, k, _width(b_shape[2:]))
+        a3 = a.reshape((1 if ta.domain is Domain.PARAM else rows, feature_width(a_feat), k))
+        b3 = b.reshape(rows, k, feature_width(b_shape[2:]))
         return torch.matmul(a3, b3).reshape((rows,) + a_feat + b_shape[2:])
 
     @rule("einsum")
@@ -391,15 +371,15 @@ class TritonBackend(Backend):
     @rule("reduce")
     def _reduce(self, ctx, v, x):
         fn = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}[v.attr["reduce"]]
-        return fn(x, dim=_axis(v, v.attr["axis"]))
+        return fn(x, dim=array_axis(v, v.attr["axis"]))
 
     @rule("axis_softmax")
     def _axis_softmax(self, ctx, v, x):
-        return torch.softmax(x, dim=_axis(v, v.attr["axis"]))
+        return torch.softmax(x, dim=array_axis(v, v.attr["axis"]))
 
     @rule("concat")
     def _concat(self, ctx, v, *xs):
-        return torch.cat(xs, dim=_axis(v, v.attr["axis"]))
+        return torch.cat(xs, dim=array_axis(v, v.attr["axis"]))
 
     @rule("reshape")
     def _reshape(self, ctx, v, x):
@@ -411,7 +391,7 @@ class TritonBackend(Backend):
     @rule("gt", "eq")
     def _compare(self, ctx, v, a, b):
         ta, tb = (o.type for o in v.operands)
-        a, b = _expand(a, ta, v.type), _expand(b, tb, v.type)
+        a, b = expand_operand(a, ta, v.type), expand_operand(b, tb, v.type)
         return (a > b if v.op == "gt" else a == b).to(a.dtype)
 
     @rule("contract_rows")
@@ -425,17 +405,17 @@ class TritonBackend(Backend):
         shape = tuple(d.substitute(ctx.dims).value for d in v.type.shape)
         if v.type.domain is not Domain.PARAM:
             g = ctx.graph
-            shape = ({Domain.NODE: g.num_nodes, Domain.EDGE: g.num_edges, Domain.GRAPH: g.num_graphs}[v.type.domain],) + shape
-        return _expand(x, v.operands[0].type, v.type).expand(shape).contiguous()
+            shape = (g.num_rows(v.type.domain),) + shape
+        return expand_operand(x, v.operands[0].type, v.type).expand(shape).contiguous()
 
     @rule("slice")
     def _slice(self, ctx, v, x):
         start, stop = v.attr["start"], v.attr["stop"]
-        return x.narrow(_axis(v, v.attr["axis"]), start, stop - start).contiguous()
+        return x.narrow(array_axis(v, v.attr["axis"]), start, stop - start).contiguous()
 
     @rule("pad")
     def _pad(self, ctx, v, x):
-        axis = _axis(v, v.attr["axis"])
+        axis = array_axis(v, v.attr["axis"])
 
         def zeros(n):
             shape = list(x.shape)
@@ -466,7 +446,7 @@ class TritonBackend(Backend):
     @rule("aggregate")
     def _aggregate(self, ctx, v, x):
         seg = ctx.segments(v.attr["by"])
-        width = _width(x.shape[1:])
+        width = feature_width(x.shape[1:])
         spec = SegmentReduce("aggregate", v.attr["reduce"], False, width, 0, ctx.dtype_name)
         out = self._output(ctx, (seg.num_segments,) + tuple(x.shape[1:]))
         return self._segment_launch(ctx, spec, seg, [seg.perm, x.contiguous()], width, out)
@@ -474,7 +454,7 @@ class TritonBackend(Backend):
     @rule("softmax")
     def _softmax(self, ctx, v, x):
         seg = ctx.segments(v.attr["by"])
-        width = _width(x.shape[1:])
+        width = feature_width(x.shape[1:])
         out = self._output(ctx, tuple(x.shape))
         return self._segment_launch(ctx, SegmentSoftmax(width, ctx.dtype_name), seg, [seg.perm, x.contiguous()],
                                     width, out)
@@ -482,8 +462,8 @@ class TritonBackend(Backend):
     @rule("gspmm")
     def _gspmm(self, ctx, v, x, w=None):
         seg = ctx.segments(v.attr["by"])
-        width = _width(x.shape[1:])
-        groups = 0 if w is None else max(1, _width(w.shape[1:]))
+        width = feature_width(x.shape[1:])
+        groups = 0 if w is None else max(1, feature_width(w.shape[1:]))
         out = self._output(ctx, tuple(x.shape))
         weights = [] if w is None else [w.contiguous()]
         if self._layout(v) == "coo":
@@ -495,8 +475,8 @@ class TritonBackend(Backend):
     @rule("attention")
     def _attention(self, ctx, v, s, x):
         seg = ctx.segments(v.attr["by"])
-        width = _width(x.shape[1:])
-        groups = max(1, _width(s.shape[1:]))
+        width = feature_width(x.shape[1:])
+        groups = max(1, feature_width(s.shape[1:]))
         out = self._output(ctx, tuple(x.shape))
         if self._layout(v) == "coo":
             return self._coo_attention(ctx, CooAttention(width, groups, ctx.dtype_name), seg, s.contiguous(),
@@ -549,8 +529,8 @@ class TritonBackend(Backend):
         relations = w.shape[0]
         check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
         lead = tuple(h.shape[1:-1])                     # leading feature axes of h: one product each
-        inner, width = h.shape[-1], _width(w.shape[2:])
-        a = max(1, _width(lead))
+        inner, width = h.shape[-1], feature_width(w.shape[2:])
+        a = max(1, feature_width(lead))
         out_shape = lead + tuple(w.shape[2:])
         # Compact materialisation: one product per distinct (node, relation) pair, gathered to the edges.
         pairs, inverse = torch.unique(nodes * relations + types, return_inverse=True)

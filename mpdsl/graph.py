@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .diagnostics import GraphError
+from .types import Domain
 
 __all__ = ["Graph"]
 
@@ -347,6 +348,10 @@ class Graph:
     @property
     def num_edges(self) -> int:
         return self._edge_index.shape[1]
+
+    def num_rows(self, domain: Domain) -> int:
+        """The row count of a node, edge or graph value on this graph."""
+        return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
 
     @property
     def num_graphs(self) -> int:

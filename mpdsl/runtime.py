@@ -200,7 +200,6 @@ class CompiledModel:
         if unknown:
             raise InputError(f"'{self.name}' has no input named {', '.join(unknown)}",
                              f"its inputs are: {', '.join(self.input_types) or 'none'}")
-        rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs}
         dims = dict(self.dims)
         arrays: dict[str, np.ndarray] = {}
         for name, t in self.input_types.items():
@@ -211,9 +210,9 @@ class CompiledModel:
             else:
                 raise InputError(f"model input '{name}' ({t}) is not given",
                                  f"pass {name}=... or add an array '{name}' to the graph")
-            if arr.ndim == 0 or arr.shape[0] != rows[t.domain]:
+            if arr.ndim == 0 or arr.shape[0] != graph.num_rows(t.domain):
                 got = "a scalar" if arr.ndim == 0 else f"{arr.shape[0]} rows"
-                raise InputError(f"input '{name}' has {got} but the graph has {rows[t.domain]} {t.domain}s",
+                raise InputError(f"input '{name}' has {got} but the graph has {graph.num_rows(t.domain)} {t.domain}s",
                                  f"{name} is declared {t}: one row per {t.domain}")
             if t.dtype == INT_DTYPE:
                 if arr.dtype.kind not in "iu":

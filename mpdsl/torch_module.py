@@ -268,8 +268,7 @@ class MpdslModule(torch.nn.Module):
 
     @staticmethod
     def _rows(t: TensorType, graph) -> tuple[int, ...]:
-        return {Domain.NODE: (graph.num_nodes,), Domain.EDGE: (graph.num_edges,),
-                Domain.GRAPH: (graph.num_graphs,), Domain.PARAM: ()}[t.domain]
+        return () if t.domain is Domain.PARAM else (graph.num_rows(t.domain),)
 
     def _concrete_shape(self, t: TensorType, call: _Call) -> tuple[int, ...]:
         return self._rows(t, call.graph) + tuple(d.substitute(call.dims).value for d in t.shape)
