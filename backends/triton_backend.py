@@ -175,6 +175,12 @@ _BINARY = {
 }
 
 
+def uses_coo(override: str | None, v: Value) -> bool:
+    """Whether graph op ``v`` runs on COO + atomics: the backend's layout override ("coo" / "csr"),
+    else the plan's choice for ``v``."""
+    return override == "coo" or (override != "csr" and v.attr.get("layout") == "coo")
+
+
 @register_backend("triton")
 class TritonBackend(Backend):
     """Generated Triton kernels for graph ops, torch for the rest (see the module docstring)."""
@@ -273,11 +279,7 @@ class TritonBackend(Backend):
         return self.block_edges or (1024 if ctx.interpret else 64)
 
     def _layout(self, v: Value) -> str:
-        if self.layout == "coo":
-            return "coo"
-        if self.layout == "csr":
-            return "csr"
-        return "coo" if v.attr.get("layout") == "coo" else "csr"
+        return "coo" if uses_coo(self.layout, v) else "csr"
 
     @staticmethod
     def _arg(t):
@@ -591,7 +593,7 @@ def kernel_specs(program: Program, dims: dict[str, int] | None = None, layout: s
         widths = [width(o.type) for o in v.operands if o.type.is_float]
         if None in widths:
             continue
-        coo = layout == "coo" or (layout != "csr" and v.attr.get("layout") == "coo")
+        coo = uses_coo(layout, v)
         if v.op == "aggregate":
             spec: KernelSpec = SegmentReduce("aggregate", v.attr["reduce"], False, widths[0], 0, dtype)
         elif v.op == "softmax":

@@ -36,6 +36,7 @@ the mode in which ``triton`` was imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import linecache
 import os
@@ -68,7 +69,7 @@ class KernelSpec:
 
     kind = "kernel"
 
-    @property
+    @functools.cached_property  # read twice per launch: by the kernel name and the cache lookup
     def key(self) -> str:
         text = self.kind + repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
         return hashlib.sha1(text.encode()).hexdigest()[:10]

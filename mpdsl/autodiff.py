@@ -686,6 +686,23 @@ def _active(values: Sequence[Value], leaves: set[int]) -> set[int]:
     return active
 
 
+def _source(name: str, t: TensorType, init: str, span=None) -> Value:
+    """A new interface value of type ``t``: a param (initialised ``init``) in the param domain, an
+    input otherwise."""
+    if t.domain is Domain.PARAM:
+        return make_value("param", [], {"name": name, "init": init}, t, span)
+    return make_value("input", [], {"name": name}, t, span)
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, prefixed with underscores until no name in ``taken`` has it; added to ``taken``."""
+    name = base
+    while name in taken:
+        name = "_" + name
+    taken.add(name)
+    return name
+
+
 def _accumulate(b: GradBuilder, cotangents: dict[int, Value], target: Value, g: Value) -> None:
     if g.type != target.type:
         raise AssertionError(f"the cotangent of {target!r} has type {g.type}")
@@ -754,9 +771,7 @@ def grad_program(program: Program, wrt: Sequence[str] | None = None, outputs: Se
         if cname in taken:
             raise CompileError(f"cannot name the cotangent of output '{name}' {cname!r}: the program already "
                                "has an input or parameter of that name", None)
-        t = out_map[name].type
-        source = (make_value("param", [], {"name": cname, "init": "zeros"}, t) if t.domain is Domain.PARAM
-                  else make_value("input", [], {"name": cname}, t))
+        source = _source(cname, out_map[name].type, "zeros")
         b.values.append(source)
         _accumulate(b, cotangents, out_map[name], source)
 
@@ -811,13 +826,9 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
                 back_values.append(v)
             return v
         if id(v) not in residuals:
-            name = f"{prefix}{len(residual_names)}"
-            while name in taken:
-                name = "_" + name
-            taken.add(name)
+            name = _fresh_name(f"{prefix}{len(residual_names)}", taken)
             residual_names.append(name)
-            attrs = {"name": name, "init": "zeros"} if v.type.domain is Domain.PARAM else {"name": name}
-            source = make_value("param" if v.type.domain is Domain.PARAM else "input", [], attrs, v.type, v.span)
+            source = _source(name, v.type, "zeros", v.span)
             residuals[id(v)] = source
             back_values.append(source)
         return residuals[id(v)]
@@ -863,15 +874,10 @@ def mask_dropout(program: Program, prefix: str = "dropout_mask") -> tuple[Progra
         (x,) = v.operands
         if v.attr["p"] == 0:
             return x
-        name = f"{prefix}{len(masks)}"
-        while name in taken:
-            name = "_" + name
-        taken.add(name)
-        t = v.type
-        source = (make_value("param", [], {"name": name, "init": "ones"}, t, v.span) if t.domain is Domain.PARAM
-                  else make_value("input", [], {"name": name}, t, v.span))
+        name = _fresh_name(f"{prefix}{len(masks)}", taken)
+        source = _source(name, v.type, "ones", v.span)
         rw.values.append(source)
-        masks.append((name, t, float(v.attr["p"])))
+        masks.append((name, v.type, float(v.attr["p"])))
         return rw.emit("mul", [x, source], like=v)
 
     result, _ = rewrite(program, rule)

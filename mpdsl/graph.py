@@ -392,9 +392,7 @@ class Graph:
         batch = self._node_data.get("batch")
         if batch is not None:
             return batch
-        if "zero_batch" not in self._cache:
-            self._cache["zero_batch"] = _read_only(np.zeros(self._num_nodes, dtype=np.int64))
-        return self._cache["zero_batch"]
+        return self.cached("zero_batch", lambda: _read_only(np.zeros(self._num_nodes, dtype=np.int64)))
 
     def _kind_of(self, name: str) -> str | None:
         for kind, arrays in (("node", self._node_data), ("edge", self._edge_data),
@@ -435,23 +433,17 @@ class Graph:
     def csr_by_dst(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [N+1], perm [E]): ``perm[indptr[i]:indptr[i+1]]`` are the edges into node i,
         in their original order."""
-        if "csr_dst" not in self._cache:
-            self._cache["csr_dst"] = _segments(self.dst, self._num_nodes)
-        return self._cache["csr_dst"]
+        return self.cached("csr_dst", lambda: _segments(self.dst, self._num_nodes))
 
     def csr_by_src(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [N+1], perm [E]): ``perm[indptr[j]:indptr[j+1]]`` are the edges out of node j,
         in their original order."""
-        if "csr_src" not in self._cache:
-            self._cache["csr_src"] = _segments(self.src, self._num_nodes)
-        return self._cache["csr_src"]
+        return self.cached("csr_src", lambda: _segments(self.src, self._num_nodes))
 
     def segments_by_graph(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [G+1], perm [N]): ``perm[indptr[g]:indptr[g+1]]`` are the nodes of graph g,
         in node order."""
-        if "segments_graph" not in self._cache:
-            self._cache["segments_graph"] = _segments(self._batch_vector(), self._num_graphs)
-        return self._cache["segments_graph"]
+        return self.cached("segments_graph", lambda: _segments(self._batch_vector(), self._num_graphs))
 
     def in_degree(self) -> np.ndarray:
         """Number of edges into each node, int64 [N] (self-loops and multi-edges counted)."""

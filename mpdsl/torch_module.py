@@ -126,7 +126,7 @@ class _RunProgram(torch.autograd.Function):
         for (name, value), grad in zip(call.programs.forward.outputs, grads):
             if not value.type.is_float:
                 continue
-            array = (np.zeros(module._concrete_shape(value.type, call), dtype=call.dtype) if grad is None
+            array = (np.zeros(module._concrete_shape(value.type, call.graph, call.dims), dtype=call.dtype) if grad is None
                      else np.ascontiguousarray(grad.detach().cpu().numpy(), dtype=call.dtype))
             (per_param if value.type.domain is Domain.PARAM else rows)[f"d_{name}"] = array
             types[f"d_{name}"] = value.type
@@ -270,11 +270,11 @@ class MpdslModule(torch.nn.Module):
     def _rows(t: TensorType, graph) -> tuple[int, ...]:
         return () if t.domain is Domain.PARAM else (graph.num_rows(t.domain),)
 
-    def _concrete_shape(self, t: TensorType, call: _Call) -> tuple[int, ...]:
-        return self._rows(t, call.graph) + tuple(d.substitute(call.dims).value for d in t.shape)
+    def _concrete_shape(self, t: TensorType, graph, dims) -> tuple[int, ...]:
+        return self._rows(t, graph) + tuple(d.substitute(dims).value for d in t.shape)
 
     def _mask(self, t: TensorType, p: float, graph, dims, dtype) -> np.ndarray:
-        shape = self._rows(t, graph) + tuple(d.substitute(dims).value for d in t.shape)
+        shape = self._concrete_shape(t, graph, dims)
         keep = (torch.rand(shape, dtype=torch.float64) >= p).numpy()
         return (keep * (1.0 / (1.0 - p) if p < 1 else 0.0)).astype(dtype)
 
