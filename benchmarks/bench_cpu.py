@@ -182,6 +182,11 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes / float(np.median(times)) / 1e9
 
 
+def rel_diff(out: np.ndarray, reference: np.ndarray) -> float:
+    """The largest difference from ``reference`` relative to its largest magnitude."""
+    return float(np.abs(out - reference).max() / max(1e-12, np.abs(reference).max()))
+
+
 def min_bytes(model: str, nodes: int, edges: int, features: int) -> int:
     index = 4 * edges + 4 * (nodes + 1)
     width = HEADS * CHANNELS if model == "gat" else features
@@ -287,8 +292,7 @@ def main() -> None:
                         emit(f"| {kind} | {model} | {system} | error: {r['error']} | | | | | |")
                         continue
                     out = np.load(r["out_file"])
-                    diff = (float(np.abs(out - ref_out).max() / max(1e-12, np.abs(ref_out).max()))
-                            if ref_out is not None else float("nan"))
+                    diff = rel_diff(out, ref_out) if ref_out is not None else float("nan")
                     ms = r["median_ms"]
                     vs_default = reference["median_ms"] / ms if "median_ms" in reference else float("nan")
                     csr = results.get("pyg-csr", {})

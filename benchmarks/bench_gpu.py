@@ -28,7 +28,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_cpu import CHANNELS, HEADS, MODELS, _mpdsl_model, _pyg_layer, make_graph, min_bytes  # noqa: E402
+from bench_cpu import (CHANNELS, HEADS, MODELS, _mpdsl_model, _pyg_layer, make_graph, min_bytes,  # noqa: E402
+                       rel_diff)
 
 
 def _cuda():
@@ -120,7 +121,7 @@ def layer_rows(torch, args, kind: str, edge_index, x, emit) -> None:
             systems["pyg-csr"] = (cuda_median(torch, lambda: pyg(adj), args.repeats), pyg(adj).cpu().numpy())
         base = systems["pyg"][0]
         for system, (ms, out) in systems.items():
-            diff = float(np.abs(out - reference).max() / max(1e-12, np.abs(reference).max()))
+            diff = rel_diff(out, reference)
             gbs = min_bytes(name, x.shape[0], edge_index.shape[1], x.shape[1]) / (ms / 1e3) / 1e9
             emit(f"| {kind} | {name} | {system} | {ms:.3f} | {base / ms:.2f}x | {gbs:.0f} | {diff:.1e} |")
 
@@ -141,7 +142,7 @@ def aggregation_rows(torch, args, kind: str, edge_index, x, bandwidth: float, em
             "torch.sparse.mm (CSR)": (cuda_median(torch, lambda: torch.sparse.mm(adj, xt), args.repeats), reference)}
     for system, (ms, out) in rows.items():
         gbs = traffic / (ms / 1e3) / 1e9
-        diff = float(np.abs(out - reference).max() / max(1e-12, np.abs(reference).max()))
+        diff = rel_diff(out, reference)
         emit(f"| {kind} | {system} | {ms:.3f} | {gbs:.0f} | {100 * gbs / bandwidth:.0f}% | {diff:.1e} |")
 
 

@@ -24,11 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.mp"))
 
 
-def random_graph(seed: int = 0, nodes: int = 40, edges: int = 160) -> mpdsl.Graph:
+def random_graph(seed: int = 0, nodes: int = 40, edges: int = 160, self_loops: bool = False) -> mpdsl.Graph:
+    """A batch of three graphs: one with a hub (node 0), a multi-edge, 3 isolated nodes and, with
+    ``self_loops``, two self loops on node 4; a 3-node graph; a single node without edges."""
     rng = np.random.default_rng(seed)
     src = rng.integers(0, nodes - 3, edges)          # the last 3 nodes are isolated
     dst = np.where(rng.random(edges) < 0.3, 0, rng.integers(0, nodes - 3, edges))  # node 0 is a hub
     src[:5], dst[:5] = 7, 8                           # a multi-edge
+    if self_loops:
+        src[5:7], dst[5:7] = 4, 4
     parts = [mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes),
              mpdsl.Graph.from_arrays(np.array([[0, 1, 1], [1, 0, 2]]), 3),
              mpdsl.Graph.from_arrays(np.zeros((2, 0), np.int64), 1)]
@@ -47,11 +51,17 @@ def run_both(path: Path, graph: mpdsl.Graph, passes, seed: int = 0):
     return expected, got
 
 
-def assert_same(expected: dict, got: dict, what: str) -> None:
+def assert_same(expected: dict, got: dict, what: str, rtol: float = 1e-10) -> None:
+    """The same outputs, each of the same shape, without NaNs the expected one lacks (an unwritten
+    element), equal to ``rtol`` with an absolute floor of ``rtol`` times the output's scale."""
     assert expected.keys() == got.keys()
     for name in expected:
-        scale = max(1.0, float(np.abs(expected[name]).max(initial=0)))
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-10 * scale, err_msg=f"{what}: {name}")
+        e, g = expected[name], got[name]
+        assert g.shape == e.shape, f"{what}: {name} has shape {g.shape}, expected {e.shape}"
+        assert not np.isnan(g).any() or np.isnan(e).any(), f"{what}: {name} has NaNs (an unwritten element?)"
+        scale = max(1.0, float(np.abs(e.astype(np.float64)).max(initial=0)))
+        np.testing.assert_allclose(g.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=rtol * scale,
+                                   err_msg=f"{what}: {name}")
 
 
 @pytest.mark.parametrize("pass_name", sorted(PASSES) or DEFAULT_PIPELINE)

@@ -43,11 +43,7 @@ import mpdsl  # noqa: E402
 from mpdsl.graph import Graph  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-# The shared comparison helpers, re-exported for tests that import them from this module.
-from comparison import (  # noqa: E402, F401
-    DTYPES, TOLERANCES, TORCH_DTYPES, a, assert_close, assert_nontrivial,
-    assert_perturbations_detected, build, compare, is_close, lin_t, randomize_)
-from comparison import tolerances as _tolerances  # noqa: E402, F401
+from comparison import DTYPES, a, assert_close, build, compare, is_close, lin_t  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

@@ -35,30 +35,16 @@ from mpdsl.passes.rewrite import rewrite  # noqa: E402
 from mpdsl.runtime import CompiledModel  # noqa: E402
 from comparison import synth_inputs as shared_synth_inputs  # noqa: E402
 from strategies import batched_graphs, graphs  # noqa: E402
+from test_passes import EXAMPLES, assert_same, random_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "examples").glob("*.mp"))
 CPU = dict(device="cpu", interpret=True)  # interpreter on the CPU even where a GPU exists
 
 
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def small_graph(seed: int = 0, nodes: int = 30, edges: int = 90) -> mpdsl.Graph:
-    """A batch of three graphs: one with a hub (node 0), a multi-edge, self loops and 3 isolated
-    nodes; a 3-node graph; a single node without edges."""
-    rng = np.random.default_rng(seed)
-    src = rng.integers(0, nodes - 3, edges)
-    dst = np.where(rng.random(edges) < 0.3, 0, rng.integers(0, nodes - 3, edges))
-    src[:5], dst[:5] = 7, 8
-    src[5:7], dst[5:7] = 4, 4
-    parts = [mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes),
-             mpdsl.Graph.from_arrays(np.array([[0, 1, 1], [1, 0, 2]]), 3),
-             mpdsl.Graph.from_arrays(np.zeros((2, 0), np.int64), 1)]
-    return mpdsl.Graph.batch(parts)
-
-
-GRAPH = small_graph()
+GRAPH = random_graph(nodes=30, edges=90, self_loops=True)
 
 
 def synth_inputs(model: CompiledModel, graph: mpdsl.Graph, seed: int = 0) -> dict:
@@ -76,17 +62,6 @@ def with_backend(model: CompiledModel, backend: TritonBackend) -> CompiledModel:
     twin = CompiledModel(model.ir, backend, source_name=model.source_name, seed=model.seed)
     twin.load_weights(model.params)
     return twin
-
-
-def assert_close(expected: dict, got: dict, rtol: float, what: str) -> None:
-    assert expected.keys() == got.keys()
-    for name in expected:
-        e, g = expected[name], got[name]
-        assert g.shape == e.shape, f"{what}: {name} has shape {g.shape}, expected {e.shape}"
-        assert not np.isnan(g).any() or np.isnan(e).any(), f"{what}: {name} has NaNs (an unwritten element?)"
-        scale = max(1.0, float(np.abs(e.astype(np.float64)).max(initial=0)))
-        np.testing.assert_allclose(g.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=rtol * scale,
-                                   err_msg=f"{what}: {name}")
 
 
 def to_coo(program):
@@ -133,7 +108,7 @@ def test_example_matches_numpy_fp32(path):
     twin = with_backend(model, TritonBackend(poison=True, **CPU))
     got = twin.run(GRAPH, **inputs)
     assert all(v.dtype == np.float32 for v in got.values())
-    assert_close(expected, got, 1e-4, path.stem)
+    assert_same(expected, got, path.stem, rtol=1e-4)
     assert twin.backend.last_launches, "every example has graph ops"
 
 
@@ -154,7 +129,7 @@ def test_example_matches_numpy_fp16(path):
     half, inputs, expected = fp16_case(path, GRAPH, CPU)
     got = half.run(GRAPH, **inputs)
     assert all(v.dtype == np.float16 for v in got.values())
-    assert_close(expected, got, 2e-2, f"{path.stem} fp16")
+    assert_same(expected, got, f"{path.stem} fp16", rtol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["gat", "rgcn", "pna"])
@@ -162,7 +137,7 @@ def test_examples_match_numpy_fp64(name):
     """fp64 programs accumulate in fp64 inside the kernels."""
     model, inputs, expected = reference(ROOT / "examples" / f"{name}.mp", GRAPH, dtype="float64")
     got = with_backend(model, TritonBackend(poison=True, **CPU)).run(GRAPH, **inputs)
-    assert_close(expected, got, 1e-9, f"{name} fp64")
+    assert_same(expected, got, f"{name} fp64", rtol=1e-9)
 
 
 COO_EXAMPLES = [p for p in EXAMPLES if p.stem in ("gat", "gcn", "gated_gcn", "graph_transformer", "sage_max",
@@ -179,14 +154,14 @@ def test_coo_layout_matches_numpy(path):
     backend = TritonBackend(poison=True, **CPU)
     got = backend.run(program, GRAPH, arrays, model.params, dims)
     assert any("_coo_" in name for name in backend.last_launches)
-    assert_close(expected, got, 1e-4, f"{path.stem} coo")
+    assert_same(expected, got, f"{path.stem} coo", rtol=1e-4)
 
 
 def test_coo_backend_option():
     path = ROOT / "examples" / "gat.mp"
     model, inputs, expected = reference(path, GRAPH)
     twin = with_backend(model, TritonBackend(layout="coo", poison=True, **CPU))
-    assert_close(expected, twin.run(GRAPH, **inputs), 1e-4, "gat with layout='coo'")
+    assert_same(expected, twin.run(GRAPH, **inputs), "gat with layout='coo'", rtol=1e-4)
     assert all("_coo_" in name for name in twin.backend.last_launches)
     with pytest.raises(BackendError):
         TritonBackend(layout="ell")
@@ -232,7 +207,7 @@ def test_kernel_variants_match_numpy(name, layout):
     program = model.optimized_for(model.bind(GRAPH, inputs)[1])[0]
     assert {v.op for v in program.values} & set(KERNEL_OPS) == EXPECTED_KERNELS[name]
     twin = with_backend(model, TritonBackend(poison=True, layout=layout, **CPU))
-    assert_close(expected, twin.run(GRAPH, **inputs), 1e-4, name)
+    assert_same(expected, twin.run(GRAPH, **inputs), name, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(SNIPPETS))
@@ -240,7 +215,7 @@ def test_kernel_variants_fp16(name, tmp_path):
     source = tmp_path / f"{name}.mp"
     source.write_text(SNIPPETS[name])
     half, inputs, expected = fp16_case(source, GRAPH, CPU)
-    assert_close(expected, half.run(GRAPH, **inputs), 1e-2, f"{name} fp16")
+    assert_same(expected, half.run(GRAPH, **inputs), f"{name} fp16", rtol=1e-2)
 
 
 DENSE = """
@@ -267,7 +242,7 @@ def test_dense_ops_match_numpy():
                "softplus", "gelu", "elu", "leaky_relu", "minimum", "maximum", "add", "sub", "mul", "div", "concat",
                "einsum", "reduce", "reshape", "select", "degree", "matmul", "gather", "const"}
     assert covered <= {v.op for v in program.values}
-    assert_close(expected, with_backend(model, TritonBackend(**CPU)).run(GRAPH, **inputs), 1e-4, "dense ops")
+    assert_same(expected, with_backend(model, TritonBackend(**CPU)).run(GRAPH, **inputs), "dense ops", rtol=1e-4)
 
 
 def test_reference_ir_without_passes():
@@ -278,7 +253,7 @@ def test_reference_ir_without_passes():
     expected = model.run(GRAPH, **inputs)
     twin = CompiledModel(model.ir, TritonBackend(poison=True, **CPU), optimize=False)
     twin.load_weights(model.params)
-    assert_close(expected, twin.run(GRAPH, **inputs), 1e-4, "gat unoptimized")
+    assert_same(expected, twin.run(GRAPH, **inputs), "gat unoptimized", rtol=1e-4)
     assert {n.split("_")[1] for n in twin.backend.last_launches} == {"softmax", "aggregate"}
 
 
@@ -300,7 +275,7 @@ def _property_check(graph: mpdsl.Graph, layout) -> None:
     model = mpdsl.compile(PROPERTY_MODEL, backend="numpy", seed=3)
     expected = model.run(graph)
     twin = with_backend(model, TritonBackend(poison=True, layout=layout, **CPU))
-    assert_close(expected, twin.run(graph), 1e-4, "random graph")
+    assert_same(expected, twin.run(graph), "random graph", rtol=1e-4)
 
 
 @settings(max_examples=30, deadline=None)
@@ -326,10 +301,10 @@ def test_graphs_without_edges(nodes):
 def test_typed_linear_on_random_types():
     src = SNIPPETS["typed_linear_wide"]
     for seed in range(3):
-        graph = small_graph(seed, nodes=20, edges=60)
+        graph = random_graph(seed, nodes=20, edges=60, self_loops=True)
         model, inputs, expected = reference(src, graph, seed)
         got = with_backend(model, TritonBackend(poison=True, block_m=16, **CPU)).run(graph, **inputs)
-        assert_close(expected, got, 1e-4, f"typed_linear seed {seed}")  # several tiles per relation
+        assert_same(expected, got, f"typed_linear seed {seed}", rtol=1e-4)  # several tiles per relation
 
 
 # ---- properties of the kernels ----------------------------------------------------------------
@@ -342,7 +317,7 @@ def test_kernels_are_deterministic_and_small_blocks_agree():
     again = with_backend(model, TritonBackend(**CPU)).run(GRAPH, **inputs)
     np.testing.assert_array_equal(first["out"], again["out"])  # no atomics: bitwise reproducible
     tiled = with_backend(model, TritonBackend(block_rows=8, block_features=16, **CPU)).run(GRAPH, **inputs)
-    assert_close(expected, tiled, 1e-4, "gat with 8 x 16 blocks")  # several programs per kernel
+    assert_same(expected, tiled, "gat with 8 x 16 blocks", rtol=1e-4)  # several programs per kernel
 
 
 def test_kernel_cache_by_hash_of_op_and_shapes():

@@ -24,8 +24,8 @@ from hypothesis import given, settings  # noqa: E402
 from mpdsl.backends.triton_backend import TritonBackend  # noqa: E402
 from mpdsl.backends.triton_kernels import KERNELS, SegmentReduce  # noqa: E402
 from strategies import graphs  # noqa: E402
-from test_triton import (EXAMPLES, PROPERTY_MODEL, SNIPPETS, assert_close, fp16_case, reference,  # noqa: E402
-                         small_graph, to_coo, with_backend)
+from test_passes import EXAMPLES, assert_same, random_graph  # noqa: E402
+from test_triton import PROPERTY_MODEL, SNIPPETS, fp16_case, reference, to_coo, with_backend  # noqa: E402
 
 GPU = dict(device="cuda", interpret=False)
 
@@ -36,7 +36,7 @@ def big_graph(seed: int = 0, nodes: int = 3000, edges: int = 40000) -> mpdsl.Gra
     src = rng.integers(0, nodes - 50, edges)
     dst = np.where(rng.random(edges) < 0.1, 0, rng.integers(0, nodes - 50, edges))
     src[:20], dst[:20] = 7, 8
-    parts = [mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes), small_graph(seed + 1)]
+    parts = [mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes), random_graph(seed + 1, nodes=30, edges=90, self_loops=True)]
     return mpdsl.Graph.batch(parts)
 
 
@@ -47,7 +47,7 @@ GRAPH = big_graph()
 def test_example_on_gpu_fp32(path):
     model, inputs, expected = reference(path, GRAPH)
     twin = with_backend(model, TritonBackend(poison=True, **GPU))
-    assert_close(expected, twin.run(GRAPH, **inputs), 1e-4, f"{path.stem} gpu")
+    assert_same(expected, twin.run(GRAPH, **inputs), f"{path.stem} gpu", rtol=1e-4)
 
 
 def _fp16_case(source, graph):
@@ -59,9 +59,9 @@ def _fp16_case(source, graph):
 def test_example_on_gpu_fp16(path):
     """Whole models on the small graph: on the big one, fp16 storage of a hub's sums (~1000 terms) loses
     what later layer norms need, in any fp16 implementation (NumPy's included)."""
-    graph = small_graph()
+    graph = random_graph(nodes=30, edges=90, self_loops=True)
     half, inputs, expected = _fp16_case(path, graph)
-    assert_close(expected, half.run(graph, **inputs), 2e-2, f"{path.stem} gpu fp16")
+    assert_same(expected, half.run(graph, **inputs), f"{path.stem} gpu fp16", rtol=2e-2)
 
 
 @pytest.mark.parametrize("name", sorted(SNIPPETS))
@@ -70,7 +70,7 @@ def test_kernel_variants_on_gpu_fp16(name, tmp_path):
     source = tmp_path / f"{name}.mp"
     source.write_text(SNIPPETS[name])
     half, inputs, expected = _fp16_case(source, GRAPH)
-    assert_close(expected, half.run(GRAPH, **inputs), 1e-2, f"{name} gpu fp16")
+    assert_same(expected, half.run(GRAPH, **inputs), f"{name} gpu fp16", rtol=1e-2)
 
 
 @pytest.mark.parametrize("path", [p for p in EXAMPLES if p.stem in ("gat", "gcn", "graph_transformer", "sage_max",
@@ -80,7 +80,7 @@ def test_coo_atomics_on_gpu(path):
     arrays, dims = model.bind(GRAPH, inputs)
     backend = TritonBackend(poison=True, **GPU)
     got = backend.run(to_coo(model.optimized_for(dims)[0]), GRAPH, arrays, model.params, dims)
-    assert_close(expected, got, 1e-4, f"{path.stem} gpu coo")
+    assert_same(expected, got, f"{path.stem} gpu coo", rtol=1e-4)
 
 
 @pytest.mark.parametrize("layout", [None, "coo"])
@@ -88,7 +88,7 @@ def test_coo_atomics_on_gpu(path):
 def test_kernel_variants_on_gpu(name, layout):
     model, inputs, expected = reference(SNIPPETS[name], GRAPH)
     twin = with_backend(model, TritonBackend(poison=True, layout=layout, **GPU))
-    assert_close(expected, twin.run(GRAPH, **inputs), 1e-4, f"{name} gpu")
+    assert_same(expected, twin.run(GRAPH, **inputs), f"{name} gpu", rtol=1e-4)
 
 
 def test_wide_features_and_small_blocks():
@@ -101,7 +101,7 @@ def test_wide_features_and_small_blocks():
     expected = model.run(GRAPH, x=x, edge_w=w)
     for blocks in ({}, {"block_rows": 8, "block_features": 32}):
         twin = with_backend(model, TritonBackend(poison=True, **GPU, **blocks))
-        assert_close(expected, twin.run(GRAPH, x=x, edge_w=w), 1e-4, f"wide {blocks}")
+        assert_same(expected, twin.run(GRAPH, x=x, edge_w=w), f"wide {blocks}", rtol=1e-4)
 
 
 def test_csr_kernels_are_deterministic_on_gpu():
@@ -133,4 +133,4 @@ def test_random_graphs_on_gpu(graph):
     expected = model.run(graph)
     for layout in (None, "coo"):
         twin = with_backend(model, TritonBackend(poison=True, layout=layout, **GPU))
-        assert_close(expected, twin.run(graph), 1e-4, f"random graph {layout}")
+        assert_same(expected, twin.run(graph), f"random graph {layout}", rtol=1e-4)

@@ -68,10 +68,6 @@ class RelGraph:
     def num_nodes(self) -> int:
         return len(self.x)
 
-    @property
-    def num_relations(self) -> int:
-        return len(self.relations)
-
     def mpdsl_graph(self, dtype: str) -> Graph:
         return Graph.from_arrays(self.edge_index, self.num_nodes, x=self.x.astype(dtype),
                                  edge_type=self.edge_type, node_type=self.node_type)
