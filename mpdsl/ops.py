@@ -155,15 +155,18 @@ def _unary_rule(name):
 OPERATOR_SYMBOLS = {"add": "'+'", "sub": "'-'", "mul": "'*'", "div": "'/'", "pow": "'**'", "neg": "'-'"}
 
 
+def _broadcast_float_type(types: list[TensorType], shown: str) -> TensorType:
+    """The type of an elementwise op over float operands: joined domain, broadcast shape."""
+    for i, t in enumerate(types):
+        _require_float(t, shown, i)
+    return TensorType(join_domains(types, shown), broadcast_shapes([t.shape for t in types], shown), types[0].dtype)
+
+
 def _binary_rule(name):
     shown = OPERATOR_SYMBOLS.get(name, f"'{name}'")
 
     def rule(types, attrs, declared):
-        for i, t in enumerate(types):
-            _require_float(t, shown, i)
-        domain = join_domains(types, shown)
-        shape = broadcast_shapes([t.shape for t in types], shown)
-        return TensorType(domain, shape, types[0].dtype)
+        return _broadcast_float_type(types, shown)
     rule.__doc__ = (f"Elementwise {_BINARY_DOCS[name]} with broadcasting (params uniform over rows, "
                     "feature shapes aligned from the left).")
     return rule
@@ -516,10 +519,7 @@ def _typed_linear(types, attrs, declared):
 
 def _comparison_rule(name: str, symbol: str):
     def rule(types, attrs, declared):
-        for i, t in enumerate(types):
-            _require_float(t, f"'{name}'", i)
-        domain = join_domains(types, f"'{name}'")
-        return TensorType(domain, broadcast_shapes([t.shape for t in types], f"'{name}'"), types[0].dtype)
+        return _broadcast_float_type(types, f"'{name}'")
 
     rule.__doc__ = (f"Elementwise comparison: 1.0 where a {symbol} b, else 0.0 (float), with the broadcasting "
                     "of binary ops. Piecewise constant: no gradient.")

@@ -22,7 +22,7 @@ from mpdsl.backends.row_fusion import RowGroup, fuse_rows, is_row_wise  # noqa: 
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
-from comparison import synth_inputs  # noqa: E402
+from model_inputs import synth_inputs  # noqa: E402
 from strategies import batched_graphs  # noqa: E402
 from test_passes import EXAMPLES, assert_same, random_graph  # noqa: E402
 

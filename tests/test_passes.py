@@ -17,7 +17,7 @@ from mpdsl.ir import print_program, verify  # noqa: E402
 from mpdsl.passes import DEFAULT_PIPELINE, PASSES, Pass, PassError, PassManager, optimize, register  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
-from comparison import synth_inputs  # noqa: E402
+from model_inputs import synth_inputs  # noqa: E402
 from strategies import batched_graphs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ from mpdsl.diagnostics import InputError  # noqa: E402
 from mpdsl.ops import OPS  # noqa: E402
 from mpdsl.passes.rewrite import rewrite  # noqa: E402
 from mpdsl.runtime import CompiledModel  # noqa: E402
-from comparison import synth_inputs as shared_synth_inputs  # noqa: E402
+from model_inputs import synth_inputs as shared_synth_inputs  # noqa: E402
 from strategies import batched_graphs, graphs  # noqa: E402
 from test_passes import EXAMPLES, assert_same, random_graph  # noqa: E402
 
