@@ -199,3 +199,26 @@ def take_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
     out = np.empty((len(index), flat.shape[1]), dtype=x.dtype)
     launch(_take_rows, flat, index, out)
     return out.reshape((len(index),) + x.shape[1:])
+
+
+@njit(**_JIT)
+def _put_rows(x, index, out):
+    for i in prange(index.shape[0]):
+        out[index[i], :] = x[i, :]
+
+
+def put_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """A new array ``out`` with ``out[index[i]] = x[i]``, for ``index`` a permutation of x's rows
+    (the inverse relabelling of ``take_rows``), copying rows in parallel."""
+    if len(index) != len(x):
+        raise IndexError("put_rows needs one index per row")
+    if x.dtype not in (np.float32, np.float64) or x.ndim == 0 or len(index) * max(1, x[:1].size) < 1 << 16:
+        out = np.empty_like(x)
+        out[index] = x
+        return out
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(x)):
+        raise IndexError("row index out of range")
+    flat = np.ascontiguousarray(x).reshape(len(x), -1)
+    out = np.empty_like(flat)
+    launch(_put_rows, flat, index, out)
+    return out.reshape(x.shape)

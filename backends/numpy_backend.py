@@ -18,6 +18,7 @@ from typing import Any
 import contextlib
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -81,6 +82,55 @@ class _BlasThreads:
 
 
 BLAS = _BlasThreads()
+
+
+class BufferPool:
+    """Arrays of intermediate values kept from one run for the next. A fresh array of tens of
+    megabytes costs its page faults (the kernel zeroes every page) each time it is first written,
+    about as long as an elementwise pass over it; a reused one costs nothing. Only arrays the backend
+    allocated itself for a run come back here, and only those that no output or state update of
+    that run refers to. Holds at most ``max_bytes`` and ``per_shape`` arrays of each shape."""
+
+    def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 4):
+        self.max_bytes = max_bytes
+        self.per_shape = per_shape
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # a copied or pickled backend starts with an empty pool
+        return {"max_bytes": self.max_bytes, "per_shape": self.per_shape}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised array (reused when one of this shape and dtype is free)."""
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                array = free.pop()
+                self._held -= array.nbytes
+                return array
+        return np.empty(shape, dtype=dtype)
+
+    def give(self, arrays) -> None:
+        with self._lock:
+            for array in arrays:
+                free = self._free.setdefault((array.shape, array.dtype.str), [])
+                if len(free) < self.per_shape and self._held + array.nbytes <= self.max_bytes:
+                    free.append(array)
+                    self._held += array.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._held = 0
 
 
 def _kernels():
@@ -165,14 +215,15 @@ class PullCSR:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
         return per_edge if self.in_edge_order else np.take(per_edge, self.perm, axis=0)
 
-    def spmm(self, x: np.ndarray, data: np.ndarray | None = None, mean: bool = False) -> np.ndarray:
+    def spmm(self, x: np.ndarray, data: np.ndarray | None = None, mean: bool = False, empty=np.empty) -> np.ndarray:
         """out[i] = sum over row i's edges e of data[e] * x[column[e]] (divided by the row's edge
         count with ``mean``); ``data`` in CSR order, None for all ones, or [E, G] per-group weights
-        that scale the G groups of x's leading feature axes they cover."""
+        that scale the G groups of x's leading feature axes they cover. ``empty(shape, dtype)``
+        allocates the result."""
         if x.dtype == np.float16:  # the kernels have no float16 arithmetic: accumulate in float32
             half = None if data is None else data.astype(np.float32)
             return self.spmm(x.astype(np.float32), half, mean).astype(np.float16)
-        out = np.empty((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
+        out = empty((self.num_nodes,) + x.shape[1:], x.dtype)
         groups = 1 if data is None or data.ndim == 1 else feature_width(data.shape[1:])
         if out.size == 0 or groups == 0:
             out.fill(0)
@@ -189,20 +240,22 @@ class PullCSR:
             kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
         return out
 
-    def attention(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def attention(self, scores: np.ndarray, x: np.ndarray, empty=np.empty) -> np.ndarray:
         """out[i] = sum over row i's edges of softmax(scores)[e] * x[column[e]], the softmax taken
         over the row's edges per group (scores [E] or [E, G...] in CSR order, covering x's leading
-        feature axes); 0 for a row without edges."""
+        feature axes); 0 for a row without edges. ``empty(shape, dtype)`` allocates the result and
+        the per-edge weights."""
         if x.dtype == np.float16:
             return self.attention(scores.astype(np.float32), x.astype(np.float32)).astype(np.float16)
         groups = feature_width(scores.shape[1:])
-        out = np.zeros((self.num_nodes,) + x.shape[1:], dtype=x.dtype)
+        out = empty((self.num_nodes,) + x.shape[1:], x.dtype)
         if out.size == 0 or groups == 0:
+            out.fill(0)
             return out
         kernels = _kernels()
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
-        weights = np.empty_like(scores2)
+        weights = empty(scores2.shape, x.dtype)
         kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks)
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
@@ -244,7 +297,21 @@ class ExecContext:
     float_dtype: np.dtype
     training: bool
     rng: np.random.Generator
+    pool: BufferPool
     state_updates: dict[str, np.ndarray] = field(default_factory=dict)  # param name -> new value (batch_norm)
+    allocated: list[np.ndarray] = field(default_factory=list)  # taken from the pool by this run
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised array for an intermediate value of this run (from the backend's pool;
+        it goes back there after the run unless an output refers to it)."""
+        array = self.pool.take(shape, dtype)
+        self.allocated.append(array)
+        return array
+
+    def release(self, kept: list[np.ndarray]) -> None:
+        """Return this run's arrays to the pool, except those sharing memory with ``kept``."""
+        self.pool.give(a for a in self.allocated if not any(np.may_share_memory(a, k) for k in kept))
+        self.allocated.clear()
 
     def segments_by(self, by: str) -> Segments:
         """The graph's rows grouped by dst, src or graph (cached on the graph, like ``pull``)."""
@@ -312,14 +379,17 @@ class NumpyBackend(Backend):
 
     last_state_updates: dict[str, np.ndarray] = {}
 
-    def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 512 << 10, block_rows: int | None = None):
+    def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 512 << 10, block_rows: int | None = None,
+                 pool_bytes: int = 1 << 30):
         """``fuse_min_rows``: row groups (``row_fusion``) run block by block from this many rows on,
         op by op below; a block holds ``block_rows`` rows, or by default as many as fit the widest
         member's rows in ``block_bytes`` (at most PARALLEL_ROWS - 1; at least 256: each op of each
-        block costs a few microseconds of Python and BLAS set-up)."""
+        block costs a few microseconds of Python and BLAS set-up). ``pool_bytes``: the most memory
+        kept between runs for intermediate values (``BufferPool``; ``pool.clear()`` frees it)."""
         self.fuse_min_rows = fuse_min_rows
         self.block_bytes = block_bytes
         self.block_rows = block_rows
+        self.pool = BufferPool(pool_bytes)
         self._schedules: dict[int, tuple[Program, list]] = {}
 
     def schedule(self, program: Program) -> list:
@@ -343,7 +413,7 @@ class NumpyBackend(Backend):
         member_ids = {id(v) for v in group.members}
         exported = {id(v) for v in group.exports}
         for v in group.exports:
-            env[id(v)] = np.empty((rows,) + ctx.concrete_shape(v.type), dtype=_numpy_dtype(ctx, v))
+            env[id(v)] = ctx.empty((rows,) + ctx.concrete_shape(v.type), _numpy_dtype(ctx, v))
 
         def run_range(lo: int, hi: int) -> None:
             scratch: dict[int, np.ndarray] = {}
@@ -410,7 +480,7 @@ class NumpyBackend(Backend):
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
         float_dtype = np.dtype({"f32": np.float32, "f64": np.float64, "f16": np.float16}[program.float_dtype])
         ctx = ExecContext(program, graph, inputs, params, dims, float_dtype, training,
-                          np.random.default_rng(seed))
+                          np.random.default_rng(seed), self.pool)
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"), BLAS.limited(1):
@@ -423,9 +493,11 @@ class NumpyBackend(Backend):
                     env[id(step)] = self.rules[step.op](self, ctx, step, *[env[id(o)] for o in step.operands])
                     key = step.op
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+        outputs = {name: env[id(v)] for name, v in program.outputs}
+        ctx.release(list(outputs.values()) + list(ctx.state_updates.values()))
         self.last_op_seconds = timings
         self.last_state_updates = ctx.state_updates
-        return {name: env[id(v)] for name, v in program.outputs}
+        return outputs
 
     # ---- sources -------------------------------------------------------------------------
 
@@ -479,7 +551,7 @@ class NumpyBackend(Backend):
         ufunc = _BINARY[v.op]
         if v.type.domain is Domain.PARAM or max(a.shape[0], b.shape[0]) < PARALLEL_ROWS:
             return ufunc(a, b).astype(ctx.float_dtype, copy=False)
-        out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=ctx.float_dtype)
+        out = ctx.empty(np.broadcast_shapes(a.shape, b.shape), ctx.float_dtype)
 
         def rows(x, lo, hi):
             return x[lo:hi] if x.shape[0] != 1 else x
@@ -496,7 +568,7 @@ class NumpyBackend(Backend):
         if tb.domain is Domain.PARAM:
             a2 = a.reshape(feature_width(a.shape[:-1]), k)
             b2 = b.reshape(k, feature_width(b.shape[1:]))
-            out = np.empty((a2.shape[0], b2.shape[1]), dtype=np.result_type(a, b))
+            out = ctx.empty((a2.shape[0], b2.shape[1]), np.result_type(a, b))
             row_parallel(a2.shape[0], lambda lo, hi: np.matmul(a2[lo:hi], b2, out=out[lo:hi]))
             return out.reshape(a.shape[:-1] + b.shape[1:])
         rows = b.shape[0]
@@ -582,12 +654,12 @@ class NumpyBackend(Backend):
         if kind in ("max", "min"):
             ufunc = np.maximum if kind == "max" else np.minimum
             return csr.extreme(x, ufunc, None if w is None else csr.ordered(w))
-        return csr.spmm(x, None if w is None else csr.ordered(w), mean=kind == "mean")
+        return csr.spmm(x, None if w is None else csr.ordered(w), mean=kind == "mean", empty=ctx.empty)
 
     @rule("attention")
     def _attention(self, ctx, v, s, x):
         csr = ctx.pull(v.attr["by"])
-        return csr.attention(csr.ordered(s), x)
+        return csr.attention(csr.ordered(s), x, empty=ctx.empty)
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):

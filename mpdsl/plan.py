@@ -3,7 +3,6 @@ report of ``mpdsl compile --emit plan`` (kernels, bytes materialised, FLOPs, lay
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -72,22 +71,23 @@ class GraphLayout:
             moved[name] = array
         return laid_out, moved
 
+    def output_rows(self, types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
+        """For each output the relabelling moves (by its domain in ``types``), where its rows go
+        back to: row k of the laid-out output is row ``output_rows[name][k]`` in the caller's order."""
+        rows = {}
+        for name, t in types.items():
+            if t.domain is Domain.NODE and self.nodes is not None:
+                rows[name] = self.nodes.perm
+            elif t.domain is Domain.EDGE and self.edge_perm is not None:
+                rows[name] = self.edge_perm
+        return rows
+
     def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
-        from mpdsl.backends.cpu_kernels import take_rows
+        """The outputs back in the caller's node and edge order."""
+        from mpdsl.backends.cpu_kernels import put_rows
 
-        restored = {}
-        for name, array in outputs.items():
-            domain = types[name].domain
-            if domain is Domain.NODE and self.nodes is not None:
-                array = take_rows(array, self.nodes.inverse)
-            elif domain is Domain.EDGE and self.edge_perm is not None:
-                array = take_rows(array, self._edge_inverse)
-            restored[name] = array
-        return restored
-
-    @functools.cached_property
-    def _edge_inverse(self) -> np.ndarray:
-        return inverse_permutation(self.edge_perm)
+        rows = self.output_rows({name: types[name] for name in outputs})
+        return {name: put_rows(array, rows[name]) if name in rows else array for name, array in outputs.items()}
 
 
 @dataclass

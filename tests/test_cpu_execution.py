@@ -186,3 +186,70 @@ def test_concurrent_runs_from_two_threads_agree():
         got = list(pool.map(lambda i: models[i % 2](graph), range(8)))
     for i, out in enumerate(got):
         np.testing.assert_array_equal(out, want[i % 2])
+
+
+def test_take_rows_and_put_rows_are_inverse():
+    rng = np.random.default_rng(1)
+    for rows, width in ((5000, (3, 7)), (10, (2,))):  # the parallel kernel and the small-array path
+        x = rng.normal(size=(rows,) + width)
+        index = rng.permutation(rows)
+        put = cpu_kernels.put_rows(x, index)
+        np.testing.assert_array_equal(put[index], x)
+        np.testing.assert_array_equal(cpu_kernels.take_rows(put, index), x)
+    with pytest.raises(IndexError):
+        cpu_kernels.put_rows(x, index[:-1])
+
+
+def test_a_relabelled_layout_gives_the_callers_order():
+    rng = np.random.default_rng(2)
+    nodes = 60_000  # past REORDER_MIN_NODES, with community structure that makes reordering pay
+    src = rng.integers(0, nodes, 300_000)
+    dst = np.minimum(src // 100 * 100 + rng.integers(0, 100, len(src)), nodes - 1)
+    shuffle = rng.permutation(nodes)
+    graph = mpdsl.Graph.from_arrays(np.stack([shuffle[src], shuffle[dst]]), nodes, x=rng.normal(size=(nodes, 8)))
+    outs = {}
+    for layout in ("reorder", "none"):
+        model = mpdsl.compile(ROOT / "examples" / "gcn.mp", dtype="float64", seed=1, layout=layout)
+        outs[layout] = model(graph)
+        if layout == "reorder":
+            assert model.last_layout.nodes is not None
+    np.testing.assert_allclose(outs["reorder"], outs["none"], rtol=1e-10, atol=1e-12)
+
+
+def test_pooled_buffers_never_alias_returned_outputs():
+    """Intermediate arrays are reused between runs; outputs and batch-norm state updates are not
+    (a later run must not overwrite what an earlier one returned)."""
+    graph = random_graph()
+    for name in ("gcn", "gated_gcn", "mpnn"):
+        model, program, arrays, dims = optimized_program(ROOT / "examples" / f"{name}.mp", graph)
+        backend = NumpyBackend(fuse_min_rows=0, block_rows=5)
+        first = run_with(backend, model, program, graph, arrays, dims)
+        kept = {n: a.copy() for n, a in first.items()}
+        assert backend.pool.held_bytes > 0
+        other = {n: (a + 1.0 if a.dtype.kind == "f" else a) for n, a in arrays.items()}
+        for _ in range(3):
+            run_with(backend, model, program, graph, other, dims)
+        assert_same(first, kept, name)
+    backend.pool.clear()
+    assert backend.pool.held_bytes == 0
+
+
+def test_batch_norm_state_updates_survive_later_runs():
+    source = """
+    model bn(x: node[4], rm: param[4] = zeros, rv: param[4] = ones, g: param[4] = ones, b: param[4] = zeros)
+        -> node[4] {
+        return relu(batch_norm(x * 2.0, rm, rv, g, b)) + x
+    }
+    """
+    rng = np.random.default_rng(0)
+    graph = random_graph()
+    model = mpdsl.compile(source, dtype="float64").train()
+    model.backend = NumpyBackend(fuse_min_rows=0, block_rows=3)
+    x = rng.normal(size=(graph.num_nodes, 4))
+    model(graph, x=x)
+    updates = {n: a.copy() for n, a in model.backend.last_state_updates.items()}
+    assert updates
+    held = dict(model.backend.last_state_updates)
+    model(graph, x=x + 5.0)
+    for n, a in held.items():
+        np.testing.assert_array_equal(a, updates[n])
