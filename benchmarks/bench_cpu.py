@@ -196,6 +196,52 @@ def min_bytes(model: str, nodes: int, edges: int, features: int) -> int:
     return index + 4 * nodes * width * 2 + extra
 
 
+def aggregation_times(nodes: int, edges: int, features: int, repeats: int = 15) -> dict[str, float]:
+    """Median ms of the graph ops alone (in this process, after one untimed call): the sum g-SpMM on
+    the uniform graph, and on the community graph with the given ids and relabelled by the layout's
+    community order; GAT's attention (8 x 8 heads) on the community graph both ways."""
+    import mpdsl
+    from mpdsl.backends.numpy_backend import BLAS, PullCSR
+    from mpdsl.plan import community_order, inverse_permutation
+
+    def median_ms(call) -> float:
+        call()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times))
+
+    def pull(edge_index: np.ndarray, count: int) -> PullCSR:
+        graph = mpdsl.Graph.from_arrays(edge_index, count)
+        return PullCSR(*graph.csr_by_dst(), graph.src, count)
+
+    buffers: dict = {}
+
+    def reused(shape, dtype) -> np.ndarray:  # as the backend's pool does from the second run on
+        return buffers.setdefault((shape, np.dtype(dtype).str), np.empty(shape, dtype))
+
+    result = {}
+    rng = np.random.default_rng(2)
+    with BLAS.limited(1):
+        for kind in ("uniform", "community"):
+            edge_index, x = make_graph(kind, nodes, edges, features)
+            scores = rng.normal(size=(edge_index.shape[1], HEADS)).astype(np.float32)
+            z = rng.normal(size=(nodes, HEADS * CHANNELS)).astype(np.float32)
+            layouts = {"given ids": (edge_index, x, z)}
+            if kind == "community":
+                perm = community_order(edge_index[0], edge_index[1], nodes)
+                layouts["relabelled"] = (inverse_permutation(perm)[edge_index], x[perm], z[perm])
+            for label, (ei, xs, zs) in layouts.items():
+                csr = pull(ei, nodes)
+                result[f"sum g-SpMM, {kind} graph, {label}"] = median_ms(lambda: csr.spmm(xs, empty=reused))
+                if kind == "community":
+                    ordered = csr.ordered(scores)
+                    result[f"GAT attention, {kind} graph, {label}"] = median_ms(lambda: csr.attention(ordered, zs, empty=reused))
+    return result
+
+
 def compile_times() -> dict[str, float]:
     import mpdsl
     result = {}
@@ -260,6 +306,7 @@ def main() -> None:
     emit()
     emit("| graph | model | system | median ms | vs PyG default | vs PyG CSR | GB/s (min traffic) | peak MB | max rel. diff |")
     emit("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    reorder_ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for kind in ("uniform", "community"):
@@ -302,6 +349,21 @@ def main() -> None:
                     gbs = min_bytes(model, args.nodes, args.edges, args.features) / (ms / 1e3) / 1e9
                     emit(f"| {kind} | {model} | {system} | {ms:.1f} | {vs_default:.2f}x | {vs_csr} | {gbs:.1f} | "
                          f"{r['peak_mb']:.0f} | {diff:.1e} |")
+                if kind == "community" and "mpdsl-no-reorder" in results and "median_ms" in results["mpdsl"]:
+                    reorder_ratios[model] = results["mpdsl-no-reorder"]["median_ms"] / results["mpdsl"]["median_ms"]
+    emit()
+    if reorder_ratios:
+        emit("reordering on the community graph, whole layer (mpdsl-no-reorder median / mpdsl median): " +
+             ", ".join(f"{k} {v:.2f}x" for k, v in reorder_ratios.items()))
+        emit()
+    emit("graph ops alone (mpdsl, in one process, median of 15 calls, ms):")
+    pieces = aggregation_times(args.nodes, args.edges, args.features)
+    for name, ms in pieces.items():
+        emit(f"- {name}: {ms:.1f}")
+    for op in ("sum g-SpMM", "GAT attention"):
+        given, relabelled = pieces.get(f"{op}, community graph, given ids"), pieces.get(f"{op}, community graph, relabelled")
+        if given and relabelled:
+            emit(f"- {op} on the community graph, given ids / relabelled: {given / relabelled:.2f}x")
     emit()
     times = compile_times()
     emit("compile (parse, check, lower, optimize) per example, median of 5, ms: " +
