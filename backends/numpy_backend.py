@@ -139,14 +139,26 @@ def _kernels():
     return cpu_kernels
 
 
+_WORKER = threading.local()  # set while a pool worker runs a row range
+
+
 def row_parallel(rows: int, work, force: bool = False) -> None:
     """Run ``work(start, stop)`` over row blocks on the backend's pool (one block when small and
-    not ``force``d). ``work`` must not itself call row_parallel with more than PARALLEL_ROWS rows."""
-    if (rows < PARALLEL_ROWS and not force) or WORKERS == 1 or rows < WORKERS:
+    not ``force``d). Called from a pool worker (a rule inside a row group's block) it runs inline:
+    waiting on the pool from its own workers could deadlock."""
+    if (rows < PARALLEL_ROWS and not force) or WORKERS == 1 or rows < WORKERS or getattr(_WORKER, "busy", False):
         work(0, rows)
         return
     bounds = np.linspace(0, rows, WORKERS + 1).astype(int)
-    list(_POOL.map(lambda i: work(bounds[i], bounds[i + 1]), range(WORKERS)))
+
+    def run(i: int) -> None:
+        _WORKER.busy = True
+        try:
+            work(bounds[i], bounds[i + 1])
+        finally:
+            _WORKER.busy = False
+
+    list(_POOL.map(run, range(WORKERS)))
 
 
 @dataclass
@@ -383,8 +395,8 @@ class NumpyBackend(Backend):
                  pool_bytes: int = 1 << 30):
         """``fuse_min_rows``: row groups (``row_fusion``) run block by block from this many rows on,
         op by op below; a block holds ``block_rows`` rows, or by default as many as fit the widest
-        member's rows in ``block_bytes`` (at most PARALLEL_ROWS - 1; at least 256: each op of each
-        block costs a few microseconds of Python and BLAS set-up). ``pool_bytes``: the most memory
+        member's rows in ``block_bytes`` (at most PARALLEL_ROWS - 1: larger blocks measured no faster;
+        at least 256: each op of each block costs a few microseconds of Python and BLAS set-up). ``pool_bytes``: the most memory
         kept between runs for intermediate values (``BufferPool``; ``pool.clear()`` frees it)."""
         self.fuse_min_rows = fuse_min_rows
         self.block_bytes = block_bytes
@@ -469,6 +481,12 @@ class NumpyBackend(Backend):
                 return True
             if v.op == "relu":
                 np.maximum(args[0], 0, out=target)
+                return True
+        if v.op == "leaky_relu" and args[0].shape == target.shape and args[0].dtype == target.dtype:
+            slope = target.dtype.type(v.attr["slope"])
+            if 0 <= slope <= 1:  # the rule's max(x, x * slope), without its temporary
+                np.multiply(args[0], slope, out=target)
+                np.maximum(args[0], target, out=target)
                 return True
         if v.op == "matmul" and v.operands[0].type.rank == 1 and v.operands[1].type.rank == 2 \
                 and args[0].dtype == args[1].dtype == target.dtype:

@@ -253,3 +253,23 @@ def test_batch_norm_state_updates_survive_later_runs():
     model(graph, x=x + 5.0)
     for n, a in held.items():
         np.testing.assert_array_equal(a, updates[n])
+
+
+def test_blocks_past_the_parallel_threshold_do_not_wait_on_their_own_pool():
+    """A block of PARALLEL_ROWS rows or more runs rules that would split rows over the pool; from a
+    pool worker they run inline instead (waiting on the pool from its workers deadlocked)."""
+    import threading
+    from mpdsl.backends.numpy_backend import PARALLEL_ROWS
+    rng = np.random.default_rng(4)
+    nodes = 3 * PARALLEL_ROWS
+    graph = mpdsl.Graph.from_arrays(rng.integers(0, nodes, (2, 4 * nodes)), nodes, x=rng.normal(size=(nodes, 8)))
+    # GAT's x @ W (W: [F, H, C]) runs its rule inside the group, which splits rows over the pool
+    model = mpdsl.compile(ROOT / "examples" / "gat.mp", dtype="float64", seed=1)
+    want = model(graph)
+    model.backend = NumpyBackend(fuse_min_rows=0, block_rows=2 * PARALLEL_ROWS)
+    got = []
+    runner = threading.Thread(target=lambda: got.append(model(graph)), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert got, "the run did not finish"
+    np.testing.assert_allclose(got[0], want, rtol=1e-12)
