@@ -301,7 +301,6 @@ class PullCSR:
 
 @dataclass
 class ExecContext:
-    program: Program
     graph: Any
     inputs: dict[str, np.ndarray]
     params: dict[str, np.ndarray]
@@ -497,7 +496,7 @@ class NumpyBackend(Backend):
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
         float_dtype = np.dtype({"f32": np.float32, "f64": np.float64, "f16": np.float16}[program.float_dtype])
-        ctx = ExecContext(program, graph, inputs, params, dims, float_dtype, training,
+        ctx = ExecContext(graph, inputs, params, dims, float_dtype, training,
                           np.random.default_rng(seed), self.pool)
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}

@@ -133,7 +133,6 @@ def _graph_index(graph, name: str, device):
 
 @dataclass
 class TritonContext:
-    program: Program
     graph: Any
     device: Any
     dtype: Any           # torch float dtype of the program's values
@@ -224,7 +223,7 @@ class TritonBackend(Backend):
         dtype = getattr(torch, TORCH_DTYPES[dtype_name])
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else int(np.random.SeedSequence().entropy % 2 ** 63))
-        ctx = TritonContext(program, graph, device, dtype, dtype_name, training, interpreting, generator, dims,
+        ctx = TritonContext(graph, device, dtype, dtype_name, training, interpreting, generator, dims,
                             {k: self._tensor(a, device, dtype) for k, a in inputs.items()},
                             {k: self._tensor(a, device, dtype) for k, a in params.items()})
         env: dict[int, Any] = {}

@@ -283,10 +283,14 @@ def _gen_segment_reduce(spec: SegmentReduce) -> str:
             code(f"acc = tl.full([BLOCK_R, BLOCK_F], {init}, dtype={acc})")
         else:
             code(f"acc = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
-        with code.block("for i in range(0, longest):"):
+
+        def load_values() -> None:  # val: the i-th member's (weighted) row of each segment
             _member_loads(code, gather=spec.gather, need_member=bool(G) or not spec.gather, width=F, acc=acc)
             if G:
                 _weight_line(code, G, F, acc)
+
+        with code.block("for i in range(0, longest):"):
+            load_values()
             if spec.reduce in ("max", "min"):
                 fn = "tl.maximum" if spec.reduce == "max" else "tl.minimum"
                 code(f"acc = tl.where(ok, {fn}(acc, val), acc)")
@@ -301,10 +305,7 @@ def _gen_segment_reduce(spec: SegmentReduce) -> str:
             if spec.reduce == "std":
                 code(f"sq = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
                 with code.block("for i in range(0, longest):"):
-                    _member_loads(code, gather=spec.gather, need_member=bool(G) or not spec.gather, width=F,
-                                  acc=acc)
-                    if G:
-                        _weight_line(code, G, F, acc)
+                    load_values()
                     code("dev = tl.where(ok, val - mean, 0.0)",
                          "sq += dev * dev")
                 code("std = tl.sqrt(sq / size)")

@@ -270,25 +270,33 @@ def parse_subscripts(spec: str) -> tuple[list[str], str]:
     return inputs, out
 
 
+def _subscript_sizes(types, spec: str, what: str) -> tuple[dict[str, Dim], str]:
+    """Check einsum-style subscripts against the operands (one letter per feature axis, a letter's
+    axes of one size, distinct output letters from the inputs); the size of each letter and the
+    output term."""
+    inputs, out = parse_subscripts(spec)
+    if len(inputs) != len(types):
+        raise TypeRuleError(f"{what} subscripts {spec!r} name {len(inputs)} operand(s), got {len(types)}")
+    sizes: dict[str, Dim] = {}
+    for i, (term, t) in enumerate(zip(inputs, types)):
+        _require_float(t, what, i)
+        if len(term) != t.rank:
+            raise TypeRuleError(f"{what} term {term!r} has {len(term)} letters but operand {i + 1} is {t}",
+                                "one letter per feature axis", i)
+        for letter, dim in zip(term, t.shape):
+            if sizes.setdefault(letter, dim) != dim:
+                raise TypeRuleError(f"{what} axis {letter!r} is {sizes[letter]} in one operand and {dim} in another",
+                                    "axes with the same letter need the same size", i)
+    if len(set(out)) != len(out) or not set(out) <= set(sizes):
+        raise TypeRuleError(f"{what} output {out!r} must use distinct letters from the inputs")
+    return sizes, out
+
+
 @op("einsum", None, {"spec": str})
 def _einsum(types, attrs, declared):
     """Einstein summation over feature axes, e.g. "hd,hde->he" (per-head matmul); the row axis is
     implicit and shared by all non-param operands; letters absent from the output are summed."""
-    inputs, out = parse_subscripts(attrs["spec"])
-    if len(inputs) != len(types):
-        raise TypeRuleError(f"einsum subscripts {attrs['spec']!r} name {len(inputs)} operand(s), got {len(types)}")
-    sizes: dict[str, Dim] = {}
-    for i, (term, t) in enumerate(zip(inputs, types)):
-        _require_float(t, "einsum", i)
-        if len(term) != t.rank:
-            raise TypeRuleError(f"einsum term {term!r} has {len(term)} letters but operand {i + 1} is {t}",
-                                "one letter per feature axis", i)
-        for letter, dim in zip(term, t.shape):
-            if sizes.setdefault(letter, dim) != dim:
-                raise TypeRuleError(f"einsum axis {letter!r} is {sizes[letter]} in one operand and {dim} in another",
-                                    "axes with the same letter need the same size", i)
-    if len(set(out)) != len(out) or not set(out) <= set(sizes):
-        raise TypeRuleError(f"einsum output {out!r} must use distinct letters from the inputs")
+    sizes, out = _subscript_sizes(types, attrs["spec"], "einsum")
     domain = join_domains(types, "einsum")
     return TensorType(domain, tuple(sizes[c] for c in out), types[0].dtype)
 
@@ -535,22 +543,7 @@ def _contract_rows(types, attrs, declared):
     """Einstein summation like einsum (letters name feature axes) that also sums the implicit row
     axis shared by the non-param operands, e.g. "k,m->km" on two node values is the sum over nodes of
     their outer products: the result is a param value. At least one operand has rows."""
-    inputs, out = parse_subscripts(attrs["spec"])
-    if len(inputs) != len(types):
-        raise TypeRuleError(f"contract_rows subscripts {attrs['spec']!r} name {len(inputs)} operand(s), "
-                            f"got {len(types)}")
-    sizes: dict[str, Dim] = {}
-    for i, (term, t) in enumerate(zip(inputs, types)):
-        _require_float(t, "contract_rows", i)
-        if len(term) != t.rank:
-            raise TypeRuleError(f"contract_rows term {term!r} has {len(term)} letters but operand {i + 1} "
-                                f"is {t}", "one letter per feature axis", i)
-        for letter, dim in zip(term, t.shape):
-            if sizes.setdefault(letter, dim) != dim:
-                raise TypeRuleError(f"contract_rows axis {letter!r} is {sizes[letter]} in one operand and "
-                                    f"{dim} in another", operand=i)
-    if len(set(out)) != len(out) or not set(out) <= set(sizes):
-        raise TypeRuleError(f"contract_rows output {out!r} must use distinct letters from the inputs")
+    sizes, out = _subscript_sizes(types, attrs["spec"], "contract_rows")
     if join_domains(types, "contract_rows") is Domain.PARAM:
         raise TypeRuleError("contract_rows sums over rows: at least one operand must be a node, edge or "
                             "graph value", "use einsum on param values")

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mpdsl.diagnostics import GraphError
 from mpdsl.graph import Graph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strategies import graphs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
@@ -324,16 +326,6 @@ def test_from_arrays_infers_num_nodes_before_classifying_y():
 # Layouts and degrees
 
 
-@st.composite
-def random_graphs(draw):
-    num_nodes = draw(st.integers(0, 12))
-    num_edges = draw(st.integers(0, 40)) if num_nodes else 0
-    nodes = st.integers(0, max(num_nodes - 1, 0))
-    src = draw(st.lists(nodes, min_size=num_edges, max_size=num_edges))
-    dst = draw(st.lists(nodes, min_size=num_edges, max_size=num_edges))
-    return Graph(np.array([src, dst], dtype=np.int64).reshape(2, num_edges), num_nodes)
-
-
 def brute_force_csr(endpoint: np.ndarray, num_nodes: int):
     groups = [[e for e in range(len(endpoint)) if endpoint[e] == node] for node in range(num_nodes)]
     indptr = np.cumsum([0] + [len(group) for group in groups])
@@ -342,7 +334,7 @@ def brute_force_csr(endpoint: np.ndarray, num_nodes: int):
 
 
 @settings(max_examples=150, deadline=None)
-@given(random_graphs())
+@given(graphs(max_nodes=12, max_edges=40))
 def test_csr_layouts_match_brute_force(g):
     for layout, endpoint in ((g.csr_by_dst, g.dst), (g.csr_by_src, g.src)):
         indptr, perm = layout()
