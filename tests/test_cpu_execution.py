@@ -155,6 +155,14 @@ def test_kernels_equal_dense_formulas(rows, edges, groups, width, chunks, seed):
     want = np.einsum("rcg,cgk->rgk", a_g, x_g).reshape(rows, groups * width)
     cpu_kernels.grouped_spmm(indptr, columns, w, x, out, bounds, cpu_kernels.SUM)
     np.testing.assert_allclose(out, want, atol=1e-12)
+    cpu_kernels.grouped_spmm(indptr, columns, w, x, out, bounds, cpu_kernels.MEAN)
+    np.testing.assert_allclose(out, want / counts, atol=1e-12)
+    positive = np.exp(w)  # softmax weights: each group's row total divides (an empty row stays 0)
+    a_p = dense(indptr, columns, rows, cols, positive)
+    totals = np.where(a_p.sum(axis=1) > 0, a_p.sum(axis=1), 1.0)  # [rows, groups]
+    softmax = np.einsum("rcg,cgk->rgk", a_p, x_g) / totals[:, :, None]
+    cpu_kernels.grouped_spmm(indptr, columns, positive, x, out, bounds, cpu_kernels.NORMALIZED)
+    np.testing.assert_allclose(out, softmax.reshape(rows, groups * width), atol=1e-12)
 
     shifted = np.full_like(w, np.nan)
     cpu_kernels.shift_by_row_max(indptr, w, shifted, bounds)
