@@ -5,7 +5,8 @@ none. Graph ops over the edges (``gspmm`` sums and means, ``attention``) run as 
 CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics); ``aggregate`` sums and means
 are SciPy CSR products; max, min and softmax use sorted-segment ``reduceat``; no per-edge Python
 loop and no ``np.add.at``. An empty group reduces to 0. Row-wise ops run in fused row groups
-(``row_fusion``) block by block on large inputs.
+(``row_fusion``) block by block on large inputs. Arrays the backend allocates for intermediate values
+are kept for the next run (``BufferPool``).
 """
 
 from __future__ import annotations
