@@ -188,14 +188,22 @@ def _take_rows(x, index, out):
         out[i, :] = x[index[i], :]
 
 
+def _parallel_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray | None:
+    """``x`` as contiguous [rows, width] for a parallel row copy through ``index`` (after checking
+    its bounds), or None when NumPy's own copy suits better: not a float array, or a small one."""
+    if x.dtype not in (np.float32, np.float64) or x.ndim == 0 or len(index) * max(1, x[:1].size) < 1 << 16:
+        return None
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(x)):
+        raise IndexError("row index out of range")
+    return np.ascontiguousarray(x).reshape(len(x), -1)
+
+
 def take_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``np.take(x, index, axis=0)`` for a float array, copying rows in parallel (a relabelling of
     node or edge rows); other arrays and small ones go through ``np.take``."""
-    if x.dtype not in (np.float32, np.float64) or x.ndim == 0 or len(index) * max(1, x[:1].size) < 1 << 16:
+    flat = _parallel_rows(x, index)
+    if flat is None:
         return np.take(x, index, axis=0)
-    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(x)):
-        raise IndexError("row index out of range")
-    flat = np.ascontiguousarray(x).reshape(len(x), -1)
     out = np.empty((len(index), flat.shape[1]), dtype=x.dtype)
     launch(_take_rows, flat, index, out)
     return out.reshape((len(index),) + x.shape[1:])
@@ -212,13 +220,11 @@ def put_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
     (the inverse relabelling of ``take_rows``), copying rows in parallel."""
     if len(index) != len(x):
         raise IndexError("put_rows needs one index per row")
-    if x.dtype not in (np.float32, np.float64) or x.ndim == 0 or len(index) * max(1, x[:1].size) < 1 << 16:
+    flat = _parallel_rows(x, index)
+    if flat is None:
         out = np.empty_like(x)
         out[index] = x
         return out
-    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(x)):
-        raise IndexError("row index out of range")
-    flat = np.ascontiguousarray(x).reshape(len(x), -1)
     out = np.empty_like(flat)
     launch(_put_rows, flat, index, out)
     return out.reshape(x.shape)

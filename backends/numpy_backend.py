@@ -474,20 +474,20 @@ class NumpyBackend(Backend):
                 return False
             _BINARY[v.op](a, b, out=target)
             return True
-        unary = _UNARY.get(v.op)
-        if unary is not None and args[0].shape == target.shape and args[0].dtype == target.dtype:
+        if len(args) == 1 and args[0].shape == target.shape and args[0].dtype == target.dtype:
+            unary = _UNARY.get(v.op)
             if isinstance(unary, np.ufunc):
                 unary(args[0], out=target)
                 return True
             if v.op == "relu":
                 np.maximum(args[0], 0, out=target)
                 return True
-        if v.op == "leaky_relu" and args[0].shape == target.shape and args[0].dtype == target.dtype:
-            slope = target.dtype.type(v.attr["slope"])
-            if 0 <= slope <= 1:  # the rule's max(x, x * slope), without its temporary
-                np.multiply(args[0], slope, out=target)
-                np.maximum(args[0], target, out=target)
-                return True
+            if v.op == "leaky_relu":
+                slope = target.dtype.type(v.attr["slope"])
+                if 0 <= slope <= 1:  # the rule's max(x, x * slope), without its temporary
+                    np.multiply(args[0], slope, out=target)
+                    np.maximum(args[0], target, out=target)
+                    return True
         if v.op == "matmul" and v.operands[0].type.rank == 1 and v.operands[1].type.rank == 2 \
                 and args[0].dtype == args[1].dtype == target.dtype:
             np.matmul(args[0], args[1], out=target)

@@ -71,23 +71,20 @@ class GraphLayout:
             moved[name] = array
         return laid_out, moved
 
-    def output_rows(self, types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
-        """For each output the relabelling moves (by its domain in ``types``), where its rows go
-        back to: row k of the laid-out output is row ``output_rows[name][k]`` in the caller's order."""
-        rows = {}
-        for name, t in types.items():
-            if t.domain is Domain.NODE and self.nodes is not None:
-                rows[name] = self.nodes.perm
-            elif t.domain is Domain.EDGE and self.edge_perm is not None:
-                rows[name] = self.edge_perm
-        return rows
-
     def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
-        """The outputs back in the caller's node and edge order."""
+        """The outputs back in the caller's node and edge order (row k of a laid-out output goes back
+        to row ``perm[k]``)."""
         from mpdsl.backends.cpu_kernels import put_rows
 
-        rows = self.output_rows({name: types[name] for name in outputs})
-        return {name: put_rows(array, rows[name]) if name in rows else array for name, array in outputs.items()}
+        restored = {}
+        for name, array in outputs.items():
+            domain = types[name].domain
+            if domain is Domain.NODE and self.nodes is not None:
+                array = put_rows(array, self.nodes.perm)
+            elif domain is Domain.EDGE and self.edge_perm is not None:
+                array = put_rows(array, self.edge_perm)
+            restored[name] = array
+        return restored
 
 
 @dataclass
