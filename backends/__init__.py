@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from mpdsl.diagnostics import InputError, MpdslError
-from mpdsl.ops import OPS, running_statistic
+from mpdsl.ops import OPS, choose, running_statistic
 from mpdsl.types import Domain, TensorType
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
@@ -110,6 +110,12 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'", f"available backends: {', '.join(available_backends())}")
     return BACKENDS[name]()
+
+
+def gather_index(graph, index: str):
+    """The per-row node (or graph) ids a gather by ``index`` reads: an edge's src or dst, a node's batch."""
+    table = {"src": lambda: graph.src, "dst": lambda: graph.dst, "batch": lambda: graph.batch}
+    return choose(table, "gather", "index", index, "the backends' gather indices (mpdsl.backends.gather_index)")()
 
 
 # ---- shared by the backends (array-library neutral: NumPy arrays or torch tensors) ------------------

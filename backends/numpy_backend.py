@@ -18,6 +18,7 @@ from typing import Any
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +29,9 @@ import scipy.special
 
 from mpdsl.backends.row_fusion import RowGroup, fuse_rows
 from mpdsl.backends import (Backend, array_axis, batch_norm_statistics, batch_norm_training, check_ids,
-                            expand_operand, feature_width, register_backend, rule)
+                            expand_operand, feature_width, gather_index, register_backend, rule)
 from mpdsl.ir import Program, Value
+from mpdsl.ops import NUMPY_MATH, OPS, ArrayMath, MissingRule, choose
 from mpdsl.types import Domain, TensorType
 
 
@@ -329,12 +331,9 @@ class ExecContext:
         """The graph's rows grouped by dst, src or graph (cached on the graph, like ``pull``)."""
         g = self.graph
 
-        def build() -> Segments:
-            if by == "dst":
-                return Segments(g.dst, *g.csr_by_dst())
-            if by == "src":
-                return Segments(g.src, *g.csr_by_src())
-            return Segments(g.batch, *g.segments_by_graph())
+        builders = {"dst": lambda: Segments(g.dst, *g.csr_by_dst()), "src": lambda: Segments(g.src, *g.csr_by_src()),
+                    "graph": lambda: Segments(g.batch, *g.segments_by_graph())}
+        build = choose(builders, "aggregate", "by", by, "the numpy backend's segments")
 
         return g.cached(("numpy.segments", by), build)
 
@@ -342,7 +341,9 @@ class ExecContext:
         g = self.graph
         if by == "dst":
             return g.cached("numpy.pull_dst", lambda: PullCSR(*g.csr_by_dst(), g.src, g.num_nodes))
-        return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_nodes))
+        if by == "src":
+            return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_nodes))
+        raise MissingRule(f"the numpy backend has no pull CSR by {by!r}")
 
     def rows(self, domain: Domain) -> int:
         return self.graph.num_rows(domain)
@@ -357,28 +358,80 @@ def _numpy_dtype(ctx: ExecContext, v: Value) -> np.dtype:
 
 
 def _gather_index(ctx: ExecContext, v: Value) -> np.ndarray:
-    g = ctx.graph
-    return {"src": g.src, "dst": g.dst, "batch": g.batch}[v.attr["index"]]
+    return gather_index(ctx.graph, v.attr["index"])
 
 
-_UNARY = {
-    "neg": np.negative,
-    "relu": lambda x: np.maximum(x, 0),
-    "sigmoid": scipy.special.expit,
-    "tanh": np.tanh,
-    "exp": np.exp,
-    "log": np.log,
-    "sqrt": np.sqrt,
-    "rsqrt": lambda x: 1 / np.sqrt(x),
-    "abs": np.abs,
-    "gelu": lambda x: 0.5 * x * (1 + scipy.special.erf(x / math.sqrt(2))),
-    "silu": lambda x: x * scipy.special.expit(x),
-    "softplus": lambda x: np.logaddexp(0, x),
+COMPUTED_OPS = tuple(name for name, opdef in OPS.items() if opdef.compute is not None)
+
+
+class _Operand:
+    """A stand-in for operand ``i`` while probing a ``compute`` rule (it supports no arithmetic)."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+class _Call:
+    def __init__(self, name: str, args: tuple):
+        self.name, self.args = name, args
+
+
+class _Probe(ArrayMath):
+    """An ``ArrayMath`` whose functions record their call instead of computing."""
+
+    def __getattribute__(self, name: str):
+        if name in ArrayMath.FUNCTIONS:
+            return lambda *args: _Call(name, args)
+        return super().__getattribute__(name)
+
+
+@functools.lru_cache(maxsize=None)
+def single_ufunc(op: str, attrs: tuple) -> tuple[np.ufunc, tuple] | None:
+    """(ufunc, arguments) when op's ``compute`` rule is one NumPy ufunc call on its operands and
+    constants (``_Operand`` i marks operand i): then it can write into a buffer (``out=``) and split
+    rows among workers. None for composite rules."""
+    opdef = OPS[op]
+    try:
+        call = opdef.compute(_Probe(), *(_Operand(i) for i in range(opdef.arity or 0)), **dict(attrs))
+    except TypeError:  # arithmetic on an operand: a composite rule
+        return None
+    if not isinstance(call, _Call):
+        return None
+    ufunc = getattr(NUMPY_MATH, call.name)
+    if not isinstance(ufunc, np.ufunc) or not all(isinstance(a, (_Operand, int, float)) for a in call.args):
+        return None
+    return ufunc, call.args
+
+
+def _ufunc_args(template: tuple, xs) -> list:
+    return [xs[a.i] if isinstance(a, _Operand) else a for a in template]
+
+
+def _segment_mean(seg: Segments, x: np.ndarray) -> np.ndarray:
+    return seg.sum(x) / _segment_sizes(seg, x)
+
+
+def _segment_sizes(seg: Segments, x: np.ndarray) -> np.ndarray:
+    """max(count, 1) per segment, shaped to divide a per-segment array like ``x``'s rows."""
+    return np.maximum(seg.counts, 1).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _segment_std(seg: Segments, x: np.ndarray) -> np.ndarray:
+    """Population standard deviation, two-pass (deviations from the group mean) for accuracy."""
+    centred = x - seg.broadcast(_segment_mean(seg, x))
+    return np.sqrt(seg.sum(centred * centred) / _segment_sizes(seg, x))
+
+
+# aggregate's reductions: (segments, edge or node rows) -> one row per segment (0 for an empty one)
+_SEGMENT_REDUCTIONS = {
+    "sum": lambda seg, x: seg.sum(x),
+    "mean": _segment_mean,
+    "max": lambda seg, x: seg.extreme(x, np.maximum),
+    "min": lambda seg, x: seg.extreme(x, np.minimum),
+    "std": _segment_std,
 }
-_BINARY = {
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
-    "maximum": np.maximum, "minimum": np.minimum,
-}
+_GSPMM_KINDS = {"sum": "sum", "mean": "mean", "max": np.maximum, "min": np.minimum}
+_AXIS_REDUCTIONS = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}
 
 
 @register_backend("numpy")
@@ -467,28 +520,22 @@ class NumpyBackend(Backend):
                 return False
             np.take(args[0], _gather_index(ctx, v)[start:stop], axis=0, out=target)
             return True
-        if v.op in _BINARY:
-            ta, tb = (o.type for o in v.operands)
-            a, b = expand_operand(args[0], ta, v.type), expand_operand(args[1], tb, v.type)
-            if np.broadcast_shapes(a.shape, b.shape) != target.shape:
+        fast = single_ufunc(v.op, v.attrs) if v.op in COMPUTED_OPS else None
+        if fast is not None:
+            xs = [expand_operand(x, o.type, v.type) for x, o in zip(args, v.operands)]
+            if np.broadcast_shapes(*(x.shape for x in xs)) != target.shape:
                 return False
-            _BINARY[v.op](a, b, out=target)
+            ufunc, template = fast
+            ufunc(*_ufunc_args(template, xs), out=target)
             return True
-        if len(args) == 1 and args[0].shape == target.shape and args[0].dtype == target.dtype:
-            unary = _UNARY.get(v.op)
-            if isinstance(unary, np.ufunc):
-                unary(args[0], out=target)
+        if v.op == "leaky_relu" and args[0].shape == target.shape and args[0].dtype == target.dtype:
+            slope = target.dtype.type(v.attr["slope"])
+            if 0 <= slope <= 1:  # the rule's max(x, x * slope), without its temporary
+                np.multiply(args[0], slope, out=target)
+                np.maximum(args[0], target, out=target)
                 return True
-            if v.op == "relu":
-                np.maximum(args[0], 0, out=target)
-                return True
-            if v.op == "leaky_relu":
-                slope = target.dtype.type(v.attr["slope"])
-                if 0 <= slope <= 1:  # the rule's max(x, x * slope), without its temporary
-                    np.multiply(args[0], slope, out=target)
-                    np.maximum(args[0], target, out=target)
-                    return True
         if v.op == "matmul" and v.operands[0].type.rank == 1 and v.operands[1].type.rank == 2 \
+                and v.operands[1].type.domain is Domain.PARAM \
                 and args[0].dtype == args[1].dtype == target.dtype:
             np.matmul(args[0], args[1], out=target)
             return True
@@ -531,20 +578,23 @@ class NumpyBackend(Backend):
 
     # ---- elementwise ---------------------------------------------------------------------
 
-    @rule(*_UNARY)
-    def _unary(self, ctx, v, x):
-        return _UNARY[v.op](x).astype(x.dtype, copy=False)
+    @rule(*COMPUTED_OPS)
+    def _elementwise(self, ctx, v, *xs):
+        """An elementwise op: its ``compute`` rule (mpdsl.ops) on the broadcast operands; a one-ufunc
+        rule over many rows writes into a pooled buffer, its rows split among the workers."""
+        xs = [expand_operand(x, o.type, v.type) for x, o in zip(xs, v.operands)]
+        fast = single_ufunc(v.op, v.attrs)
+        if fast is None or v.type.domain is Domain.PARAM or max(x.shape[0] for x in xs) < PARALLEL_ROWS:
+            return np.asarray(OPS[v.op].compute(NUMPY_MATH, *xs, **v.attr)).astype(ctx.float_dtype, copy=False)
+        ufunc, template = fast
+        out = ctx.empty(np.broadcast_shapes(*(x.shape for x in xs)), ctx.float_dtype)
 
-    @rule("leaky_relu")
-    def _leaky_relu(self, ctx, v, x):
-        slope = x.dtype.type(v.attr["slope"])
-        if 0 <= slope <= 1:
-            return np.maximum(x, x * slope)
-        return np.where(x > 0, x, x * slope)
+        def rows(x, lo, hi):
+            return x[lo:hi] if not isinstance(x, np.ndarray) or x.shape[0] != 1 else x
 
-    @rule("elu")
-    def _elu(self, ctx, v, x):
-        return np.where(x > 0, x, x.dtype.type(v.attr["alpha"]) * np.expm1(np.minimum(x, 0)))
+        row_parallel(out.shape[0], lambda lo, hi: ufunc(*(rows(a, lo, hi) if isinstance(a, np.ndarray) else a
+                                                          for a in _ufunc_args(template, xs)), out=out[lo:hi]))
+        return out
 
     @rule("dropout")
     def _dropout(self, ctx, v, x):
@@ -561,21 +611,6 @@ class NumpyBackend(Backend):
             return ((x - running_mean) * (1 / np.sqrt(running_var + eps)) * gamma + beta).astype(x.dtype, copy=False)
         centred, var = batch_norm_statistics(v, x, ctx, lambda a: np.array(a, copy=True))
         return (centred * (1 / np.sqrt(var + eps)) * gamma + beta).astype(x.dtype, copy=False)
-
-    @rule(*_BINARY)
-    def _binary(self, ctx, v, a, b):
-        ta, tb = (o.type for o in v.operands)
-        a, b = expand_operand(a, ta, v.type), expand_operand(b, tb, v.type)
-        ufunc = _BINARY[v.op]
-        if v.type.domain is Domain.PARAM or max(a.shape[0], b.shape[0]) < PARALLEL_ROWS:
-            return ufunc(a, b).astype(ctx.float_dtype, copy=False)
-        out = ctx.empty(np.broadcast_shapes(a.shape, b.shape), ctx.float_dtype)
-
-        def rows(x, lo, hi):
-            return x[lo:hi] if x.shape[0] != 1 else x
-
-        row_parallel(out.shape[0], lambda lo, hi: ufunc(rows(a, lo, hi), rows(b, lo, hi), out=out[lo:hi]))
-        return out
 
     # ---- dense algebra -------------------------------------------------------------------
 
@@ -605,7 +640,7 @@ class NumpyBackend(Backend):
 
     @rule("reduce")
     def _reduce(self, ctx, v, x):
-        fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}[v.attr["reduce"]]
+        fn = choose(_AXIS_REDUCTIONS, v.op, "reduce", v.attr["reduce"], "the numpy backend's axis reductions")
         return fn(x, axis=array_axis(v, v.attr["axis"]))
 
     @rule("axis_softmax")
@@ -641,21 +676,8 @@ class NumpyBackend(Backend):
     @rule("aggregate")
     def _aggregate(self, ctx, v, x):
         seg = ctx.segments_by(v.attr["by"])
-        kind = v.attr["reduce"]
-        if kind == "max":
-            return seg.extreme(x, np.maximum)
-        if kind == "min":
-            return seg.extreme(x, np.minimum)
-        total = seg.sum(x)
-        if kind == "sum":
-            return total
-        counts = np.maximum(seg.counts, 1).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        mean = total / counts
-        if kind == "mean":
-            return mean
-        # std: population standard deviation, two-pass (deviations from the group mean) for accuracy.
-        centred = x - seg.broadcast(mean)
-        return np.sqrt(seg.sum(centred * centred) / counts)
+        rule = choose(_SEGMENT_REDUCTIONS, v.op, "reduce", v.attr["reduce"], "the numpy backend's segment reductions")
+        return rule(seg, x)
 
     @rule("softmax")
     def _softmax(self, ctx, v, x):
@@ -668,11 +690,11 @@ class NumpyBackend(Backend):
     @rule("gspmm")
     def _gspmm(self, ctx, v, x, w=None):
         csr = ctx.pull(v.attr["by"])
-        kind = v.attr["reduce"]
-        if kind in ("max", "min"):
-            ufunc = np.maximum if kind == "max" else np.minimum
-            return csr.extreme(x, ufunc, None if w is None else csr.ordered(w))
-        return csr.spmm(x, None if w is None else csr.ordered(w), mean=kind == "mean", empty=ctx.empty)
+        kind = choose(_GSPMM_KINDS, v.op, "reduce", v.attr["reduce"], "the numpy backend's g-SpMM kernels")
+        weights = None if w is None else csr.ordered(w)
+        if isinstance(kind, np.ufunc):
+            return csr.extreme(x, kind, weights)
+        return csr.spmm(x, weights, mean=kind == "mean", empty=ctx.empty)
 
     @rule("attention")
     def _attention(self, ctx, v, s, x):
@@ -682,7 +704,7 @@ class NumpyBackend(Backend):
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):
         g = ctx.graph
-        nodes = g.src if v.attr["index"] == "src" else g.dst
+        nodes = gather_index(g, v.attr["index"])
         relations = w.shape[0]
         check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
         pairs, inverse = np.unique(nodes * relations + types, return_inverse=True)
@@ -701,12 +723,6 @@ class NumpyBackend(Backend):
         return compact[inverse]
 
     # ---- ops of gradient programs --------------------------------------------------------
-
-    @rule("gt", "eq")
-    def _compare(self, ctx, v, a, b):
-        ta, tb = (o.type for o in v.operands)
-        ufunc = np.greater if v.op == "gt" else np.equal
-        return ufunc(expand_operand(a, ta, v.type), expand_operand(b, tb, v.type)).astype(ctx.float_dtype)
 
     @rule("contract_rows")
     def _contract_rows(self, ctx, v, *xs):

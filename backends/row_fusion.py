@@ -18,13 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpdsl.ir import Program, Value, value_names
+from mpdsl.ops import OPS, Trait, is_pure
 from mpdsl.types import Domain
 
-_ELEMENTWISE = frozenset({
-    "neg", "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "gelu", "silu", "softplus",
-    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "leaky_relu", "elu", "gt", "eq",
-})
-_FEATURE_LOCAL = frozenset({"reshape", "reduce", "concat", "slice", "pad", "axis_softmax", "select", "einsum"})
 ROW_DOMAINS = (Domain.NODE, Domain.EDGE)
 
 
@@ -39,16 +35,15 @@ class RowGroup:
 
 
 def is_row_wise(v: Value) -> bool:
-    """Whether row i of ``v`` depends only on row i of its row-domain operands (and whole params)."""
+    """Whether ``v`` may run block by block: a pure op with ``Trait.ROW_WISE`` whose operands are of its
+    row domain or params (random ops stay whole: one draw per run, in row order), or a gather of node
+    rows onto edges (row-wise in the edge rows; the backend gathers each block)."""
     domain = v.type.domain
     if domain not in ROW_DOMAINS:
         return False
-    if v.op == "gather":  # a node row per edge (or per node from its graph): row-wise in v's rows
-        return v.attr["index"] in ("src", "dst")
-    if v.op == "matmul":
-        lhs, rhs = v.operands
-        return lhs.type.domain is domain and rhs.type.domain is Domain.PARAM
-    if v.op not in _ELEMENTWISE and v.op not in _FEATURE_LOCAL:
+    if v.op == "gather":
+        return v.attr["index"] in ("src", "dst") and v.type.is_float
+    if not OPS[v.op].has(Trait.ROW_WISE) or not is_pure(v):
         return False
     return all(o.type.domain in (domain, Domain.PARAM) for o in v.operands)
 

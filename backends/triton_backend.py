@@ -33,16 +33,18 @@ from typing import Any
 import numpy as np
 
 from mpdsl.backends import (Backend, BackendError, array_axis, batch_norm_statistics, batch_norm_training,
-                            check_ids, expand_operand, feature_width, register_backend, rule)
-from mpdsl.backends.triton_kernels import (KERNELS, Attention, CooAttention, CooGspmm, KernelSpec, SegmentReduce,
+                            check_ids, expand_operand, feature_width, gather_index, register_backend, rule)
+from mpdsl.backends.triton_kernels import (KERNELS, REDUCTION_KERNELS, Attention, CooAttention, CooGspmm, KernelSpec,
+                                           SegmentReduce,
                                            SegmentSoftmax, TypedLinear, next_pow2)
 from mpdsl.ir import Program, Value, print_program
+from mpdsl.ops import OPS, ArrayMath, MissingRule, choose
+from mpdsl.plan import runs_a_kernel
 from mpdsl.types import Domain, TensorType
 
 torch: Any = None  # imported by _runtime() on first use, so that this module imports without torch
 
 INSTALL_HINT = 'pip install "mpdsl[triton]"'
-KERNEL_OPS = ("gspmm", "attention", "aggregate", "softmax", "typed_linear")
 TORCH_DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64"}
 
 
@@ -102,9 +104,11 @@ def _segments(graph, by: str, device) -> Segments:
         elif by == "src":
             indptr, perm = graph.csr_by_src()
             read, write = graph.dst, graph.src
-        else:
+        elif by == "graph":
             indptr, perm = graph.segments_by_graph()
             read = write = None
+        else:
+            raise MissingRule(f"the triton backend has no segments by {by!r}")
         itype = _index_dtype(len(perm), len(indptr))
         counts = np.diff(indptr)
         order = np.argsort(-counts, kind="stable")
@@ -122,7 +126,7 @@ def _segments(graph, by: str, device) -> Segments:
 
 def _graph_index(graph, name: str, device):
     def build():
-        array = {"src": graph.src, "dst": graph.dst, "batch": graph.batch}[name]
+        array = gather_index(graph, name)
         return torch.from_numpy(np.array(array, dtype=np.int64)).to(device)
 
     return graph.cached(("triton.index", name, str(device)), build)
@@ -153,25 +157,47 @@ class TritonContext:
         return _graph_index(self.graph, name, self.device)
 
 
-_UNARY = {
-    "neg": lambda x: -x,
-    "relu": lambda x: torch.clamp_min(x, 0),
-    "sigmoid": lambda x: torch.sigmoid(x),
-    "tanh": lambda x: torch.tanh(x),
-    "exp": lambda x: torch.exp(x),
-    "log": lambda x: torch.log(x),
-    "sqrt": lambda x: torch.sqrt(x),
-    "rsqrt": lambda x: torch.rsqrt(x),
-    "abs": lambda x: torch.abs(x),
-    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
-    "silu": lambda x: x * torch.sigmoid(x),
-    "softplus": lambda x: torch.logaddexp(torch.zeros_like(x), x),
-}
-_BINARY = {
-    "add": lambda a, b: torch.add(a, b), "sub": lambda a, b: torch.sub(a, b), "mul": lambda a, b: torch.mul(a, b),
-    "div": lambda a, b: torch.div(a, b), "pow": lambda a, b: torch.pow(a, b),
-    "maximum": lambda a, b: torch.maximum(a, b), "minimum": lambda a, b: torch.minimum(a, b),
-}
+class TorchMath(ArrayMath):
+    """``mpdsl.ops.ArrayMath`` on torch tensors: the elementwise ops' ``compute`` rules run with it.
+    Python-float operands are accepted where the rules pass them."""
+
+    @staticmethod
+    def _tensor(x, like):
+        return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
+
+    def negative(self, x): return torch.neg(x)
+    def add(self, a, b): return torch.add(a, b)
+    def subtract(self, a, b): return torch.sub(a, b)
+    def multiply(self, a, b): return torch.mul(a, b)
+    def divide(self, a, b): return torch.div(a, b)
+    def power(self, a, b): return torch.pow(a, b)
+    def exp(self, x): return torch.exp(x)
+    def expm1(self, x): return torch.expm1(x)
+    def log(self, x): return torch.log(x)
+    def sqrt(self, x): return torch.sqrt(x)
+    def rsqrt(self, x): return torch.rsqrt(x)
+    def tanh(self, x): return torch.tanh(x)
+    def abs(self, x): return torch.abs(x)
+    def erf(self, x): return torch.erf(x)
+    def sigmoid(self, x): return torch.sigmoid(x)
+    def softplus(self, x): return torch.logaddexp(torch.zeros_like(x), x)
+    def greater(self, a, b): return torch.gt(a, b)
+    def equal(self, a, b): return torch.eq(a, b)
+
+    def maximum(self, a, b):
+        return torch.clamp_min(a, b) if not isinstance(b, torch.Tensor) else torch.maximum(a, b)
+
+    def minimum(self, a, b):
+        return torch.clamp_max(a, b) if not isinstance(b, torch.Tensor) else torch.minimum(a, b)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, self._tensor(b, a) if isinstance(a, torch.Tensor) else b)
+
+
+TORCH_MATH = TorchMath()
+COMPUTED_OPS = tuple(name for name, opdef in OPS.items() if opdef.compute is not None)
+_AXIS_REDUCTIONS = {"sum": lambda x, axis: torch.sum(x, axis), "mean": lambda x, axis: torch.mean(x, axis),
+                    "max": lambda x, axis: torch.amax(x, axis), "min": lambda x, axis: torch.amin(x, axis)}
 
 
 def uses_coo(override: str | None, v: Value) -> bool:
@@ -308,20 +334,12 @@ class TritonBackend(Backend):
 
     # ---- elementwise ---------------------------------------------------------------------
 
-    @rule(*_UNARY)
-    def _unary(self, ctx, v, x):
-        return _UNARY[v.op](x)
-
-    @rule("leaky_relu")
-    def _leaky_relu(self, ctx, v, x):
-        slope = v.attr["slope"]
-        if 0 <= slope <= 1:
-            return torch.maximum(x, x * slope)
-        return torch.where(x > 0, x, x * slope)
-
-    @rule("elu")
-    def _elu(self, ctx, v, x):
-        return torch.where(x > 0, x, v.attr["alpha"] * torch.expm1(torch.clamp_max(x, 0)))
+    @rule(*COMPUTED_OPS)
+    def _elementwise(self, ctx, v, *xs):
+        """An elementwise op: its ``compute`` rule (mpdsl.ops) with torch, on the broadcast operands."""
+        xs = [expand_operand(x, o.type, v.type) for x, o in zip(xs, v.operands)]
+        out = OPS[v.op].compute(TORCH_MATH, *xs, **v.attr)
+        return out if out.is_floating_point() else out.to(xs[0].dtype)
 
     @rule("dropout")
     def _dropout(self, ctx, v, x):
@@ -338,11 +356,6 @@ class TritonBackend(Backend):
             return (x - running_mean) * torch.rsqrt(running_var + eps) * gamma + beta
         centred, var = batch_norm_statistics(v, x, ctx, lambda a: a.clone())
         return centred * torch.rsqrt(var + eps) * gamma + beta
-
-    @rule(*_BINARY)
-    def _binary(self, ctx, v, a, b):
-        ta, tb = (o.type for o in v.operands)
-        return _BINARY[v.op](expand_operand(a, ta, v.type), expand_operand(b, tb, v.type))
 
     # ---- dense algebra -------------------------------------------------------------------
 
@@ -371,8 +384,8 @@ class TritonBackend(Backend):
 
     @rule("reduce")
     def _reduce(self, ctx, v, x):
-        fn = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}[v.attr["reduce"]]
-        return fn(x, dim=array_axis(v, v.attr["axis"]))
+        fn = choose(_AXIS_REDUCTIONS, v.op, "reduce", v.attr["reduce"], "the triton backend's axis reductions")
+        return fn(x, array_axis(v, v.attr["axis"]))
 
     @rule("axis_softmax")
     def _axis_softmax(self, ctx, v, x):
@@ -388,12 +401,6 @@ class TritonBackend(Backend):
         return x.reshape(shape if v.type.domain is Domain.PARAM else (x.shape[0],) + shape)
 
     # ---- ops of gradient programs (torch) ------------------------------------------------
-
-    @rule("gt", "eq")
-    def _compare(self, ctx, v, a, b):
-        ta, tb = (o.type for o in v.operands)
-        a, b = expand_operand(a, ta, v.type), expand_operand(b, tb, v.type)
-        return (a > b if v.op == "gt" else a == b).to(a.dtype)
 
     @rule("contract_rows")
     def _contract_rows(self, ctx, v, *xs):
@@ -448,7 +455,7 @@ class TritonBackend(Backend):
     def _aggregate(self, ctx, v, x):
         seg = ctx.segments(v.attr["by"])
         width = feature_width(x.shape[1:])
-        spec = SegmentReduce("aggregate", v.attr["reduce"], False, width, 0, ctx.dtype_name)
+        spec = SegmentReduce("aggregate", choose_reduce(v), False, width, 0, ctx.dtype_name)
         out = self._output(ctx, (seg.num_segments,) + tuple(x.shape[1:]))
         return self._segment_launch(ctx, spec, seg, [seg.perm, x.contiguous()], width, out)
 
@@ -468,9 +475,9 @@ class TritonBackend(Backend):
         out = self._output(ctx, tuple(x.shape))
         weights = [] if w is None else [w.contiguous()]
         if self._layout(v) == "coo":
-            spec = CooGspmm(v.attr["reduce"], width, groups, ctx.dtype_name)
+            spec = CooGspmm(choose_reduce(v), width, groups, ctx.dtype_name)
             return self._coo_gspmm(ctx, spec, seg, x.contiguous(), weights, width, out)
-        spec = SegmentReduce("gspmm", v.attr["reduce"], True, width, groups, ctx.dtype_name)
+        spec = SegmentReduce("gspmm", choose_reduce(v), True, width, groups, ctx.dtype_name)
         return self._segment_launch(ctx, spec, seg, [seg.perm, seg.cols, x.contiguous()] + weights, width, out)
 
     @rule("attention")
@@ -587,36 +594,60 @@ def kernel_specs(program: Program, dims: dict[str, int] | None = None, layout: s
         return size
 
     for v in program.values:
-        if v.op not in KERNEL_OPS:
+        builder = KERNEL_SPECS.get(v.op)
+        if builder is None:
             continue
         widths = [width(o.type) for o in v.operands if o.type.is_float]
         if None in widths:
             continue
-        coo = uses_coo(layout, v)
-        if v.op == "aggregate":
-            spec: KernelSpec = SegmentReduce("aggregate", v.attr["reduce"], False, widths[0], 0, dtype)
-        elif v.op == "softmax":
-            spec = SegmentSoftmax(widths[0], dtype)
-        elif v.op == "gspmm":
-            groups = 0 if len(widths) == 1 else max(1, widths[1])
-            spec = (CooGspmm(v.attr["reduce"], widths[0], groups, dtype) if coo else
-                    SegmentReduce("gspmm", v.attr["reduce"], True, widths[0], groups, dtype))
-        elif v.op == "attention":
-            spec = CooAttention(widths[1], widths[0], dtype) if coo else Attention(widths[1], widths[0], dtype)
-        else:
-            h, w = v.operands[0].type, v.operands[1].type
-            inner = width(h.with_(shape=h.shape[-1:]))
-            out = width(w.with_(shape=w.shape[2:]))
-            if inner is None or out is None:
-                continue
-            spec = TypedLinear(inner, out, dtype)
-        specs.append((v, spec))
+        spec = builder(v, widths, dtype, uses_coo(layout, v), width)
+        if spec is not None:
+            specs.append((v, spec))
     if unbound:
         names = ", ".join(sorted(unbound))
         raise BackendError(f"the Triton kernels are specialised to static shapes, but {names} "
                            f"{'is' if len(unbound) == 1 else 'are'} bound from the model's inputs",
                            f"pass --graph g.npz (or dims={{{', '.join(repr(n) + ': ...' for n in sorted(unbound))}}})")
     return specs
+
+
+def _aggregate_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    return SegmentReduce("aggregate", choose_reduce(v), False, widths[0], 0, dtype)
+
+
+def _softmax_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    return SegmentSoftmax(widths[0], dtype)
+
+
+def _gspmm_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    groups = 0 if len(widths) == 1 else max(1, widths[1])
+    reduce = choose_reduce(v)
+    return CooGspmm(reduce, widths[0], groups, dtype) if coo else SegmentReduce("gspmm", reduce, True, widths[0],
+                                                                                  groups, dtype)
+
+
+def _attention_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    return CooAttention(widths[1], widths[0], dtype) if coo else Attention(widths[1], widths[0], dtype)
+
+
+def _typed_linear_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec | None:
+    h, w = v.operands[0].type, v.operands[1].type
+    inner = width(h.with_(shape=h.shape[-1:]))
+    out = width(w.with_(shape=w.shape[2:]))
+    return None if inner is None or out is None else TypedLinear(inner, out, dtype)
+
+
+# The ops that run as generated Triton kernels, each with the builder of its kernel spec
+# (value, float operand widths, dtype, COO layout?, width function) -> spec; the others run as torch ops.
+KERNEL_SPECS = {"aggregate": _aggregate_spec, "softmax": _softmax_spec, "gspmm": _gspmm_spec,
+                "attention": _attention_spec, "typed_linear": _typed_linear_spec}
+KERNEL_OPS = tuple(KERNEL_SPECS)
+
+
+def choose_reduce(v: Value) -> str:
+    """``v``'s reduction, checked against the reductions the segment kernels generate."""
+    return choose({r: r for r in REDUCTION_KERNELS}, v.op, "reduce", v.attr["reduce"],
+                  "the Triton segment-reduce generator (mpdsl.backends.triton_kernels.REDUCTION_KERNELS)")
 
 
 def emit_triton(program: Program, dims: dict[str, int] | None = None, layout: str | None = None) -> str:
@@ -642,7 +673,7 @@ def emit_triton(program: Program, dims: dict[str, int] | None = None, layout: st
         parts.append(f"{header}\n# cache key {spec.key}; {spec.launch}\n" + cache.source(spec).rstrip("\n"))
     dense: dict[str, int] = {}
     for v in program.values:
-        if v.op not in KERNEL_OPS and v.op not in ("input", "param", "const"):
+        if v.op not in KERNEL_OPS and runs_a_kernel(v):
             dense[v.op] = dense.get(v.op, 0) + 1
     if not specs:
         parts.append("# (no graph ops: nothing runs as a Triton kernel)")

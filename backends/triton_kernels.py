@@ -44,6 +44,8 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
+from mpdsl.ops import MissingRule, choose
+
 BUILTINS = frozenset({"arange", "atomic_add", "atomic_max", "atomic_min", "constexpr", "dot", "exp", "full",
                       "load", "maximum", "minimum", "program_id", "sqrt", "store", "where",
                       "float16", "float32", "float64", "int64"})
@@ -261,6 +263,13 @@ def _store_rows(code: _Code, width: int, value: str, store: str) -> None:
     code(f"tl.store(out + row[:, None] * {width} + feat[None, :], {value}.to({store}), mask=out_ok)")
 
 
+# The reductions the segment-reduce kernels generate, with the contract their docstrings state.
+REDUCTION_KERNELS = {"sum": "sum", "mean": "mean (sum / max(count, 1))", "max": "max (0 if empty)",
+                     "min": "min (0 if empty)", "std": "population std, two passes (0 if empty)"}
+# The COO g-SpMM's atomic per reduction (mean: a sum, divided when finishing).
+COO_ATOMICS = {"sum": "tl.atomic_add", "mean": "tl.atomic_add", "max": "tl.atomic_max", "min": "tl.atomic_min"}
+
+
 def _gen_segment_reduce(spec: SegmentReduce) -> str:
     F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
     args = ["indptr", "order", "perm"] + (["cols"] if spec.gather else []) + ["x"] + (["w"] if G else []) + \
@@ -270,8 +279,7 @@ def _gen_segment_reduce(spec: SegmentReduce) -> str:
             "w[e] * x[cols[e], f]" if G == 1 else f"w[e, f // {F // G}] * x[cols[e], f]")
     else:
         term = "x[e, f]"
-    what = {"sum": "sum", "mean": "mean (sum / max(count, 1))", "max": "max (0 if empty)",
-            "min": "min (0 if empty)", "std": "population std, two passes (0 if empty)"}[spec.reduce]
+    what = choose(REDUCTION_KERNELS, spec.op, "reduce", spec.reduce, "the Triton segment-reduce generator")
     code = _Code()
     code("@triton.jit")
     with code.block(f"def {spec.name}({', '.join(args)}, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):"):
@@ -310,9 +318,11 @@ def _gen_segment_reduce(spec: SegmentReduce) -> str:
                          "sq += dev * dev")
                 code("std = tl.sqrt(sq / size)")
                 result = "std"
-        else:
+        elif spec.reduce in ("max", "min"):
             code("acc = tl.where(count[:, None] > 0, acc, 0.0)")
             result = "acc"
+        else:
+            raise MissingRule(f"the Triton segment-reduce generator does not finish reduce={spec.reduce!r}")
         _store_rows(code, F, result, store)
     return code.text()
 
@@ -430,7 +440,7 @@ def _finish_prologue(code: _Code, width: int) -> None:
 def _gen_coo_gspmm(spec: CooGspmm) -> str:
     F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
     scatter, finish = spec.functions()
-    atomic = {"max": "tl.atomic_max", "min": "tl.atomic_min"}.get(spec.reduce, "tl.atomic_add")
+    atomic = choose(COO_ATOMICS, "gspmm", "reduce", spec.reduce, "the Triton COO g-SpMM generator")
     code = _Code()
     code("@triton.jit")
     args = ["read", "write", "x"] + (["w"] if G else []) + ["acc", "n_edges"]
@@ -454,6 +464,8 @@ def _gen_coo_gspmm(spec: CooGspmm) -> str:
             code(f"value = value / tl.maximum(n, 1).to({acc})[:, None]")
         elif spec.reduce in ("max", "min"):
             code("value = tl.where(n[:, None] > 0, value, 0.0)")
+        elif spec.reduce != "sum":
+            raise MissingRule(f"the Triton COO g-SpMM generator does not finish reduce={spec.reduce!r}")
         _store_rows(code, F, "value", store)
     return code.text()
 

@@ -57,7 +57,7 @@ import numpy as np
 
 from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
-from mpdsl.ops import BINARY_OPS, OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, parse_subscripts, running_statistic
+from mpdsl.ops import OPS, MissingRule, Trait, parse_subscripts, running_statistic
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
 from mpdsl.types import Dim, Domain, TensorType, TypeRuleError
 
@@ -291,15 +291,8 @@ def _static(dim: Dim, v: Value, what: str) -> int:
 
 AdjointRule = Callable[[Value, Value, GradBuilder, Sequence[bool]], Sequence["Value | None"]]
 ADJOINTS: dict[str, AdjointRule] = {}
-NOT_DIFFERENTIABLE: dict[str, str] = {
-    "input": "a source: its gradient is an output of the gradient program when asked for",
-    "param": "a source: its gradient is an output of the gradient program",
-    "const": "a constant",
-    "degree": "depends on the graph only",
-    "one_hot": "an indicator of int ids",
-    "gt": "piecewise constant (zero gradient almost everywhere)",
-    "eq": "piecewise constant (zero gradient almost everywhere)",
-}
+# Why an op carries no gradient, from its definition (``OpDef.no_gradient``).
+NOT_DIFFERENTIABLE: dict[str, str] = {name: d.no_gradient for name, d in OPS.items() if d.no_gradient is not None}
 
 
 def adjoint(*names: str):
@@ -318,97 +311,15 @@ def missing_adjoints(ops: Iterable[str] | None = None) -> list[str]:
 # ---- elementwise ---------------------------------------------------------------------------------
 
 
-def _unary_derivative(v: Value, b: GradBuilder) -> Value | None:
-    """dv/dx as a value of v's type (None: the cotangent passes through unchanged)."""
-    (x,) = v.operands
-    name = v.op
-    if name == "relu":
-        return b.gt(x, 0.0)
-    if name == "sigmoid":
-        return b.mul(v, b.sub(1.0, v))
-    if name == "tanh":
-        return b.sub(1.0, b.mul(v, v))
-    if name == "exp":
-        return v
-    if name == "log":
-        return b.div(1.0, x)
-    if name == "sqrt":
-        return b.div(0.5, v)
-    if name == "rsqrt":                           # d x^-1/2 = -1/2 x^-3/2 = -1/2 y / x
-        return b.mul(-0.5, b.div(v, x))
-    if name == "abs":                             # sign(x), 0 at 0 (as torch)
-        return b.sub(b.gt(x, 0.0), b.gt(0.0, x))
-    if name == "gelu":                            # Phi(x) + x phi(x); Phi(x) = gelu(x) / x, 1/2 at 0
-        zero = b.eq(x, 0.0)
-        cdf = b.div(b.add(v, b.mul(zero, 0.5)), b.add(x, zero))
-        pdf = b.mul(b.unary("exp", b.mul(b.mul(x, x), -0.5)), 1.0 / np.sqrt(2.0 * np.pi))
-        return b.add(cdf, b.mul(x, pdf))
-    if name == "silu":                            # s (1 + x (1 - s))
-        s = b.unary("sigmoid", x)
-        return b.mul(s, b.add(1.0, b.mul(x, b.sub(1.0, s))))
-    if name == "softplus":
-        return b.unary("sigmoid", x)
-    if name == "leaky_relu":                      # 1 for x > 0, else slope
-        slope = v.attr["slope"]
-        return b.add(b.mul(b.gt(x, 0.0), 1.0 - slope), slope)
-    if name == "elu":                             # 1 for x > 0, else alpha exp(x)
-        positive = b.gt(x, 0.0)
-        negative = b.mul(b.unary("exp", b.minimum(x, 0.0)), v.attr["alpha"])
-        return b.add(positive, b.mul(b.sub(1.0, positive), negative))
-    raise AssertionError(name)
+def _elementwise_adjoint(v, g, b, needed):
+    """An elementwise op's declared local vjp (``OpDef.vjp``), un-broadcast to each operand's type."""
+    grads = OPS[v.op].vjp(b, v, g, needed)
+    return [None if grad is None else b.unbroadcast(grad, o.type) for o, grad in zip(v.operands, grads)]
 
 
-@adjoint(*(set(UNARY_OPS) | set(UNARY_OPS_WITH_ATTR)) - {"neg", "dropout"})
-def _unary_adjoint(v, g, b, needed):
-    return [b.mul(g, _unary_derivative(v, b))]
-
-
-@adjoint("neg")
-def _neg_adjoint(v, g, b, needed):
-    return [b.neg(g)]
-
-
-@adjoint("dropout")
-def _dropout_adjoint(v, g, b, needed):
-    # Inference semantics (identity). Training programs have their dropouts replaced by mask
-    # multiplications first (mask_dropout), so that forward and backward share the mask.
-    return [g]
-
-
-@adjoint(*BINARY_OPS)
-def _binary_adjoint(v, g, b, needed):
-    x, y = v.operands
-    name = v.op
-    if name == "add":
-        gx, gy = (g if needed[0] else None), (g if needed[1] else None)
-    elif name == "sub":
-        gx, gy = (g if needed[0] else None), (b.neg(g) if needed[1] else None)
-    elif name == "mul":
-        gx = b.mul(g, y) if needed[0] else None
-        gy = b.mul(g, x) if needed[1] else None
-    elif name == "div":
-        gx = b.div(g, y) if needed[0] else None
-        gy = b.neg(b.div(b.mul(g, v), y)) if needed[1] else None
-    elif name == "pow":
-        gx = gy = None
-        if needed[0]:
-            if y.op == "const":                     # c x^(c-1); nothing for c == 0
-                c = y.attr["value"]
-                gx = None if c == 0 else b.mul(b.mul(g, c), b.binary("pow", x, c - 1.0))
-            else:                                   # y x^(y-1), 0 where y == 0 (as torch)
-                exponent = b.add(b.sub(y, 1.0), b.eq(y, 0.0))
-                gx = b.mul(b.mul(g, y), b.binary("pow", x, exponent))
-        if needed[1]:                               # x^y log x, 0 where x == 0 (as torch)
-            gy = b.mul(b.mul(g, v), b.unary("log", b.add(x, b.eq(x, 0.0))))
-    elif name in ("maximum", "minimum"):            # ties split in half (as torch)
-        tie = b.mul(b.eq(x, y), 0.5)
-        first, second = (x, y) if name == "maximum" else (y, x)
-        gx = b.mul(g, b.add(b.gt(first, second), tie)) if needed[0] else None
-        gy = b.mul(g, b.add(b.gt(second, first), tie)) if needed[1] else None
-    else:
-        raise AssertionError(name)
-    return [None if gx is None else b.unbroadcast(gx, x.type),
-            None if gy is None else b.unbroadcast(gy, y.type)]
+for _name, _opdef in OPS.items():
+    if _opdef.vjp is not None:
+        ADJOINTS[_name] = _elementwise_adjoint
 
 
 # ---- dense algebra -------------------------------------------------------------------------------
@@ -476,10 +387,11 @@ def _reduce_adjoint(v, g, b, needed):
     if kind == "mean":
         n = _static(x.type.shape[axis], v, f"mean over an axis of size {x.type.shape[axis]}")
         return [b.broadcast(b.reshape(b.div(g, float(n)), kept), x.type)]
-    # max / min: the cotangent goes to the elements equal to the result, split evenly among ties.
-    mask = b.eq(x, b.reshape(v, kept))
-    count = b.reduce_sum(mask, axis)
-    return [b.mul(mask, b.reshape(b.div(g, count), kept))]
+    if kind in ("max", "min"):  # the cotangent goes to the elements equal to the result, split evenly among ties
+        mask = b.eq(x, b.reshape(v, kept))
+        count = b.reduce_sum(mask, axis)
+        return [b.mul(mask, b.reshape(b.div(g, count), kept))]
+    raise MissingRule(f"autodiff has no adjoint for reduce(reduce={kind!r})")
 
 
 @adjoint("axis_softmax")
@@ -627,7 +539,7 @@ def _aggregate_adjoint(v, g, b, needed):
         denominator = b.mul(v, count)
         scale = b.div(g, b.add(denominator, b.eq(denominator, 0.0)))
         return [b.mul(centred, b.gather(scale, index))]
-    raise AssertionError(kind)
+    raise MissingRule(f"autodiff has no adjoint for aggregate(reduce={kind!r})")
 
 
 @adjoint("softmax")
@@ -656,7 +568,7 @@ def _unfuse(v: Value, b: GradBuilder) -> Value:
     if v.op == "typed_linear":
         h, w, t = v.operands
         return b.emit("matmul", [b.gather(h, v.attr["index"]), b.emit("take", [w, t])])
-    raise AssertionError(v.op)
+    raise MissingRule(f"autodiff has no unfused definition of the fused op {v.op}")
 
 
 @adjoint("gspmm", "attention", "typed_linear")
@@ -714,7 +626,7 @@ def _backprop(b: GradBuilder, values: Sequence[Value], cotangents: dict[int, Val
     """Walk ``values`` backwards, turning the cotangent of each active value into its operands'."""
     for v in reversed(values):
         g = cotangents.get(id(v))
-        if g is None or v.op in ("input", "param") or id(v) not in active:
+        if g is None or OPS[v.op].has(Trait.INTERFACE) or id(v) not in active:
             continue
         needed = [id(o) in active for o in v.operands]
         if not any(needed):
@@ -724,8 +636,9 @@ def _backprop(b: GradBuilder, values: Sequence[Value], cotangents: dict[int, Val
             reason = NOT_DIFFERENTIABLE.get(v.op)
             if reason is not None:
                 continue
-            raise CompileError(f"op '{v.op}' cannot be differentiated: it has no adjoint rule", v.span,
-                               "add a rule to mpdsl.autodiff.ADJOINTS (or a NOT_DIFFERENTIABLE entry)")
+            where = f" (at {v.span.location})" if v.span is not None else ""
+            raise MissingRule(f"op '{v.op}'{where} has no adjoint rule: add one to mpdsl.autodiff.ADJOINTS (or give "
+                              "its OpDef a no_gradient reason)")
         b.like = v
         grads = rule(v, g, b, needed)
         for operand, need, grad in zip(v.operands, needed, grads):

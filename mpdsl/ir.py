@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import lark
 
 from mpdsl.diagnostics import Source, Span
-from mpdsl.ops import OPS
+from mpdsl.ops import OPS, Effect, Trait
 from mpdsl.types import Dim, Domain, TensorType, TypeRuleError
 
 
@@ -93,15 +93,18 @@ def _format_literal(value: Any) -> str:
 
 
 def prune(program: Program) -> Program:
-    """Drop values no output depends on (inputs and params stay: they are the interface)."""
+    """Drop values no output depends on. Inputs and params stay (they are the interface), and so do
+    stateful values (``Effect.STATEFUL``, e.g. a batch_norm updating its running statistics) with
+    what they read."""
     live: set[int] = set()
     stack = [v for _, v in program.outputs]
+    stack += [v for v in program.values if OPS[v.op].effect_of(v.attr) is Effect.STATEFUL]
     while stack:
         v = stack.pop()
         if id(v) not in live:
             live.add(id(v))
             stack.extend(v.operands)
-    values = tuple(v for v in program.values if id(v) in live or v.op in ("input", "param"))
+    values = tuple(v for v in program.values if id(v) in live or OPS[v.op].has(Trait.INTERFACE))
     return Program(program.name, program.dims, values, program.outputs)
 
 

@@ -1,22 +1,43 @@
-"""The IR's operations: names with per-op rule tables.
+"""The IR's operations: one ``OpDef`` per op name, the single source of truth about it.
 
-Each op is an ``OpDef``: its name, arity, the attributes it takes and its *type rule*
-(operand types + attrs -> result type), plus a one-line contract. Everything else an op
-has (evaluation in each backend, later differentiation) lives in per-op tables elsewhere,
-keyed by the op's name. Source ops (``input``, ``param``, ``const``, ``degree``) have no
-operands: their declared type is checked instead of inferred.
+An ``OpDef`` declares, once, everything passes, planners and backends need to know of an op:
+
+* its arity, attributes and *type rule* (operand types + attrs -> result type), and a contract;
+* its ``traits`` (``Trait``: elementwise, row-wise, graph movement, reads edges in segment order,
+  fused, source, model interface), from which the row fusion, the algebraic passes and the layout
+  planner decide what they may do with it;
+* its ``effect`` (``Effect``: pure, random, stateful), from which CSE and DCE decide what they may
+  merge or drop;
+* for elementwise ops, their math once (``compute`` over an array namespace: NumPy for the
+  reference backend and constant folding, torch for the Triton backend's dense ops), the local
+  vector-Jacobian product (``vjp``, used by ``mpdsl.autodiff``) and the algebraic identities
+  (``identities``: x + 0 == x) the constant folder drops;
+* ``no_gradient``: why an op carries no gradient, where it does not.
+
+Attributes with behaviour (reduction names, gather indices, segment axes, layouts, initialisers)
+take values from closed tuples declared here; every rule that dispatches on such a value goes
+through ``choose``, which raises ``MissingRule`` for a value it has no entry for, so that a new
+value is never silently treated as another. Rules that live elsewhere (backend lowerings, adjoints
+of non-elementwise ops, cost formulas) are per-op tables keyed by name, and the coverage tests run
+every (op, attribute value) pair through each of them. Source ops (``input``, ``param``, ``const``,
+``degree``) have no operands: their declared type is checked instead of inferred.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TypeVar
+
+import numpy as np
+import scipy.special
 
 from mpdsl.types import (Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, broadcast_shapes,
                          join_domains, shape_str)
 
 Attrs = dict[str, Any]
-TypeRule = Callable[[list[TensorType], Attrs, TensorType | None], TensorType]
+TypeRule = Callable[[list[TensorType], Attrs, "TensorType | None"], TensorType]
 
 AGGREGATIONS = ("sum", "mean", "max", "min", "std")
 AXIS_REDUCTIONS = ("sum", "mean", "max", "min")
@@ -25,14 +46,69 @@ GATHER_INDICES = ("src", "dst", "batch")
 INITIALIZERS = ("glorot", "zeros", "ones", "normal", "uniform", "constant")
 
 
+class Trait(enum.Enum):
+    """What an op is, for the passes and planners that decide from it."""
+
+    SOURCE = "source"            # no operands: the value's declared type is checked, not inferred
+    INTERFACE = "interface"      # a model input or parameter: DCE keeps it, CSE never merges two
+    ELEMENTWISE = "elementwise"  # element k of the result depends only on element k of each (broadcast) operand
+    ROW_WISE = "row-wise"        # row r of the result depends only on row r of each operand of its domain
+                                 # (and on whole params): it may run block by block and be hoisted over gathers
+    GRAPH = "graph"              # moves or reduces values along the edges: node and edge layouts apply to it
+    EDGE_ORDER = "edge-order"    # reads its edge operands grouped by its ``by`` segment (edges sorted by it pay)
+    FUSED = "fused"              # made by the optimizer; differentiated through its unfused definition
+
+
+class Effect(enum.Enum):
+    """What running an op does besides computing its result."""
+
+    PURE = "pure"          # a function of its operands: equal calls may be merged, unused ones dropped
+    RANDOM = "random"      # draws random numbers (in training): two calls are two draws, never merged
+    STATEFUL = "stateful"  # updates model state (in training): never merged, kept even when unused
+
+
+class MissingRule(NotImplementedError):
+    """An op, or an attribute value of one, that a rule table has no entry for: a compiler bug (the
+    op table gained something a pass, backend or autodiff was not taught), never a user error."""
+
+
+T = TypeVar("T")
+
+
+def choose(table: Mapping[str, T], op: str, attr: str, value: Any, where: str) -> T:
+    """``table[value]`` for attribute ``attr`` of ``op``; ``MissingRule`` naming ``where`` (the rule
+    table to extend) when the value has no entry."""
+    try:
+        return table[value]
+    except KeyError:
+        raise MissingRule(f"{where} has no rule for {op}({attr}={value!r}); it handles {sorted(table)}") from None
+
+
 @dataclass(frozen=True)
 class OpDef:
     name: str
     arity: int | None  # None: variadic (at least one operand)
-    attrs: dict[str, Any]  # attr name -> tuple of allowed values, or a Python type
+    attrs: dict[str, Any]  # attr name -> tuple of allowed values (a closed enumeration), or a Python type
     rule: TypeRule = field(repr=False)
     doc: str = ""
-    declared: bool = False  # the rule reads the value's declared type (sources, reshape, one_hot)
+    declared: bool = False  # the rule reads the value's declared type (sources, reshape, one_hot, broadcast)
+    traits: frozenset[Trait] = frozenset()
+    effect: Effect | Callable[[Attrs], Effect] = Effect.PURE
+    compute: Callable[..., Any] | None = field(default=None, repr=False)  # elementwise math: compute(xp, *xs, **attrs)
+    vjp: Callable[..., list] | None = field(default=None, repr=False)  # elementwise: vjp(b, v, g, needed)
+    identities: tuple[tuple[int, float], ...] = ()  # (operand position, constant c): x op c == x
+    no_gradient: str | None = None  # why the op carries no gradient (None: it has an adjoint rule)
+
+    def has(self, trait: Trait) -> bool:
+        return trait in self.traits
+
+    def effect_of(self, attrs: Attrs) -> Effect:
+        """The effect of one call with ``attrs`` (batch_norm in eval mode is pure)."""
+        return self.effect(attrs) if callable(self.effect) else self.effect
+
+    def closed_attrs(self) -> dict[str, tuple]:
+        """The attributes that take values from a closed enumeration, with their values."""
+        return {k: v for k, v in self.attrs.items() if isinstance(v, tuple)}
 
     def check_attrs(self, attrs: Attrs) -> None:
         if set(attrs) != set(self.attrs):
@@ -52,15 +128,30 @@ class OpDef:
         return self.rule(types, attrs, declared)
 
 
+def has_trait(op: str, trait: Trait) -> bool:
+    """Whether op ``op`` declares ``trait``; ``MissingRule`` for a name that is not an op."""
+    return choose(OPS, op, "name", op, "the op table (mpdsl.ops.OPS)").has(trait)
+
+
+def is_pure(v) -> bool:
+    """Whether IR value ``v`` may be merged with an equal one or dropped when unused."""
+    return OPS[v.op].effect_of(v.attr) is Effect.PURE
+
+
 OPS: dict[str, OpDef] = {}
 
 
 def op(name: str, arity: int | None, attrs: dict[str, Any] | None = None, *, source: bool = False,
-       declared: bool = False):
-    """Register the decorated type rule as op ``name``; its docstring is the op's contract."""
+       declared: bool = False, traits: tuple[Trait, ...] = (), **facts: Any):
+    """Register the decorated type rule as op ``name``; its docstring is the op's contract. ``facts``
+    are the other ``OpDef`` fields (effect, compute, vjp, identities, no_gradient)."""
 
     def register(rule: TypeRule) -> TypeRule:
-        OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source or declared)
+        if name in OPS:
+            raise MissingRule(f"op {name} is defined twice")
+        all_traits = frozenset(traits) | ({Trait.SOURCE} if source else set())
+        OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source or declared,
+                          all_traits, **facts)
         return rule
 
     return register
@@ -89,7 +180,8 @@ def _normalize_axis(axis: int, rank: int, what: str) -> int:
 # ---- sources -----------------------------------------------------------------------------
 
 
-@op("input", 0, {"name": str}, source=True)
+@op("input", 0, {"name": str}, source=True, traits=(Trait.INTERFACE,),
+    no_gradient="a source: its gradient is an output of the gradient program when asked for")
 def _input(types, attrs, declared):
     """A model input, looked up by name in the call's inputs, then in the graph's arrays."""
     t = _require_declared(declared, "input")
@@ -98,7 +190,8 @@ def _input(types, attrs, declared):
     return t
 
 
-@op("param", 0, {"name": str, "init": str}, source=True)
+@op("param", 0, {"name": str, "init": str}, source=True, traits=(Trait.INTERFACE,),
+    no_gradient="a source: its gradient is an output of the gradient program")
 def _param(types, attrs, declared):
     """A learnable parameter, read from the model's parameter store by name."""
     t = _require_declared(declared, "param")
@@ -107,7 +200,7 @@ def _param(types, attrs, declared):
     return t
 
 
-@op("const", 0, {"value": float}, source=True)
+@op("const", 0, {"value": float}, source=True, no_gradient="a constant")
 def _const(types, attrs, declared):
     """A float scalar constant (param[])."""
     t = _require_declared(declared, "const")
@@ -116,7 +209,7 @@ def _const(types, attrs, declared):
     return t
 
 
-@op("degree", 0, {"dir": ("in", "out")}, source=True)
+@op("degree", 0, {"dir": ("in", "out")}, source=True, no_gradient="depends on the graph only")
 def _degree(types, attrs, declared):
     """Per-node edge count as float: ``in`` counts edges j->i at i, ``out`` at j (multi-edges count)."""
     t = _require_declared(declared, "degree")
@@ -126,33 +219,146 @@ def _degree(types, attrs, declared):
 
 
 # ---- elementwise -------------------------------------------------------------------------
+#
+# An elementwise op's math is written once, as ``compute(m, *operands, **attrs)`` over an array
+# namespace ``m`` with the functions of ``ArrayMath`` (NumPy for the reference backend and the
+# constant folder, torch for the Triton backend's dense ops); backends broadcast the operands and
+# cast the result to the program's float dtype. Its local vector-Jacobian product is
+# ``vjp(b, v, g, needed)`` on a gradient builder ``b`` (``mpdsl.autodiff.GradBuilder``): one cotangent
+# (or None) per operand, before un-broadcasting.
 
-UNARY_OPS = ("neg", "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "gelu",
-             "silu", "softplus")
-UNARY_OPS_WITH_ATTR = {"leaky_relu": "slope", "elu": "alpha", "dropout": "p"}
-BINARY_OPS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
 
-_UNARY_DOCS = {
-    "neg": "-x", "relu": "max(x, 0)", "sigmoid": "1 / (1 + exp(-x))", "tanh": "tanh(x)",
-    "exp": "exp(x)", "log": "natural log", "sqrt": "square root", "rsqrt": "1 / sqrt(x)",
-    "abs": "|x|", "gelu": "x * Phi(x) (exact, erf form)", "silu": "x * sigmoid(x)",
-    "softplus": "log(1 + exp(x))", "leaky_relu": "x if x > 0 else slope * x",
-    "elu": "x if x > 0 else alpha * (exp(x) - 1)",
-    "dropout": "identity at inference; in training, zero with probability p and scale by 1/(1-p)",
+class ArrayMath:
+    """The array functions elementwise ``compute`` rules may use; NumPy's (``NUMPY_MATH``) here, torch's
+    in the Triton backend. Scalars (Python floats) are accepted wherever an operand is."""
+
+    FUNCTIONS = ("negative", "add", "subtract", "multiply", "divide", "power", "maximum", "minimum", "exp",
+                 "expm1", "log", "sqrt", "rsqrt", "tanh", "abs", "erf", "sigmoid", "softplus", "where",
+                 "greater", "equal")
+
+
+class NumpyMath(ArrayMath):
+    """``ArrayMath`` on NumPy arrays and scalars (SciPy for erf and the logistic sigmoid)."""
+
+    def __init__(self):
+        functions = {"negative": np.negative, "add": np.add, "subtract": np.subtract, "multiply": np.multiply,
+                     "divide": np.divide, "power": np.power, "maximum": np.maximum, "minimum": np.minimum,
+                     "exp": np.exp, "expm1": np.expm1, "log": np.log, "sqrt": np.sqrt, "tanh": np.tanh,
+                     "abs": np.abs, "erf": scipy.special.erf, "sigmoid": scipy.special.expit, "where": np.where,
+                     "greater": np.greater, "equal": np.equal,
+                     "rsqrt": lambda x: 1 / np.sqrt(x), "softplus": lambda x: np.logaddexp(0, x)}
+        assert set(functions) == set(self.FUNCTIONS)
+        self.__dict__.update(functions)
+
+
+NUMPY_MATH = NumpyMath()
+
+
+def _unary_vjp(derivative: Callable) -> Callable:
+    """The vjp of a unary op from its derivative dv/dx = derivative(b, v, x)."""
+    def vjp(b, v, g, needed):
+        return [b.mul(g, derivative(b, v, v.operands[0]))]
+    return vjp
+
+
+def _gelu_derivative(b, v, x):
+    # Phi(x) + x phi(x); Phi(x) = gelu(x) / x, 1/2 at 0
+    zero = b.eq(x, 0.0)
+    cdf = b.div(b.add(v, b.mul(zero, 0.5)), b.add(x, zero))
+    pdf = b.mul(b.unary("exp", b.mul(b.mul(x, x), -0.5)), 1.0 / math.sqrt(2.0 * math.pi))
+    return b.add(cdf, b.mul(x, pdf))
+
+
+def _silu_derivative(b, v, x):
+    s = b.unary("sigmoid", x)  # s (1 + x (1 - s))
+    return b.mul(s, b.add(1.0, b.mul(x, b.sub(1.0, s))))
+
+
+def _elu_derivative(b, v, x):
+    positive = b.gt(x, 0.0)  # 1 for x > 0, else alpha exp(x)
+    negative = b.mul(b.unary("exp", b.minimum(x, 0.0)), v.attr["alpha"])
+    return b.add(positive, b.mul(b.sub(1.0, positive), negative))
+
+
+def _leaky_relu(m, x, slope):
+    return m.maximum(x, x * slope) if 0 <= slope <= 1 else m.where(m.greater(x, 0), x, x * slope)
+
+
+# name: (contract, compute, derivative(b, v, x) or a vjp)
+_UNARY: dict[str, tuple[str, Callable, Callable]] = {
+    "relu": ("max(x, 0)", lambda m, x: m.maximum(x, 0), lambda b, v, x: b.gt(x, 0.0)),
+    "sigmoid": ("1 / (1 + exp(-x))", lambda m, x: m.sigmoid(x), lambda b, v, x: b.mul(v, b.sub(1.0, v))),
+    "tanh": ("tanh(x)", lambda m, x: m.tanh(x), lambda b, v, x: b.sub(1.0, b.mul(v, v))),
+    "exp": ("exp(x)", lambda m, x: m.exp(x), lambda b, v, x: v),
+    "log": ("natural log", lambda m, x: m.log(x), lambda b, v, x: b.div(1.0, x)),
+    "sqrt": ("square root", lambda m, x: m.sqrt(x), lambda b, v, x: b.div(0.5, v)),
+    # d x^-1/2 = -1/2 x^-3/2 = -1/2 y / x
+    "rsqrt": ("1 / sqrt(x)", lambda m, x: m.rsqrt(x), lambda b, v, x: b.mul(-0.5, b.div(v, x))),
+    # sign(x), 0 at 0 (as torch)
+    "abs": ("|x|", lambda m, x: m.abs(x), lambda b, v, x: b.sub(b.gt(x, 0.0), b.gt(0.0, x))),
+    "gelu": ("x * Phi(x) (exact, erf form)", lambda m, x: 0.5 * x * (1 + m.erf(x / math.sqrt(2))),
+             _gelu_derivative),
+    "silu": ("x * sigmoid(x)", lambda m, x: x * m.sigmoid(x), _silu_derivative),
+    "softplus": ("log(1 + exp(x))", lambda m, x: m.softplus(x), lambda b, v, x: b.unary("sigmoid", x)),
 }
-_BINARY_DOCS = {"add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b", "pow": "a ** b",
-                "maximum": "elementwise max", "minimum": "elementwise min"}
+_UNARY_WITH_ATTR: dict[str, tuple[str, str, Callable, Callable]] = {
+    "leaky_relu": ("slope", "x if x > 0 else slope * x", _leaky_relu,
+                   lambda b, v, x: b.add(b.mul(b.gt(x, 0.0), 1.0 - v.attr["slope"]), v.attr["slope"])),
+    "elu": ("alpha", "x if x > 0 else alpha * (exp(x) - 1)",
+            lambda m, x, alpha: m.where(m.greater(x, 0), x, alpha * m.expm1(m.minimum(x, 0))), _elu_derivative),
+}
 
 
-def _unary_rule(name):
+def _pow_vjp(b, v, g, needed):
+    x, y = v.operands
+    gx = gy = None
+    if needed[0]:
+        if y.op == "const":                     # c x^(c-1); nothing for c == 0
+            c = y.attr["value"]
+            gx = None if c == 0 else b.mul(b.mul(g, c), b.binary("pow", x, c - 1.0))
+        else:                                   # y x^(y-1), 0 where y == 0 (as torch)
+            exponent = b.add(b.sub(y, 1.0), b.eq(y, 0.0))
+            gx = b.mul(b.mul(g, y), b.binary("pow", x, exponent))
+    if needed[1]:                               # x^y log x, 0 where x == 0 (as torch)
+        gy = b.mul(b.mul(g, v), b.unary("log", b.add(x, b.eq(x, 0.0))))
+    return [gx, gy]
+
+
+def _extremum_vjp(b, v, g, needed):
+    x, y = v.operands                           # ties split in half (as torch)
+    tie = b.mul(b.eq(x, y), 0.5)
+    first, second = (x, y) if v.op == "maximum" else (y, x)
+    return [b.mul(g, b.add(b.gt(first, second), tie)) if needed[0] else None,
+            b.mul(g, b.add(b.gt(second, first), tie)) if needed[1] else None]
+
+
+# name: (contract, compute, vjp, identities)
+_BINARY: dict[str, tuple[str, Callable, Callable, tuple[tuple[int, float], ...]]] = {
+    "add": ("a + b", lambda m, a, b: m.add(a, b),
+            lambda b, v, g, needed: [g if needed[0] else None, g if needed[1] else None], ((0, 0.0), (1, 0.0))),
+    "sub": ("a - b", lambda m, a, b: m.subtract(a, b),
+            lambda b, v, g, needed: [g if needed[0] else None, b.neg(g) if needed[1] else None], ((1, 0.0),)),
+    "mul": ("a * b", lambda m, a, b: m.multiply(a, b),
+            lambda b, v, g, needed: [b.mul(g, v.operands[1]) if needed[0] else None,
+                                     b.mul(g, v.operands[0]) if needed[1] else None], ((0, 1.0), (1, 1.0))),
+    "div": ("a / b", lambda m, a, b: m.divide(a, b),
+            lambda b, v, g, needed: [b.div(g, v.operands[1]) if needed[0] else None,
+                                     b.neg(b.div(b.mul(g, v), v.operands[1])) if needed[1] else None], ((1, 1.0),)),
+    "pow": ("a ** b", lambda m, a, b: m.power(a, b), _pow_vjp, ((1, 1.0),)),
+    "maximum": ("elementwise max", lambda m, a, b: m.maximum(a, b), _extremum_vjp, ()),
+    "minimum": ("elementwise min", lambda m, a, b: m.minimum(a, b), _extremum_vjp, ()),
+}
+
+OPERATOR_SYMBOLS = {"add": "'+'", "sub": "'-'", "mul": "'*'", "div": "'/'", "pow": "'**'", "neg": "'-'"}
+ELEMENTWISE = (Trait.ELEMENTWISE, Trait.ROW_WISE)
+
+
+def _unary_rule(name: str, contract: str):
     def rule(types, attrs, declared):
         _require_float(types[0], OPERATOR_SYMBOLS.get(name, f"'{name}'"))
         return types[0]
-    rule.__doc__ = f"Elementwise {_UNARY_DOCS[name]}; type preserved."
+    rule.__doc__ = f"Elementwise {contract}; type preserved."
     return rule
-
-
-OPERATOR_SYMBOLS = {"add": "'+'", "sub": "'-'", "mul": "'*'", "div": "'/'", "pow": "'**'", "neg": "'-'"}
 
 
 def _broadcast_float_type(types: list[TensorType], shown: str) -> TensorType:
@@ -162,28 +368,40 @@ def _broadcast_float_type(types: list[TensorType], shown: str) -> TensorType:
     return TensorType(join_domains(types, shown), broadcast_shapes([t.shape for t in types], shown), types[0].dtype)
 
 
-def _binary_rule(name):
+def _binary_rule(name: str, contract: str):
     shown = OPERATOR_SYMBOLS.get(name, f"'{name}'")
 
     def rule(types, attrs, declared):
         return _broadcast_float_type(types, shown)
-    rule.__doc__ = (f"Elementwise {_BINARY_DOCS[name]} with broadcasting (params uniform over rows, "
+    rule.__doc__ = (f"Elementwise {contract} with broadcasting (params uniform over rows, "
                     "feature shapes aligned from the left).")
     return rule
 
 
-for _name in UNARY_OPS:
-    op(_name, 1)(_unary_rule(_name))
-for _name, _attr in UNARY_OPS_WITH_ATTR.items():
-    op(_name, 1, {_attr: float})(_unary_rule(_name))
-for _name in BINARY_OPS:
-    op(_name, 2)(_binary_rule(_name))
+op("neg", 1, traits=ELEMENTWISE, compute=lambda m, x: m.negative(x),
+   vjp=lambda b, v, g, needed: [b.neg(g)])(_unary_rule("neg", "-x"))
+for _name, (_contract, _compute, _derivative) in _UNARY.items():
+    op(_name, 1, traits=ELEMENTWISE, compute=_compute, vjp=_unary_vjp(_derivative))(_unary_rule(_name, _contract))
+for _name, (_attr, _contract, _compute, _derivative) in _UNARY_WITH_ATTR.items():
+    op(_name, 1, {_attr: float}, traits=ELEMENTWISE, compute=_compute,
+       vjp=_unary_vjp(_derivative))(_unary_rule(_name, _contract))
+# Inference semantics (identity) for gradients: training programs have their dropouts replaced by
+# mask multiplications first (autodiff.mask_dropout), so that forward and backward share the mask.
+op("dropout", 1, {"p": float}, traits=ELEMENTWISE, effect=Effect.RANDOM,
+   vjp=lambda b, v, g, needed: [g])(_unary_rule(
+       "dropout", "identity at inference; in training, zero with probability p and scale by 1/(1-p)"))
+for _name, (_contract, _compute, _vjp, _identities) in _BINARY.items():
+    op(_name, 2, traits=ELEMENTWISE, compute=_compute, vjp=_vjp, identities=_identities)(_binary_rule(_name, _contract))
+
+UNARY_OPS = ("neg",) + tuple(_UNARY)  # the source language's unary functions (and '-')
+UNARY_OPS_WITH_ATTR = {name: spec[0] for name, spec in _UNARY_WITH_ATTR.items()} | {"dropout": "p"}
+BINARY_OPS = tuple(_BINARY)
 
 
 # ---- dense algebra -----------------------------------------------------------------------
 
 
-@op("matmul", 2)
+@op("matmul", 2, traits=(Trait.ROW_WISE,))
 def _matmul(types, attrs, declared):
     """Contract the last feature axis of a with the first of b: a[..., K] @ b[K, ...] -> [..., ...].
 
@@ -207,7 +425,7 @@ def _matmul(types, attrs, declared):
     return TensorType(domain, a.shape[:-1] + b.shape[1:], a.dtype)
 
 
-@op("reduce", 1, {"reduce": AXIS_REDUCTIONS, "axis": int})
+@op("reduce", 1, {"reduce": AXIS_REDUCTIONS, "axis": int}, traits=(Trait.ROW_WISE,))
 def _reduce(types, attrs, declared):
     """Reduce one feature axis (sum, mean, max, min); rows are kept."""
     (t,) = types
@@ -216,7 +434,7 @@ def _reduce(types, attrs, declared):
     return t.with_(shape=t.shape[:axis] + t.shape[axis + 1:])
 
 
-@op("axis_softmax", 1, {"axis": int})
+@op("axis_softmax", 1, {"axis": int}, traits=(Trait.ROW_WISE,))
 def _axis_softmax(types, attrs, declared):
     """Softmax along one feature axis of each row."""
     (t,) = types
@@ -225,7 +443,7 @@ def _axis_softmax(types, attrs, declared):
     return t
 
 
-@op("concat", None, {"axis": int})
+@op("concat", None, {"axis": int}, traits=(Trait.ROW_WISE,))
 def _concat(types, attrs, declared):
     """Concatenate along a feature axis; all operands share domain, rank and the other dims."""
     domains = {t.domain for t in types}
@@ -292,7 +510,7 @@ def _subscript_sizes(types, spec: str, what: str) -> tuple[dict[str, Dim], str]:
     return sizes, out
 
 
-@op("einsum", None, {"spec": str})
+@op("einsum", None, {"spec": str}, traits=(Trait.ROW_WISE,))
 def _einsum(types, attrs, declared):
     """Einstein summation over feature axes, e.g. "hd,hde->he" (per-head matmul); the row axis is
     implicit and shared by all non-param operands; letters absent from the output are summed."""
@@ -308,7 +526,7 @@ def shape_size(shape) -> Dim:
     return size
 
 
-@op("reshape", 1, declared=True)
+@op("reshape", 1, declared=True, traits=(Trait.ROW_WISE,))
 def _reshape(types, attrs, declared):
     """Reshape each row's features to the declared shape (same number of elements)."""
     (t,) = types
@@ -320,7 +538,8 @@ def _reshape(types, attrs, declared):
     return t.with_(shape=target.shape)
 
 
-@op("one_hot", 1, {"classes": int}, declared=True)
+@op("one_hot", 1, {"classes": int}, declared=True, traits=(Trait.ROW_WISE,),
+    no_gradient="an indicator of int ids")
 def _one_hot(types, attrs, declared):
     """Float indicator vector of each row's int id: one_hot(etype, R)[r] = 1 if etype == r (ids >= R are
     refused at run time)."""
@@ -341,7 +560,8 @@ def _one_hot(types, attrs, declared):
 BATCH_NORM_MODES = ("auto", "train", "eval")
 
 
-@op("batch_norm", 5, {"eps": float, "momentum": float, "mode": BATCH_NORM_MODES})
+@op("batch_norm", 5, {"eps": float, "momentum": float, "mode": BATCH_NORM_MODES},
+    effect=lambda attrs: Effect.PURE if attrs["mode"] == "eval" else Effect.STATEFUL)
 def _batch_norm(types, attrs, declared):
     """Batch normalisation over the rows (Ioffe & Szegedy 2015), as torch.nn.BatchNorm1d: operands x
     (node, edge or graph values), running_mean, running_var, gamma, beta (params of x's feature
@@ -382,7 +602,7 @@ def running_statistic(value) -> tuple[str, tuple[int, ...]] | None:
 # ---- graph movement ----------------------------------------------------------------------
 
 
-@op("gather", 1, {"index": GATHER_INDICES})
+@op("gather", 1, {"index": GATHER_INDICES}, traits=(Trait.GRAPH,))
 def _gather(types, attrs, declared):
     """Move values along the graph: node -> edge by ``src`` or ``dst`` endpoint; graph -> node by ``batch``."""
     (t,) = types
@@ -399,7 +619,7 @@ def _gather(types, attrs, declared):
     return t.with_(domain=Domain.NODE if index == "batch" else Domain.EDGE)
 
 
-@op("take", 2)
+@op("take", 2, traits=(Trait.ROW_WISE,))
 def _take(types, attrs, declared):
     """Index a parameter's first axis by an int value per row: W[etype] gives each edge its W_r."""
     w, idx = types
@@ -412,7 +632,7 @@ def _take(types, attrs, declared):
     return TensorType(idx.domain, w.shape[1:], w.dtype)
 
 
-@op("select", 1, {"index": int})
+@op("select", 1, {"index": int}, traits=(Trait.ROW_WISE,))
 def _select(types, attrs, declared):
     """Static index into the first feature axis: W[t] with t a loop counter or an integer."""
     (t,) = types
@@ -441,7 +661,7 @@ def _reduced_domain(t: TensorType, by: str, what: str) -> Domain:
     return Domain.NODE
 
 
-@op("aggregate", 1, {"reduce": AGGREGATIONS, "by": REDUCE_AXES})
+@op("aggregate", 1, {"reduce": AGGREGATIONS, "by": REDUCE_AXES}, traits=(Trait.GRAPH,))
 def _aggregate(types, attrs, declared):
     """Reduce edge rows onto nodes (by dst: over in-edges; by src: over out-edges) or node rows onto
     graphs (by graph). sum, mean, max, min, std (population); an empty group gives 0."""
@@ -450,7 +670,7 @@ def _aggregate(types, attrs, declared):
     return t.with_(domain=_reduced_domain(t, attrs["by"], attrs["reduce"]))
 
 
-@op("softmax", 1, {"by": REDUCE_AXES})
+@op("softmax", 1, {"by": REDUCE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER))
 def _softmax(types, attrs, declared):
     """Segment softmax: normalise each edge row over the edges sharing its dst (or src) node, or each
     node row over the nodes of its graph; per feature element, max-subtracted."""
@@ -463,6 +683,7 @@ def _softmax(types, attrs, declared):
 # ---- fused ops (created by the optimizer; see mpdsl/passes) ----------------------------------
 
 LAYOUTS = ("auto", "csr_dst", "csr_src", "coo")
+EDGE_AXES = ("src", "dst")  # the segment axes of the fused edge ops
 GRAPH_REDUCTIONS = ("sum", "mean", "max", "min")
 
 
@@ -479,7 +700,8 @@ def _edge_weights(w: TensorType, x: TensorType, what: str) -> None:
                             operand=1)
 
 
-@op("gspmm", None, {"reduce": GRAPH_REDUCTIONS, "by": ("src", "dst"), "layout": LAYOUTS})
+@op("gspmm", None, {"reduce": GRAPH_REDUCTIONS, "by": EDGE_AXES, "layout": LAYOUTS},
+    traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED))
 def _gspmm(types, attrs, declared):
     """Fused gather -> weight -> reduce (g-SpMM): by dst, out_i = reduce over edges j->i of w_e * x_j
     (by src, over edges j->i into j, of w_e * x_i). Operands: x node[S], optionally w edge[P] with P a
@@ -494,7 +716,7 @@ def _gspmm(types, attrs, declared):
     return x
 
 
-@op("attention", 2, {"by": ("src", "dst"), "layout": LAYOUTS})
+@op("attention", 2, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED))
 def _attention(types, attrs, declared):
     """Fused edge softmax and weighted aggregation: by dst, out_i = sum over edges j->i of
     softmax_i(s)_e * x_j, the softmax over each node's in-edges per score element (online softmax:
@@ -508,7 +730,7 @@ def _attention(types, attrs, declared):
     return x
 
 
-@op("typed_linear", 3, {"index": ("src", "dst")})
+@op("typed_linear", 3, {"index": EDGE_AXES}, traits=(Trait.GRAPH, Trait.FUSED))
 def _typed_linear(types, attrs, declared):
     """Relation-typed matmul with compact materialisation: out_e = h[index_e] @ W[t_e], computed once
     per distinct (node, type) pair and gathered to the edges. h node[..., D], W param[R, D, ...], t edge int."""
@@ -534,8 +756,10 @@ def _comparison_rule(name: str, symbol: str):
     return rule
 
 
-op("gt", 2)(_comparison_rule("gt", ">"))
-op("eq", 2)(_comparison_rule("eq", "=="))
+op("gt", 2, traits=ELEMENTWISE, compute=lambda m, a, b: m.greater(a, b),
+   no_gradient="piecewise constant (zero gradient almost everywhere)")(_comparison_rule("gt", ">"))
+op("eq", 2, traits=ELEMENTWISE, compute=lambda m, a, b: m.equal(a, b),
+   no_gradient="piecewise constant (zero gradient almost everywhere)")(_comparison_rule("eq", "=="))
 
 
 @op("contract_rows", None, {"spec": str})
@@ -577,7 +801,7 @@ def _static_axis(t: TensorType, axis: int, what: str) -> tuple[int, int]:
     return axis, size.value
 
 
-@op("slice", 1, {"axis": int, "start": int, "stop": int})
+@op("slice", 1, {"axis": int, "start": int, "stop": int}, traits=(Trait.ROW_WISE,))
 def _slice(types, attrs, declared):
     """Elements start..stop-1 of one feature axis (of static size)."""
     (t,) = types
@@ -588,7 +812,7 @@ def _slice(types, attrs, declared):
     return t.with_(shape=t.shape[:axis] + (Dim(stop - start),) + t.shape[axis + 1:])
 
 
-@op("pad", 1, {"axis": int, "before": int, "after": int})
+@op("pad", 1, {"axis": int, "before": int, "after": int}, traits=(Trait.ROW_WISE,))
 def _pad(types, attrs, declared):
     """Zero-pad one feature axis (of static size) with ``before`` and ``after`` elements (the
     transpose of slice)."""

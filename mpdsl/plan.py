@@ -11,10 +11,10 @@ import numpy as np
 
 from mpdsl.graph import Graph
 from mpdsl.ir import Program, Value, value_names
+from mpdsl.ops import OPS, MissingRule, Trait
 from mpdsl.types import Domain, TensorType
 
 LAYOUT_MODES = ("auto", "reorder", "none")
-GRAPH_OPS = {"gspmm", "attention", "aggregate", "softmax", "gather", "typed_linear"}
 REORDER_MIN_NODES = 50_000  # below this the node features fit in the last-level cache anyway
 LOCALITY_WINDOW = 64  # an edge is local when |src - dst| < N / LOCALITY_WINDOW
 
@@ -153,15 +153,12 @@ def decide_node_order(graph: Graph, mode: str) -> LayoutDecision:
                                  f"(computed once per graph in {seconds * 1e3:.0f} ms)", seconds)
 
 
-EDGE_ORDER_OPS = {"attention", "softmax"}
-
-
 def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | None:
     """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph."""
-    if not any(v.op in GRAPH_OPS for v in program.values) or graph.num_nodes == 0:
+    if not any(OPS[v.op].has(Trait.GRAPH) for v in program.values) or graph.num_nodes == 0:
         return None
-    per_edge_by_dst = any(v.op in EDGE_ORDER_OPS and v.attr.get("by") == "dst" for v in program.values) or any(
-        v.op == "gspmm" and v.attr["by"] == "dst" and len(v.operands) == 2 for v in program.values)
+    per_edge_by_dst = any(OPS[v.op].has(Trait.EDGE_ORDER) and v.attr["by"] == "dst"
+                          and any(o.type.domain is Domain.EDGE for o in v.operands) for v in program.values)
     return graph.cached(("layout", mode, per_edge_by_dst), lambda: _decide_layout(graph, mode, per_edge_by_dst))
 
 
@@ -213,28 +210,62 @@ def _size(t: TensorType, dims: Mapping[str, int]) -> int:
     return int(np.prod([d.substitute(dims).value for d in t.shape], dtype=np.int64)) if t.shape else 1
 
 
+def _matmul_flops(v: Value, count: int, edges: int, width: int, dims: Mapping[str, int]) -> int:
+    return 2 * count * v.operands[0].type.shape[-1].substitute(dims).value
+
+
+def _typed_linear_flops(v: Value, count: int, edges: int, width: int, dims: Mapping[str, int]) -> int:
+    w = v.operands[1].type
+    return 2 * edges * _size(w, dims) // max(1, w.shape[0].substitute(dims).value)
+
+
+def _no_flops(v: Value, count: int, edges: int, width: int, dims: Mapping[str, int]) -> int:
+    return 0
+
+
+def _per_element_flops(v: Value, count: int, edges: int, width: int, dims: Mapping[str, int]) -> int:
+    return count * max(1, len(v.operands))
+
+
+# Floating-point operations per op: (value, result elements, edges, result row width, dims) -> FLOPs.
+# Ops absent here fall back on their traits (elementwise and row-wise: one per result element and
+# operand); an op with neither is a MissingRule.
+FLOP_RULES = {
+    "input": _no_flops, "param": _no_flops, "const": _no_flops, "degree": _no_flops,
+    "gather": _no_flops, "select": _no_flops, "reshape": _no_flops, "take": _no_flops, "one_hot": _no_flops,
+    "matmul": _matmul_flops,
+    "gspmm": lambda v, count, edges, width, dims: (2 if len(v.operands) == 2 else 1) * edges * width,
+    "attention": lambda v, count, edges, width, dims: 2 * edges * width + 6 * edges * _size(v.operands[0].type, dims),
+    "typed_linear": _typed_linear_flops,
+    "aggregate": lambda v, count, edges, width, dims: edges * width,
+    "softmax": _per_element_flops, "batch_norm": _per_element_flops, "contract_rows": _per_element_flops,
+    "broadcast": _per_element_flops,
+}
+
+
+def flop_rule(op: str):
+    """The FLOP formula of ``op``: its entry in ``FLOP_RULES``, else by its traits."""
+    rule = FLOP_RULES.get(op)
+    if rule is not None:
+        return rule
+    if OPS[op].has(Trait.ELEMENTWISE) or OPS[op].has(Trait.ROW_WISE):
+        return _per_element_flops
+    raise MissingRule(f"the cost report has no FLOP rule for op {op}: add one to mpdsl.plan.FLOP_RULES")
+
+
+def runs_a_kernel(v: Value) -> bool:
+    """Whether ``v`` is computed at run time (model inputs, params and constants are not)."""
+    return not (OPS[v.op].has(Trait.INTERFACE) or v.op == "const")
+
+
 def op_cost(v: Value, rows: Mapping[Domain, int], dims: Mapping[str, int], itemsize: int) -> OpCost:
     """Bytes the op materialises (its result) and its floating-point operations."""
-    count = rows[v.type.domain] * _size(v.type, dims)
-    width = _size(v.type, dims)
-    edges = rows[Domain.EDGE]
-    if v.op in ("input", "param", "const"):
+    if not runs_a_kernel(v):
         return OpCost(v, 0, 0)
-    if v.op == "matmul":
-        flops = 2 * count * v.operands[0].type.shape[-1].substitute(dims).value
-    elif v.op in ("gspmm",):
-        flops = (2 if len(v.operands) == 2 else 1) * edges * width
-    elif v.op == "attention":
-        flops = 2 * edges * width + 6 * edges * _size(v.operands[0].type, dims)
-    elif v.op == "typed_linear":
-        h, w, _ = v.operands
-        flops = 2 * edges * _size(w.type, dims) // max(1, w.type.shape[0].substitute(dims).value)
-    elif v.op == "aggregate":
-        flops = edges * width if v.attr["by"] != "graph" else rows[Domain.NODE] * width
-    elif v.op in ("gather", "select", "reshape", "take", "one_hot", "degree"):
-        flops = 0
-    else:
-        flops = count * max(1, len(v.operands))
+    width = _size(v.type, dims)
+    count = rows[v.type.domain] * width
+    edges = rows[v.operands[0].type.domain] if v.op == "aggregate" else rows[Domain.EDGE]
+    flops = flop_rule(v.op)(v, count, edges, width, dims)
     return OpCost(v, count * (8 if v.type.dtype == "i64" else itemsize), flops)
 
 
@@ -273,7 +304,7 @@ def report(reference: Program, optimized: Program, notes: list[tuple[str, str]],
     kernel = 0
     for c in costs:
         v = c.value
-        if v.op in ("input", "param", "const"):
+        if not runs_a_kernel(v):
             continue
         kernel += 1
         layout = v.attr.get("layout", "csr_dst" if v.op in ("aggregate", "softmax") and v.attr["by"] == "dst"
@@ -283,7 +314,7 @@ def report(reference: Program, optimized: Program, notes: list[tuple[str, str]],
     ref_costs = program_costs(reference, rows, dims)
 
     def totals(cs: list[OpCost]) -> tuple[int, int, int, int]:
-        kernels = sum(1 for c in cs if c.value.op not in ("input", "param", "const"))
+        kernels = sum(1 for c in cs if runs_a_kernel(c.value))
         edge_bytes = sum(c.bytes_out for c in cs if c.value.type.domain is Domain.EDGE)
         return kernels, sum(c.bytes_out for c in cs), edge_bytes, sum(c.flops for c in cs)
 

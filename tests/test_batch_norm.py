@@ -327,12 +327,32 @@ def test_batch_norm_of_gathered_values_stays_on_the_edges():
         close(got[name], want[name], rtol=1e-12, what=name)
 
 
-def test_common_subexpression_elimination_merges_equal_batch_norms():
+def test_equal_batch_norms_are_two_updates_in_training_and_one_value_in_eval():
+    """Two identical calls in training update the running statistics twice (as two torch calls of
+    one BatchNorm1d module would): CSE must not merge stateful values (``Effect.STATEFUL``)."""
     text = SOURCE.replace("return batch_norm(x, rm, rv, g, b),",
                           "return batch_norm(x, rm, rv, g, b) + batch_norm(x, rm, rv, g, b),")
-    m = mpdsl.compile(text, dtype="float64", dims={"F": F})
-    assert sum(v.op == "batch_norm" for v in m.ir.values) == 3
-    assert sum(v.op == "batch_norm" for v in m.optimized_ir.values) == 2
+    plain = mpdsl.compile(text, dtype="float64", dims={"F": F}, optimize=False).load_weights(weights()).train()
+    fused = mpdsl.compile(text, dtype="float64", dims={"F": F}).load_weights(weights()).train()
+    assert sum(v.op == "batch_norm" for v in fused.optimized_ir.values) == 3
+    for step in range(2):
+        a, b = plain.run(GRAPH, **inputs(step)), fused.run(GRAPH, **inputs(step))
+        close(b["h"], a["h"], rtol=1e-12)
+    for name in ("rm", "rv"):
+        close(fused.params[name], plain.params[name], rtol=1e-12, what=name)
+    evaluated = specialize(fused.ir, {"F": F})
+    frozen = set_batch_norm_mode(evaluated, training=False)
+    assert sum(v.op == "batch_norm" for v in optimize(frozen, target="cpu")[0].values) == 2, \
+        "in eval mode batch_norm is pure: equal calls are merged"
+
+
+def test_an_unused_batch_norm_still_updates_its_statistics():
+    text = SOURCE.replace("return batch_norm(x, rm, rv, g, b),", "unused = batch_norm(x, rm, rv, g, b)\n    return x,")
+    for optimized in (False, True):
+        m = mpdsl.compile(text, dtype="float64", dims={"F": F}, optimize=optimized).load_weights(weights()).train()
+        assert any(v.op == "batch_norm" and v.operands[0].type.domain is Domain.NODE for v in m.optimized_ir.values)
+        m.run(GRAPH, **inputs(0))
+        assert not np.array_equal(m.params["rm"], weights()["rm"]), f"optimize={optimized}: statistics not updated"
 
 
 # ---- examples/gine.mp trains through to_torch ----------------------------------------------------------

@@ -4,15 +4,11 @@ aggregations (Graphiler's "reorder", PIGEON's linear operator reordering)."""
 from __future__ import annotations
 
 from mpdsl.ir import Program, Value
-from mpdsl.ops import BINARY_OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR, shape_size
+from mpdsl.ops import OPS, Trait, is_pure, shape_size
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, rewrite_to_fixpoint
 from mpdsl.types import Dim, Domain
 
-# Ops whose output row r depends only on row r of each row-domain operand (params are uniform).
-# dropout is excluded: hoisting it would share one random mask among all edges of a node.
-ROW_WISE = (set(UNARY_OPS) | (set(UNARY_OPS_WITH_ATTR) - {"dropout"}) | set(BINARY_OPS)
-            | {"matmul", "reduce", "axis_softmax", "concat", "reshape", "select", "einsum", "one_hot", "take"})
 _GATHER_SOURCE = {"src": Domain.NODE, "dst": Domain.NODE, "batch": Domain.GRAPH}
 
 
@@ -27,8 +23,8 @@ class HoistGathers(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         def rule(v: Value, rw: Rewriter) -> Value | None:
-            if v.op not in ROW_WISE:
-                return None
+            if not OPS[v.op].has(Trait.ROW_WISE) or not is_pure(v):
+                return None  # a random op hoisted would share one draw among all edges of a node
             rows = [o for o in v.operands if o.type.domain is not Domain.PARAM]
             if not rows or any(o.op != "gather" for o in rows):
                 return None
@@ -37,7 +33,7 @@ class HoistGathers(Pass):
                 return None
             index = indices.pop()
             operands = [o.operands[0] if o.op == "gather" else o for o in v.operands]
-            declared = v.type.with_(domain=_GATHER_SOURCE[index]) if v.op in ("reshape", "one_hot") else None
+            declared = v.type.with_(domain=_GATHER_SOURCE[index]) if OPS[v.op].declared else None
             inner = rw.emit(v.op, operands, v.attr, like=v, declared=declared)
             return rw.emit("gather", [inner], {"index": index}, like=v)
 

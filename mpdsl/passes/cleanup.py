@@ -7,16 +7,16 @@ import math
 import numpy as np
 
 from mpdsl.ir import Program, Value
-from mpdsl.ops import BINARY_OPS, UNARY_OPS, UNARY_OPS_WITH_ATTR
+from mpdsl.ops import OPS, NUMPY_MATH, Trait, is_pure
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite
-
-IMPURE_OPS = {"dropout"}  # random in training: two calls are two draws
 
 
 @register
 class DeadCodeElimination(Pass):
-    """Remove values no output depends on; inputs and params stay (they are the model's interface)."""
+    """Remove values no output depends on; inputs and params stay (they are the model's interface),
+    and so do stateful values (``Effect.STATEFUL``: a batch_norm in training updates its running
+    statistics even when its result is unused)."""
 
     name = "dce"
 
@@ -30,7 +30,8 @@ class DeadCodeElimination(Pass):
 
 @register
 class CommonSubexpressionElimination(Pass):
-    """Replace a pure value by an earlier one with the same op, operands, attributes and type."""
+    """Replace a pure value (``Effect.PURE``) by an earlier one with the same op, operands, attributes
+    and type; random and stateful values, and the model's interface, are never merged."""
 
     name = "cse"
 
@@ -38,7 +39,7 @@ class CommonSubexpressionElimination(Pass):
         seen: dict[tuple, Value] = {}
 
         def rule(v: Value, rw: Rewriter) -> Value | None:
-            if v.op in IMPURE_OPS or v.op in ("input", "param"):
+            if not is_pure(v) or OPS[v.op].has(Trait.INTERFACE):
                 return None
             key = (v.op, tuple(id(o) for o in v.operands), v.attrs, v.type)
             earlier = seen.get(key)
@@ -54,27 +55,16 @@ class CommonSubexpressionElimination(Pass):
         return result
 
 
-_NUMPY_UNARY = {
-    "neg": np.negative, "relu": lambda x: max(x, 0.0), "sigmoid": lambda x: 1 / (1 + math.exp(-x)),
-    "tanh": math.tanh, "exp": math.exp, "log": math.log, "sqrt": math.sqrt, "rsqrt": lambda x: 1 / math.sqrt(x),
-    "abs": abs, "silu": lambda x: x / (1 + math.exp(-x)), "softplus": lambda x: math.log1p(math.exp(x)),
-    "gelu": lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))),
-}
-_NUMPY_BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-                 "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "maximum": max, "minimum": min}
-# (op, constant operand position, constant value): x op c == x
-_IDENTITIES = {("add", 1, 0.0), ("add", 0, 0.0), ("sub", 1, 0.0), ("mul", 1, 1.0), ("mul", 0, 1.0),
-               ("div", 1, 1.0), ("pow", 1, 1.0)}
-
-
 def _const_value(v: Value) -> float | None:
     return v.attr["value"] if v.op == "const" else None
 
 
 @register
 class ConstantFolding(Pass):
-    """Evaluate elementwise ops on scalar constants at compile time, and drop identities
-    (x + 0, x * 1, x / 1, x ** 1) when they do not change the type."""
+    """Evaluate pure elementwise ops on scalar constants at compile time with the op's own ``compute``
+    rule (in float64, NumPy: the reference semantics), keeping non-finite results for run time, and
+    drop the identities each op declares (x + 0, x * 1, x / 1, x ** 1) when they do not change the
+    type."""
 
     name = "constant_folding"
 
@@ -83,32 +73,25 @@ class ConstantFolding(Pass):
 
         def rule(v: Value, rw: Rewriter) -> Value | None:
             nonlocal folded
+            opdef = OPS[v.op]
             consts = [_const_value(o) for o in v.operands]
             if v.operands and all(c is not None for c in consts):
-                try:
-                    with np.errstate(all="ignore"):
-                        if v.op in _NUMPY_UNARY:
-                            value = float(_NUMPY_UNARY[v.op](consts[0]))
-                        elif v.op in UNARY_OPS_WITH_ATTR and v.op != "dropout":
-                            x, a = consts[0], next(iter(v.attr.values()))
-                            value = x if x > 0 else (a * x if v.op == "leaky_relu" else a * math.expm1(x))
-                        elif v.op in _NUMPY_BINARY:
-                            value = float(_NUMPY_BINARY[v.op](*consts))
-                        else:
-                            return None
-                except (ValueError, OverflowError, ZeroDivisionError):
+                if opdef.compute is None or not is_pure(v):
+                    return None
+                with np.errstate(all="ignore"):
+                    value = float(opdef.compute(NUMPY_MATH, *map(np.float64, consts), **v.attr))
+                if not math.isfinite(value):
                     return None
                 folded += 1
                 return rw.const(value, v.type.dtype, like=v)
-            if v.op in BINARY_OPS:
-                for pos, c in enumerate(consts):
+            for pos, c in enumerate(consts):
+                if c is not None and (pos, c) in opdef.identities:
                     other = v.operands[1 - pos]
-                    if c is not None and (v.op, pos, c) in _IDENTITIES and other.type == v.type:
+                    if other.type == v.type:
                         folded += 1
                         return other
             return None
 
-        assert set(_NUMPY_UNARY) == set(UNARY_OPS) and set(_NUMPY_BINARY) == set(BINARY_OPS)
         result, _ = rewrite(program, rule)
         if folded:
             ctx.note(self.name, f"folded {folded} constant expression(s)")

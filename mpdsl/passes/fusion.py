@@ -4,7 +4,7 @@ matmuls with compact materialisation."""
 from __future__ import annotations
 
 from mpdsl.ir import Program, Value
-from mpdsl.ops import is_prefix
+from mpdsl.ops import OPS, is_prefix
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, rewrite
 from mpdsl.types import Domain
@@ -77,7 +77,7 @@ class FuseMessageAggregate(Pass):
     def run(self, program: Program, ctx: PassContext) -> Program:
         def rule(v: Value, rw: Rewriter) -> Value | None:
             by = v.attr["by"]
-            if by not in OPPOSITE or v.attr["reduce"] == "std":
+            if by not in OPPOSITE or v.attr["reduce"] not in OPS["gspmm"].attrs["reduce"]:
                 return None
             factors = _mul_factors(v.operands[0])
             wide = [f for f in factors if f.op == "gather" and f.attr["index"] == OPPOSITE[by]

@@ -1,0 +1,102 @@
+"""One small, well-typed use of every IR op, for the coverage tests (``test_op_table.py``).
+
+``SAMPLES[op]`` is a function of the op's attributes returning its operand types (and the declared
+result type of ops that read one). ``attr_cases(op)`` enumerates the attribute combinations to try:
+every value of each closed attribute (a tuple in ``OpDef.attrs``) crossed with the others, and a
+fixed value (``OPEN_ATTRS``) for each open one. An op without a sample, or an open attribute
+without a value, fails ``test_every_op_has_a_sample``: a new op is covered the day it is added.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from mpdsl.ops import OPS
+from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType
+
+F64 = "f64"
+NODE, EDGE, GRAPH, PARAM = Domain.NODE, Domain.EDGE, Domain.GRAPH, Domain.PARAM
+RELATIONS = 4  # int ids (``etype``) are below this
+
+
+def t(domain: Domain, *shape: int) -> TensorType:
+    return TensorType(domain, tuple(Dim(d) for d in shape), F64)
+
+
+IDS = TensorType(EDGE, (), INT_DTYPE)
+
+
+def _unary(attrs):
+    return [t(NODE, 2, 3)], None
+
+
+def _binary(attrs):
+    return [t(NODE, 2, 3), t(PARAM, 2)], None
+
+
+def _by_domain(by: str) -> Domain:
+    return NODE if by == "graph" else EDGE
+
+
+SAMPLES = {
+    "input": None, "param": None,  # every sample program has inputs and params
+    "const": lambda attrs: ([], t(PARAM)),
+    "degree": lambda attrs: ([], t(NODE)),
+    **{name: _unary for name, d in OPS.items() if d.arity == 1 and d.compute is not None or name == "dropout"},
+    **{name: _binary for name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum")},
+    "gt": lambda attrs: ([t(NODE, 3), t(NODE, 3)], None),
+    "eq": lambda attrs: ([t(NODE, 3), t(NODE, 3)], None),
+    "matmul": lambda attrs: ([t(EDGE, 2, 3), t(PARAM, 3, 2)], None),
+    "reduce": lambda attrs: ([t(NODE, 2, 3)], None),
+    "axis_softmax": lambda attrs: ([t(NODE, 2, 3)], None),
+    "concat": lambda attrs: ([t(NODE, 2), t(NODE, 3)], None),
+    "einsum": lambda attrs: ([t(EDGE, 2, 3), t(PARAM, 2, 3, 4)], None),
+    "reshape": lambda attrs: ([t(NODE, 2, 3)], t(NODE, 6)),
+    "one_hot": lambda attrs: ([IDS], t(EDGE, attrs["classes"])),
+    "batch_norm": lambda attrs: ([t(NODE, 3)] + [t(PARAM, 3)] * 4, None),
+    "gather": lambda attrs: ([t(GRAPH if attrs["index"] == "batch" else NODE, 3)], None),
+    "take": lambda attrs: ([t(PARAM, RELATIONS, 3), IDS], None),
+    "select": lambda attrs: ([t(NODE, 3, 2)], None),
+    "aggregate": lambda attrs: ([t(_by_domain(attrs["by"]), 3)], None),
+    "softmax": lambda attrs: ([t(_by_domain(attrs["by"]), 2)], None),
+    "gspmm": lambda attrs: ([t(NODE, 2, 3), t(EDGE, 2)], None),
+    "attention": lambda attrs: ([t(EDGE, 2), t(NODE, 2, 3)], None),
+    "typed_linear": lambda attrs: ([t(NODE, 3), t(PARAM, RELATIONS, 3, 2), IDS], None),
+    "contract_rows": lambda attrs: ([t(NODE, 3), t(NODE, 2)], None),
+    "broadcast": lambda attrs: ([t(PARAM, 3)], t(NODE, 3, 2)),
+    "slice": lambda attrs: ([t(NODE, 5)], None),
+    "pad": lambda attrs: ([t(NODE, 3)], None),
+}
+
+# A value for each open (typed) attribute, per op.
+OPEN_ATTRS = {
+    "const": {"value": 0.5},
+    "leaky_relu": {"slope": 0.2}, "elu": {"alpha": 1.0}, "dropout": {"p": 0.5},
+    "reduce": {"axis": -1}, "axis_softmax": {"axis": 0}, "concat": {"axis": -1},
+    "einsum": {"spec": "hd,hde->he"}, "one_hot": {"classes": 3},
+    "batch_norm": {"eps": 1e-5, "momentum": 0.1}, "select": {"index": 1},
+    "contract_rows": {"spec": "k,m->km"},
+    "slice": {"axis": 0, "start": 1, "stop": 3}, "pad": {"axis": 0, "before": 1, "after": 2},
+}
+
+
+def attr_cases(op: str) -> list[dict]:
+    """Every combination of op's closed attribute values, with ``OPEN_ATTRS`` for the open ones."""
+    opdef = OPS[op]
+    closed = opdef.closed_attrs()
+    fixed = {k: OPEN_ATTRS[op][k] for k in opdef.attrs if k not in closed}
+    keys = sorted(closed)
+    return [dict(fixed, **dict(zip(keys, values))) for values in itertools.product(*(closed[k] for k in keys))]
+
+
+def missing_samples() -> list[str]:
+    """Ops (or ``op.attr``) the coverage tests cannot build: a new op or open attribute needs a sample."""
+    missing = []
+    for name, opdef in OPS.items():
+        if name not in SAMPLES:
+            missing.append(name)
+            continue
+        for key, allowed in opdef.attrs.items():
+            if not isinstance(allowed, tuple) and key not in OPEN_ATTRS.get(name, {}) and SAMPLES[name] is not None:
+                missing.append(f"{name}.{key}")
+    return missing
