@@ -822,3 +822,4 @@ def _pad(types, attrs, declared):
     if attrs["before"] < 0 or attrs["after"] < 0:
         raise TypeRuleError("pad widths are not negative")
     return t.with_(shape=t.shape[:axis] + (Dim(size + attrs["before"] + attrs["after"]),) + t.shape[axis + 1:])
+

@@ -268,3 +268,12 @@ def test_pure_equal_values_are_merged():
 def test_every_trait_is_used_by_some_op():
     used = {t for d in OPS.values() for t in d.traits}
     assert used == set(Trait)
+
+
+def test_docs_op_reference_is_generated_from_the_op_table():
+    from mpdsl.op_reference import reference
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
+    assert path.read_text() == reference(), "regenerate it: python -m mpdsl.op_reference > docs/ops.md"
+    for name in OPS:
+        assert f"## `{name}`" in path.read_text()
