@@ -31,7 +31,7 @@ from mpdsl.backends.row_fusion import RowGroup, fuse_rows
 from mpdsl.backends import (Backend, array_axis, batch_norm_statistics, batch_norm_training, check_ids,
                             expand_operand, feature_width, gather_index, register_backend, rule)
 from mpdsl.ir import Program, Value
-from mpdsl.ops import NUMPY_MATH, OPS, ArrayMath, MissingRule, choose
+from mpdsl.ops import COMPUTED_OPS, NUMPY_MATH, OPS, ArrayMath, MissingRule, choose
 from mpdsl.types import Domain, TensorType
 
 
@@ -361,7 +361,6 @@ def _gather_index(ctx: ExecContext, v: Value) -> np.ndarray:
     return gather_index(ctx.graph, v.attr["index"])
 
 
-COMPUTED_OPS = tuple(name for name, opdef in OPS.items() if opdef.compute is not None)
 
 
 class _Operand:

@@ -38,7 +38,7 @@ from mpdsl.backends.triton_kernels import (KERNELS, REDUCTION_KERNELS, Attention
                                            SegmentReduce,
                                            SegmentSoftmax, TypedLinear, next_pow2)
 from mpdsl.ir import Program, Value, print_program
-from mpdsl.ops import OPS, ArrayMath, MissingRule, choose
+from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath, MissingRule, choose
 from mpdsl.plan import runs_a_kernel
 from mpdsl.types import Domain, TensorType
 
@@ -195,7 +195,6 @@ class TorchMath(ArrayMath):
 
 
 TORCH_MATH = TorchMath()
-COMPUTED_OPS = tuple(name for name, opdef in OPS.items() if opdef.compute is not None)
 _AXIS_REDUCTIONS = {"sum": lambda x, axis: torch.sum(x, axis), "mean": lambda x, axis: torch.mean(x, axis),
                     "max": lambda x, axis: torch.amax(x, axis), "min": lambda x, axis: torch.amin(x, axis)}
 

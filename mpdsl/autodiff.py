@@ -724,7 +724,6 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
         if any(id(o) in late for o in v.operands):
             late.add(id(v))
     out_map = dict(program.outputs)
-    sources = ("input", "param", "const", "degree")
     taken = {v.name for v in program.values if v.name is not None} | set(out_map)
     residuals: dict[int, Value] = {}     # forward value -> its source in the backward program
     residual_names: list[str] = []
@@ -733,7 +732,7 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
 
     def early(v: Value) -> Value:
         """A forward-part value as seen by the backward program."""
-        if v.op in sources:
+        if OPS[v.op].has(Trait.SOURCE):  # recomputed (or re-read) by the backward part, not a residual
             if id(v) not in mapping:
                 mapping[id(v)] = v
                 back_values.append(v)

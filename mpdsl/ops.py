@@ -823,3 +823,6 @@ def _pad(types, attrs, declared):
         raise TypeRuleError("pad widths are not negative")
     return t.with_(shape=t.shape[:axis] + (Dim(size + attrs["before"] + attrs["after"]),) + t.shape[axis + 1:])
 
+
+# The ops whose math is declared here (``compute``): the backends run them through one generic rule.
+COMPUTED_OPS = tuple(name for name, opdef in OPS.items() if opdef.compute is not None)
