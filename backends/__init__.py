@@ -8,7 +8,8 @@ cannot run must still appear, as ``unsupported("op", reason)``, so that coverage
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from mpdsl.ops import OPS, choose, running_statistic
 from mpdsl.types import Domain, TensorType
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
-BACKENDS: dict[str, type["Backend"]] = {}
+BACKENDS: dict[str, type[Backend]] = {}
 
 
 class BackendError(MpdslError):
@@ -38,7 +39,7 @@ class _Unsupported:
     def __init__(self, op: str, reason: str):
         self.op, self.reason = op, reason
 
-    def __call__(self, backend: "Backend", *args: Any) -> Any:
+    def __call__(self, backend: Backend, *args: Any) -> Any:
         raise BackendError(f"the {backend.name} backend cannot run op '{self.op}': {self.reason}",
                            "run this model with --backend numpy")
 

@@ -24,7 +24,6 @@ before the kernel runs: tests check that kernels write every element), block siz
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,11 +31,31 @@ from typing import Any
 
 import numpy as np
 
-from mpdsl.backends import (Backend, BackendError, array_axis, batch_norm_statistics, batch_norm_training,
-                            check_ids, expand_operand, feature_width, gather_index, register_backend, rule)
-from mpdsl.backends.triton_kernels import (KERNELS, REDUCTION_KERNELS, Attention, CooAttention, CooGspmm, KernelSpec,
-                                           SegmentReduce,
-                                           SegmentSoftmax, TypedLinear, next_pow2)
+from mpdsl.backends import (
+    Backend,
+    BackendError,
+    array_axis,
+    batch_norm_statistics,
+    batch_norm_training,
+    check_ids,
+    expand_operand,
+    feature_width,
+    gather_index,
+    register_backend,
+    rule,
+)
+from mpdsl.backends.triton_kernels import (
+    KERNELS,
+    REDUCTION_KERNELS,
+    Attention,
+    CooAttention,
+    CooGspmm,
+    KernelSpec,
+    SegmentReduce,
+    SegmentSoftmax,
+    TypedLinear,
+    next_pow2,
+)
 from mpdsl.ir import Program, Value, print_program
 from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath, MissingRule, choose
 from mpdsl.plan import runs_a_kernel
@@ -404,7 +423,8 @@ class TritonBackend(Backend):
     @rule("contract_rows")
     def _contract_rows(self, ctx, v, *xs):
         inputs, out = v.attr["spec"].replace(" ", "").split("->")
-        terms = [("" if o.type.domain is Domain.PARAM else "R") + term for term, o in zip(inputs.split(","), v.operands)]
+        terms = [("" if o.type.domain is Domain.PARAM else "R") + term
+                 for term, o in zip(inputs.split(","), v.operands)]
         return torch.einsum(f"{','.join(terms)}->{out}", *xs)
 
     @rule("broadcast")
@@ -652,7 +672,8 @@ def choose_reduce(v: Value) -> str:
 def emit_triton(program: Program, dims: dict[str, int] | None = None, layout: str | None = None) -> str:
     """The generated Triton source of ``program``'s graph ops, each kernel headed by the IR op it
     comes from (a kernel shared by several ops is printed once). Needs no GPU, torch or triton."""
-    from mpdsl.backends.triton_kernels import HEADER, KERNELS as cache
+    from mpdsl.backends.triton_kernels import HEADER
+    from mpdsl.backends.triton_kernels import KERNELS as cache
 
     ir_lines = print_program(program).splitlines()[1:1 + len(program.values)]
     line_of = {id(v): text.strip() for v, text in zip(program.values, ir_lines)}

@@ -194,7 +194,7 @@ class _Code:
         self.lines: list[str] = []
         self.level = 0
 
-    def __call__(self, *lines: str) -> "_Code":
+    def __call__(self, *lines: str) -> _Code:
         for line in lines:
             self.lines.append("    " * self.level + line if line else "")
         return self
@@ -578,7 +578,7 @@ class KernelCache:
                 linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
                 namespace: dict[str, Any] = {"__name__": f"mpdsl_triton_{spec.key}"}
                 with _interpreter(interpret):
-                    exec(compile(text, filename, "exec"), namespace)  # noqa: S102 - our own generated source
+                    exec(compile(text, filename, "exec"), namespace)
                 self._compiled[cache_key] = {name: namespace[name] for name in spec.functions()}
                 self.compilations += 1
         return self._compiled[cache_key]

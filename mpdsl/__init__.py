@@ -9,6 +9,16 @@ from mpdsl.diagnostics import CompileError, GraphError, InputError, MpdslError, 
 from mpdsl.graph import Graph
 from mpdsl.runtime import CompiledModel
 
-__all__ = ["compile", "lower", "read_source", "CompiledModel", "Graph", "MpdslError", "CompileError",
-           "GraphError", "InputError", "WeightsError"]
+__all__ = [
+           "CompileError",
+           "CompiledModel",
+           "Graph",
+           "GraphError",
+           "InputError",
+           "MpdslError",
+           "WeightsError",
+           "compile",
+           "lower",
+           "read_source",
+]
 __version__ = "0.1.0"

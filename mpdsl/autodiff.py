@@ -51,9 +51,7 @@ range and its transpose).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
-
-import numpy as np
+from collections.abc import Callable, Iterable, Sequence
 
 from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
@@ -223,7 +221,8 @@ class GradBuilder(Rewriter):
             elif self._made(o, "broadcast") and o.operands[0].type.domain is o.type.domain:
                 (x,) = o.operands
                 pending.insert(0, (x, letters_of(x, o, term)))
-            elif (self._made(o, "reshape") and [d for d in o.type.shape if d != Dim(1)] == list(o.operands[0].type.shape)):
+            elif (self._made(o, "reshape")
+                  and [d for d in o.type.shape if d != Dim(1)] == list(o.operands[0].type.shape)):
                 # a reshape that only inserted size-1 axes: its source takes the other letters
                 pending.insert(0, (o.operands[0], "".join(ch for ch, d in zip(term, o.type.shape) if d != Dim(1))))
             elif (several and o.op == "take" and o.type.domain is not Domain.PARAM
@@ -464,7 +463,7 @@ def _take_adjoint(v, g, b, needed):
 
 @adjoint("batch_norm")
 def _batch_norm_adjoint(v, g, b, needed):
-    x, running_mean, running_var, gamma, beta = v.operands
+    x, running_mean, running_var, gamma, _beta = v.operands
     letters = LETTERS[:x.type.rank]
     per_feature = gamma.type
 

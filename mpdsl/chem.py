@@ -46,7 +46,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,9 +55,21 @@ from .diagnostics import GraphError, MpdslError
 from .graph import Graph
 
 __all__ = [
-    "ATOM_DIM", "ATOM_FEATURES", "ATOM_GROUPS", "BOND_DIM", "BOND_FEATURES", "BOND_GROUPS",
-    "ELEMENTS", "ChemError", "MoleculeDataset", "from_smiles", "molecules", "split",
-    "tpsa_dataset", "tpsa_path", "main",
+    "ATOM_DIM",
+    "ATOM_FEATURES",
+    "ATOM_GROUPS",
+    "BOND_DIM",
+    "BOND_FEATURES",
+    "BOND_GROUPS",
+    "ELEMENTS",
+    "ChemError",
+    "MoleculeDataset",
+    "from_smiles",
+    "main",
+    "molecules",
+    "split",
+    "tpsa_dataset",
+    "tpsa_path",
 ]
 
 INSTALL_HINT = 'pip install "mpdsl[chem]"'
@@ -266,7 +279,7 @@ class MoleculeDataset(tuple):
     loaded) and ``source`` (the file read)."""
 
     def __new__(cls, graph: Graph, y: np.ndarray, smiles: Sequence[str],
-                skipped: Sequence[tuple[int, str, str]], source: str) -> "MoleculeDataset":
+                skipped: Sequence[tuple[int, str, str]], source: str) -> MoleculeDataset:
         self = super().__new__(cls, (graph, y))
         self.smiles = tuple(smiles)
         self.skipped = tuple(skipped)
@@ -399,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[mpdsl.chem] wrote {args.out}: {graph.num_graphs} molecules{note}, "
           f"{graph.num_nodes} atoms, {graph.num_edges} directed bonds, "
-          f"{'; '.join(f'{k} {list(graph[k].shape)}' for k in graph.keys())} "
+          f"{'; '.join(f'{k} {list(graph[k].shape)}' for k in graph.keys())} "  # noqa: SIM118
           f"in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import lark
 
@@ -27,7 +28,7 @@ class Value:
     """The result of one op. Compared by identity (SSA)."""
 
     op: str
-    operands: tuple["Value", ...]
+    operands: tuple[Value, ...]
     attrs: tuple[tuple[str, Any], ...]
     type: TensorType
     span: Span | None = field(default=None, repr=False)

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import scipy.special
 
-from mpdsl.types import (Dim, Domain, INT_DTYPE, TensorType, TypeRuleError, broadcast_shapes,
-                         join_domains, shape_str)
+from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError, broadcast_shapes, join_domains, shape_str
 
 Attrs = dict[str, Any]
 TypeRule = Callable[[list[TensorType], Attrs, "TensorType | None"], TensorType]

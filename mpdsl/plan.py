@@ -4,8 +4,8 @@ report of ``mpdsl compile --emit plan`` (kernels, bytes materialised, FLOPs, lay
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -140,7 +140,8 @@ def decide_node_order(graph: Graph, mode: str) -> LayoutDecision:
     if mode == "none":
         return LayoutDecision(None, "node reordering disabled", 0.0)
     if mode == "auto" and n < REORDER_MIN_NODES:
-        return LayoutDecision(None, f"no reordering: {n} nodes is below {REORDER_MIN_NODES} (features stay in cache)", 0.0)
+        return LayoutDecision(None, f"no reordering: {n} nodes is below {REORDER_MIN_NODES} (features stay in cache)",
+                              0.0)
     if mode == "auto" and before >= 0.5:
         return LayoutDecision(None, f"no reordering: {before:.0%} of edges are already local", 0.0)
     order = _order_from_perm(community_order(graph.src, graph.dst, n))

@@ -37,8 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdsl.autodiff import (batch_norm_statistics, grad_program, mask_dropout, retype, set_batch_norm_mode,
-                            split_program)
+from mpdsl.autodiff import batch_norm_statistics, grad_program, mask_dropout, retype, set_batch_norm_mode, split_program
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.ir import Program
 from mpdsl.passes import optimize
@@ -73,7 +72,7 @@ class Programs:
 class _Call:
     """One forward call, as its backward needs it."""
 
-    module: "MpdslModule"
+    module: MpdslModule
     programs: Programs
     graph: Any                          # the graph the programs run on (laid out)
     original: Any                       # the graph as given
@@ -126,7 +125,8 @@ class _RunProgram(torch.autograd.Function):
         for (name, value), grad in zip(call.programs.forward.outputs, grads):
             if not value.type.is_float:
                 continue
-            array = (np.zeros(module._concrete_shape(value.type, call.graph, call.dims), dtype=call.dtype) if grad is None
+            shape = module._concrete_shape(value.type, call.graph, call.dims)
+            array = (np.zeros(shape, dtype=call.dtype) if grad is None
                      else np.ascontiguousarray(grad.detach().cpu().numpy(), dtype=call.dtype))
             (per_param if value.type.domain is Domain.PARAM else rows)[f"d_{name}"] = array
             types[f"d_{name}"] = value.type

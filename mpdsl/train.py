@@ -33,8 +33,9 @@ and written with ``--save`` (an .npz that ``CompiledModel.load_weights`` and ``m
 install "mpdsl[train]"``), ``--history h.json`` writes them as JSON.
 
 Dropout and ``batch_norm`` follow ``train()`` / ``eval()`` (training steps in training mode: batch
-statistics, running statistics updated; every evaluation in eval mode: running statistics). ``--seed`` seeds the parameter initialisation,
-torch's generator (dropout masks) and the mini-batch shuffling: a run is repeatable.
+statistics, running statistics updated; every evaluation in eval mode: running statistics). ``--seed`` seeds
+the parameter initialisation, torch's generator (dropout masks) and the mini-batch shuffling: a run is
+repeatable.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -61,8 +63,18 @@ SPLITS = ("masks", "karate-4", "80-10-10")
 LOSSES = ("mse", "l1")
 TRAIN_HINT = 'pip install "mpdsl[train]"'
 
-__all__ = ["TASKS", "SPLITS", "TrainError", "TaskData", "TrainResult", "load_data", "fit", "plot_history",
-           "add_arguments", "run_cli"]
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "TaskData",
+    "TrainError",
+    "TrainResult",
+    "add_arguments",
+    "fit",
+    "load_data",
+    "plot_history",
+    "run_cli",
+]
 
 
 class TrainError(MpdslError):
@@ -230,7 +242,7 @@ def _output_type(model, data: TaskData):
         classes = int(data.y[labelled].max()) + 1
         if t.rank == 0 or size < classes:
             raise TrainError(f"'{model.name}' returns {t} but the labels have {classes} classes",
-                             "give the output one score per class (e.g. --dim C=%d)" % classes)
+                             f"give the output one score per class (e.g. --dim C={classes})")
     elif size != data.y.shape[1]:
         raise TrainError(f"'{model.name}' returns {t} but the targets have {data.y.shape[1]} "
                          f"value{'s' if data.y.shape[1] > 1 else ''} per graph",

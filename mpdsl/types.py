@@ -12,9 +12,9 @@ a bias ``param[C]`` adds to ``node[C]``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Mapping, Union
 
 
 class Domain(str, Enum):
@@ -39,7 +39,7 @@ class Dim:
     symbols: tuple[str, ...] = ()
 
     @staticmethod
-    def of(value: Union[int, str, "Dim"]) -> "Dim":
+    def of(value: int | str | Dim) -> Dim:
         if isinstance(value, Dim):
             return value
         if isinstance(value, int):
@@ -47,7 +47,7 @@ class Dim:
         return Dim(1, (value,))
 
     @staticmethod
-    def parse(text: str) -> "Dim":
+    def parse(text: str) -> Dim:
         result = Dim(1)
         for factor in text.split("*"):
             factor = factor.strip()
@@ -64,11 +64,11 @@ class Dim:
             raise ValueError(f"dimension {self} is symbolic")
         return self.coeff
 
-    def __mul__(self, other: "Dim") -> "Dim":
+    def __mul__(self, other: Dim) -> Dim:
         other = Dim.of(other)
         return Dim(self.coeff * other.coeff, tuple(sorted(self.symbols + other.symbols)))
 
-    def substitute(self, env: Mapping[str, "Dim | int"]) -> "Dim":
+    def substitute(self, env: Mapping[str, Dim | int]) -> Dim:
         result = Dim(self.coeff)
         for sym in self.symbols:
             result = result * (Dim.of(env[sym]) if sym in env else Dim(1, (sym,)))
@@ -109,12 +109,12 @@ class TensorType:
         return self.dtype in FLOAT_DTYPES
 
     def with_(self, domain: Domain | None = None, shape: Shape | None = None,
-              dtype: str | None = None) -> "TensorType":
+              dtype: str | None = None) -> TensorType:
         return TensorType(self.domain if domain is None else domain,
                           self.shape if shape is None else tuple(shape),
                           self.dtype if dtype is None else dtype)
 
-    def substitute(self, env: Mapping[str, "Dim | int"]) -> "TensorType":
+    def substitute(self, env: Mapping[str, Dim | int]) -> TensorType:
         return self.with_(shape=tuple(d.substitute(env) for d in self.shape))
 
 
@@ -151,7 +151,7 @@ def broadcast_shapes(shapes: list[Shape], what: str) -> Shape:
         dim = one
         for i, shape in enumerate(shapes):
             d = shape[axis] if axis < len(shape) else one
-            if d == one or d == dim:
+            if d in (one, dim):
                 continue
             if dim == one:
                 dim = d

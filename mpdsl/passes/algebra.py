@@ -67,11 +67,13 @@ class ReorderLinear(Pass):
                 return None
             d_in, d_out = _known(w.type.shape[0], ctx.dims), _known(shape_size(w.type.shape[1:]), ctx.dims)
             if d_in is None or d_out is None:
-                decisions.append(f"{agg.attr['reduce']} by {agg.attr['by']} @ {w.type}: widths unknown, kept (decided at bind time)")
+                decisions.append(f"{agg.attr['reduce']} by {agg.attr['by']} @ {w.type}: widths unknown, kept "
+                                 "(decided at bind time)")
                 return None
             if d_out >= d_in:
                 return None
-            decisions.append(f"moved @ {w.type} before {agg.attr['reduce']} by {agg.attr['by']}: width {d_in} -> {d_out}")
+            decisions.append(f"moved @ {w.type} before {agg.attr['reduce']} by {agg.attr['by']}: "
+                             f"width {d_in} -> {d_out}")
             inner = rw.emit("matmul", [agg.operands[0], w], like=v)
             return rw.emit("aggregate", [inner], agg.attr, like=agg)
 
@@ -84,7 +86,8 @@ class ReorderLinear(Pass):
                 factor, rest = m.operands[pos], m.operands[1 - pos]
                 if (factor.op == "gather" and factor.attr["index"] == index
                         and rest.type.domain is m.type.domain and rest.type.shape == m.type.shape):
-                    decisions.append(f"pulled a factor constant per {index} out of {v.attr['reduce']} by {v.attr['by']}")
+                    decisions.append(f"pulled a factor constant per {index} out of "
+                                     f"{v.attr['reduce']} by {v.attr['by']}")
                     reduced = rw.emit("aggregate", [rest], v.attr, like=v)
                     return rw.emit(m.op, [factor.operands[0], reduced] if pos == 0 else [reduced, factor.operands[0]],
                                    like=m)

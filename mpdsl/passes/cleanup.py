@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from mpdsl.ir import Program, Value
-from mpdsl.ops import OPS, NUMPY_MATH, Trait, is_pure
+from mpdsl.ops import NUMPY_MATH, OPS, Trait, is_pure
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite
 
@@ -48,7 +48,7 @@ class CommonSubexpressionElimination(Pass):
             seen[key] = v
             return None
 
-        result, changed = rewrite(program, rule)
+        result, _ = rewrite(program, rule)
         removed = len(program.values) - len(result.values)
         if removed:
             ctx.note(self.name, f"merged {removed} duplicate value(s)")

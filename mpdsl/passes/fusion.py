@@ -31,7 +31,8 @@ class TypedMatmul(Pass):
             a, b = v.operands
             if (a.op == "gather" and a.attr["index"] in ("src", "dst") and b.op == "take"
                     and b.operands[1].type.domain is Domain.EDGE and b.operands[0].type.rank >= 2):
-                ctx.note(self.name, f"{a.attr['index']}-gathered {a.type} @ W[{b.operands[1].attr.get('name', 'type')}]: "
+                relation = b.operands[1].attr.get("name", "type")
+                ctx.note(self.name, f"{a.attr['index']}-gathered {a.type} @ W[{relation}]: "
                                     "one product per distinct (node, type) pair")
                 return rw.emit("typed_linear", [a.operands[0], b.operands[0], b.operands[1]],
                                {"index": a.attr["index"]}, like=v)

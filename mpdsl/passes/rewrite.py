@@ -3,9 +3,9 @@ rules replace a value by new ones (emitted through it, typed by the ops' rules).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from mpdsl.ir import Program, Value, make_value, prune  # noqa: F401 (prune: re-exported)
+from mpdsl.ir import Program, Value, make_value, prune
 from mpdsl.ops import OPS
 from mpdsl.types import Domain, TensorType
 
