@@ -24,8 +24,11 @@ _TOKEN_NAMES = {
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
-    grammar = resources.files("mpdsl.grammar").joinpath("mpdsl.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=True)
+    """The parser, built once per process (about 30 ms). Never from lark's on-disk cache: that is a
+    pickle under a predictable name in the shared temp folder, so whoever can write there could plant
+    one and run code as the next user of the compiler."""
+    grammar = resources.files("mpdsl.grammar").joinpath("mpdsl.lark").read_text(encoding="utf-8")
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=False)
 
 
 def _describe(token_type: str) -> str:
