@@ -110,3 +110,155 @@ def test_a_planted_parser_cache_is_never_unpickled(tmp_path):
             path.unlink(missing_ok=True)
     assert not marker.exists(), "the planted pickle was unpickled"
     assert result == {"code": 0, "opened": []}
+
+
+# ---- imports --------------------------------------------------------------------------------------
+
+import threading  # noqa: E402
+
+import mpdsl  # noqa: E402
+from mpdsl import syntax  # noqa: E402
+
+SECRET = "SECRET-LINE root:x:0:0"
+MODEL = "model m(x: node[F]) -> node[F] {\n    return x\n}\n"
+
+
+def program(folder: Path, imported: str, body: str = MODEL) -> Path:
+    main = folder / "main.mp"
+    main.write_text(f'import "{imported}"\n{body}')
+    return main
+
+
+@pytest.fixture
+def project(tmp_path):
+    """tmp/project/main.mp's folder, with a secret text file and a .mp file beside the project."""
+    root = tmp_path / "project"
+    (root / "lib").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text(SECRET + "\n")
+    (tmp_path / "outside.mp").write_text("dim Q = 2\n")
+    (root / "notes.txt").write_text(SECRET + "\n")
+    return root
+
+
+def refused(main: Path, **kwargs) -> mpdsl.CompileError:
+    with pytest.raises(mpdsl.CompileError) as info:
+        mpdsl.compile(main, **kwargs)
+    error = info.value
+    assert SECRET not in error.render() and "SECRET" not in error.render()
+    return error
+
+
+def test_imports_resolve_from_the_importing_file_then_the_import_paths(project, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "widths.mp").write_text("dim K = 7\n")
+    (shared / "wide.mp").write_text("dim W = 9\n")
+    (project / "wide.mp").write_text("dim W = 5\n")  # the importing file's folder comes first
+    (project / "common.mp").write_text('import "wide.mp"\n')
+    (project / "lib" / "layers.mp").write_text('import "../common.mp"\nimport "widths.mp"\n'
+                                               "layer lin(h: node[F], A: param[F, K]) -> node[K] {\n    return h @ A\n}\n")
+    main = program(project, "lib/layers.mp",
+                   "model m(x: node[F], A: param[F, K], B: param[F, W]) -> node[K] {\n    return lin(x, A)\n}\n")
+    model = mpdsl.compile(main, import_paths=[shared])
+    assert (model.static_dims["K"], model.static_dims["W"]) == (7, 5)
+    error = refused(main)  # widths.mp only comes from the import path
+    assert error.message == "cannot import 'widths.mp': no such file"
+    assert error.span.source.name == "lib/layers.mp" and (error.line, error.col) == (2, 1)
+    absolute = program(project, (shared / "widths.mp").as_posix())
+    assert mpdsl.compile(absolute, import_paths=[str(shared)]).static_dims["K"] == 7
+    with pytest.raises(mpdsl.MpdslError, match="import path 'nowhere' is not a folder"):
+        mpdsl.compile(main, import_paths=["nowhere"])
+
+
+@pytest.mark.parametrize("imported,message", [
+    ("/etc/passwd", "only .mp files can be imported"),
+    ("../secret.txt", "only .mp files can be imported"),
+    ("notes.txt", "only .mp files can be imported"),
+    ("lib", "only .mp files can be imported"),
+    ("../outside.mp", "the path leads outside the program's folder"),
+    ("../absent.mp", "the path leads outside the program's folder"),  # no hint whether it exists
+    ("lib/../../outside.mp", "the path leads outside the program's folder"),
+    ("{tmp}/outside.mp", "an absolute import path must lie inside an --import-path folder"),
+    ("{tmp}/project/lib/x.mp", "an absolute import path must lie inside an --import-path folder"),
+    ("out.mp", "it is a link to a file outside the program's folder"),
+    ("notes.mp", "it is a link to a file that is not a .mp program"),
+    ("zero.mp", "it is a link to a file outside the program's folder"),
+    ("folder.mp", "it is a folder, not a regular file"),
+    ("big.mp", "it is larger than 1 MiB"),
+])
+def test_imports_outside_the_policy_are_refused_at_the_import(project, tmp_path, imported, message):
+    (project / "out.mp").symlink_to(tmp_path / "outside.mp")
+    (project / "notes.mp").symlink_to(project / "notes.txt")
+    (project / "zero.mp").symlink_to("/dev/zero")
+    (project / "folder.mp").mkdir()
+    (project / "big.mp").write_text("# " + "x" * syntax.MAX_SOURCE_BYTES + "\n")
+    main = program(project, imported.format(tmp=tmp_path.as_posix()))
+    error = refused(main)
+    assert error.message == f"cannot import '{imported.format(tmp=tmp_path.as_posix())}': {message}"
+    assert error.render().startswith(f"{main}:1:1: error: ")
+    assert "\n   1 | import " in error.render() and "hint: " in error.render()
+
+
+def test_a_link_to_a_device_is_refused_even_from_an_allowed_folder(project):
+    (project / "zero.mp").symlink_to("/dev/zero")
+    error = refused(program(project, "zero.mp"), import_paths=["/dev"])
+    assert error.message == "cannot import 'zero.mp': it is a link to a file that is not a .mp program"
+    with pytest.raises(syntax._Refused, match="it is a character device, not a regular file"):
+        syntax._read_regular_file("/dev/zero")  # refused from its stat, without reading
+
+
+def test_a_fifo_is_refused_without_being_opened(project):
+    fifo = project / "pipe.mp"
+    os.mkfifo(fifo)
+    main = program(project, "pipe.mp")
+    done = threading.Event()
+
+    def unblock():  # had the compiler opened the FIFO for reading, this releases it (and the test fails)
+        while not done.wait(0.2):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    writer = threading.Thread(target=unblock, daemon=True)
+    writer.start()
+    try:
+        error = refused(main)
+    finally:
+        done.set()
+        writer.join()
+    assert error.message == "cannot import 'pipe.mp': it is a FIFO, not a regular file"
+
+
+def test_control_characters_in_an_import_path_are_a_located_error(project):
+    main = project / "main.mp"
+    main.write_text('dim K = 2\nimport "lib/a\x00b.mp"\n' + MODEL)
+    error = refused(main)
+    assert error.message == "import path contains the control character '\\x00'"
+    assert (error.line, error.col) == (2, 1)
+    assert "\x00" not in error.render()
+
+
+def test_bytes_that_are_not_utf8_are_located_in_main_and_imported_files(project):
+    (project / "lib" / "bad.mp").write_bytes(b"dim K = 2\n# caf\xe9 \xff\n")
+    error = refused(program(project, "lib/bad.mp"))
+    assert error.render().splitlines()[0] == "lib/bad.mp:2:6: error: the file is not UTF-8 text: byte 0xe9 cannot be decoded"
+    assert "hint: " in error.render()
+    main = project / "main.mp"
+    main.write_bytes(b"dim K = 2\n\xff" + MODEL.encode())
+    error = refused(main)
+    assert (error.span.source.name, error.line, error.col) == (str(main), 2, 1)
+
+
+def test_cli_refusals_exit_1_without_a_traceback_or_the_files_text(project, tmp_path):
+    from mpdsl.cli import main as cli
+    for imported in ("/etc/passwd", "../secret.txt", (tmp_path / "secret.txt").as_posix()):
+        main = program(project, imported)
+        proc = subprocess.run([sys.executable, "-m", "mpdsl.cli", "check", str(main), "--import-path", str(tmp_path)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1
+        assert "Traceback" not in proc.stderr and "SECRET" not in proc.stderr and "root:" not in proc.stderr
+        assert proc.stderr.startswith(f"{main}:1:1: error: cannot import ")
+    main = program(project, "../outside.mp")
+    assert cli(["check", str(main)]) == 1
+    assert cli(["check", str(main), "--import-path", str(tmp_path)]) == 0
