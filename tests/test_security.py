@@ -262,3 +262,75 @@ def test_cli_refusals_exit_1_without_a_traceback_or_the_files_text(project, tmp_
     main = program(project, "../outside.mp")
     assert cli(["check", str(main)]) == 1
     assert cli(["check", str(main), "--import-path", str(tmp_path)]) == 0
+
+
+# ---- the Numba cache --------------------------------------------------------------------------------
+
+import shutil  # noqa: E402
+import stat  # noqa: E402
+
+# Run in a fresh process: compile one kernel of the NumPy backend (with argument "compile"), report
+# where mpdsl is and where Numba caches.
+COMPILE_A_KERNEL = """
+import json, sys, numpy as np, mpdsl
+from mpdsl.backends import cpu_kernels as k
+if sys.argv[1:] == ["compile"]:
+    x = np.arange(8.0).reshape(4, 2); out = np.empty_like(x)
+    k.launch(k._put_rows, x, np.array([3, 2, 1, 0]), out)
+    assert (out[::-1] == x).all()
+import numba
+print(json.dumps({"package": mpdsl.__file__, "cache": numba.config.CACHE_DIR,
+                  "layer": numba.config.THREADING_LAYER}))
+"""
+
+
+def _installed_copy(site: Path) -> Path:
+    """A copy of the package laid out as installed (mpdsl, mpdsl.backends, mpdsl.grammar), read-only."""
+    package = site / "mpdsl"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "mpdsl", package, ignore=ignore)
+    shutil.copytree(ROOT / "backends", package / "backends", ignore=ignore)
+    shutil.copytree(ROOT / "grammar", package / "grammar", ignore=ignore)
+    for path in [package, *package.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    return package
+
+
+def _run_kernel(tmp_path: Path, site: Path, compile: bool = True, numba_first: bool = False,
+                **env_changes) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "NUMBA_THREADING_LAYER")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1", **env_changes)
+    script = ("import numba\n" if numba_first else "") + COMPILE_A_KERNEL
+    proc = subprocess.run([sys.executable, "-c", script] + (["compile"] if compile else []),
+                          capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_kernels_are_cached_per_user_and_a_read_only_install_runs(tmp_path):
+    site = tmp_path / "site"
+    package = _installed_copy(site)
+    try:
+        report = _run_kernel(tmp_path, site, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+        assert Path(report["package"]).parent == package
+        assert report["cache"] == str(tmp_path / "xdg" / "mpdsl" / "numba")
+        assert list((tmp_path / "xdg" / "mpdsl" / "numba").rglob("*.nbi"))
+        assert (tmp_path / "xdg" / "mpdsl" / "numba").stat().st_mode & 0o077 == 0  # private to the user
+        assert not [p for p in site.rglob("*") if p.suffix in (".nbi", ".nbc")]
+        assert not (tmp_path / "home" / ".cache" / "numba").exists()  # nor Numba's own fallback
+
+        # without XDG_CACHE_HOME: under the home folder; a folder the user set is honoured
+        report = _run_kernel(tmp_path, site, compile=False)
+        assert report["cache"] == str(tmp_path / "home" / ".cache" / "mpdsl" / "numba")
+        report = _run_kernel(tmp_path, site, compile=False, numba_first=True)  # the user imported Numba first
+        assert report["cache"] == str(tmp_path / "home" / ".cache" / "mpdsl" / "numba")
+        assert report["layer"] == "workqueue"
+        mine = tmp_path / "mine"
+        report = _run_kernel(tmp_path, site, NUMBA_CACHE_DIR=str(mine))
+        assert report["cache"] == str(mine) and list(mine.rglob("*.nbi"))
+        assert not [p for p in site.rglob("*") if p.suffix in (".nbi", ".nbc")]
+    finally:
+        for path in [package, *package.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
