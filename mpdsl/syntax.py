@@ -289,7 +289,7 @@ class _Refused(Exception):
 
 
 def _read_regular_file(path: str) -> bytes:
-    """The bytes of the regular file ``path``, at most ``MAX_SOURCE_BYTES``. Anything else (a folder,
+    """The bytes of the regular file at the real path ``path``, at most ``MAX_SOURCE_BYTES``. Anything else (a folder,
     FIFO, device, socket) is refused from its ``stat``, before it is opened; the open file is checked
     again, in case the path changed in between."""
     try:
@@ -305,7 +305,8 @@ def _read_regular_file(path: str) -> bytes:
     too_large = _Refused(f"it is larger than {MAX_SOURCE_BYTES >> 20} MiB")
     if info.st_size > MAX_SOURCE_BYTES:
         raise too_large
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    # ``path`` is a real path: a link put in its place after it was resolved is refused too
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except PermissionError:

@@ -264,6 +264,28 @@ def test_cli_refusals_exit_1_without_a_traceback_or_the_files_text(project, tmp_
     assert cli(["check", str(main), "--import-path", str(tmp_path)]) == 0
 
 
+def test_cli_reports_bad_bytes_and_control_characters_located(project, capsys):
+    from mpdsl.cli import main as cli
+    (project / "bad.mp").write_bytes(b"dim K = \xff2\n")
+    assert cli(["check", str(program(project, "bad.mp"))]) == 1
+    assert capsys.readouterr().err.startswith("bad.mp:1:9: error: the file is not UTF-8 text")
+    assert cli(["check", str(program(project, "a\x00.mp"))]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{project / 'main.mp'}:1:1: error: import path contains the control character")
+    assert "\x00" not in err and "Traceback" not in err
+
+
+def test_imports_nest_at_most_max_import_depth(project):
+    depth = syntax.MAX_IMPORT_DEPTH
+    for i in range(depth + 1):
+        (project / f"m{i}.mp").write_text(f'import "m{i + 1}.mp"\n' if i < depth else "dim K = 1\n")
+    error = refused(program(project, "m0.mp"))
+    assert error.message == f"cannot import 'm{depth}.mp': imports nest more than {depth} files deep"
+    assert error.span.source.name == f"m{depth - 1}.mp"
+    (project / f"m{depth - 1}.mp").write_text("dim K = 1\n")  # one level less: accepted
+    assert mpdsl.compile(program(project, "m0.mp")).static_dims["K"] == 1
+
+
 # ---- the Numba cache --------------------------------------------------------------------------------
 
 import shutil  # noqa: E402
