@@ -3,16 +3,21 @@ import policy (README: Imports), and the Numba cache folder (README: Caches)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pickle
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
+
+import mpdsl
+from mpdsl import syntax
 
 ROOT = Path(__file__).resolve().parent.parent
 GCN = ROOT / "examples" / "gcn.mp"
@@ -113,11 +118,6 @@ def test_a_planted_parser_cache_is_never_unpickled(tmp_path):
 
 
 # ---- imports --------------------------------------------------------------------------------------
-
-import threading  # noqa: E402
-
-import mpdsl  # noqa: E402
-from mpdsl import syntax  # noqa: E402
 
 SECRET = "SECRET-LINE root:x:0:0"
 MODEL = "model m(x: node[F]) -> node[F] {\n    return x\n}\n"
@@ -287,9 +287,6 @@ def test_imports_nest_at_most_max_import_depth(project):
 
 
 # ---- the Numba cache --------------------------------------------------------------------------------
-
-import shutil  # noqa: E402
-import stat  # noqa: E402
 
 # Run in a fresh process: compile one kernel of the NumPy backend (with argument "compile"), report
 # where mpdsl is and where Numba caches.
