@@ -5,7 +5,9 @@ Every kernel is pull-style over a CSR grouping: output row ``r`` reduces the edg
 ``chunks`` (row bounds, balanced by edge count) that run in parallel; each output row is written by
 exactly one chunk, so there are no atomics and the result does not depend on the thread count.
 Edges of a row are summed in CSR order, the order of SciPy's CSR product. Kernels are compiled on
-first use and cached on disk.
+first use and cached on disk: in ``NUMBA_CACHE_DIR`` when the user set it, else in a per-user folder
+(``CACHE_DIR``: ``$XDG_CACHE_HOME/mpdsl/numba`` or ``~/.cache/mpdsl/numba``), never in the installed
+package, which may be read-only or shared with other users (Numba's cache index is a pickle).
 
 The gathers are latency-bound (the rows read are scattered over a feature array larger than L2), so
 while summing edge ``e`` the kernels prefetch the input row of edge ``e + PREFETCH_DISTANCE``: every
@@ -14,15 +16,48 @@ cache line of it, since a row of 64 float32 features spans four lines.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import threading
 
-import numba
-import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+
+def _user_cache_dir() -> str | None:
+    """The per-user folder of mpdsl's compiled-kernel cache (created private to the user), or None
+    when there is no home folder to put it in or it cannot be created."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        if os.name == "nt" and os.path.isabs(os.environ.get("LOCALAPPDATA", "")):
+            base = os.environ["LOCALAPPDATA"]
+        else:
+            home = os.path.expanduser("~")
+            if not os.path.isabs(home):
+                return None
+            base = os.path.join(home, ".cache")
+    folder = os.path.join(base, "mpdsl", "numba")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return folder
+
+
+# Set before Numba reads its configuration (at import, or now if the user imported it already); a
+# value the user set is left alone.
+if "NUMBA_CACHE_DIR" not in os.environ:
+    _folder = _user_cache_dir()
+    if _folder is not None:
+        os.environ["NUMBA_CACHE_DIR"] = _folder
+        if "numba" in sys.modules:
+            importlib.import_module("numba.core.config").reload_config()
+CACHE_DIR = os.environ.get("NUMBA_CACHE_DIR") or None
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 _JIT = dict(parallel=True, nogil=True, cache=True, boundscheck=False)
 

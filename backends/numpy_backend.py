@@ -42,21 +42,34 @@ _NO_WEIGHTS = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float6
 
 
 class _BlasThreads:
-    """The thread count of the OpenBLAS builds loaded in this process (NumPy's). While a program
-    runs, BLAS is held to one thread and the backend splits rows over its own pool instead: idle
-    OpenBLAS workers spin after each call and would steal the cores from the sparse kernels."""
+    """The thread count of the OpenBLAS builds loaded in this process (NumPy's, SciPy's). While a
+    program runs, BLAS is held to one thread and the backend splits rows over its own pool instead:
+    idle OpenBLAS workers spin after each call and would steal the cores from the sparse kernels,
+    and OpenBLAS's rounding depends on how it splits a product over its threads.
+
+    The hold is process-wide and reference-counted under one lock: the first run to enter saves
+    the counts in force (the user's setting) and sets one thread, runs entering meanwhile only count
+    themselves in, and the last to leave restores the saved counts. So every run multiplies on one
+    thread from its start to its end however runs overlap, and once none runs the user's setting is
+    back. ``set_threads`` during a hold changes the counts the last run restores."""
 
     _SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
                 "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")
 
     def __init__(self):
         self._libs = None
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved: list[int] = []
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
 
     def _load(self) -> list:
         if self._libs is None:
-            self._libs = []
+            libs = []
             try:
-                paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+                with open("/proc/self/maps") as maps:
+                    paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
             except OSError:
                 paths = set()
             for path in sorted(paths):
@@ -67,20 +80,51 @@ class _BlasThreads:
                 for name in self._SETTERS:
                     getter = name.replace("set_num", "get_num")
                     if hasattr(lib, name) and hasattr(lib, getter):
-                        self._libs.append((getattr(lib, name), getattr(lib, getter)))
+                        libs.append((getattr(lib, name), getattr(lib, getter)))
                         break
+            self._libs = libs
         return self._libs
 
+    def threads(self) -> list[int]:
+        """The thread count in force in each OpenBLAS library (1 while a run holds them)."""
+        with self._lock:
+            return [get() for _, get in self._load()]
+
+    def set_threads(self, threads: int) -> None:
+        """Set every OpenBLAS library's thread count; during a hold, the count restored at its end."""
+        with self._lock:
+            libs = self._load()
+            if self._holders:
+                self._saved = [threads] * len(libs)
+            else:
+                for set_, _ in libs:
+                    set_(threads)
+
     @contextlib.contextmanager
-    def limited(self, threads: int):
-        libs = self._load()
-        previous = [get() for _, get in libs]
-        for set_, _ in libs:
-            set_(threads)
+    def single_threaded(self):
+        """Hold every OpenBLAS library to one thread for the duration (see the class)."""
+        with self._lock:
+            libs = self._load()
+            if self._holders == 0:
+                self._saved = [get() for _, get in libs]
+                for set_, _ in libs:
+                    set_(1)
+            self._holders += 1
         try:
             yield
         finally:
-            for (set_, _), count in zip(libs, previous):
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    for (set_, _), count in zip(libs, self._saved):
+                        set_(count)
+
+    def _after_fork(self) -> None:
+        # a child forked during a hold has none of the holding threads: give it the user's setting back
+        self._lock = threading.Lock()
+        if self._holders:
+            self._holders = 0
+            for (set_, _), count in zip(self._libs or [], self._saved):
                 set_(count)
 
 
@@ -547,7 +591,7 @@ class NumpyBackend(Backend):
                           np.random.default_rng(seed), self.pool)
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"), BLAS.limited(1):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"), BLAS.single_threaded():
             for step in self.schedule(program):
                 start = time.perf_counter()
                 if isinstance(step, RowGroup):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from mpdsl import syntax, typecheck
 from mpdsl.backends import get_backend
-from mpdsl.diagnostics import MpdslError
+from mpdsl.diagnostics import MpdslError, shown
 from mpdsl.ir import Program
 from mpdsl.passes import PassManager
 from mpdsl.plan import LAYOUT_MODES
@@ -17,42 +18,58 @@ DTYPES = {"float32": "f32", "float64": "f64", "f32": "f32", "f64": "f64"}
 
 
 def read_source(path_or_source: str | Path) -> tuple[str, str]:
-    """(text, name): a Path or a string naming an existing/.mp file is read; other strings are source."""
+    """(text, name): a Path or a string naming an existing/.mp file is read; other strings are source.
+    A file is read as UTF-8, at most ``syntax.MAX_SOURCE_BYTES`` of it."""
     if isinstance(path_or_source, Path) or (
             isinstance(path_or_source, str) and "\n" not in path_or_source and "{" not in path_or_source):
         path = Path(path_or_source)
         try:
-            return path.read_text(), str(path)
+            with open(path, "rb") as handle:
+                data = handle.read(syntax.MAX_SOURCE_BYTES + 1)
         except FileNotFoundError:
-            raise MpdslError(f"no such file: {path}", "pass the path of a .mp file, or the program text") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise MpdslError(f"cannot read {path}: {err}") from None
+            raise MpdslError(f"no such file: {shown(str(path))}",
+                             "pass the path of a .mp file, or the program text") from None
+        except IsADirectoryError:
+            raise MpdslError(f"cannot read {shown(str(path))}: it is a folder", "pass the path of a .mp file") from None
+        except ValueError:  # a NUL character in the path
+            raise MpdslError(f"cannot read {shown(str(path))}: a file path cannot hold a NUL character",
+                             "pass the path of a .mp file") from None
+        except OSError as err:
+            raise MpdslError(f"cannot read {shown(str(path))}: {err.strerror or err}") from None
+        if len(data) > syntax.MAX_SOURCE_BYTES:
+            raise MpdslError(f"cannot read {shown(str(path))}: it is larger than {syntax.MAX_SOURCE_BYTES >> 20} MiB",
+                             "a program file holds at most 1 MiB of text")
+        return syntax.decode_source(data, str(path)), str(path)
     return str(path_or_source), "<string>"
 
 
 def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype: str = "float32",
-          dims: dict[str, int] | None = None) -> tuple[object, Program]:
-    """Parse and type-check source text: (AST, verified IR)."""
+          dims: dict[str, int] | None = None, import_paths: Iterable[str | Path] = ()) -> tuple[object, Program]:
+    """Parse and type-check source text: (AST, verified IR). Imports resolve from the file's folder
+    (the current folder for text), and may also come from the ``import_paths`` folders (see
+    ``syntax.resolve_imports``)."""
     if dtype not in DTYPES:
         raise MpdslError(f"unknown dtype {dtype!r}", "use float32 or float64")
     module = syntax.parse(text, name)
     base_dir = Path(name).parent if name != "<string>" else Path.cwd()
-    imported = syntax.resolve_imports(module, base_dir)
+    imported = syntax.resolve_imports(module, base_dir, import_paths)
     return module, typecheck.check(module, model, DTYPES[dtype], dims, imported, syntax.prelude())
 
 
 def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,
             dtype: str = "float32", dims: dict[str, int] | None = None, seed: int = 0,
-            optimize: bool = True, passes: list[str] | None = None, layout: str = "auto") -> CompiledModel:
+            optimize: bool = True, passes: list[str] | None = None, layout: str = "auto",
+            import_paths: Iterable[str | Path] = ()) -> CompiledModel:
     """Compile a .mp program (a path or the text itself) into a callable model.
 
     ``model`` picks a model when the file defines several; ``dims`` overrides `dim` constants;
     ``seed`` initialises the parameters (see ``CompiledModel.init``). ``optimize=False`` runs the
     reference IR as written; ``passes`` replaces the default pipeline; ``layout`` is "auto" (node
-    reordering when it pays), "reorder" (always) or "none"."""
+    reordering when it pays), "reorder" (always) or "none". ``import_paths``: folders from which the
+    program may import besides its own folder (README, Imports)."""
     start = time.perf_counter()
     text, name = read_source(path_or_source)
-    module, program = lower(text, name, model=model, dtype=dtype, dims=dims)
+    module, program = lower(text, name, model=model, dtype=dtype, dims=dims, import_paths=import_paths)
     if layout not in LAYOUT_MODES:
         raise MpdslError(f"unknown layout mode {layout!r}", f"use one of {', '.join(LAYOUT_MODES)}")
     if passes is not None:

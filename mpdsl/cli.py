@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="the model to use when the file defines several")
         p.add_argument("--dim", action="append", metavar="NAME=INT", help="override a `dim` constant (repeatable)")
         p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+        p.add_argument("--import-path", action="append", default=[], metavar="DIR", dest="import_paths",
+                       help="a folder the program may import from besides its own (repeatable; "
+                            "searched in order after the importing file's folder)")
 
     check = sub.add_parser("check", help="parse and type/shape-check a program")
     common(check)
@@ -123,7 +126,8 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         return _emit_optimized(args, dims, passes, start)
     if args.command in ("check", "compile"):
         text, name = read_source(Path(args.model_file))
-        module, program = lower(text, name, model=args.model, dtype=args.dtype, dims=dims)
+        module, program = lower(text, name, model=args.model, dtype=args.dtype, dims=dims,
+                                import_paths=args.import_paths)
         elapsed = (time.perf_counter() - start) * 1e3
         if args.command == "check":
             print(f"{name}: ok: model {program.name}, {len(program.inputs)} input(s), "
@@ -136,7 +140,8 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         return EXIT_OK
 
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
-                          dims=dims, seed=args.seed, optimize=not args.no_opt, passes=passes, layout=args.layout)
+                          dims=dims, seed=args.seed, optimize=not args.no_opt, passes=passes, layout=args.layout,
+                          import_paths=args.import_paths)
     from mpdsl.runtime import as_graph
 
     graph = as_graph(args.graph)
@@ -162,7 +167,7 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
     from mpdsl.runtime import as_graph
 
     model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
-                          passes=passes, layout=args.layout)
+                          passes=passes, layout=args.layout, import_paths=args.import_paths)
     graph = as_graph(args.graph) if args.graph else None
     bound = dict(model.static_dims)
     if graph is not None:

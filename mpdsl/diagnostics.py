@@ -12,6 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def shown(text: str, quote: bool = False) -> str:
+    """``text`` as it may be printed in a message: as it is (in single quotes with ``quote``) when
+    every character is printable, else as a Python literal, so control characters never reach the
+    terminal."""
+    if text.isprintable():
+        return f"'{text}'" if quote else text
+    return repr(text)
+
+
+def _printable_line(text: str) -> str:
+    # one character for one, so carets stay under their columns
+    return "".join(c if c.isprintable() or c == "\t" else "\ufffd" for c in text)
+
+
 @dataclass(frozen=True)
 class Source:
     """A program text with the name it is reported under."""
@@ -20,8 +34,8 @@ class Source:
     text: str
 
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
-        return lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+        lines = self.text.split("\n")  # as the parser counts lines: only "\n" ends one
+        return lines[lineno - 1].rstrip("\r") if 0 < lineno <= len(lines) else ""
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,7 @@ class Span:
 
     def excerpt(self) -> str:
         """The source line with a caret and tildes under the spanned text."""
-        text = self.source.line(self.line).rstrip("\n")
+        text = _printable_line(self.source.line(self.line).rstrip("\n"))
         width = (self.end_col - self.col) if self.end_line == self.line else len(text) - self.col + 1
         width = max(1, width)
         gutter = f"{self.line:>4} | "

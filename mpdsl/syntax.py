@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import stat
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import lark
 from lark import Token, Transformer, v_args
 
 from mpdsl import ast
-from mpdsl.diagnostics import CompileError, Source, Span
+from mpdsl.diagnostics import CompileError, MpdslError, Source, Span, shown
 
 _TOKEN_NAMES = {
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'",
@@ -24,8 +27,11 @@ _TOKEN_NAMES = {
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
-    grammar = resources.files("mpdsl.grammar").joinpath("mpdsl.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=True)
+    """The parser, built once per process (about 30 ms). Never from lark's on-disk cache: that is a
+    pickle under a predictable name in the shared temp folder, so whoever can write there could plant
+    one and run code as the next user of the compiler."""
+    grammar = resources.files("mpdsl.grammar").joinpath("mpdsl.lark").read_text(encoding="utf-8")
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=False)
 
 
 def _describe(token_type: str) -> str:
@@ -250,27 +256,171 @@ def prelude() -> ast.Module:
     return parse(text, "<prelude>")
 
 
-def resolve_imports(module: ast.Module, base_dir: Path) -> list[ast.Module]:
+# ---- reading program files and resolving imports ------------------------------------------------
+
+MAX_SOURCE_BYTES = 1 << 20  # the most a program file (main or imported) may hold
+MAX_IMPORT_DEPTH = 64       # the longest chain of nested imports
+
+
+def decode_source(data: bytes, name: str) -> str:
+    """The text of a program file's bytes (UTF-8); undecodable bytes are a ``CompileError`` located at
+    the first of them."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        col = len(data[line_start:err.start].decode("utf-8", errors="replace")) + 1
+        span = Span(Source(name, data.decode("utf-8", errors="replace")), line, col, line, col + 1)
+        raise CompileError(f"the file is not UTF-8 text: byte 0x{data[err.start]:02x} cannot be decoded", span,
+                           "mpdsl programs are UTF-8 text; save the file as UTF-8") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+class _Refused(Exception):
+    """Why an import's file is not read (a reason to show after its path)."""
+
+
+def _read_regular_file(path: str) -> bytes:
+    """The bytes of the regular file at the real path ``path``, at most ``MAX_SOURCE_BYTES``. Anything else (a folder,
+    FIFO, device, socket) is refused from its ``stat``, before it is opened; the open file is checked
+    again, in case the path changed in between."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise _Refused("no such file") from None
+    except PermissionError:
+        raise _Refused("permission denied") from None
+    except OSError as err:
+        raise _Refused(f"cannot read it ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _Refused(f"it is {_file_kind(info.st_mode)}, not a regular file")
+    too_large = _Refused(f"it is larger than {MAX_SOURCE_BYTES >> 20} MiB")
+    if info.st_size > MAX_SOURCE_BYTES:
+        raise too_large
+    # ``path`` is a real path: a link put in its place after it was resolved is refused too
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        raise _Refused("permission denied") from None
+    except OSError as err:
+        raise _Refused(f"cannot read it ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise _Refused(f"it is {_file_kind(info.st_mode)}, not a regular file")
+        data = handle.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise too_large
+    return data
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def import_roots(base_dir: str | Path, import_paths: Iterable[str | Path] = ()) -> tuple[str, list[str]]:
+    """(the program's folder, the ``import_paths`` folders), each as a real path; a path that is not an
+    existing folder is an ``MpdslError``."""
+    if isinstance(import_paths, (str, os.PathLike)):
+        import_paths = [import_paths]
+    extra = []
+    for folder in import_paths:
+        try:
+            real = os.path.realpath(os.fspath(folder))
+        except (TypeError, ValueError):
+            raise MpdslError(f"import path {shown(str(folder), quote=True)} is not a folder path",
+                             "pass folders to import_paths / --import-path") from None
+        if not os.path.isdir(real):
+            raise MpdslError(f"import path {shown(str(folder), quote=True)} is not a folder",
+                             "pass existing folders to import_paths / --import-path") from None
+        extra.append(real)
+    return os.path.realpath(os.fspath(base_dir)), extra
+
+
+def resolve_imports(module: ast.Module, base_dir: str | Path,
+                    import_paths: Iterable[str | Path] = ()) -> list[ast.Module]:
     """The modules ``module`` imports, transitively, each once, in dependency order (the module
-    itself excluded). Paths are relative to the importing file."""
+    itself excluded), under the import policy (README, Imports):
+
+    - an import names a ``.mp`` file by a relative path, looked up first from the importing file's
+      folder, then from each of ``import_paths`` in order;
+    - the file found must lie (after following links) inside the main program's folder
+      ``base_dir`` or one of ``import_paths``; a path leading elsewhere, and an absolute path outside
+      ``import_paths``, is refused before anything there is read;
+    - it must be a regular file of at most ``MAX_SOURCE_BYTES`` bytes, in UTF-8; a folder, FIFO or
+      device is refused without being opened;
+    - a refusal quotes the import statement, never the file it names."""
+    program_root, extra_roots = import_roots(base_dir, import_paths)
+    roots = [program_root] + extra_roots
     main_name = module.span.source.name
-    seen: set[str] = {str(Path(main_name).resolve())} if main_name != "<string>" else set()
+    seen: set[str] = {os.path.realpath(main_name)} if main_name != "<string>" else set()
     ordered: list[ast.Module] = []
 
-    def visit(mod: ast.Module, directory: Path) -> None:
+    def refuse(imp: ast.Import, reason: str, hint: str) -> CompileError:
+        return CompileError(f"cannot import {shown(imp.path, quote=True)}: {reason}", imp.span, hint)
+
+    allow_hint = "allow another folder with --import-path DIR (Python: import_paths=[DIR])"
+
+    def locate(imp: ast.Import, directory: str) -> str:
+        path = imp.path
+        bad = next((c for c in path if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise CompileError(f"import path contains the control character {bad!r}", imp.span,
+                               'an import names a .mp file by its path, e.g. import "lib/layers.mp"')
+        if not path.endswith(".mp"):
+            raise refuse(imp, "only .mp files can be imported", 'name a .mp file, e.g. import "lib/layers.mp"')
+        if os.path.isabs(path):
+            candidates = [os.path.normpath(path)]
+            if not any(_inside(candidates[0], root) for root in extra_roots):
+                raise refuse(imp, "an absolute import path must lie inside an --import-path folder",
+                             "import relative to this file, or " + allow_hint)
+        else:
+            candidates = [os.path.normpath(os.path.join(folder, path)) for folder in [directory] + extra_roots]
+            candidates = [c for c in candidates if any(_inside(c, root) for root in roots)]
+            if not candidates:
+                raise refuse(imp, "the path leads outside the program's folder",
+                             "imports stay inside the main program's folder and the --import-path folders; "
+                             + allow_hint)
+        for candidate in candidates:
+            if os.path.lexists(candidate):
+                real = os.path.realpath(candidate)
+                if not any(_inside(real, root) for root in roots):
+                    raise refuse(imp, "it is a link to a file outside the program's folder", allow_hint)
+                if not real.endswith(".mp"):
+                    raise refuse(imp, "it is a link to a file that is not a .mp program",
+                                 "import the .mp file itself")
+                return real
+        searched = ", ".join([directory] + extra_roots)
+        raise refuse(imp, "no such file", f"the path is relative to this file's folder ({searched})"
+                     if not extra_roots else f"searched: {searched}")
+
+    def visit(mod: ast.Module, directory: str, depth: int) -> None:
         for imp in mod.imports:
-            path = (directory / imp.path).resolve()
-            if str(path) in seen:
+            if depth >= MAX_IMPORT_DEPTH:
+                raise refuse(imp, f"imports nest more than {MAX_IMPORT_DEPTH} files deep",
+                             "import the shared files from fewer levels")
+            path = locate(imp, directory)
+            if path in seen:
                 continue
-            seen.add(str(path))
+            seen.add(path)
             try:
-                text = path.read_text()
-            except OSError:
-                raise CompileError(f"cannot import '{imp.path}': no such file", imp.span,
-                                   f"the path is relative to this file's folder ({directory})") from None
-            imported = parse(text, str(Path(imp.path) if not Path(imp.path).is_absolute() else path))
-            visit(imported, path.parent)
+                data = _read_regular_file(path)
+            except _Refused as why:
+                raise refuse(imp, str(why), "an import names a regular .mp file of at most "
+                             f"{MAX_SOURCE_BYTES >> 20} MiB") from None
+            name = imp.path if not os.path.isabs(imp.path) else path
+            imported = parse(decode_source(data, name), name)
+            visit(imported, os.path.dirname(path), depth + 1)
             ordered.append(imported)
 
-    visit(module, base_dir)
+    visit(module, program_root, 0)
     return ordered

@@ -611,7 +611,7 @@ def run_cli(args: argparse.Namespace, dims: dict[str, int]) -> int:
     start = time.perf_counter()
     data = load_data(args.data, args.task, args.split, args.limit)
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
-                          dims=dims, seed=args.seed)
+                          dims=dims, seed=args.seed, import_paths=args.import_paths)
     sizes = f"{data.train.size}/{data.val.size}/{data.test.size} {data.unit}"
     print(f"{model.name} on {data.name}: {data.task}, {data.graph.num_nodes} nodes, {data.graph.num_edges} "
           f"edges, {data.graph.num_graphs} graph(s); split {data.split} (train/val/test {sizes})", flush=True)

@@ -4,7 +4,10 @@ Row groups run block by block only from ``fuse_min_rows`` rows on (8192 by defau
 tests force small blocks on small graphs and compare with the op-by-op run of the same program.
 """
 
+import json
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mpdsl  # noqa: E402
 from mpdsl.backends import cpu_kernels  # noqa: E402
-from mpdsl.backends.numpy_backend import NumpyBackend  # noqa: E402
+from mpdsl.backends.numpy_backend import BLAS, NumpyBackend  # noqa: E402
 from mpdsl.backends.row_fusion import RowGroup, fuse_rows, is_row_wise  # noqa: E402
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
@@ -194,6 +197,48 @@ def test_concurrent_runs_from_two_threads_agree():
         got = list(pool.map(lambda i: models[i % 2](graph), range(8)))
     for i, out in enumerate(got):
         np.testing.assert_array_equal(out, want[i % 2])
+
+
+def test_blas_hold_is_reference_counted_and_restores_the_users_setting():
+    """Two overlapping runs: the first to leave must not give BLAS its threads back while the
+    other still multiplies, and the last must restore the count the user had set."""
+    original = BLAS.threads()
+    if not original:
+        pytest.skip("no OpenBLAS library in this process")
+    ones, threes = [1] * len(original), [3] * len(original)
+    BLAS.set_threads(3)
+    try:
+        a, b = BLAS.single_threaded(), BLAS.single_threaded()
+        a.__enter__()
+        b.__enter__()
+        assert BLAS.threads() == ones
+        a.__exit__(None, None, None)
+        assert BLAS.threads() == ones
+        BLAS.set_threads(3)  # the user's new setting, taken up when the hold ends
+        assert BLAS.threads() == ones
+        b.__exit__(None, None, None)
+        assert BLAS.threads() == threes
+    finally:
+        BLAS.set_threads(original[0])
+
+
+def test_concurrent_runs_are_bitwise_identical_in_fresh_processes():
+    """The determinism contract of the README: the same inputs and thread setting give bitwise-identical
+    outputs run alone, concurrently (4 threads) or in another process (20 fresh processes), and the
+    user's OpenBLAS thread count is what it was once the runs are over."""
+    command = [sys.executable, str(ROOT / "tests" / "concurrency_probe.py"), "--threads", "4", "--runs", "6",
+               "--blas", "3"]
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda _: subprocess.run(command, capture_output=True, text=True, timeout=300),
+                             range(20)))
+    reports = []
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout.splitlines()[-1]))
+    for report in reports:
+        assert report["differ"] == {"pna": 0, "mpnn": 0}, report
+        assert report["blas_after"] == report["blas_before"] == [3] * len(report["blas_before"]), report
+    assert len({json.dumps(r["digests"], sort_keys=True) for r in reports}) == 1
 
 
 def test_take_rows_and_put_rows_are_inverse():

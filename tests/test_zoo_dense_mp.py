@@ -385,7 +385,9 @@ K, TC_HEADS, TC_C = 5, 3, 4
 
 
 def importing(example: str, body: str) -> str:
-    return f'import "{(EXAMPLES / example).as_posix()}"\n{body}'
+    """A program importing ``example``, found through the import path ``EXAMPLES`` (compile with
+    ``import_paths=[EXAMPLES]``)."""
+    return f'import "{example}"\n{body}'
 
 
 RES_GATED_SOURCE = importing("gated_gcn.mp", f"""
@@ -472,7 +474,7 @@ SPECS = {
 
 @lru_cache(maxsize=None)
 def compiled(name: str, dtype: str):
-    return mpdsl.compile(SPECS[name].source, dtype=dtype)
+    return mpdsl.compile(SPECS[name].source, dtype=dtype, import_paths=[EXAMPLES])
 
 
 @lru_cache(maxsize=None)
@@ -580,7 +582,7 @@ def test_pna_std_is_pyg_std_aggregation(dtype):
     m[7:9] += 1e-2 * rng.standard_normal((2, 4))
     m[9:] = rng.standard_normal((4, 4))
     g = Graph.from_arrays(np.stack([src, dst]).astype(np.int64), 6)
-    out = mpdsl.compile(STD_SOURCE, dtype=dtype)(g, m=m.astype(dtype))
+    out = mpdsl.compile(STD_SOURCE, dtype=dtype, import_paths=[EXAMPLES])(g, m=m.astype(dtype))
     want = StdAggregation()(torch.from_numpy(m.astype(dtype)), torch.from_numpy(dst), dim_size=6).numpy()
     assert (want[:4] == 0).all() and (want[4:] > 0).all()
     assert_close({"out": out["pyg"]}, {"out": want}, dtype, f"std_pyg ({dtype})")
