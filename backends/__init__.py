@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import numpy as np
 
@@ -25,11 +25,17 @@ class BackendError(MpdslError):
     """A program that a backend cannot run (an unsupported op, a missing runtime)."""
 
 
+class _Marked(Protocol):
+    """A function marked by ``rule`` with the ops it lowers."""
+
+    __mpdsl_ops__: tuple[str, ...]
+
+
 def rule(*ops: str) -> Callable:
     """Mark a backend method as the lowering rule of ``ops``."""
 
     def mark(fn: Callable) -> Callable:
-        fn.__mpdsl_ops__ = ops
+        cast(_Marked, fn).__mpdsl_ops__ = ops
         return fn
 
     return mark

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -266,7 +266,9 @@ class TritonBackend(Backend):
         dtype_name = program.float_dtype
         dtype = getattr(torch, TORCH_DTYPES[dtype_name])
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else int(np.random.SeedSequence().entropy % 2 ** 63))
+        if seed is None:  # a SeedSequence made without entropy draws a fresh int
+            seed = int(cast(int, np.random.SeedSequence().entropy) % 2 ** 63)
+        generator.manual_seed(seed)
         ctx = TritonContext(graph, device, dtype, dtype_name, training, interpreting, generator, dims,
                             {k: self._tensor(a, device, dtype) for k, a in inputs.items()},
                             {k: self._tensor(a, device, dtype) for k, a in params.items()})

@@ -41,6 +41,7 @@ import hashlib
 import linecache
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -69,7 +70,10 @@ def next_pow2(n: int) -> int:
 class KernelSpec:
     """What a kernel's source depends on (and nothing else): the fused op and its static shapes."""
 
-    kind = "kernel"
+    @property
+    def kind(self) -> str:
+        """The kernel family, part of its name (a class attribute or a property in subclasses)."""
+        return "kernel"
 
     @functools.cached_property  # read twice per launch: by the kernel name and the cache lookup
     def key(self) -> str:
@@ -513,8 +517,10 @@ def _gen_coo_attention(spec: CooAttention) -> str:
     return code.text()
 
 
-_GENERATORS = {SegmentReduce: _gen_segment_reduce, SegmentSoftmax: _gen_segment_softmax, Attention: _gen_attention,
-               TypedLinear: _gen_typed_linear, CooGspmm: _gen_coo_gspmm, CooAttention: _gen_coo_attention}
+# each generator takes its own spec class, the key it is filed under
+_GENERATORS: dict[type[KernelSpec], Callable[[Any], str]] = {
+    SegmentReduce: _gen_segment_reduce, SegmentSoftmax: _gen_segment_softmax, Attention: _gen_attention,
+    TypedLinear: _gen_typed_linear, CooGspmm: _gen_coo_gspmm, CooAttention: _gen_coo_attention}
 
 
 def generate(spec: KernelSpec) -> str:

@@ -264,7 +264,7 @@ def molecules(smiles_list: Iterable[str]) -> Graph:
     smiles_list = [smiles_list] if isinstance(smiles_list, str) else list(smiles_list)
     if not smiles_list:
         raise GraphError("molecules needs at least one SMILES string")
-    encoded = []
+    encoded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for index, smiles in enumerate(smiles_list):
         encoded.append(_encode(_parse(smiles, index)))
     return _assemble(encoded, batched=True)
@@ -277,6 +277,10 @@ class MoleculeDataset(tuple):
     """``(graph, y)``: unpacks as a pair. Also keeps ``smiles`` (one string per graph, in graph
     order), ``skipped`` (``(line number, SMILES, reason)`` for every data row that was not
     loaded) and ``source`` (the file read)."""
+
+    smiles: tuple[str, ...]
+    skipped: tuple[tuple[int, str, str], ...]
+    source: str
 
     def __new__(cls, graph: Graph, y: np.ndarray, smiles: Sequence[str],
                 skipped: Sequence[tuple[int, str, str]], source: str) -> MoleculeDataset:
@@ -322,7 +326,10 @@ def tpsa_dataset(limit: int | None = None) -> MoleculeDataset:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     path = tpsa_path()
-    encoded, targets, smiles_kept, skipped = [], [], [], []
+    encoded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    targets: list[float] = []
+    smiles_kept: list[str] = []
+    skipped: list[tuple[int, str, str]] = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if limit is not None and len(encoded) == limit:
@@ -343,6 +350,7 @@ def tpsa_dataset(limit: int | None = None) -> MoleculeDataset:
                 continue
             mol, reason = _read_smiles(smiles)
             if mol is None:
+                assert reason is not None  # _read_smiles gives a reason whenever it gives no molecule
                 skipped.append((line_number, smiles, reason))
                 continue
             encoded.append(_encode(mol))
@@ -361,12 +369,12 @@ def split(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
     (int64). The same ``n``, ``fractions`` and ``seed`` always give the same split."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if fractions.ndim != 1 or fractions.size == 0 or not np.all(np.isfinite(fractions)) \
-            or np.any(fractions < 0) or not math.isclose(fractions.sum(), 1.0, abs_tol=1e-9):
-        raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions.tolist()}")
+    shares = np.asarray(fractions, dtype=np.float64)
+    if shares.ndim != 1 or shares.size == 0 or not np.all(np.isfinite(shares)) \
+            or np.any(shares < 0) or not math.isclose(shares.sum(), 1.0, abs_tol=1e-9):
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {shares.tolist()}")
     order = np.random.default_rng(seed).permutation(int(n))
-    cuts = np.rint(np.cumsum(fractions)[:-1] * n).astype(np.int64)
+    cuts = np.rint(np.cumsum(shares)[:-1] * n).astype(np.int64)
     return tuple(np.sort(part).astype(np.int64) for part in np.split(order, cuts))
 
 

@@ -168,44 +168,59 @@ def parse_program(text: str) -> Program:
     values: list[Value] = []
     sources: dict[str, Source] = {}
     outputs: list[tuple[str, Value]] = []
-    for node in rest:
-        if node is None:
+    for child in rest:
+        if child is None:
             continue
+        node = _tree(child)
         if node.data == "dim_binding":
             key, bound = node.children
-            dims.append((str(key), int(bound) if bound is not None else None))
+            dims.append((str(key), int(str(bound)) if bound is not None else None))
         elif node.data == "value":
             vname, opname, operands, attrs, typ, loc = node.children
             if str(vname) in env:
                 raise IRParseError(f"{vname} is defined twice")
             ops = []
-            for o in (operands.children if operands is not None else []):
+            operand_list = _optional_tree(operands)
+            for o in (operand_list.children if operand_list is not None else []):
                 if str(o) not in env:
                     raise IRParseError(f"{o} is used before it is defined")
                 ops.append(env[str(o)])
             attr_map = {}
-            for a in (attrs.children if attrs is not None else []):
+            attr_list = _optional_tree(attrs)
+            for a in (attr_list.children if attr_list is not None else []):
                 if a is None:
                     continue
-                key, lit = a.children
-                attr_map[str(key)] = _literal(lit)
+                key, lit = _tree(a).children
+                attr_map[str(key)] = _literal(_tree(lit))
             if str(opname) in ("input", "param"):
                 attr_map["name"] = str(vname)[1:]
             span = None
-            if loc is not None:
-                fname, l1, c1, l2, c2 = loc.children
+            loc_tree = _optional_tree(loc)
+            if loc_tree is not None:
+                fname, l1, c1, l2, c2 = (str(t) for t in loc_tree.children)
                 src = sources.setdefault(fname[1:-1], Source(fname[1:-1], ""))
                 span = Span(src, int(l1), int(c1), int(l2), int(c2))
-            value = make_value(str(opname), ops, attr_map, _type(typ), span)
+            value = make_value(str(opname), ops, attr_map, _type(_tree(typ)), span)
             env[str(vname)] = value
             values.append(value)
         elif node.data == "ret":
             for item in node.children:
-                vname, out = item.children
+                vname, out = _tree(item).children
                 if str(vname) not in env:
                     raise IRParseError(f"return of undefined {vname}")
                 outputs.append((str(out), env[str(vname)]))
     return Program(str(name_tok), tuple(dims), tuple(values), tuple(outputs))
+
+
+def _tree(node: lark.Tree[lark.Token] | lark.Token) -> lark.Tree[lark.Token]:
+    """A child the IR grammar makes a rule, so lark gives a Tree and never a bare Token."""
+    assert isinstance(node, lark.Tree), node
+    return node
+
+
+def _optional_tree(node: lark.Tree[lark.Token] | lark.Token | None) -> lark.Tree[lark.Token] | None:
+    """An optional rule (``[operands]``, ``[attrs]``, ``[loc]``): None where it is absent."""
+    return None if node is None else _tree(node)
 
 
 def _literal(tree: lark.Tree) -> Any:

@@ -42,7 +42,7 @@ from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.ir import Program
 from mpdsl.passes import optimize
 from mpdsl.passes.rewrite import specialize
-from mpdsl.plan import choose_layout
+from mpdsl.plan import GraphLayout, choose_layout
 from mpdsl.runtime import CompiledModel, as_graph
 from mpdsl.types import Domain, TensorType
 
@@ -113,15 +113,16 @@ class _RunProgram(torch.autograd.Function):
         return result
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx: Any, *grads: Any) -> tuple[torch.Tensor | None, ...]:
         call: _Call = ctx.call
         if not call.differentiable:
             raise RuntimeError("mpdsl: this call ran without autograd; run it with a parameter or input "
                                "that requires grad")
         module = call.module
         params, grad_values = module._numpy_tensors(call, ctx.saved_tensors)
-        rows, per_param = {}, {}
-        types = {}
+        rows: dict[str, np.ndarray] = {}
+        per_param: dict[str, np.ndarray] = {}
+        types: dict[str, TensorType] = {}
         for (name, value), grad in zip(call.programs.forward.outputs, grads):
             if not value.type.is_float:
                 continue
@@ -142,11 +143,12 @@ class _RunProgram(torch.autograd.Function):
             result.update(call.layout.restore(
                 {f"d_{n}": result[f"d_{n}"] for n in call.grad_inputs},
                 {f"d_{n}": module.compiled.input_types[n] for n in call.grad_inputs}))
-        def grad(name: str):
+        def gradient_of(name: str) -> torch.Tensor:
             return torch.from_numpy(np.array(result[f"d_{name}"], dtype=call.dtype))
 
-        return ((None,) + tuple(None if n in module._statistics else grad(n) for n in module.compiled.param_types)
-                + tuple(grad(n) for n in call.grad_inputs))
+        return ((None,) + tuple(None if n in module._statistics else gradient_of(n)
+                                for n in module.compiled.param_types)
+                + tuple(gradient_of(n) for n in call.grad_inputs))
 
 
 class MpdslModule(torch.nn.Module):
@@ -173,7 +175,7 @@ class MpdslModule(torch.nn.Module):
             else:
                 self.register_parameter(name, torch.nn.Parameter(value))
         self._programs: dict[tuple, Programs] = {}
-        self.last_layout = None  # the graph layout of the last call (as CompiledModel.last_layout)
+        self.last_layout: GraphLayout | None = None  # the graph layout of the last call (as CompiledModel.last_layout)
 
     # ---- running -----------------------------------------------------------------------------
 
@@ -230,8 +232,11 @@ class MpdslModule(torch.nn.Module):
         if model.optimize:
             forward = optimize(reference, model.passes, dims)[0]
             gradient = optimize(gradient, model.passes, dims)[0]
-        cotangents = [v.name for v in gradient.values if v.op in ("input", "param") and v.name.startswith("d_")
-                      and v.name[2:] in outputs]
+        cotangents: list[str] = []
+        for v in gradient.values:
+            name = v.name
+            if v.op in ("input", "param") and name is not None and name.startswith("d_") and name[2:] in outputs:
+                cotangents.append(name)
         train_forward, backward, residuals = split_program(gradient, outputs, cotangents)
         return Programs(forward, train_forward, backward, residuals, masks, gradient)
 
@@ -258,7 +263,8 @@ class MpdslModule(torch.nn.Module):
         return params, values
 
     def _torch_dtype(self) -> torch.dtype:
-        dtypes = {p.dtype for p in self._parameters.values()} or {b.dtype for b in self._buffers.values()}
+        dtypes = ({p.dtype for p in self._parameters.values() if p is not None}
+                  or {b.dtype for b in self._buffers.values() if b is not None})
         if not dtypes:
             return torch.float64 if self.compiled.float_dtype == np.float64 else torch.float32
         if len(dtypes) > 1 or next(iter(dtypes)) not in TORCH_DTYPES:

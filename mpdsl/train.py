@@ -138,7 +138,7 @@ def load_data(data: str | os.PathLike | Graph, task: str | None = None, split: s
             task = "graph-regression"
     else:
         graph, name = Graph.load(data), str(data)
-    targets = [n for n in ("graph_y", "y") if n in graph and n in graph.graph_data]
+    targets: list[str] = [n for n in ("graph_y", "y") if n in graph and n in graph.graph_data]
     if task is None:
         task = "graph-regression" if targets else "node-classification"
     if task == "node-classification":
@@ -392,6 +392,7 @@ def fit(model, data: TaskData, *, epochs: int = 100, lr: float = 0.01, weight_de
                     error = np.abs(predicted.double().numpy() * std + mean - data.y[idx]).mean()
                     result[part] = (value, float(error))
                 else:
+                    assert out is not None  # run above: classification with this part non-empty
                     value = torch.nn.functional.cross_entropy(out[idx], labels[idx]).item()
                     result[part] = (value, float((out[idx].argmax(-1) == labels[idx]).double().mean().item()))
         return result
@@ -465,13 +466,16 @@ def fit(model, data: TaskData, *, epochs: int = 100, lr: float = 0.01, weight_de
             final["baseline_test_mae"] = float(np.abs(data.y[data.test] - train_mean).mean())
         final["train_mean"] = train_mean.tolist()
         if affine is not None:
-            w, b = affine
-            weights[w] = (weights[w] * std).astype(weights[w].dtype)
-            weights[b] = (weights[b] * std + mean).astype(weights[b].dtype)
+            w_name, b_name = affine
+            weights[w_name] = (weights[w_name] * std).astype(weights[w_name].dtype)
+            weights[b_name] = (weights[b_name] * std + mean).astype(weights[b_name].dtype)
     model.load_weights(weights)
     module.train(False)
-    return TrainResult(data.task, metric, history, best_epoch, weights, final, seconds,
-                       (mean.tolist(), std.tolist()) if affine is not None else None, notes)
+    target_scale: tuple[list[float], list[float]] | None = None
+    if affine is not None:
+        assert mean is not None and std is not None  # set with affine (graph regression only)
+        target_scale = (mean.tolist(), std.tolist())
+    return TrainResult(data.task, metric, history, best_epoch, weights, final, seconds, target_scale, notes)
 
 
 def _loss_name(task: str, loss: str, standardized: bool) -> str:

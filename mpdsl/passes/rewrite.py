@@ -13,7 +13,7 @@ Rule = Callable[[Value, "Rewriter"], "Value | None"]
 
 
 class Rewriter:
-    def __init__(self):
+    def __init__(self) -> None:
         self.values: list[Value] = []
         self.changed = False
 
