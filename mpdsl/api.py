@@ -48,28 +48,29 @@ def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype:
     base_dir = Path(name).parent if name != "<string>" else Path.cwd()
     imported = syntax.resolve_imports(module, base_dir)
     prelude = syntax.prelude()
-    program = typecheck.check(module, model, DTYPES[dtype], dims, imported, prelude)
-    _check_dim_names(dims or {}, program, module, [*imported, prelude])
-    return module, program
+    _check_dim_names(dims or {}, module, [*imported, prelude], model)
+    return module, typecheck.check(module, model, DTYPES[dtype], dims, imported, prelude)
 
 
-def _check_dim_names(dims: Mapping[str, int], program: Program, module: mp_ast.Module,
-                     others: list[mp_ast.Module]) -> None:
+def _check_dim_names(dims: Mapping[str, int], module: mp_ast.Module, others: list[mp_ast.Module],
+                     model: str | None) -> None:
     """Every overridden dim must be one the program has: a `dim` constant (of the file, its
     imports or the prelude) or a dim of the model's input types (then fixed instead of bound
-    from the data)."""
+    from the data). Checked before type checking, which would take an unknown name as a new dim."""
     known = {item.name for m in [module, *others] for item in m.items if isinstance(item, mp_ast.DimDef)}
-    for item in module.items:
-        if isinstance(item, mp_ast.FuncDef) and item.kind == "model" and item.name == program.name:
-            known |= {f for arg in item.args for d in arg.type.dims for f in d.factors if isinstance(f, str)}
+    models = [i for i in module.items if isinstance(i, mp_ast.FuncDef) and i.kind == "model"]
+    chosen = [m for m in models if m.name == model] if model is not None else models
+    for item in chosen or models:
+        known |= {f for arg in item.args for d in arg.type.dims for f in d.factors if isinstance(f, str)}
     unknown = [key for key in dims if key not in known]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, sorted(known), n=1)
+        close = [k for k in sorted(known) if k.lower() == key.lower()] or \
+            difflib.get_close_matches(key, sorted(known), n=1)
         listed = ", ".join(sorted(known)) or "none"
         hint = (f"did you mean '{close[0]}'? " if close else "") + f"its dims are: {listed}"
-        raise CompileError(f"model '{program.name}' has no dim named '{key}' (given as --dim {key}=... / dims=)",
-                           None, hint)
+        where = f"model '{chosen[0].name}'" if len(chosen) == 1 else "the program"
+        raise CompileError(f"{where} has no dim named '{key}' (given as --dim {key}=... / dims=)", None, hint)
 
 
 def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,

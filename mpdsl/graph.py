@@ -755,18 +755,22 @@ class Graph:
                     lost.append(f"{key} ({type(value).__name__})")
                     continue
             if array.ndim == 0:
-                key = key if key.startswith("graph_") else f"graph_{key}"
-                if key in data.keys():
-                    raise GraphError(f"the scalar {key[6:]!r} would become the graph array {key!r}, "
-                                     "which the Data already has",
-                                     hint=f"rename one of them, or pass exclude=[{key[6:]!r}]")
+                if not key.startswith("graph_"):
+                    if f"graph_{key}" in data.keys():
+                        raise GraphError(f"the scalar {key!r} would become the graph array 'graph_{key}', "
+                                         "which the Data already has",
+                                         hint=f"rename one of them, or pass exclude=[{key!r}]")
+                    key = f"graph_{key}"
                 array = array[None]
             arrays[key] = array
         if lost:
             names = [item.split(" ")[0] for item in lost]
-            raise GraphError(f"the Data's attributes {', '.join(lost)} are not tensors or numbers, so "
-                             "they would be lost (mpdsl graphs hold numeric arrays)",
-                             hint=f"pass exclude={names!r} to leave them out, or store them as tensors")
+            several = len(lost) > 1
+            raise GraphError(f"the Data's attribute{'s' if several else ''} {', '.join(lost)} "
+                             f"{'are not tensors or numbers' if several else 'is not a tensor or a number'}, "
+                             "so it would be lost (mpdsl graphs hold numeric arrays)",
+                             hint=f"pass exclude={names!r} to leave {'them' if several else 'it'} out, or "
+                                  "store it as a tensor")
         return cls._from_flat(edge_index, data.num_nodes, arrays)
 
     def to_pyg(self) -> Any:

@@ -31,7 +31,7 @@ def _to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-INIT_CHUNK = 1 << 20  # elements drawn at a time when the target dtype is narrower than float64
+INIT_CHUNK = 1 << 16  # elements drawn at a time when the target dtype is narrower than float64
 
 
 def check_seed(seed: Any) -> int:
@@ -109,6 +109,7 @@ class CompiledModel:
         self.last_run_seconds = 0.0
         self.last_layout = None  # the graph layout of the last run (node order, edge order), if any
         self._checked_dims: set[tuple] = set()  # run-time dims the program's type rules were checked with
+        self._dim_sources: dict[str, str] = {}  # dims bound by the current parameters -> what bound them
         if all(self._static(t) for t in self.param_types.values()):
             self.init(seed)
 
@@ -148,11 +149,17 @@ class CompiledModel:
 
     def init(self, seed: int = 0, graph: Graph | None = None, **dims: int) -> "CompiledModel":
         """(Re)initialise every parameter from its declared initializer; deterministic in ``seed``
-        and the parameter's name. The parameters' total size is checked against the memory budget
-        (``memory_limit``) before anything is allocated."""
-        seed = check_seed(seed)
+        and the parameter's name. Dims bound from the data are bound from ``graph``'s arrays (not
+        from the current parameters) or given as keywords. The parameters' total size is checked
+        against the memory budget (``memory_limit``) before anything is allocated."""
+        sources = {k: f"init({k}={v})" for k, v in dims.items()}
         if graph is not None:
-            dims = {**self.bind(graph, {})[1], **dims}
+            bound, graph_sources = self._bind(graph, {}, dict(self.static_dims), {})[1:]
+            dims, sources = {**bound, **dims}, {**graph_sources, **sources}
+        return self._initialise(seed, dims, sources)
+
+    def _initialise(self, seed: int, dims: Mapping[str, int], sources: Mapping[str, str]) -> "CompiledModel":
+        seed = check_seed(seed)
         stacked = {o.attr["name"] for v in self.ir.values if v.op in ("select", "take")
                    for o in v.operands[:1] if o.op == "param"}
         shapes = self.param_shapes(dims)
@@ -164,6 +171,7 @@ class CompiledModel:
             params[name] = initial_value(init, shape, rng, self.float_dtype, name in stacked)
         self.params = params
         self.dims = {**self.static_dims, **dims}
+        self._dim_sources = {k: v for k, v in sources.items() if k not in self.static_dims}
         return self
 
     def _check_param_memory(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -203,11 +211,13 @@ class CompiledModel:
                 pos = _first_position(~np.isfinite(arr))
                 raise WeightsError(f"weight '{name}' holds non-finite values: {name}{_index_text(pos)} is "
                                    f"{float(arr[pos])}", "check the file")
-        dims = dict(self.static_dims)
-        self._bind_shapes([(f"weight '{n}'", t, arrays[n].shape) for n, t in declared.items()], dims, WeightsError)
+        dims, sources = dict(self.static_dims), {}
+        self._bind_shapes([(f"weight '{n}'", t, arrays[n].shape) for n, t in declared.items()], dims,
+                          WeightsError, sources)
         params = {k: _cast_checked(f"weight {k}", arrays[k], self.float_dtype, WeightsError) for k in declared}
         self.dims = dims
         self.params = params
+        self._dim_sources = sources
         return self
 
     def save_weights(self, path: str | Path) -> None:
@@ -275,14 +285,19 @@ class CompiledModel:
                             f"declare {unknown[0]} with `dim {unknown[0]} = value` (or --dim {unknown[0]}=INT)")
 
     def bind(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """Find, check and convert every model input; returns the arrays and the bound dims. The
-        program's static shape rules (``x[7]`` on a feature axis F) are checked with the dims
-        bound here."""
+        """Find, check and convert every model input; returns the arrays and the bound dims (with
+        those of the current parameters). The program's static shape rules (``x[7]`` on a feature
+        axis F) are checked with the dims bound here."""
+        return self._bind(graph, inputs, dict(self.dims), self._dim_sources)[:2]
+
+    def _bind(self, graph: Graph, inputs: Mapping[str, Any], dims: dict[str, int],
+              known_sources: Mapping[str, str]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
+        """``bind`` from the given ``dims`` (bound by what ``known_sources`` says); also returns
+        what bound each run-time dim."""
         unknown = sorted(set(inputs) - set(self.input_types))
         if unknown:
             raise InputError(f"'{self.name}' has no input named {', '.join(unknown)}",
                              f"its inputs are: {', '.join(self.input_types) or 'none'}")
-        dims = dict(self.dims)
         arrays: dict[str, np.ndarray] = {}
         shapes = []
         for name, t in self.input_types.items():
@@ -318,10 +333,10 @@ class CompiledModel:
                 arr = _cast_checked(f"input {name}", arr, self.float_dtype, InputError)
             shapes.append((f"input '{name}'", t, arr.shape[1:]))
             arrays[name] = arr
-        sources = {k: "the weights or init" for k in self.dims if k not in self.static_dims}
+        sources = {k: known_sources.get(k, "the parameters") for k in dims if k not in self.static_dims}
         self._bind_shapes(shapes, dims, InputError, sources)
         self._check_bound_dims(dims, sources)
-        return arrays, dims
+        return arrays, dims, sources
 
     def _check_bound_dims(self, dims: Mapping[str, int], sources: Mapping[str, str]) -> None:
         """Run the type rules again on the values whose types hold dims bound at run time, with
@@ -354,10 +369,10 @@ class CompiledModel:
 
     def run(self, graph: Graph | str | Path | Any, **inputs: Any) -> dict[str, np.ndarray]:
         graph = as_graph(graph, self.memory_limit)
-        arrays, dims = self.bind(graph, inputs)
+        arrays, dims, sources = self._bind(graph, inputs, dict(self.dims), self._dim_sources)
         missing_params = set(self.param_types) - set(self.params)
         if missing_params:
-            self.init(self.seed, **{k: v for k, v in dims.items() if k not in self.static_dims})
+            self._initialise(self.seed, {k: v for k, v in dims.items() if k not in self.static_dims}, sources)
         else:
             self._check_param_dims(dims)
         start = time.perf_counter()
