@@ -187,13 +187,14 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
 
 def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
     from mpdsl.plan import choose_layout, degree_balance, node_order, report
-    from mpdsl.runtime import as_graph
+    from mpdsl.runtime import as_graph, check_graph_index_memory
 
     model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
                           passes=passes, layout=args.layout)
     graph = as_graph(args.graph) if args.graph else None
     bound = dict(model.static_dims)
     if graph is not None:
+        check_graph_index_memory(graph)  # the layout decisions build the graph's CSR indices
         bound = model.bind(graph, {})[1]
     program, ctx = model.optimized_for(bound)
     elapsed = (time.perf_counter() - start) * 1e3

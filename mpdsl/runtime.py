@@ -420,8 +420,7 @@ class CompiledModel:
         if allowed.limit is None:
             return
         planned = self.planned_bytes(program, graph, dims)
-        index_bytes = 2 * 8 * (graph.num_nodes + 1 + graph.num_edges)  # CSR by destination and by source
-        total = sum(nbytes for _, nbytes in planned) + index_bytes
+        total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph)
         if allowed.allows(total):
             return
         sizes = f"{graph.num_nodes} nodes, {graph.num_edges} edges"
@@ -483,6 +482,21 @@ class CompiledModel:
         return print_program(self.ir, locations)
 
 
+def graph_index_bytes(graph: Graph) -> int:
+    """Bytes of a graph's CSR index arrays by destination and by source (indptr and perm each)."""
+    return 2 * 8 * (graph.num_nodes + 1 + graph.num_edges)
+
+
+def check_graph_index_memory(graph: Graph, memory_limit: memory.Limit = None) -> None:
+    """Refuse to lay out a graph whose CSR index arrays alone exceed the memory budget."""
+    allowed = memory.budget(memory_limit)
+    needed = graph_index_bytes(graph)
+    if not allowed.allows(needed):
+        raise InputError(f"the graph's CSR indices ({graph.num_nodes} nodes, {graph.num_edges} edges) need "
+                         f"{memory.format_bytes(needed)}, over {allowed.describe()}",
+                         f"check num_nodes in the graph file, or {memory.RAISE}")
+
+
 def as_graph(graph: Any, memory_limit: memory.Limit = None) -> Graph:
     """``graph`` as a Graph: a Graph, an .npz path (read within the memory budget) or a PyG Data."""
     if isinstance(graph, Graph):
@@ -517,12 +531,12 @@ def _index_text(pos: tuple[int, ...]) -> str:
 
 
 def _cast_checked(what: str, arr: np.ndarray, dtype: np.dtype, error) -> np.ndarray:
-    """``arr`` in ``dtype``; a finite float that the narrower dtype cannot hold (it would become
-    infinite) is an error naming its first position."""
+    """``arr`` (whose values are known to be finite) in ``dtype``; a value that the narrower dtype
+    cannot hold (it would become infinite) is an error naming its first position."""
     with np.errstate(over="ignore"):
         cast = arr.astype(dtype, copy=False)
     if arr.dtype.kind == "f" and cast is not arr and arr.dtype.itemsize > dtype.itemsize:
-        overflow = np.isinf(cast) & np.isfinite(arr)
+        overflow = np.isinf(cast)
         if overflow.any():
             pos = _first_position(overflow)
             raise error(f"{what}{_index_text(pos)} = {float(arr[pos])!r} is beyond the range of {dtype} "

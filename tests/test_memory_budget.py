@@ -151,3 +151,19 @@ def test_float32_initialisation_is_deterministic():
     a = mpdsl.compile(GCN, seed=3).init(3, F=7).params
     b = mpdsl.compile(GCN, seed=3).init(3, F=7).params
     assert all(np.array_equal(a[k], b[k]) and a[k].dtype == np.float32 for k in a)
+
+
+def test_a_huge_node_count_is_refused_before_any_index_is_built(tmp_path, capsys):
+    graph = tmp_path / "g.npz"
+    np.savez(graph, edge_index=np.array([[0], [1]]), num_nodes=np.array(10 ** 12), edge_e=np.ones((1, 2)))
+    program = tmp_path / "deg.mp"
+    program.write_text("model m(edge_e: edge[F], b: param[1]) -> node[1] {\n    return in_degree() + b\n}\n")
+    assert main(["run", str(program), "--graph", str(graph), "--memory-limit", "1G"]) == 1
+    err = capsys.readouterr().err
+    assert "running 'm' on this graph (1000000000000 nodes, 1 edges) needs about" in err
+    assert "over the memory budget of 1.0 GiB (--memory-limit)" in err and "Traceback" not in err
+    assert main(["compile", str(program), "--emit", "plan", "--graph", str(graph), "--memory-limit", "1G"]) == 1
+    assert "the graph's CSR indices (1000000000000 nodes, 1 edges) need 14.6 TiB" in capsys.readouterr().err
+    model = mpdsl.compile(program, memory_limit="1G")
+    with pytest.raises(mpdsl.InputError, match=r"\(1000000000000 nodes, 1 edges\) needs about"):
+        model.to_torch(mpdsl.Graph.load(graph))(mpdsl.Graph.load(graph))
