@@ -880,7 +880,8 @@ def _kept_attributes(kind: str, table: tuple[dict[str, list[Any]], list[str]],
             raise GraphError(f"the {kind}s have no attribute {name!r} to group",
                              hint=f"their attributes are: {', '.join(map(repr, columns)) or 'none'}")
     if group is not None:
-        parts = [_numeric_column(kind, name, columns[name], labels).reshape(rows, -1).astype(np.float32) for name in grouped if name in columns]
+        parts = [_numeric_column(kind, name, columns[name], labels).reshape(rows, -1).astype(np.float32)
+                 for name in grouped if name in columns]
         data[grouped_name] = (np.concatenate(parts, axis=1) if parts
                               else np.zeros((rows, len(grouped)), dtype=np.float32))
         origin[grouped_name] = f"the grouped attributes {grouped}"

@@ -185,8 +185,9 @@ class CompiledModel:
         others = f" ({memory.format_bytes(total)} for all {len(sizes)})" if len(sizes) > 1 else ""
         shape = memory.shape_text(shapes[name])
         declared_text = "" if _shape_text(declared.type) == shape else f"{_type_text(declared.type)} = "
-        raise CompileError(f"parameter '{name}' {declared_text}{shape} {self.float_dtype} needs {memory.format_bytes(sizes[name])}{others}, over "
-                           f"{allowed.describe()}; nothing was allocated", declared.span,
+        raise CompileError(f"parameter '{name}' {declared_text}{shape} {self.float_dtype} needs "
+                           f"{memory.format_bytes(sizes[name])}{others}, over {allowed.describe()}; nothing was "
+                           "allocated", declared.span,
                            f"make its dims smaller (`dim NAME = ...`, --dim NAME=INT), or {memory.RAISE}")
 
     def load_weights(self, weights: str | Path | Mapping[str, Any]) -> "CompiledModel":

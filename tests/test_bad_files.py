@@ -156,3 +156,13 @@ def test_cli_reports_damaged_files_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("error: ") == 4 and "Traceback" not in err
     assert "is a directory" in err and "weights file" in err and "[1000000000000] float64" in err
+
+
+def test_graph_save_reports_bad_paths(tmp_path):
+    graph = mpdsl.Graph.load(KARATE)
+    with pytest.raises(mpdsl.GraphError, match="the folder .* does not exist"):
+        graph.save(tmp_path / "missing" / "g.npz")
+    with pytest.raises(mpdsl.GraphError, match="it is a directory"):
+        graph.save(tmp_path)
+    graph.save(tmp_path / "g")
+    assert [p.name for p in tmp_path.iterdir()] == ["g"] and mpdsl.Graph.load(tmp_path / "g").num_nodes == 34
