@@ -29,6 +29,7 @@ from mpdsl.diagnostics import MpdslError
 ENV_VAR = "MPDSL_MEMORY_LIMIT"
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 NO_LIMIT = "none"
+AVAILABLE = "the machine's available memory"
 
 Limit = Union[int, str, None]
 """What a caller passes: bytes, a size string such as "4G", "none", or None (the default)."""
@@ -117,7 +118,7 @@ def budget(limit: Limit = None) -> Budget:
         given, value = _coerce(env, ENV_VAR)
         return Budget(value, ENV_VAR if value is not None else "no limit")
     available = available_memory()
-    return Budget(available, "the machine's available memory" if available is not None else "no limit")
+    return Budget(available, AVAILABLE if available is not None else "no limit")
 
 
 @contextlib.contextmanager

@@ -422,7 +422,10 @@ class CompiledModel:
             return
         planned = self.planned_bytes(program, graph, dims)
         total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph)
-        if allowed.allows(total):
+        # Arrays the backend keeps from earlier runs are reused, but count as used in the available memory.
+        reusable = getattr(getattr(self.backend, "pool", None), "held_bytes", 0) \
+            if allowed.source == memory.AVAILABLE else 0
+        if allowed.allows(total - reusable):
             return
         sizes = f"{graph.num_nodes} nodes, {graph.num_edges} edges"
         message = (f"running '{self.name}' on this graph ({sizes}) needs about {memory.format_bytes(total)}, "

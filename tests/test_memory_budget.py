@@ -167,3 +167,19 @@ def test_a_huge_node_count_is_refused_before_any_index_is_built(tmp_path, capsys
     model = mpdsl.compile(program, memory_limit="1G")
     with pytest.raises(mpdsl.InputError, match=r"\(1000000000000 nodes, 1 edges\) needs about"):
         model.to_torch(mpdsl.Graph.load(graph))(mpdsl.Graph.load(graph))
+
+
+def test_buffers_kept_for_reuse_count_towards_the_available_memory(monkeypatch):
+    rng = np.random.default_rng(0)
+    graph = mpdsl.Graph.from_arrays(rng.integers(0, 1000, (2, 200_000)), 1000, x=rng.normal(size=(1000, 16)))
+    monkeypatch.delenv(memory.ENV_VAR, raising=False)
+    monkeypatch.setattr(memory, "available_memory", lambda: 10 << 20)  # the run needs about 15.3 MiB
+    model = mpdsl.compile(EDGE_PRODUCT)
+    model.backend = type(model.backend)()  # a backend of its own, with an empty pool
+    with pytest.raises(mpdsl.InputError, match="over the memory budget of 10.0 MiB \\(the machine's available"):
+        model(graph)
+    model.backend.pool._held = 8 << 20  # what the pool holds is reused by the run
+    assert model(graph).shape == (200_000, 16)
+    with pytest.raises(mpdsl.InputError, match="over the memory budget of 10.0 MiB \\(memory_limit\\)"):
+        model.memory_limit = 10 << 20  # an explicit limit bounds the run's whole size
+        model(graph)
