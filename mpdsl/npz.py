@@ -1,8 +1,8 @@
 """Reading ``.npz`` archives (graphs, weights) safely: every problem is a user error, and nothing
 is allocated before the sizes the archive declares have been checked.
 
-Each member's ``.npy`` header is read first (without its data) and checked: a numeric or boolean
-dtype (never Python objects: nothing is unpickled), a data size the member really holds (a header
+Each member's ``.npy`` header is read first (without its data) and checked: its dtype (never
+Python objects: nothing is unpickled), a data size the member really holds (a header
 that declares more than the member's bytes is a damaged file), a declared uncompressed size that
 its compressed bytes can produce, and the total against the memory budget (``mpdsl.memory``).
 Only then are the arrays read.
@@ -57,7 +57,7 @@ def read_npz(path: str | os.PathLike[str], error: type[MpdslError], what: str,
         raise error(f"{label} holds a single .npy array, not an .npz archive", write_hint)
     if head.startswith(_PICKLE_PROTOCOLS):
         raise error(f"{label} holds pickled Python objects (a torch.save or pickle file), "
-                           "which mpdsl never loads", TORCH_HINTS.get(what, write_hint))
+                    "which mpdsl never loads", TORCH_HINTS.get(what, write_hint))
     if not zipfile.is_zipfile(name):
         detail = "it is empty" if file_size == 0 else "it is not a zip archive, or a truncated one"
         raise error(f"{label} is not an .npz archive ({detail})", write_hint)
@@ -76,8 +76,8 @@ def read_npz(path: str | os.PathLike[str], error: type[MpdslError], what: str,
         if not allowed.allows(total):
             key, _, shape, dtype, nbytes = max(members, key=lambda m: m[4])
             raise error(f"{label} declares {memory.format_bytes(total)} of arrays (the largest: "
-                               f"{key} {memory.shape_text(shape)} {dtype}, {memory.format_bytes(nbytes)}), "
-                               f"over {allowed.describe()}; nothing was read", memory.HINT)
+                        f"{key} {memory.shape_text(shape)} {dtype}, {memory.format_bytes(nbytes)}), "
+                        f"over {allowed.describe()}; nothing was read", memory.HINT)
         arrays: dict[str, np.ndarray] = {}
         for key, info, _, _, _ in members:
             try:
@@ -109,12 +109,12 @@ def _check_members(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], file_
                         "write the file again")
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
             raise error(f"{damaged}: its stored size {info.compress_size} differs from its "
-                               f"declared size {info.file_size}", "write the file again")
+                        f"declared size {info.file_size}", "write the file again")
         if info.compress_type == zipfile.ZIP_DEFLATED and \
                 info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
             raise error(f"{damaged}: it declares {memory.format_bytes(info.file_size)} from "
-                               f"{memory.format_bytes(info.compress_size)} of compressed data, more "
-                               "than deflate can produce", "write the file again")
+                        f"{memory.format_bytes(info.compress_size)} of compressed data, more "
+                        "than deflate can produce", "write the file again")
         try:
             with archive.open(info) as member:
                 version = np.lib.format.read_magic(member)
@@ -129,13 +129,13 @@ def _check_members(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], file_
                         write_hint) from None
         if dtype.hasobject:
             raise error(f"array {key!r} of {label} holds Python objects (dtype {dtype}), which "
-                               "mpdsl never loads (no unpickling)",
+                        "mpdsl never loads (no unpickling)",
                         "store numbers: convert the array with .astype(np.float32) or .astype(np.int64)")
         nbytes = memory.array_bytes(shape, dtype.itemsize)
         if info.file_size < header_bytes + nbytes:
             raise error(f"{damaged}: its header declares {memory.shape_text(shape)} {dtype} "
-                               f"({memory.format_bytes(nbytes)}) but it holds "
-                               f"{memory.format_bytes(max(info.file_size - header_bytes, 0))} of data",
+                        f"({memory.format_bytes(nbytes)}) but it holds "
+                        f"{memory.format_bytes(max(info.file_size - header_bytes, 0))} of data",
                         "the file is truncated or corrupt: write it again")
         members.append((key, info, tuple(int(s) for s in shape), dtype, nbytes))
     return members

@@ -178,11 +178,11 @@ def example_graph(model: mpdsl.CompiledModel) -> mpdsl.Graph:
     edge_index = np.concatenate([np.stack([np.arange(nodes), (np.arange(nodes) + 1) % nodes]),
                                  rng.integers(0, nodes, (2, 24))], axis=1)
     base = mpdsl.Graph(edge_index, nodes, node_data={"batch": np.repeat([0, 1], nodes // 2)})
-    kinds = {t.domain.value: {} for t in model.input_types.values()}
+    kinds: dict[str, dict] = {"node": {"batch": base["batch"]}, "edge": {}, "graph": {}}
     for name, array in synth_inputs(model, base, rng).items():
-        kinds.setdefault(model.input_types[name].domain.value, {})[name] = array
-    return mpdsl.Graph(edge_index, nodes, node_data={"batch": base["batch"], **kinds.get("node", {})},
-                       edge_data=kinds.get("edge", {}), graph_data=kinds.get("graph", {}))
+        kinds[model.input_types[name].domain.value][name] = array
+    return mpdsl.Graph(edge_index, nodes, node_data=kinds["node"], edge_data=kinds["edge"],
+                       graph_data=kinds["graph"])
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
