@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Mapping
 
-from mpdsl import syntax, typecheck
+from mpdsl import ast as mp_ast
+from mpdsl import memory, syntax, typecheck
 from mpdsl.backends import get_backend
-from mpdsl.diagnostics import MpdslError, shown
+from mpdsl.diagnostics import CompileError, MpdslError, shown
 from mpdsl.ir import Program
 from mpdsl.passes import PassManager
 from mpdsl.plan import LAYOUT_MODES
-from mpdsl.runtime import CompiledModel
+from mpdsl.runtime import CompiledModel, check_seed
 
 DTYPES = {"float32": "f32", "float64": "f64", "f32": "f32", "f64": "f64"}
 
@@ -50,24 +53,60 @@ def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype:
     ``syntax.resolve_imports``)."""
     if dtype not in DTYPES:
         raise MpdslError(f"unknown dtype {dtype!r}", "use float32 or float64")
+    if dims is not None and not isinstance(dims, Mapping):
+        raise MpdslError(f"dims must be a mapping of dim names to integers, got {type(dims).__name__}",
+                         'pass e.g. dims={"H": 32}')
+    for key, value in (dims or {}).items():
+        if isinstance(value, bool):
+            raise CompileError(f"dimension override {key}={value!r} is not a non-negative integer", None)
     module = syntax.parse(text, name)
     base_dir = Path(name).parent if name != "<string>" else Path.cwd()
     imported = syntax.resolve_imports(module, base_dir, import_paths)
-    return module, typecheck.check(module, model, DTYPES[dtype], dims, imported, syntax.prelude())
+    prelude = syntax.prelude()
+    _check_dim_names(dims or {}, module, [*imported, prelude], model)
+    return module, typecheck.check(module, model, DTYPES[dtype], dims, imported, prelude)
+
+
+def _check_dim_names(dims: Mapping[str, int], module: mp_ast.Module, others: list[mp_ast.Module],
+                     model: str | None) -> None:
+    """Every overridden dim must be one the program has: a `dim` constant (of the file, its
+    imports or the prelude) or a dim of the model's input types (then fixed instead of bound
+    from the data). Checked before type checking, which would take an unknown name as a new dim."""
+    known = {item.name for m in [module, *others] for item in m.items if isinstance(item, mp_ast.DimDef)}
+    models = [i for i in module.items if isinstance(i, mp_ast.FuncDef) and i.kind == "model"]
+    chosen = [m for m in models if m.name == model] if model is not None else models
+    for item in chosen or models:
+        known |= {f for arg in item.args for d in arg.type.dims for f in d.factors if isinstance(f, str)}
+    unknown = [key for key in dims if key not in known]
+    if unknown:
+        key = unknown[0]
+        close = [k for k in sorted(known) if k.lower() == key.lower()] or \
+            difflib.get_close_matches(key, sorted(known), n=1)
+        listed = ", ".join(sorted(known)) or "none"
+        hint = (f"did you mean '{close[0]}'? " if close else "") + f"its dims are: {listed}"
+        where = f"model '{chosen[0].name}'" if len(chosen) == 1 else "the program"
+        raise CompileError(f"{where} has no dim named '{key}' (given as --dim {key}=... / dims=)", None, hint)
 
 
 def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,
             dtype: str = "float32", dims: dict[str, int] | None = None, seed: int = 0,
             optimize: bool = True, passes: list[str] | None = None, layout: str = "auto",
-            import_paths: Iterable[str | Path] = ()) -> CompiledModel:
+            import_paths: Iterable[str | Path] = (),
+            memory_limit: int | str | None = None) -> CompiledModel:
     """Compile a .mp program (a path or the text itself) into a callable model.
 
     ``model`` picks a model when the file defines several; ``dims`` overrides `dim` constants;
     ``seed`` initialises the parameters (see ``CompiledModel.init``). ``optimize=False`` runs the
     reference IR as written; ``passes`` replaces the default pipeline; ``layout`` is "auto" (node
     reordering when it pays), "reorder" (always) or "none". ``import_paths``: folders from which the
-    program may import besides its own folder (README, Imports)."""
+    program may import besides its own folder (README, Imports). ``memory_limit`` (bytes, or a
+    size such as "4G"; "none": no limit) is the memory budget that reading files, initialising the
+    parameters and each run are checked against before they allocate (default: the
+    ``MPDSL_MEMORY_LIMIT`` environment variable, else the machine's available memory; see
+    ``mpdsl.memory``)."""
     start = time.perf_counter()
+    check_seed(seed)
+    memory.check_limit(memory_limit)
     text, name = read_source(path_or_source)
     module, program = lower(text, name, model=model, dtype=dtype, dims=dims, import_paths=import_paths)
     if layout not in LAYOUT_MODES:
@@ -76,7 +115,7 @@ def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | 
         PassManager(list(passes))  # unknown pass names are reported now
     runner = get_backend(backend)
     model_ = CompiledModel(program, runner, source_name=name, seed=seed, ast=module, optimize=optimize,
-                           passes=passes, layout=layout)
+                           passes=passes, layout=layout, memory_limit=memory_limit)
     if optimize:
         model_.optimized_ir  # noqa: B018 - optimise the compile-time-known part now
     model_.compile_seconds = time.perf_counter() - start

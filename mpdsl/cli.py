@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from mpdsl import ast as mp_ast
+from mpdsl import memory
 from mpdsl.api import compile as compile_model
 from mpdsl.api import lower, read_source
 from mpdsl.backends import available_backends
 from mpdsl.diagnostics import MpdslError
 from mpdsl.ir import print_program
+from mpdsl.npz import check_writable, write_npz
 from mpdsl.plan import LAYOUT_MODES
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE = 0, 1, 2
@@ -28,10 +30,27 @@ def _dims(values: list[str]) -> dict[str, int]:
     dims = {}
     for item in values or []:
         name, _, value = item.partition("=")
-        if not name.isidentifier() or not value.isdigit():
-            raise argparse.ArgumentTypeError(f"--dim expects NAME=INT, got {item!r}")
+        # ASCII digits only: str.isdigit also accepts superscripts such as '²', which int() refuses
+        if not name.isidentifier() or not (value.isascii() and value.isdigit()):
+            raise argparse.ArgumentTypeError(f"--dim expects NAME=INT (INT: digits 0-9), got {item!r}")
+        if name in dims and dims[name] != int(value):
+            raise argparse.ArgumentTypeError(f"--dim {name} is given twice ({dims[name]} and {int(value)})")
         dims[name] = int(value)
     return dims
+
+
+def _seed(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _memory_limit(text: str) -> str:
+    try:
+        memory.parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--import-path", action="append", default=[], metavar="DIR", dest="import_paths",
                        help="a folder the program may import from besides its own (repeatable; "
                             "searched in order after the importing file's folder)")
+        p.add_argument("--memory-limit", type=_memory_limit, metavar="SIZE",
+                       help="memory budget for reading files, parameters and runs, e.g. 4G, 512M, or none "
+                            f"(default: ${memory.ENV_VAR}, else the machine's available memory)")
 
     check = sub.add_parser("check", help="parse and type/shape-check a program")
     common(check)
@@ -63,9 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--graph", required=True, help="graph file (.npz, PyG names: edge_index, x, ...)")
     run.add_argument("--weights", help="parameters (.npz, one array per parameter); default: initialise")
-    run.add_argument("--seed", type=int, default=0, help="seed of the parameter initialisation (default 0)")
-    run.add_argument("--out", help="write the outputs to this .npz")
-    run.add_argument("--save-weights", help="write the parameters used to this .npz")
+    run.add_argument("--seed", type=_seed, default=0, help="seed of the parameter initialisation (default 0)")
+    run.add_argument("--out", help="write the outputs to this .npz file (exactly this path)")
+    run.add_argument("--save-weights", help="write the parameters used to this .npz file (exactly this path)")
     run.add_argument("--backend", default="numpy", choices=available_backends())
     run.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
     run.add_argument("--no-opt", action="store_true", help="run the reference IR as written (no passes)")
@@ -109,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpdsl: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _run_command(args, dims)
+        with memory.limited(args.memory_limit):
+            return _run_command(args, dims)
     except MpdslError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_USER_ERROR
@@ -139,6 +162,11 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         print(f"[mpdsl] {args.command} {name} in {elapsed:.1f} ms", file=sys.stderr)
         return EXIT_OK
 
+    # Output paths are checked before the work, so that a typo does not cost a run.
+    if args.out:
+        check_writable(args.out, MpdslError, "outputs")
+    if args.save_weights:
+        check_writable(args.save_weights, MpdslError, "weights")
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
                           dims=dims, seed=args.seed, optimize=not args.no_opt, passes=passes, layout=args.layout,
                           import_paths=args.import_paths)
@@ -151,7 +179,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
     for name, array in outputs.items():
         print(_show(name, array))
     if args.out:
-        np.savez(args.out, **outputs)
+        write_npz(args.out, outputs, MpdslError, "outputs")
     if args.save_weights:
         model.save_weights(args.save_weights)
     shapes = "; ".join(_summary_line(n, a) for n, a in outputs.items())
@@ -164,13 +192,14 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
 
 def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
     from mpdsl.plan import choose_layout, degree_balance, node_order, report
-    from mpdsl.runtime import as_graph
+    from mpdsl.runtime import as_graph, check_graph_index_memory
 
     model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
                           passes=passes, layout=args.layout, import_paths=args.import_paths)
     graph = as_graph(args.graph) if args.graph else None
     bound = dict(model.static_dims)
     if graph is not None:
+        check_graph_index_memory(graph)  # the layout decisions build the graph's CSR indices
         bound = model.bind(graph, {})[1]
     program, ctx = model.optimized_for(bound)
     elapsed = (time.perf_counter() - start) * 1e3

@@ -87,7 +87,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 def _to_num_nodes(value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, np.ndarray) and value.dtype.kind not in "iu"):
         raise GraphError(f"num_nodes must be a non-negative integer, got {value!r}",
                          hint="pass the node count as an int")
     try:
@@ -577,33 +577,21 @@ class Graph:
     # Files
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Graph:
+    def load(cls, path: str | os.PathLike[str], *, memory_limit: Any = None) -> Graph:
         """The graph stored in the ``.npz`` file at ``path``: ``edge_index``, an optional 0-d
-        ``num_nodes`` and arrays classified by name. Never unpickles."""
+        integer ``num_nodes`` and arrays classified by name. Never unpickles; the sizes the file
+        declares are checked against the memory budget (``mpdsl.memory``; ``memory_limit``
+        overrides it) before any array is read."""
+        from .npz import read_npz
+
         name = os.fspath(path)
-        try:
-            loaded = np.load(name, allow_pickle=False)
-        except FileNotFoundError:
-            raise GraphError(f"graph file {name!r} does not exist") from None
-        except IsADirectoryError:
-            raise GraphError(f"graph file {name!r} is a directory") from None
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-            raise GraphError(f"graph file {name!r} is not an .npz archive",
-                             hint="write graphs with Graph.save or np.savez") from None
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise GraphError(f"graph file {name!r} holds a single .npy array, not an .npz archive",
-                             hint="write graphs with Graph.save or np.savez") from None
-        with loaded:
-            try:
-                arrays = {key: loaded[key] for key in loaded.files}
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise GraphError(f"graph file {name!r} cannot be read: {exc}",
-                                 hint="arrays must be numeric; object arrays are not loaded"
-                                 ) from None
+        arrays = read_npz(name, GraphError, "graph file", memory_limit)
         if "edge_index" not in arrays:
-            raise GraphError(f"graph file {name!r} has no edge_index array",
+            found = ", ".join(sorted(arrays)[:8]) or "no arrays"
+            raise GraphError(f"graph file {name!r} has no edge_index array (it holds {found})",
                              hint="store the edges as an int array of shape [2, E] under "
-                                  "'edge_index'")
+                                  "'edge_index'; a PyG Data converts with "
+                                  "mpdsl.Graph.from_pyg(data).save(path)")
         edge_index = arrays.pop("edge_index")
         num_nodes = arrays.pop("num_nodes", None)
         try:
@@ -626,13 +614,19 @@ class Graph:
                     hint=f"rename it to {kind}_{name} before saving",
                 )
             arrays[name] = array
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for key, array in arrays.items():
-                # A fixed timestamp keeps the file byte-identical across runs.
-                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                with archive.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
+        from .npz import check_writable
+
+        name = check_writable(path, GraphError, "graph")
+        try:
+            with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for key, array in arrays.items():
+                    # A fixed timestamp keeps the file byte-identical across runs.
+                    info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    with archive.open(info, "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, array, allow_pickle=False)
+        except OSError as err:
+            raise GraphError(f"cannot write the graph to {name!r}: {err.strerror or err}") from None
 
     # ----------------------------------------------------------------------------------------
     # Converters
@@ -641,19 +635,29 @@ class Graph:
     def from_networkx(
         cls,
         G: Any,
+        group_node_attrs: str | Iterable[str] | None = None,
+        group_edge_attrs: str | Iterable[str] | None = None,
+        *,
         x: Any = None,
-        node_attrs: str | Iterable[str] | None = None,
-        edge_attrs: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] = (),
     ) -> Graph:
-        """A graph from a networkx graph, nodes numbered 0..N-1 in ``G.nodes`` order.
+        """A graph from a networkx graph, nodes numbered 0..N-1 in ``G.nodes`` order, following
+        PyG's ``from_networkx``.
 
         Undirected edges become both directions (a self-loop once), in the order of PyG's
-        ``from_networkx``; multi-edges are kept. ``node_attrs`` / ``edge_attrs`` name numeric
-        attributes (scalars or vectors) concatenated per node / edge into float32 ``x`` /
-        ``edge_attr``; ``x`` may be given directly instead.
+        ``from_networkx``; multi-edges are kept. Every attribute is kept by name: node attribute
+        ``a`` becomes node array ``a`` (``node_a`` if the name would read back as another kind);
+        edge attribute ``weight`` becomes ``edge_weight`` and ``a`` becomes ``edge_a`` (names
+        starting with ``edge_`` are kept); graph attribute ``a`` (``G.graph``) becomes the graph
+        array ``graph_a`` with one row. ``group_node_attrs`` / ``group_edge_attrs`` (names, or
+        "all") are concatenated per node / edge, each flattened, into float32 ``x`` /
+        ``edge_attr`` instead, as PyG does; ``x`` may be given directly instead. Every node (edge)
+        must carry the same attributes. Attributes that are not numbers (strings, ...) are
+        refused by name unless listed in ``exclude``, which leaves them out.
         """
-        if x is not None and node_attrs is not None:
-            raise GraphError("from_networkx takes x or node_attrs, not both")
+        if x is not None and group_node_attrs is not None:
+            raise GraphError("from_networkx takes x or group_node_attrs, not both")
+        excluded = {exclude} if isinstance(exclude, str) else set(exclude)
         nodes = list(G.nodes)
         position = {node: i for i, node in enumerate(nodes)}
         directed = G if G.is_directed() else G.to_directed(as_view=True)
@@ -661,17 +665,31 @@ class Graph:
         edge_index = np.array([[position[u] for u, _, _ in edges],
                                [position[v] for _, v, _ in edges]],
                               dtype=np.int64).reshape(2, len(edges))
-        node_data: dict[str, Any] = {}
-        edge_data: dict[str, Any] = {}
+        node_table = _attribute_columns("node", [(repr(n), G.nodes[n]) for n in nodes], excluded)
+        edge_table = _attribute_columns("edge", [(f"({u!r}, {v!r})", d) for u, v, d in edges],
+                                          excluded)
+        node_data = _kept_attributes("node", node_table, group_node_attrs, "x", len(nodes),
+                                     lambda name: _node_array_name(name, len(nodes)))
+        edge_data = _kept_attributes("edge", edge_table, group_edge_attrs, "edge_attr", len(edges),
+                                     _edge_array_name)
         if x is not None:
+            if "x" in node_data:
+                raise GraphError("x is given, and the nodes also have an attribute 'x'",
+                                 hint="pass exclude=['x'] to replace it with the given x")
             node_data["x"] = x
-        elif node_attrs is not None:
-            node_data["x"] = _stack_attributes(
-                "node", [(repr(n), G.nodes[n]) for n in nodes], node_attrs)
-        if edge_attrs is not None:
-            edge_data["edge_attr"] = _stack_attributes(
-                "edge", [(f"({u!r}, {v!r})", d) for u, v, d in edges], edge_attrs)
-        return cls(edge_index, len(nodes), node_data=node_data, edge_data=edge_data)
+        graph_data: dict[str, np.ndarray] = {}
+        for key, value in G.graph.items():
+            key = str(key)
+            if key in ("node_default", "edge_default") or key in excluded:
+                continue  # networkx's defaults, as PyG
+            array = _numeric_value(value)
+            if array is None:
+                raise GraphError(f"graph attribute {key!r} = {value!r} is not numeric, so it would be "
+                                 "lost (mpdsl graphs hold numeric arrays)",
+                                 hint=f"pass exclude=[{key!r}] to leave it out, or encode it as numbers")
+            graph_data[key if key.startswith("graph_") else f"graph_{key}"] = array[None]
+        return cls(edge_index, len(nodes), node_data=node_data, edge_data=edge_data,
+                   graph_data=graph_data)
 
     @classmethod
     def from_scipy(cls, A: Any, x: Any = None, **extra: Any) -> Graph:
@@ -702,30 +720,57 @@ class Graph:
         return cls._from_flat(edge_index, A.shape[0], arrays)
 
     @classmethod
-    def from_pyg(cls, data: Any) -> Graph:
+    def from_pyg(cls, data: Any, *, exclude: str | Iterable[str] = ()) -> Graph:
         """A graph from a ``torch_geometric.data.Data``: ``edge_index``, ``num_nodes`` and every
         tensor attribute, classified by name (``ptr`` of a ``Batch`` is dropped: it is derived
-        from ``batch``)."""
+        from ``batch``). Numbers and 0-d tensors (``data.num_classes = 4``) become graph arrays
+        with one row, named ``graph_<name>`` (``graph_*`` names kept). Other attributes (strings,
+        lists, ...) are refused by name unless listed in ``exclude``, which leaves them out."""
         Data = _import_pyg_data()
         if not isinstance(data, Data):
             raise GraphError(f"from_pyg needs a torch_geometric Data, got {type(data).__name__}",
                              hint="heterogeneous graphs are not supported")
+        excluded = {exclude} if isinstance(exclude, str) else set(exclude)
         arrays: dict[str, np.ndarray] = {}
+        lost: list[str] = []
         edge_index = np.zeros((2, 0), dtype=np.int64)
         for key in data.keys():
             value = data[key]
             if key == "edge_index":
                 edge_index = value
-            elif key in ("ptr", "num_nodes"):
                 continue
-            elif hasattr(value, "detach"):
+            if key in ("ptr", "num_nodes") or key in excluded or value is None:
+                continue
+            if hasattr(value, "detach"):
                 try:
-                    arrays[key] = value.detach().cpu().numpy()
+                    array = value.detach().cpu().numpy()
                 except (TypeError, RuntimeError) as exc:
                     raise GraphError(f"{key} cannot be converted to a numpy array ({exc})",
                                      hint="use a dense tensor of a numpy dtype") from None
             elif isinstance(value, np.ndarray):
-                arrays[key] = value
+                array = value
+            else:
+                array = _numeric_value(value) if isinstance(value, (bool, int, float, np.generic)) else None
+                if array is None:
+                    lost.append(f"{key} ({type(value).__name__})")
+                    continue
+            if array.ndim == 0:
+                if not key.startswith("graph_"):
+                    if f"graph_{key}" in data.keys():
+                        raise GraphError(f"the scalar {key!r} would become the graph array 'graph_{key}', "
+                                         "which the Data already has",
+                                         hint=f"rename one of them, or pass exclude=[{key!r}]")
+                    key = f"graph_{key}"
+                array = array[None]
+            arrays[key] = array
+        if lost:
+            names = [item.split(" ")[0] for item in lost]
+            several = len(lost) > 1
+            raise GraphError(f"the Data's attribute{'s' if several else ''} {', '.join(lost)} "
+                             f"{'are not tensors or numbers' if several else 'is not a tensor or a number'}, "
+                             "so it would be lost (mpdsl graphs hold numeric arrays)",
+                             hint=f"pass exclude={names!r} to leave {'them' if several else 'it'} out, or "
+                                  "store it as a tensor")
         return cls._from_flat(edge_index, data.num_nodes, arrays)
 
     def to_pyg(self) -> Any:
@@ -747,26 +792,108 @@ def _import_pyg_data() -> type:
     return Data
 
 
-def _stack_attributes(kind: str, items: list[tuple[str, Mapping[str, Any]]],
-                      names: str | Iterable[str]) -> np.ndarray:
-    """float32 [len(items), D]: the named attributes of each item, flattened and concatenated."""
-    names = [names] if isinstance(names, str) else list(names)
-    rows = []
+def _node_array_name(attribute: str, num_nodes: int) -> str:
+    """The node array that keeps a node attribute: its own name, unless that reads back as
+    another kind of array (``edge_*``, ``graph_*``, a reserved name), then ``node_<name>``."""
+    if attribute in RESERVED_NAMES or classify_name(attribute, num_nodes, num_nodes) != "node":
+        return f"node_{attribute}"
+    return attribute
+
+
+def _edge_array_name(attribute: str) -> str:
+    """The edge array that keeps an edge attribute: ``weight`` is ``edge_weight``; names that
+    read back as edge arrays (``edge_*``) are kept; ``a`` is ``edge_a``."""
+    if attribute == "weight":
+        return "edge_weight"
+    if attribute not in RESERVED_NAMES and classify_name(attribute, None, 0) == "edge":
+        return attribute
+    return f"edge_{attribute}"
+
+
+def _numeric_value(value: Any) -> np.ndarray | None:
+    """``value`` as a numeric (bool, int or float) array, or None if it is not one."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return None
+    return array if array.dtype.kind in "biuf" else None
+
+
+def _attribute_columns(kind: str, items: list[tuple[str, Mapping[str, Any]]],
+                       excluded: set[str]) -> tuple[dict[str, list[Any]], list[str]]:
+    """The attributes of the nodes (edges) as name -> one value per item, and the items' labels;
+    every item must have the same attribute names (those in ``excluded`` aside)."""
+    if not items:
+        return {}, []
+    first_label, first = items[0]
+    names = [str(k) for k in first if str(k) not in excluded]
+    expected = set(names)
+    columns: dict[str, list[Any]] = {name: [] for name in names}
     for label, attributes in items:
-        row = []
+        keys = {str(k): v for k, v in attributes.items() if str(k) not in excluded}
+        if set(keys) != expected:
+            missing, extra = sorted(expected - set(keys)), sorted(set(keys) - expected)
+            detail = "; ".join(([f"lacks {', '.join(map(repr, missing))}"] if missing else []) +
+                               ([f"has {', '.join(map(repr, extra))} in addition"] if extra else []))
+            raise GraphError(f"{kind} {label} {detail}, unlike {kind} {first_label}",
+                             hint=f"every {kind} needs the same attributes (as in PyG's from_networkx); "
+                                  "exclude=[...] leaves attributes out")
         for name in names:
-            if name not in attributes:
-                raise GraphError(f"{kind} {label} has no attribute {name!r}",
-                                 hint=f"every {kind} needs the attributes being stacked")
-            try:
-                row.append(np.asarray(attributes[name], dtype=np.float32).reshape(-1))
-            except (TypeError, ValueError):
-                raise GraphError(f"{kind} {label} attribute {name!r} = {attributes[name]!r} is "
-                                 "not numeric") from None
-        rows.append(np.concatenate(row) if row else np.zeros(0, dtype=np.float32))
-    widths = {row.shape[0] for row in rows}
-    if len(widths) > 1:
-        raise GraphError(f"{kind} attributes {names} have different sizes across {kind}s "
-                         f"({sorted(widths)})", hint="every item needs the same attribute shapes")
-    width = widths.pop() if widths else len(names)
-    return np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
+            columns[name].append(keys[name])
+    return columns, [label for label, _ in items]
+
+
+def _numeric_column(kind: str, name: str, values: list[Any], labels: list[str]) -> np.ndarray:
+    """One attribute of every node (edge) as an array [rows, ...]; refuses non-numbers."""
+    for label, value in zip(labels, values):
+        if _numeric_value(value) is None:
+            raise GraphError(f"{kind} {label} attribute {name!r} = {value!r} is not numeric, so it "
+                             "cannot be kept (mpdsl graphs hold numeric arrays)",
+                             hint=f"pass exclude=[{name!r}] to leave it out, or encode it as numbers")
+    try:
+        return np.asarray(values) if values else np.zeros(0)
+    except ValueError:
+        shapes = {}
+        for label, value in zip(labels, values):
+            shapes.setdefault(np.shape(value), label)
+        listed = ", ".join(f"{list(shape)} at {kind} {label}" for shape, label in list(shapes.items())[:3])
+        raise GraphError(f"{kind} attribute {name!r} has different shapes across {kind}s ({listed})",
+                         hint=f"every {kind} needs the same attribute shapes") from None
+
+
+def _kept_attributes(kind: str, table: tuple[dict[str, list[Any]], list[str]],
+                     group: str | Iterable[str] | None, grouped_name: str, rows: int,
+                     rename) -> dict[str, np.ndarray]:
+    """The attributes as arrays by their graph names: ``group`` (names or "all") concatenated
+    into ``grouped_name``, each other one on its own under ``rename(name)``."""
+    columns, labels = table
+    if group is None:
+        grouped: list[str] = []
+    elif isinstance(group, str) and group == "all":
+        grouped = list(columns)
+    else:
+        grouped = [group] if isinstance(group, str) else [str(g) for g in group]
+    data: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for name in grouped:
+        if name not in columns and rows:
+            raise GraphError(f"the {kind}s have no attribute {name!r} to group",
+                             hint=f"their attributes are: {', '.join(map(repr, columns)) or 'none'}")
+    if group is not None:
+        parts = [_numeric_column(kind, name, columns[name], labels).reshape(rows, -1).astype(np.float32)
+                 for name in grouped if name in columns]
+        data[grouped_name] = (np.concatenate(parts, axis=1) if parts
+                              else np.zeros((rows, len(grouped)), dtype=np.float32))
+        origin[grouped_name] = f"the grouped attributes {grouped}"
+    for name, values in columns.items():
+        if name in grouped:
+            continue
+        key = rename(name)
+        if key in data:
+            raise GraphError(f"{kind} attribute {name!r} would be stored as {key!r}, the name of "
+                             f"{origin[key]}", hint=f"rename one of them, or pass exclude=[{name!r}]")
+        data[key] = _numeric_column(kind, name, values, labels)
+        origin[key] = f"attribute {name!r}"
+    return data
+
+

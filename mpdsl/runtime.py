@@ -11,13 +11,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mpdsl.diagnostics import GraphError, InputError, WeightsError
+from mpdsl import memory
+from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
 from mpdsl.graph import Graph
-from mpdsl.ir import Program, print_program
+from mpdsl.ir import Program, Value, print_program, value_names
+from mpdsl.npz import read_npz, write_npz
+from mpdsl.ops import OPS
 from mpdsl.passes import PassContext, optimize
 from mpdsl.passes.rewrite import specialize
 from mpdsl.plan import choose_layout
-from mpdsl.types import Domain, INT_DTYPE, TensorType
+from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
 
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": np.int64}
 
@@ -28,30 +31,52 @@ def _to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
+INIT_CHUNK = 1 << 16  # elements drawn at a time when the target dtype is narrower than float64
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int after checking it is a non-negative integer (what NumPy's seeding takes)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}", "pass e.g. seed=0")
+    return int(seed)
+
+
 def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, dtype,
                   stacked: bool = False) -> np.ndarray:
     """Initial parameter values. glorot: U(+-sqrt(6 / (fan_in + fan_out))) with fan_in = shape[0],
     fan_out = prod(shape[1:]); normal: N(0, 1 / fan_in); uniform: U(+-1 / sqrt(fan_in));
     zeros, ones, or a number (every element). A ``stacked`` parameter (indexed per layer or per
-    type, W[t] / W[etype]) takes its fans from one slice, shape[1:]."""
+    type, W[t] / W[etype]) takes its fans from one slice, shape[1:].
+
+    The array is allocated in ``dtype`` and filled from float64 draws of at most ``INIT_CHUNK``
+    elements at a time, so a float32 model's parameters never exist in float64 as a whole; the
+    values are those of one float64 draw cast to ``dtype`` (the same stream, drawn in pieces)."""
+    dtype = np.dtype(dtype)
     fan_shape = shape[1:] if stacked and len(shape) > 1 else shape
     fan_in = fan_shape[0] if fan_shape else 1
     fan_out = int(np.prod(fan_shape[1:])) if len(fan_shape) > 1 else 1
     if init == "glorot":
         bound = np.sqrt(6.0 / max(fan_in + fan_out, 1))
-        value = rng.uniform(-bound, bound, shape)
+        draw = functools.partial(rng.uniform, -bound, bound)
     elif init == "normal":
-        value = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), shape)
+        draw = functools.partial(rng.normal, 0.0, 1.0 / np.sqrt(max(fan_in, 1)))
     elif init == "uniform":
         bound = 1.0 / np.sqrt(max(fan_in, 1))
-        value = rng.uniform(-bound, bound, shape)
+        draw = functools.partial(rng.uniform, -bound, bound)
     elif init == "zeros":
-        value = np.zeros(shape)
+        return np.zeros(shape, dtype)
     elif init == "ones":
-        value = np.ones(shape)
+        return np.ones(shape, dtype)
     else:
-        value = np.full(shape, float(init))
-    return value.astype(dtype)
+        return np.full(shape, np.float64(float(init)).astype(dtype), dtype)
+    if dtype == np.float64:
+        return draw(shape)
+    value = np.empty(shape, dtype)
+    flat = value.reshape(-1)
+    for start in range(0, flat.size, INIT_CHUNK):
+        stop = min(start + INIT_CHUNK, flat.size)
+        flat[start:stop] = draw(stop - start)
+    return value
 
 
 class CompiledModel:
@@ -64,8 +89,9 @@ class CompiledModel:
 
     def __init__(self, program: Program, backend, *, source_name: str = "<string>", seed: int = 0,
                  ast=None, compile_seconds: float = 0.0, optimize: bool = True,
-                 passes: list[str] | None = None, layout: str = "auto"):
+                 passes: list[str] | None = None, layout: str = "auto", memory_limit: memory.Limit = None):
         self.ir = program
+        self.memory_limit = memory.check_limit(memory_limit)
         self.optimize = optimize
         self.passes = passes
         self.layout = layout
@@ -73,7 +99,7 @@ class CompiledModel:
         self.ast = ast
         self.backend = backend
         self.source_name = source_name
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.compile_seconds = compile_seconds
         self.float_dtype = np.dtype(NUMPY_DTYPES[program.float_dtype])
         self.static_dims: dict[str, int] = {k: v for k, v in program.dims if v is not None}
@@ -82,6 +108,8 @@ class CompiledModel:
         self.params: dict[str, np.ndarray] = {}
         self.last_run_seconds = 0.0
         self.last_layout = None  # the graph layout of the last run (node order, edge order), if any
+        self._checked_dims: set[tuple] = set()  # run-time dims the program's type rules were checked with
+        self._dim_sources: dict[str, str] = {}  # dims bound by the current parameters -> what bound them
         if all(self._static(t) for t in self.param_types.values()):
             self.init(seed)
 
@@ -121,27 +149,52 @@ class CompiledModel:
 
     def init(self, seed: int = 0, graph: Graph | None = None, **dims: int) -> "CompiledModel":
         """(Re)initialise every parameter from its declared initializer; deterministic in ``seed``
-        and the parameter's name."""
+        and the parameter's name. Dims bound from the data are bound from ``graph``'s arrays (not
+        from the current parameters) or given as keywords. The parameters' total size is checked
+        against the memory budget (``memory_limit``) before anything is allocated."""
+        sources = {k: f"init({k}={v})" for k, v in dims.items()}
         if graph is not None:
-            dims = {**self.bind(graph, {})[1], **dims}
+            bound, graph_sources = self._bind(graph, {}, dict(self.static_dims), {})[1:]
+            dims, sources = {**bound, **dims}, {**graph_sources, **sources}
+        return self._initialise(seed, dims, sources)
+
+    def _initialise(self, seed: int, dims: Mapping[str, int], sources: Mapping[str, str]) -> "CompiledModel":
+        seed = check_seed(seed)
         stacked = {o.attr["name"] for v in self.ir.values if v.op in ("select", "take")
                    for o in v.operands[:1] if o.op == "param"}
-        for name, shape in self.param_shapes(dims).items():
+        shapes = self.param_shapes(dims)
+        self._check_param_memory(shapes)
+        params = {}
+        for name, shape in shapes.items():
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             init = next(v.attr["init"] for v in self.ir.params if v.attr["name"] == name)
-            self.params[name] = initial_value(init, shape, rng, self.float_dtype, name in stacked)
+            params[name] = initial_value(init, shape, rng, self.float_dtype, name in stacked)
+        self.params = params
         self.dims = {**self.static_dims, **dims}
+        self._dim_sources = {k: v for k, v in sources.items() if k not in self.static_dims}
         return self
 
+    def _check_param_memory(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        sizes = {name: memory.array_bytes(shape, self.float_dtype.itemsize) for name, shape in shapes.items()}
+        total = sum(sizes.values())
+        allowed = memory.budget(self.memory_limit)
+        if allowed.allows(total):
+            return
+        name = max(sizes, key=sizes.get)
+        declared = next(v for v in self.ir.params if v.attr["name"] == name)
+        others = f" ({memory.format_bytes(total)} for all {len(sizes)})" if len(sizes) > 1 else ""
+        shape = memory.shape_text(shapes[name])
+        declared_text = "" if _shape_text(declared.type) == shape else f"{_type_text(declared.type)} = "
+        raise CompileError(f"parameter '{name}' {declared_text}{shape} {self.float_dtype} needs "
+                           f"{memory.format_bytes(sizes[name])}{others}, over {allowed.describe()}; nothing was "
+                           "allocated", declared.span,
+                           f"make its dims smaller (`dim NAME = ...`, --dim NAME=INT), or {memory.RAISE}")
+
     def load_weights(self, weights: str | Path | Mapping[str, Any]) -> "CompiledModel":
-        """Load parameters from an .npz file or a mapping name -> array (all of them, exactly)."""
+        """Load parameters from an .npz file or a mapping name -> array (all of them, exactly).
+        Dims bound from the data are bound from the weights' shapes (``param[2 * F, H]`` too)."""
         if isinstance(weights, (str, Path)):
-            try:
-                with np.load(weights, allow_pickle=False) as data:
-                    weights = {k: data[k] for k in data.files}
-            except (OSError, ValueError) as err:
-                raise WeightsError(f"cannot read weights from {weights}: {err}",
-                                   "weights are an .npz file with one array per parameter") from None
+            weights = read_npz(weights, WeightsError, "weights file", self.memory_limit)
         declared = self.param_types
         missing = sorted(set(declared) - set(weights))
         extra = sorted(set(weights) - set(declared))
@@ -151,59 +204,106 @@ class CompiledModel:
             raise WeightsError(f"weights do not match the parameters of '{self.name}': {'; '.join(parts)}",
                                f"expected exactly: {', '.join(declared)}")
         arrays = {k: _to_numpy(v) for k, v in weights.items()}
-        dims = dict(self.static_dims)
         for name, t in declared.items():
             arr = arrays[name]
             if arr.dtype.kind not in "fiu":
                 raise WeightsError(f"weight '{name}' has dtype {arr.dtype}", "weights are real numbers")
             if not np.all(np.isfinite(arr)):
-                raise WeightsError(f"weight '{name}' holds non-finite values", "check the file")
-        # Plain dims first, from any weight; then products such as 2*F are checked against them.
-        for defer_products in (True, False):
-            for name, t in declared.items():
-                self._bind_shape(f"weight '{name}'", t, arrays[name].shape, dims, WeightsError, defer_products)
+                pos = _first_position(~np.isfinite(arr))
+                raise WeightsError(f"weight '{name}' holds non-finite values: {name}{_index_text(pos)} is "
+                                   f"{float(arr[pos])}", "check the file")
+        dims, sources = dict(self.static_dims), {}
+        self._bind_shapes([(f"weight '{n}'", t, arrays[n].shape) for n, t in declared.items()], dims,
+                          WeightsError, sources)
+        params = {k: _cast_checked(f"weight {k}", arrays[k], self.float_dtype, WeightsError) for k in declared}
         self.dims = dims
-        self.params = {k: arrays[k].astype(self.float_dtype) for k in declared}
+        self.params = params
+        self._dim_sources = sources
         return self
 
     def save_weights(self, path: str | Path) -> None:
+        """Write the parameters to an .npz at exactly ``path`` (no suffix is added)."""
         if not self.params:
             raise WeightsError("the model has no parameters yet", "call init(seed, graph=...) or run it once")
-        np.savez(path, **self.params)
+        write_npz(path, self.params, WeightsError, "weights")
 
     # ---- running -------------------------------------------------------------------------
 
     @staticmethod
-    def _bind_shape(what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error,
-                    defer_products: bool = False) -> None:
-        declared = "[" + ", ".join(str(d) for d in t.shape) + "]"
-        if len(shape) != t.rank:
-            raise error(f"{what} has shape {list(shape)} but is declared {declared}",
-                        f"it needs {t.rank} axes")
-        for axis, (dim, size) in enumerate(zip(t.shape, shape)):
+    def _bind_shape(what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error) -> None:
+        """Check ``shape`` against ``t``, binding the dims it determines into ``dims``."""
+        CompiledModel._bind_shapes([(what, t, shape)], dims, error)
+
+    @staticmethod
+    def _bind_shapes(items: list[tuple[str, TensorType, tuple[int, ...]]], dims: dict[str, int], error,
+                     sources: dict[str, str] | None = None) -> None:
+        """Check each (what, declared type, shape) and bind the dims the shapes determine, into
+        ``dims`` (and ``sources``: dim -> what bound it). Plain dims (``F``) are bound first;
+        then a product with one unknown factor (``2 * F``, ``H * C`` with H known) is solved for
+        it; a dim that no shape determines is an error."""
+        pending = []
+        for what, t, shape in items:
+            if len(shape) != t.rank:
+                raise error(f"{what} has shape {list(shape)} but is declared {_shape_text(t)}",
+                            f"it needs {t.rank} axes")
+            pending += [(what, t, axis, int(size)) for axis, size in enumerate(shape)]
+
+        def settle(entry, plain_only: bool) -> str:
+            """"checked", "bound" or "open" (not determined yet)."""
+            what, t, axis, size = entry
+            dim = t.shape[axis]
             resolved = dim.substitute(dims)
             if resolved.is_static:
                 if resolved.value != size:
-                    raise error(f"{what} has size {size} on axis {axis} but is declared {declared} "
+                    raise error(f"{what} has size {size} on axis {axis} but is declared {_shape_text(t)} "
                                 f"({dim} = {resolved.value})", "make the data and the declaration agree")
-            elif len(resolved.symbols) == 1 and resolved.coeff == 1:
-                dims[resolved.symbols[0]] = size
-            elif defer_products:
-                continue
+                return "checked"
+            unknown = sorted(set(resolved.symbols))
+            if len(unknown) != 1 or (plain_only and resolved != Dim.of(unknown[0])):
+                return "open"
+            value = _solve_dim(size, resolved.coeff, len(resolved.symbols))
+            if value is None:
+                raise error(f"{what} has size {size} on axis {axis}, which {dim} (declared {_shape_text(t)}) "
+                            f"cannot be for any integer {unknown[0]}", "make the data and the declaration agree")
+            dims[unknown[0]] = value
+            if sources is not None:
+                sources[unknown[0]] = what
+            return "bound"
+
+        while pending:
+            for plain_only in (True, False):
+                states = [settle(entry, plain_only) for entry in pending]
+                progress = "bound" in states
+                pending = [e for e, state in zip(pending, states) if state == "open"]
+                if progress or not pending:
+                    break
             else:
-                raise error(f"{what}: cannot bind {dim} from a size of {size}",
-                            "bind product dims with `dim NAME = value`")
+                what, t, axis, size = pending[0]
+                dim = t.shape[axis]
+                unknown = sorted(set(dim.substitute(dims).symbols))
+                raise error(f"{what}: cannot bind {dim} from a size of {size}: {' and '.join(unknown)} "
+                            f"{'is' if len(unknown) == 1 else 'are'} bound by no other array",
+                            f"declare {unknown[0]} with `dim {unknown[0]} = value` (or --dim {unknown[0]}=INT)")
 
     def bind(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """Find, check and convert every model input; returns the arrays and the bound dims."""
+        """Find, check and convert every model input; returns the arrays and the bound dims (with
+        those of the current parameters). The program's static shape rules (``x[7]`` on a feature
+        axis F) are checked with the dims bound here."""
+        return self._bind(graph, inputs, dict(self.dims), self._dim_sources)[:2]
+
+    def _bind(self, graph: Graph, inputs: Mapping[str, Any], dims: dict[str, int],
+              known_sources: Mapping[str, str]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
+        """``bind`` from the given ``dims`` (bound by what ``known_sources`` says); also returns
+        what bound each run-time dim."""
         unknown = sorted(set(inputs) - set(self.input_types))
         if unknown:
             raise InputError(f"'{self.name}' has no input named {', '.join(unknown)}",
                              f"its inputs are: {', '.join(self.input_types) or 'none'}")
-        dims = dict(self.dims)
         arrays: dict[str, np.ndarray] = {}
+        shapes = []
         for name, t in self.input_types.items():
-            if name in inputs:
+            given = name in inputs
+            if given:
                 arr = _to_numpy(inputs[name])
             elif name in graph:
                 arr = graph[name]
@@ -225,10 +325,42 @@ class CompiledModel:
             else:
                 if arr.dtype.kind not in "fiub":
                     raise InputError(f"input '{name}' has dtype {arr.dtype}", "features are real numbers")
-                arr = arr.astype(self.float_dtype, copy=False)
-            self._bind_shape(f"input '{name}'", t, arr.shape[1:], dims, InputError)
+                if given and arr.dtype.kind == "f":  # a graph's arrays are checked when it is built
+                    finite = np.isfinite(arr)
+                    if not finite.all():
+                        pos = _first_position(~finite)
+                        raise InputError(f"input {name}{_index_text(pos)} is {float(arr[pos])}",
+                                         "features must be finite (no NaN or infinity)")
+                arr = _cast_checked(f"input {name}", arr, self.float_dtype, InputError)
+            shapes.append((f"input '{name}'", t, arr.shape[1:]))
             arrays[name] = arr
-        return arrays, dims
+        sources = {k: known_sources.get(k, "the parameters") for k in dims if k not in self.static_dims}
+        self._bind_shapes(shapes, dims, InputError, sources)
+        self._check_bound_dims(dims, sources)
+        return arrays, dims, sources
+
+    def _check_bound_dims(self, dims: Mapping[str, int], sources: Mapping[str, str]) -> None:
+        """Run the type rules again on the values whose types hold dims bound at run time, with
+        those dims: what the checker verified for static dims (a static index within its axis, ...)
+        is verified for these. Errors point at the program text."""
+        run_time = {k for k, v in self.ir.dims if v is None} | (set(dims) - set(self.static_dims))
+        key = tuple(sorted((k, dims[k]) for k in run_time if k in dims))
+        if key in self._checked_dims:
+            return
+        env = {k: dims[k] for k in run_time if k in dims}
+        for v in self.ir.values:
+            operand_types = [o.type.substitute(env) for o in v.operands]
+            involved = sorted({s for o in v.operands for d in o.type.shape for s in d.symbols} & set(env))
+            if not involved:
+                continue
+            rule = OPS[v.op]
+            try:
+                rule.infer(operand_types, v.attr, v.type.substitute(env) if rule.declared else None)
+            except TypeRuleError as err:
+                bound = ", ".join(f"{k} = {env[k]} from {sources.get(k, 'the data')}" for k in involved)
+                raise CompileError(f"{err.message} (with {bound})", v.span,
+                                   err.hint or "make the data and the program agree") from None
+        self._checked_dims.add(key)
 
     def __call__(self, graph: Graph | str | Path | Any, **inputs: Any) -> np.ndarray | dict[str, np.ndarray]:
         """Run on ``graph`` (a Graph, an .npz path or a PyG Data); inputs not given as keywords are
@@ -237,15 +369,16 @@ class CompiledModel:
         return outputs["out"] if list(outputs) == ["out"] else outputs
 
     def run(self, graph: Graph | str | Path | Any, **inputs: Any) -> dict[str, np.ndarray]:
-        graph = as_graph(graph)
-        arrays, dims = self.bind(graph, inputs)
+        graph = as_graph(graph, self.memory_limit)
+        arrays, dims, sources = self._bind(graph, inputs, dict(self.dims), self._dim_sources)
         missing_params = set(self.param_types) - set(self.params)
         if missing_params:
-            self.init(self.seed, **{k: v for k, v in dims.items() if k not in self.static_dims})
+            self._initialise(self.seed, {k: v for k, v in dims.items() if k not in self.static_dims}, sources)
         else:
             self._check_param_dims(dims)
         start = time.perf_counter()
         program = self.program_for(dims)
+        self.check_run_memory(program, graph, dims)
         layout = choose_layout(graph, program, self.layout) if self.optimize else None
         self.last_layout = layout
         if layout is not None:
@@ -258,6 +391,52 @@ class CompiledModel:
             outputs = layout.restore(outputs, {name: v.type for name, v in program.outputs})
         self.last_run_seconds = time.perf_counter() - start
         return outputs
+
+    def planned_bytes(self, program: Program, graph: Graph, dims: Mapping[str, int]) -> list[tuple[Value, int]]:
+        """(value, bytes) for each value a run of ``program`` on ``graph`` materialises in full: the
+        plan's bytes materialised (``--emit plan``), less the values the backend computes one
+        block of rows at a time (row groups). The NumPy backend keeps them all until the run ends."""
+        rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs,
+                Domain.PARAM: 1}
+        blockwise: set[int] = set()
+        schedule, min_rows = getattr(self.backend, "schedule", None), getattr(self.backend, "fuse_min_rows", None)
+        if schedule is not None and min_rows is not None:
+            for step in schedule(program):
+                members, exports = getattr(step, "members", None), getattr(step, "exports", ())
+                if members is not None and rows[step.domain] >= min_rows:
+                    blockwise |= {id(v) for v in members} - {id(v) for v in exports}
+        planned = []
+        for v in program.values:
+            if v.op in ("input", "param", "const") or id(v) in blockwise:
+                continue
+            shape = (rows[v.type.domain],) + tuple(d.substitute(dims).value for d in v.type.shape)
+            itemsize = np.dtype(NUMPY_DTYPES.get(v.type.dtype, np.float64)).itemsize
+            planned.append((v, memory.array_bytes(shape, itemsize)))
+        return planned
+
+    def check_run_memory(self, program: Program, graph: Graph, dims: Mapping[str, int]) -> None:
+        """Refuse a run whose planned peak (``planned_bytes`` plus the graph's CSR index arrays)
+        exceeds the memory budget, naming its largest value, before anything is allocated."""
+        allowed = memory.budget(self.memory_limit)
+        if allowed.limit is None:
+            return
+        planned = self.planned_bytes(program, graph, dims)
+        total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph)
+        # Arrays the backend keeps from earlier runs are reused, but count as used in the available memory.
+        reusable = getattr(getattr(self.backend, "pool", None), "held_bytes", 0) \
+            if allowed.source == memory.AVAILABLE else 0
+        if allowed.allows(total - reusable):
+            return
+        sizes = f"{graph.num_nodes} nodes, {graph.num_edges} edges"
+        message = (f"running '{self.name}' on this graph ({sizes}) needs about {memory.format_bytes(total)}, "
+                   f"over {allowed.describe()}")
+        if planned:
+            value, nbytes = max(planned, key=lambda item: item[1])
+            message += (f"; the largest value is {_describe_value(value, program, dims, graph)}: "
+                        f"{memory.format_bytes(nbytes)}")
+        raise InputError(message + "; nothing was run",
+                         f"use a smaller graph or smaller dims, or {memory.RAISE}; `mpdsl compile --emit plan "
+                         "--graph g.npz` lists what each value materialises")
 
     def program_for(self, dims: Mapping[str, int]) -> Program:
         """The program run for these dims: the reference IR, or the optimized IR specialised to
@@ -307,13 +486,91 @@ class CompiledModel:
         return print_program(self.ir, locations)
 
 
-def as_graph(graph: Any) -> Graph:
+def graph_index_bytes(graph: Graph) -> int:
+    """Bytes of a graph's CSR index arrays by destination and by source (indptr and perm each)."""
+    return 2 * 8 * (graph.num_nodes + 1 + graph.num_edges)
+
+
+def check_graph_index_memory(graph: Graph, memory_limit: memory.Limit = None) -> None:
+    """Refuse to lay out a graph whose CSR index arrays alone exceed the memory budget."""
+    allowed = memory.budget(memory_limit)
+    needed = graph_index_bytes(graph)
+    if not allowed.allows(needed):
+        raise InputError(f"the graph's CSR indices ({graph.num_nodes} nodes, {graph.num_edges} edges) need "
+                         f"{memory.format_bytes(needed)}, over {allowed.describe()}",
+                         f"check num_nodes in the graph file, or {memory.RAISE}")
+
+
+def as_graph(graph: Any, memory_limit: memory.Limit = None) -> Graph:
+    """``graph`` as a Graph: a Graph, an .npz path (read within the memory budget) or a PyG Data."""
     if isinstance(graph, Graph):
         return graph
     if isinstance(graph, (str, Path)):
-        return Graph.load(graph)
+        return Graph.load(graph, memory_limit=memory_limit)
     if hasattr(graph, "edge_index"):
         return Graph.from_pyg(graph)
     raise GraphError(f"cannot use a {type(graph).__name__} as a graph",
                      "pass an mpdsl.Graph, an .npz path or a torch_geometric Data")
 
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _shape_text(t: TensorType) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _type_text(t: TensorType) -> str:
+    return f"{t.domain}{_shape_text(t)}"
+
+
+def _first_position(mask: np.ndarray) -> tuple[int, ...]:
+    """Row-major index of the first True entry of a mask known to hold one."""
+    return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape))
+
+
+def _index_text(pos: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(i) for i in pos) + "]"
+
+
+def _cast_checked(what: str, arr: np.ndarray, dtype: np.dtype, error) -> np.ndarray:
+    """``arr`` (whose values are known to be finite) in ``dtype``; a value that the narrower dtype
+    cannot hold (it would become infinite) is an error naming its first position."""
+    with np.errstate(over="ignore"):
+        cast = arr.astype(dtype, copy=False)
+    if arr.dtype.kind == "f" and cast is not arr and arr.dtype.itemsize > dtype.itemsize:
+        overflow = np.isinf(cast)
+        if overflow.any():
+            pos = _first_position(overflow)
+            raise error(f"{what}{_index_text(pos)} = {float(arr[pos])!r} is beyond the range of {dtype} "
+                        f"(largest {np.finfo(dtype).max:.4g}): it would become infinite",
+                        "scale the values, or run in float64 (--dtype float64, dtype='float64')")
+    return cast
+
+
+def _solve_dim(size: int, coeff: int, power: int) -> int | None:
+    """The non-negative integer v with coeff * v**power == size, or None."""
+    if coeff <= 0 or size % coeff:
+        return None
+    target = size // coeff
+    root = round(target ** (1.0 / power)) if power > 1 else target
+    for candidate in (root - 1, root, root + 1):
+        if candidate >= 0 and candidate ** power == target:
+            return candidate
+    return None
+
+
+def _describe_value(v: Value, program: Program, dims: Mapping[str, int], graph: Graph) -> str:
+    """A value for messages: its source text and location (else its IR name), type and shape."""
+    rows = graph.num_rows(v.type.domain) if v.type.domain is not Domain.PARAM else None
+    shape = [d.substitute(dims).value for d in v.type.shape]
+    sized = f"{v.type.domain}{shape} {v.type.dtype}" + (f" on {rows} {v.type.domain}s" if rows is not None else "")
+    span = v.span
+    if span is not None:
+        line = span.source.line(span.line)
+        end = span.end_col - 1 if span.end_line == span.line else len(line)
+        text = line[span.col - 1:end].strip()
+        if text:
+            return f"`{text}` ({span.location}), {sized}"
+    return f"{value_names(program)[v]} = {v.op}(...), {sized}"

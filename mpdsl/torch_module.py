@@ -197,6 +197,7 @@ class MpdslModule(torch.nn.Module):
         if key not in self._programs:
             self._programs[key] = self._build(dims, dtype_name, self.training, grad_inputs)
         programs = self._programs[key]
+        model.check_run_memory(programs.forward, graph, dims)  # the forward pass, before it allocates
         for name, t, p in programs.masks:
             arrays[name] = self._mask(t, p, graph, dims, dtype)
         layout = choose_layout(graph, programs.forward, model.layout) if model.optimize else None

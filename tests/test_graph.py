@@ -538,15 +538,15 @@ def test_from_networkx_attributes():
     G.add_node(0, mass=1.0, vel=[0.5, 0.25])
     G.add_node(1, mass=2.0, vel=[1.0, 2.0])
     G.add_edge(0, 1, weight=3)
-    g = Graph.from_networkx(G, node_attrs=["mass", "vel"], edge_attrs="weight")
+    g = Graph.from_networkx(G, group_node_attrs=["mass", "vel"], group_edge_attrs=["weight"])
     assert g["x"].dtype == np.float32
     np.testing.assert_array_equal(g["x"], [[1.0, 0.5, 0.25], [2.0, 1.0, 2.0]])
     np.testing.assert_array_equal(g["edge_attr"], [[3.0], [3.0]])
     x = np.ones((2, 5))
     np.testing.assert_array_equal(Graph.from_networkx(G, x=x)["x"], x)
-    graph_error(lambda: Graph.from_networkx(G, node_attrs=["charge"]), "charge")
+    graph_error(lambda: Graph.from_networkx(G, group_node_attrs=["charge"]), "charge")
     G.nodes[1]["mass"] = "heavy"
-    graph_error(lambda: Graph.from_networkx(G, node_attrs=["mass"]), "mass", "not numeric")
+    graph_error(lambda: Graph.from_networkx(G, group_node_attrs=["mass"]), "mass", "not numeric")
 
 
 def test_from_scipy_direction_and_weights():

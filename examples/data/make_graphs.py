@@ -37,7 +37,7 @@ def karate_club() -> Graph:
     from torch_geometric.datasets import KarateClub
 
     reference = KarateClub()[0]
-    undirected = Graph.from_networkx(nx.karate_club_graph())
+    undirected = Graph.from_networkx(nx.karate_club_graph(), exclude=["club", "name"])
     order = np.lexsort((undirected.dst, undirected.src))
     edge_index = undirected.edge_index[:, order]
     if not np.array_equal(edge_index, reference.edge_index.numpy()):
@@ -53,14 +53,14 @@ def karate_club() -> Graph:
 
 def les_miserables() -> Graph:
     """Les Miserables with co-occurrence weights and seeded random features."""
-    weighted = Graph.from_networkx(nx.les_miserables_graph(), edge_attrs=["weight"])
+    weighted = Graph.from_networkx(nx.les_miserables_graph())
     rng = np.random.default_rng(LESMIS_SEED)
     features = rng.standard_normal((weighted.num_nodes, LESMIS_FEATURES), dtype=np.float32)
     return Graph.from_arrays(
         weighted.edge_index,
         weighted.num_nodes,
         x=features,
-        edge_weight=weighted["edge_attr"][:, 0].astype(np.float32),
+        edge_weight=weighted["edge_weight"].astype(np.float32),
     )
 
 

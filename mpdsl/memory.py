@@ -1,0 +1,159 @@
+"""The memory budget: how many bytes one step (reading a file, initialising parameters, a run)
+may allocate, checked from declared sizes before anything is allocated.
+
+The budget is, in order of precedence:
+
+1. an explicit limit: ``memory_limit=`` of ``mpdsl.compile`` / ``Graph.load`` (or
+   ``CompiledModel.memory_limit``), the CLI's ``--memory-limit``;
+2. the ``MPDSL_MEMORY_LIMIT`` environment variable;
+3. the memory the machine has available when the check is made (``MemAvailable`` of
+   ``/proc/meminfo``, else the free physical pages from ``os.sysconf``); where neither can be
+   read there is no limit.
+
+A limit is a number of bytes or a size with a binary unit: ``4G``, ``512M``, ``1.5GiB``,
+``2048K`` (``K`` = 1024 bytes, ``M``, ``G``, ``T``, ``P``; a trailing ``B`` / ``iB`` is
+accepted), or ``none`` for no limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+from mpdsl.diagnostics import MpdslError
+
+ENV_VAR = "MPDSL_MEMORY_LIMIT"
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+NO_LIMIT = "none"
+AVAILABLE = "the machine's available memory"
+
+Limit = Union[int, str, None]
+"""What a caller passes: bytes, a size string such as "4G", "none", or None (the default)."""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE | re.ASCII)
+_process_limit: contextvars.ContextVar[Limit] = contextvars.ContextVar("mpdsl_memory_limit", default=None)
+
+RAISE = f"raise the budget with --memory-limit SIZE (memory_limit= in Python, or {ENV_VAR})"
+HINT = f"use smaller data or dims, or {RAISE}"
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes for a size such as "4G", "512M", "1.5GiB" or "1024"; None for "none". Raises
+    ValueError for anything else."""
+    if text.strip().lower() == NO_LIMIT:
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (bytes, or a number with K, M, G, T or P; or 'none')")
+    number, unit = match.groups()
+    return int(float(number) * UNITS[unit.upper()])
+
+
+def available_memory() -> int | None:
+    """Bytes the machine can still give this process without swapping, or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``limit`` bytes (None: unlimited) and where that figure comes from, for messages."""
+
+    limit: int | None
+    source: str
+
+    def describe(self) -> str:
+        return f"the memory budget of {format_bytes(self.limit)} ({self.source})"
+
+    def allows(self, nbytes: int) -> bool:
+        return self.limit is None or nbytes <= self.limit
+
+
+def _coerce(limit: Limit, what: str) -> tuple[bool, int | None]:
+    """(given, bytes) for an explicit limit; ``given`` is False for None."""
+    if limit is None:
+        return False, None
+    if isinstance(limit, bool) or not isinstance(limit, (int, str)):
+        raise MpdslError(f"{what} must be a number of bytes or a size such as '4G', got {limit!r}",
+                         "pass e.g. memory_limit='16G', or 'none' for no limit")
+    if isinstance(limit, int):
+        if limit < 0:
+            raise MpdslError(f"{what} must not be negative, got {limit}", "pass a number of bytes >= 0")
+        return True, limit
+    try:
+        return True, parse_size(limit)
+    except ValueError as err:
+        raise MpdslError(f"{what}: {err}", "pass e.g. '16G', '512M', or 'none' for no limit") from None
+
+
+def check_limit(limit: Limit, what: str = "memory_limit") -> Limit:
+    """``limit`` itself after checking that it is a valid limit (for early errors)."""
+    _coerce(limit, what)
+    return limit
+
+
+def budget(limit: Limit = None) -> Budget:
+    """The budget in force for an explicit ``limit`` (see the module docstring)."""
+    given, value = _coerce(limit, "memory_limit")
+    if given:
+        return Budget(value, "memory_limit" if value is not None else "no limit")
+    given, value = _coerce(_process_limit.get(), "--memory-limit")
+    if given:
+        return Budget(value, "--memory-limit" if value is not None else "no limit")
+    env = os.environ.get(ENV_VAR)
+    if env is not None and env.strip():
+        given, value = _coerce(env, ENV_VAR)
+        return Budget(value, ENV_VAR if value is not None else "no limit")
+    available = available_memory()
+    return Budget(available, AVAILABLE if available is not None else "no limit")
+
+
+@contextlib.contextmanager
+def limited(limit: Limit) -> Iterator[None]:
+    """Within the block, ``limit`` is the default of every check without an explicit limit
+    (the CLI's ``--memory-limit``)."""
+    check_limit(limit, "--memory-limit")
+    token = _process_limit.set(limit)
+    try:
+        yield
+    finally:
+        _process_limit.reset(token)
+
+
+def format_bytes(n: int | None) -> str:
+    """``n`` bytes with a binary unit (``1.5 GiB``); None is "no limit"."""
+    if n is None:
+        return "no limit"
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        value /= 1024
+        if value < 1024 or unit == "EiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def array_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of an array of ``shape`` (exact Python integers: no overflow)."""
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count * int(itemsize)
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
