@@ -20,6 +20,7 @@ import importlib
 import os
 import sys
 import threading
+from typing import TypedDict
 
 
 def _user_cache_dir() -> str | None:
@@ -59,14 +60,24 @@ from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-_JIT = dict(parallel=True, nogil=True, cache=True, boundscheck=False)
+
+class _JitOptions(TypedDict):
+    """Keyword options of ``njit`` shared by the parallel kernels (typed so ``njit(**_JIT)`` checks)."""
+
+    parallel: bool
+    nogil: bool
+    cache: bool
+    boundscheck: bool
+
+
+_JIT: _JitOptions = {"parallel": True, "nogil": True, "cache": True, "boundscheck": False}
 
 # Numba's default OpenMP layer keeps its threads spinning for a while after each kernel, which takes
 # the cores from the BLAS and NumPy work that follows (measured: +5 ms on a 25 MB elementwise pass).
 # The workqueue layer's threads sleep instead; it must not be entered from two threads at once, so
 # every parallel launch goes through ``launch`` (the kernels use all cores anyway).
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]  # numba sets config at run time
 _LAUNCH = threading.Lock()
 
 

@@ -11,29 +11,39 @@ are kept for the next run (``BufferPool``).
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
-from typing import Any
-
 import contextlib
 import ctypes
 import functools
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.special
 
+from mpdsl.backends import (
+    Backend,
+    array_axis,
+    batch_norm_statistics,
+    batch_norm_training,
+    check_ids,
+    expand_operand,
+    feature_width,
+    gather_index,
+    register_backend,
+    rule,
+)
 from mpdsl.backends.row_fusion import RowGroup, fuse_rows
-from mpdsl.backends import (Backend, array_axis, batch_norm_statistics, batch_norm_training, check_ids,
-                            expand_operand, feature_width, gather_index, register_backend, rule)
 from mpdsl.ir import Program, Value
 from mpdsl.ops import COMPUTED_OPS, NUMPY_MATH, OPS, ArrayMath, MissingRule, choose
 from mpdsl.types import Domain, TensorType
 
+if TYPE_CHECKING:
+    from mpdsl.graph import Graph
 
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
@@ -149,7 +159,7 @@ class BufferPool:
         return {"max_bytes": self.max_bytes, "per_shape": self.per_shape}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
+        type(self).__init__(self, **state)
 
     @property
     def held_bytes(self) -> int:
@@ -261,7 +271,7 @@ class PullCSR:
 
     def __init__(self, indptr: np.ndarray, perm: np.ndarray, read: np.ndarray, num_nodes: int):
         small = len(perm) < 2 ** 31 - 1 and num_nodes < 2 ** 31 - 1
-        itype = np.int32 if small else np.int64
+        itype: type[np.signedinteger[Any]] = np.int32 if small else np.int64
         self.indptr = indptr.astype(itype)
         self.perm = perm
         self.in_edge_order = bool(np.array_equal(perm, np.arange(len(perm))))  # edges already sorted
@@ -294,6 +304,7 @@ class PullCSR:
             weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
             kernels.launch(kernels.spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
         else:
+            assert data is not None  # groups > 1 only with per-group weights
             weights = np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype)
             mode = kernels.MEAN if mean else kernels.SUM
             kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
@@ -348,7 +359,7 @@ class PullCSR:
 
 @dataclass
 class ExecContext:
-    graph: Any
+    graph: Graph
     inputs: dict[str, np.ndarray]
     params: dict[str, np.ndarray]
     dims: dict[str, int]
@@ -428,12 +439,14 @@ class _Probe(ArrayMath):
         return super().__getattribute__(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_ufunc(op: str, attrs: tuple) -> tuple[np.ufunc, tuple] | None:
     """(ufunc, arguments) when op's ``compute`` rule is one NumPy ufunc call on its operands and
     constants (``_Operand`` i marks operand i): then it can write into a buffer (``out=``) and split
     rows among workers. None for composite rules."""
     opdef = OPS[op]
+    if opdef.compute is None:  # no elementwise math: not a ufunc
+        return None
     try:
         call = opdef.compute(_Probe(), *(_Operand(i) for i in range(opdef.arity or 0)), **dict(attrs))
     except TypeError:  # arithmetic on an operand: a composite rule
@@ -485,20 +498,20 @@ class NumpyBackend(Backend):
     statistics that the run's batch_norm ops in training form updated (empty otherwise); the caller
     (``CompiledModel.run``, the torch module) stores them."""
 
-    last_state_updates: dict[str, np.ndarray] = {}
-
-    def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 512 << 10, block_rows: int | None = None,
-                 pool_bytes: int = 1 << 30):
+    def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 512 << 10,
+                 block_rows: int | None = None, pool_bytes: int = 1 << 30):
         """``fuse_min_rows``: row groups (``row_fusion``) run block by block from this many rows on,
         op by op below; a block holds ``block_rows`` rows, or by default as many as fit the widest
         member's rows in ``block_bytes`` (at most PARALLEL_ROWS - 1: larger blocks measured no faster;
-        at least 256: each op of each block costs a few microseconds of Python and BLAS set-up). ``pool_bytes``: the most memory
-        kept between runs for intermediate values (``BufferPool``; ``pool.clear()`` frees it)."""
+        at least 256: each op of each block costs a few microseconds of Python and BLAS set-up).
+        ``pool_bytes``: the most memory kept between runs for intermediate values (``BufferPool``;
+        ``pool.clear()`` frees it)."""
         self.fuse_min_rows = fuse_min_rows
         self.block_bytes = block_bytes
         self.block_rows = block_rows
         self.pool = BufferPool(pool_bytes)
         self._schedules: dict[int, tuple[Program, list]] = {}
+        self.last_state_updates: dict[str, np.ndarray] = {}
 
     def schedule(self, program: Program) -> list:
         """The program's execution schedule (``row_fusion.fuse_rows``), cached per program."""
@@ -507,7 +520,7 @@ class NumpyBackend(Backend):
             cached = self._schedules[id(program)] = (program, fuse_rows(program))
         return cached[1]
 
-    def _run_group(self, ctx: "ExecContext", group: RowGroup, env: dict) -> None:
+    def _run_group(self, ctx: ExecContext, group: RowGroup, env: dict) -> None:
         """Run a row group block by block over the pool's workers (op by op when small). Exports
         are written straight into their full arrays; each worker keeps one block-sized buffer per
         other member, so ops with an ``out=`` form (``_compute_into``) allocate nothing per block."""
@@ -516,7 +529,8 @@ class NumpyBackend(Backend):
             for v in group.members:
                 env[id(v)] = self.rules[v.op](self, ctx, v, *[env[id(o)] for o in v.operands])
             return
-        row_bytes = max(ctx.float_dtype.itemsize * max(1, feature_width(ctx.concrete_shape(v.type))) for v in group.members)
+        row_bytes = max(ctx.float_dtype.itemsize * max(1, feature_width(ctx.concrete_shape(v.type)))
+                        for v in group.members)
         block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(256, self.block_bytes // row_bytes)))
         member_ids = {id(v) for v in group.members}
         exported = {id(v) for v in group.exports}
@@ -553,7 +567,7 @@ class NumpyBackend(Backend):
 
         row_parallel(rows, run_range, force=True)
 
-    def _compute_into(self, ctx: "ExecContext", v: Value, args: list, target: np.ndarray, start: int, stop: int) -> bool:
+    def _compute_into(self, ctx: ExecContext, v: Value, args: list, target: np.ndarray, start: int, stop: int) -> bool:
         """Compute rows start:stop of a row-wise ``v`` into ``target`` (the same values as its rule)
         if the op has an ``out=`` form; False otherwise (the caller runs the rule)."""
         if target.dtype != ctx.float_dtype:
@@ -761,7 +775,8 @@ class NumpyBackend(Backend):
             rows = order[bounds[r]:bounds[r + 1]]
             if len(rows):
                 block = h[pair_nodes[rows]]
-                product = block.reshape(feature_width(block.shape[:-1]), k) @ w[r].reshape(k, feature_width(w.shape[2:]))
+                product = (block.reshape(feature_width(block.shape[:-1]), k)
+                           @ w[r].reshape(k, feature_width(w.shape[2:])))
                 compact[rows] = product.reshape((len(rows),) + out_shape)
         return compact[inverse]
 

@@ -27,7 +27,7 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _dims(values: list[str]) -> dict[str, int]:
-    dims = {}
+    dims: dict[str, int] = {}
     for item in values or []:
         name, _, value = item.partition("=")
         # ASCII digits only: str.isdigit also accepts superscripts such as '²', which int() refuses
@@ -54,7 +54,8 @@ def _memory_limit(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpdsl", description="Compile and run message-passing GNN models (.mp files).")
+    parser = argparse.ArgumentParser(prog="mpdsl",
+                                     description="Compile and run message-passing GNN models (.mp files).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -114,7 +115,8 @@ def _show(name: str, array: np.ndarray, rows: int = 5) -> str:
     if array.ndim == 2 and array.shape[1] > 1 and array.shape[0]:
         pred = array.argmax(axis=1)
         counts = np.bincount(pred, minlength=array.shape[1])
-        lines.append(f"  argmax per row (first {min(20, len(pred))}): {pred[:20].tolist()}  class counts: {counts.tolist()}")
+        lines.append(f"  argmax per row (first {min(20, len(pred))}): {pred[:20].tolist()}  "
+                     f"class counts: {counts.tolist()}")
     if array.shape[0] > rows:
         lines.append(f"  ... {array.shape[0] - rows} more rows")
     return "\n".join(lines)

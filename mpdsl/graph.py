@@ -20,7 +20,8 @@ from __future__ import annotations
 import operator
 import os
 import zipfile
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def _position(index: tuple[int, ...]) -> str:
 
 def _first_true(mask: np.ndarray) -> tuple[int, ...]:
     """Row-major index of the first True entry of a mask known to hold one."""
-    return np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape)
+    return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape))
 
 
 def _as_numpy(name: str, value: Any) -> np.ndarray:
@@ -220,8 +221,15 @@ class Graph:
     graph with more arrays.
     """
 
-    __slots__ = ("_edge_index", "_num_nodes", "_node_data", "_edge_data", "_graph_data",
-                 "_num_graphs", "_cache")
+    __slots__ = (
+        "_cache",
+        "_edge_data",
+        "_edge_index",
+        "_graph_data",
+        "_node_data",
+        "_num_graphs",
+        "_num_nodes",
+    )
 
     def __init__(
         self,
@@ -734,7 +742,7 @@ class Graph:
         arrays: dict[str, np.ndarray] = {}
         lost: list[str] = []
         edge_index = np.zeros((2, 0), dtype=np.int64)
-        for key in data.keys():
+        for key in data.keys():  # noqa: SIM118
             value = data[key]
             if key == "edge_index":
                 edge_index = value
@@ -756,7 +764,7 @@ class Graph:
                     continue
             if array.ndim == 0:
                 if not key.startswith("graph_"):
-                    if f"graph_{key}" in data.keys():
+                    if f"graph_{key}" in data.keys():  # noqa: SIM118
                         raise GraphError(f"the scalar {key!r} would become the graph array 'graph_{key}', "
                                          "which the Data already has",
                                          hint=f"rename one of them, or pass exclude=[{key!r}]")
@@ -783,7 +791,7 @@ class Graph:
                     num_nodes=self._num_nodes, **tensors)
 
 
-def _import_pyg_data() -> type:
+def _import_pyg_data() -> type[Any]:
     try:
         from torch_geometric.data import Data
     except ImportError:
@@ -853,7 +861,7 @@ def _numeric_column(kind: str, name: str, values: list[Any], labels: list[str]) 
     try:
         return np.asarray(values) if values else np.zeros(0)
     except ValueError:
-        shapes = {}
+        shapes: dict[tuple[int, ...], str] = {}
         for label, value in zip(labels, values):
             shapes.setdefault(np.shape(value), label)
         listed = ", ".join(f"{list(shape)} at {kind} {label}" for shape, label in list(shapes.items())[:3])

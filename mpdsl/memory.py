@@ -21,8 +21,8 @@ import contextlib
 import contextvars
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Union
 
 from mpdsl.diagnostics import MpdslError
 
@@ -31,7 +31,7 @@ UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 <
 NO_LIMIT = "none"
 AVAILABLE = "the machine's available memory"
 
-Limit = Union[int, str, None]
+Limit = int | str | None
 """What a caller passes: bytes, a size string such as "4G", "none", or None (the default)."""
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE | re.ASCII)

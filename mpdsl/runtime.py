@@ -6,8 +6,9 @@ from __future__ import annotations
 import functools
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, cast
 
 import numpy as np
 
@@ -19,8 +20,8 @@ from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS
 from mpdsl.passes import PassContext, optimize
 from mpdsl.passes.rewrite import specialize
-from mpdsl.plan import choose_layout
-from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
+from mpdsl.plan import GraphLayout, choose_layout
+from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": np.int64}
 
@@ -70,7 +71,7 @@ def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, d
     else:
         return np.full(shape, np.float64(float(init)).astype(dtype), dtype)
     if dtype == np.float64:
-        return draw(shape)
+        return cast(np.ndarray, draw(shape))  # a shaped draw is an array
     value = np.empty(shape, dtype)
     flat = value.reshape(-1)
     for start in range(0, flat.size, INIT_CHUNK):
@@ -107,7 +108,7 @@ class CompiledModel:
         self.training = False
         self.params: dict[str, np.ndarray] = {}
         self.last_run_seconds = 0.0
-        self.last_layout = None  # the graph layout of the last run (node order, edge order), if any
+        self.last_layout: GraphLayout | None = None  # the graph layout of the last run (node order, edge order), if any
         self._checked_dims: set[tuple] = set()  # run-time dims the program's type rules were checked with
         self._dim_sources: dict[str, str] = {}  # dims bound by the current parameters -> what bound them
         if all(self._static(t) for t in self.param_types.values()):
@@ -147,7 +148,7 @@ class CompiledModel:
             shapes[name] = tuple(d.value for d in resolved)
         return shapes
 
-    def init(self, seed: int = 0, graph: Graph | None = None, **dims: int) -> "CompiledModel":
+    def init(self, seed: int = 0, graph: Graph | None = None, **dims: int) -> CompiledModel:
         """(Re)initialise every parameter from its declared initializer; deterministic in ``seed``
         and the parameter's name. Dims bound from the data are bound from ``graph``'s arrays (not
         from the current parameters) or given as keywords. The parameters' total size is checked
@@ -158,7 +159,7 @@ class CompiledModel:
             dims, sources = {**bound, **dims}, {**graph_sources, **sources}
         return self._initialise(seed, dims, sources)
 
-    def _initialise(self, seed: int, dims: Mapping[str, int], sources: Mapping[str, str]) -> "CompiledModel":
+    def _initialise(self, seed: int, dims: Mapping[str, int], sources: Mapping[str, str]) -> CompiledModel:
         seed = check_seed(seed)
         stacked = {o.attr["name"] for v in self.ir.values if v.op in ("select", "take")
                    for o in v.operands[:1] if o.op == "param"}
@@ -180,7 +181,7 @@ class CompiledModel:
         allowed = memory.budget(self.memory_limit)
         if allowed.allows(total):
             return
-        name = max(sizes, key=sizes.get)
+        name = max(sizes, key=sizes.__getitem__)
         declared = next(v for v in self.ir.params if v.attr["name"] == name)
         others = f" ({memory.format_bytes(total)} for all {len(sizes)})" if len(sizes) > 1 else ""
         shape = memory.shape_text(shapes[name])
@@ -190,7 +191,7 @@ class CompiledModel:
                            "allocated", declared.span,
                            f"make its dims smaller (`dim NAME = ...`, --dim NAME=INT), or {memory.RAISE}")
 
-    def load_weights(self, weights: str | Path | Mapping[str, Any]) -> "CompiledModel":
+    def load_weights(self, weights: str | Path | Mapping[str, Any]) -> CompiledModel:
         """Load parameters from an .npz file or a mapping name -> array (all of them, exactly).
         Dims bound from the data are bound from the weights' shapes (``param[2 * F, H]`` too)."""
         if isinstance(weights, (str, Path)):
@@ -204,7 +205,7 @@ class CompiledModel:
             raise WeightsError(f"weights do not match the parameters of '{self.name}': {'; '.join(parts)}",
                                f"expected exactly: {', '.join(declared)}")
         arrays = {k: _to_numpy(v) for k, v in weights.items()}
-        for name, t in declared.items():
+        for name in declared:
             arr = arrays[name]
             if arr.dtype.kind not in "fiu":
                 raise WeightsError(f"weight '{name}' has dtype {arr.dtype}", "weights are real numbers")
@@ -212,7 +213,8 @@ class CompiledModel:
                 pos = _first_position(~np.isfinite(arr))
                 raise WeightsError(f"weight '{name}' holds non-finite values: {name}{_index_text(pos)} is "
                                    f"{float(arr[pos])}", "check the file")
-        dims, sources = dict(self.static_dims), {}
+        dims = dict(self.static_dims)
+        sources: dict[str, str] = {}
         self._bind_shapes([(f"weight '{n}'", t, arrays[n].shape) for n, t in declared.items()], dims,
                           WeightsError, sources)
         params = {k: _cast_checked(f"weight {k}", arrays[k], self.float_dtype, WeightsError) for k in declared}
@@ -328,8 +330,8 @@ class CompiledModel:
                 if given and arr.dtype.kind == "f":  # a graph's arrays are checked when it is built
                     finite = np.isfinite(arr)
                     if not finite.all():
-                        pos = _first_position(~finite)
-                        raise InputError(f"input {name}{_index_text(pos)} is {float(arr[pos])}",
+                        where = _first_position(~finite)
+                        raise InputError(f"input {name}{_index_text(where)} is {float(arr[where])}",
                                          "features must be finite (no NaN or infinity)")
                 arr = _cast_checked(f"input {name}", arr, self.float_dtype, InputError)
             shapes.append((f"input '{name}'", t, arr.shape[1:]))
@@ -467,14 +469,14 @@ class CompiledModel:
         from mpdsl.torch_module import to_torch
         return to_torch(self, graph, **dims)
 
-    def train(self, mode: bool = True) -> "CompiledModel":
+    def train(self, mode: bool = True) -> CompiledModel:
         """Training mode (``mode=False``: eval mode, the default of a new model): dropout draws its
         masks, and ``batch_norm`` normalises with the statistics of the batch and updates its running
         statistics (parameters of the model) at every run."""
         self.training = mode
         return self
 
-    def eval(self) -> "CompiledModel":
+    def eval(self) -> CompiledModel:
         """Inference mode: dropout is the identity, ``batch_norm`` uses its running statistics."""
         return self.train(False)
 
