@@ -17,7 +17,7 @@ from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
 from mpdsl.graph import Graph
 from mpdsl.ir import Program, Value, print_program, value_names
 from mpdsl.npz import read_npz, write_npz
-from mpdsl.ops import OPS
+from mpdsl.ops import OPS, choose
 from mpdsl.passes import PassContext, optimize
 from mpdsl.passes.rewrite import specialize
 from mpdsl.plan import GraphLayout, choose_layout
@@ -42,6 +42,34 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+def initializer_number(init: str) -> float | None:
+    """The value of a numeric initializer (``= 0.5`` is stored as "0.5"); None for a named one."""
+    try:
+        return float(init)
+    except ValueError:
+        return None
+
+
+def _glorot(rng: np.random.Generator, fan_in: int, fan_out: int):
+    bound = np.sqrt(6.0 / max(fan_in + fan_out, 1))
+    return functools.partial(rng.uniform, -bound, bound)
+
+
+def _normal(rng: np.random.Generator, fan_in: int, fan_out: int):
+    return functools.partial(rng.normal, 0.0, 1.0 / np.sqrt(max(fan_in, 1)))
+
+
+def _uniform(rng: np.random.Generator, fan_in: int, fan_out: int):
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+    return functools.partial(rng.uniform, -bound, bound)
+
+
+# The named initializers (``mpdsl.ops.INITIALIZERS`` is what the language accepts): random draws,
+# (rng, fan_in, fan_out) -> draw(size), and constant fills.
+_DRAWS = {"glorot": _glorot, "normal": _normal, "uniform": _uniform}
+_FILLS = {"zeros": 0.0, "ones": 1.0}
+
+
 def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, dtype,
                   stacked: bool = False) -> np.ndarray:
     """Initial parameter values. glorot: U(+-sqrt(6 / (fan_in + fan_out))) with fan_in = shape[0],
@@ -56,20 +84,12 @@ def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, d
     fan_shape = shape[1:] if stacked and len(shape) > 1 else shape
     fan_in = fan_shape[0] if fan_shape else 1
     fan_out = int(np.prod(fan_shape[1:])) if len(fan_shape) > 1 else 1
-    if init == "glorot":
-        bound = np.sqrt(6.0 / max(fan_in + fan_out, 1))
-        draw = functools.partial(rng.uniform, -bound, bound)
-    elif init == "normal":
-        draw = functools.partial(rng.normal, 0.0, 1.0 / np.sqrt(max(fan_in, 1)))
-    elif init == "uniform":
-        bound = 1.0 / np.sqrt(max(fan_in, 1))
-        draw = functools.partial(rng.uniform, -bound, bound)
-    elif init == "zeros":
-        return np.zeros(shape, dtype)
-    elif init == "ones":
-        return np.ones(shape, dtype)
-    else:
-        return np.full(shape, np.float64(float(init)).astype(dtype), dtype)
+    number = initializer_number(init)
+    if number is not None:
+        return np.full(shape, np.float64(number).astype(dtype), dtype)
+    if init in _FILLS:
+        return np.full(shape, _FILLS[init], dtype)
+    draw = choose(_DRAWS, "param", "init", init, "the parameter initialisers (mpdsl.runtime)")(rng, fan_in, fan_out)
     if dtype == np.float64:
         return cast(np.ndarray, draw(shape))  # a shaped draw is an array
     value = np.empty(shape, dtype)

@@ -277,3 +277,15 @@ def test_docs_op_reference_is_generated_from_the_op_table():
     assert path.read_text() == reference(), "regenerate it: python -m mpdsl.op_reference > docs/ops.md"
     for name in OPS:
         assert f"## `{name}`" in path.read_text()
+
+
+def test_every_named_initializer_has_a_rule():
+    from mpdsl.ops import INITIALIZERS
+    from mpdsl.runtime import initial_value
+
+    rng = np.random.default_rng(0)
+    for init in [i for i in INITIALIZERS if i != "constant"] + ["0.25"]:
+        value = initial_value(init, (3, 4), rng, np.float32)
+        assert value.shape == (3, 4) and value.dtype == np.float32 and np.isfinite(value).all(), init
+    with pytest.raises(MissingRule, match="init='xavier'"):
+        initial_value("xavier", (3, 4), rng, np.float32)
