@@ -264,8 +264,8 @@ def parse_subscripts(spec: str) -> tuple[list[str], str]:
     lhs, out = spec.replace(" ", "").split("->")
     inputs = lhs.split(",")
     for term in inputs + [out]:
-        if not all(c.isalpha() and c.islower() for c in term):
-            raise TypeRuleError(f"einsum subscripts {spec!r}: use lower-case letters, one per feature axis",
+        if not all("a" <= c <= "z" for c in term):
+            raise TypeRuleError(f"einsum subscripts {spec!r}: use the letters a-z, one per feature axis",
                                 "the row axis is implicit and shared")
     return inputs, out
 
