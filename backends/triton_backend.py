@@ -371,8 +371,11 @@ class TritonBackend(Backend):
 
     @rule("reduce")
     def _reduce(self, ctx, v, x):
+        dim = array_axis(v, v.attr["axis"])
+        if x.shape[dim] == 0:  # an empty axis reduces to 0, as an empty group does
+            return x.new_zeros(x.shape[:dim] + x.shape[dim + 1:])
         fn = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}[v.attr["reduce"]]
-        return fn(x, dim=array_axis(v, v.attr["axis"]))
+        return fn(x, dim=dim)
 
     @rule("axis_softmax")
     def _axis_softmax(self, ctx, v, x):
