@@ -78,6 +78,7 @@ class CompiledModel:
         self.float_dtype = np.dtype(NUMPY_DTYPES[program.float_dtype])
         self.static_dims: dict[str, int] = {k: v for k, v in program.dims if v is not None}
         self.dims: dict[str, int] = dict(self.static_dims)  # plus dims bound by the current parameters
+        self.dim_origins: dict[str, str] = {}  # where each dim bound from data got its value (for messages)
         self.training = False
         self.params: dict[str, np.ndarray] = {}
         self.last_run_seconds = 0.0
@@ -122,6 +123,8 @@ class CompiledModel:
     def init(self, seed: int = 0, graph: Graph | None = None, **dims: int) -> "CompiledModel":
         """(Re)initialise every parameter from its declared initializer; deterministic in ``seed``
         and the parameter's name."""
+        for key in dims:
+            self.dim_origins[key] = f"init(..., {key}={dims[key]})"
         if graph is not None:
             dims = {**self.bind(graph, {})[1], **dims}
         stacked = {o.attr["name"] for v in self.ir.values if v.op in ("select", "take")
@@ -135,6 +138,7 @@ class CompiledModel:
 
     def load_weights(self, weights: str | Path | Mapping[str, Any]) -> "CompiledModel":
         """Load parameters from an .npz file or a mapping name -> array (all of them, exactly)."""
+        source = f"the weights file {weights}" if isinstance(weights, (str, Path)) else "the weights given to load_weights"
         if isinstance(weights, (str, Path)):
             try:
                 with np.load(weights, allow_pickle=False) as data:
@@ -159,10 +163,13 @@ class CompiledModel:
             if not np.all(np.isfinite(arr)):
                 raise WeightsError(f"weight '{name}' holds non-finite values", "check the file")
         # Plain dims first, from any weight; then products such as 2*F are checked against them.
+        origins = dict(self.dim_origins)
         for defer_products in (True, False):
             for name, t in declared.items():
-                self._bind_shape(f"weight '{name}'", t, arrays[name].shape, dims, WeightsError, defer_products)
+                self._bind_shape(f"weight '{name}'", t, arrays[name].shape, dims, WeightsError, defer_products,
+                                 self._declaration(name, source, origins, row_axis=False))
         self.dims = dims
+        self.dim_origins = origins
         self.params = {k: arrays[k].astype(self.float_dtype) for k in declared}
         return self
 
@@ -173,9 +180,34 @@ class CompiledModel:
 
     # ---- running -------------------------------------------------------------------------
 
+    def _declaration(self, name: str, source: str, origins: dict[str, str], row_axis: bool) -> "_Declaration":
+        """How the input or parameter ``name`` is declared (its dims as written, where), for messages."""
+        value = next((v for v in self.ir.values if v.op in ("input", "param") and v.attr["name"] == name), None)
+        arg = None
+        if self.ast is not None:
+            model = next((m for m in getattr(self.ast, "models", ()) if m.name == self.name), None)
+            arg = next((a for a in model.args if a.name == name), None) if model is not None else None
+        return _Declaration(name, source, origins, row_axis,
+                            tuple(str(d) for d in arg.type.dims) if arg is not None else None,
+                            f"{name}: {arg.type}" if arg is not None else None,
+                            value.span.location if value is not None and value.span is not None else None,
+                            self._static_origin)
+
+    def _static_origin(self, dim: str) -> str | None:
+        """Where a dim known at compile time comes from: a `dim` of the program or an override."""
+        if dim not in self.static_dims:
+            return None
+        value = self.static_dims[dim]
+        defined = next((d for d in getattr(self.ast, "dims", ()) if d.name == dim), None)
+        if defined is not None and defined.value == value:
+            return f"`dim {dim} = {value}` at {defined.span.location}"
+        if defined is not None:
+            return f"the override {dim}={value} (--dim or dims=; {defined.span.location} says {defined.value})"
+        return f"--dim {dim}={value} / dims={{'{dim}': {value}}}, or a `dim` of an imported file"
+
     @staticmethod
     def _bind_shape(what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error,
-                    defer_products: bool = False) -> None:
+                    defer_products: bool = False, decl: "_Declaration | None" = None) -> None:
         declared = "[" + ", ".join(str(d) for d in t.shape) + "]"
         if len(shape) != t.rank:
             raise error(f"{what} has shape {list(shape)} but is declared {declared}",
@@ -184,10 +216,14 @@ class CompiledModel:
             resolved = dim.substitute(dims)
             if resolved.is_static:
                 if resolved.value != size:
+                    if decl is not None:
+                        raise error(*decl.mismatch(axis, size, resolved.value, dims))
                     raise error(f"{what} has size {size} on axis {axis} but is declared {declared} "
                                 f"({dim} = {resolved.value})", "make the data and the declaration agree")
             elif len(resolved.symbols) == 1 and resolved.coeff == 1:
                 dims[resolved.symbols[0]] = size
+                if decl is not None:
+                    decl.bound(resolved.symbols[0], axis, size)
             elif defer_products:
                 continue
             else:
@@ -201,6 +237,7 @@ class CompiledModel:
             raise InputError(f"'{self.name}' has no input named {', '.join(unknown)}",
                              f"its inputs are: {', '.join(self.input_types) or 'none'}")
         dims = dict(self.dims)
+        origins = dict(self.dim_origins)
         arrays: dict[str, np.ndarray] = {}
         for name, t in self.input_types.items():
             if name in inputs:
@@ -226,8 +263,11 @@ class CompiledModel:
                 if arr.dtype.kind not in "fiub":
                     raise InputError(f"input '{name}' has dtype {arr.dtype}", "features are real numbers")
                 arr = arr.astype(self.float_dtype, copy=False)
-            self._bind_shape(f"input '{name}'", t, arr.shape[1:], dims, InputError)
+            source = f"the input {name} given to the model" if name in inputs else f"the graph's array '{name}'"
+            self._bind_shape(f"input '{name}'", t, arr.shape[1:], dims, InputError,
+                             decl=self._declaration(name, source, origins, row_axis=True))
             arrays[name] = arr
+        self._bound_origins = origins
         return arrays, dims
 
     def __call__(self, graph: Graph | str | Path | Any, **inputs: Any) -> np.ndarray | dict[str, np.ndarray]:
@@ -242,6 +282,8 @@ class CompiledModel:
         missing_params = set(self.param_types) - set(self.params)
         if missing_params:
             self.init(self.seed, **{k: v for k, v in dims.items() if k not in self.static_dims})
+            self.dim_origins.update({k: f"{origin} when the parameters were initialised"
+                                     for k, origin in self._bound_origins.items() if k not in self.static_dims})
         else:
             self._check_param_dims(dims)
         start = time.perf_counter()
@@ -305,6 +347,36 @@ class CompiledModel:
 
     def ir_text(self, locations: bool = False) -> str:
         return print_program(self.ir, locations)
+
+
+class _Declaration:
+    """An input or a parameter as declared, for the message of a size that does not fit: the dim
+    as written, where each dim's value came from (a `dim`, an override, the weights, the graph),
+    the axis as the user numbers it (an input's row axis is axis 0) and where it is declared."""
+
+    def __init__(self, name, source, origins, row_axis, dims, text, location, static_origin):
+        self.name, self.source, self.origins, self.row_axis = name, source, origins, row_axis
+        self.dims, self.text, self.location, self.static_origin = dims, text, location, static_origin
+
+    def bound(self, dim: str, axis: int, size: int) -> None:
+        self.origins.setdefault(dim, f"{self.source} ({self.name}.shape[{axis + self.row_axis}] = {size})")
+
+    def mismatch(self, axis: int, size: int, expected: int, dims: dict[str, int]) -> tuple[str, str]:
+        written = self.dims[axis] if self.dims is not None and axis < len(self.dims) else None
+        factors = [f.strip() for f in written.split("*")] if written else []
+        symbols = [f for f in factors if not f.isdigit()]
+        kind = "input" if self.row_axis else "weight"
+        at = f"{self.name}.shape[{axis + self.row_axis}]"
+        need = f"{written} = {expected}" if symbols else f"{expected}"
+        message = f"{kind} '{self.name}' has {at} = {size} but its declaration{f' {self.text}' if self.text else ''} needs {need}"
+        notes = []
+        for sym in dict.fromkeys(symbols):
+            value = dims.get(sym)
+            origin = self.origins.get(sym) or self.static_origin(sym)
+            notes.append(f"{sym}{f' = {value}' if value is not None else ''} comes from {origin or 'the data bound first'}")
+        if self.location:
+            notes.append(f"{self.name} is declared at {self.location}")
+        return message, "; ".join(notes) or "make the data and the declaration agree"
 
 
 def as_graph(graph: Any) -> Graph:
