@@ -25,8 +25,12 @@ def read_source(path_or_source: str | Path) -> tuple[str, str]:
             return path.read_text(), str(path)
         except FileNotFoundError:
             raise MpdslError(f"no such file: {path}", "pass the path of a .mp file, or the program text") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise MpdslError(f"cannot read {path}: {err}") from None
+        except UnicodeDecodeError as err:
+            raise MpdslError(f"cannot read {path}: it is not UTF-8 text (byte {err.start})",
+                             "save the program as UTF-8") from None
+        except OSError as err:
+            raise MpdslError(f"cannot read {path}: {err.strerror or err}",
+                             "pass the path of a readable .mp file") from None
     return str(path_or_source), "<string>"
 
 
