@@ -30,6 +30,13 @@ RESERVED = {"src", "dst", "batch", "graph"}
 ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
 BUILTIN_INDICES = ("src", "dst", "batch")
 LEFT_ASSOCIATIVE = ("add", "sub", "mul", "div", "matmul")  # a + b + c == (a + b) + c
+# Hints for the type rules that give none themselves.
+OP_HINTS = {
+    "one_hot": "one_hot(etype, R) encodes ids 0..R-1 with R >= 1",
+    "batch_norm": "batch_norm(x, running_mean, running_var, gamma, beta, eps=1e-5, momentum=0.1): eps > 0, "
+                  "0 <= momentum <= 1",
+    "select": "x[i] with an integer i picks entry i of the first feature axis: 0 <= i < its size",
+}
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,8 @@ class Checker:
             blame = span
             if err.operand is not None and operand_spans and err.operand < len(operand_spans):
                 blame = operand_spans[err.operand]
-            raise self.error(err.message, blame, err.hint) from None
+            hint = err.hint or OP_HINTS.get(op) or "check the domains and shapes of the operands"
+            raise self.error(err.message, blame, hint) from None
         self.check_size(t.shape, span, "this value")
         return self.add(make_value(op, operands, attrs, t, span))
 
