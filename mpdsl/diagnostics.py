@@ -15,6 +15,14 @@ from dataclasses import dataclass
 EXCERPT_WIDTH = 120  # characters of a source line shown in an error; longer lines are cut around the caret
 
 
+def abbreviate(text: str, limit: int = 24) -> str:
+    """Literal text for a message: a long one (a 5,000-digit number) shortened, its length given."""
+    if len(text) <= limit:
+        return text
+    unit = "digits" if text.isdigit() else "characters"
+    return f"{text[:10]}...{text[-6:]} ({len(text)} {unit})"
+
+
 @dataclass(frozen=True)
 class Source:
     """A program text with the name it is reported under."""

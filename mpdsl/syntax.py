@@ -12,7 +12,7 @@ import lark
 from lark import Token, Tree
 
 from mpdsl import ast
-from mpdsl.diagnostics import CompileError, Source, Span
+from mpdsl.diagnostics import CompileError, Source, Span, abbreviate
 from mpdsl.limits import MAX_INT, MAX_NESTING
 
 _TOKEN_NAMES = {
@@ -42,34 +42,40 @@ def _describe(token_type: str) -> str:
     return token_type.lower()
 
 
-def _short(text: str) -> str:
-    """A number's text for a message: very long literals are abbreviated."""
-    return text if len(text) <= 24 else f"{text[:10]}...{text[-6:]} ({len(text)} characters)"
-
-
-# Rules of the parse tree that nest: each adds one level (limits.MAX_NESTING) to what is below
-# it, except the left operand of a left-associative operator (a + b + c is one level).
-_NESTING = {"add", "sub", "mul", "div", "matmul", "pow", "neg", "index", "call", "for_stmt"}
+# Rules of the parse tree that nest: entering one is one level deeper (limits.MAX_NESTING), as
+# the checker counts it; a left-associative operator adds a level for its right operand only
+# (a + b + c is one level).
+_NESTING = {"pow", "neg", "index", "call", "for_stmt"}
 _LEFT_CHAIN = {"add", "sub", "mul", "div", "matmul"}
 
 
 def _check_nesting(tree: Tree, source: Source) -> None:
-    """Refuse programs nested deeper than ``MAX_NESTING`` (walked without recursion), at the first
-    construct past the limit."""
+    """Refuse programs nested deeper than ``MAX_NESTING`` (walked without recursion, left to right),
+    at the first construct past the limit."""
+
+    def refuse(node: Tree) -> CompileError:
+        meta = node.meta
+        return CompileError(f"nested more than {MAX_NESTING} levels deep",
+                            Span(source, meta.line, meta.column, meta.end_line, meta.end_column),
+                            "assign inner results to names first (h1 = ..., then f(h1)); calls, loops, unary "
+                            "minus, indexing, ** and right operands each add a level")
+
     stack = [(tree, 0)]
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_NESTING:
-            meta = node.meta
-            span = Span(source, meta.line, meta.column, meta.end_line, meta.end_column)
-            raise CompileError(f"nested more than {MAX_NESTING} levels deep", span,
-                               "assign inner results to names first (h1 = ..., then f(h1)); loops and "
-                               "calls, unary minus, indexing and operands each add a level")
-        nests = node.data in _NESTING
-        for i, child in enumerate(node.children):
-            if isinstance(child, Tree):
-                inner = depth + (nests and not (i == 0 and node.data in _LEFT_CHAIN))
-                stack.append((child, inner))
+        children = [c for c in node.children if isinstance(c, Tree)]
+        if node.data in _NESTING:
+            if depth + 1 > MAX_NESTING:
+                raise refuse(node)
+            inner = [(c, depth + 1) for c in children]
+        elif node.data in _LEFT_CHAIN:
+            lhs, rhs = children
+            if depth + 1 > MAX_NESTING:
+                raise refuse(rhs)
+            inner = [(lhs, depth), (rhs, depth + 1)]
+        else:
+            inner = [(c, depth) for c in children]
+        stack.extend(reversed(inner))
 
 
 class _Builder:
@@ -107,14 +113,14 @@ class _Builder:
         """An integer token used as an integer (a dim, a loop bound): at most ``MAX_INT``."""
         text = str(tok)
         if len(text) > len(str(MAX_INT)) or int(text) > MAX_INT:
-            raise CompileError(f"{what} {_short(text)} is too large", self._tok_span(tok),
+            raise CompileError(f"{what} {abbreviate(text)} is too large", self._tok_span(tok),
                                f"{what}s go up to 2**63 - 1 = {MAX_INT}")
         return int(text)
 
     def _float(self, tok: Token) -> float:
         value = float(str(tok))
         if math.isinf(value):
-            raise CompileError(f"number {_short(str(tok))} is too large", self._tok_span(tok),
+            raise CompileError(f"number {abbreviate(str(tok))} is too large", self._tok_span(tok),
                                "floats go up to about 1.8e308")
         return value
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mpdsl import ast
-from mpdsl.diagnostics import CompileError, Span
+from mpdsl.diagnostics import CompileError, Span, abbreviate
 from mpdsl.ir import Program, Value, make_value, prune, verify
 from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
 from mpdsl.ops import (AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS,
@@ -699,8 +699,7 @@ class Checker:
         if node.int_value is None:
             span = node.span
             text = span.source.line(span.line)[span.col - 1:span.end_col - 1] if span.end_line == span.line else ""
-            text = text if 0 < len(text) <= 24 else f"{text[:10]}...{text[-6:]} ({len(text)} digits)"
-            raise self.error(f"{what} {text} is too large", node.span,
+            raise self.error(f"{what} {abbreviate(text)} is too large", node.span,
                              f"integers go up to 2**63 - 1 = {MAX_INT}")
         return node.int_value
 
