@@ -59,8 +59,12 @@ def test_deep_nesting_is_a_located_error(nesting, col):
     for _ in range(1000):
         expr = nesting.format(expr)
     result = "edge[F]" if "[src]" in nesting else "node[F]"
-    err = located(model(f"    return {expr}", result=result), 2, col, f"nested more than {MAX_NESTING}")
+    source = model(f"    return {expr}", result=result)
+    err = located(source, 2, col, f"nested more than {MAX_NESTING}")
     assert "h1 = " in err.hint
+    with pytest.raises(mpdsl.CompileError) as parsed:  # refused by the parser already: no deep AST exists
+        syntax.parse(source)
+    assert (parsed.value.line, parsed.value.col) == (2, col)
 
 
 def test_nesting_up_to_the_limit_compiles():
