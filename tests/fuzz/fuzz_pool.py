@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,12 +40,11 @@ class WorkerFailed(RuntimeError):
 
 
 class Worker:
-    def __init__(self, timeout: float, memory: int, log: Path | None, warm: bool = True):
+    def __init__(self, timeout: float, memory: int, log: Path, warm: bool = True):
         env = dict(os.environ)
         env.update(MPDSL_FUZZ_TIMEOUT=str(timeout), MPDSL_FUZZ_MEMORY=str(memory), MPDSL_FUZZ_WARM=str(int(warm)),
                    PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-        if log is not None:
-            env["MPDSL_FUZZ_LOG"] = str(log)
+        env.update(MPDSL_FUZZ_LOG=str(log), MPDSL_FUZZ_TMP=str(log.parent))
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
         self.case: dict | None = None
@@ -99,10 +99,11 @@ def _died(code: int | None) -> dict:
 
 
 def run_cases(cases: list[dict], workers: int = 2, timeout: float = TIMEOUT, memory: int = MEMORY,
-              log_dir: Path | None = None, progress=None, grace: float = GRACE, warm: bool = True) -> dict[str, dict]:
+              progress=None, grace: float = GRACE, warm: bool = True) -> dict[str, dict]:
     """Run every case; returns results by case id. ``progress(done, total)`` is called now and then;
-    ``warm=False`` skips the workers' kernel warm-up (for cases that run no model)."""
-    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="mpdsl-fuzz-logs-"))
+    ``warm=False`` skips the workers' kernel warm-up (for cases that run no model). The workers' logs
+    and scratch files live in one temporary folder, removed at the end unless a worker failed."""
+    log_dir = Path(tempfile.mkdtemp(prefix="mpdsl-fuzz-"))
     pending = deque(cases)
     retried: set[str] = set()
     results: dict[str, dict] = {}
@@ -157,7 +158,6 @@ def run_cases(cases: list[dict], workers: int = 2, timeout: float = TIMEOUT, mem
                 if message is EOFError:
                     code = w.kill()
                     if not w.ready:
-                        log = (log_dir / f"worker-{spawned}.log")
                         raise WorkerFailed(f"a fuzz worker ended before it was ready (exit {code}); see {log_dir}")
                     finish(w, _died(code))
                     w.close()
@@ -182,7 +182,12 @@ def run_cases(cases: list[dict], workers: int = 2, timeout: float = TIMEOUT, mem
                     pool[i] = spawn()
                 elif not w.ready and now > w.started + READY_TIMEOUT:
                     raise WorkerFailed(f"a fuzz worker was not ready after {READY_TIMEOUT:.0f} s; see {log_dir}")
+    except WorkerFailed:
+        for w in pool:
+            w.close()
+        raise  # the logs stay for a look
     finally:
         for w in pool:
             w.close()
+    shutil.rmtree(log_dir, ignore_errors=True)
     return results

@@ -424,10 +424,13 @@ def main() -> int:
     warnings.simplefilter("ignore")
     timeout = float(os.environ.get("MPDSL_FUZZ_TIMEOUT", "10"))
     memory = int(float(os.environ.get("MPDSL_FUZZ_MEMORY", str(4 * 2**30))))
-    root = Path(tempfile.mkdtemp(prefix="mpdsl-fuzz-"))
+    root = Path(tempfile.mkdtemp(prefix="mpdsl-fuzz-", dir=os.environ.get("MPDSL_FUZZ_TMP")))
     try:
         if os.environ.get("MPDSL_FUZZ_WARM", "1") == "1":
             warm_up(root)
+        else:  # the parser and the prelude at least
+            import mpdsl
+            mpdsl.compile("model m(x: node[F]) -> node[F] {\n    return x\n}\n")
         signal.signal(signal.SIGALRM, _on_alarm)
         write_frame(protocol_out, {"ready": True, "pid": os.getpid()})
         while True:

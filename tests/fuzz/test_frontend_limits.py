@@ -130,14 +130,18 @@ def test_einsum_subscripts_are_ascii_letters(spec):
     located(source, 5, 12, "use the letters a-z")
 
 
-def test_zero_size_feature_axes_reduce_to_zero():
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_zero_size_feature_axes_reduce_to_zero(backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     for reduce in ("max", "min", "mean", "sum"):
         source = model(f"    return {reduce}(x @ W, -1)", "x: node[F], W: param[F, K]", "node[]", "dim K = 0\n")
         for optimize in (True, False):
-            out = mpdsl.compile(source, optimize=optimize)(KARATE)
-            np.testing.assert_array_equal(out, np.zeros(4))
+            out = mpdsl.compile(source, backend=backend, optimize=optimize)(KARATE)
+            np.testing.assert_array_equal(np.asarray(out), np.zeros(4))
     source = model("    return softmax(x @ W, -1)", "x: node[F], W: param[F, K]", "node[K]", "dim K = 0\n")
-    assert mpdsl.compile(source)(KARATE).shape == (4, 0)
+    assert mpdsl.compile(source, backend=backend)(KARATE).shape == (4, 0)
 
 
 def test_constant_initializer_needs_a_value():
