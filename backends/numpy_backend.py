@@ -697,11 +697,16 @@ class NumpyBackend(Backend):
 
     @rule("reduce")
     def _reduce(self, ctx, v, x):
+        axis = array_axis(v, v.attr["axis"])
+        if x.shape[axis] == 0:  # an empty axis reduces to 0, as an empty group does
+            return np.zeros(x.shape[:axis] + x.shape[axis + 1:], dtype=x.dtype)
         fn = choose(_AXIS_REDUCTIONS, v.op, "reduce", v.attr["reduce"], "the numpy backend's axis reductions")
-        return fn(x, axis=array_axis(v, v.attr["axis"]))
+        return fn(x, axis=axis)
 
     @rule("axis_softmax")
     def _axis_softmax(self, ctx, v, x):
+        if x.size == 0:
+            return np.zeros_like(x)
         return scipy.special.softmax(x, axis=array_axis(v, v.attr["axis"])).astype(x.dtype, copy=False)
 
     @rule("concat")

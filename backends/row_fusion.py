@@ -54,35 +54,42 @@ def fuse_rows(program: Program) -> list[Value | RowGroup]:
     e.g. ``x @ W_s + (mean(x[src]) by dst) @ W_n + b`` becomes one sparse product, then one group."""
     schedule: list[Value | RowGroup] = []
     members: list[Value] = []
+    in_group: set[int] = set()  # ids of members
     ahead: list[Value] = []  # values that run before the open group (they do not depend on it)
-    index_of = {id(v): i for i, v in enumerate(program.values)}
+    last_use: dict[int, int] = {}  # id -> position of its last user
+    for i, v in enumerate(program.values):
+        for o in v.operands:
+            last_use[id(o)] = i
+    outputs = {id(v) for _, v in program.outputs}
+    position = {id(v): i for i, v in enumerate(program.values)}
 
     def close() -> None:
         if len(members) >= 2:
-            ids = {id(m) for m in members}
-            last = index_of[id(members[-1])]
-            used_outside = {id(o) for v in program.values[last + 1:] for o in v.operands if id(o) in ids}
-            used_outside |= {id(v) for _, v in program.outputs if id(v) in ids}
-            exports = tuple(m for m in members if id(m) in used_outside)
+            last = position[id(members[-1])]
+            exports = tuple(m for m in members if last_use.get(id(m), -1) > last or id(m) in outputs)
             schedule.extend(ahead)
             schedule.append(RowGroup(members[0].type.domain, tuple(members), exports))
         else:
             schedule.extend(ahead)
             schedule.extend(members)
         members.clear()
+        in_group.clear()
         ahead.clear()
 
+    def join(v: Value) -> None:
+        members.append(v)
+        in_group.add(id(v))
+
     for v in program.values:
-        in_group = {id(m) for m in members}
         depends = any(id(o) in in_group for o in v.operands)
         if is_row_wise(v) and (not members or v.type.domain is members[0].type.domain):
-            members.append(v)
+            join(v)
         elif members and not depends:
             ahead.append(v)
         else:
             close()
             if is_row_wise(v):
-                members.append(v)
+                join(v)
             else:
                 schedule.append(v)
     close()

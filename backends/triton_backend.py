@@ -404,8 +404,11 @@ class TritonBackend(Backend):
 
     @rule("reduce")
     def _reduce(self, ctx, v, x):
+        dim = array_axis(v, v.attr["axis"])
+        if x.shape[dim] == 0:  # an empty axis reduces to 0, as an empty group does
+            return x.new_zeros(x.shape[:dim] + x.shape[dim + 1:])
         fn = choose(_AXIS_REDUCTIONS, v.op, "reduce", v.attr["reduce"], "the triton backend's axis reductions")
-        return fn(x, array_axis(v, v.attr["axis"]))
+        return fn(x, dim)
 
     @rule("axis_softmax")
     def _axis_softmax(self, ctx, v, x):

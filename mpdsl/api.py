@@ -38,7 +38,8 @@ def read_source(path_or_source: str | Path) -> tuple[str, str]:
             raise MpdslError(f"cannot read {shown(str(path))}: a file path cannot hold a NUL character",
                              "pass the path of a .mp file") from None
         except OSError as err:
-            raise MpdslError(f"cannot read {shown(str(path))}: {err.strerror or err}") from None
+            raise MpdslError(f"cannot read {shown(str(path))}: {err.strerror or err}",
+                             "pass the path of a readable .mp file") from None
         if len(data) > syntax.MAX_SOURCE_BYTES:
             raise MpdslError(f"cannot read {shown(str(path))}: it is larger than {syntax.MAX_SOURCE_BYTES >> 20} MiB",
                              "a program file holds at most 1 MiB of text")
@@ -85,7 +86,8 @@ def _check_dim_names(dims: Mapping[str, int], module: mp_ast.Module, others: lis
         listed = ", ".join(sorted(known)) or "none"
         hint = (f"did you mean '{close[0]}'? " if close else "") + f"its dims are: {listed}"
         where = f"model '{chosen[0].name}'" if len(chosen) == 1 else "the program"
-        raise CompileError(f"{where} has no dim named '{key}' (given as --dim {key}=... / dims=)", None, hint)
+        span = chosen[0].name_span if len(chosen) == 1 else module.span
+        raise CompileError(f"{where} has no dim named '{key}' (given as --dim {key}=... / dims=)", span, hint)
 
 
 def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,

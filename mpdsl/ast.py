@@ -60,8 +60,12 @@ class Expr(Node):
 
 @dataclass(frozen=True)
 class Number(Expr):
+    """A number literal; ``int_value`` is its exact value when it is written as an integer of at
+    most ``limits.MAX_INT`` (None otherwise: it is then usable as a float only)."""
+
     value: float
     is_int: bool
+    int_value: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class For(Node):
     start: str | int
     stop: str | int
     body: tuple[Node, ...]
+    bounds_span: Span | None = field(default=None, repr=False, compare=False)  # `0..T`
 
 
 @dataclass(frozen=True)
@@ -190,25 +195,39 @@ class Module(Node):
 
 
 def dump(node: object, indent: int = 0) -> str:
-    """A readable indented dump of an AST (``mpdsl compile --emit ast``)."""
-    pad = "  " * indent
-    if isinstance(node, Node):
-        fields = [f for f in node.__dataclass_fields__.values() if f.compare and f.name != "span"]
-        head = f"{pad}{type(node).__name__}"
-        if isinstance(node, (Name, Number)):
-            return f"{head}({node.id if isinstance(node, Name) else node.value})"
-        if isinstance(node, (TypeExpr, DimExpr)):
-            return f"{head}({node})"
-        lines = [head]
-        for f in fields:
-            value = getattr(node, f.name)
+    """A readable indented dump of an AST (``mpdsl compile --emit ast``). Iterative, so a long
+    chain such as a 1,000-term sum dumps as well as a short one."""
+    lines: list[str] = []
+    stack: list[tuple[object, int]] = [(node, indent)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, str):  # a field heading, already formatted
+            lines.append(item)
+            continue
+        pad = "  " * level
+        if not isinstance(item, Node):
+            lines.append(f"{pad}{item!r}")
+            continue
+        head = f"{pad}{type(item).__name__}"
+        if isinstance(item, (Name, Number)):
+            lines.append(f"{head}({item.id if isinstance(item, Name) else item.value})")
+            continue
+        if isinstance(item, (TypeExpr, DimExpr)):
+            lines.append(f"{head}({item})")
+            continue
+        lines.append(head)
+        pending: list[tuple[object, int]] = []
+        for f in item.__dataclass_fields__.values():
+            if not f.compare or f.name == "span":
+                continue
+            value = getattr(item, f.name)
             if isinstance(value, tuple) and value and isinstance(value[0], Node):
-                lines.append(f"{pad}  {f.name}:")
-                lines.extend(dump(v, indent + 2) for v in value)
+                pending.append((f"{pad}  {f.name}:", 0))
+                pending.extend((v, level + 2) for v in value)
             elif isinstance(value, Node):
-                lines.append(f"{pad}  {f.name}:")
-                lines.append(dump(value, indent + 2))
+                pending.append((f"{pad}  {f.name}:", 0))
+                pending.append((value, level + 2))
             elif value not in (None, ()):
-                lines.append(f"{pad}  {f.name}: {value!r}")
-        return "\n".join(lines)
-    return f"{pad}{node!r}"
+                pending.append((f"{pad}  {f.name}: {value!r}", 0))
+        stack.extend(reversed(pending))
+    return "\n".join(lines)

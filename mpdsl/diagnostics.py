@@ -21,9 +21,16 @@ def shown(text: str, quote: bool = False) -> str:
     return repr(text)
 
 
-def _printable_line(text: str) -> str:
-    # one character for one, so carets stay under their columns
-    return "".join(c if c.isprintable() or c == "\t" else "\ufffd" for c in text)
+
+EXCERPT_WIDTH = 120  # characters of a source line shown in an error; longer lines are cut around the caret
+
+
+def abbreviate(text: str, limit: int = 24) -> str:
+    """Literal text for a message: a long one (a 5,000-digit number) shortened, its length given."""
+    if len(text) <= limit:
+        return text
+    unit = "digits" if text.isdigit() else "characters"
+    return f"{text[:10]}...{text[-6:]} ({len(text)} {unit})"
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,15 @@ class Source:
     text: str
 
     def line(self, lineno: int) -> str:
-        lines = self.text.split("\n")  # as the parser counts lines: only "\n" ends one
-        return lines[lineno - 1].rstrip("\r") if 0 < lineno <= len(lines) else ""
+        """Line ``lineno`` (1-based) as the parser counts lines: only ``\n`` ends a line (a form
+        feed, a vertical tab, U+0085, U+2028 or a lone ``\r`` does not)."""
+        lines = self.text.split("\n")
+        return lines[lineno - 1].removesuffix("\r") if 0 < lineno <= len(lines) else ""
+
+    def end(self) -> tuple[int, int]:
+        """(line, column) just past the last character; a final newline does not start a line."""
+        text = self.text.removesuffix("\n")
+        return text.count("\n") + 1, len(text.rsplit("\n", 1)[-1].removesuffix("\r")) + 1
 
 
 @dataclass(frozen=True)
@@ -53,13 +67,26 @@ class Span:
         return f"{self.source.name}:{self.line}:{self.col}"
 
     def excerpt(self) -> str:
-        """The source line with a caret and tildes under the spanned text."""
-        text = _printable_line(self.source.line(self.line).rstrip("\n"))
+        """The source line with a caret and tildes under the spanned text. Characters that would
+        move the cursor or are invisible show as a space (so the caret stays under its column);
+        a long line is cut to a window around the caret."""
+        text = self.source.line(self.line)
         width = (self.end_col - self.col) if self.end_line == self.line else len(text) - self.col + 1
         width = max(1, width)
+        start = self.col - 1
+        if len(text) > EXCERPT_WIDTH:
+            first = max(0, min(start - EXCERPT_WIDTH // 3, len(text) - EXCERPT_WIDTH))
+            shown = text[first:first + EXCERPT_WIDTH]
+            prefix = "..." if first else ""
+            suffix = "..." if first + EXCERPT_WIDTH < len(text) else ""
+            text = prefix + shown + suffix
+            start = start - first + len(prefix)
+            width = max(1, min(width, len(prefix) + len(shown) - start))
+        text = "".join(c if c == "\t" or c.isprintable() else " " for c in text)
         gutter = f"{self.line:>4} | "
         pad = " " * (len(gutter) - 2) + "| "
-        underline = " " * (self.col - 1) + "^" + "~" * (width - 1)
+        lead = "".join("\t" if c == "\t" else " " for c in text[:start]).ljust(start)
+        underline = lead + "^" + "~" * (width - 1)
         return f"{gutter}{text}\n{pad}{underline}"
 
 

@@ -166,4 +166,5 @@ def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], error
         with open(name, "wb") as handle:
             np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub matches **kwds to allow_pickle
     except OSError as err:
-        raise error(f"cannot write the {what} to {name!r}: {err.strerror or err}") from None
+        raise error(f"cannot write the {what} to {name!r}: {err.strerror or err}",
+                    "choose a writable path on a disk with free space") from None

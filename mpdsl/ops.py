@@ -482,8 +482,8 @@ def parse_subscripts(spec: str) -> tuple[list[str], str]:
     lhs, out = spec.replace(" ", "").split("->")
     inputs = lhs.split(",")
     for term in inputs + [out]:
-        if not all(c.isalpha() and c.islower() for c in term):
-            raise TypeRuleError(f"einsum subscripts {spec!r}: use lower-case letters, one per feature axis",
+        if not all("a" <= c <= "z" for c in term):
+            raise TypeRuleError(f"einsum subscripts {spec!r}: use the letters a-z, one per feature axis",
                                 "the row axis is implicit and shared")
     return inputs, out
 
@@ -494,7 +494,8 @@ def _subscript_sizes(types, spec: str, what: str) -> tuple[dict[str, Dim], str]:
     output term."""
     inputs, out = parse_subscripts(spec)
     if len(inputs) != len(types):
-        raise TypeRuleError(f"{what} subscripts {spec!r} name {len(inputs)} operand(s), got {len(types)}")
+        raise TypeRuleError(f"{what} subscripts {spec!r} name {len(inputs)} operand(s), got {len(types)}",
+                            "one comma-separated term per operand, e.g. einsum(\"hd,hde->he\", a, b)")
     sizes: dict[str, Dim] = {}
     for i, (term, t) in enumerate(zip(inputs, types)):
         _require_float(t, what, i)
@@ -506,7 +507,8 @@ def _subscript_sizes(types, spec: str, what: str) -> tuple[dict[str, Dim], str]:
                 raise TypeRuleError(f"{what} axis {letter!r} is {sizes[letter]} in one operand and {dim} in another",
                                     "axes with the same letter need the same size", i)
     if len(set(out)) != len(out) or not set(out) <= set(sizes):
-        raise TypeRuleError(f"{what} output {out!r} must use distinct letters from the inputs")
+        raise TypeRuleError(f"{what} output {out!r} must use distinct letters from the inputs",
+                            "each output letter once, each one a letter of an input term")
     return sizes, out
 
 

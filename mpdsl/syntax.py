@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import stat
 from collections.abc import Iterable
@@ -11,10 +12,11 @@ from importlib import resources
 from pathlib import Path
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, Tree
 
 from mpdsl import ast
-from mpdsl.diagnostics import CompileError, MpdslError, Source, Span, shown
+from mpdsl.diagnostics import CompileError, MpdslError, Source, Span, abbreviate, shown
+from mpdsl.limits import MAX_INT, MAX_NESTING
 
 _TOKEN_NAMES = {
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'",
@@ -46,12 +48,64 @@ def _describe(token_type: str) -> str:
     return token_type.lower()
 
 
-class _Builder(Transformer):
-    """Parse tree -> AST; every node gets the span of its text."""
+# Rules of the parse tree that nest: entering one is one level deeper (limits.MAX_NESTING), as
+# the checker counts it; a left-associative operator adds a level for its right operand only
+# (a + b + c is one level).
+_NESTING = {"pow", "neg", "index", "call", "for_stmt"}
+_LEFT_CHAIN = {"add", "sub", "mul", "div", "matmul"}
+
+
+def _check_nesting(tree: Tree, source: Source) -> None:
+    """Refuse programs nested deeper than ``MAX_NESTING`` (walked without recursion, left to right),
+    at the first construct past the limit."""
+
+    def refuse(node: Tree) -> CompileError:
+        meta = node.meta
+        return CompileError(f"nested more than {MAX_NESTING} levels deep",
+                            Span(source, meta.line, meta.column, meta.end_line, meta.end_column),
+                            "assign inner results to names first (h1 = ..., then f(h1)); calls, loops, unary "
+                            "minus, indexing, ** and right operands each add a level")
+
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        children = [c for c in node.children if isinstance(c, Tree)]
+        if node.data in _NESTING:
+            if depth + 1 > MAX_NESTING:
+                raise refuse(node)
+            inner = [(c, depth + 1) for c in children]
+        elif node.data in _LEFT_CHAIN:
+            lhs, rhs = children
+            if depth + 1 > MAX_NESTING:
+                raise refuse(rhs)
+            inner = [(lhs, depth), (rhs, depth + 1)]
+        else:
+            inner = [(c, depth) for c in children]
+        stack.extend(reversed(inner))
+
+
+class _Builder:
+    """Parse tree -> AST; every node gets the span of its text. ``build`` walks the tree without
+    recursion (bottom-up), so long chains and deep nesting cost no Python stack."""
 
     def __init__(self, source: Source):
-        super().__init__()
         self.source = source
+
+    def build(self, tree: Tree):
+        order: list[Tree] = []
+        stack = [tree]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(c for c in node.children if isinstance(c, Tree))
+        built: dict[int, object] = {}
+        for node in reversed(order):  # every child before its parent
+            children = [built.pop(id(c)) if isinstance(c, Tree) else c for c in node.children]
+            if node.data == "for_stmt":  # the span of `start..stop`
+                lo, hi = node.children[1].meta, node.children[2].meta
+                children.append(Span(self.source, lo.line, lo.column, hi.end_line, hi.end_column))
+            built[id(node)] = getattr(self, node.data)(node.meta, children)
+        return built[id(tree)]
 
     def _span(self, meta) -> Span:
         if getattr(meta, "empty", True):
@@ -61,102 +115,104 @@ class _Builder(Transformer):
     def _tok_span(self, tok: Token) -> Span:
         return Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
 
-    @v_args(meta=True)
+    def _int(self, tok: Token, what: str) -> int:
+        """An integer token used as an integer (a dim, a loop bound): at most ``MAX_INT``."""
+        text = str(tok)
+        if len(text) > len(str(MAX_INT)) or int(text) > MAX_INT:
+            raise CompileError(f"{what} {abbreviate(text)} is too large", self._tok_span(tok),
+                               f"{what}s go up to 2**63 - 1 = {MAX_INT}")
+        return int(text)
+
+    def _float(self, tok: Token) -> float:
+        value = float(str(tok))
+        if math.isinf(value):
+            raise CompileError(f"number {abbreviate(str(tok))} is too large", self._tok_span(tok),
+                               "floats go up to about 1.8e308")
+        return value
+
     def start(self, meta, items):
         return ast.Module(self._span(meta), tuple(items))
 
-    @v_args(meta=True)
     def import_def(self, meta, children):
         return ast.Import(self._span(meta), str(children[0])[1:-1])
 
-    @v_args(meta=True)
     def dim_def(self, meta, children):
         name, value = children
-        return ast.DimDef(self._span(meta), str(name), int(value))
+        return ast.DimDef(self._span(meta), str(name), self._int(value, "dimension"))
 
     def _func(self, kind, meta, children):
         name, args, (results, parenthesised), body = children
         return ast.FuncDef(self._span(meta), kind, str(name), self._tok_span(name),
                            tuple(args or ()), results, parenthesised, body)
 
-    @v_args(meta=True)
     def layer_def(self, meta, children):
         return self._func("layer", meta, children)
 
-    @v_args(meta=True)
     def model_def(self, meta, children):
         return self._func("model", meta, children)
 
-    def arg_list(self, children):
+    def arg_list(self, meta, children):
         return list(children)
 
-    @v_args(meta=True)
     def arg(self, meta, children):
         name, typ, init = children
         return ast.Arg(self._span(meta), str(name), typ, init)
 
-    def init_name(self, children):
+    def init_name(self, meta, children):
         return str(children[0])
 
-    def init_number(self, children):
+    def init_number(self, meta, children):
         return children[0]
 
-    def signed_number(self, children):
+    def signed_number(self, meta, children):
         minus, number = (None, children[0]) if len(children) == 1 else children
-        value = float(number)
+        value = self._float(number)
         return -value if minus is not None else value
 
-    def single_result(self, children):
+    def single_result(self, meta, children):
         typ = children[0]
         return (ast.Result(typ.span, None, typ),), False
 
-    def result_tuple(self, children):
+    def result_tuple(self, meta, children):
         return tuple(children), True
 
-    @v_args(meta=True)
     def result(self, meta, children):
         name, typ = children
         return ast.Result(self._span(meta), str(name) if name is not None else None, typ)
 
-    @v_args(meta=True)
     def type(self, meta, children):
         domain, dims, dtype = children
         return ast.TypeExpr(self._span(meta), str(domain), tuple(dims or ()),
                             str(dtype) if dtype is not None else "float")
 
-    def dim_list(self, children):
+    def dim_list(self, meta, children):
         return list(children)
 
-    @v_args(meta=True)
     def dim_expr(self, meta, children):
         return ast.DimExpr(self._span(meta), tuple(children))
 
-    def dim_name(self, children):
+    def dim_name(self, meta, children):
         return str(children[0])
 
-    def dim_int(self, children):
-        return int(children[0])
+    def dim_int(self, meta, children):
+        return self._int(children[0], "dimension")
 
-    def block(self, children):
+    def block(self, meta, children):
         return tuple(children)
 
-    @v_args(meta=True)
     def assign(self, meta, children):
         *targets, value = children
         return ast.Assign(self._span(meta), tuple(str(t) for t in targets), value,
                           tuple(self._tok_span(t) for t in targets))
 
-    @v_args(meta=True)
     def return_stmt(self, meta, children):
         return ast.Return(self._span(meta), tuple(children))
 
-    @v_args(meta=True)
     def for_stmt(self, meta, children):
-        var, start, stop, body = children
-        return ast.For(self._span(meta), str(var), start, stop, body)
+        var, start, stop, body, bounds = children
+        return ast.For(self._span(meta), str(var), start, stop, body, bounds)
 
     def _binop(op):  # noqa: N805 - builds methods
-        @v_args(meta=True)
         def method(self, meta, children):
             lhs, rhs = children
             return ast.BinOp(self._span(meta), op, lhs, rhs)
@@ -169,34 +225,29 @@ class _Builder(Transformer):
     matmul = _binop("matmul")
     pow = _binop("pow")
 
-    @v_args(meta=True)
     def neg(self, meta, children):
         return ast.Neg(self._span(meta), children[0])
 
-    @v_args(meta=True)
     def index(self, meta, children):
         base, idx = children
         return ast.Index(self._span(meta), base, idx)
 
-    @v_args(meta=True)
     def number(self, meta, children):
-        text = str(children[0])
+        tok = children[0]
+        text = str(tok)
         is_int = text.isdigit()
-        return ast.Number(self._span(meta), float(text), is_int)
+        int_value = int(text) if is_int and len(text) <= len(str(MAX_INT)) and int(text) <= MAX_INT else None
+        return ast.Number(self._span(meta), self._float(tok), is_int, int_value)
 
-    @v_args(meta=True)
     def name(self, meta, children):
         return ast.Name(self._span(meta), str(children[0]))
 
-    @v_args(meta=True)
     def string(self, meta, children):
         return ast.String(self._span(meta), str(children[0])[1:-1])
 
-    @v_args(meta=True)
     def shape_literal(self, meta, children):
         return ast.ShapeLiteral(self._span(meta), tuple(children[0]))
 
-    @v_args(meta=True)
     def call(self, meta, children):
         name, args, by = children
         args = args or []
@@ -206,15 +257,14 @@ class _Builder(Transformer):
         return ast.Call(self._span(meta), str(name), positional, keywords, by_name,
                         self._tok_span(name), by_span)
 
-    def call_args(self, children):
+    def call_args(self, meta, children):
         return list(children)
 
-    @v_args(meta=True)
     def keyword_arg(self, meta, children):
         name, value = children
         return ast.Keyword(self._span(meta), str(name), value)
 
-    def by_clause(self, children):
+    def by_clause(self, meta, children):
         tok = children[0]
         return str(tok), self._tok_span(tok)
 
@@ -232,9 +282,8 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
     except lark.UnexpectedToken as err:
         tok = err.token
         if tok.type == "$END":
-            lines = text.splitlines() or [""]
-            line = len(lines)
-            span = Span(source, line, len(lines[-1]) + 1, line, len(lines[-1]) + 2)
+            line, col = source.end()
+            span = Span(source, line, col, line, col + 1)
             found = "end of file"
         else:
             span = Span(source, tok.line, tok.column, tok.end_line or tok.line,
@@ -244,9 +293,11 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
         hint = "expected " + (", ".join(expected[:8]) + (" ..." if len(expected) > 8 else ""))
         raise CompileError(f"syntax error: unexpected {found}", span, hint) from None
     except lark.UnexpectedEOF as err:  # pragma: no cover - LALR reports UnexpectedToken($END)
-        raise CompileError("syntax error: unexpected end of file", None,
+        line, col = source.end()
+        raise CompileError("syntax error: unexpected end of file", Span(source, line, col, line, col + 1),
                            f"expected {', '.join(sorted(err.expected))}") from None
-    return _Builder(source).transform(tree)
+    _check_nesting(tree, source)
+    return _Builder(source).build(tree)
 
 
 @functools.lru_cache(maxsize=1)

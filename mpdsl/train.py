@@ -194,7 +194,7 @@ def _graph_task(graph: Graph, name: str, split: str | None, targets: list[str], 
                          "`python -m mpdsl.chem tpsa --out tpsa.npz`")
     if limit is not None:
         if limit < 1:
-            raise TrainError(f"--limit must be at least 1, got {limit}")
+            raise TrainError(f"--limit must be at least 1, got {limit}", "keep at least one graph")
         graph = graph.select_graphs(np.arange(min(limit, graph.num_graphs)))
     y = np.asarray(graph[targets[0]], dtype=np.float64)
     y = y.reshape(y.shape[0], -1)
@@ -539,7 +539,8 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike, metric:
     try:
         figure.savefig(path, format="png", dpi=100)
     except OSError as err:
-        raise TrainError(f"cannot write the plot {path}: {err}") from None
+        raise TrainError(f"cannot write the plot {path}: {err.strerror or err}",
+                         "pass a writable file path to --plot") from None
     finally:
         plt.close(figure)
 
@@ -643,7 +644,8 @@ def run_cli(args: argparse.Namespace, dims: dict[str, int]) -> int:
         try:
             model.save_weights(args.save)
         except OSError as err:
-            raise TrainError(f"cannot write the weights {args.save}: {err}") from None
+            raise TrainError(f"cannot write the weights {args.save}: {err.strerror or err}",
+                             "pass a writable file path to --save") from None
         written.append(f"weights -> {args.save}")
     if args.plot:
         plot_history(result.history, args.plot, result.metric, f"{model.name} on {Path(data.name).name}",
@@ -657,7 +659,8 @@ def run_cli(args: argparse.Namespace, dims: dict[str, int]) -> int:
         try:
             Path(args.history).write_text(json.dumps(_plain(record), indent=1))
         except OSError as err:
-            raise TrainError(f"cannot write the history {args.history}: {err}") from None
+            raise TrainError(f"cannot write the history {args.history}: {err.strerror or err}",
+                             "pass a writable file path to --history") from None
         written.append(f"history -> {args.history}")
     params = sum(int(p.size) for p in model.params.values())
     print(f"[mpdsl] trained {model.name}: {len(result.history)} epochs in {result.seconds:.1f} s "

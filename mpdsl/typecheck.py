@@ -14,12 +14,14 @@ are local to it and bound at each call from the argument types.
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 from mpdsl import ast
-from mpdsl.diagnostics import CompileError, Span
+from mpdsl.diagnostics import CompileError, Span, abbreviate
 from mpdsl.ir import Program, Value, make_value, prune, verify
+from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
 from mpdsl.ops import (AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS,
                        running_statistic)
 from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
@@ -27,6 +29,14 @@ from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
 RESERVED = {"src", "dst", "batch", "graph"}
 ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
 BUILTIN_INDICES = ("src", "dst", "batch")
+LEFT_ASSOCIATIVE = ("add", "sub", "mul", "div", "matmul")  # a + b + c == (a + b) + c
+# Hints for the type rules that give none themselves.
+OP_HINTS = {
+    "one_hot": "one_hot(etype, R) encodes ids 0..R-1 with R >= 1",
+    "batch_norm": "batch_norm(x, running_mean, running_var, gamma, beta, eps=1e-5, momentum=0.1): eps > 0, "
+                  "0 <= momentum <= 1",
+    "select": "x[i] with an integer i picks entry i of the first feature axis: 0 <= i < its size",
+}
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,12 @@ class Checker:
         # > 0 while a layer is checked with its signature dims as symbols (its IR is thrown away):
         # a dim used as a number then stands for any value; each call checks it with real dims.
         self.generic_depth = 0
+        # Compile-time work (limits.MAX_NESTING, limits.MAX_STEPS): the nesting level of the
+        # expression being checked (through inlined layers), the steps of the current elaboration
+        # (one model, or one layer checked alone) and the loops and layer calls being expanded.
+        self.depth = 0
+        self.steps = 0
+        self.expanding: list[tuple[str, Span]] = []
 
     # ---- errors and emission -------------------------------------------------------------
 
@@ -115,8 +131,72 @@ class Checker:
             blame = span
             if err.operand is not None and operand_spans and err.operand < len(operand_spans):
                 blame = operand_spans[err.operand]
-            raise self.error(err.message, blame, err.hint) from None
-        return self.builder.add(make_value(op, operands, attrs, t, span))
+            hint = err.hint or OP_HINTS.get(op) or "check the domains and shapes of the operands"
+            raise self.error(err.message, blame, hint) from None
+        self.check_size(t.shape, span, "this value")
+        return self.add(make_value(op, operands, attrs, t, span))
+
+    def add(self, value: Value) -> Value:
+        self.step(value.span)
+        return self.builder.add(value)
+
+    # ---- limits on compile-time work -----------------------------------------------------
+
+    def step(self, span: Span) -> None:
+        """Count one step of unrolling/inlining work; past ``MAX_STEPS`` the outermost loop or
+        layer call being expanded (else ``span``) is blamed."""
+        self.steps += 1
+        if self.steps <= MAX_STEPS:
+            return
+        if not self.expanding:
+            raise self.error(f"the program has more than {MAX_STEPS} IR values here", span,
+                             "that is the compile-time limit of one model: split the computation into "
+                             "several models")
+        what, where = self.expanding[0]
+        raise self.error(f"{what} expands to more than {MAX_STEPS} steps at compile time "
+                         "(IR values, loop iterations and layer calls)", where,
+                         "loops are unrolled and layers inlined for each call: unroll fewer iterations, "
+                         "or call big layers from fewer places")
+
+    @contextmanager
+    def expanding_site(self, what: str, span: Span):
+        self.expanding.append((what, span))
+        try:
+            yield
+        finally:
+            self.expanding.pop()
+
+    @contextmanager
+    def nested(self, span: Span):
+        """One level deeper (``MAX_NESTING``), counted through inlined layers."""
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                raise self.error(f"nested more than {MAX_NESTING} levels deep (counting the bodies of "
+                                 "the layers called)", span,
+                                 "assign inner results to names first (h1 = ..., then f(h1)), or call "
+                                 "layers from fewer levels of other layers")
+            yield
+        finally:
+            self.depth -= 1
+
+    def fresh_budget(self):
+        """Start a new elaboration (a model, or a layer checked alone): (steps, expanding) to restore."""
+        saved = (self.steps, self.expanding)
+        self.steps, self.expanding = 0, []
+        return saved
+
+    def check_size(self, shape, span: Span, what: str) -> None:
+        """Static dims and per-row sizes fit int64 (``MAX_INT``)."""
+        size = 1
+        for d in shape:
+            if d.coeff > MAX_INT:
+                raise self.error(f"dimension {d} of {what} is larger than 2**63 - 1", span,
+                                 "dimensions go up to 2**63 - 1")
+            size *= d.coeff
+        if size > MAX_INT:
+            raise self.error(f"{what} has more than 2**63 - 1 elements per row ({' * '.join(map(str, shape))})",
+                             span, "use smaller dimensions")
 
     def const(self, value: float, span: Span) -> Value:
         return self.emit("const", [], {"value": float(value)}, span,
@@ -131,8 +211,9 @@ class Checker:
         user_items = [i for m in self.imported + [self.module] for i in m.items if not isinstance(i, ast.Import)]
         user_names = {i.name for i in user_items}
         items = [i for i in prelude_items if i.name not in user_names] + user_items
+        own = {id(i) for i in self.module.items}
         for item in items:
-            if isinstance(item, ast.FuncDef) and item.kind == "model" and item not in self.module.items:
+            if isinstance(item, ast.FuncDef) and item.kind == "model" and id(item) not in own:
                 continue  # only the compiled file's models are entry points
             name = item.name
             span = item.name_span if isinstance(item, ast.FuncDef) else item.span
@@ -149,8 +230,9 @@ class Checker:
             elif item.kind == "layer":
                 self.layers[name] = item
         for key, value in self.overrides.items():
-            if not isinstance(value, int) or value < 0:
-                raise CompileError(f"dimension override {key}={value!r} is not a non-negative integer", None)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+                raise CompileError(f"dimension override {key}={value!r} is not an integer from 0 to 2**63 - 1",
+                                   None, "pass dims as NAME=INT (--dim H=32, dims={'H': 32})")
             self.global_dims[key] = value
 
     def pick_model(self, name: str | None) -> ast.FuncDef:
@@ -164,8 +246,9 @@ class Checker:
             raise self.error("the program defines no model", self.module.span,
                              "add `model NAME(x: node[F], ...) -> node[C] { ... }`")
         if len(models) > 1:
-            raise CompileError(f"the program defines several models ({', '.join(models)})", None,
-                               "choose one with --model NAME (or model= in mpdsl.compile)")
+            second = list(models.values())[1]
+            raise self.error(f"the program defines several models ({', '.join(models)})", second.name_span,
+                             "choose one with --model NAME (or model= in mpdsl.compile)")
         return next(iter(models.values()))
 
     def check(self, model_name: str | None = None) -> Program:
@@ -187,10 +270,14 @@ class Checker:
             else:
                 raise self.error(f"unbound dimension '{factor}' in {what}", expr.span,
                                  f"declare it with `dim {factor} = ...` or use it in an input's type so it is bound from data")
+        if result.coeff > MAX_INT:
+            raise self.error(f"dimension {expr} = {result} in {what} is larger than 2**63 - 1", expr.span,
+                             "dimensions go up to 2**63 - 1")
         return result
 
     def eval_type(self, texpr: ast.TypeExpr, env: dict[str, Dim], what: str) -> TensorType:
         shape = tuple(self.eval_dim(d, env, what) for d in texpr.dims)
+        self.check_size(shape, texpr.span, what)
         dtype = INT_DTYPE if texpr.dtype == "int" else self.float_dtype
         if texpr.domain == ANY:
             if ANY not in env:
@@ -260,18 +347,20 @@ class Checker:
                         env[f] = Dim(1, (f,))
         self.check_unique_args(layer)
         saved, self.builder = self.builder, _Builder()
+        budget = self.fresh_budget()
         self.call_stack.append(layer.name)
         self.generic_depth += 1
         try:
             for arg in layer.args:
                 t = self.eval_type(arg.type, env, f"the type of '{arg.name}'")
-                args.append(self.builder.add(make_value("input" if t.domain is not Domain.PARAM else "param",
-                                                        [], self._generic_attrs(arg, t), t, arg.span)))
+                args.append(self.add(make_value("input" if t.domain is not Domain.PARAM else "param",
+                                                [], self._generic_attrs(arg, t), t, arg.span)))
             self.elaborate_body(layer, args, env)
         finally:
             self.generic_depth -= 1
             self.call_stack.pop()
             self.builder = saved
+            self.steps, self.expanding = budget
 
     @staticmethod
     def _generic_attrs(arg: ast.Arg, t: TensorType) -> dict:
@@ -289,6 +378,7 @@ class Checker:
             seen[arg.name] = arg
 
     def lower_model(self, model: ast.FuncDef) -> Program:
+        self.fresh_budget()
         self.check_unique_args(model)
         env: dict[str, Dim] = {k: Dim(v) for k, v in self.global_dims.items()}
         run_time_dims: list[str] = []
@@ -334,6 +424,9 @@ class Checker:
             return "glorot" if t.rank >= 2 else "zeros"
         if isinstance(arg.init, float):
             return repr(arg.init)
+        if arg.init == "constant":
+            raise self.error("`= constant` needs its value", arg.span,
+                             f"write the number itself, e.g. `{arg.name}: {arg.type} = 0.1`")
         if arg.init not in INITIALIZERS:
             close = _close(arg.init, INITIALIZERS)
             raise self.error(f"unknown initializer '{arg.init}'", arg.span,
@@ -427,10 +520,18 @@ class Checker:
         start, stop = bound(stmt.start), bound(stmt.stop)
         if stmt.var in RESERVED or scope.lookup(stmt.var) is not None:
             raise self.error(f"loop counter '{stmt.var}' shadows an existing name", stmt.span, "rename the counter")
-        for i in range(start, stop):
-            body_scope = _Scope(scope, carries=True)
-            body_scope.names[stmt.var] = LoopCounter(i)
-            self.block(stmt.body, body_scope, env, top=False)
+        where = stmt.bounds_span or stmt.span
+        if stop - start > MAX_STEPS:
+            raise self.error(f"the loop `for {stmt.var} in {stmt.start}..{stmt.stop}` runs {stop - start} "
+                             f"iterations; at most {MAX_STEPS} can be unrolled", where,
+                             "loops are unrolled at compile time (each iteration copies the body): "
+                             "use fewer iterations")
+        with self.expanding_site("this loop", where), self.nested(stmt.span):
+            for i in range(start, stop):
+                self.step(where)
+                body_scope = _Scope(scope, carries=True)
+                body_scope.names[stmt.var] = LoopCounter(i)
+                self.block(stmt.body, body_scope, env, top=False)
 
     # ---- expressions ---------------------------------------------------------------------
 
@@ -439,25 +540,17 @@ class Checker:
             return self.const(e.value, e.span)
         if isinstance(e, ast.Name):
             return self.name(e, scope, env)
-        if isinstance(e, ast.Neg):
-            if isinstance(e.operand, ast.Number):
-                return self.const(-e.operand.value, e.span)
-            x = self.expr(e.operand, scope, env)
-            return self.emit("neg", [x], {}, e.span, [e.operand.span])
-        if isinstance(e, ast.BinOp):
-            lhs = self.expr(e.lhs, scope, env)
-            rhs = self.expr(e.rhs, scope, env)
-            return self.emit(e.op, [lhs, rhs], {}, e.span, [e.lhs.span, e.rhs.span])
-        if isinstance(e, ast.Index):
-            return self.index(e, scope, env)
-        if isinstance(e, ast.Call):
-            if e.func in self.layers:
-                values = self.call_layer(e, scope, env)
-                if len(values) != 1:
-                    raise self.error(f"layer '{e.func}' returns {len(values)} values; it cannot be used in an expression",
-                                     e.span, f"assign them: a, b = {e.func}(...)")
-                return values[0]
-            return self.call(e, scope, env)
+        if isinstance(e, ast.BinOp) and e.op in LEFT_ASSOCIATIVE:
+            return self.chain(e, scope, env)
+        if isinstance(e, ast.Call) and e.func in self.layers:
+            values = self.call_layer(e, scope, env)  # one level deeper, in call_layer
+            if len(values) != 1:
+                raise self.error(f"layer '{e.func}' returns {len(values)} values; it cannot be used in an expression",
+                                 e.span, f"assign them: a, b = {e.func}(...)")
+            return values[0]
+        if isinstance(e, (ast.Neg, ast.BinOp, ast.Index, ast.Call)):
+            with self.nested(e.span):
+                return self.nested_expr(e, scope, env)
         if isinstance(e, ast.String):
             raise self.error("a string is only allowed as the subscripts of einsum", e.span,
                              'einsum("hd,hde->he", a, b)')
@@ -465,6 +558,35 @@ class Checker:
             raise self.error("a shape literal is only allowed as the shape argument of reshape", e.span,
                              "reshape(x, [H * C])")
         raise AssertionError(f"unhandled expression {type(e).__name__}")  # grammar and AST are closed
+
+    def chain(self, e: ast.BinOp, scope: _Scope, env: dict[str, Dim]) -> Value:
+        """A chain of left-associative operators (a + b - c * d ...), walked without recursion on
+        its left operands: a 1,000-term sum is one nesting level."""
+        links = []
+        node: ast.Expr = e
+        while isinstance(node, ast.BinOp) and node.op in LEFT_ASSOCIATIVE:
+            links.append(node)
+            node = node.lhs
+        acc = self.expr(node, scope, env)
+        for link in reversed(links):
+            with self.nested(link.rhs.span):
+                rhs = self.expr(link.rhs, scope, env)
+            acc = self.emit(link.op, [acc, rhs], {}, link.span, [link.lhs.span, link.rhs.span])
+        return acc
+
+    def nested_expr(self, e: ast.Expr, scope: _Scope, env: dict[str, Dim]) -> Value:
+        if isinstance(e, ast.Neg):
+            if isinstance(e.operand, ast.Number):
+                return self.const(-e.operand.value, e.span)
+            x = self.expr(e.operand, scope, env)
+            return self.emit("neg", [x], {}, e.span, [e.operand.span])
+        if isinstance(e, ast.BinOp):  # ** (right-associative)
+            lhs = self.expr(e.lhs, scope, env)
+            rhs = self.expr(e.rhs, scope, env)
+            return self.emit(e.op, [lhs, rhs], {}, e.span, [e.lhs.span, e.rhs.span])
+        if isinstance(e, ast.Index):
+            return self.index(e, scope, env)
+        return self.call(e, scope, env)
 
     def name(self, e: ast.Name, scope: _Scope, env: dict[str, Dim]) -> Value:
         bound = scope.lookup(e.id)
@@ -496,7 +618,7 @@ class Checker:
             return self.emit("gather", [base], {"index": idx.id}, e.span, [e.base.span])
         static = None
         if isinstance(idx, ast.Number) and idx.is_int:
-            static = int(idx.value)
+            static = self.int_literal(idx, "index")
         elif isinstance(idx, ast.Name) and isinstance(scope.lookup(idx.id), LoopCounter):
             static = scope.lookup(idx.id).value
         base = self.expr(e.base, scope, env)
@@ -522,16 +644,19 @@ class Checker:
         if e.func in self.call_stack:
             raise self.error(f"layer '{e.func}' calls itself", e.callee_span,
                              "layers cannot recurse; repeat with `for t in 0..T { ... }`")
-        values = [self.expr(a, scope, env) for a in e.args]
-        layer_env: dict[str, Dim] = {}
-        for i, (arg, value, aexpr) in enumerate(zip(layer.args, values, e.args)):
-            self.bind_pattern(arg.type, value.type, layer_env, aexpr.span,
-                              f"argument {i + 1} ('{arg.name}') of layer '{e.func}'")
-        self.call_stack.append(e.func)
-        try:
-            return self.elaborate_body(layer, values, layer_env)
-        finally:
-            self.call_stack.pop()
+        with self.nested(e.span):
+            values = [self.expr(a, scope, env) for a in e.args]
+            layer_env: dict[str, Dim] = {}
+            for i, (arg, value, aexpr) in enumerate(zip(layer.args, values, e.args)):
+                self.bind_pattern(arg.type, value.type, layer_env, aexpr.span,
+                                  f"argument {i + 1} ('{arg.name}') of layer '{e.func}'")
+            self.step(e.span)
+            self.call_stack.append(e.func)
+            try:
+                with self.expanding_site(f"the call of layer '{e.func}'", e.span):
+                    return self.elaborate_body(layer, values, layer_env)
+            finally:
+                self.call_stack.pop()
 
     # ---- builtin functions ---------------------------------------------------------------
 
@@ -563,11 +688,20 @@ class Checker:
         if isinstance(node, ast.Neg):
             node, sign = node.operand, -1
         if isinstance(node, ast.Number) and (node.is_int or not integer):
-            return sign * (int(node.value) if integer else node.value)
+            return sign * (self.int_literal(node, what) if integer else node.value)
         if isinstance(node, ast.Name) and isinstance(scope.lookup(node.id), LoopCounter):
             return sign * scope.lookup(node.id).value
         raise self.error(f"{what} must be {'an integer' if integer else 'a number'} literal", e.span,
                          f"write the {what} as a constant, e.g. {'2' if integer else '0.2'}")
+
+    def int_literal(self, node: ast.Number, what: str) -> int:
+        """The exact value of an integer literal used as an integer (at most ``MAX_INT``)."""
+        if node.int_value is None:
+            span = node.span
+            text = span.source.line(span.line)[span.col - 1:span.end_col - 1] if span.end_line == span.line else ""
+            raise self.error(f"{what} {abbreviate(text)} is too large", node.span,
+                             f"integers go up to 2**63 - 1 = {MAX_INT}")
+        return node.int_value
 
     def static_option(self, e: ast.Call, position: int, keyword: str, default, integer: bool, scope: _Scope):
         for kw in e.keywords:
@@ -598,7 +732,7 @@ def _unary_with(op: str, attr: str, default: float):
 def _binary(op: str):
     def handler(ch: Checker, e: ast.Call, scope, env) -> Value:
         ch.args_exactly(e, 2)
-        a, b = (ch.expr(x, scope, env) for x in e.args)
+        a, b = [ch.expr(x, scope, env) for x in e.args]
         return ch.emit(op, [a, b], {}, e.span, [x.span for x in e.args])
     return handler
 
@@ -664,7 +798,7 @@ def _one_hot(ch: Checker, e: ast.Call, scope, env) -> Value:
         if not dim.is_static:
             if ch.generic_depth:  # checked again with the real value at each call
                 declared = TensorType(ids.type.domain, (dim,), ch.float_dtype)
-                return ch.builder.add(make_value("one_hot", [ids], {"classes": 1}, declared, e.span))
+                return ch.add(make_value("one_hot", [ids], {"classes": 1}, declared, e.span))
             raise ch.error(f"the number of classes '{classes_expr.id}' is only known at run time", classes_expr.span,
                            f"declare it with `dim {classes_expr.id} = ...`")
         classes = dim.value

@@ -61,7 +61,7 @@ def test_weights_round_trip(tmp_path):
 @pytest.mark.parametrize("change,match", [
     (lambda w: w.pop("b1"), "missing b1"),
     (lambda w: w.update(extra=np.zeros(3)), "unknown extra"),
-    (lambda w: w.update(b1=np.zeros(5)), "weight 'b1' has size 5"),
+    (lambda w: w.update(b1=np.zeros(5)), "weight 'b1' has b1.shape\\[0\\] = 5 but its declaration b1: param\\[H\\] needs H = 16"),
     (lambda w: w.update(W2=np.zeros((16, 4, 1))), "weight 'W2' has shape"),
     (lambda w: w.update(b2=np.array([np.nan] * 4)), "non-finite"),
     (lambda w: w.update(b2=np.array(["a"] * 4)), "dtype"),
@@ -76,8 +76,10 @@ def test_bad_weights_are_refused(change, match):
 
 def test_weights_bind_input_dims_and_then_check_inputs():
     m = mpdsl.compile(ROOT / "examples" / "gcn.mp").init(0, F=5)
-    with pytest.raises(mpdsl.InputError, match="input 'x' has size 34 on axis 0 but is declared \\[F\\]"):
+    with pytest.raises(mpdsl.InputError, match="input 'x' has x.shape\\[1\\] = 34 but its declaration x: node\\[F\\] "
+                                               "needs F = 5") as info:
         m(KARATE)
+    assert "F = 5 comes from init(..., F=5)" in info.value.hint and "gcn.mp:18:11" in info.value.hint
 
 
 def test_unreadable_weights_file(tmp_path):
@@ -103,7 +105,7 @@ def test_multiple_outputs_and_keyword_inputs():
 @pytest.mark.parametrize("inputs,match", [
     ({}, "model input 'e' .* is not given"),
     ({"e": np.zeros((10, 34))}, "input 'e' has 10 rows but the graph has 156 edges"),
-    ({"e": np.zeros((156, 3))}, "input 'e' has size 3 on axis 0"),
+    ({"e": np.zeros((156, 3))}, "input 'e' has e.shape\\[1\\] = 3 but its declaration e: edge\\[F\\] needs F = 34"),
     ({"e": np.zeros(156)}, "input 'e' has shape \\[\\] but is declared \\[F\\]"),
     ({"e": np.zeros((156, 34)), "q": 1}, "no input named q"),
     ({"e": np.array([["a"] * 34] * 156)}, "dtype"),
