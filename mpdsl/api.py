@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import difflib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Mapping
 
 from mpdsl import ast as mp_ast
 from mpdsl import memory, syntax, typecheck

@@ -175,7 +175,7 @@ class FuncDef(Node):
 
 @dataclass(frozen=True)
 class Module(Node):
-    items: tuple[Node, ...]
+    items: tuple[Import | DimDef | FuncDef, ...]
 
     @property
     def imports(self) -> tuple[Import, ...]:

@@ -84,6 +84,14 @@ def _check_nesting(tree: Tree, source: Source) -> None:
         stack.extend(reversed(inner))
 
 
+def _binop(op: str):
+    """The tree-to-AST rule of a binary operator rule named like the IR op ``op``."""
+    def method(self: _Builder, meta, children) -> ast.BinOp:
+        lhs, rhs = children
+        return ast.BinOp(self._span(meta), op, lhs, rhs)
+    return method
+
+
 class _Builder:
     """Parse tree -> AST; every node gets the span of its text. ``build`` walks the tree without
     recursion (bottom-up), so long chains and deep nesting cost no Python stack."""
@@ -113,6 +121,9 @@ class _Builder:
         return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
 
     def _tok_span(self, tok: Token) -> Span:
+        # tokens from the parser always carry positions (propagate_positions=True)
+        assert tok.line is not None and tok.column is not None and tok.end_line is not None \
+            and tok.end_column is not None
         return Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
 
     def _int(self, tok: Token, what: str) -> int:
@@ -212,12 +223,6 @@ class _Builder:
         var, start, stop, body, bounds = children
         return ast.For(self._span(meta), str(var), start, stop, body, bounds)
 
-    def _binop(op):  # noqa: N805 - builds methods
-        def method(self, meta, children):
-            lhs, rhs = children
-            return ast.BinOp(self._span(meta), op, lhs, rhs)
-        return method
-
     add = _binop("add")
     sub = _binop("sub")
     mul = _binop("mul")
@@ -276,7 +281,8 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
         tree = _parser().parse(text)
     except lark.UnexpectedCharacters as err:
         span = Span(source, err.line, err.column, err.line, err.column + 1)
-        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "?"
+        pos = err.pos_in_stream
+        char = text[pos] if pos is not None and pos < len(text) else "?"
         raise CompileError(f"syntax error: unexpected character {char!r}", span,
                            "identifiers, numbers and the operators + - * / @ ** are allowed here") from None
     except lark.UnexpectedToken as err:

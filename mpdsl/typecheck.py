@@ -14,20 +14,22 @@ are local to it and bound at each call from the argument types.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 from mpdsl import ast
 from mpdsl.diagnostics import CompileError, Span, abbreviate
 from mpdsl.ir import Program, Value, make_value, prune, verify
 from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
-from mpdsl.ops import (AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS,
-                       running_statistic)
-from mpdsl.types import Dim, Domain, INT_DTYPE, TensorType, TypeRuleError
+from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS, running_statistic
+from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 RESERVED = {"src", "dst", "batch", "graph"}
 ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
+# A layer's environment: dims bound so far by name (Dim), and under ANY the domain that 'any' stands for.
+Env = dict[str, Any]
 BUILTIN_INDICES = ("src", "dst", "batch")
 LEFT_ASSOCIATIVE = ("add", "sub", "mul", "div", "matmul")  # a + b + c == (a + b) + c
 # Hints for the type rules that give none themselves.
@@ -56,22 +58,22 @@ class _Builder:
 
 
 class _Scope:
-    def __init__(self, parent: "_Scope | None", carries: bool):
+    def __init__(self, parent: _Scope | None, carries: bool):
         self.parent = parent
         self.carries = carries  # a for-body: may rebind names of enclosing scopes
         self.names: dict[str, object] = {}
         self.assigned_here: set[str] = set()
 
     def lookup(self, name: str):
-        scope = self
+        scope: _Scope | None = self
         while scope is not None:
             if name in scope.names:
                 return scope.names[name]
             scope = scope.parent
         return None
 
-    def owner(self, name: str) -> "_Scope | None":
-        scope = self
+    def owner(self, name: str) -> _Scope | None:
+        scope: _Scope | None = self
         while scope is not None:
             if name in scope.names:
                 return scope
@@ -80,7 +82,7 @@ class _Scope:
 
     def visible(self) -> set[str]:
         names: set[str] = set()
-        scope = self
+        scope: _Scope | None = self
         while scope is not None:
             names |= set(scope.names)
             scope = scope.parent
@@ -120,7 +122,7 @@ class Checker:
     # ---- errors and emission -------------------------------------------------------------
 
     @staticmethod
-    def error(message: str, span: Span, hint: str | None = None) -> CompileError:
+    def error(message: str, span: Span | None, hint: str | None = None) -> CompileError:
         return CompileError(message, span, hint)
 
     def emit(self, op: str, operands: list[Value], attrs: dict, span: Span,
@@ -142,7 +144,7 @@ class Checker:
 
     # ---- limits on compile-time work -----------------------------------------------------
 
-    def step(self, span: Span) -> None:
+    def step(self, span: Span | None) -> None:
         """Count one step of unrolling/inlining work; past ``MAX_STEPS`` the outermost loop or
         layer call being expanded (else ``span``) is blamed."""
         self.steps += 1
@@ -207,7 +209,8 @@ class Checker:
     def collect(self) -> None:
         """Gather dims and layers: the prelude's (shadowable), the imported modules', then this module's."""
         seen: dict[str, ast.Node] = {}
-        prelude_items = list(self.prelude.items) if self.prelude is not None else []
+        prelude_items = [i for i in (self.prelude.items if self.prelude is not None else ())
+                         if not isinstance(i, ast.Import)]
         user_items = [i for m in self.imported + [self.module] for i in m.items if not isinstance(i, ast.Import)]
         user_names = {i.name for i in user_items}
         items = [i for i in prelude_items if i.name not in user_names] + user_items
@@ -260,7 +263,7 @@ class Checker:
 
     # ---- types ---------------------------------------------------------------------------
 
-    def eval_dim(self, expr: ast.DimExpr, env: dict[str, Dim], what: str) -> Dim:
+    def eval_dim(self, expr: ast.DimExpr, env: Env, what: str) -> Dim:
         result = Dim(1)
         for factor in expr.factors:
             if isinstance(factor, int):
@@ -269,13 +272,14 @@ class Checker:
                 result = result * env[factor]
             else:
                 raise self.error(f"unbound dimension '{factor}' in {what}", expr.span,
-                                 f"declare it with `dim {factor} = ...` or use it in an input's type so it is bound from data")
+                                 f"declare it with `dim {factor} = ...` or use it in an input's type so it is "
+                                 "bound from data")
         if result.coeff > MAX_INT:
             raise self.error(f"dimension {expr} = {result} in {what} is larger than 2**63 - 1", expr.span,
                              "dimensions go up to 2**63 - 1")
         return result
 
-    def eval_type(self, texpr: ast.TypeExpr, env: dict[str, Dim], what: str) -> TensorType:
+    def eval_type(self, texpr: ast.TypeExpr, env: Env, what: str) -> TensorType:
         shape = tuple(self.eval_dim(d, env, what) for d in texpr.dims)
         self.check_size(shape, texpr.span, what)
         dtype = INT_DTYPE if texpr.dtype == "int" else self.float_dtype
@@ -300,7 +304,7 @@ class Checker:
         if t.domain == ANY and t.dtype == "int":
             raise self.error("an 'any' argument is float", t.span, "declare int ids with a concrete domain")
 
-    def bind_pattern(self, texpr: ast.TypeExpr, actual: TensorType, env: dict[str, Dim],
+    def bind_pattern(self, texpr: ast.TypeExpr, actual: TensorType, env: Env,
                      span: Span, what: str) -> None:
         """Unify a declared argument type with an actual one, binding the declared dims in ``env``."""
 
@@ -335,7 +339,7 @@ class Checker:
 
     def check_layer_generic(self, layer: ast.FuncDef) -> None:
         """Check a layer once with its signature dims as symbols (errors found even if uncalled)."""
-        env: dict[str, Dim] = {}
+        env: Env = {}
         if any(arg.type.domain == ANY for arg in layer.args):
             env[ANY] = Domain.NODE  # 'any' is checked with node as its stand-in
         args = []
@@ -380,7 +384,7 @@ class Checker:
     def lower_model(self, model: ast.FuncDef) -> Program:
         self.fresh_budget()
         self.check_unique_args(model)
-        env: dict[str, Dim] = {k: Dim(v) for k, v in self.global_dims.items()}
+        env: Env = {k: Dim(v) for k, v in self.global_dims.items()}
         run_time_dims: list[str] = []
         # Input types bind their dims from data: a plain name not yet defined becomes a run-time symbol.
         for arg in model.args:
@@ -430,13 +434,14 @@ class Checker:
         if arg.init not in INITIALIZERS:
             close = _close(arg.init, INITIALIZERS)
             raise self.error(f"unknown initializer '{arg.init}'", arg.span,
-                             f"did you mean '{close}'?" if close else f"use one of {', '.join(INITIALIZERS)} or a number")
+                             f"did you mean '{close}'?" if close
+                             else f"use one of {', '.join(INITIALIZERS)} or a number")
         if arg.init == "glorot" and t.rank < 2:
             raise self.error(f"glorot needs a parameter with at least 2 axes, '{arg.name}' has {t.rank}",
                              arg.span, "use zeros, ones, normal, uniform or a number")
         return arg.init
 
-    def elaborate_body(self, func: ast.FuncDef, args: list[Value], env: dict[str, Dim]) -> list[Value]:
+    def elaborate_body(self, func: ast.FuncDef, args: list[Value], env: Env) -> list[Value]:
         scope = _Scope(None, carries=False)
         for arg, value in zip(func.args, args):
             scope.names[arg.name] = value
@@ -448,7 +453,7 @@ class Checker:
         if len(values) != len(func.results):
             raise self.error(f"{func.kind} '{func.name}' declares {len(func.results)} result(s) but returns "
                              f"{len(values)}", ret.span, "make the return statement match the declared results")
-        for i, (value, result, expr) in enumerate(zip(values, func.results, ret.values)):
+        for value, result, expr in zip(values, func.results, ret.values):
             expected = self.eval_type(result.type, env, f"the result type of '{func.name}'")
             if expected != value.type:
                 raise self.error(f"{func.kind} '{func.name}' returns {value.type} where it declares {expected}",
@@ -457,7 +462,7 @@ class Checker:
 
     # ---- statements ----------------------------------------------------------------------
 
-    def block(self, stmts, scope: _Scope, env: dict[str, Dim], top: bool):
+    def block(self, stmts, scope: _Scope, env: Env, top: bool):
         for i, stmt in enumerate(stmts):
             if isinstance(stmt, ast.Return):
                 if not top:
@@ -472,7 +477,7 @@ class Checker:
                 self.for_loop(stmt, scope, env)
         return None
 
-    def assign(self, stmt: ast.Assign, scope: _Scope, env: dict[str, Dim]) -> None:
+    def assign(self, stmt: ast.Assign, scope: _Scope, env: Env) -> None:
         if isinstance(stmt.value, ast.Call) and stmt.value.func in self.layers:
             values = self.call_layer(stmt.value, scope, env)
         else:
@@ -483,7 +488,7 @@ class Checker:
         for name, span, value in zip(stmt.targets, stmt.target_spans, values):
             self.define(name, value, span, scope, env)
 
-    def define(self, name: str, value: object, span: Span, scope: _Scope, env: dict[str, Dim]) -> None:
+    def define(self, name: str, value: object, span: Span, scope: _Scope, env: Env) -> None:
         if name in RESERVED:
             raise self.error(f"'{name}' is a reserved name", span, "src, dst, batch and graph are built in")
         if name in self.layers or name in env:
@@ -508,7 +513,7 @@ class Checker:
                              "a value rebound in a loop must keep its type")
         owner.names[name] = value
 
-    def for_loop(self, stmt: ast.For, scope: _Scope, env: dict[str, Dim]) -> None:
+    def for_loop(self, stmt: ast.For, scope: _Scope, env: Env) -> None:
         def bound(b) -> int:
             if isinstance(b, int):
                 return b
@@ -535,7 +540,7 @@ class Checker:
 
     # ---- expressions ---------------------------------------------------------------------
 
-    def expr(self, e: ast.Expr, scope: _Scope, env: dict[str, Dim]) -> Value:
+    def expr(self, e: ast.Expr, scope: _Scope, env: Env) -> Value:
         if isinstance(e, ast.Number):
             return self.const(e.value, e.span)
         if isinstance(e, ast.Name):
@@ -559,7 +564,7 @@ class Checker:
                              "reshape(x, [H * C])")
         raise AssertionError(f"unhandled expression {type(e).__name__}")  # grammar and AST are closed
 
-    def chain(self, e: ast.BinOp, scope: _Scope, env: dict[str, Dim]) -> Value:
+    def chain(self, e: ast.BinOp, scope: _Scope, env: Env) -> Value:
         """A chain of left-associative operators (a + b - c * d ...), walked without recursion on
         its left operands: a 1,000-term sum is one nesting level."""
         links = []
@@ -574,7 +579,7 @@ class Checker:
             acc = self.emit(link.op, [acc, rhs], {}, link.span, [link.lhs.span, link.rhs.span])
         return acc
 
-    def nested_expr(self, e: ast.Expr, scope: _Scope, env: dict[str, Dim]) -> Value:
+    def nested_expr(self, e: ast.Expr, scope: _Scope, env: Env) -> Value:
         if isinstance(e, ast.Neg):
             if isinstance(e.operand, ast.Number):
                 return self.const(-e.operand.value, e.span)
@@ -586,9 +591,10 @@ class Checker:
             return self.emit(e.op, [lhs, rhs], {}, e.span, [e.lhs.span, e.rhs.span])
         if isinstance(e, ast.Index):
             return self.index(e, scope, env)
+        assert isinstance(e, ast.Call), e  # the expression kinds not handled above
         return self.call(e, scope, env)
 
-    def name(self, e: ast.Name, scope: _Scope, env: dict[str, Dim]) -> Value:
+    def name(self, e: ast.Name, scope: _Scope, env: Env) -> Value:
         bound = scope.lookup(e.id)
         if isinstance(bound, Value):
             return bound
@@ -611,7 +617,7 @@ class Checker:
         raise self.error(f"unknown name '{e.id}'", e.span,
                          f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument")
 
-    def index(self, e: ast.Index, scope: _Scope, env: dict[str, Dim]) -> Value:
+    def index(self, e: ast.Index, scope: _Scope, env: Env) -> Value:
         idx = e.index
         if isinstance(idx, ast.Name) and idx.id in BUILTIN_INDICES and scope.lookup(idx.id) is None:
             base = self.expr(e.base, scope, env)
@@ -630,7 +636,7 @@ class Checker:
                              "index with src, dst, batch, an int input (W[etype]) or a loop counter (W[t])")
         return self.emit("take", [base, index_value], {}, e.span, [e.base.span, idx.span])
 
-    def call_layer(self, e: ast.Call, scope: _Scope, env: dict[str, Dim]) -> list[Value]:
+    def call_layer(self, e: ast.Call, scope: _Scope, env: Env) -> list[Value]:
         layer = self.layers[e.func]
         if e.by is not None:
             raise self.error(f"layer '{e.func}' does not take `by`", e.by_span or e.span,
@@ -646,7 +652,7 @@ class Checker:
                              "layers cannot recurse; repeat with `for t in 0..T { ... }`")
         with self.nested(e.span):
             values = [self.expr(a, scope, env) for a in e.args]
-            layer_env: dict[str, Dim] = {}
+            layer_env: Env = {}
             for i, (arg, value, aexpr) in enumerate(zip(layer.args, values, e.args)):
                 self.bind_pattern(arg.type, value.type, layer_env, aexpr.span,
                                   f"argument {i + 1} ('{arg.name}') of layer '{e.func}'")
@@ -660,18 +666,20 @@ class Checker:
 
     # ---- builtin functions ---------------------------------------------------------------
 
-    def call(self, e: ast.Call, scope: _Scope, env: dict[str, Dim]) -> Value:
+    def call(self, e: ast.Call, scope: _Scope, env: Env) -> Value:
         handler = BUILTINS.get(e.func)
         if handler is None:
             close = _close(e.func, list(BUILTINS) + list(self.layers))
             raise self.error(f"unknown function '{e.func}'", e.callee_span,
-                             f"did you mean '{close}'?" if close else "define it as a layer, or see the list of builtins in the README")
+                             f"did you mean '{close}'?" if close
+                             else "define it as a layer, or see the list of builtins in the README")
         if e.by is not None and e.func not in REDUCING:
             raise self.error(f"'{e.func}' does not take `by`", e.by_span,
                              "`by dst|src|graph` belongs to sum, mean, max, min, std and softmax")
         if e.by is not None and e.by not in REDUCE_AXES:
             raise self.error(f"unknown reduction axis '{e.by}'", e.by_span,
-                             "reduce by dst (over in-edges), by src (over out-edges) or by graph (over a graph's nodes)")
+                             "reduce by dst (over in-edges), by src (over out-edges) or by graph "
+                             "(over a graph's nodes)")
         return handler(self, e, scope, env)
 
     def args_exactly(self, e: ast.Call, n: int, keywords: tuple[str, ...] = ()) -> None:
@@ -856,7 +864,8 @@ assert set(AXIS_REDUCTIONS) <= REDUCING
 SIGNATURES = {
     "leaky_relu": "leaky_relu(x, slope=0.01)", "elu": "elu(x, alpha=1.0)", "dropout": "dropout(x, p=0.5)",
     "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "in_degree": "in_degree()",
-    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])", "one_hot": "one_hot(etype, R)", "einsum": 'einsum("hd,hde->he", a, b)',
+    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])",
+    "one_hot": "one_hot(etype, R)", "einsum": 'einsum("hd,hde->he", a, b)',
     "batch_norm": "batch_norm(x, running_mean, running_var, gamma, beta, eps=1e-5, momentum=0.1)",
     **{n: f"{n}(m) by dst or {n}(x, axis)" for n in AXIS_REDUCTIONS},
     "std": "std(m) by dst", "softmax": "softmax(score) by dst or softmax(x, axis)",
