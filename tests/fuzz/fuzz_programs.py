@@ -236,7 +236,7 @@ class ProgramBuilder:
         return f"{self.paren(x)} {op} {number}" if self.chance(0.5) else f"{number} {op} {self.paren(x)}"
 
     def r_bias(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         x = self.expr(t, ctx, depth)
         return f"{self.paren(x)} + {self.param(shape, ctx)}"
 
@@ -304,24 +304,24 @@ class ProgramBuilder:
         return f"{self.paren(x)}[{self.draw(st.integers(0, n - 1 if isinstance(n, int) else 3))}]"
 
     def r_gather(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         x = self.expr(("node", shape), ctx, depth)
         return f"{self.paren(x)}[{self.choice(('src', 'dst'))}]"
 
     def r_broadcast_graph(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         return f"{self.paren(self.expr(('graph', shape), ctx, depth))}[batch]"
 
     def r_softmax_by(self, t, ctx, depth):
         return f"softmax({self.expr(t, ctx, depth)}) by dst"
 
     def r_aggregate(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         x = self.expr(("edge", shape), ctx, depth)
         return f"{self.choice(AGGREGATE)}({x}) by {self.choice(('dst', 'dst', 'src'))}"
 
     def r_readout(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         x = self.expr(("node", shape), ctx, depth)
         return f"{self.choice(('sum', 'mean', 'max', 'min', 'std'))}({x}) by graph"
 
@@ -329,7 +329,7 @@ class ProgramBuilder:
         return self.choice(("in_degree()", "out_degree()", "rsqrt(in_degree() + 1)"))
 
     def r_typed_matmul(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         a = self.width(ctx)
         x = self.expr(("edge", (a,)), ctx, depth) if self.chance(0.5) else \
             f"{self.paren(self.expr(('node', (a,)), ctx, depth))}[src]"
@@ -341,7 +341,7 @@ class ProgramBuilder:
         return self.choice(("one_hot(etype, R)", f"one_hot(etype, {self.relations})"))
 
     def r_batch_norm(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         x = self.expr(t, ctx, depth)
         stats = []
         for init in (" = zeros", " = ones", " = ones", " = zeros"):
@@ -362,7 +362,7 @@ class ProgramBuilder:
         return f"gru_cell({x}, {h}, {', '.join(ws)})"
 
     def r_layer_norm(self, t, ctx, depth):
-        dom, shape = t
+        shape = t[1]
         x = self.expr(t, ctx, depth)
         return f"layer_norm({x}, {self.param(shape, ctx)}, {self.param(shape, ctx)})"
 
