@@ -8,7 +8,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -131,6 +131,7 @@ class CompiledModel:
         self.last_layout: GraphLayout | None = None  # the graph layout of the last run (node order, edge order), if any
         self._checked_dims: set[tuple] = set()  # run-time dims the program's type rules were checked with
         self._dim_sources: dict[str, str] = {}  # dims bound by the current parameters -> what bound them
+        self._dim_origins: dict[str, str] = {}  # the same, told in full for messages (file, axis, size)
         if all(self._static(t) for t in self.param_types.values()):
             self.init(seed)
 
@@ -174,12 +175,15 @@ class CompiledModel:
         from the current parameters) or given as keywords. The parameters' total size is checked
         against the memory budget (``memory_limit``) before anything is allocated."""
         sources = {k: f"init({k}={v})" for k, v in dims.items()}
+        origins = {k: f"init(..., {k}={v})" for k, v in dims.items()}
         if graph is not None:
-            bound, graph_sources = self._bind(graph, {}, dict(self.static_dims), {})[1:]
+            _, bound, graph_sources, graph_origins = self._bind(graph, {}, dict(self.static_dims), {}, {})
             dims, sources = {**bound, **dims}, {**graph_sources, **sources}
-        return self._initialise(seed, dims, sources)
+            origins = {**{k: f"{v}, given to init" for k, v in graph_origins.items()}, **origins}
+        return self._initialise(seed, dims, sources, origins)
 
-    def _initialise(self, seed: int, dims: Mapping[str, int], sources: Mapping[str, str]) -> CompiledModel:
+    def _initialise(self, seed: int, dims: Mapping[str, int], sources: Mapping[str, str],
+                    origins: Mapping[str, str] | None = None) -> CompiledModel:
         seed = check_seed(seed)
         stacked = {o.attr["name"] for v in self.ir.values if v.op in ("select", "take")
                    for o in v.operands[:1] if o.op == "param"}
@@ -193,6 +197,7 @@ class CompiledModel:
         self.params = params
         self.dims = {**self.static_dims, **dims}
         self._dim_sources = {k: v for k, v in sources.items() if k not in self.static_dims}
+        self._dim_origins = {k: v for k, v in (origins or {}).items() if k not in self.static_dims}
         return self
 
     def _check_param_memory(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -214,6 +219,8 @@ class CompiledModel:
     def load_weights(self, weights: str | Path | Mapping[str, Any]) -> CompiledModel:
         """Load parameters from an .npz file or a mapping name -> array (all of them, exactly).
         Dims bound from the data are bound from the weights' shapes (``param[2 * F, H]`` too)."""
+        given_file = isinstance(weights, (str, Path))
+        place = f"the weights file {weights}" if given_file else "the weights given to load_weights"
         if isinstance(weights, (str, Path)):
             weights = read_npz(weights, WeightsError, "weights file", self.memory_limit)
         declared = self.param_types
@@ -235,12 +242,14 @@ class CompiledModel:
                                    f"{float(arr[pos])}", "check the file")
         dims = dict(self.static_dims)
         sources: dict[str, str] = {}
-        self._bind_shapes([(f"weight '{n}'", t, arrays[n].shape) for n, t in declared.items()], dims,
-                          WeightsError, sources)
+        origins: dict[str, str] = {}
+        self._bind_shapes([_Array("weight", n, place, t, arrays[n].shape) for n, t in declared.items()], dims,
+                          WeightsError, sources, origins)
         params = {k: _cast_checked(f"weight {k}", arrays[k], self.float_dtype, WeightsError) for k in declared}
         self.dims = dims
         self.params = params
         self._dim_sources = sources
+        self._dim_origins = origins
         return self
 
     def save_weights(self, path: str | Path) -> None:
@@ -251,34 +260,37 @@ class CompiledModel:
 
     # ---- running -------------------------------------------------------------------------
 
-    @staticmethod
-    def _bind_shape(what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error) -> None:
-        """Check ``shape`` against ``t``, binding the dims it determines into ``dims``."""
-        CompiledModel._bind_shapes([(what, t, shape)], dims, error)
+    def _bind_shape(self, what: str, t: TensorType, shape: tuple[int, ...], dims: dict[str, int], error) -> None:
+        """Check ``shape`` against ``t``, binding the dims it determines into ``dims``. ``what`` is
+        e.g. "parameter 'W'" (the kind of array, then its name quoted)."""
+        kind, _, quoted = what.partition(" ")
+        self._bind_shapes([_Array(kind, quoted.strip("'"), "the current parameters", t, shape)], dims, error,
+                          origins=dict(self._dim_origins))
 
-    @staticmethod
-    def _bind_shapes(items: list[tuple[str, TensorType, tuple[int, ...]]], dims: dict[str, int], error,
-                     sources: dict[str, str] | None = None) -> None:
-        """Check each (what, declared type, shape) and bind the dims the shapes determine, into
-        ``dims`` (and ``sources``: dim -> what bound it). Plain dims (``F``) are bound first;
-        then a product with one unknown factor (``2 * F``, ``H * C`` with H known) is solved for
-        it; a dim that no shape determines is an error."""
+    def _bind_shapes(self, items: list[_Array], dims: dict[str, int], error, sources: dict[str, str] | None = None,
+                     origins: dict[str, str] | None = None) -> None:
+        """Check each array's shape against its declared type and bind the dims the shapes
+        determine, into ``dims`` (and ``sources``: dim -> what bound it; ``origins``: the same told
+        in full, for messages). Plain dims (``F``) are bound first; then a product with one unknown
+        factor (``2 * F``, ``H * C`` with H known) is solved for it; a dim that no shape determines
+        is an error."""
+        origins = {} if origins is None else origins
         pending = []
-        for what, t, shape in items:
-            if len(shape) != t.rank:
-                raise error(f"{what} has shape {list(shape)} but is declared {_shape_text(t)}",
-                            f"it needs {t.rank} axes")
-            pending += [(what, t, axis, int(size)) for axis, size in enumerate(shape)]
+        for item in items:
+            if len(item.shape) != item.type.rank:
+                raise error(f"{item.what} has shape {list(item.shape)} but is declared {_shape_text(item.type)}",
+                            f"it needs {item.type.rank} axes")
+            pending += [(item, axis, int(size)) for axis, size in enumerate(item.shape)]
 
         def settle(entry, plain_only: bool) -> str:
             """"checked", "bound" or "open" (not determined yet)."""
-            what, t, axis, size = entry
+            item, axis, size = entry
+            t, what = item.type, item.what
             dim = t.shape[axis]
             resolved = dim.substitute(dims)
             if resolved.is_static:
                 if resolved.value != size:
-                    raise error(f"{what} has size {size} on axis {axis} but is declared {_shape_text(t)} "
-                                f"({dim} = {resolved.value})", "make the data and the declaration agree")
+                    raise error(*self._mismatch(item, axis, size, resolved.value, dims, origins))
                 return "checked"
             unknown = sorted(set(resolved.symbols))
             if len(unknown) != 1 or (plain_only and resolved != Dim.of(unknown[0])):
@@ -286,10 +298,13 @@ class CompiledModel:
             value = _solve_dim(size, resolved.coeff, len(resolved.symbols))
             if value is None:
                 raise error(f"{what} has size {size} on axis {axis}, which {dim} (declared {_shape_text(t)}) "
-                            f"cannot be for any integer {unknown[0]}", "make the data and the declaration agree")
+                            f"cannot be for any integer {unknown[0]}",
+                            "; ".join(["make the data and the declaration agree"]
+                                      + self._declaration_notes(item, [], dims, origins)))
             dims[unknown[0]] = value
             if sources is not None:
                 sources[unknown[0]] = what
+            origins[unknown[0]] = f"{item.place} ({item.name}.shape[{axis + item.row_axis}] = {size})"
             return "bound"
 
         while pending:
@@ -300,29 +315,89 @@ class CompiledModel:
                 if progress or not pending:
                     break
             else:
-                what, t, axis, size = pending[0]
-                dim = t.shape[axis]
+                item, axis, size = pending[0]
+                dim = item.type.shape[axis]
                 unknown = sorted(set(dim.substitute(dims).symbols))
-                raise error(f"{what}: cannot bind {dim} from a size of {size}: {' and '.join(unknown)} "
+                raise error(f"{item.what}: cannot bind {dim} from a size of {size}: {' and '.join(unknown)} "
                             f"{'is' if len(unknown) == 1 else 'are'} bound by no other array",
                             f"declare {unknown[0]} with `dim {unknown[0]} = value` (or --dim {unknown[0]}=INT)")
+
+    # ---- messages about sizes that do not fit their declaration --------------------------------
+
+    def _declared_arg(self, name: str):
+        """The model's argument ``name`` as written (an ``ast.Arg``), if the source is known."""
+        model = next((m for m in getattr(self.ast, "models", ()) if m.name == self.name), None)
+        return next((a for a in model.args if a.name == name), None) if model is not None else None
+
+    def _declaration_location(self, name: str) -> str | None:
+        arg = self._declared_arg(name)
+        if arg is not None and arg.span is not None:
+            return arg.span.location
+        value = next((v for v in self.ir.values if v.op in ("input", "param") and v.attr["name"] == name), None)
+        return value.span.location if value is not None and value.span is not None else None
+
+    def _static_origin(self, dim: str) -> str | None:
+        """Where a dim known at compile time comes from: a `dim` of the program or an override."""
+        if dim not in self.static_dims:
+            return None
+        value = self.static_dims[dim]
+        defined = next((d for d in getattr(self.ast, "dims", ()) if d.name == dim), None)
+        if defined is not None and defined.value == value:
+            return f"`dim {dim} = {value}` at {defined.span.location}"
+        if defined is not None:
+            return f"the override {dim}={value} (--dim or dims=; {defined.span.location} says {defined.value})"
+        return f"--dim {dim}={value} / dims={{'{dim}': {value}}}, or a `dim` of an imported file"
+
+    def _declaration_notes(self, item: _Array, symbols: list[str], dims: Mapping[str, int],
+                           origins: Mapping[str, str]) -> list[str]:
+        """Where each of ``symbols`` got its value, and where ``item`` is declared."""
+        notes = []
+        for sym in symbols:
+            value = dims.get(sym)
+            origin = self._static_origin(sym) or origins.get(sym) or "the data bound first"
+            notes.append(f"{sym}{f' = {value}' if value is not None else ''} comes from {origin}")
+        location = self._declaration_location(item.name)
+        if location is not None:
+            notes.append(f"{item.name} is declared at {location}")
+        return notes
+
+    def _mismatch(self, item: _Array, axis: int, size: int, expected: int, dims: Mapping[str, int],
+                  origins: Mapping[str, str]) -> tuple[str, str]:
+        """Message and hint for axis ``axis`` of ``item`` (``size``) where its declaration needs
+        ``expected``: the axis as the user numbers it (an input's row axis is axis 0), the dim as
+        written, where each of its names got its value and where the array is declared."""
+        arg = self._declared_arg(item.name)
+        written = arg.type.dims[axis] if arg is not None and axis < len(arg.type.dims) else None
+        if written is not None:
+            symbols = list(dict.fromkeys(f for f in written.factors if isinstance(f, str)))
+            text = str(written)
+        else:
+            symbols = list(dict.fromkeys(item.type.shape[axis].symbols))
+            text = str(item.type.shape[axis])
+        declaration = f" {item.name}: {arg.type}" if arg is not None else f" {_shape_text(item.type)}"
+        need = f"{text} = {expected}" if symbols else f"{expected}"
+        message = (f"{item.what} has {item.name}.shape[{axis + item.row_axis}] = {size} but its "
+                   f"declaration{declaration} needs {need}")
+        notes = self._declaration_notes(item, symbols, dims, origins)
+        return message, "; ".join(notes) or "make the data and the declaration agree"
 
     def bind(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """Find, check and convert every model input; returns the arrays and the bound dims (with
         those of the current parameters). The program's static shape rules (``x[7]`` on a feature
         axis F) are checked with the dims bound here."""
-        return self._bind(graph, inputs, dict(self.dims), self._dim_sources)[:2]
+        return self._bind(graph, inputs, dict(self.dims), self._dim_sources, self._dim_origins)[:2]
 
-    def _bind(self, graph: Graph, inputs: Mapping[str, Any], dims: dict[str, int],
-              known_sources: Mapping[str, str]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
-        """``bind`` from the given ``dims`` (bound by what ``known_sources`` says); also returns
-        what bound each run-time dim."""
+    def _bind(self, graph: Graph, inputs: Mapping[str, Any], dims: dict[str, int], known_sources: Mapping[str, str],
+              known_origins: Mapping[str, str]
+              ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str], dict[str, str]]:
+        """``bind`` from the given ``dims`` (bound by what ``known_sources`` says, told in full by
+        ``known_origins``); also returns what bound each run-time dim, briefly and in full."""
         unknown = sorted(set(inputs) - set(self.input_types))
         if unknown:
             raise InputError(f"'{self.name}' has no input named {', '.join(unknown)}",
                              f"its inputs are: {', '.join(self.input_types) or 'none'}")
         arrays: dict[str, np.ndarray] = {}
-        shapes = []
+        shapes: list[_Array] = []
         for name, t in self.input_types.items():
             given = name in inputs
             if given:
@@ -354,12 +429,14 @@ class CompiledModel:
                         raise InputError(f"input {name}{_index_text(where)} is {float(arr[where])}",
                                          "features must be finite (no NaN or infinity)")
                 arr = _cast_checked(f"input {name}", arr, self.float_dtype, InputError)
-            shapes.append((f"input '{name}'", t, arr.shape[1:]))
+            place = f"the input {name} given to the model" if given else f"the graph's array '{name}'"
+            shapes.append(_Array("input", name, place, t, arr.shape[1:]))
             arrays[name] = arr
         sources = {k: known_sources.get(k, "the parameters") for k in dims if k not in self.static_dims}
-        self._bind_shapes(shapes, dims, InputError, sources)
+        origins = {k: known_origins.get(k, "the current parameters") for k in dims if k not in self.static_dims}
+        self._bind_shapes(shapes, dims, InputError, sources, origins)
         self._check_bound_dims(dims, sources)
-        return arrays, dims, sources
+        return arrays, dims, sources, origins
 
     def _check_bound_dims(self, dims: Mapping[str, int], sources: Mapping[str, str]) -> None:
         """Run the type rules again on the values whose types hold dims bound at run time, with
@@ -392,10 +469,13 @@ class CompiledModel:
 
     def run(self, graph: Graph | str | Path | Any, **inputs: Any) -> dict[str, np.ndarray]:
         graph = as_graph(graph, self.memory_limit)
-        arrays, dims, sources = self._bind(graph, inputs, dict(self.dims), self._dim_sources)
+        arrays, dims, sources, origins = self._bind(graph, inputs, dict(self.dims), self._dim_sources,
+                                                    self._dim_origins)
         missing_params = set(self.param_types) - set(self.params)
         if missing_params:
-            self._initialise(self.seed, {k: v for k, v in dims.items() if k not in self.static_dims}, sources)
+            self._initialise(self.seed, {k: v for k, v in dims.items() if k not in self.static_dims}, sources,
+                             {k: v if v.startswith("init(") else f"{v}, when the parameters were initialised"
+                              for k, v in origins.items()})
         else:
             self._check_param_dims(dims)
         start = time.perf_counter()
@@ -537,6 +617,27 @@ def as_graph(graph: Any, memory_limit: memory.Limit = None) -> Graph:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+class _Array(NamedTuple):
+    """An array checked against its declaration: ``kind`` ("input", "weight", "parameter"), its
+    name, where it comes from (``place``: the weights file, the graph, ...), declared type, shape
+    (an input's without its row axis)."""
+
+    kind: str
+    name: str
+    place: str
+    type: TensorType
+    shape: tuple[int, ...]
+
+    @property
+    def what(self) -> str:
+        return f"{self.kind} '{self.name}'"
+
+    @property
+    def row_axis(self) -> int:
+        """1 where the shape leaves out the row axis (an input's axis 0 as users number it)."""
+        return 1 if self.kind == "input" else 0
 
 
 def _shape_text(t: TensorType) -> str:
