@@ -50,9 +50,9 @@ def read_npz(path: str | os.PathLike[str], error: type[MpdslError], what: str,
             head = handle.read(8)
             file_size = os.fstat(handle.fileno()).st_size
     except FileNotFoundError:
-        raise error(f"{label} does not exist") from None
+        raise error(f"{label} does not exist", "check the path (relative paths start at the current folder)") from None
     except OSError as err:
-        raise error(f"cannot read {label}: {err.strerror or err}") from None
+        raise error(f"cannot read {label}: {err.strerror or err}", "pass the path of a readable .npz file") from None
     if head.startswith(NPY_MAGIC):
         raise error(f"{label} holds a single .npy array, not an .npz archive", write_hint)
     if head.startswith(_PICKLE_PROTOCOLS):
