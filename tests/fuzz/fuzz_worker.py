@@ -307,8 +307,13 @@ def classify_cli(rc, out: str, err: str, recorder_errors: list) -> dict:
 def run_cli(case: dict, workdir: Path) -> dict:
     argv = cli_argv(case, workdir)
     if case.get("subprocess"):
-        proc = subprocess.run([sys.executable, "-m", "mpdsl.cli", *argv], cwd=workdir, capture_output=True,
-                              text=True, errors="replace", timeout=max(1.0, float(os.environ.get("MPDSL_FUZZ_TIMEOUT", "10")) - 1))
+        limit = max(1.0, float(os.environ.get("MPDSL_FUZZ_TIMEOUT", "10")) - 1)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "mpdsl.cli", *argv], cwd=workdir, capture_output=True,
+                                  text=True, errors="replace", timeout=limit)
+        except subprocess.TimeoutExpired:  # a hang like any other: the pool runs it once more before it counts
+            return {"outcome": "hang", "exception": "TimeoutExpired", "where": "cli subprocess",
+                    "message": f"the command gave no answer within {limit:.0f} s"}
         return classify_cli(proc.returncode, proc.stdout, proc.stderr, [])
     from mpdsl import cli
 
