@@ -577,7 +577,7 @@ class NumpyBackend(Backend):
                 return False
             np.take(args[0], _gather_index(ctx, v)[start:stop], axis=0, out=target)
             return True
-        fast = single_ufunc(v.op, v.attrs) if v.op in COMPUTED_OPS else None
+        fast = single_ufunc(v.op, v.attrs)
         if fast is not None:
             xs = [expand_operand(x, o.type, v.type) for x, o in zip(args, v.operands)]
             if np.broadcast_shapes(*(x.shape for x in xs)) != target.shape:

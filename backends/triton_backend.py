@@ -670,8 +670,9 @@ KERNEL_OPS = tuple(KERNEL_SPECS)
 
 def choose_reduce(v: Value) -> str:
     """``v``'s reduction, checked against the reductions the segment kernels generate."""
-    return choose({r: r for r in REDUCTION_KERNELS}, v.op, "reduce", v.attr["reduce"],
-                  "the Triton segment-reduce generator (mpdsl.backends.triton_kernels.REDUCTION_KERNELS)")
+    choose(REDUCTION_KERNELS, v.op, "reduce", v.attr["reduce"],
+           "the Triton segment-reduce generator (mpdsl.backends.triton_kernels.REDUCTION_KERNELS)")
+    return v.attr["reduce"]
 
 
 def emit_triton(program: Program, dims: dict[str, int] | None = None, layout: str | None = None) -> str:

@@ -128,11 +128,6 @@ class OpDef:
         return self.rule(types, attrs, declared)
 
 
-def has_trait(op: str, trait: Trait) -> bool:
-    """Whether op ``op`` declares ``trait``; ``MissingRule`` for a name that is not an op."""
-    return choose(OPS, op, "name", op, "the op table (mpdsl.ops.OPS)").has(trait)
-
-
 def is_pure(v) -> bool:
     """Whether IR value ``v`` may be merged with an equal one or dropped when unused."""
     return OPS[v.op].effect_of(v.attr) is Effect.PURE

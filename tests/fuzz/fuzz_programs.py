@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-UNARY = ("relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "gelu", "silu", "softplus")
-AGGREGATE = ("sum", "mean", "max", "min", "std")
+from mpdsl.ops import AGGREGATIONS, UNARY_OPS
+
+UNARY = tuple(name for name in UNARY_OPS if name != "neg")  # the language's unary functions
+AGGREGATE = AGGREGATIONS
 AXIS_REDUCE = ("sum", "mean", "max", "min")
 INITS = ("", "", "", " = zeros", " = ones", " = normal", " = uniform", " = 0.5", " = -1", " = glorot")
 NUMBERS = ("0.5", "2", "0.1", "3.0", "1", "0.001", "1e-3", "10", "0.25")
@@ -323,7 +325,7 @@ class ProgramBuilder:
     def r_readout(self, t, ctx, depth):
         shape = t[1]
         x = self.expr(("node", shape), ctx, depth)
-        return f"{self.choice(('sum', 'mean', 'max', 'min', 'std'))}({x}) by graph"
+        return f"{self.choice(AGGREGATE)}({x}) by graph"
 
     def r_degree(self, t, ctx, depth):
         return self.choice(("in_degree()", "out_degree()", "rsqrt(in_degree() + 1)"))
