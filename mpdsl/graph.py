@@ -59,11 +59,11 @@ def classify_name(name: str, leading_dim: int | None, num_nodes: int) -> str:
     return "node"
 
 
-def _position(index: tuple[int, ...]) -> str:
+def position_text(index: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(int(i)) for i in index) + "]"
 
 
-def _first_true(mask: np.ndarray) -> tuple[int, ...]:
+def first_true(mask: np.ndarray) -> tuple[int, ...]:
     """Row-major index of the first True entry of a mask known to hold one."""
     return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape))
 
@@ -120,8 +120,8 @@ def _coerce_edge_index(value: Any) -> np.ndarray:
         raise GraphError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}",
                          hint=hint)
     if edge_index.dtype.kind == "u" and edge_index.size and edge_index.max() > _INT64_MAX:
-        pos = _first_true(edge_index > _INT64_MAX)
-        raise GraphError(f"edge_index{_position(pos)} = {edge_index[pos]} is too large",
+        pos = first_true(edge_index > _INT64_MAX)
+        raise GraphError(f"edge_index{position_text(pos)} = {edge_index[pos]} is too large",
                          hint="node indices run from 0 to num_nodes - 1")
     return edge_index
 
@@ -131,16 +131,16 @@ def _check_edge_range(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
     if edge_index.dtype.kind == "i":
         negative = edge_index < 0
         if negative.any():
-            pos = _first_true(negative)
+            pos = first_true(negative)
             raise GraphError(
-                f"edge_index{_position(pos)} = {edge_index[pos]} is negative",
+                f"edge_index{position_text(pos)} = {edge_index[pos]} is negative",
                 hint="node indices run from 0 to num_nodes - 1",
             )
     too_large = edge_index >= num_nodes
     if too_large.any():
-        pos = _first_true(too_large)
+        pos = first_true(too_large)
         raise GraphError(
-            f"edge_index{_position(pos)} = {edge_index[pos]} is out of range for "
+            f"edge_index{position_text(pos)} = {edge_index[pos]} is out of range for "
             f"num_nodes={num_nodes}",
             hint="node indices run from 0 to num_nodes - 1; pass a larger num_nodes if the "
                  "graph has more nodes than its arrays show",
@@ -163,8 +163,8 @@ def _coerce_array(name: str, value: Any, kind: str) -> np.ndarray:
     if dtype_kind == "f":
         finite = np.isfinite(array)
         if not finite.all():
-            pos = _first_true(~finite)
-            raise GraphError(f"{name}{_position(pos)} is {array[pos]}",
+            pos = first_true(~finite)
+            raise GraphError(f"{name}{position_text(pos)} is {array[pos]}",
                              hint="features must be finite (no NaN or infinity)")
     return array
 
@@ -177,12 +177,12 @@ def _coerce_index_array(name: str, array: np.ndarray) -> np.ndarray:
         raise GraphError(f"{name} must be 1-D, got shape {tuple(array.shape)}",
                          hint=f"flatten it with {name}.reshape(-1)")
     if array.dtype.kind == "i" and (array < 0).any():
-        pos = _first_true(array < 0)
-        raise GraphError(f"{name}{_position(pos)} = {array[pos]} is negative",
+        pos = first_true(array < 0)
+        raise GraphError(f"{name}{position_text(pos)} = {array[pos]} is negative",
                          hint=f"{name} holds ids counted from 0")
     if array.size and array.dtype.kind == "u" and array.max() > _INT64_MAX:
-        pos = _first_true(array > _INT64_MAX)
-        raise GraphError(f"{name}{_position(pos)} = {array[pos]} is too large",
+        pos = first_true(array > _INT64_MAX)
+        raise GraphError(f"{name}{position_text(pos)} = {array[pos]} is too large",
                          hint=f"{name} holds ids counted from 0")
     return array.astype(np.int64, copy=False)
 

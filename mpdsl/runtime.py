@@ -14,7 +14,7 @@ import numpy as np
 
 from mpdsl import memory
 from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
-from mpdsl.graph import Graph
+from mpdsl.graph import Graph, first_true, position_text
 from mpdsl.ir import Program, Value, print_program, value_names
 from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS, choose
@@ -238,8 +238,8 @@ class CompiledModel:
             if arr.dtype.kind not in "fiu":
                 raise WeightsError(f"weight '{name}' has dtype {arr.dtype}", "weights are real numbers")
             if not np.all(np.isfinite(arr)):
-                pos = _first_position(~np.isfinite(arr))
-                raise WeightsError(f"weight '{name}' holds non-finite values: {name}{_index_text(pos)} is "
+                pos = first_true(~np.isfinite(arr))
+                raise WeightsError(f"weight '{name}' holds non-finite values: {name}{position_text(pos)} is "
                                    f"{float(arr[pos])}", "check the file")
         dims = dict(self.static_dims)
         sources: dict[str, str] = {}
@@ -426,8 +426,8 @@ class CompiledModel:
                 if given and arr.dtype.kind == "f":  # a graph's arrays are checked when it is built
                     finite = np.isfinite(arr)
                     if not finite.all():
-                        where = _first_position(~finite)
-                        raise InputError(f"input {name}{_index_text(where)} is {float(arr[where])}",
+                        where = first_true(~finite)
+                        raise InputError(f"input {name}{position_text(where)} is {float(arr[where])}",
                                          "features must be finite (no NaN or infinity)")
                 arr = _cast_checked(f"input {name}", arr, self.float_dtype, InputError)
             place = f"the input {name} given to the model" if given else f"the graph's array '{name}'"
@@ -653,15 +653,6 @@ def _type_text(t: TensorType) -> str:
     return f"{t.domain}{_shape_text(t)}"
 
 
-def _first_position(mask: np.ndarray) -> tuple[int, ...]:
-    """Row-major index of the first True entry of a mask known to hold one."""
-    return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape))
-
-
-def _index_text(pos: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(i) for i in pos) + "]"
-
-
 def _cast_checked(what: str, arr: np.ndarray, dtype: np.dtype, error) -> np.ndarray:
     """``arr`` (whose values are known to be finite) in ``dtype``; a value that the narrower dtype
     cannot hold (it would become infinite) is an error naming its first position."""
@@ -670,8 +661,8 @@ def _cast_checked(what: str, arr: np.ndarray, dtype: np.dtype, error) -> np.ndar
     if arr.dtype.kind == "f" and cast is not arr and arr.dtype.itemsize > dtype.itemsize:
         overflow = np.isinf(cast)
         if overflow.any():
-            pos = _first_position(overflow)
-            raise error(f"{what}{_index_text(pos)} = {float(arr[pos])!r} is beyond the range of {dtype} "
+            pos = first_true(overflow)
+            raise error(f"{what}{position_text(pos)} = {float(arr[pos])!r} is beyond the range of {dtype} "
                         f"(largest {np.finfo(dtype).max:.4g}): it would become infinite",
                         "scale the values, or run in float64 (--dtype float64, dtype='float64')")
     return cast
