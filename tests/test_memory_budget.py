@@ -103,6 +103,19 @@ def test_a_run_over_the_budget_names_its_largest_value():
     assert model(graph).shape == (200_000, 16)
 
 
+def test_the_run_check_follows_the_graph_it_runs_on():
+    """The planned bytes are reused only for a graph of the same sizes: a larger graph after a small
+    one is checked anew."""
+    rng = np.random.default_rng(0)
+    small = mpdsl.Graph.from_arrays(rng.integers(0, 100, (2, 1000)), 100, x=rng.normal(size=(100, 16)))
+    large = mpdsl.Graph.from_arrays(rng.integers(0, 1000, (2, 200_000)), 1000, x=rng.normal(size=(1000, 16)))
+    model = mpdsl.compile(EDGE_PRODUCT, memory_limit="8M")
+    for _ in range(2):
+        assert model(small).shape == (1000, 16)
+    with pytest.raises(mpdsl.InputError, match="over the memory budget of 8.0 MiB"):
+        model(large)
+
+
 def test_cli_memory_limit(tmp_path, capsys):
     program = tmp_path / "edge.mp"
     program.write_text(EDGE_PRODUCT)
