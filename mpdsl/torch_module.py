@@ -1,36 +1,67 @@
-"""Compiled models as trainable torch modules.
+"""Compiled models as trainable torch modules, inside torch: device tensors, torch.compile, torch.export.
 
 ``to_torch(model)`` wraps a ``CompiledModel`` in a ``torch.nn.Module`` whose parameters are
-``nn.Parameter``s named (and ordered) as in the .mp file. ``module(graph, **inputs)`` runs the model's
-programs on its backend inside a ``torch.autograd.Function``, so ``loss.backward()`` fills
-``param.grad`` and any torch optimizer trains the model. Float inputs given as tensors that require
-grad get gradients too.
+``nn.Parameter``s named (and ordered) as in the .mp file. A compiled program runs as one opaque torch
+op, ``torch.ops.mpdsl.run`` (a ``torch.library.custom_op``): its fake kernel gives the output shapes
+from the IR types, its autograd formula runs the compiler's backward program (``torch.ops.mpdsl.
+run_backward``). So ``loss.backward()`` fills ``param.grad``, any torch optimizer trains the model,
+and ``torch.compile(module)`` and ``torch.export.export(module, ...)`` see the model as that op.
 
-The programs, per (dims, dtype, training mode, inputs differentiated): the gradient program of the
+Calling it:
+
+* ``module(graph, **inputs)``: a ``Graph``, an .npz path or a PyG ``Data`` (its tensors are used as
+  they are, on their device); inputs not given as keywords are read from the graph;
+* ``module(x=..., edge_index=..., edge_attr=..., batch=..., num_graphs=..., num_nodes=...)``: tensors
+  only, in PyG's style (what tracing tools see). ``num_nodes`` defaults to the rows of a node input;
+  ``num_graphs`` (for models with per-graph values) to ``batch.max() + 1``, which reads one scalar
+  from the device: pass it when exporting such a model.
+
+Devices and copies. The module computes on the device of its parameters (``module.to("cuda")``):
+
+* the NumPy backend runs on the CPU, on the tensors' memory (no copies of parameters or inputs:
+  ``Tensor.numpy()`` views), and returns tensors over its output arrays;
+* the Triton backend runs its generated kernels and torch's dense ops on the device tensors; nothing
+  is copied to the host inside a step except these scalars: the range checks of int inputs that
+  index parameters or classes (their max), the finiteness check of float inputs given as tensors
+  (one flag each), the typed-linear tile table of relational models, and ``batch.max()`` when
+  ``num_graphs`` is not given.
+* a graph's arrays (``module(graph)``) are moved to each device once and cached on the graph; a
+  graph given as tensors (``edge_index``, ``batch``) is looked up by identity, then by content
+  (``torch.equal``), among the last few graphs seen; a new structure is copied to the host once
+  to build its CSR index.
+
+Precision: the module computes in the dtype of its parameters (float32, float64; float16 and
+bfloat16 on the Triton backend, which accumulates reductions, softmax and matmuls in float32).
+Under ``torch.autocast(device_type, dtype=torch.float16 / bfloat16)`` it computes in the autocast
+dtype (parameters are cast for the call, so their gradients stay in their own dtype). The NumPy
+backend refuses half precision with a message.
+
+Programs, per (dims, dtype, training mode, inputs differentiated): the gradient program of the
 reference IR (``mpdsl.autodiff.grad_program``, keeping the forward outputs), optimized by the model's
-passes like any program (so the backward graph ops are fused too), then split where the output
-cotangents come in (``split_program``): the forward part computes the outputs and the residuals the
-backward part reads, the backward part the gradients. A training step computes each forward value
-once. Without autograd (``torch.no_grad()``, or nothing requiring grad) the plain optimized forward
-program runs.
+passes, split where the output cotangents come in (``split_program``): the forward part computes the
+outputs and the residuals the backward part reads, the backward part the gradients. A training step
+computes each forward value once. Without autograd (``torch.no_grad()``, or nothing requiring grad)
+the plain optimized forward program runs.
 
-* The module computes in the dtype of its parameters (float32 or float64): ``module.double()`` runs
-  the float64 form of the program.
 * ``train()`` / ``eval()`` switch dropout and batch norm, as for torch modules (a new module starts
-  in training mode). In training, each dropout's mask is drawn from torch's generator
-  (``torch.manual_seed`` makes runs repeatable) and is an input of both parts, so the backward pass
-  uses the forward pass's mask; ``batch_norm`` normalises with the batch statistics (its gradient
-  flows through them) and each call updates its running statistics, as torch.nn.BatchNorm1d. In
-  eval mode ``batch_norm`` uses the running statistics.
-* The running statistics of ``batch_norm`` (its second and third arguments) are buffers, not
-  parameters: they get no gradients and optimizers leave them alone.
+  in training mode). In training, each dropout's mask is drawn from torch's generator on the
+  module's device (``torch.manual_seed`` makes runs repeatable) and is an input of both parts;
+  ``batch_norm`` normalises with the batch statistics and each call updates its running statistics
+  (buffers), as torch.nn.BatchNorm1d. In eval mode ``batch_norm`` uses the running statistics.
 * ``state_dict()`` holds one tensor per .mp parameter (the running statistics included):
   ``CompiledModel.load_weights(state_dict)`` loads it back, and ``sync()`` writes the module's
   current weights into its compiled model.
+
+Saved exports (``torch.export.save``) hold the programs as IR text inside the op's arguments: loading
+one needs mpdsl installed and ``import mpdsl.torch_module`` (which registers the ops) before
+``torch.export.load``; the backend is made afresh with its default options.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,15 +69,20 @@ import numpy as np
 import torch
 
 from mpdsl.autodiff import batch_norm_statistics, grad_program, mask_dropout, retype, set_batch_norm_mode, split_program
+from mpdsl.backends import BackendError, get_backend
 from mpdsl.diagnostics import InputError, MpdslError
-from mpdsl.ir import Program
+from mpdsl.graph import Graph, first_true, position_text
+from mpdsl.ir import Program, parse_program, print_program
 from mpdsl.passes import optimize
 from mpdsl.passes.rewrite import specialize
 from mpdsl.plan import GraphLayout, choose_layout
-from mpdsl.runtime import CompiledModel, as_graph
-from mpdsl.types import Domain, TensorType
+from mpdsl.runtime import CompiledModel, _Array, as_graph
+from mpdsl.types import INT_DTYPE, Domain, TensorType
 
-TORCH_DTYPES = {torch.float32: ("f32", np.float32), torch.float64: ("f64", np.float64)}
+TORCH_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+DTYPES_OF = {name: dtype for dtype, name in TORCH_DTYPES.items()}
+HALF_DTYPES = frozenset({"f16", "bf16"})
+GRAPH_CACHE_SIZE = 8  # graphs given as tensors, remembered per process
 
 
 @dataclass
@@ -68,87 +104,406 @@ class Programs:
         return [name for name, _ in self.forward.outputs]
 
 
+# ---- the opaque op's configuration ---------------------------------------------------------
+
+
+_BACKENDS: dict[str, Any] = {}   # token -> the backend instance of a module in this process
+
+
+def _backend_token(backend) -> str:
+    token = f"{backend.name}:{id(backend):x}"
+    _BACKENDS[token] = backend
+    return token
+
+
 @dataclass
-class _Call:
-    """One forward call, as its backward needs it."""
+class RunSpec:
+    """What one call of ``torch.ops.mpdsl.run`` runs, read from its text (``spec_text``): the program
+    (``forward``: outputs, residuals), the backward program (None without autograd), the names of the
+    op's tensor arguments in order, which of them are differentiated, and the backend. The op returns
+    the outputs, then the residuals, then the running statistics after the call (``state``)."""
 
-    module: MpdslModule
-    programs: Programs
-    graph: Any                          # the graph the programs run on (laid out)
-    original: Any                       # the graph as given
-    arrays: dict[str, np.ndarray]       # inputs (other than those differentiated) and masks, laid out
+    backend_name: str
+    token: str
+    forward: Program
+    backward: Program | None
+    tensors: tuple[str, ...]
+    outputs: tuple[str, ...]
+    residuals: tuple[str, ...]
+    state: tuple[str, ...]
+    differentiated: tuple[str, ...]
+    checked: tuple[str, ...]          # inputs given by the caller: their values are checked at each call
     dims: dict[str, int]
-    layout: Any
-    grad_inputs: list[str]
-    dtype: np.dtype
-    differentiable: bool                # run train_forward and keep the residuals
-    residuals: dict[str, np.ndarray] = field(default_factory=dict)
-    statistics: dict[str, np.ndarray] = field(default_factory=dict)     # running statistics as run
-    state_updates: dict[str, np.ndarray] = field(default_factory=dict)  # their new values (training)
+    layout: str
+    target: str
+    last_layout: GraphLayout | None = None
+
+    @property
+    def backend(self):
+        backend = _BACKENDS.get(self.token)
+        if backend is None:  # a loaded export in another process: the backend with its default options
+            backend = _BACKENDS.setdefault(self.token, get_backend(self.backend_name))
+        return backend
+
+    def to_text(self) -> str:
+        return json.dumps({
+            "format": "mpdsl.run/1", "backend": self.backend_name, "token": self.token,
+            "forward": print_program(self.forward),
+            "backward": None if self.backward is None else print_program(self.backward),
+            "tensors": self.tensors, "outputs": self.outputs, "residuals": self.residuals, "state": self.state,
+            "differentiated": self.differentiated, "checked": self.checked, "dims": self.dims,
+            "layout": self.layout, "target": self.target})
+
+    @functools.cached_property
+    def types(self) -> dict[str, TensorType]:
+        """Type of every named input and param of both programs, and of every output."""
+        types = {}
+        for program in (self.forward, self.backward):
+            if program is not None:
+                types.update({v.attr["name"]: v.type for v in program.values if v.op in ("input", "param")})
+        types.update({name: v.type for name, v in self.forward.outputs})
+        return types
 
 
-class _RunProgram(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: _Call, *tensors):
-        module = call.module
-        params, grad_values = module._numpy_tensors(call, tensors)
-        program = call.programs.train_forward if call.differentiable else call.programs.forward
-        backend = module.compiled.backend
-        outputs = backend.run(program, call.graph, {**call.arrays, **grad_values}, params, call.dims, training=False)
-        call.state_updates = dict(getattr(backend, "last_state_updates", {}))
-        # The running statistics are updated in place after this call: not saved for backward (their
-        # values as run are kept instead).
-        call.statistics = {n: np.array(params[n]) for n in module._statistics}
-        names = call.programs.output_names
-        if call.differentiable:
-            call.residuals = {name: outputs.pop(name) for name in call.programs.residuals}
-        if call.layout is not None:
-            outputs = call.layout.restore(outputs, {n: v.type for n, v in call.programs.forward.outputs})
-        ctx.call = call
-        params_in = list(module.compiled.param_types)
-        ctx.save_for_backward(*(None if i < len(params_in) and params_in[i] in module._statistics else t
-                                for i, t in enumerate(tensors)))
-        result = tuple(torch.from_numpy(np.array(outputs[name])) for name in names)
-        ctx.mark_non_differentiable(*(t for t in result if not t.is_floating_point()))
+_SPECS: dict[str, RunSpec] = {}
+
+
+def read_spec(text: str) -> RunSpec:
+    """The spec of an op call (parsed once per process)."""
+    spec = _SPECS.get(text)
+    if spec is None:
+        try:
+            data = json.loads(text)
+            assert data.get("format") == "mpdsl.run/1"
+        except (ValueError, AssertionError):
+            raise MpdslError("torch.ops.mpdsl.run was called with a spec it cannot read",
+                             "call the op through an mpdsl torch module (to_torch)") from None
+        spec = RunSpec(data["backend"], data["token"], parse_program(data["forward"]),
+                       None if data["backward"] is None else parse_program(data["backward"]),
+                       *(tuple(data[k]) for k in ("tensors", "outputs", "residuals", "state", "differentiated",
+                                                  "checked")),
+                       {k: int(v) for k, v in data["dims"].items()}, data["layout"], data["target"])
+        _SPECS[text] = spec
+    return spec
+
+
+# ---- graphs given as tensors ----------------------------------------------------------------
+
+
+@dataclass
+class _KnownGraph:
+    edge_index: torch.Tensor
+    batch: torch.Tensor | None
+    versions: tuple[int, int]
+    graph: Graph
+
+
+_GRAPHS: collections.OrderedDict[tuple, list[_KnownGraph]] = collections.OrderedDict()
+
+
+def _graph_key(edge_index: torch.Tensor, batch: torch.Tensor | None, num_nodes: int) -> tuple:
+    return (str(edge_index.device), int(num_nodes), int(edge_index.shape[1]), batch is not None)
+
+
+def _versions(edge_index: torch.Tensor, batch: torch.Tensor | None) -> tuple[int, int]:
+    return edge_index._version, -1 if batch is None else batch._version
+
+
+def remember_graph(graph: Graph, edge_index: torch.Tensor, batch: torch.Tensor | None) -> None:
+    """Make ``graph`` the one found for these structure tensors (its own, cached per device)."""
+    entries = _GRAPHS.setdefault(_graph_key(edge_index, batch, graph.num_nodes), [])
+    if not any(e.edge_index is edge_index and e.batch is batch for e in entries):
+        entries.insert(0, _KnownGraph(edge_index, batch, _versions(edge_index, batch), graph))
+        del entries[GRAPH_CACHE_SIZE:]
+
+
+def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
+    """The Graph of ``edge_index`` (and ``batch``): a remembered one (the same tensors unchanged, or
+    equal contents), else built from a host copy and remembered."""
+    edge_index = structure[0]
+    batch = structure[1] if len(structure) > 1 else None
+    key = _graph_key(edge_index, batch, num_nodes)
+    entries = _GRAPHS.get(key, [])
+    versions = _versions(edge_index, batch)
+    for entry in entries:
+        if entry.edge_index is edge_index and entry.batch is batch and entry.versions == versions:
+            return entry.graph
+    for entry in entries:
+        if (entry.edge_index.dtype == edge_index.dtype and torch.equal(entry.edge_index, edge_index)
+                and (batch is None or (entry.batch is not None and entry.batch.dtype == batch.dtype
+                                       and torch.equal(entry.batch, batch)))):
+            return entry.graph
+    host = edge_index.detach().cpu().numpy()
+    node_data = {} if batch is None else {"batch": batch.detach().cpu().numpy()}
+    graph = Graph(host, num_nodes, node_data=node_data)
+    entries.insert(0, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph))
+    del entries[GRAPH_CACHE_SIZE:]
+    _GRAPHS[key] = entries
+    _GRAPHS.move_to_end(key)
+    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+        _GRAPHS.popitem(last=False)
+    return graph
+
+
+def _device_array(graph: Graph, name: str, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """A graph array as a tensor on ``device`` (in ``dtype`` for float arrays), made once per graph."""
+    def build() -> torch.Tensor:
+        array = graph[name]
+        tensor = torch.from_numpy(array if array.flags.writeable else _writable_view(array))
+        if dtype is not None and array.dtype.kind in "fb":
+            tensor = tensor.to(dtype)
+        elif array.dtype.kind in "iu":
+            tensor = tensor.to(torch.int64)
+        return tensor.to(device)
+
+    return graph.cached(("torch.array", name, str(device), str(dtype)), build)
+
+
+def _writable_view(array: np.ndarray) -> np.ndarray:
+    """A writable view of a read-only array (torch.from_numpy warns on read-only memory); the tensors
+    made from it are never written."""
+    view = array.view()
+    view.flags.writeable = True  # type: ignore[misc]  # the base owns its memory: allowed
+    return view
+
+
+def _structure_tensors(graph: Graph, device: torch.device) -> list[torch.Tensor]:
+    """The graph's edge_index (and batch) on ``device``, remembered as that graph."""
+    edge_index = graph.cached(("torch.edge_index", str(device)),
+                              lambda: torch.from_numpy(_writable_view(graph.edge_index)).to(device))
+    batch = _device_array(graph, "batch", device, None) if "batch" in graph else None
+    remember_graph(graph, edge_index, batch)
+    return [edge_index] if batch is None else [edge_index, batch]
+
+
+# ---- running a spec --------------------------------------------------------------------------
+
+
+def _check_values(spec: RunSpec, named: dict[str, torch.Tensor]) -> None:
+    """The value checks of inputs given as tensors (a Graph's arrays are checked when it is built)."""
+    for name in spec.checked:
+        t = named[name]
+        if spec.types[name].dtype == INT_DTYPE:
+            if t.numel() and not bool((t >= 0).all()):
+                pos = first_true(t.detach().cpu().numpy() < 0)
+                raise InputError(f"{name}{position_text(pos)} = {int(t[pos])} is negative", "ids start at 0")
+        elif t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            pos = first_true(~np.isfinite(t.detach().float().cpu().numpy()))
+            raise InputError(f"input {name}{position_text(pos)} is {float(t[pos])}",
+                             "features must be finite (no NaN or infinity)")
+
+
+def _split_by_kind(program: Program, named: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    inputs = {v.attr["name"]: named[v.attr["name"]] for v in program.inputs if v.attr["name"] in named}
+    params = {v.attr["name"]: named[v.attr["name"]] for v in program.params if v.attr["name"] in named}
+    return inputs, params
+
+
+def _is_numpy(backend) -> bool:
+    return not hasattr(backend, "run_tensors")
+
+
+def _from_graph(graph: Graph, arrays: dict[str, np.ndarray]) -> frozenset[str]:
+    """Names whose array is the graph's own array (same memory): taken from a laid-out graph as is."""
+    same = set()
+    for name, array in arrays.items():
+        if name in graph:
+            own = graph[name]
+            if (own.shape == array.shape and own.dtype == array.dtype
+                    and own.__array_interface__["data"][0] == array.__array_interface__["data"][0]):
+                same.add(name)
+    return frozenset(same)
+
+
+def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.Tensor],
+         laid_out: frozenset[str], restore: frozenset[str]) -> dict[str, torch.Tensor]:
+    """Run ``program`` on the backend: named tensors in, named tensors out. On the CPU target the
+    layout (node order) chosen for ``spec.forward`` is applied to the row inputs not in ``laid_out``
+    and undone on the outputs in ``restore``."""
+    backend = spec.backend
+    if _is_numpy(backend):
+        devices = {t.device.type for t in named.values()}
+        if devices - {"cpu"}:
+            raise BackendError(f"the {backend.name} backend runs on the CPU, but the module's tensors are on "
+                               f"{', '.join(sorted(devices - {'cpu'}))}",
+                               "keep the module on the CPU (module.to('cpu')), or compile with backend='triton'")
+        arrays = {n: t.detach().numpy() for n, t in named.items()}  # views: no copies
+        layout = choose_layout(graph, spec.forward, spec.layout) if spec.target == "cpu" else None
+        spec.last_layout = layout
+        run_graph = graph
+        if layout is not None:
+            types = spec.types
+            moved = {n: a for n, a in arrays.items() if n not in laid_out}
+            run_graph, moved = layout.apply(graph, moved, types, _from_graph(graph, moved))
+            arrays.update(moved)
+        inputs, params = _split_by_kind(program, arrays)
+        outputs = backend.run(program, run_graph, inputs, params, spec.dims, training=False)
+        updates = dict(getattr(backend, "last_state_updates", {}))
+        if layout is not None:
+            back = {n: outputs[n] for n in restore if n in outputs}
+            outputs.update(layout.restore(back, spec.types | {n: v.type for n, v in program.outputs}))
+        result = {n: torch.from_numpy(np.require(a, requirements='C')) for n, a in outputs.items()}
+        result.update({f"state:{n}": torch.from_numpy(np.array(a)) for n, a in updates.items()})
         return result
+    spec.last_layout = None
+    inputs, params = _split_by_kind(program, named)
+    outputs = backend.run_tensors(program, graph, inputs, params, spec.dims, training=False)
+    outputs = dict(outputs)
+    outputs.update({f"state:{n}": t for n, t in backend.last_state_updates.items()})
+    return outputs
 
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> tuple[torch.Tensor | None, ...]:
-        call: _Call = ctx.call
-        if not call.differentiable:
-            raise RuntimeError("mpdsl: this call ran without autograd; run it with a parameter or input "
-                               "that requires grad")
-        module = call.module
-        params, grad_values = module._numpy_tensors(call, ctx.saved_tensors)
-        rows: dict[str, np.ndarray] = {}
-        per_param: dict[str, np.ndarray] = {}
-        types: dict[str, TensorType] = {}
-        for (name, value), grad in zip(call.programs.forward.outputs, grads):
-            if not value.type.is_float:
-                continue
-            shape = module._concrete_shape(value.type, call.graph, call.dims)
-            array = (np.zeros(shape, dtype=call.dtype) if grad is None
-                     else np.ascontiguousarray(grad.detach().cpu().numpy(), dtype=call.dtype))
-            (per_param if value.type.domain is Domain.PARAM else rows)[f"d_{name}"] = array
-            types[f"d_{name}"] = value.type
-        if call.layout is not None and rows:
-            _, rows = call.layout.apply(call.original, rows, types)
-        kinds = {v.name: v.op for v in call.programs.backward.values if v.name in call.residuals}
-        residual_rows = {k: a for k, a in call.residuals.items() if kinds[k] == "input"}
-        residual_params = {k: a for k, a in call.residuals.items() if kinds[k] == "param"}
-        result = module.compiled.backend.run(
-            call.programs.backward, call.graph, {**call.arrays, **grad_values, **rows, **residual_rows},
-            {**params, **per_param, **residual_params}, call.dims, training=False)
-        if call.layout is not None and call.grad_inputs:
-            result.update(call.layout.restore(
-                {f"d_{n}": result[f"d_{n}"] for n in call.grad_inputs},
-                {f"d_{n}": module.compiled.input_types[n] for n in call.grad_inputs}))
-        def gradient_of(name: str) -> torch.Tensor:
-            return torch.from_numpy(np.array(result[f"d_{name}"], dtype=call.dtype))
 
-        return ((None,) + tuple(None if n in module._statistics else gradient_of(n)
-                                for n in module.compiled.param_types)
-                + tuple(gradient_of(n) for n in call.grad_inputs))
+def _distinct(tensors: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of a custom op may alias neither its inputs nor each other: clone those that do."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    result = []
+    for t in tensors:
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        result.append(t)
+    return result
+
+
+def _rows(spec_domain: Domain, structure: list[torch.Tensor], num_nodes: int, num_graphs: int):
+    if spec_domain is Domain.NODE:
+        return (num_nodes,)
+    if spec_domain is Domain.EDGE:
+        return (structure[0].shape[1],)
+    if spec_domain is Domain.GRAPH:
+        return (num_graphs,)
+    return ()
+
+
+def _shape(t: TensorType, structure, num_nodes, num_graphs) -> tuple:
+    return _rows(t.domain, structure, num_nodes, num_graphs) + tuple(d.value for d in t.shape)
+
+
+def _empty(t: TensorType, structure, num_nodes, num_graphs, device) -> torch.Tensor:
+    dtype = torch.int64 if t.dtype == INT_DTYPE else DTYPES_OF[t.dtype]
+    return torch.empty(_shape(t, structure, num_nodes, num_graphs), dtype=dtype, device=device)
+
+
+def _forward_results(spec: RunSpec, named: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]):
+    return ([outputs[n] for n in spec.outputs] + [outputs[n] for n in spec.residuals]
+            + [outputs.get(f"state:{n}", named[n]) for n in spec.state])
+
+
+@torch.library.custom_op("mpdsl::run", mutates_args=())
+def run_op(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
+           num_graphs: int) -> list[torch.Tensor]:
+    """Run the forward program of ``spec`` on the graph ``structure`` ([edge_index] or [edge_index,
+    batch]) with ``tensors`` (named by ``spec.tensors``): its outputs, residuals and running statistics."""
+    s = read_spec(spec)
+    named = dict(zip(s.tensors, tensors))
+    graph = graph_of(structure, num_nodes)
+    _check_values(s, named)
+    if graph.num_graphs != num_graphs and any(v.type.domain is Domain.GRAPH for v in s.forward.values):
+        raise InputError(f"num_graphs is {num_graphs} but batch holds {graph.num_graphs} graphs",
+                         "pass num_graphs=batch.max() + 1, or leave it out")
+    with torch.autocast(structure[0].device.type, enabled=False):
+        outputs = _run(s, s.forward, graph, named, frozenset(), frozenset(s.outputs))
+    return _distinct(_forward_results(s, named, outputs), list(tensors) + list(structure))
+
+
+@run_op.register_fake
+def _run_fake(spec, structure, tensors, num_nodes, num_graphs):
+    s = read_spec(spec)
+    device = structure[0].device
+    return ([_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.outputs]
+            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.residuals]
+            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.state])
+
+
+@torch.library.custom_op("mpdsl::run_backward", mutates_args=())
+def run_backward_op(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor],
+                    cotangents: list[torch.Tensor], residuals: list[torch.Tensor], num_nodes: int,
+                    num_graphs: int) -> list[torch.Tensor]:
+    """Run the backward program of ``spec``: the gradients of ``spec.differentiated``, from the
+    op's tensors, the cotangents of its float outputs (in order) and the forward call's residuals."""
+    s = read_spec(spec)
+    assert s.backward is not None
+    named = dict(zip(s.tensors, tensors))
+    floats = [n for n in s.outputs if s.types[n].is_float]
+    named.update({f"d_{n}": c for n, c in zip(floats, cotangents)})
+    named.update(dict(zip(s.residuals, residuals)))
+    graph = graph_of(structure, num_nodes)
+    with torch.autocast(structure[0].device.type, enabled=False):
+        result = _run(s, s.backward, graph, named, frozenset(s.residuals),
+                      frozenset(f"d_{n}" for n in s.differentiated if s.types[n].domain is not Domain.PARAM))
+    grads = [result[f"d_{n}"].to(named[n].dtype) for n in s.differentiated]
+    return _distinct(grads, list(tensors) + list(cotangents) + list(residuals) + list(structure))
+
+
+@run_backward_op.register_fake
+def _run_backward_fake(spec, structure, tensors, cotangents, residuals, num_nodes, num_graphs):
+    s = read_spec(spec)
+    named = dict(zip(s.tensors, tensors))
+    return [torch.empty_like(named[n]) for n in s.differentiated]
+
+
+def _setup_context(ctx, inputs, output):
+    spec, structure, tensors, num_nodes, num_graphs = inputs
+    s = read_spec(spec)
+    outputs = output[:len(s.outputs)]
+    residuals = output[len(s.outputs):len(s.outputs) + len(s.residuals)]
+    ctx.spec, ctx.sizes = spec, (num_nodes, num_graphs)
+    ctx.counts = (len(structure), len(tensors))
+    ctx.outputs = [(o.shape, o.dtype, o.device) for o in outputs]
+    ctx.save_for_backward(*structure, *tensors, *residuals)
+
+
+def _backward(ctx, grads):
+    s = read_spec(ctx.spec)
+    if s.backward is None:
+        raise RuntimeError("mpdsl: this call ran without autograd; run it with a parameter or input that "
+                           "requires grad")
+    saved = ctx.saved_tensors
+    n_structure, n_tensors = ctx.counts
+    structure, tensors = list(saved[:n_structure]), list(saved[n_structure:n_structure + n_tensors])
+    residuals = list(saved[n_structure + n_tensors:])
+    cotangents = []
+    for name, grad, (shape, dtype, device) in zip(s.outputs, grads, ctx.outputs):
+        if s.types[name].is_float:
+            cotangents.append(torch.zeros(shape, dtype=dtype, device=device) if grad is None
+                              else grad.to(dtype).contiguous())
+    computed = run_backward_op(ctx.spec, structure, tensors, cotangents, residuals, *ctx.sizes)
+    by_name = dict(zip(s.differentiated, computed))
+    return None, [None] * n_structure, [by_name.get(n) for n in s.tensors], None, None
+
+
+run_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the module ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Row counts of a graph given as tensors (what the run memory check needs)."""
+
+    num_nodes: int
+    num_edges: int
+    num_graphs: int
+
+    def num_rows(self, domain: Domain) -> int:
+        return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
+
+
+@dataclass
+class _Prepared:
+    """One call of the op, ready to run."""
+
+    spec: RunSpec
+    text: str
+    structure: list[torch.Tensor]
+    tensors: list[torch.Tensor]
+    num_nodes: int
+    num_graphs: int
+    outputs: list[str] = field(default_factory=list)
 
 
 class MpdslModule(torch.nn.Module):
@@ -175,50 +530,193 @@ class MpdslModule(torch.nn.Module):
             else:
                 self.register_parameter(name, torch.nn.Parameter(value))
         self._programs: dict[tuple, Programs] = {}
-        self.last_layout: GraphLayout | None = None  # the graph layout of the last call (as CompiledModel.last_layout)
+        self._specs: dict[tuple, tuple[RunSpec, str]] = {}
+        self._last_spec: RunSpec | None = None
+
+    @property
+    def last_layout(self) -> GraphLayout | None:
+        """The graph layout of the last call (node order, edge order), as ``CompiledModel.last_layout``."""
+        return None if self._last_spec is None else self._last_spec.last_layout
 
     # ---- running -----------------------------------------------------------------------------
 
-    def forward(self, graph: Any, **inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Run on ``graph`` (a Graph, an .npz path or a PyG Data); inputs not given as keywords are
-        read from the graph. One output: a tensor; several: a dict by name."""
+    def forward(self, graph: Any = None, /, **inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Run on ``graph`` (a Graph, an .npz path or a PyG Data), or on tensors given as keywords
+        (``edge_index=``, ``batch=``, ``num_nodes=``, ``num_graphs=`` and the model's inputs by name);
+        inputs not given are read from the graph. One output: a tensor; several: a dict by name."""
+        call = self._prepare(graph, inputs)
+        results = torch.ops.mpdsl.run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs)
+        spec = call.spec
+        state = results[len(spec.outputs) + len(spec.residuals):]
+        if state:
+            with torch.no_grad():
+                for name, value in zip(spec.state, state):
+                    getattr(self, name).copy_(value)
+        outputs = results[:len(spec.outputs)]
+        if list(spec.outputs) == ["out"]:
+            return outputs[0]
+        return dict(zip(spec.outputs, outputs))
+
+    def _prepare(self, graph: Any, given: dict[str, Any]) -> _Prepared:
         model = self.compiled
-        graph = as_graph(graph)
-        torch_dtype = self._torch_dtype()
-        dtype_name, dtype = TORCH_DTYPES[torch_dtype]
-        grad_inputs = [n for n, value in inputs.items()
-                       if isinstance(value, torch.Tensor) and value.requires_grad and n in model.input_types
-                       and model.input_types[n].is_float]
-        arrays, dims = model.bind(graph, inputs)
-        arrays = {n: a.astype(dtype, copy=False) if a.dtype.kind == "f" else a for n, a in arrays.items()}
+        device = self._device()
+        dtype = self._compute_dtype(device)
+        dtype_name = TORCH_DTYPES[dtype]
+        if dtype_name in HALF_DTYPES and _is_numpy(model.backend):
+            raise BackendError(f"the {model.backend.name} backend computes in float32 or float64, not {dtype}",
+                               "run half precision on the triton backend (backend='triton'), or use module.float()")
+        given = dict(given)
+        batch_arg = num_nodes = num_graphs = None
+        source: Graph | None = None
+        if graph is None or (not isinstance(graph, (Graph, str)) and hasattr(graph, "edge_index")
+                             and not hasattr(graph, "csr_by_dst")):
+            if graph is not None:  # a PyG Data: its tensors, where they are
+                given = {**{n: graph[n] for n in model.input_types if n not in given and n in graph}, **given}
+                given.setdefault("edge_index", graph.edge_index)
+                if getattr(graph, "batch", None) is not None:
+                    given.setdefault("batch", graph.batch)
+                given.setdefault("num_nodes", graph.num_nodes)
+            if "edge_index" not in given:
+                raise InputError(f"'{model.name}' needs a graph: pass one (module(graph)) or its tensors",
+                                 "e.g. module(x=x, edge_index=edge_index)")
+            edge_index = self._index_tensor("edge_index", given.pop("edge_index"), device)
+            if edge_index.ndim != 2 or edge_index.shape[0] != 2:
+                raise InputError(f"edge_index has shape {list(edge_index.shape)}", "it needs shape [2, E]")
+            batch_arg = given.pop("batch", None) if "batch" not in model.input_types else given.get("batch")
+            num_nodes, num_graphs = given.pop("num_nodes", None), given.pop("num_graphs", None)
+            structure = [edge_index]
+            if batch_arg is not None:
+                structure.append(self._index_tensor("batch", batch_arg, device))
+        else:
+            source = as_graph(graph, model.memory_limit)
+            structure = _structure_tensors(source, device)
+            num_nodes, num_graphs = source.num_nodes, source.num_graphs
+        tensors = self._input_tensors(given, source, device, dtype)
+        if num_nodes is None:
+            rows = [t.shape[0] for n, t in tensors.items() if model.input_types[n].domain is Domain.NODE]
+            num_nodes = rows[0] if rows else (int(structure[0].max()) + 1 if structure[0].numel() else 0)
+        num_nodes = int(num_nodes) if not isinstance(num_nodes, torch.SymInt) else num_nodes
+        if num_graphs is None:
+            if len(structure) > 1:
+                if torch.compiler.is_exporting():
+                    raise InputError("exporting needs the number of graphs of the batch",
+                                     "pass num_graphs=... with the batch")
+                num_graphs = int(structure[1].max()) + 1 if structure[1].numel() else 0
+            else:
+                num_graphs = 1
+        sizes = source if source is not None else _Sizes(num_nodes, structure[0].shape[1], num_graphs)
+        dims = self._bind(tensors, sizes)
+        grad_inputs = tuple(n for n in model.input_types if n in given and isinstance(given[n], torch.Tensor)
+                            and given[n].requires_grad and model.input_types[n].is_float)
+        params = [getattr(self, n) for n in model.param_types]
+        differentiable = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or bool(grad_inputs))
+        key = (tuple(sorted(dims.items())), dtype_name, self.training, grad_inputs)
+        if key not in self._programs:
+            self._programs[key] = self._build(dims, dtype_name, self.training, list(grad_inputs))
+        programs = self._programs[key]
+        model.check_run_memory(programs.forward, sizes, dims)  # the forward pass, before it allocates
+        checked = tuple(n for n in model.input_types if n in given)
+        spec, text = self._spec(key, programs, differentiable, checked, dims)
+        self._last_spec = spec
+        values = []
+        for name in model.param_types:
+            p = getattr(self, name)
+            if name in self._statistics:
+                p = p.detach().clone()  # updated in place after the call: not the tensor the call saved
+            values.append(p.to(dtype) if p.dtype != dtype else p)
+        values += [tensors[n] for n in model.input_types]
+        for name, t, p in programs.masks:
+            values.append(self._mask(t, p, sizes, dims, dtype, device))
+        return _Prepared(spec, text, structure, values, num_nodes, num_graphs)
+
+    def _spec(self, key: tuple, programs: Programs, differentiable: bool, checked: tuple[str, ...],
+              dims: dict[str, int]) -> tuple[RunSpec, str]:
+        full = key + (differentiable, checked)
+        if full not in self._specs:
+            model = self.compiled
+            names = (tuple(model.param_types) + tuple(model.input_types)
+                     + tuple(name for name, _, _ in programs.masks))
+            grad_inputs = key[3]
+            wrt = tuple(n for n in model.param_types if n not in self._statistics) + tuple(grad_inputs)
+            spec = RunSpec(model.backend.name, _backend_token(model.backend),
+                           programs.train_forward if differentiable else programs.forward,
+                           programs.backward if differentiable else None, names, tuple(programs.output_names),
+                           tuple(programs.residuals) if differentiable else (),
+                           tuple(n for n in model.param_types if n in self._statistics) if key[2] else (),
+                           wrt if differentiable else (), checked, dict(dims),
+                           model.layout if model.optimize else "none", getattr(model.backend, "target", "cpu"))
+            text = spec.to_text()
+            self._specs[full] = (read_spec(text) if text not in _SPECS else _SPECS[text], text)
+            _SPECS.setdefault(text, spec)
+            self._specs[full] = (_SPECS[text], text)
+        return self._specs[full]
+
+    def _input_tensors(self, given: dict[str, Any], source: Graph | None, device: torch.device,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        model = self.compiled
+        unknown = sorted(set(given) - set(model.input_types))
+        if unknown:
+            raise InputError(f"'{model.name}' has no input named {', '.join(unknown)}",
+                             f"its inputs are: {', '.join(model.input_types) or 'none'}"
+                             + ("; graph tensors: edge_index, batch, num_nodes, num_graphs" if source is None else ""))
+        tensors = {}
+        for name, t in model.input_types.items():
+            if name in given:
+                value = given[name]
+                if not isinstance(value, torch.Tensor):
+                    value = torch.as_tensor(np.asarray(value))
+                if value.device != device:
+                    raise InputError(f"input '{name}' is on {value.device} but the module is on {device}",
+                                     f"move it with {name}.to({str(device)!r}), or the module with module.to(...)")
+                if t.dtype == INT_DTYPE:
+                    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                        raise InputError(f"input '{name}' has dtype {value.dtype} but is declared int",
+                                         f"pass integer ids ({name}.long())")
+                    value = value.to(torch.int64)
+                elif value.is_complex():
+                    raise InputError(f"input '{name}' has dtype {value.dtype}", "features are real numbers")
+                else:
+                    value = value.to(dtype)
+            elif source is not None and name in source:
+                value = _device_array(source, name, device, None if t.dtype == INT_DTYPE else dtype)
+            else:
+                raise InputError(f"model input '{name}' ({t}) is not given",
+                                 f"pass {name}=... or add an array '{name}' to the graph")
+            tensors[name] = value
+        return tensors
+
+    def _bind(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
+        """The dims, bound from the inputs' and parameters' shapes (checked against their types)."""
+        model = self.compiled
+        items = []
+        for name, value in tensors.items():
+            t = model.input_types[name]
+            rows = sizes.num_rows(t.domain)
+            if value.ndim == 0 or value.shape[0] != rows:
+                got = "a scalar" if value.ndim == 0 else f"{value.shape[0]} rows"
+                raise InputError(f"input '{name}' has {got} but the graph has {rows} {t.domain}s",
+                                 f"{name} is declared {t}: one row per {t.domain}")
+            items.append(_Array("input", name, f"the input {name}", t, tuple(int(s) for s in value.shape[1:])))
+        dims = dict(model.dims)
+        sources = {k: "the parameters" for k in dims if k not in model.static_dims}
+        origins = {k: "the current parameters" for k in dims if k not in model.static_dims}
+        origins.update(model._dim_origins)
+        model._bind_shapes(items, dims, InputError, sources, origins)
+        model._check_bound_dims(dims, sources)
         for name, t in model.param_types.items():
             model._bind_shape(f"parameter '{name}'", t, tuple(getattr(self, name).shape), dims, InputError)
-        key = (tuple(sorted(dims.items())), dtype_name, self.training, tuple(grad_inputs))
-        if key not in self._programs:
-            self._programs[key] = self._build(dims, dtype_name, self.training, grad_inputs)
-        programs = self._programs[key]
-        model.check_run_memory(programs.forward, graph, dims)  # the forward pass, before it allocates
-        for name, t, p in programs.masks:
-            arrays[name] = self._mask(t, p, graph, dims, dtype)
-        layout = choose_layout(graph, programs.forward, model.layout) if model.optimize else None
-        self.last_layout = layout
-        original = graph
-        if layout is not None:
-            types = {**model.input_types, **{name: t for name, t, _ in programs.masks}}
-            graph, arrays = layout.apply(graph, arrays, types)
-        tensors = [getattr(self, n) for n in model.param_types]
-        tensors += [inputs[n].to(dtype=torch_dtype) for n in grad_inputs]
-        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        call = _Call(self, programs, graph, original, {k: v for k, v in arrays.items() if k not in grad_inputs},
-                     dims, layout, grad_inputs, np.dtype(dtype), differentiable)
-        outputs = _RunProgram.apply(call, *tensors)
-        if call.state_updates:
-            with torch.no_grad():
-                for name, value in call.state_updates.items():
-                    getattr(self, name).copy_(torch.from_numpy(np.asarray(value)))
-        if programs.output_names == ["out"]:
-            return outputs[0]
-        return dict(zip(programs.output_names, outputs))
+        return dims
+
+    @staticmethod
+    def _index_tensor(name: str, value: Any, device: torch.device) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(np.asarray(value))
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise InputError(f"{name} has dtype {value.dtype}", f"{name} holds integer node ids")
+        if value.device != device:
+            raise InputError(f"{name} is on {value.device} but the module is on {device}",
+                             f"move it with {name}.to({str(device)!r})")
+        return value if value.dtype == torch.int64 else value.to(torch.int64)
 
     def _build(self, dims: dict[str, int], dtype: str, training: bool, grad_inputs: list[str]) -> Programs:
         model = self.compiled
@@ -231,8 +729,9 @@ class MpdslModule(torch.nn.Module):
         gradient = grad_program(reference, wrt=wrt, inputs=grad_inputs, keep_outputs=True)
         forward = reference
         if model.optimize:
-            forward = optimize(reference, model.passes, dims)[0]
-            gradient = optimize(gradient, model.passes, dims)[0]
+            target = getattr(model.backend, "target", "cpu")
+            forward = optimize(reference, model.passes, dims, target=target)[0]
+            gradient = optimize(gradient, model.passes, dims, target=target)[0]
         cotangents: list[str] = []
         for v in gradient.values:
             name = v.name
@@ -248,42 +747,44 @@ class MpdslModule(torch.nn.Module):
             dims = {**model.bind(as_graph(graph), {})[1], **dims}
         dims = {**model.dims, **dims}
         training = self.training if training is None else training
-        return self._build(dims, TORCH_DTYPES[self._torch_dtype()][0], training, [])
+        return self._build(dims, TORCH_DTYPES[self._torch_dtype()], training, [])
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def _numpy_tensors(self, call: _Call, tensors) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(params, differentiated inputs laid out) as NumPy arrays."""
-        names = list(self.compiled.param_types)
-        params = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if t is not None}
-        params.update({n: a for n, a in call.statistics.items() if n not in params})
-        values = {n: t.detach().cpu().numpy() for n, t in zip(call.grad_inputs, tensors[len(names):])}
-        if call.layout is not None and values:
-            _, values = call.layout.apply(call.original, values,
-                                          {n: self.compiled.input_types[n] for n in values})
-        return params, values
+    def _device(self) -> torch.device:
+        tensors = [*self._parameters.values(), *self._buffers.values()]
+        devices = {t.device for t in tensors if t is not None}
+        if len(devices) > 1:
+            raise InputError(f"the parameters are on several devices ({', '.join(sorted(map(str, devices)))})",
+                             "move the module to one device with module.to(...)")
+        return next(iter(devices)) if devices else torch.device("cpu")
 
     def _torch_dtype(self) -> torch.dtype:
         dtypes = ({p.dtype for p in self._parameters.values() if p is not None}
                   or {b.dtype for b in self._buffers.values() if b is not None})
         if not dtypes:
-            return torch.float64 if self.compiled.float_dtype == np.float64 else torch.float32
+            return DTYPES_OF["f64" if self.compiled.float_dtype == np.float64 else "f32"]
         if len(dtypes) > 1 or next(iter(dtypes)) not in TORCH_DTYPES:
             raise InputError(f"the parameters have dtypes {sorted(map(str, dtypes))}",
-                             "use one of float32 or float64 for all of them (module.float() / module.double())")
+                             "use one float dtype for all of them (module.float(), .double(), .half())")
         return next(iter(dtypes))
 
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The parameters' dtype, or the autocast dtype where autocast is on for ``device``."""
+        dtype = self._torch_dtype()
+        if dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return dtype
+
     @staticmethod
-    def _rows(t: TensorType, graph) -> tuple[int, ...]:
-        return () if t.domain is Domain.PARAM else (graph.num_rows(t.domain),)
+    def _concrete_shape(t: TensorType, sizes, dims) -> tuple[int, ...]:
+        rows = () if t.domain is Domain.PARAM else (sizes.num_rows(t.domain),)
+        return rows + tuple(d.substitute(dims).value for d in t.shape)
 
-    def _concrete_shape(self, t: TensorType, graph, dims) -> tuple[int, ...]:
-        return self._rows(t, graph) + tuple(d.substitute(dims).value for d in t.shape)
-
-    def _mask(self, t: TensorType, p: float, graph, dims, dtype) -> np.ndarray:
-        shape = self._concrete_shape(t, graph, dims)
-        keep = (torch.rand(shape, dtype=torch.float64) >= p).numpy()
-        return (keep * (1.0 / (1.0 - p) if p < 1 else 0.0)).astype(dtype)
+    def _mask(self, t: TensorType, p: float, sizes, dims, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        shape = self._concrete_shape(t, sizes, dims)
+        keep = torch.rand(shape, dtype=torch.float64, device=device) >= p
+        return keep.to(dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0)
 
     # ---- weights -----------------------------------------------------------------------------
 
@@ -306,4 +807,4 @@ def to_torch(model: CompiledModel, graph: Any = None, **dims: int) -> MpdslModul
     return MpdslModule(model, graph, **dims)
 
 
-__all__ = ["MpdslModule", "Programs", "to_torch"]
+__all__ = ["MpdslModule", "Programs", "RunSpec", "read_spec", "run_backward_op", "run_op", "to_torch"]
