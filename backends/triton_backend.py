@@ -87,6 +87,15 @@ def _runtime(interpret: bool | None) -> tuple[Any, bool]:
     return torch, interpreting
 
 
+def _tensor_device(*groups: dict) -> Any:
+    """The device of the first torch tensor among the arrays (a backend without a device runs there)."""
+    for group in groups:
+        for value in group.values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+    return None
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -260,9 +269,11 @@ class TritonBackend(Backend):
     def run_tensors(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
                     training: bool = False, seed: int | None = None) -> dict[str, Any]:
         """Like ``run``, but inputs and params may be torch tensors already on the device, and the
-        outputs are torch tensors (no host copies: what a GPU benchmark times)."""
+        outputs are torch tensors (no host copies: what a GPU benchmark and the torch module run).
+        Without a ``device`` option the program runs on the device of the tensors given."""
         _, interpreting = _runtime(self.interpret)
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(self.device or _tensor_device(inputs, params)
+                              or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = program.float_dtype
         dtype = getattr(torch, TORCH_DTYPES[dtype_name])
         generator = torch.Generator(device=device)

@@ -263,7 +263,10 @@ def _writable_view(array: np.ndarray) -> np.ndarray:
     """A writable view of a read-only array (torch.from_numpy warns on read-only memory); the tensors
     made from it are never written."""
     view = array.view()
-    view.flags.writeable = True  # type: ignore[misc]  # the base owns its memory: allowed
+    try:
+        view.flags.writeable = True
+    except ValueError:  # memory that cannot be written at all (a read-only mapping): a copy, made once
+        return np.array(array)
     return view
 
 
@@ -557,7 +560,11 @@ class MpdslModule(torch.nn.Module):
             return outputs[0]
         return dict(zip(spec.outputs, outputs))
 
+    @torch.compiler.disable
     def _prepare(self, graph: Any, given: dict[str, Any]) -> _Prepared:
+        """Everything but the op: inputs found and checked, dims bound, programs and spec chosen, masks
+        drawn. Run eagerly under torch.compile (Python work with no tensor math to capture); traced
+        by torch.export, which runs it on fake tensors."""
         model = self.compiled
         device = self._device()
         dtype = self._compute_dtype(device)
