@@ -37,35 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdsl.autodiff import batch_norm_statistics, grad_program, mask_dropout, retype, set_batch_norm_mode, split_program
+from mpdsl.autodiff import batch_norm_statistics
+from mpdsl.context import Programs
 from mpdsl.diagnostics import InputError, MpdslError
-from mpdsl.ir import Program
-from mpdsl.passes import optimize
-from mpdsl.passes.rewrite import specialize
 from mpdsl.plan import GraphLayout, choose_layout
 from mpdsl.runtime import CompiledModel, as_graph
 from mpdsl.types import Domain, TensorType
 
 TORCH_DTYPES = {torch.float32: ("f32", np.float32), torch.float64: ("f64", np.float64)}
-
-
-@dataclass
-class Programs:
-    """The programs of one configuration: ``forward`` (outputs only), ``train_forward`` (outputs, then
-    the residuals named in ``residuals``), ``backward`` (``d_<param>`` then ``d_<input>`` from the
-    inputs, params, masks, cotangents ``d_<output>`` and residuals), the dropout ``masks`` (name, type,
-    p) and the ``gradient`` program before the split."""
-
-    forward: Program
-    train_forward: Program
-    backward: Program
-    residuals: list[str]
-    masks: list[tuple[str, TensorType, float]]
-    gradient: Program
-
-    @property
-    def output_names(self) -> list[str]:
-        return [name for name, _ in self.forward.outputs]
 
 
 @dataclass
@@ -221,25 +200,8 @@ class MpdslModule(torch.nn.Module):
         return dict(zip(programs.output_names, outputs))
 
     def _build(self, dims: dict[str, int], dtype: str, training: bool, grad_inputs: list[str]) -> Programs:
-        model = self.compiled
-        reference = set_batch_norm_mode(retype(specialize(model.ir, dims), dtype), training)
-        masks: list = []
-        if training:
-            reference, masks = mask_dropout(reference)
-        outputs = [name for name, _ in reference.outputs]
-        wrt = [name for name in model.param_types if name not in self._statistics]
-        gradient = grad_program(reference, wrt=wrt, inputs=grad_inputs, keep_outputs=True)
-        forward = reference
-        if model.optimize:
-            forward = optimize(reference, model.passes, dims)[0]
-            gradient = optimize(gradient, model.passes, dims)[0]
-        cotangents: list[str] = []
-        for v in gradient.values:
-            name = v.name
-            if v.op in ("input", "param") and name is not None and name.startswith("d_") and name[2:] in outputs:
-                cotangents.append(name)
-        train_forward, backward, residuals = split_program(gradient, outputs, cotangents)
-        return Programs(forward, train_forward, backward, residuals, masks, gradient)
+        wrt = [name for name in self.compiled.param_types if name not in self._statistics]
+        return self.compiled.context.training_programs(dims, dtype, training, grad_inputs, wrt)
 
     def programs(self, graph: Any = None, training: bool | None = None, **dims: int) -> Programs:
         """The programs run for ``graph`` (or ``dims``), for inspection."""
