@@ -599,7 +599,7 @@ def _typed_rows(ctx: TritonContext, index: str, nodes, types, relations: int, la
     unchanged, or equal contents): the tile table is sized on the host."""
     key = ("triton.typed_rows", index, relations, lanes, block_m, str(ctx.device))
     known = ctx.graph.cached(key, dict)
-    if known and (known["original"] is types and known["version"] == types._version
+    if known and ((known["original"] is types and known["version"] == types._version)
                   or (known["copy"].shape == types.shape and torch.equal(known["copy"], types))):
         return known["rows"]
     pairs, inverse = torch.unique(nodes * relations + types, return_inverse=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from mpdsl import ast as mp_ast
 from mpdsl import memory, syntax, typecheck
 from mpdsl.backends import get_backend
+from mpdsl.context import check_target
 from mpdsl.diagnostics import CompileError, MpdslError, shown
 from mpdsl.ir import Program
 from mpdsl.passes import PassManager
@@ -89,11 +90,18 @@ def _check_dim_names(dims: Mapping[str, int], module: mp_ast.Module, others: lis
         raise CompileError(f"{where} has no dim named '{key}' (given as --dim {key}=... / dims=)", span, hint)
 
 
+def all_dims_static(program: Program) -> bool:
+    """Whether every dim of ``program`` is known at compile time (none is bound from the data)."""
+    static = {k for k, v in program.dims if v is not None}
+    return all(v is not None for _, v in program.dims) and all(
+        s in static for v in program.values for d in v.type.shape for s in d.symbols)
+
+
 def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | None = None,
             dtype: str = "float32", dims: dict[str, int] | None = None, seed: int = 0,
             optimize: bool = True, passes: list[str] | None = None, layout: str = "auto",
             import_paths: Iterable[str | Path] = (),
-            memory_limit: int | str | None = None) -> CompiledModel:
+            memory_limit: int | str | None = None, target: str | None = None) -> CompiledModel:
     """Compile a .mp program (a path or the text itself) into a callable model.
 
     ``model`` picks a model when the file defines several; ``dims`` overrides `dim` constants;
@@ -104,7 +112,12 @@ def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | 
     size such as "4G"; "none": no limit) is the memory budget that reading files, initialising the
     parameters and each run are checked against before they allocate (default: the
     ``MPDSL_MEMORY_LIMIT`` environment variable, else the machine's available memory; see
-    ``mpdsl.memory``)."""
+    ``mpdsl.memory``). ``target`` ("cpu" or "gpu"; default: the backend's, numpy -> cpu, triton ->
+    gpu) is the device kind the optimizer plans layouts for (see ``mpdsl.context.CompileContext``).
+
+    When every dim is known at compile time the pass pipeline runs now (its errors are reported
+    here, and the first call finds the program compiled); otherwise it runs once at the first call,
+    for the dims bound from the data, and reports its errors then."""
     start = time.perf_counter()
     check_seed(seed)
     memory.check_limit(memory_limit)
@@ -114,10 +127,12 @@ def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | 
         raise MpdslError(f"unknown layout mode {layout!r}", f"use one of {', '.join(LAYOUT_MODES)}")
     if passes is not None:
         PassManager(list(passes))  # unknown pass names are reported now
+    if target is not None:
+        check_target(target)
     runner = get_backend(backend)
     model_ = CompiledModel(program, runner, source_name=name, seed=seed, ast=module, optimize=optimize,
-                           passes=passes, layout=layout, memory_limit=memory_limit)
-    if optimize:
-        model_.optimized_ir  # noqa: B018 - optimise the compile-time-known part now
+                           passes=passes, layout=layout, memory_limit=memory_limit, target=target)
+    if optimize and all_dims_static(program):
+        model_.program_for(model_.static_dims)  # the program of the first call: compiled once, now
     model_.compile_seconds = time.perf_counter() - start
     return model_

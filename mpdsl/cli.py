@@ -18,6 +18,7 @@ from mpdsl import memory
 from mpdsl.api import compile as compile_model
 from mpdsl.api import lower, read_source
 from mpdsl.backends import available_backends
+from mpdsl.context import TARGETS
 from mpdsl.diagnostics import MpdslError
 from mpdsl.ir import print_program
 from mpdsl.npz import check_writable, write_npz
@@ -76,12 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     common(comp)
     comp.add_argument("--emit", choices=["ast", "ir", "ir-opt", "plan", "triton"], default="ir",
                       help="what to print: the AST, the IR, the optimized IR, the execution plan, or the "
-                           "generated Triton kernels (default: ir)")
+                           "generated Triton kernels, those the GPU target runs (default: ir)")
     comp.add_argument("--locations", action="store_true", help="with --emit ir/ir-opt: print source locations")
     comp.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
     comp.add_argument("--graph", help="with --emit plan: size the plan for this graph (.npz)")
     comp.add_argument("--layout", choices=LAYOUT_MODES, default="auto",
                       help="node reordering for locality (default: auto, when it pays)")
+    comp.add_argument("--backend", default="numpy", choices=available_backends(),
+                      help="the backend to plan for (default: numpy)")
+    comp.add_argument("--target", choices=TARGETS,
+                      help="with --emit ir-opt/plan: the device kind to optimize for, which picks the layouts "
+                           "(default: the backend's, numpy: cpu, triton: gpu); --emit triton is always gpu")
     run = sub.add_parser("run", help="run a model on a graph")
     common(run)
     run.add_argument("--graph", required=True, help="graph file (.npz, PyG names: edge_index, x, ...)")
@@ -93,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
     run.add_argument("--no-opt", action="store_true", help="run the reference IR as written (no passes)")
     run.add_argument("--layout", choices=LAYOUT_MODES, default="auto",
-                     help="node reordering for locality (default: auto, when it pays)")
+                     help="node reordering for locality (default: auto, when it pays; cpu target only)")
+    run.add_argument("--target", choices=TARGETS,
+                     help="the device kind to optimize for (default: the backend's, numpy: cpu, triton: gpu)")
     from mpdsl.train import add_arguments as add_train_arguments
 
     train = sub.add_parser("train", help="train a model (node classification, graph regression); see mpdsl.train")
@@ -171,7 +179,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         check_writable(args.save_weights, MpdslError, "weights")
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
                           dims=dims, seed=args.seed, optimize=not args.no_opt, passes=passes, layout=args.layout,
-                          import_paths=args.import_paths)
+                          import_paths=args.import_paths, target=args.target)
     from mpdsl.runtime import as_graph
 
     graph = as_graph(args.graph)
@@ -193,11 +201,19 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
 
 
 def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
-    from mpdsl.plan import choose_layout, degree_balance, node_order, report
+    from mpdsl.plan import degree_balance, node_order, report
     from mpdsl.runtime import as_graph, check_graph_index_memory
 
-    model = compile_model(Path(args.model_file), model=args.model, dtype=args.dtype, dims=dims,
-                          passes=passes, layout=args.layout, import_paths=args.import_paths)
+    target = args.target
+    if args.emit == "triton":  # the kernels the GPU target runs
+        if target not in (None, "gpu"):
+            print(f"mpdsl: error: --emit triton shows the kernels of the gpu target, not --target {target} "
+                  "(--emit ir-opt / plan take --target cpu)", file=sys.stderr)
+            return EXIT_USAGE
+        target = "gpu"
+    model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
+                          dims=dims, passes=passes, layout=args.layout, import_paths=args.import_paths,
+                          target=target)
     graph = as_graph(args.graph) if args.graph else None
     bound = dict(model.static_dims)
     if graph is not None:
@@ -211,9 +227,11 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
     elif args.emit == "ir-opt":
         print(print_program(program, locations=args.locations), end="")
     else:
-        layout = choose_layout(graph, program, args.layout) if graph is not None else None
-        reasons = list(layout.reasons) if layout is not None else (
-            [node_order(graph, args.layout).reason] if graph is not None else [])
+        layout = model.context.choose_layout(graph, program) if graph is not None else None
+        reasons = list(layout.reasons) if layout is not None else []
+        if graph is not None and layout is None:
+            reasons.append(node_order(graph, args.layout).reason if model.target == "cpu" else
+                           "gpu target: the graph runs in its given order (no node reordering, no edge sorting)")
         if graph is not None:
             reasons.append(degree_balance(graph))
         unbound = sorted({s for v in model.ir.values for d in v.type.shape for s in d.symbols} - set(bound))

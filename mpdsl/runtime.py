@@ -8,19 +8,19 @@ import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
 from mpdsl import memory
+from mpdsl.context import CompileContext
 from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
 from mpdsl.graph import Graph, first_true, position_text
 from mpdsl.ir import Program, Value, print_program, value_names
 from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS, choose
-from mpdsl.passes import PassContext, optimize
-from mpdsl.passes.rewrite import specialize
-from mpdsl.plan import GraphLayout, choose_layout, runs_a_kernel
+from mpdsl.passes import PassContext
+from mpdsl.plan import GraphLayout, runs_a_kernel
 from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": np.int64}
@@ -105,21 +105,22 @@ class CompiledModel:
 
     ``params`` maps each declared parameter name to its array; parameters whose shapes depend
     on dims bound from the data (e.g. ``W: param[F, H]`` with ``x: node[F]``) are created at the
-    first call, or by ``init(seed, graph=...)``.
+    first call, or by ``init(seed, graph=...)``. ``context`` (a ``mpdsl.context.CompileContext``)
+    compiles and caches the program run for each configuration and picks the graph layout; the torch
+    module (``to_torch``) and the command line use the same one.
     """
 
     def __init__(self, program: Program, backend, *, source_name: str = "<string>", seed: int = 0,
                  ast=None, compile_seconds: float = 0.0, optimize: bool = True,
-                 passes: list[str] | None = None, layout: str = "auto", memory_limit: memory.Limit = None):
+                 passes: list[str] | None = None, layout: str = "auto", memory_limit: memory.Limit = None,
+                 target: str | None = None):
         self.ir = program
         self.memory_limit = memory.check_limit(memory_limit)
-        self.optimize = optimize
-        self.passes = passes
-        self.layout = layout
-        self._specialized: dict[tuple, tuple[Program, PassContext]] = {}
+        # How the model is compiled (target: "cpu" / "gpu", default the backend's) and its programs.
+        self.context = CompileContext(program, backend, target=target, optimize=optimize, passes=passes,
+                                      layout=layout)
         self._planned: tuple[tuple, Program, list[tuple[Value, int]]] | None = None  # planned_bytes' last answer
         self.ast = ast
-        self.backend = backend
         self.source_name = source_name
         self.seed = check_seed(seed)
         self.compile_seconds = compile_seconds
@@ -141,6 +142,38 @@ class CompiledModel:
     @property
     def name(self) -> str:
         return self.ir.name
+
+    @property
+    def backend(self):
+        """The backend instance that runs the programs (``context.backend``; it may be replaced by
+        one of the same target)."""
+        return self.context.backend
+
+    @backend.setter
+    def backend(self, backend) -> None:
+        self.context.backend = backend
+
+    @property
+    def target(self) -> str:
+        """The device kind the programs are optimized for: "cpu" or "gpu"."""
+        return self.context.target
+
+    @property
+    def optimize(self) -> bool:
+        return self.context.optimize
+
+    @property
+    def passes(self) -> list[str] | None:
+        return self.context.passes
+
+    @property
+    def layout(self) -> str:
+        """The graph layout mode ("auto", "reorder", "none"; see ``mpdsl.plan``)."""
+        return self.context.layout
+
+    @layout.setter
+    def layout(self, mode: str) -> None:
+        self.context.layout = mode
 
     @functools.cached_property
     def param_types(self) -> dict[str, TensorType]:
@@ -482,7 +515,7 @@ class CompiledModel:
         start = time.perf_counter()
         program = self.program_for(dims)
         self.check_run_memory(program, graph, dims)
-        layout = choose_layout(graph, program, self.layout) if self.optimize else None
+        layout = self.context.choose_layout(graph, program)
         self.last_layout = layout
         if layout is not None:
             graph, arrays = layout.apply(graph, arrays, self.input_types, frozenset(set(arrays) - set(inputs)))
@@ -495,7 +528,8 @@ class CompiledModel:
         self.last_run_seconds = time.perf_counter() - start
         return outputs
 
-    def planned_bytes(self, program: Program, graph: Graph, dims: Mapping[str, int]) -> list[tuple[Value, int]]:
+    def planned_bytes(self, program: Program, graph: Graph | GraphSizes,
+                      dims: Mapping[str, int]) -> list[tuple[Value, int]]:
         """(value, bytes) for each value a run of ``program`` on ``graph`` materialises in full: the
         plan's bytes materialised (``--emit plan``), less the values the backend computes one
         block of rows at a time (row groups). The NumPy backend keeps them all until the run ends."""
@@ -521,7 +555,7 @@ class CompiledModel:
         self._planned = (key, program, planned)
         return planned
 
-    def check_run_memory(self, program: Program, graph: Graph, dims: Mapping[str, int]) -> None:
+    def check_run_memory(self, program: Program, graph: Graph | GraphSizes, dims: Mapping[str, int]) -> None:
         """Refuse a run whose planned peak (``planned_bytes`` plus the graph's CSR index arrays)
         exceeds the memory budget, naming its largest value, before anything is allocated."""
         allowed = memory.budget(self.memory_limit)
@@ -546,18 +580,14 @@ class CompiledModel:
                          "--graph g.npz` lists what each value materialises")
 
     def program_for(self, dims: Mapping[str, int]) -> Program:
-        """The program run for these dims: the reference IR, or the optimized IR specialised to
-        the dims (cached)."""
-        if not self.optimize:
-            return self.ir
-        return self.optimized_for(dims)[0]
+        """The program run for these dims: the optimized IR specialised to the dims, or the
+        reference IR specialised (``optimize=False``); cached by ``context``. Its batch norms are
+        as written: each run's training flag picks their form."""
+        return self.context.program(dims, mode=None)
 
     def optimized_for(self, dims: Mapping[str, int]) -> tuple[Program, PassContext]:
-        key = tuple(sorted(dims.items()))
-        if key not in self._specialized:
-            self._specialized[key] = optimize(specialize(self.ir, dict(dims)), self.passes, dict(dims),
-                                              target=getattr(self.backend, "target", "cpu"))
-        return self._specialized[key]
+        """The optimized IR specialised to these dims, with its pass context (cached by ``context``)."""
+        return self.context.optimized(dims, mode=None)
 
     @property
     def optimized_ir(self) -> Program:
@@ -593,7 +623,20 @@ class CompiledModel:
         return print_program(self.ir, locations)
 
 
-def graph_index_bytes(graph: Graph) -> int:
+class GraphSizes(Protocol):
+    """What the run memory check reads of a graph: its row counts (a Graph, or the sizes of a graph
+    given as tensors)."""
+
+    @property
+    def num_nodes(self) -> Any: ...
+    @property
+    def num_edges(self) -> Any: ...
+    @property
+    def num_graphs(self) -> Any: ...
+    def num_rows(self, domain: Domain) -> int: ...
+
+
+def graph_index_bytes(graph: Graph | GraphSizes) -> int:
     """Bytes of a graph's CSR index arrays by destination and by source (indptr and perm each)."""
     return 2 * 8 * (graph.num_nodes + 1 + graph.num_edges)
 
@@ -680,7 +723,7 @@ def _solve_dim(size: int, coeff: int, power: int) -> int | None:
     return None
 
 
-def _describe_value(v: Value, program: Program, dims: Mapping[str, int], graph: Graph) -> str:
+def _describe_value(v: Value, program: Program, dims: Mapping[str, int], graph: Graph | GraphSizes) -> str:
     """A value for messages: its source text and location (else its IR name), type and shape."""
     rows = graph.num_rows(v.type.domain) if v.type.domain is not Domain.PARAM else None
     shape = [d.substitute(dims).value for d in v.type.shape]

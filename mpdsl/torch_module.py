@@ -62,19 +62,18 @@ from __future__ import annotations
 import collections
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from mpdsl.autodiff import batch_norm_statistics, grad_program, mask_dropout, retype, set_batch_norm_mode, split_program
+from mpdsl.autodiff import batch_norm_statistics
 from mpdsl.backends import BackendError, get_backend
+from mpdsl.context import Programs
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.graph import Graph, first_true, position_text
 from mpdsl.ir import Program, parse_program, print_program
-from mpdsl.passes import optimize
-from mpdsl.passes.rewrite import specialize
 from mpdsl.plan import GraphLayout, choose_layout
 from mpdsl.runtime import CompiledModel, _Array, as_graph
 from mpdsl.types import INT_DTYPE, Domain, TensorType
@@ -83,25 +82,6 @@ TORCH_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16"
 DTYPES_OF = {name: dtype for dtype, name in TORCH_DTYPES.items()}
 HALF_DTYPES = frozenset({"f16", "bf16"})
 GRAPH_CACHE_SIZE = 8  # graphs given as tensors, remembered per process
-
-
-@dataclass
-class Programs:
-    """The programs of one configuration: ``forward`` (outputs only), ``train_forward`` (outputs, then
-    the residuals named in ``residuals``), ``backward`` (``d_<param>`` then ``d_<input>`` from the
-    inputs, params, masks, cotangents ``d_<output>`` and residuals), the dropout ``masks`` (name, type,
-    p) and the ``gradient`` program before the split."""
-
-    forward: Program
-    train_forward: Program
-    backward: Program
-    residuals: list[str]
-    masks: list[tuple[str, TensorType, float]]
-    gradient: Program
-
-    @property
-    def output_names(self) -> list[str]:
-        return [name for name, _ in self.forward.outputs]
 
 
 # ---- the opaque op's configuration ---------------------------------------------------------
@@ -180,9 +160,10 @@ def read_spec(text: str) -> RunSpec:
                              "call the op through an mpdsl torch module (to_torch)") from None
         spec = RunSpec(data["backend"], data["token"], parse_program(data["forward"]),
                        None if data["backward"] is None else parse_program(data["backward"]),
-                       *(tuple(data[k]) for k in ("tensors", "outputs", "residuals", "state", "differentiated",
-                                                  "checked")),
-                       {k: int(v) for k, v in data["dims"].items()}, data["layout"], data["target"])
+                       tensors=tuple(data["tensors"]), outputs=tuple(data["outputs"]),
+                       residuals=tuple(data["residuals"]), state=tuple(data["state"]),
+                       differentiated=tuple(data["differentiated"]), checked=tuple(data["checked"]),
+                       dims={k: int(v) for k, v in data["dims"].items()}, layout=data["layout"], target=data["target"])
         _SPECS[text] = spec
     return spec
 
@@ -488,9 +469,9 @@ run_op.register_autograd(_backward, setup_context=_setup_context)
 class _Sizes:
     """Row counts of a graph given as tensors (what the run memory check needs)."""
 
-    num_nodes: int
-    num_edges: int
-    num_graphs: int
+    num_nodes: Any  # int, or a SymInt while tracing
+    num_edges: Any
+    num_graphs: Any
 
     def num_rows(self, domain: Domain) -> int:
         return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
@@ -504,9 +485,8 @@ class _Prepared:
     text: str
     structure: list[torch.Tensor]
     tensors: list[torch.Tensor]
-    num_nodes: int
-    num_graphs: int
-    outputs: list[str] = field(default_factory=list)
+    num_nodes: Any
+    num_graphs: Any
 
 
 class MpdslModule(torch.nn.Module):
@@ -573,7 +553,9 @@ class MpdslModule(torch.nn.Module):
             raise BackendError(f"the {model.backend.name} backend computes in float32 or float64, not {dtype}",
                                "run half precision on the triton backend (backend='triton'), or use module.float()")
         given = dict(given)
-        batch_arg = num_nodes = num_graphs = None
+        batch_arg = None
+        num_nodes: Any = None
+        num_graphs: Any = None
         source: Graph | None = None
         if graph is None or (not isinstance(graph, (Graph, str)) and hasattr(graph, "edge_index")
                              and not hasattr(graph, "csr_by_dst")):
@@ -602,7 +584,7 @@ class MpdslModule(torch.nn.Module):
         if num_nodes is None:
             rows = [t.shape[0] for n, t in tensors.items() if model.input_types[n].domain is Domain.NODE]
             num_nodes = rows[0] if rows else (int(structure[0].max()) + 1 if structure[0].numel() else 0)
-        num_nodes = int(num_nodes) if not isinstance(num_nodes, torch.SymInt) else num_nodes
+        num_nodes = num_nodes if isinstance(num_nodes, torch.SymInt) else int(num_nodes)
         if num_graphs is None:
             if len(structure) > 1:
                 if torch.compiler.is_exporting():
@@ -632,7 +614,7 @@ class MpdslModule(torch.nn.Module):
                 p = p.detach().clone()  # updated in place after the call: not the tensor the call saved
             values.append(p.to(dtype) if p.dtype != dtype else p)
         values += [tensors[n] for n in model.input_types]
-        for name, t, p in programs.masks:
+        for _, t, p in programs.masks:
             values.append(self._mask(t, p, sizes, dims, dtype, device))
         return _Prepared(spec, text, structure, values, num_nodes, num_graphs)
 
@@ -651,7 +633,7 @@ class MpdslModule(torch.nn.Module):
                            tuple(programs.residuals) if differentiable else (),
                            tuple(n for n in model.param_types if n in self._statistics) if key[2] else (),
                            wrt if differentiable else (), checked, dict(dims),
-                           model.layout if model.optimize else "none", getattr(model.backend, "target", "cpu"))
+                           model.layout if model.optimize else "none", model.context.target)
             text = spec.to_text()
             self._specs[full] = (read_spec(text) if text not in _SPECS else _SPECS[text], text)
             _SPECS.setdefault(text, spec)
@@ -726,26 +708,8 @@ class MpdslModule(torch.nn.Module):
         return value if value.dtype == torch.int64 else value.to(torch.int64)
 
     def _build(self, dims: dict[str, int], dtype: str, training: bool, grad_inputs: list[str]) -> Programs:
-        model = self.compiled
-        reference = set_batch_norm_mode(retype(specialize(model.ir, dims), dtype), training)
-        masks: list = []
-        if training:
-            reference, masks = mask_dropout(reference)
-        outputs = [name for name, _ in reference.outputs]
-        wrt = [name for name in model.param_types if name not in self._statistics]
-        gradient = grad_program(reference, wrt=wrt, inputs=grad_inputs, keep_outputs=True)
-        forward = reference
-        if model.optimize:
-            target = getattr(model.backend, "target", "cpu")
-            forward = optimize(reference, model.passes, dims, target=target)[0]
-            gradient = optimize(gradient, model.passes, dims, target=target)[0]
-        cotangents: list[str] = []
-        for v in gradient.values:
-            name = v.name
-            if v.op in ("input", "param") and name is not None and name.startswith("d_") and name[2:] in outputs:
-                cotangents.append(name)
-        train_forward, backward, residuals = split_program(gradient, outputs, cotangents)
-        return Programs(forward, train_forward, backward, residuals, masks, gradient)
+        wrt = [name for name in self.compiled.param_types if name not in self._statistics]
+        return self.compiled.context.training_programs(dims, dtype, training, grad_inputs, wrt)
 
     def programs(self, graph: Any = None, training: bool | None = None, **dims: int) -> Programs:
         """The programs run for ``graph`` (or ``dims``), for inspection."""
