@@ -59,12 +59,11 @@ from mpdsl.backends.triton_kernels import (
 from mpdsl.ir import Program, Value, print_program
 from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath, MissingRule, choose
 from mpdsl.plan import runs_a_kernel
-from mpdsl.types import Domain, TensorType
+from mpdsl.types import DTYPE_NAMES, HALF_DTYPES, Domain, TensorType
 
 torch: Any = None  # imported by _runtime() on first use, so that this module imports without torch
 
 INSTALL_HINT = 'pip install "mpdsl[triton]"'
-TORCH_DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64"}
 
 
 def _runtime(interpret: bool | None) -> tuple[Any, bool]:
@@ -85,6 +84,12 @@ def _runtime(interpret: bool | None) -> tuple[Any, bool]:
                            "interpreter (slow, for testing) by setting TRITON_INTERPRET=1 in the environment, "
                            "e.g. TRITON_INTERPRET=1 mpdsl run model.mp --graph g.npz --backend triton")
     return torch, interpreting
+
+
+def _host(t) -> np.ndarray:
+    """A tensor as a NumPy array on the host; bfloat16 (which NumPy lacks) as float32, exactly."""
+    t = t.detach()
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -253,9 +258,11 @@ class TritonBackend(Backend):
 
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Like ``run_tensors``, with NumPy arrays out: float16 values as float16 arrays, bfloat16 ones
+        (NumPy has no bfloat16) as float32 arrays holding the bfloat16 values exactly."""
         outputs = self.run_tensors(program, graph, inputs, params, dims, training, seed)
-        self.last_state_updates = {name: t.detach().cpu().numpy() for name, t in self.last_state_updates.items()}
-        return {name: t.detach().cpu().numpy() for name, t in outputs.items()}
+        self.last_state_updates = {name: _host(t) for name, t in self.last_state_updates.items()}
+        return {name: _host(t) for name, t in outputs.items()}
 
     def run_tensors(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
                     training: bool = False, seed: int | None = None) -> dict[str, Any]:
@@ -264,7 +271,7 @@ class TritonBackend(Backend):
         _, interpreting = _runtime(self.interpret)
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = program.float_dtype
-        dtype = getattr(torch, TORCH_DTYPES[dtype_name])
+        dtype = getattr(torch, DTYPE_NAMES[dtype_name])
         generator = torch.Generator(device=device)
         if seed is None:  # a SeedSequence made without entropy draws a fresh int
             seed = int(cast(int, np.random.SeedSequence().entropy) % 2 ** 63)
@@ -274,11 +281,11 @@ class TritonBackend(Backend):
                             {k: self._tensor(a, device, dtype) for k, a in params.items()})
         env: dict[int, Any] = {}
         timings: dict[str, float] = {}  # host time per op (kernel launches are asynchronous on a GPU)
-        half = dtype == torch.float16
+        half = dtype_name in HALF_DTYPES
         for v in program.values:
             start = time.perf_counter()
             args = [env[id(o)] for o in v.operands]
-            if half and v.op not in KERNEL_OPS:  # dense ops on float16 values compute in float32
+            if half and v.op not in KERNEL_OPS:  # dense ops on half values compute in float32, rounded once
                 args = [a.float() if a.is_floating_point() else a for a in args]
             out = self.rules[v.op](self, ctx, v, *args)
             if half and out.is_floating_point():
