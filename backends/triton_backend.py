@@ -15,8 +15,18 @@ Running it:
   itself turns the interpreter on, and only while it defines its own kernels (lazily, at first use);
   ``interpret=False`` compiles them for the GPU even where TRITON_INTERPRET=1 is set.
 
-Precision: float32 and float64 programs compute in their dtype; float16 programs store float16
-values but compute in float32 (inside the kernels, and dense ops are upcast op by op).
+Precision: float32 and float64 programs compute in their dtype. Half-precision programs (``f16``,
+``bf16``; ``mpdsl.autodiff.retype(program, "f16")``) store every value in the half dtype but compute
+in float32: the kernels load values into float32 and keep every accumulator in float32 (segment sums,
+means, std, max/min, g-SpMM, the softmax's running max and exp-sum, the fused attention's, the COO
+kernels' atomics into float32 scratch buffers, ``tl.dot`` in the typed matmul), rounding to the half
+dtype once, when they store the result; dense ops run in torch on float32 copies of their operands
+(matmul, einsum, axis reductions and softmax included), their results rounded once to the half dtype.
+So a float16 sum of 3000 ones is 3000, not 2048. ``run`` returns float16 values as float16 arrays and
+bfloat16 ones (NumPy has none) as float32 arrays holding the bfloat16 values. The tests
+(tests/test_precision.py) hold the example models' f16 forward and gradient outputs to
+``max |f16 - f32| <= 2e-2 * max |f32|`` against the f32 programs on the same f16-rounded data.
+bfloat16 runs on a GPU only: Triton's interpreter has no bfloat16 arithmetic.
 Options (``TritonBackend(...)``): ``layout`` ("coo" runs gspmm/attention with the COO + atomics
 kernels whatever the plan chose, "csr" never), ``poison`` (fill every kernel output with NaN
 before the kernel runs: tests check that kernels write every element), block sizes, ``device``.
