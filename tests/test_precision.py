@@ -301,7 +301,7 @@ def test_bf16_is_an_ir_float_dtype_that_round_trips():
 def test_bf16_programs_optimize_fold_constants_and_cost():
     source = "model m(x: node[]) -> node[] {\n    return sum(x[src] * (2.0 * 3.0)) by dst + 0.0\n}\n"
     model = mpdsl.compile(source)
-    arrays, dims = model.bind(GRAPH, {"x": np.ones(GRAPH.num_nodes)})
+    _, dims = model.bind(GRAPH, {"x": np.ones(GRAPH.num_nodes)})
     program = optimize(retype(specialize(model.ir, dims), "bf16"), None, dims, target="gpu")[0]
     assert program.float_dtype == "bf16"
     assert {v.type.dtype for v in program.values} <= {"bf16", "i64"}
