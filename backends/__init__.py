@@ -15,7 +15,7 @@ import numpy as np
 
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.ops import OPS, choose, running_statistic
-from mpdsl.types import Domain, TensorType
+from mpdsl.types import DTYPE_NAMES, FLOAT_DTYPES, HALF_DTYPES, Domain, TensorType
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
 BACKENDS: dict[str, type[Backend]] = {}
@@ -61,6 +61,18 @@ class Backend:
     name: ClassVar[str] = ""
     rules: ClassVar[dict[str, Callable]] = {}
     target: ClassVar[str] = "cpu"  # the device kind the optimizer plans layouts for ("cpu" or "gpu")
+    dtypes: ClassVar[tuple[str, ...]] = FLOAT_DTYPES  # the float dtypes it computes in
+
+    @classmethod
+    def check_dtype(cls, dtype: str) -> None:
+        """Refuse, with one BackendError, a float dtype the backend does not compute in (before anything
+        runs)."""
+        if dtype in cls.dtypes:
+            return
+        names = " or ".join(DTYPE_NAMES[d] for d in cls.dtypes)
+        raise BackendError(f"the {cls.name} backend computes in {names}, not {DTYPE_NAMES.get(dtype, repr(dtype))}",
+                           "run half precision on the triton backend, or use float32" if dtype in HALF_DTYPES
+                           else "use float32")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -7,6 +7,9 @@ are SciPy CSR products; max, min and softmax use sorted-segment ``reduceat``; no
 loop and no ``np.add.at``. An empty group reduces to 0. Row-wise ops run in fused row groups
 (``row_fusion``) block by block on large inputs. Arrays the backend allocates for intermediate values
 are kept for the next run (``BufferPool``).
+
+Precision: float32 and float64 programs, computed in their dtype. Half-precision programs (f16,
+bf16) are refused before anything runs (``Backend.check_dtype``): run them on the Triton backend.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
 _NO_WEIGHTS = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
+RUN_DTYPES = {"f32": np.float32, "f64": np.float64}  # the float dtypes the backend computes in
 
 
 class _BlasThreads:
@@ -289,9 +293,6 @@ class PullCSR:
         count with ``mean``); ``data`` in CSR order, None for all ones, or [E, G] per-group weights
         that scale the G groups of x's leading feature axes they cover. ``empty(shape, dtype)``
         allocates the result."""
-        if x.dtype == np.float16:  # the kernels have no float16 arithmetic: accumulate in float32
-            half = None if data is None else data.astype(np.float32)
-            return self.spmm(x.astype(np.float32), half, mean).astype(np.float16)
         out = empty((self.num_nodes,) + x.shape[1:], x.dtype)
         groups = 1 if data is None or data.ndim == 1 else feature_width(data.shape[1:])
         if out.size == 0 or groups == 0:
@@ -315,8 +316,6 @@ class PullCSR:
         over the row's edges per group (scores [E] or [E, G...] in CSR order, covering x's leading
         feature axes); 0 for a row without edges. ``empty(shape, dtype)`` allocates the result and
         the per-edge weights."""
-        if x.dtype == np.float16:
-            return self.attention(scores.astype(np.float32), x.astype(np.float32)).astype(np.float16)
         groups = feature_width(scores.shape[1:])
         out = empty((self.num_nodes,) + x.shape[1:], x.dtype)
         if out.size == 0 or groups == 0:
@@ -498,6 +497,8 @@ class NumpyBackend(Backend):
     statistics that the run's batch_norm ops in training form updated (empty otherwise); the caller
     (``CompiledModel.run``, the torch module) stores them."""
 
+    dtypes = tuple(RUN_DTYPES)
+
     def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 512 << 10,
                  block_rows: int | None = None, pool_bytes: int = 1 << 30):
         """``fuse_min_rows``: row groups (``row_fusion``) run block by block from this many rows on,
@@ -600,7 +601,8 @@ class NumpyBackend(Backend):
 
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
-        float_dtype = np.dtype({"f32": np.float32, "f64": np.float64, "f16": np.float16}[program.float_dtype])
+        self.check_dtype(program.float_dtype)
+        float_dtype = np.dtype(RUN_DTYPES[program.float_dtype])
         ctx = ExecContext(graph, inputs, params, dims, float_dtype, training,
                           np.random.default_rng(seed), self.pool)
         env: dict[int, np.ndarray] = {}

@@ -15,8 +15,18 @@ Running it:
   itself turns the interpreter on, and only while it defines its own kernels (lazily, at first use);
   ``interpret=False`` compiles them for the GPU even where TRITON_INTERPRET=1 is set.
 
-Precision: float32 and float64 programs compute in their dtype; float16 programs store float16
-values but compute in float32 (inside the kernels, and dense ops are upcast op by op).
+Precision: float32 and float64 programs compute in their dtype. Half-precision programs (``f16``,
+``bf16``; ``mpdsl.autodiff.retype(program, "f16")``) store every value in the half dtype but compute
+in float32: the kernels load values into float32 and keep every accumulator in float32 (segment sums,
+means, std, max/min, g-SpMM, the softmax's running max and exp-sum, the fused attention's, the COO
+kernels' atomics into float32 scratch buffers, ``tl.dot`` in the typed matmul), rounding to the half
+dtype once, when they store the result; dense ops run in torch on float32 copies of their operands
+(matmul, einsum, axis reductions and softmax included), their results rounded once to the half dtype.
+So a float16 sum of 3000 ones is 3000, not 2048. ``run`` returns float16 values as float16 arrays and
+bfloat16 ones (NumPy has none) as float32 arrays holding the bfloat16 values. The tests
+(tests/test_precision.py) hold the example models' f16 forward and gradient outputs to
+``max |f16 - f32| <= 2e-2 * max |f32|`` against the f32 programs on the same f16-rounded data.
+bfloat16 runs on a GPU only: Triton's interpreter has no bfloat16 arithmetic.
 Options (``TritonBackend(...)``): ``layout`` ("coo" runs gspmm/attention with the COO + atomics
 kernels whatever the plan chose, "csr" never), ``poison`` (fill every kernel output with NaN
 before the kernel runs: tests check that kernels write every element), block sizes, ``device``.
@@ -59,12 +69,11 @@ from mpdsl.backends.triton_kernels import (
 from mpdsl.ir import Program, Value, print_program
 from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath, MissingRule, choose
 from mpdsl.plan import runs_a_kernel
-from mpdsl.types import Domain, TensorType
+from mpdsl.types import DTYPE_NAMES, HALF_DTYPES, Domain, TensorType
 
 torch: Any = None  # imported by _runtime() on first use, so that this module imports without torch
 
 INSTALL_HINT = 'pip install "mpdsl[triton]"'
-TORCH_DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64"}
 
 
 def _runtime(interpret: bool | None) -> tuple[Any, bool]:
@@ -94,6 +103,12 @@ def _tensor_device(*groups: dict) -> Any:
             if isinstance(value, torch.Tensor):
                 return value.device
     return None
+
+
+def _host(t) -> np.ndarray:
+    """A tensor as a NumPy array on the host; bfloat16 (which NumPy lacks) as float32, exactly."""
+    t = t.detach()
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -262,9 +277,11 @@ class TritonBackend(Backend):
 
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Like ``run_tensors``, with NumPy arrays out: float16 values as float16 arrays, bfloat16 ones
+        (NumPy has no bfloat16) as float32 arrays holding the bfloat16 values exactly."""
         outputs = self.run_tensors(program, graph, inputs, params, dims, training, seed)
-        self.last_state_updates = {name: t.detach().cpu().numpy() for name, t in self.last_state_updates.items()}
-        return {name: t.detach().cpu().numpy() for name, t in outputs.items()}
+        self.last_state_updates = {name: _host(t) for name, t in self.last_state_updates.items()}
+        return {name: _host(t) for name, t in outputs.items()}
 
     def run_tensors(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
                     training: bool = False, seed: int | None = None) -> dict[str, Any]:
@@ -275,7 +292,7 @@ class TritonBackend(Backend):
         device = torch.device(self.device or _tensor_device(inputs, params)
                               or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = program.float_dtype
-        dtype = getattr(torch, TORCH_DTYPES[dtype_name])
+        dtype = getattr(torch, DTYPE_NAMES[dtype_name])
         generator = torch.Generator(device=device)
         if seed is None:  # a SeedSequence made without entropy draws a fresh int
             seed = int(cast(int, np.random.SeedSequence().entropy) % 2 ** 63)
@@ -285,11 +302,11 @@ class TritonBackend(Backend):
                             {k: self._tensor(a, device, dtype) for k, a in params.items()})
         env: dict[int, Any] = {}
         timings: dict[str, float] = {}  # host time per op (kernel launches are asynchronous on a GPU)
-        half = dtype == torch.float16
+        half = dtype_name in HALF_DTYPES
         for v in program.values:
             start = time.perf_counter()
             args = [env[id(o)] for o in v.operands]
-            if half and v.op not in KERNEL_OPS:  # dense ops on float16 values compute in float32
+            if half and v.op not in KERNEL_OPS:  # dense ops on half values compute in float32, rounded once
                 args = [a.float() if a.is_floating_point() else a for a in args]
             out = self.rules[v.op](self, ctx, v, *args)
             if half and out.is_floating_point():

@@ -49,11 +49,16 @@ from mpdsl.ops import MissingRule, choose
 
 BUILTINS = frozenset({"arange", "atomic_add", "atomic_max", "atomic_min", "constexpr", "dot", "exp", "full",
                       "load", "maximum", "minimum", "program_id", "sqrt", "store", "where",
-                      "float16", "float32", "float64", "int64"})
+                      "bfloat16", "float16", "float32", "float64", "int64"})
 """The triton.language names generated kernels may use (builtins, not jit functions)."""
 
-STORE = {"f32": "tl.float32", "f16": "tl.float16", "f64": "tl.float64"}
-ACCUMULATE = {"f32": "tl.float32", "f16": "tl.float32", "f64": "tl.float64"}
+STORE = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "tl.float64"}
+"""The dtype a kernel loads and stores values in: the program's dtype."""
+ACCUMULATE = {"f32": "tl.float32", "f16": "tl.float32", "bf16": "tl.float32", "f64": "tl.float64"}
+"""The dtype a kernel computes in: every value is converted to it as it is loaded, every running sum,
+max, softmax normaliser and dot product is kept in it, and the result is rounded to ``STORE`` once,
+by the final store. Half precision (f16, bf16) accumulates in float32: a float16 sum saturates at
+2048 when it adds ones (2048 + 1 rounds back to 2048), a bfloat16 one at 256."""
 NEG_SENTINEL = "-3.0e38"  # the running max of an online softmax before any edge (finite: no inf - inf)
 
 HEADER = "import triton\nimport triton.language as tl\n"
@@ -107,7 +112,7 @@ class SegmentReduce(KernelSpec):
     gather: bool
     width: int       # feature elements per row (the flattened feature shape)
     groups: int      # weight groups: 0 none, 1 a scalar per edge, G one per group of width // G features
-    dtype: str       # f32 f16 f64
+    dtype: str       # f32 f64 f16 bf16
 
     @property
     def kind(self) -> str:
@@ -413,7 +418,7 @@ def _gen_typed_linear(spec: TypedLinear) -> str:
             if spec.dtype in ("f32", "f64"):
                 code('acc = tl.dot(a, b, acc, input_precision="ieee")')
             else:
-                code("acc = tl.dot(a, b, acc)  # f16 operands, f32 accumulation")
+                code(f"acc = tl.dot(a, b, acc)  # {spec.dtype} operands, f32 accumulation")
         code(f"tl.store(out + row_out[:, None] * {B} + n[None, :], acc.to({store}), "
              "mask=m_ok[:, None] & n_ok[None, :])")
     return code.text()

@@ -17,7 +17,8 @@ from mpdsl.passes import PassManager
 from mpdsl.plan import LAYOUT_MODES
 from mpdsl.runtime import CompiledModel, check_seed
 
-DTYPES = {"float32": "f32", "float64": "f64", "f32": "f32", "f64": "f64"}
+DTYPES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16",
+          "f32": "f32", "f64": "f64", "f16": "f16", "bf16": "bf16"}
 
 
 def read_source(path_or_source: str | Path) -> tuple[str, str]:
@@ -53,7 +54,7 @@ def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype:
     (the current folder for text), and may also come from the ``import_paths`` folders (see
     ``syntax.resolve_imports``)."""
     if dtype not in DTYPES:
-        raise MpdslError(f"unknown dtype {dtype!r}", "use float32 or float64")
+        raise MpdslError(f"unknown dtype {dtype!r}", "use float32 or float64 (float16, bfloat16: triton backend)")
     if dims is not None and not isinstance(dims, Mapping):
         raise MpdslError(f"dims must be a mapping of dim names to integers, got {type(dims).__name__}",
                          'pass e.g. dims={"H": 32}')
@@ -130,6 +131,7 @@ def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | 
     if target is not None:
         check_target(target)
     runner = get_backend(backend)
+    runner.check_dtype(program.float_dtype)
     model_ = CompiledModel(program, runner, source_name=name, seed=seed, ast=module, optimize=optimize,
                            passes=passes, layout=layout, memory_limit=memory_limit, target=target)
     if optimize and all_dims_static(program):

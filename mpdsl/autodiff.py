@@ -57,7 +57,7 @@ from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
 from mpdsl.ops import OPS, MissingRule, Trait, parse_subscripts, running_statistic
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
-from mpdsl.types import Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import FLOAT_DTYPES, Dim, Domain, TensorType, TypeRuleError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OPPOSITE = {"src": "dst", "dst": "src"}
@@ -830,7 +830,10 @@ def batch_norm_statistics(program: Program) -> list[str]:
 
 
 def retype(program: Program, dtype: str) -> Program:
-    """The program with every float value's dtype set to ``dtype`` ("f32" / "f64")."""
+    """The program with every float value's dtype set to ``dtype`` (one of ``FLOAT_DTYPES``: "f32",
+    "f64", "f16", "bf16"); a ValueError for any other."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unknown float dtype {dtype!r} (one of {', '.join(FLOAT_DTYPES)})")
     if program.float_dtype == dtype:
         return program
     mapping: dict[int, Value] = {}

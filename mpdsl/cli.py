@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("model_file", help="the .mp program")
         p.add_argument("--model", help="the model to use when the file defines several")
         p.add_argument("--dim", action="append", metavar="NAME=INT", help="override a `dim` constant (repeatable)")
-        p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+        p.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32",
+                       help="float16 and bfloat16 run on the triton backend")
         p.add_argument("--import-path", action="append", default=[], metavar="DIR", dest="import_paths",
                        help="a folder the program may import from besides its own (repeatable; "
                             "searched in order after the importing file's folder)")

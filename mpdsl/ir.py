@@ -20,7 +20,7 @@ import lark
 
 from mpdsl.diagnostics import Source, Span
 from mpdsl.ops import OPS, Effect, Trait
-from mpdsl.types import Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,6 +235,8 @@ def _literal(tree: lark.Tree) -> Any:
 def _type(tree: lark.Tree) -> TensorType:
     domain, *dims, dtype = tree.children
     shape = tuple(Dim.parse(str(d.children[0])) for d in dims if d is not None)
+    if str(dtype) not in FLOAT_DTYPES + (INT_DTYPE,):
+        raise IRParseError(f"unknown dtype {str(dtype)!r} (one of {', '.join(FLOAT_DTYPES + (INT_DTYPE,))})")
     return TensorType(Domain(str(domain)), shape, str(dtype))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from mpdsl.graph import Graph
 from mpdsl.ir import Program, Value, value_names
 from mpdsl.ops import OPS, MissingRule, Trait
-from mpdsl.types import Domain, TensorType
+from mpdsl.types import ITEMSIZE, Domain, TensorType
 
 LAYOUT_MODES = ("auto", "reorder", "none")
 REORDER_MIN_NODES = 50_000  # below this the node features fit in the last-level cache anyway
@@ -271,7 +271,7 @@ def op_cost(v: Value, rows: Mapping[Domain, int], dims: Mapping[str, int], items
 
 
 def program_costs(program: Program, rows: Mapping[Domain, int], dims: Mapping[str, int]) -> list[OpCost]:
-    itemsize = {"f32": 4, "f64": 8, "f16": 2}[program.float_dtype]
+    itemsize = ITEMSIZE[program.float_dtype]
     return [op_cost(v, rows, dims, itemsize) for v in program.values]
 
 

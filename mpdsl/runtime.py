@@ -21,9 +21,10 @@ from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS, choose
 from mpdsl.passes import PassContext
 from mpdsl.plan import GraphLayout, runs_a_kernel
-from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import INT_DTYPE, ITEMSIZE, Dim, Domain, TensorType, TypeRuleError
 
-NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": np.int64}
+# Host arrays of each IR dtype (bfloat16, which NumPy lacks, is held in float32 on the host).
+NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": np.float32, "i64": np.int64}
 
 
 def _to_numpy(array: Any) -> np.ndarray:
@@ -550,7 +551,7 @@ class CompiledModel:
             if not runs_a_kernel(v) or id(v) in blockwise:
                 continue
             shape = (rows[v.type.domain],) + tuple(d.substitute(dims).value for d in v.type.shape)
-            itemsize = np.dtype(NUMPY_DTYPES.get(v.type.dtype, np.float64)).itemsize
+            itemsize = ITEMSIZE[v.type.dtype]
             planned.append((v, memory.array_bytes(shape, itemsize)))
         self._planned = (key, program, planned)
         return planned

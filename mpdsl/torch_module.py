@@ -80,7 +80,6 @@ from mpdsl.types import INT_DTYPE, Domain, TensorType
 
 TORCH_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 DTYPES_OF = {name: dtype for dtype, name in TORCH_DTYPES.items()}
-HALF_DTYPES = frozenset({"f16", "bf16"})
 GRAPH_CACHE_SIZE = 8  # graphs given as tensors, remembered per process
 
 
@@ -549,9 +548,7 @@ class MpdslModule(torch.nn.Module):
         device = self._device()
         dtype = self._compute_dtype(device)
         dtype_name = TORCH_DTYPES[dtype]
-        if dtype_name in HALF_DTYPES and _is_numpy(model.backend):
-            raise BackendError(f"the {model.backend.name} backend computes in float32 or float64, not {dtype}",
-                               "run half precision on the triton backend (backend='triton'), or use module.float()")
+        model.backend.check_dtype(dtype_name)
         given = dict(given)
         batch_arg = None
         num_nodes: Any = None

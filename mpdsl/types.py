@@ -27,8 +27,12 @@ class Domain(str, Enum):
         return self.value
 
 
-FLOAT_DTYPES = ("f32", "f64", "f16")
+FLOAT_DTYPES = ("f32", "f64", "f16", "bf16")
+HALF_DTYPES = ("f16", "bf16")  # stored in 16 bits; the Triton backend computes them in float32
 INT_DTYPE = "i64"
+ITEMSIZE = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2, "i64": 8}  # bytes per element of each dtype
+DTYPE_NAMES = {"f32": "float32", "f64": "float64", "f16": "float16", "bf16": "bfloat16", "i64": "int64"}
+"""Each IR dtype by its NumPy / torch name."""
 
 
 @dataclass(frozen=True, order=True)
