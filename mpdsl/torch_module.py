@@ -117,6 +117,38 @@ class RunSpec:
     target: str
     last_layout: GraphLayout | None = None
 
+    def __post_init__(self) -> None:
+        self._arguments: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._views: dict[str, tuple[int, int, tuple, tuple, Any, np.ndarray]] = {}
+
+    def arguments(self, program: Program) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(input names, param names) of ``program`` (one of the spec's two)."""
+        known = self._arguments.get(id(program))
+        if known is None:
+            known = (tuple(v.attr["name"] for v in program.inputs), tuple(v.attr["name"] for v in program.params))
+            self._arguments[id(program)] = known
+        return known
+
+    def view(self, name: str, t: torch.Tensor) -> np.ndarray:
+        """``t``'s memory as a NumPy array (no copy). A parameter's view is kept and made again only
+        when the parameter is another tensor or its storage moved: a view keeps its tensor's storage
+        alive, so an unchanged (id, data pointer, shape, strides, dtype) is the same memory."""
+        if name not in self.tensors or name not in self.arguments(self.forward)[1]:
+            return t.detach().numpy()  # only parameters persist between calls: the others are not kept
+        known = self._views.get(name)
+        key = (id(t), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if known is not None and known[:5] == key:
+            return known[5]
+        array = t.detach().numpy()
+        self._views[name] = (*key, array)
+        return array
+
+    def layout_for(self, graph: Graph) -> GraphLayout | None:
+        """The graph layout this spec runs ``graph`` in (chosen for its forward program, once per graph)."""
+        if self.target != "cpu":
+            return None
+        return graph.cached(("torch.layout", id(self)), lambda: choose_layout(graph, self.forward, self.layout))
+
     @property
     def backend(self):
         backend = _BACKENDS.get(self.token)
@@ -276,10 +308,9 @@ def _check_values(spec: RunSpec, named: dict[str, torch.Tensor]) -> None:
                              "features must be finite (no NaN or infinity)")
 
 
-def _split_by_kind(program: Program, named: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    inputs = {v.attr["name"]: named[v.attr["name"]] for v in program.inputs if v.attr["name"] in named}
-    params = {v.attr["name"]: named[v.attr["name"]] for v in program.params if v.attr["name"] in named}
-    return inputs, params
+def _split_by_kind(spec: RunSpec, program: Program, named: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    input_names, param_names = spec.arguments(program)
+    return ({n: named[n] for n in input_names if n in named}, {n: named[n] for n in param_names if n in named})
 
 
 def _is_numpy(backend) -> bool:
@@ -310,8 +341,8 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
             raise BackendError(f"the {backend.name} backend runs on the CPU, but the module's tensors are on "
                                f"{', '.join(sorted(devices - {'cpu'}))}",
                                "keep the module on the CPU (module.to('cpu')), or compile with backend='triton'")
-        arrays = {n: t.detach().numpy() for n, t in named.items()}  # views: no copies
-        layout = choose_layout(graph, spec.forward, spec.layout) if spec.target == "cpu" else None
+        arrays = {n: spec.view(n, t) for n, t in named.items()}  # views: no copies
+        layout = spec.layout_for(graph)
         spec.last_layout = layout
         run_graph = graph
         if layout is not None:
@@ -319,7 +350,7 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
             moved = {n: a for n, a in arrays.items() if n not in laid_out}
             run_graph, moved = layout.apply(graph, moved, types, _from_graph(graph, moved))
             arrays.update(moved)
-        inputs, params = _split_by_kind(program, arrays)
+        inputs, params = _split_by_kind(spec, program, arrays)
         outputs = backend.run(program, run_graph, inputs, params, spec.dims, training=False)
         updates = dict(getattr(backend, "last_state_updates", {}))
         if layout is not None:
@@ -329,7 +360,7 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
         result.update({f"state:{n}": torch.from_numpy(np.array(a)) for n, a in updates.items()})
         return result
     spec.last_layout = None
-    inputs, params = _split_by_kind(program, named)
+    inputs, params = _split_by_kind(spec, program, named)
     outputs = backend.run_tensors(program, graph, inputs, params, spec.dims, training=False)
     outputs = dict(outputs)
     outputs.update({f"state:{n}": t for n, t in backend.last_state_updates.items()})
@@ -375,9 +406,8 @@ def _forward_results(spec: RunSpec, named: dict[str, torch.Tensor], outputs: dic
             + [outputs.get(f"state:{n}", named[n]) for n in spec.state])
 
 
-@torch.library.custom_op("mpdsl::run", mutates_args=())
-def run_op(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
-           num_graphs: int) -> list[torch.Tensor]:
+def run_forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
+                num_graphs: int) -> list[torch.Tensor]:
     """Run the forward program of ``spec`` on the graph ``structure`` ([edge_index] or [edge_index,
     batch]) with ``tensors`` (named by ``spec.tensors``): its outputs, residuals and running statistics."""
     s = read_spec(spec)
@@ -392,19 +422,9 @@ def run_op(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor]
     return _distinct(_forward_results(s, named, outputs), list(tensors) + list(structure))
 
 
-@run_op.register_fake
-def _run_fake(spec, structure, tensors, num_nodes, num_graphs):
-    s = read_spec(spec)
-    device = structure[0].device
-    return ([_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.outputs]
-            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.residuals]
-            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.state])
-
-
-@torch.library.custom_op("mpdsl::run_backward", mutates_args=())
-def run_backward_op(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor],
-                    cotangents: list[torch.Tensor], residuals: list[torch.Tensor], num_nodes: int,
-                    num_graphs: int) -> list[torch.Tensor]:
+def run_backward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor],
+                 cotangents: list[torch.Tensor], residuals: list[torch.Tensor], num_nodes: int,
+                 num_graphs: int) -> list[torch.Tensor]:
     """Run the backward program of ``spec``: the gradients of ``spec.differentiated``, from the
     op's tensors, the cotangents of its float outputs (in order) and the forward call's residuals."""
     s = read_spec(spec)
@@ -419,6 +439,21 @@ def run_backward_op(spec: str, structure: list[torch.Tensor], tensors: list[torc
                       frozenset(f"d_{n}" for n in s.differentiated if s.types[n].domain is not Domain.PARAM))
     grads = [result[f"d_{n}"].to(named[n].dtype) for n in s.differentiated]
     return _distinct(grads, list(tensors) + list(cotangents) + list(residuals) + list(structure))
+
+
+# The registered ops: what torch.compile and torch.export see (eager calls take ``_EagerRun``, the
+# same implementation without the dispatcher's per-call work).
+run_op = torch.library.custom_op("mpdsl::run", run_forward, mutates_args=())
+run_backward_op = torch.library.custom_op("mpdsl::run_backward", run_backward, mutates_args=())
+
+
+@run_op.register_fake
+def _run_fake(spec, structure, tensors, num_nodes, num_graphs):
+    s = read_spec(spec)
+    device = structure[0].device
+    return ([_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.outputs]
+            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.residuals]
+            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.state])
 
 
 @run_backward_op.register_fake
@@ -439,7 +474,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*structure, *tensors, *residuals)
 
 
-def _backward(ctx, grads):
+def _gradients(ctx, grads, backward) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """(structure gradients (None), gradient of each op tensor or None), by ``backward`` (the op or
+    its implementation)."""
     s = read_spec(ctx.spec)
     if s.backward is None:
         raise RuntimeError("mpdsl: this call ran without autograd; run it with a parameter or input that "
@@ -453,15 +490,56 @@ def _backward(ctx, grads):
         if s.types[name].is_float:
             cotangents.append(torch.zeros(shape, dtype=dtype, device=device) if grad is None
                               else grad.to(dtype).contiguous())
-    computed = run_backward_op(ctx.spec, structure, tensors, cotangents, residuals, *ctx.sizes)
+    computed = backward(ctx.spec, structure, tensors, cotangents, residuals, *ctx.sizes)
     by_name = dict(zip(s.differentiated, computed))
-    return None, [None] * n_structure, [by_name.get(n) for n in s.tensors], None, None
+    return [None] * n_structure, [by_name.get(n) for n in s.tensors]
+
+
+def _backward(ctx, grads):
+    structure, tensors = _gradients(ctx, grads, run_backward_op)
+    return None, structure, tensors, None, None
 
 
 run_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerRun(torch.autograd.Function):
+    """``torch.ops.mpdsl.run`` for eager calls: the same forward, context and backward."""
+
+    @staticmethod
+    def forward(ctx, spec: str, num_structure: int, num_nodes: int, num_graphs: int, *flat: torch.Tensor):
+        structure, tensors = list(flat[:num_structure]), list(flat[num_structure:])
+        results = run_forward(spec, structure, tensors, num_nodes, num_graphs)
+        _setup_context(ctx, (spec, structure, tensors, num_nodes, num_graphs), results)
+        ctx.mark_non_differentiable(*(t for t in results if not t.is_floating_point()))
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        structure, tensors = _gradients(ctx, grads, run_backward)
+        return (None, None, None, None, *structure, *tensors)
+
+
+def call_run(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
+             num_graphs: int) -> list[torch.Tensor]:
+    """Run ``spec``: the registered op while torch.compile / torch.export trace, else ``_EagerRun``."""
+    if torch.compiler.is_compiling():
+        return run_op(spec, structure, tensors, num_nodes, num_graphs)
+    return list(_EagerRun.apply(spec, len(structure), num_nodes, num_graphs, *structure, *tensors))
+
+
 # ---- the module ------------------------------------------------------------------------------
+
+
+def _flat(group: tuple) -> list:
+    """The numbers of a nested tuple of (name, shape) pairs, shapes and numbers."""
+    flat: list = []
+    for item in group:
+        if isinstance(item, tuple):
+            flat.extend(_flat(item))
+        elif not isinstance(item, str):
+            flat.append(item)
+    return flat
 
 
 @dataclass(frozen=True)
@@ -513,6 +591,7 @@ class MpdslModule(torch.nn.Module):
                 self.register_parameter(name, torch.nn.Parameter(value))
         self._programs: dict[tuple, Programs] = {}
         self._specs: dict[tuple, tuple[RunSpec, str]] = {}
+        self._dims: dict[tuple, dict[str, int]] = {}  # _bind's answers
         self._last_spec: RunSpec | None = None
 
     @property
@@ -527,7 +606,7 @@ class MpdslModule(torch.nn.Module):
         (``edge_index=``, ``batch=``, ``num_nodes=``, ``num_graphs=`` and the model's inputs by name);
         inputs not given are read from the graph. One output: a tensor; several: a dict by name."""
         call = self._prepare(graph, inputs)
-        results = torch.ops.mpdsl.run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs)
+        results = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs)
         spec = call.spec
         state = results[len(spec.outputs) + len(spec.residuals):]
         if state:
@@ -672,7 +751,23 @@ class MpdslModule(torch.nn.Module):
         return tensors
 
     def _bind(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
-        """The dims, bound from the inputs' and parameters' shapes (checked against their types)."""
+        """The dims, bound from the inputs' and parameters' shapes (checked against their types);
+        remembered per (shapes, row counts, the model's dims)."""
+        model = self.compiled
+        shapes = (tuple((n, tuple(t.shape)) for n, t in tensors.items()),
+                  tuple(tuple(getattr(self, n).shape) for n in model.param_types),
+                  tuple(sizes.num_rows(d) for d in (Domain.NODE, Domain.EDGE, Domain.GRAPH)),
+                  tuple(sorted(model.dims.items())))
+        if all(isinstance(s, int) for group in shapes[:3] for s in _flat(group)):
+            known = self._dims.get(shapes)
+            if known is None:
+                if len(self._dims) >= 64:
+                    self._dims.clear()
+                known = self._dims[shapes] = self._bind_checked(tensors, sizes)
+            return dict(known)
+        return self._bind_checked(tensors, sizes)
+
+    def _bind_checked(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
         model = self.compiled
         items = []
         for name, value in tensors.items():
@@ -775,4 +870,5 @@ def to_torch(model: CompiledModel, graph: Any = None, **dims: int) -> MpdslModul
     return MpdslModule(model, graph, **dims)
 
 
-__all__ = ["MpdslModule", "Programs", "RunSpec", "read_spec", "run_backward_op", "run_op", "to_torch"]
+__all__ = ["MpdslModule", "Programs", "RunSpec", "call_run", "read_spec", "run_backward", "run_backward_op",
+           "run_forward", "run_op", "to_torch"]
