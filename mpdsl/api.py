@@ -42,8 +42,8 @@ def read_source(path_or_source: str | Path) -> tuple[str, str]:
             raise MpdslError(f"cannot read {shown(str(path))}: {err.strerror or err}",
                              "pass the path of a readable .mp file") from None
         if len(data) > syntax.MAX_SOURCE_BYTES:
-            raise MpdslError(f"cannot read {shown(str(path))}: it is larger than {syntax.MAX_SOURCE_BYTES >> 20} MiB",
-                             "a program file holds at most 1 MiB of text")
+            raise MpdslError(f"cannot read {shown(str(path))}: it is larger than {syntax.MAX_SOURCE_SIZE}",
+                             f"a program file holds at most {syntax.MAX_SOURCE_SIZE} of text")
         return syntax.decode_source(data, str(path)), str(path)
     return str(path_or_source), "<string>"
 

@@ -11,6 +11,13 @@ MAX_NESTING = 100
 ``**``, the right operand of ``+ - * / @`` and ``for`` bodies each add a level, counted
 through inlined layer calls. A flat chain ``a + b + c + ...`` is one level whatever its length."""
 
+MAX_BRACKET_DEPTH = 100 * MAX_NESTING
+"""Brackets ``(`` and ``[`` nest at most this deep in the text. Checked before parsing, so that a
+text nested tens of thousands of levels deep (which the parser would take seconds to read) is
+refused at once. It is far past anything ``MAX_NESTING`` lets through (plain parentheses add no
+level there), so programs that nest too deep but not absurdly are refused after parsing, at the
+first construct past ``MAX_NESTING``."""
+
 MAX_STEPS = 20_000
 """One model (or one layer, checked on its own) unrolls to at most this many steps: IR values
 emitted, loop iterations and layer calls together."""

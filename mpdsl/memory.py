@@ -6,9 +6,11 @@ The budget is, in order of precedence:
 1. an explicit limit: ``memory_limit=`` of ``mpdsl.compile`` / ``Graph.load`` (or
    ``CompiledModel.memory_limit``), the CLI's ``--memory-limit``;
 2. the ``MPDSL_MEMORY_LIMIT`` environment variable;
-3. the memory the machine has available when the check is made (``MemAvailable`` of
-   ``/proc/meminfo``, else the free physical pages from ``os.sysconf``); where neither can be
-   read there is no limit.
+3. the memory this process can still get when the check is made: the machine's available memory
+   (``MemAvailable`` of ``/proc/meminfo``, else the free physical pages from ``os.sysconf``), or
+   less where the process is limited: its address-space limit (``ulimit -v``, ``RLIMIT_AS``) less
+   the address space it holds, or its cgroup's memory limit (``memory.max``, as in a container or
+   a batch job) less the memory the cgroup uses; where none can be read there is no limit.
 
 A limit is a number of bytes or a size with a binary unit: ``4G``, ``512M``, ``1.5GiB``,
 ``2048K`` (``K`` = 1024 bytes, ``M``, ``G``, ``T``, ``P``; a trailing ``B`` / ``iB`` is
@@ -30,6 +32,9 @@ ENV_VAR = "MPDSL_MEMORY_LIMIT"
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 NO_LIMIT = "none"
 AVAILABLE = "the machine's available memory"
+ADDRESS_SPACE = "the process's address-space limit (ulimit -v) less what it holds"
+CGROUP = "the cgroup's memory limit less its use"
+DEFAULT_SOURCES = (AVAILABLE, ADDRESS_SPACE, CGROUP)  # budgets measured when the check is made
 
 Limit = int | str | None
 """What a caller passes: bytes, a size string such as "4G", "none", or None (the default)."""
@@ -54,17 +59,58 @@ def parse_size(text: str) -> int | None:
 
 
 def available_memory() -> int | None:
-    """Bytes the machine can still give this process without swapping, or None if unknown."""
+    """Bytes the machine can still give this process without swapping, or None if unknown (the
+    smallest of the bounds that ``available_bounds`` finds)."""
+    bounds = available_bounds()
+    return min(bounds.values()) if bounds else None
+
+
+def available_bounds() -> dict[str, int]:
+    """What limits the memory this process can still get: the machine's available memory, the
+    process's address-space limit less its address space, the cgroup's limit less its use; each
+    as {description: bytes}, those that can be read."""
+    bounds: dict[str, int] = {}
+    machine = _read_kib("/proc/meminfo", "MemAvailable:")
+    if machine is None:
+        try:
+            machine = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            machine = None
+    if machine is not None:
+        bounds[AVAILABLE] = machine
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
+        soft = -1
+    held = _read_kib("/proc/self/status", "VmSize:")
+    if soft not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and held is not None:
+        bounds[ADDRESS_SPACE] = max(0, soft - held)
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        bounds[CGROUP] = max(0, limit - used)
+    return bounds
+
+
+def _read_kib(path: str, key: str) -> int | None:
+    """A ``key: N kB`` line of a /proc file, in bytes."""
+    try:
+        with open(path, encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    """A file holding one integer (``max`` and unreadable files: None)."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
+        with open(path, encoding="ascii") as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
         return None
 
 
@@ -117,8 +163,11 @@ def budget(limit: Limit = None) -> Budget:
     if env is not None and env.strip():
         given, value = _coerce(env, ENV_VAR)
         return Budget(value, ENV_VAR if value is not None else "no limit")
-    available = available_memory()
-    return Budget(available, AVAILABLE if available is not None else "no limit")
+    bounds = available_bounds()
+    if not bounds:
+        return Budget(None, "no limit")
+    source = min(bounds, key=bounds.__getitem__)
+    return Budget(bounds[source], source)
 
 
 @contextlib.contextmanager

@@ -566,7 +566,7 @@ class CompiledModel:
         total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph)
         # Arrays the backend keeps from earlier runs are reused, but count as used in the available memory.
         reusable = getattr(getattr(self.backend, "pool", None), "held_bytes", 0) \
-            if allowed.source == memory.AVAILABLE else 0
+            if allowed.source in memory.DEFAULT_SOURCES else 0
         if allowed.allows(total - reusable):
             return
         sizes = f"{graph.num_nodes} nodes, {graph.num_edges} edges"

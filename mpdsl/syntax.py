@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import stat
 from collections.abc import Iterable
 from importlib import resources
@@ -16,7 +17,7 @@ from lark import Token, Tree
 
 from mpdsl import ast
 from mpdsl.diagnostics import CompileError, MpdslError, Source, Span, abbreviate, shown
-from mpdsl.limits import MAX_INT, MAX_NESTING
+from mpdsl.limits import MAX_BRACKET_DEPTH, MAX_INT, MAX_NESTING
 
 _TOKEN_NAMES = {
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'",
@@ -274,9 +275,35 @@ class _Builder:
         return str(tok), self._tok_span(tok)
 
 
+_BRACKETS = re.compile(r'#[^\n]*|"[^"\n]*"|[(\[]|[)\]]')
+
+
+def _check_bracket_depth(text: str, source: Source) -> None:
+    """Refuse a text whose brackets nest deeper than ``MAX_BRACKET_DEPTH``, at the first bracket past
+    it (comments and strings skipped), before the parser reads it."""
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        token = match.group()
+        if token in "([":
+            depth += 1
+            if depth > MAX_BRACKET_DEPTH:
+                line = text.count("\n", 0, match.start()) + 1
+                col = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
+                raise CompileError(f"brackets nested more than {MAX_BRACKET_DEPTH} levels deep",
+                                   Span(source, line, col, line, col + 1),
+                                   "assign inner results to names first (h1 = ..., then f(h1))")
+        elif token in ")]":
+            depth = max(0, depth - 1)
+
+
 def parse(text: str, filename: str = "<string>") -> ast.Module:
     """Parse .mp source text into an AST; raise ``CompileError`` on a syntax error."""
     source = Source(filename, text)
+    if len(text) > MAX_SOURCE_BYTES:
+        raise CompileError(f"{shown(filename)}: the program text is larger than {MAX_SOURCE_SIZE}", None,
+                           f"a program holds at most {MAX_SOURCE_SIZE} of text: split it into files that import "
+                           "each other")
+    _check_bracket_depth(text, source)
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedCharacters as err:
@@ -315,7 +342,8 @@ def prelude() -> ast.Module:
 
 # ---- reading program files and resolving imports ------------------------------------------------
 
-MAX_SOURCE_BYTES = 1 << 20  # the most a program file (main or imported) may hold
+MAX_SOURCE_BYTES = 256 << 10  # the most a program (a file, main or imported, or text) may hold: parsing
+MAX_SOURCE_SIZE = "256 KiB"  # it takes about 2 s on one core, 50 times the largest example
 MAX_IMPORT_DEPTH = 64       # the longest chain of nested imports
 
 
@@ -359,7 +387,7 @@ def _read_regular_file(path: str) -> bytes:
         raise _Refused(f"cannot read it ({err.strerror or err})") from None
     if not stat.S_ISREG(info.st_mode):
         raise _Refused(f"it is {_file_kind(info.st_mode)}, not a regular file")
-    too_large = _Refused(f"it is larger than {MAX_SOURCE_BYTES >> 20} MiB")
+    too_large = _Refused(f"it is larger than {MAX_SOURCE_SIZE}")
     if info.st_size > MAX_SOURCE_BYTES:
         raise too_large
     # ``path`` is a real path: a link put in its place after it was resolved is refused too
@@ -473,7 +501,7 @@ def resolve_imports(module: ast.Module, base_dir: str | Path,
                 data = _read_regular_file(path)
             except _Refused as why:
                 raise refuse(imp, str(why), "an import names a regular .mp file of at most "
-                             f"{MAX_SOURCE_BYTES >> 20} MiB") from None
+                             f"{MAX_SOURCE_SIZE}") from None
             name = imp.path if not os.path.isabs(imp.path) else path
             imported = parse(decode_source(data, name), name)
             visit(imported, os.path.dirname(path), depth + 1)

@@ -1,6 +1,8 @@
 """The memory budget (mpdsl.memory): sizes, where the budget comes from, and the checks made from
 declared sizes before parameters are initialised and before a run."""
 
+import subprocess
+import sys
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -43,7 +45,7 @@ def test_parse_size_refuses_other_text(text):
 
 
 def test_budget_precedence(monkeypatch):
-    monkeypatch.setattr(memory, "available_memory", lambda: 5 << 30)
+    monkeypatch.setattr(memory, "available_bounds", lambda: {memory.AVAILABLE: 5 << 30})
     monkeypatch.delenv(memory.ENV_VAR, raising=False)
     assert memory.budget() == memory.Budget(5 << 30, "the machine's available memory")
     monkeypatch.setenv(memory.ENV_VAR, "2G")
@@ -186,7 +188,7 @@ def test_buffers_kept_for_reuse_count_towards_the_available_memory(monkeypatch):
     rng = np.random.default_rng(0)
     graph = mpdsl.Graph.from_arrays(rng.integers(0, 1000, (2, 200_000)), 1000, x=rng.normal(size=(1000, 16)))
     monkeypatch.delenv(memory.ENV_VAR, raising=False)
-    monkeypatch.setattr(memory, "available_memory", lambda: 10 << 20)  # the run needs about 15.3 MiB
+    monkeypatch.setattr(memory, "available_bounds", lambda: {memory.AVAILABLE: 10 << 20})  # the run needs about 15.3 MiB
     model = mpdsl.compile(EDGE_PRODUCT)
     model.backend = type(model.backend)()  # a backend of its own, with an empty pool
     with pytest.raises(mpdsl.InputError, match="over the memory budget of 10.0 MiB \\(the machine's available"):
@@ -196,3 +198,24 @@ def test_buffers_kept_for_reuse_count_towards_the_available_memory(monkeypatch):
     with pytest.raises(mpdsl.InputError, match="over the memory budget of 10.0 MiB \\(memory_limit\\)"):
         model.memory_limit = 10 << 20  # an explicit limit bounds the run's whole size
         model(graph)
+
+
+def test_the_default_budget_honours_the_address_space_limit():
+    """Under ``ulimit -v`` the budget is the address space left, so a parameter past it is refused by
+    name instead of failing in NumPy (a subprocess: the limit stays there)."""
+    script = (
+        "import resource, mpdsl\n"
+        "from mpdsl import memory\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (memory._read_kib('/proc/self/status', 'VmSize:') + (2 << 30),"
+        " resource.RLIM_INFINITY))\n"
+        "print(memory.budget().source)\n"
+        "try:\n"
+        "    mpdsl.compile('model m(x: node[F], W: param[F, 1000000000]) -> node[1000000000] { return x @ W }')"
+        ".init(0, F=3)\n"
+        "except mpdsl.MpdslError as err:\n"
+        "    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, message = done.stdout.split("\n", 1)
+    assert first == memory.ADDRESS_SPACE
+    assert "parameter 'W'" in message and "address-space limit" in message and "nothing was allocated" in message

@@ -184,7 +184,7 @@ def test_imports_resolve_from_the_importing_file_then_the_import_paths(project, 
     ("notes.mp", "it is a link to a file that is not a .mp program"),
     ("zero.mp", "it is a link to a file outside the program's folder"),
     ("folder.mp", "it is a folder, not a regular file"),
-    ("big.mp", "it is larger than 1 MiB"),
+    ("big.mp", "it is larger than 256 KiB"),
 ])
 def test_imports_outside_the_policy_are_refused_at_the_import(project, tmp_path, imported, message):
     (project / "out.mp").symlink_to(tmp_path / "outside.mp")

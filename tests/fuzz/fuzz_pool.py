@@ -35,6 +35,9 @@ READY_TIMEOUT = 900.0  # a cold kernel cache compiles everything once in the war
 RECYCLE = 250  # cases per worker before it is replaced (bounds memory creep)
 
 
+CASE_MEMORY_BUDGET = "1G"
+
+
 class WorkerFailed(RuntimeError):
     pass
 
@@ -45,6 +48,9 @@ class Worker:
         env.update(MPDSL_FUZZ_TIMEOUT=str(timeout), MPDSL_FUZZ_MEMORY=str(memory), MPDSL_FUZZ_WARM=str(int(warm)),
                    PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
         env.update(MPDSL_FUZZ_LOG=str(log), MPDSL_FUZZ_TMP=str(log.parent))
+        # The cases' memory budget: what is done within it finishes well inside the time limit on two
+        # cores; bigger (valid) work is refused by the budget checks, as on a small machine.
+        env.setdefault("MPDSL_MEMORY_LIMIT", CASE_MEMORY_BUDGET)
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
         self.case: dict | None = None

@@ -11,7 +11,7 @@ import pytest
 import mpdsl
 from mpdsl import ast, syntax
 from mpdsl.cli import main
-from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
+from mpdsl.limits import MAX_BRACKET_DEPTH, MAX_INT, MAX_NESTING, MAX_STEPS
 
 KARATE = mpdsl.Graph.from_arrays(np.array([[0, 1, 2, 3], [1, 2, 3, 0]]), x=np.eye(4, dtype=np.float32))
 
@@ -210,3 +210,21 @@ def test_an_unreadable_program_file_has_a_hint(tmp_path, capsys):
     assert main(["check", str(path)]) == 1
     err = capsys.readouterr().err
     assert "not UTF-8 text" in err and "latin1.mp:1:6" in err and "save the file as UTF-8" in err and "codec" not in err
+
+
+def test_absurdly_deep_brackets_are_refused_before_parsing():
+    """A text of 20,000 nested calls is refused at the first bracket past MAX_BRACKET_DEPTH, before the
+    parser reads it (in well under a second); brackets in comments do not count. A text past the
+    size limit is refused before that."""
+    import time
+
+    expr = "relu(" * 20_000 + "x" + ")" * 20_000
+    source = model(f"    return {expr}")
+    start = time.perf_counter()
+    err = located(source, 2, 12 + 5 * MAX_BRACKET_DEPTH + 4, f"nested more than {MAX_BRACKET_DEPTH} levels")
+    assert time.perf_counter() - start < 1.0
+    assert "h1 = " in err.hint
+    commented = "# " + "(" * (2 * MAX_BRACKET_DEPTH) + "\n" + model("    return relu(x)")
+    assert mpdsl.compile(commented)(KARATE).shape == (4, 4)
+    with pytest.raises(mpdsl.CompileError, match="larger than 256 KiB"):
+        syntax.parse(model("    return " + " + ".join(["x"] * 100_000)))
