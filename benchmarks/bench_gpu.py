@@ -121,13 +121,14 @@ def mpdsl_runner(torch, model, graph, layout: str | None):
     """A closure running the optimized program on device tensors, and a function giving its output in
     the original node order."""
     from mpdsl.backends.triton_backend import TritonBackend
-    from mpdsl.plan import choose_layout
+    from mpdsl.runtime import CompiledModel
 
+    backend = TritonBackend(device=DEVICE, interpret=None, layout=layout)
+    model = CompiledModel(model.ir, backend).load_weights(model.params)  # the GPU target's programs
     arrays, dims = model.bind(graph, {})
     program = model.optimized_for(dims)[0]
-    plan = choose_layout(graph, program, "auto")
+    plan = model.context.choose_layout(graph, program)
     laid_out, arrays = plan.apply(graph, arrays, model.input_types) if plan is not None else (graph, arrays)
-    backend = TritonBackend(device=DEVICE, interpret=None, layout=layout)
     inputs = {k: torch.from_numpy(np.array(v)).to(DEVICE) for k, v in arrays.items()}
     params = {k: torch.from_numpy(np.array(v)).to(DEVICE) for k, v in model.params.items()}
 

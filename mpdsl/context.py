@@ -170,9 +170,7 @@ class CompileContext:
         reordering for locality, edges sorted by destination). The gpu target runs graphs in their
         given order (node reordering and edge sorting are CPU cache-locality choices), and so does
         an unoptimized model."""
-        if not self.optimize or self.target != "cpu":
-            return None
-        return choose_layout(graph, program, self.layout)
+        return layout_for(graph, program, self.target, self.layout if self.optimize else "none")
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -189,4 +187,14 @@ class CompileContext:
                 f"target={self.target!r}, optimize={self.optimize}, layout={self.layout!r})")
 
 
-__all__ = ["MODES", "TARGETS", "CompileContext", "Programs", "check_target"]
+
+
+def layout_for(graph: Graph, program: Program, target: str, mode: str) -> GraphLayout | None:
+    """The graph layout of a run for ``target`` in layout ``mode`` ("none" for an unoptimized model):
+    ``mpdsl.plan.choose_layout`` on the cpu target, the graph as given on the gpu target."""
+    if target != "cpu" or mode == "none":
+        return None
+    return choose_layout(graph, program, mode)
+
+
+__all__ = ["MODES", "TARGETS", "CompileContext", "Programs", "check_target", "layout_for"]

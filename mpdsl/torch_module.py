@@ -70,11 +70,11 @@ import torch
 
 from mpdsl.autodiff import batch_norm_statistics
 from mpdsl.backends import BackendError, get_backend
-from mpdsl.context import Programs
+from mpdsl.context import Programs, layout_for
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.graph import Graph, first_true, position_text
 from mpdsl.ir import Program, parse_program, print_program
-from mpdsl.plan import GraphLayout, choose_layout
+from mpdsl.plan import GraphLayout
 from mpdsl.runtime import CompiledModel, _Array, as_graph
 from mpdsl.types import INT_DTYPE, Domain, TensorType
 
@@ -143,11 +143,10 @@ class RunSpec:
         self._views[name] = (*key, array)
         return array
 
-    def layout_for(self, graph: Graph) -> GraphLayout | None:
+    def graph_layout(self, graph: Graph) -> GraphLayout | None:
         """The graph layout this spec runs ``graph`` in (chosen for its forward program, once per graph)."""
-        if self.target != "cpu":
-            return None
-        return graph.cached(("torch.layout", id(self)), lambda: choose_layout(graph, self.forward, self.layout))
+        return graph.cached(("torch.layout", id(self)),
+                            lambda: layout_for(graph, self.forward, self.target, self.layout))
 
     @property
     def backend(self):
@@ -314,6 +313,7 @@ def _split_by_kind(spec: RunSpec, program: Program, named: dict[str, Any]) -> tu
 
 
 def _is_numpy(backend) -> bool:
+    """Whether the backend runs on host NumPy arrays (else it takes torch tensors: ``run_tensors``)."""
     return not hasattr(backend, "run_tensors")
 
 
@@ -342,7 +342,7 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
                                f"{', '.join(sorted(devices - {'cpu'}))}",
                                "keep the module on the CPU (module.to('cpu')), or compile with backend='triton'")
         arrays = {n: spec.view(n, t) for n, t in named.items()}  # views: no copies
-        layout = spec.layout_for(graph)
+        layout = spec.graph_layout(graph)
         spec.last_layout = layout
         run_graph = graph
         if layout is not None:
@@ -382,12 +382,13 @@ def _distinct(tensors: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[t
     return result
 
 
-def _rows(spec_domain: Domain, structure: list[torch.Tensor], num_nodes: int, num_graphs: int):
-    if spec_domain is Domain.NODE:
+def _rows(domain: Domain, structure: list[torch.Tensor], num_nodes: int, num_graphs: int):
+    """The row axis of a value of ``domain`` (none for params), for the fake kernels."""
+    if domain is Domain.NODE:
         return (num_nodes,)
-    if spec_domain is Domain.EDGE:
+    if domain is Domain.EDGE:
         return (structure[0].shape[1],)
-    if spec_domain is Domain.GRAPH:
+    if domain is Domain.GRAPH:
         return (num_graphs,)
     return ()
 
@@ -711,9 +712,7 @@ class MpdslModule(torch.nn.Module):
                            wrt if differentiable else (), checked, dict(dims),
                            model.layout if model.optimize else "none", model.context.target)
             text = spec.to_text()
-            self._specs[full] = (read_spec(text) if text not in _SPECS else _SPECS[text], text)
-            _SPECS.setdefault(text, spec)
-            self._specs[full] = (_SPECS[text], text)
+            self._specs[full] = (_SPECS.setdefault(text, spec), text)
         return self._specs[full]
 
     def _input_tensors(self, given: dict[str, Any], source: Graph | None, device: torch.device,
