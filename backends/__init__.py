@@ -8,7 +8,7 @@ cannot run must still appear, as ``unsupported("op", reason)``, so that coverage
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
 import numpy as np
@@ -197,6 +197,40 @@ def batch_norm_statistics(v, x, ctx, copy):
                 current = ctx.state_updates[name] = copy(ctx.params[name])
             current[index] = (1 - momentum) * current[index] + momentum * batch
     return centred, var
+
+
+# Ops that index with int ids: op -> (the operand holding the ids, the bound of the ids given the
+# op's operand arrays' leading sizes or attributes, what the ids index, for messages).
+ID_OPERANDS: dict[str, tuple[int, Callable[[Any, Callable[[int], int]], int], str]] = {
+    "take": (1, lambda v, rows: rows(0), "a parameter with {} entries"),
+    "typed_linear": (2, lambda v, rows: rows(1), "a parameter with {} entries"),
+    "one_hot": (0, lambda v, rows: v.attr["classes"], "one_hot with {} classes"),
+}
+
+
+def check_value_ids(v, ids, rows: Callable[[int], int]) -> None:
+    """The id check of op ``v`` (in ``ID_OPERANDS``) on ``ids``; ``rows(k)``: the leading size of
+    operand k."""
+    operand, bound_of, what = ID_OPERANDS[v.op]
+    bound = bound_of(v, rows)
+    check_ids(ids, bound, v.operands[operand], what.format(bound))
+
+
+def check_input_ids(program, arrays: Mapping[str, Any], dims: Mapping[str, int]) -> None:
+    """The id checks of ``program`` whose ids are model inputs, on ``arrays`` as the caller gave them:
+    run before the graph is laid out, so that a message names the caller's position."""
+    for v in program.values:
+        entry = ID_OPERANDS.get(v.op)
+        if entry is None:
+            continue
+        source = v.operands[entry[0]]
+        if source.op != "input" or source.attr["name"] not in arrays:
+            continue
+
+        def rows(k: int, v=v) -> int:
+            return v.operands[k].type.shape[0].substitute(dict(dims)).value
+
+        check_value_ids(v, arrays[source.attr["name"]], rows)
 
 
 def check_ids(ids, bound: int, source, what: str) -> None:

@@ -33,7 +33,7 @@ from mpdsl.backends import (
     array_axis,
     batch_norm_statistics,
     batch_norm_training,
-    check_ids,
+    check_value_ids,
     expand_operand,
     feature_width,
     gather_index,
@@ -728,13 +728,13 @@ class NumpyBackend(Backend):
 
     @rule("take")
     def _take(self, ctx, v, w, index):
-        check_ids(index, w.shape[0], v.operands[1], f"a parameter with {w.shape[0]} entries")
+        check_value_ids(v, index, lambda k: w.shape[0])
         return np.take(w, index, axis=0)
 
     @rule("one_hot")
     def _one_hot(self, ctx, v, ids):
         classes = v.attr["classes"]
-        check_ids(ids, classes, v.operands[0], f"one_hot with {classes} classes")
+        check_value_ids(v, ids, lambda k: classes)
         return np.eye(classes, dtype=ctx.float_dtype)[ids]
 
     @rule("aggregate")
@@ -770,7 +770,7 @@ class NumpyBackend(Backend):
         g = ctx.graph
         nodes = gather_index(g, v.attr["index"])
         relations = w.shape[0]
-        check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
+        check_value_ids(v, types, lambda k: relations)
         pairs, inverse = np.unique(nodes * relations + types, return_inverse=True)
         pair_nodes, pair_types = pairs // relations, pairs % relations
         k = h.shape[-1]

@@ -47,7 +47,7 @@ from mpdsl.backends import (
     array_axis,
     batch_norm_statistics,
     batch_norm_training,
-    check_ids,
+    check_value_ids,
     expand_operand,
     feature_width,
     gather_index,
@@ -492,13 +492,13 @@ class TritonBackend(Backend):
 
     @rule("take")
     def _take(self, ctx, v, w, index):
-        check_ids(index, w.shape[0], v.operands[1], f"a parameter with {w.shape[0]} entries")
+        check_value_ids(v, index, lambda k: w.shape[0])
         return w.index_select(0, index)
 
     @rule("one_hot")
     def _one_hot(self, ctx, v, ids):
         classes = v.attr["classes"]
-        check_ids(ids, classes, v.operands[0], f"one_hot with {classes} classes")
+        check_value_ids(v, ids, lambda k: classes)
         return torch.nn.functional.one_hot(ids, classes).to(ctx.dtype)
 
     # ---- graph ops (generated kernels) -----------------------------------------------------
@@ -587,7 +587,7 @@ class TritonBackend(Backend):
     def _typed_linear(self, ctx, v, h, w, types):
         nodes = ctx.index(v.attr["index"])
         relations = w.shape[0]
-        check_ids(types, relations, v.operands[2], f"a parameter with {relations} entries")
+        check_value_ids(v, types, lambda k: relations)
         lead = tuple(h.shape[1:-1])                     # leading feature axes of h: one product each
         inner, width = h.shape[-1], feature_width(w.shape[2:])
         a = max(1, feature_width(lead))

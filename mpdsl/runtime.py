@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import numpy as np
 
 from mpdsl import memory
+from mpdsl.backends import check_input_ids
 from mpdsl.context import CompileContext
 from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
 from mpdsl.graph import Graph, first_true, position_text
@@ -519,6 +520,7 @@ class CompiledModel:
         layout = self.context.choose_layout(graph, program)
         self.last_layout = layout
         if layout is not None:
+            check_input_ids(program, arrays, dims)  # before the layout: messages name the caller's positions
             graph, arrays = layout.apply(graph, arrays, self.input_types, frozenset(set(arrays) - set(inputs)))
         outputs = self.backend.run(program, graph, arrays, self.params, dims, training=self.training)
         if self.training:  # batch_norm's running statistics, updated by the run

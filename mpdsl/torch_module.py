@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from mpdsl.autodiff import batch_norm_statistics
-from mpdsl.backends import BackendError, get_backend
+from mpdsl.backends import BackendError, check_input_ids, get_backend
 from mpdsl.context import Programs, layout_for
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.graph import Graph, first_true, position_text
@@ -346,6 +346,7 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
         spec.last_layout = layout
         run_graph = graph
         if layout is not None:
+            check_input_ids(program, arrays, spec.dims)  # before the layout: messages name the caller's positions
             types = spec.types
             moved = {n: a for n, a in arrays.items() if n not in laid_out}
             run_graph, moved = layout.apply(graph, moved, types, _from_graph(graph, moved))

@@ -197,3 +197,27 @@ def test_every_examples_saved_weights_load_back_through_the_cli(example, tmp_pat
     assert first.files == second.files
     for name in first.files:
         np.testing.assert_array_equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("name", ["rgcn", "hgt", "rgat"])
+def test_out_of_range_ids_name_the_callers_position_when_the_graph_is_reordered(name):
+    """A reordered graph (layout "reorder") must not move the position an id error names: the ids that
+    are model inputs are checked before the layout, by CompiledModel.run and by the torch module."""
+    from test_passes import random_graph
+
+    graph = random_graph(0, nodes=30, edges=90)
+    model = mpdsl.compile(ROOT / "examples" / f"{name}.mp", layout="reorder")
+    inputs = synth_inputs(model, graph, np.random.default_rng(0), keep_graph_features=True)
+    key = "edge_type" if "edge_type" in inputs else "node_type"
+    inputs[key] = inputs[key].copy()
+    inputs[key][3] = 99
+    with pytest.raises(mpdsl.InputError) as err:
+        model.run(graph, **inputs)
+    assert err.value.message.startswith(f"{key}[3] = 99 is out of range"), err.value.message
+    assert model.last_layout is None or model.last_layout.nodes is not None
+    torch = pytest.importorskip("torch")
+    module = model.to_torch(graph)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    with pytest.raises(mpdsl.InputError) as err:
+        module(graph, **tensors)
+    assert err.value.message.startswith(f"{key}[3] = 99 is out of range"), err.value.message
