@@ -78,19 +78,25 @@ def available_bounds() -> dict[str, int]:
             machine = None
     if machine is not None:
         bounds[AVAILABLE] = machine
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    except (ImportError, OSError, ValueError):
-        soft = -1
+    soft = _address_space_limit()
     held = _read_kib("/proc/self/status", "VmSize:")
-    if soft not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and held is not None:
+    if soft is not None and held is not None:
         bounds[ADDRESS_SPACE] = max(0, soft - held)
     limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
     if limit is not None and used is not None:
         bounds[CGROUP] = max(0, limit - used)
     return bounds
+
+
+def _address_space_limit() -> int | None:
+    """The soft ``RLIMIT_AS`` in bytes; None where there is none (or no ``resource`` module)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        return None if soft == resource.RLIM_INFINITY or soft < 0 else soft
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 def _read_kib(path: str, key: str) -> int | None:

@@ -443,27 +443,19 @@ class CompiledModel:
             else:
                 raise InputError(f"model input '{name}' ({t}) is not given",
                                  f"pass {name}=... or add an array '{name}' to the graph")
-            if arr.ndim == 0 or arr.shape[0] != graph.num_rows(t.domain):
-                got = "a scalar" if arr.ndim == 0 else f"{arr.shape[0]} rows"
-                raise InputError(f"input '{name}' has {got} but the graph has {graph.num_rows(t.domain)} {t.domain}s",
-                                 f"{name} is declared {t}: one row per {t.domain}")
+            check_input_rows(name, t, arr.shape, graph.num_rows(t.domain))
             if t.dtype == INT_DTYPE:
                 if arr.dtype.kind not in "iu":
                     raise InputError(f"input '{name}' has dtype {arr.dtype} but is declared int",
                                      f"pass integer ids ({name}.astype(np.int64))")
                 if arr.size and arr.min() < 0:
-                    pos = int(np.argmax(arr < 0))
-                    raise InputError(f"{name}[{pos}] = {int(arr[pos])} is negative", "ids start at 0")
+                    raise negative_ids(name, arr)
                 arr = arr.astype(np.int64, copy=False)
             else:
                 if arr.dtype.kind not in "fiub":
                     raise InputError(f"input '{name}' has dtype {arr.dtype}", "features are real numbers")
-                if given and arr.dtype.kind == "f":  # a graph's arrays are checked when it is built
-                    finite = np.isfinite(arr)
-                    if not finite.all():
-                        where = first_true(~finite)
-                        raise InputError(f"input {name}{position_text(where)} is {float(arr[where])}",
-                                         "features must be finite (no NaN or infinity)")
+                if given and arr.dtype.kind == "f" and not np.isfinite(arr).all():  # a graph's are checked when built
+                    raise non_finite(name, arr)
                 arr = _cast_checked(f"input {name}", arr, self.float_dtype, InputError)
             place = f"the input {name} given to the model" if given else f"the graph's array '{name}'"
             shapes.append(_Array("input", name, place, t, arr.shape[1:]))
@@ -668,6 +660,27 @@ def as_graph(graph: Any, memory_limit: memory.Limit = None) -> Graph:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def check_input_rows(name: str, t: TensorType, shape: tuple, rows: int) -> None:
+    """Refuse an input whose leading axis is not one row per node / edge / graph of its domain."""
+    if len(shape) == 0 or shape[0] != rows:
+        got = "a scalar" if len(shape) == 0 else f"{shape[0]} rows"
+        raise InputError(f"input '{name}' has {got} but the graph has {rows} {t.domain}s",
+                         f"{name} is declared {t}: one row per {t.domain}")
+
+
+def negative_ids(name: str, ids: np.ndarray) -> InputError:
+    """The error for int ids holding a negative value (the first one named)."""
+    pos = first_true(ids < 0)
+    return InputError(f"{name}{position_text(pos)} = {int(ids[pos])} is negative", "ids start at 0")
+
+
+def non_finite(name: str, values: np.ndarray) -> InputError:
+    """The error for features holding NaN or infinity (the first one named)."""
+    pos = first_true(~np.isfinite(values))
+    return InputError(f"input {name}{position_text(pos)} is {float(values[pos])}",
+                      "features must be finite (no NaN or infinity)")
 
 
 class _Array(NamedTuple):

@@ -62,6 +62,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +73,10 @@ from mpdsl.autodiff import batch_norm_statistics
 from mpdsl.backends import BackendError, check_input_ids, get_backend
 from mpdsl.context import Programs, layout_for
 from mpdsl.diagnostics import InputError, MpdslError
-from mpdsl.graph import Graph, first_true, position_text
+from mpdsl.graph import Graph
 from mpdsl.ir import Program, parse_program, print_program
 from mpdsl.plan import GraphLayout
-from mpdsl.runtime import CompiledModel, _Array, as_graph
+from mpdsl.runtime import CompiledModel, _Array, as_graph, check_input_rows, negative_ids, non_finite
 from mpdsl.types import INT_DTYPE, Domain, TensorType
 
 TORCH_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -166,12 +167,12 @@ class RunSpec:
 
     @functools.cached_property
     def types(self) -> dict[str, TensorType]:
-        """Type of every named input and param of both programs, and of every output."""
+        """Type of every named input, param and output of both programs."""
         types = {}
         for program in (self.forward, self.backward):
             if program is not None:
                 types.update({v.attr["name"]: v.type for v in program.values if v.op in ("input", "param")})
-        types.update({name: v.type for name, v in self.forward.outputs})
+                types.update({name: v.type for name, v in program.outputs})
         return types
 
 
@@ -184,10 +185,11 @@ def read_spec(text: str) -> RunSpec:
     if spec is None:
         try:
             data = json.loads(text)
-            assert data.get("format") == "mpdsl.run/1"
-        except (ValueError, AssertionError):
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or data.get("format") != "mpdsl.run/1":
             raise MpdslError("torch.ops.mpdsl.run was called with a spec it cannot read",
-                             "call the op through an mpdsl torch module (to_torch)") from None
+                             "call the op through an mpdsl torch module (to_torch)")
         spec = RunSpec(data["backend"], data["token"], parse_program(data["forward"]),
                        None if data["backward"] is None else parse_program(data["backward"]),
                        tensors=tuple(data["tensors"]), outputs=tuple(data["outputs"]),
@@ -299,12 +301,9 @@ def _check_values(spec: RunSpec, named: dict[str, torch.Tensor]) -> None:
         t = named[name]
         if spec.types[name].dtype == INT_DTYPE:
             if t.numel() and not bool((t >= 0).all()):
-                pos = first_true(t.detach().cpu().numpy() < 0)
-                raise InputError(f"{name}{position_text(pos)} = {int(t[pos])} is negative", "ids start at 0")
+                raise negative_ids(name, t.detach().cpu().numpy())
         elif t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            pos = first_true(~np.isfinite(t.detach().float().cpu().numpy()))
-            raise InputError(f"input {name}{position_text(pos)} is {float(t[pos])}",
-                             "features must be finite (no NaN or infinity)")
+            raise non_finite(name, t.detach().float().cpu().numpy())
 
 
 def _split_by_kind(spec: RunSpec, program: Program, named: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -356,7 +355,7 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
         updates = dict(getattr(backend, "last_state_updates", {}))
         if layout is not None:
             back = {n: outputs[n] for n in restore if n in outputs}
-            outputs.update(layout.restore(back, spec.types | {n: v.type for n, v in program.outputs}))
+            outputs.update(layout.restore(back, spec.types))
         result = {n: torch.from_numpy(np.require(a, requirements='C')) for n, a in outputs.items()}
         result.update({f"state:{n}": torch.from_numpy(np.array(a)) for n, a in updates.items()})
         return result
@@ -383,24 +382,27 @@ def _distinct(tensors: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[t
     return result
 
 
-def _rows(domain: Domain, structure: list[torch.Tensor], num_nodes: int, num_graphs: int):
-    """The row axis of a value of ``domain`` (none for params), for the fake kernels."""
-    if domain is Domain.NODE:
-        return (num_nodes,)
-    if domain is Domain.EDGE:
-        return (structure[0].shape[1],)
-    if domain is Domain.GRAPH:
-        return (num_graphs,)
-    return ()
+@dataclass(frozen=True)
+class _Sizes:
+    """Row counts of a graph given as tensors (what shapes and the run memory check need)."""
+
+    num_nodes: Any  # int, or a SymInt while tracing
+    num_edges: Any
+    num_graphs: Any
+
+    def num_rows(self, domain: Domain) -> int:
+        return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
 
 
-def _shape(t: TensorType, structure, num_nodes, num_graphs) -> tuple:
-    return _rows(t.domain, structure, num_nodes, num_graphs) + tuple(d.value for d in t.shape)
+def value_shape(t: TensorType, sizes, dims: Mapping[str, int]) -> tuple:
+    """The shape of a value of type ``t`` on a graph of ``sizes`` (a Graph or ``_Sizes``) with ``dims``."""
+    rows = () if t.domain is Domain.PARAM else (sizes.num_rows(t.domain),)
+    return rows + tuple(d.substitute(dims).value for d in t.shape)
 
 
-def _empty(t: TensorType, structure, num_nodes, num_graphs, device) -> torch.Tensor:
+def _empty(t: TensorType, sizes: _Sizes, device) -> torch.Tensor:
     dtype = torch.int64 if t.dtype == INT_DTYPE else DTYPES_OF[t.dtype]
-    return torch.empty(_shape(t, structure, num_nodes, num_graphs), dtype=dtype, device=device)
+    return torch.empty(value_shape(t, sizes, {}), dtype=dtype, device=device)
 
 
 def _forward_results(spec: RunSpec, named: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]):
@@ -452,10 +454,8 @@ run_backward_op = torch.library.custom_op("mpdsl::run_backward", run_backward, m
 @run_op.register_fake
 def _run_fake(spec, structure, tensors, num_nodes, num_graphs):
     s = read_spec(spec)
-    device = structure[0].device
-    return ([_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.outputs]
-            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.residuals]
-            + [_empty(s.types[n], structure, num_nodes, num_graphs, device) for n in s.state])
+    sizes = _Sizes(num_nodes, structure[0].shape[1], num_graphs)
+    return [_empty(s.types[n], sizes, structure[0].device) for n in (*s.outputs, *s.residuals, *s.state)]
 
 
 @run_backward_op.register_fake
@@ -533,27 +533,8 @@ def call_run(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tenso
 # ---- the module ------------------------------------------------------------------------------
 
 
-def _flat(group: tuple) -> list:
-    """The numbers of a nested tuple of (name, shape) pairs, shapes and numbers."""
-    flat: list = []
-    for item in group:
-        if isinstance(item, tuple):
-            flat.extend(_flat(item))
-        elif not isinstance(item, str):
-            flat.append(item)
-    return flat
-
-
-@dataclass(frozen=True)
-class _Sizes:
-    """Row counts of a graph given as tensors (what the run memory check needs)."""
-
-    num_nodes: Any  # int, or a SymInt while tracing
-    num_edges: Any
-    num_graphs: Any
-
-    def num_rows(self, domain: Domain) -> int:
-        return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
+def _holds_integers(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 @dataclass
@@ -734,7 +715,7 @@ class MpdslModule(torch.nn.Module):
                     raise InputError(f"input '{name}' is on {value.device} but the module is on {device}",
                                      f"move it with {name}.to({str(device)!r}), or the module with module.to(...)")
                 if t.dtype == INT_DTYPE:
-                    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                    if not _holds_integers(value):
                         raise InputError(f"input '{name}' has dtype {value.dtype} but is declared int",
                                          f"pass integer ids ({name}.long())")
                     value = value.to(torch.int64)
@@ -758,14 +739,15 @@ class MpdslModule(torch.nn.Module):
                   tuple(tuple(getattr(self, n).shape) for n in model.param_types),
                   tuple(sizes.num_rows(d) for d in (Domain.NODE, Domain.EDGE, Domain.GRAPH)),
                   tuple(sorted(model.dims.items())))
-        if all(isinstance(s, int) for group in shapes[:3] for s in _flat(group)):
+        try:
             known = self._dims.get(shapes)
-            if known is None:
-                if len(self._dims) >= 64:
-                    self._dims.clear()
-                known = self._dims[shapes] = self._bind_checked(tensors, sizes)
-            return dict(known)
-        return self._bind_checked(tensors, sizes)
+        except TypeError:  # symbolic sizes while tracing: not remembered
+            return self._bind_checked(tensors, sizes)
+        if known is None:
+            if len(self._dims) >= 64:
+                self._dims.clear()
+            known = self._dims[shapes] = self._bind_checked(tensors, sizes)
+        return dict(known)
 
     def _bind_checked(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
         model = self.compiled
@@ -773,10 +755,7 @@ class MpdslModule(torch.nn.Module):
         for name, value in tensors.items():
             t = model.input_types[name]
             rows = sizes.num_rows(t.domain)
-            if value.ndim == 0 or value.shape[0] != rows:
-                got = "a scalar" if value.ndim == 0 else f"{value.shape[0]} rows"
-                raise InputError(f"input '{name}' has {got} but the graph has {rows} {t.domain}s",
-                                 f"{name} is declared {t}: one row per {t.domain}")
+            check_input_rows(name, t, tuple(value.shape), rows)
             items.append(_Array("input", name, f"the input {name}", t, tuple(int(s) for s in value.shape[1:])))
         dims = dict(model.dims)
         sources = {k: "the parameters" for k in dims if k not in model.static_dims}
@@ -792,7 +771,7 @@ class MpdslModule(torch.nn.Module):
     def _index_tensor(name: str, value: Any, device: torch.device) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(np.asarray(value))
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        if not _holds_integers(value):
             raise InputError(f"{name} has dtype {value.dtype}", f"{name} holds integer node ids")
         if value.device != device:
             raise InputError(f"{name} is on {value.device} but the module is on {device}",
@@ -840,13 +819,8 @@ class MpdslModule(torch.nn.Module):
         return dtype
 
     @staticmethod
-    def _concrete_shape(t: TensorType, sizes, dims) -> tuple[int, ...]:
-        rows = () if t.domain is Domain.PARAM else (sizes.num_rows(t.domain),)
-        return rows + tuple(d.substitute(dims).value for d in t.shape)
-
-    def _mask(self, t: TensorType, p: float, sizes, dims, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        shape = self._concrete_shape(t, sizes, dims)
-        keep = torch.rand(shape, dtype=torch.float64, device=device) >= p
+    def _mask(t: TensorType, p: float, sizes, dims, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        keep = torch.rand(value_shape(t, sizes, dims), dtype=torch.float64, device=device) >= p
         return keep.to(dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0)
 
     # ---- weights -----------------------------------------------------------------------------
