@@ -162,6 +162,33 @@ def spmm(indptr, columns, weights, x, out, chunks, mean):
                     out[r, k] *= scale
 
 
+@njit(**_JIT)
+def match_spmm(indptr, columns, column_values, row_values, x, out, chunks, weighted):
+    """out[r, k] = sum_e [column_values[columns[e], k] == row_values[r, k]] * x[columns[e], k] over
+    row r's edges (1 in place of x unless ``weighted``): the sums over matching endpoints of
+    ``match_gspmm``. column_values, x: [N, F] (x may be [0, F] when not weighted), row_values,
+    out: [M, F]."""
+    width = out.shape[1]
+    for chunk in prange(chunks.shape[0] - 1):
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            for k in range(width):
+                out[r, k] = 0
+            lo, hi = indptr[r], indptr[r + 1]
+            if weighted:
+                for e in range(lo, hi):
+                    _prefetch_row(column_values, columns, e + PREFETCH_DISTANCE)
+                    _prefetch_row(x, columns, e + PREFETCH_DISTANCE)
+                    j = columns[e]
+                    for k in range(width):
+                        out[r, k] += (column_values[j, k] == row_values[r, k]) * x[j, k]
+            else:
+                for e in range(lo, hi):
+                    _prefetch_row(column_values, columns, e + PREFETCH_DISTANCE)
+                    j = columns[e]
+                    for k in range(width):
+                        out[r, k] += column_values[j, k] == row_values[r, k]
+
+
 SUM, MEAN, NORMALIZED = 0, 1, 2  # grouped_spmm modes
 
 

@@ -1,7 +1,7 @@
 """The NumPy/SciPy backend: the reference semantics of mpdsl programs.
 
 Values are NumPy arrays: a node / edge / graph value has its row axis first, a param value
-none. Graph ops over the edges (``gspmm`` sums and means, ``attention``) run as compiled pull-style
+none. Graph ops over the edges (``gspmm`` sums and means, ``match_gspmm``, ``attention``) run as compiled pull-style
 CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics); ``aggregate`` sums and means
 are SciPy CSR products; max, min and softmax use sorted-segment ``reduceat``; no per-edge Python
 loop and no ``np.add.at``. An empty group reduces to 0. Row-wise ops run in fused row groups
@@ -329,6 +329,26 @@ class PullCSR:
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
                        out.reshape(self.num_nodes, x2.shape[1]), self.chunks, kernels.NORMALIZED)
+        return out
+
+    def match_spmm(self, column_values: np.ndarray, row_values: np.ndarray, x: np.ndarray | None,
+                   empty=np.empty) -> np.ndarray:
+        """out[i] = sum over row i's edges e of [column_values[column[e]] == row_values[i]] *
+        x[column[e]] per feature element (1 in place of x when None); all operands [N, ...] of one
+        shape. ``empty(shape, dtype)`` allocates the result."""
+        out = empty((self.num_nodes,) + row_values.shape[1:], row_values.dtype)
+        if out.size == 0:
+            out.fill(0)
+            return out
+        kernels = _kernels()
+        width = feature_width(row_values.shape[1:])
+
+        def flat(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(a.reshape(a.shape[0], width))
+
+        values = flat(x) if x is not None else np.empty((0, width), dtype=row_values.dtype)
+        kernels.launch(kernels.match_spmm, self.indptr, self.columns, flat(column_values), flat(row_values), values,
+                       out.reshape(self.num_nodes, width), self.chunks, x is not None)
         return out
 
     def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
@@ -759,6 +779,14 @@ class NumpyBackend(Backend):
         if isinstance(kind, np.ufunc):
             return csr.extreme(x, kind, weights)
         return csr.spmm(x, weights, mean=kind == "mean", empty=ctx.empty)
+
+    @rule("match_gspmm")
+    def _match_gspmm(self, ctx, v, a, b, x=None):
+        csr = ctx.pull(v.attr["by"])
+        # a is read at each edge's source, b at its destination: the columns of the CSR by dst are
+        # sources, those of the CSR by src destinations.
+        columns, rows = (a, b) if v.attr["by"] == "dst" else (b, a)
+        return csr.match_spmm(columns, rows, x, empty=ctx.empty)
 
     @rule("attention")
     def _attention(self, ctx, v, s, x):

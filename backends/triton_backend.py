@@ -1,6 +1,6 @@
 """The Triton backend: generated Triton kernels for the graph ops, torch for dense algebra.
 
-Graph ops (``gspmm``, ``attention``, ``aggregate``, ``softmax``, ``typed_linear``) run as Triton
+Graph ops (``gspmm``, ``match_gspmm``, ``attention``, ``aggregate``, ``softmax``, ``typed_linear``) run as Triton
 kernels generated from the IR value (see ``mpdsl.backends.triton_kernels``: the source is built
 from the op's attributes and static shapes, and cached by a hash of both). Every other op is a
 torch op with the NumPy backend's semantics (left-aligned broadcasting, param values without a
@@ -61,6 +61,7 @@ from mpdsl.backends.triton_kernels import (
     CooAttention,
     CooGspmm,
     KernelSpec,
+    MatchSegmentSum,
     SegmentReduce,
     SegmentSoftmax,
     TypedLinear,
@@ -532,6 +533,19 @@ class TritonBackend(Backend):
         spec = SegmentReduce("gspmm", choose_reduce(v), True, width, groups, ctx.dtype_name)
         return self._segment_launch(ctx, spec, seg, [seg.perm, seg.cols, x.contiguous()] + weights, width, out)
 
+    @rule("match_gspmm")
+    def _match_gspmm(self, ctx, v, a, b, x=None):
+        """Over the CSR by ``by`` whatever the layout override (the kernel compares both endpoints of
+        an edge, which a COO scatter would read the same way): a is read at sources, b at destinations."""
+        seg = ctx.segments(v.attr["by"])
+        width = feature_width(a.shape[1:])
+        out = self._output(ctx, tuple(a.shape))
+        columns, rows = (a, b) if v.attr["by"] == "dst" else (b, a)
+        values = [] if x is None else [x.contiguous()]
+        spec = MatchSegmentSum(width, x is not None, ctx.dtype_name)
+        return self._segment_launch(ctx, spec, seg, [seg.cols, columns.contiguous(), rows.contiguous()] + values,
+                                    width, out)
+
     @rule("attention")
     def _attention(self, ctx, v, s, x):
         seg = ctx.segments(v.attr["by"])
@@ -693,6 +707,10 @@ def _gspmm_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelS
                                                                                   groups, dtype)
 
 
+def _match_gspmm_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    return MatchSegmentSum(widths[0], len(widths) == 3, dtype)
+
+
 def _attention_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
     return CooAttention(widths[1], widths[0], dtype) if coo else Attention(widths[1], widths[0], dtype)
 
@@ -707,7 +725,7 @@ def _typed_linear_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> 
 # The ops that run as generated Triton kernels, each with the builder of its kernel spec
 # (value, float operand widths, dtype, COO layout?, width function) -> spec; the others run as torch ops.
 KERNEL_SPECS = {"aggregate": _aggregate_spec, "softmax": _softmax_spec, "gspmm": _gspmm_spec,
-                "attention": _attention_spec, "typed_linear": _typed_linear_spec}
+                "match_gspmm": _match_gspmm_spec, "attention": _attention_spec, "typed_linear": _typed_linear_spec}
 KERNEL_OPS = tuple(KERNEL_SPECS)
 
 

@@ -16,6 +16,9 @@ Kernels (all deterministic except the COO ones, which use atomics):
   (``aggregate``). One program per (block of segments, block of features); the segments are
   visited in order of decreasing size, so the rows of one block have similar degrees and the
   block's first segment gives its loop bound (no reduction needed).
+* ``MatchSegmentSum``: ``match_gspmm``, a sum over each node's edges of the other endpoint's row
+  (or of 1) where the two endpoints' values are equal, per feature element (the max / min
+  backward: tie counts, and the cotangent routed to the tied edges).
 * ``SegmentSoftmax``: softmax over each segment (``softmax`` by dst / src / graph): an online
   max-and-sum pass, then a normalising pass that writes every member row.
 * ``Attention``: fused edge softmax by destination and weighted sum of the source rows in ONE pass
@@ -117,6 +120,17 @@ class SegmentReduce(KernelSpec):
     @property
     def kind(self) -> str:
         return f"{self.op}_{self.reduce}"
+
+
+@dataclass(frozen=True)
+class MatchSegmentSum(KernelSpec):
+    """out[r, f] = sum over the member edges e of segment r of [cv[cols[e], f] == rv[r, f]] *
+    x[cols[e], f] (1 in place of x unless ``weighted``): ``match_gspmm`` over a CSR."""
+
+    width: int
+    weighted: bool
+    dtype: str
+    kind = "match_gspmm"
 
 
 @dataclass(frozen=True)
@@ -336,6 +350,34 @@ def _gen_segment_reduce(spec: SegmentReduce) -> str:
     return code.text()
 
 
+def _gen_match_segment_sum(spec: MatchSegmentSum) -> str:
+    F, acc, store = spec.width, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    args = ["indptr", "order", "cols", "column_values", "row_values"] + (["x"] if spec.weighted else []) + \
+        ["out", "n_rows"]
+    term = "x[cols[e], f]" if spec.weighted else "1"
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}({', '.join(args)}, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):"):
+        code(f'"""out[s, f] = sum over the members e of segment s of [column_values[cols[e], f] == '
+             f'row_values[s, f]] * {term}; {F} features, {acc} accumulation."""')
+        _segment_prologue(code, F)
+        code(f"mine = tl.load(row_values + row[:, None] * {F} + feat[None, :], mask=out_ok, other=0.0)",
+             f"acc = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
+        with code.block("for i in range(0, longest):"):
+            code("live = i < count",
+                 "ok = live[:, None] & feat_ok[None, :]",
+                 "node = tl.load(cols + start + i, mask=live, other=0).to(tl.int64)",
+                 f"theirs = tl.load(column_values + node[:, None] * {F} + feat[None, :], mask=ok, other=0.0)",
+                 "hit = ok & (theirs == mine)")
+            if spec.weighted:
+                code(f"val = tl.load(x + node[:, None] * {F} + feat[None, :], mask=ok, other=0.0).to({acc})",
+                     "acc += tl.where(hit, 1.0, 0.0) * val")
+            else:
+                code("acc += tl.where(hit, 1.0, 0.0)")
+        _store_rows(code, F, "acc", store)
+    return code.text()
+
+
 def _gen_segment_softmax(spec: SegmentSoftmax) -> str:
     F, acc, store = spec.width, ACCUMULATE[spec.dtype], STORE[spec.dtype]
     code = _Code()
@@ -524,7 +566,8 @@ def _gen_coo_attention(spec: CooAttention) -> str:
 
 # each generator takes its own spec class, the key it is filed under
 _GENERATORS: dict[type[KernelSpec], Callable[[Any], str]] = {
-    SegmentReduce: _gen_segment_reduce, SegmentSoftmax: _gen_segment_softmax, Attention: _gen_attention,
+    SegmentReduce: _gen_segment_reduce, MatchSegmentSum: _gen_match_segment_sum,
+    SegmentSoftmax: _gen_segment_softmax, Attention: _gen_attention,
     TypedLinear: _gen_typed_linear, CooGspmm: _gen_coo_gspmm, CooAttention: _gen_coo_attention}
 
 

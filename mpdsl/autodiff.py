@@ -20,7 +20,8 @@ Rules worth knowing:
 
 * graph movement: ``gather by src`` <-> ``sum by src`` (likewise dst; ``batch`` <-> ``by graph``);
   ``mean`` divides by max(count, 1) before gathering; ``max``/``min`` route the cotangent to the
-  elements equal to the result, split evenly among ties (as torch's amax/scatter_reduce);
+  elements equal to the result, split evenly among ties (as torch's amax/scatter_reduce): for a
+  gathered operand the optimizer runs the tie mask's sums as ``match_gspmm`` (no E x F mask);
   segment ``softmax``: y * (g - sum(y * g) [gathered]).
 * elementwise ops un-broadcast: a param operand's cotangent is summed over rows (``contract_rows``)
   and over broadcast feature axes; ``maximum``/``minimum`` split ties in half (as torch).
@@ -35,8 +36,8 @@ Rules worth knowing:
   as torch's BatchNorm; its running statistics get no gradient there. Mode "auto" (what the source
   language emits) is differentiated with inference semantics, like dropout: for training, first fix
   the mode (``set_batch_norm_mode``).
-* fused ops (``gspmm``, ``attention``, ``typed_linear``) are differentiated by emitting their
-  unfused definition and differentiating that.
+* fused ops (``gspmm``, ``match_gspmm``, ``attention``, ``typed_linear``) are differentiated by
+  emitting their unfused definition and differentiating that.
 
 The builder keeps the emitted IR narrow: products and broadcasts it made are folded into the
 contractions that consume them, ``W[etype]`` enters contractions as one_hot(etype) x W (no per-edge
@@ -559,6 +560,13 @@ def _unfuse(v: Value, b: GradBuilder) -> Value:
         if len(v.operands) == 2:
             message = b.mul(message, v.operands[1])
         return b.aggregate(message, v.attr["reduce"], by)
+    if v.op == "match_gspmm":
+        by = v.attr["by"]
+        a, b_, *x = v.operands
+        weight = b.eq(b.gather(a, "src"), b.gather(b_, "dst"))
+        if x:
+            weight = b.mul(weight, b.gather(x[0], OPPOSITE[by]))
+        return b.aggregate(weight, "sum", by)
     if v.op == "attention":
         by = v.attr["by"]
         s, x = v.operands
@@ -570,7 +578,7 @@ def _unfuse(v: Value, b: GradBuilder) -> Value:
     raise MissingRule(f"autodiff has no unfused definition of the fused op {v.op}")
 
 
-@adjoint("gspmm", "attention", "typed_linear")
+@adjoint("gspmm", "match_gspmm", "attention", "typed_linear")
 def _fused_adjoint(v, g, b, needed):
     start = len(b.values)
     root = _unfuse(v, b)

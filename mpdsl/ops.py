@@ -713,6 +713,23 @@ def _gspmm(types, attrs, declared):
     return x
 
 
+@op("match_gspmm", None, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.FUSED))
+def _match_gspmm(types, attrs, declared):
+    """Fused sum over the edges whose endpoint values match, per feature element: with m_e = [a_j == b_i]
+    for an edge e = j->i (a read at its source, b at its destination), by dst, out_i = sum over edges
+    j->i of m_e * x_j; by src, out_j = sum over edges j->i of m_e * x_i; x = 1 when absent (the
+    number of matching edges). Operands a, b and optionally x: float node[S]. The backward of a max /
+    min aggregation of gathered node values runs as two of them (the tie counts by the reducing
+    endpoint, then the cotangent routed back over the other CSR); no E x S mask is materialised."""
+    if len(types) not in (2, 3):
+        raise TypeRuleError("match_gspmm takes a, b and an optional x")
+    for i, t in enumerate(types):
+        if t.domain is not Domain.NODE or not t.is_float or t.shape != types[0].shape or t.dtype != types[0].dtype:
+            raise TypeRuleError(f"match_gspmm reads float node values of one type, got {t} and {types[0]}",
+                                operand=i)
+    return types[0]
+
+
 @op("attention", 2, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED))
 def _attention(types, attrs, declared):
     """Fused edge softmax and weighted aggregation: by dst, out_i = sum over edges j->i of

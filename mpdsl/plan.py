@@ -236,6 +236,7 @@ FLOP_RULES = {
     "gather": _no_flops, "select": _no_flops, "reshape": _no_flops, "take": _no_flops, "one_hot": _no_flops,
     "matmul": _matmul_flops,
     "gspmm": lambda v, count, edges, width, dims: (2 if len(v.operands) == 2 else 1) * edges * width,
+    "match_gspmm": lambda v, count, edges, width, dims: (2 if len(v.operands) == 3 else 1) * edges * width,
     "attention": lambda v, count, edges, width, dims: 2 * edges * width + 6 * edges * _size(v.operands[0].type, dims),
     "typed_linear": _typed_linear_flops,
     "aggregate": lambda v, count, edges, width, dims: edges * width,

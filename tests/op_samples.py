@@ -60,6 +60,7 @@ SAMPLES = {
     "aggregate": lambda attrs: ([t(_by_domain(attrs["by"]), 3)], None),
     "softmax": lambda attrs: ([t(_by_domain(attrs["by"]), 2)], None),
     "gspmm": lambda attrs: ([t(NODE, 2, 3), t(EDGE, 2)], None),
+    "match_gspmm": lambda attrs: ([t(NODE, 2, 3)] * 3, None),
     "attention": lambda attrs: ([t(EDGE, 2), t(NODE, 2, 3)], None),
     "typed_linear": lambda attrs: ([t(NODE, 3), t(PARAM, RELATIONS, 3, 2), IDS], None),
     "contract_rows": lambda attrs: ([t(NODE, 3), t(NODE, 2)], None),

@@ -1,5 +1,5 @@
-"""Fusion: message-aggregate (g-SpMM), attention (edge softmax + weighted sum) and relation-typed
-matmuls with compact materialisation."""
+"""Fusion: message-aggregate (g-SpMM), sums over matching endpoints (the max / min backward),
+attention (edge softmax + weighted sum) and relation-typed matmuls with compact materialisation."""
 
 from __future__ import annotations
 
@@ -110,3 +110,48 @@ class FuseMessageAggregate(Pass):
             return rw.emit("gspmm", operands, {"reduce": v.attr["reduce"], "by": by, "layout": "auto"}, like=v)
 
         return rewrite(program, {"aggregate": [rule]})[0]
+
+
+def _endpoint_match(w: Value) -> tuple[Value, Value] | None:
+    """(a, b) when ``w`` is the edge mask eq(a[src], b[dst]) (in either operand order) of two node
+    values of ``w``'s type, else None."""
+    if w.op != "eq":
+        return None
+    for p, q in (w.operands, w.operands[::-1]):
+        if (p.op == "gather" and p.attr["index"] == "src" and q.op == "gather" and q.attr["index"] == "dst"
+                and p.type == w.type and q.type == w.type):
+            return p.operands[0], q.operands[0]
+    return None
+
+
+@register
+class FuseMatchAggregate(Pass):
+    """sum(eq(a[src], b[dst])) by dst|src -> match_gspmm(a, b), and the g-SpMM sum weighted by that
+    mask, gspmm(x, eq(a[src], b[dst])) -> match_gspmm(a, b, x): the E x F mask is never
+    materialised; each kernel compares the two endpoint rows as it reads an edge. These are the sums
+    of the max / min adjoint (the tie counts, and the cotangent routed to the tied edges), so a
+    max-aggregation backward keeps node values only (the operand and the result) for its residuals.
+    Runs after ``fuse_message_aggregate`` (which makes the weighted g-SpMM)."""
+
+    name = "fuse_match_aggregate"
+
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        def fused(v: Value, rw: Rewriter, mask: Value, x: Value | None) -> Value | None:
+            match = _endpoint_match(mask)
+            if match is None or v.attr["reduce"] != "sum" or v.attr["by"] not in OPPOSITE:
+                return None
+            if x is not None and x.type != match[0].type:
+                return None
+            what = "routed to the matching edges" if x is not None else "matching edges counted"
+            ctx.note(self.name, f"sum by {v.attr['by']} over eq(a[src], b[dst]) of {match[0].type}: {what} "
+                                "in one pass (no E x F mask)")
+            return rw.emit("match_gspmm", list(match) + ([] if x is None else [x]),
+                           {"by": v.attr["by"], "layout": "auto"}, like=v)
+
+        def count_rule(v: Value, rw: Rewriter) -> Value | None:
+            return fused(v, rw, v.operands[0], None)
+
+        def route_rule(v: Value, rw: Rewriter) -> Value | None:
+            return fused(v, rw, v.operands[1], v.operands[0]) if len(v.operands) == 2 else None
+
+        return rewrite(program, {"aggregate": [count_rule], "gspmm": [route_rule]})[0]

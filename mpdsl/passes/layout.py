@@ -35,4 +35,4 @@ class SelectLayout(Pass):
             ctx.note(self.name, f"{v.op} by {v.attr['by']}: {REASONS[layout]}")
             return rw.emit(v.op, list(v.operands), {**v.attr, "layout": layout}, like=v)
 
-        return rewrite(program, {"gspmm": [rule], "attention": [rule]})[0]
+        return rewrite(program, {"gspmm": [rule], "match_gspmm": [rule], "attention": [rule]})[0]
