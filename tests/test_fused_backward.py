@@ -1,0 +1,226 @@
+"""Fused backward programs against the unfused gradient program.
+
+* every example model: its optimized training programs (the train-forward with its residuals, then
+  the backward, as ``CompileContext.training_programs`` splits them) give the outputs and every
+  parameter and float-input gradient of the unoptimized gradient program (float64, rtol 1e-10), on
+  hypothesis graphs (empty, isolated nodes, self loops, multi-edges, a hub) and on a fixed batch;
+* ``match_gspmm`` (the max / min backward's sums over matching endpoints) equals its unfused
+  definition on the NumPy backend and in Triton's interpreter, on graphs with ties;
+* max / min aggregations of gathered node values, by dst and by src, train without an E x F value:
+  their backward reads node residuals only.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mpdsl  # noqa: E402
+from mpdsl.autodiff import grad_program  # noqa: E402
+from mpdsl.backends import get_backend  # noqa: E402
+from mpdsl.ir import Program, make_value, verify  # noqa: E402
+from mpdsl.passes import optimize  # noqa: E402
+from mpdsl.types import Dim, Domain, TensorType  # noqa: E402
+from model_inputs import synth_inputs  # noqa: E402
+from strategies import graphs  # noqa: E402
+from test_passes import EXAMPLES, random_graph  # noqa: E402
+
+RTOL = 1e-10
+
+
+class TrainingCase:
+    """An example model in float64 with its parameters and dims bound on a fixed graph, its
+    optimized training programs (eval form: no dropout masks) and its unoptimized gradient
+    program, both with respect to every parameter and every float input."""
+
+    def __init__(self, path: Path, seed: int = 0):
+        self.model = mpdsl.compile(path, dtype="float64", seed=seed)
+        base = random_graph(seed, nodes=12, edges=40, self_loops=True)
+        rng = np.random.default_rng(seed)
+        inputs = synth_inputs(self.model, base, rng)
+        self.model.run(base, **inputs)  # creates the parameters and binds the dims
+        self.params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in self.model.params.items()}
+        _, self.dims = self.model.bind(base, inputs)
+        self.grad_inputs = [n for n, t in self.model.input_types.items() if t.is_float]
+        wrt = list(self.model.param_types)
+        context = self.model.context
+        self.programs = context.training_programs(self.dims, "f64", False, self.grad_inputs, wrt)
+        reference = context.reference(self.dims, "f64", "eval")
+        self.reference = grad_program(reference, wrt=wrt, inputs=self.grad_inputs, keep_outputs=True)
+        self.outputs = [n for n, _ in reference.outputs]
+
+    def check(self, graph: mpdsl.Graph, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        arrays, _ = self.model.bind(graph, synth_inputs(self.model, graph, rng))
+        forward_types = dict(self.programs.train_forward.outputs)
+        cotangents = {f"d_{n}": rng.normal(size=self._rows(graph, forward_types[n].type)) for n in self.outputs}
+        backend = self.model.backend
+        want = backend.run(self.reference, graph, {**arrays, **cotangents}, self.params, self.dims)
+        first = backend.run(self.programs.train_forward, graph, arrays, self.params, self.dims)
+        kinds = {v.name: v.op for v in self.programs.backward.values if v.name in self.programs.residuals}
+        inputs = {**arrays, **cotangents, **{k: first[k] for k in kinds if kinds[k] == "input"}}
+        params = {**self.params, **{k: first[k] for k in kinds if kinds[k] == "param"}}
+        got = {**first, **backend.run(self.programs.backward, graph, inputs, params, self.dims)}
+        for name, value in want.items():
+            scale = max(1.0, float(np.abs(value).max(initial=0.0)))
+            np.testing.assert_allclose(got[name], value, rtol=RTOL, atol=1e-12 * scale, err_msg=name)
+
+    def _rows(self, graph: mpdsl.Graph, t: TensorType) -> tuple[int, ...]:
+        shape = tuple(d.substitute(self.dims).value for d in t.shape)
+        return shape if t.domain is Domain.PARAM else (graph.num_rows(t.domain),) + shape
+
+
+@functools.cache
+def training_case(path: Path) -> TrainingCase:
+    return TrainingCase(path)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+@settings(max_examples=6)
+@given(graph=graphs(max_nodes=10, max_edges=30, features=1), seed=st.integers(0, 2**16))
+def test_training_programs_equal_the_unfused_gradient_on_every_example(path, graph, seed):
+    training_case(path).check(graph, seed)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_training_programs_equal_the_unfused_gradient_on_a_batch_with_a_hub(path):
+    training_case(path).check(random_graph(5, nodes=14, edges=50, self_loops=True), seed=5)
+
+
+# ------------------------------------------------------------------------------------------------
+# match_gspmm
+
+
+def match_program(by: str, weighted: bool, width: int = 3) -> Program:
+    """``out = match_gspmm(a, b[, x]) by <by>`` on three float64 node inputs of ``width`` features."""
+    t = TensorType(Domain.NODE, (Dim(width),), "f64")
+    operands = [make_value("input", [], {"name": name}, t) for name in ("a", "b", "x")[:3 if weighted else 2]]
+    out = make_value("match_gspmm", operands, {"by": by, "layout": "auto"}, t)
+    return verify(Program("match", (), tuple(operands) + (out,), (("out", out),)))
+
+
+def unfused(program: Program) -> Program:
+    """The program with its match_gspmm replaced by its definition (the gradient builder's)."""
+    from mpdsl.autodiff import GradBuilder, _unfuse
+
+    (v,) = [v for v in program.values if v.op == "match_gspmm"]
+    b = GradBuilder("f64")
+    b.like = v
+    root = _unfuse(v, b)
+    values = tuple(program.values[:-1]) + tuple(b.values)
+    return verify(Program("match_unfused", (), values, (("out", root),)))
+
+
+def tied_values(graph: mpdsl.Graph, seed: int, width: int = 3) -> dict[str, np.ndarray]:
+    """a, b with many equal entries (small integers, and b the max of a over in-edges), x normal."""
+    rng = np.random.default_rng(seed)
+    n = graph.num_nodes
+    a = rng.integers(-2, 3, size=(n, width)).astype(np.float64)
+    b = rng.integers(-2, 3, size=(n, width)).astype(np.float64)
+    if graph.num_edges:
+        b[graph.dst] = a[graph.src]  # a destination's b equals one of its sources' a
+    return {"a": a, "b": b, "x": rng.normal(size=(n, width))}
+
+
+@pytest.mark.parametrize("by", ["dst", "src"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["count", "weighted"])
+@settings(max_examples=25)
+@given(graph=graphs(max_nodes=30, max_edges=120, features=1), seed=st.integers(0, 2**16))
+def test_match_gspmm_equals_its_unfused_definition(by, weighted, graph, seed):
+    program = match_program(by, weighted)
+    inputs = tied_values(graph, seed)
+    numpy = get_backend("numpy")
+    want = numpy.run(unfused(program), graph, inputs, {}, {})["out"]
+    got = numpy.run(program, graph, inputs, {}, {})["out"]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=0)
+    if not weighted:
+        assert np.array_equal(got, np.round(got)) and (got >= 0).all()
+
+
+@pytest.mark.parametrize("by", ["dst", "src"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["count", "weighted"])
+def test_match_gspmm_triton_kernel_equals_the_numpy_backend(by, weighted):
+    pytest.importorskip("triton")
+    from mpdsl.backends.triton_backend import TritonBackend
+
+    graph = random_graph(2, nodes=30, edges=120, self_loops=True)
+    program = match_program(by, weighted, width=5)
+    inputs = tied_values(graph, 2, width=5)
+    want = get_backend("numpy").run(program, graph, inputs, {}, {})["out"]
+    triton = TritonBackend(interpret=True, device="cpu", poison=True)
+    got = triton.run(program, graph, inputs, {}, {})["out"]
+    assert triton.last_launches and all("match_gspmm" in name for name in triton.last_launches)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# max / min backward: node residuals only
+
+EXTREMUM_MODELS = {
+    "max_by_dst": "model m(x: node[F], W: param[F, F]) -> node[F] { return max(relu(x @ W)[src]) by dst }",
+    "min_by_dst": "model m(x: node[F], W: param[F, F]) -> node[F] { return min(tanh(x @ W)[src]) by dst }",
+    "max_by_src": "model m(x: node[F], W: param[F, F]) -> node[F] { return max(relu(x @ W)[dst]) by src }",
+}
+
+
+def edge_values_wider_than_a_scalar(program: Program) -> list[str]:
+    return [f"{v.op} {v.type}" for v in program.values if v.type.domain is Domain.EDGE and v.type.rank > 0]
+
+
+@pytest.mark.parametrize("name", sorted(EXTREMUM_MODELS) + ["sage_max"])
+def test_extremum_backward_keeps_node_residuals_only(name):
+    source = EXAMPLES[[p.stem for p in EXAMPLES].index(name)] if name == "sage_max" else EXTREMUM_MODELS[name]
+    model = mpdsl.compile(source, dims={"F": 8} if name != "sage_max" else None)
+    dims = {"F": 8}
+    wrt = list(model.param_types)
+    programs = model.context.training_programs(dims, "f32", True, ["x"], wrt)
+    for program in (programs.gradient, programs.train_forward, programs.backward):
+        assert edge_values_wider_than_a_scalar(program) == [], program.name
+    count_by = {v.attr["by"] for v in programs.train_forward.values if v.op == "match_gspmm"}
+    route_by = {v.attr["by"] for v in programs.backward.values if v.op == "match_gspmm"}
+    reduce_by = "src" if name == "max_by_src" else "dst"
+    assert count_by == {reduce_by} and route_by == {"src" if reduce_by == "dst" else "dst"}
+    residual_types = [v.type for v in programs.backward.values if v.name in programs.residuals]
+    assert all(t.domain in (Domain.NODE, Domain.PARAM) for t in residual_types), residual_types
+
+
+@pytest.mark.parametrize("name", sorted(EXTREMUM_MODELS))
+def test_extremum_backward_splits_ties_as_the_unfused_gradient(name):
+    """Integer features (many ties): the fused training programs equal the unfused gradient."""
+    model = mpdsl.compile(EXTREMUM_MODELS[name], dtype="float64", dims={"F": 3}, seed=0)
+    graph = random_graph(4, nodes=20, edges=80, self_loops=True)
+    rng = np.random.default_rng(4)
+    x = rng.integers(-2, 3, size=(graph.num_nodes, 3)).astype(np.float64)
+    eye = {"W": np.eye(3)}  # relu(x @ I) and tanh(x @ I) keep the ties of x
+    wrt = ["W"]
+    programs = model.context.training_programs({"F": 3}, "f64", False, ["x"], wrt)
+    reference = grad_program(model.context.reference({"F": 3}, "f64", "eval"), wrt=wrt, inputs=["x"])
+    g = rng.normal(size=(graph.num_nodes, 3))
+    backend = model.backend
+    want = backend.run(reference, graph, {"x": x, "d_out": g}, eye, {"F": 3})
+    first = backend.run(programs.train_forward, graph, {"x": x}, eye, {"F": 3})
+    kinds = {v.name: v.op for v in programs.backward.values if v.name in programs.residuals}
+    got = backend.run(programs.backward, graph,
+                      {"x": x, "d_out": g, **{k: first[k] for k in kinds if kinds[k] == "input"}},
+                      {**eye, **{k: first[k] for k in kinds if kinds[k] == "param"}}, {"F": 3})
+    assert {v.op for v in programs.backward.values} >= {"match_gspmm"}
+    for key in ("d_W", "d_x"):
+        np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=1e-12, err_msg=key)
+
+
+def test_fuse_match_aggregate_leaves_other_masks_alone():
+    """A sum of a mask that is not eq(a[src], b[dst]) of full-width node values stays an aggregate."""
+    source = ("model m(x: node[F], e: edge[F]) -> (a: node[F], b: node[F]) { return sum(e) by dst, "
+              "max(e) by dst }")
+    model = mpdsl.compile(source, dims={"F": 4})
+    gradient = grad_program(model.context.reference({"F": 4}, None, "eval"), wrt=[], inputs=["e"])
+    fused, _ = optimize(gradient, None, {"F": 4})
+    assert not any(v.op == "match_gspmm" for v in fused.values)
