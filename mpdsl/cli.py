@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="what to print: the AST, the IR, the optimized IR, the execution plan, or the "
                            "generated Triton kernels, those the GPU target runs (default: ir)")
     comp.add_argument("--locations", action="store_true", help="with --emit ir/ir-opt: print source locations")
+    comp.add_argument("--training", action="store_true",
+                      help="with --emit plan: also plan the training step (the train-forward with its residuals, "
+                           "and the backward, with respect to every trained parameter)")
     comp.add_argument("--passes", help="comma-separated passes instead of the default pipeline")
     comp.add_argument("--graph", help="with --emit plan: size the plan for this graph (.npz)")
     comp.add_argument("--layout", choices=LAYOUT_MODES, default="auto",
@@ -156,6 +159,10 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         return run_cli(args, dims)
     start = time.perf_counter()
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if getattr(args, "passes", None) else None
+    if args.command == "compile" and args.training and args.emit != "plan":
+        print(f"mpdsl: error: --training plans the training step: it goes with --emit plan, not --emit {args.emit}",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "compile" and args.emit in ("ir-opt", "plan", "triton"):
         return _emit_optimized(args, dims, passes, start)
     if args.command in ("check", "compile"):
@@ -245,8 +252,33 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
             notes += [("row_fusion", line) for line in describe(program, model.backend.schedule(program),
                                                                     model.backend.fuse_min_rows)]
         print(report(model.ir, program, notes, bound, graph, reasons), end="")
+        if args.training:
+            print("\n" + _training_plan(model, program, bound, graph), end="")
     print(f"[mpdsl] compile {model.source_name} in {elapsed:.1f} ms", file=sys.stderr)
     return EXIT_OK
+
+
+def _training_plan(model, program, bound: dict[str, int], graph) -> str:
+    """The training step's plan (``--emit plan --training``): the programs the torch module trains
+    with (dropout in its training form), with respect to every parameter that is not a batch-norm
+    running statistic."""
+    from mpdsl.autodiff import batch_norm_statistics, grad_program
+    from mpdsl.plan import training_report
+
+    statistics = set(batch_norm_statistics(model.ir))
+    wrt = [name for name in model.param_types if name not in statistics]
+    if not wrt:
+        raise MpdslError(f"model {model.name} has no parameters to train", "--training plans a training step")
+    context = model.context
+    programs = context.training_programs(bound, program.float_dtype, True, [], wrt)
+    reference = context.reference(bound, program.float_dtype, "train")
+    if programs.masks:
+        from mpdsl.autodiff import mask_dropout
+
+        reference = mask_dropout(reference)[0]
+    gradient = grad_program(reference, wrt=wrt, keep_outputs=True)
+    return training_report(gradient, programs.train_forward, programs.backward, programs.residuals, wrt, bound,
+                           graph)
 
 
 if __name__ == "__main__":

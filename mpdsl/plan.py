@@ -289,21 +289,21 @@ def _fmt_flops(n: int) -> str:
     return f"{n / 1e9:.3f} GFLOP" if n >= 1e7 else f"{n / 1e6:.3f} MFLOP"
 
 
-def report(reference: Program, optimized: Program, notes: list[tuple[str, str]], dims: Mapping[str, int],
-           graph: Graph | None, layout_reasons: list[str]) -> str:
-    """The text of ``--emit plan``."""
+def _plan_rows(graph: Graph | None) -> tuple[dict[Domain, int], str]:
+    """Rows per domain the plan is sized for, and the line saying so."""
     if graph is not None:
         rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs,
                 Domain.PARAM: 1}
-        sizes = f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_graphs} graph(s)"
-    else:
-        rows = {Domain.NODE: 100_000, Domain.EDGE: 1_000_000, Domain.GRAPH: 1, Domain.PARAM: 1}
-        sizes = "graph: none given; figures for 100000 nodes, 1000000 edges, 1 graph (pass --graph for real ones)"
-    dims_text = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
-    lines = [f"plan for @{optimized.name} ({dims_text})", sizes, ""]
-    names = value_names(optimized)
-    costs = program_costs(optimized, rows, dims)
-    lines.append(f"{'kernel':<8} {'op':<14} {'result':<24} {'layout':<9} {'bytes out':>11} {'flops':>15}")
+        return rows, f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_graphs} graph(s)"
+    rows = {Domain.NODE: 100_000, Domain.EDGE: 1_000_000, Domain.GRAPH: 1, Domain.PARAM: 1}
+    return rows, "graph: none given; figures for 100000 nodes, 1000000 edges, 1 graph (pass --graph for real ones)"
+
+
+def _kernel_table(program: Program, costs: list[OpCost], marks: Mapping[int, str] | None = None) -> list[str]:
+    """One line per kernel of ``program``: op, result (name and type), layout, bytes out, FLOPs, and
+    the mark of the value in ``marks`` (by id), if any."""
+    names = value_names(program)
+    lines = [f"{'kernel':<8} {'op':<14} {'result':<24} {'layout':<9} {'bytes out':>11} {'flops':>15}"]
     kernel = 0
     for c in costs:
         v = c.value
@@ -312,24 +312,65 @@ def report(reference: Program, optimized: Program, notes: list[tuple[str, str]],
         kernel += 1
         layout = v.attr.get("layout", "csr_dst" if v.op in ("aggregate", "softmax") and v.attr["by"] == "dst"
                             else "csr_src" if v.op in ("aggregate", "softmax") and v.attr["by"] == "src" else "-")
+        mark = f"  {marks[id(v)]}" if marks and id(v) in marks else ""
         lines.append(f"{kernel:<8} {v.op:<14} {names[v] + ' ' + str(v.type):<24} {layout:<9} "
-                     f"{_fmt_bytes(c.bytes_out):>11} {_fmt_flops(c.flops):>15}")
-    ref_costs = program_costs(reference, rows, dims)
+                     f"{_fmt_bytes(c.bytes_out):>11} {_fmt_flops(c.flops):>15}{mark}")
+    return lines
 
-    def totals(cs: list[OpCost]) -> tuple[int, int, int, int]:
-        kernels = sum(1 for c in cs if runs_a_kernel(c.value))
-        edge_bytes = sum(c.bytes_out for c in cs if c.value.type.domain is Domain.EDGE)
-        return kernels, sum(c.bytes_out for c in cs), edge_bytes, sum(c.flops for c in cs)
 
-    rk, rb, re_, rf = totals(ref_costs)
-    ok, ob, oe, of = totals(costs)
-    lines += ["", f"{'':<26} {'unoptimized':>14} {'optimized':>14}",
-              f"{'kernels':<26} {rk:>14} {ok:>14}",
-              f"{'bytes materialised':<26} {_fmt_bytes(rb):>14} {_fmt_bytes(ob):>14}",
-              f"{'  of which per-edge':<26} {_fmt_bytes(re_):>14} {_fmt_bytes(oe):>14}",
-              f"{'FLOPs':<26} {_fmt_flops(rf):>14} {_fmt_flops(of):>14}", "", "decisions:"]
+def _totals(costs: list[OpCost]) -> tuple[int, int, int, int]:
+    """(kernels, bytes materialised, of which per-edge, FLOPs)."""
+    kernels = sum(1 for c in costs if runs_a_kernel(c.value))
+    edge_bytes = sum(c.bytes_out for c in costs if c.value.type.domain is Domain.EDGE)
+    return kernels, sum(c.bytes_out for c in costs), edge_bytes, sum(c.flops for c in costs)
+
+
+def _totals_table(reference: tuple[int, int, int, int], optimized: tuple[int, int, int, int]) -> list[str]:
+    rk, rb, re_, rf = reference
+    ok, ob, oe, of = optimized
+    return [f"{'':<26} {'unoptimized':>14} {'optimized':>14}",
+            f"{'kernels':<26} {rk:>14} {ok:>14}",
+            f"{'bytes materialised':<26} {_fmt_bytes(rb):>14} {_fmt_bytes(ob):>14}",
+            f"{'  of which per-edge':<26} {_fmt_bytes(re_):>14} {_fmt_bytes(oe):>14}",
+            f"{'FLOPs':<26} {_fmt_flops(rf):>14} {_fmt_flops(of):>14}"]
+
+
+def report(reference: Program, optimized: Program, notes: list[tuple[str, str]], dims: Mapping[str, int],
+           graph: Graph | None, layout_reasons: list[str]) -> str:
+    """The text of ``--emit plan``."""
+    rows, sizes = _plan_rows(graph)
+    dims_text = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
+    lines = [f"plan for @{optimized.name} ({dims_text})", sizes, ""]
+    costs = program_costs(optimized, rows, dims)
+    lines += _kernel_table(optimized, costs)
+    lines += [""] + _totals_table(_totals(program_costs(reference, rows, dims)), _totals(costs)) + ["", "decisions:"]
     for pass_name, text in notes:
         lines.append(f"  [{pass_name}] {text}")
     for reason in layout_reasons:
         lines.append(f"  [graph layout] {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def training_report(gradient: Program, train_forward: Program, backward: Program, residuals: list[str],
+                    wrt: list[str], dims: Mapping[str, int], graph: Graph | None) -> str:
+    """The training step's part of ``--emit plan --training``: the kernel tables of the train-forward
+    program (the outputs, and the residuals the backward reads, marked as such) and of the backward
+    program (``d_<param>`` for ``wrt``), and their totals against ``gradient``, the unoptimized
+    gradient program computing the same (forward values included)."""
+    rows, sizes = _plan_rows(graph)
+    residual_values = {id(v): f"-> {name}" for name, v in train_forward.outputs if name in set(residuals)}
+    forward_costs = program_costs(train_forward, rows, dims)
+    backward_costs = program_costs(backward, rows, dims)
+    lines = [f"training step of @{train_forward.name}: the gradient of every output with respect to "
+             f"{', '.join(wrt) or 'nothing'}", sizes, "",
+             f"train-forward (outputs, then {len(residuals)} residual(s) for the backward):"]
+    lines += _kernel_table(train_forward, forward_costs, residual_values)
+    saved = sum(c.bytes_out for c in forward_costs if id(c.value) in residual_values)
+    saved_edges = sum(c.bytes_out for c in forward_costs
+                      if id(c.value) in residual_values and c.value.type.domain is Domain.EDGE)
+    lines += [f"residuals: {_fmt_bytes(saved)} (per-edge {_fmt_bytes(saved_edges)})", "", "backward:"]
+    lines += _kernel_table(backward, backward_costs)
+    step = _totals(forward_costs + backward_costs)
+    lines += ["", "training step (train-forward + backward):"]
+    lines += _totals_table(_totals(program_costs(gradient, rows, dims)), step)
     return "\n".join(lines) + "\n"
