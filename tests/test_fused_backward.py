@@ -224,3 +224,74 @@ def test_fuse_match_aggregate_leaves_other_masks_alone():
     gradient = grad_program(model.context.reference({"F": 4}, None, "eval"), wrt=[], inputs=["e"])
     fused, _ = optimize(gradient, None, {"F": 4})
     assert not any(v.op == "match_gspmm" for v in fused.values)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan of training programs (mpdsl compile --emit plan --training)
+
+
+def training_plan(name: str, capsys) -> str:
+    from mpdsl.cli import main
+
+    assert main(["compile", str(EXAMPLES[[p.stem for p in EXAMPLES].index(name)]), "--emit", "plan", "--training",
+                 "--dim", "F=64"]) == 0
+    out = capsys.readouterr().out
+    return out[out.index("training step of"):]
+
+
+def table_rows(section: str) -> list[list[str]]:
+    """The kernel lines of a plan section: [kernel, op, result, type, dtype, layout, ...]."""
+    return [line.split() for line in section.splitlines() if line[:1].isdigit()]
+
+
+@pytest.mark.parametrize("name, fused", [("gcn", "gspmm"), ("sage_mean", "gspmm"), ("gin", "gspmm"),
+                                         ("sage_max", "match_gspmm")])
+def test_training_plan_shows_no_edge_by_feature_tensor(name, fused, capsys):
+    plan = training_plan(name, capsys)
+    forward, backward = plan.split("\nbackward:\n")
+    for section in (forward, backward):
+        rows = table_rows(section)
+        assert rows
+        wide = [row for row in rows if row[3].startswith("edge[") and row[3] != "edge[]"]
+        assert wide == [], wide
+    assert any(row[1] == fused and row[5] == "csr_src" for row in table_rows(backward)), backward
+    assert "residuals:" in forward and "(per-edge 0 B)" in forward
+    totals = plan[plan.index("training step (train-forward + backward):"):]
+    assert "kernels" in totals and "of which per-edge" in totals
+
+
+def test_training_plan_filecheck(capsys):
+    from filecheck import filecheck
+
+    check = Path(__file__).parent / "filecheck" / "training" / "sage_max.check"
+    filecheck(training_plan("sage_max", capsys), check.read_text())
+
+
+def test_training_flag_needs_the_plan(capsys):
+    from mpdsl.cli import main
+
+    assert main(["compile", str(EXAMPLES[0]), "--emit", "ir", "--training"]) == 2
+    assert "--training plans the training step" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# GIN's and GCN's backward: the elementwise epilogues of the g-SpMMs by src run fused by rows
+
+
+@pytest.mark.parametrize("name", ["gcn", "gin"])
+def test_backward_gspmm_epilogues_run_in_row_groups(name):
+    """The elementwise ops after each g-SpMM by src of the backward (GIN's (1 + eps) g add, GCN's
+    normalisation scales, the relu' masks) run in a row group, block by block, not as whole N x F
+    passes of their own."""
+    from mpdsl.backends.row_fusion import RowGroup
+    from mpdsl.ops import OPS, Trait
+
+    model = mpdsl.compile(EXAMPLES[[p.stem for p in EXAMPLES].index(name)])
+    backward = model.to_torch(F=64).programs(training=True, F=64).backward
+    schedule = model.backend.schedule(backward)
+    grouped = {id(m) for step in schedule if isinstance(step, RowGroup) for m in step.members}
+    sources = [v for v in backward.values if v.op == "gspmm" and v.attr["by"] == "src"]
+    assert sources
+    epilogues = [v for v in backward.values if OPS[v.op].has(Trait.ELEMENTWISE) and v.type.domain is Domain.NODE
+                 and any(o in sources for o in v.operands)]
+    assert epilogues and all(id(v) in grouped for v in epilogues)
