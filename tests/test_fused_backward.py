@@ -57,13 +57,15 @@ class TrainingCase:
         self.reference = grad_program(reference, wrt=wrt, inputs=self.grad_inputs, keep_outputs=True)
         self.outputs = [n for n, _ in reference.outputs]
 
-    def check(self, graph: mpdsl.Graph, seed: int = 0) -> None:
+    def check(self, graph: mpdsl.Graph, seed: int = 0, backend=None) -> None:
+        """The training programs run on ``backend`` (default: the model's, NumPy) against the
+        unfused gradient program on the NumPy backend."""
         rng = np.random.default_rng(seed)
         arrays, _ = self.model.bind(graph, synth_inputs(self.model, graph, rng))
         forward_types = dict(self.programs.train_forward.outputs)
         cotangents = {f"d_{n}": rng.normal(size=self._rows(graph, forward_types[n].type)) for n in self.outputs}
-        backend = self.model.backend
-        want = backend.run(self.reference, graph, {**arrays, **cotangents}, self.params, self.dims)
+        want = self.model.backend.run(self.reference, graph, {**arrays, **cotangents}, self.params, self.dims)
+        backend = backend or self.model.backend
         first = backend.run(self.programs.train_forward, graph, arrays, self.params, self.dims)
         kinds = {v.name: v.op for v in self.programs.backward.values if v.name in self.programs.residuals}
         inputs = {**arrays, **cotangents, **{k: first[k] for k in kinds if kinds[k] == "input"}}
@@ -295,3 +297,16 @@ def test_backward_gspmm_epilogues_run_in_row_groups(name):
     epilogues = [v for v in backward.values if OPS[v.op].has(Trait.ELEMENTWISE) and v.type.domain is Domain.NODE
                  and any(o in sources for o in v.operands)]
     assert epilogues and all(id(v) in grouped for v in epilogues)
+
+
+def test_sage_max_training_programs_run_on_the_triton_backend():
+    """The fused max backward (match_gspmm by dst and by src) in Triton's interpreter equals the
+    unfused gradient program on the NumPy backend."""
+    pytest.importorskip("triton")
+    from mpdsl.backends.triton_backend import TritonBackend
+
+    case = TrainingCase(EXAMPLES[[p.stem for p in EXAMPLES].index("sage_max")])
+    assert any(v.op == "match_gspmm" for v in case.programs.backward.values)
+    triton = TritonBackend(interpret=True, device="cpu", poison=True)
+    case.check(random_graph(6, nodes=12, edges=40, self_loops=True), seed=6, backend=triton)
+    assert any("match_gspmm" in name for name in triton.last_launches)
