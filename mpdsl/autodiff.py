@@ -562,10 +562,10 @@ def _unfuse(v: Value, b: GradBuilder) -> Value:
         return b.aggregate(message, v.attr["reduce"], by)
     if v.op == "match_gspmm":
         by = v.attr["by"]
-        a, b_, *x = v.operands
+        a, b_, *weighted = v.operands
         weight = b.eq(b.gather(a, "src"), b.gather(b_, "dst"))
-        if x:
-            weight = b.mul(weight, b.gather(x[0], OPPOSITE[by]))
+        if weighted:
+            weight = b.mul(weight, b.gather(weighted[0], OPPOSITE[by]))
         return b.aggregate(weight, "sum", by)
     if v.op == "attention":
         by = v.attr["by"]
