@@ -152,7 +152,8 @@ def sample_edges(num_edges: int, sample: int = SAMPLE_EDGES) -> np.ndarray:
 
 def estimate_locality(graph: Graph, sample: int = SAMPLE_EDGES) -> LocalityEstimate:
     """The ``LocalityEstimate`` of ``graph`` from ``sample`` edges: O(sample) work on top of the
-    graph's CSR by destination (which the aggregations build anyway)."""
+    graph's CSR by destination (which the aggregations build anyway; its time counts in ``seconds``
+    when the estimate is the first to need it)."""
     start = time.perf_counter()
     picked = sample_edges(graph.num_edges, sample)
     src, dst = graph.src[picked], graph.dst[picked]
