@@ -108,7 +108,8 @@ def test_the_plan_report_names_the_decision_and_its_cost(community, uniform, tmp
             assert "no reordering" in line and "no community structure" in line, line
         assert main(["run", str(ROOT / "examples" / "gcn.mp"), "--graph", str(tmp_path / f"{name}.npz")]) == 0
         summary = capsys.readouterr().err
-        expected = "nodes reordered (METIS partition, decided in" if name == "community" else "nodes as given (decided in"
+        expected = ("nodes reordered (METIS partition, decided in" if name == "community"
+                    else "nodes as given (decided in")
         assert f"(layout: {expected}" in summary, summary
 
 
