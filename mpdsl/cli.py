@@ -188,6 +188,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
                           dims=dims, seed=args.seed, optimize=not args.no_opt, passes=passes, layout=args.layout,
                           import_paths=args.import_paths, target=args.target)
+    from mpdsl.plan import decided_node_order
     from mpdsl.runtime import as_graph
 
     graph = as_graph(args.graph)
@@ -202,9 +203,11 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         model.save_weights(args.save_weights)
     shapes = "; ".join(_summary_line(n, a) for n, a in outputs.items())
     params = sum(int(p.size) for p in model.params.values())
+    decision = decided_node_order(graph, model.layout)
+    layout = f" (layout: {decision.summary()})" if decision is not None else ""
     print(f"[mpdsl] {model.name} on {graph.num_nodes} nodes / {graph.num_edges} edges: compile "
-          f"{model.compile_seconds * 1e3:.1f} ms, run {model.last_run_seconds * 1e3:.1f} ms on {args.backend}; "
-          f"{params} parameters; {shapes}", file=sys.stderr)
+          f"{model.compile_seconds * 1e3:.1f} ms, run {model.last_run_seconds * 1e3:.1f} ms on {args.backend}"
+          f"{layout}; {params} parameters; {shapes}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -199,7 +199,11 @@ def _segments(ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(indptr [count+1], perm) grouping positions of ``ids`` by id, stable within a group."""
     indptr = np.zeros(count + 1, dtype=np.int64)
     np.cumsum(np.bincount(ids, minlength=count), out=indptr[1:])
-    perm = np.argsort(ids, kind="stable").astype(np.int64, copy=False)
+    if count * len(ids) < _INT64_MAX:  # (id, position) keys are distinct: any sort of them is stable
+        perm = np.argsort(ids * len(ids) + np.arange(len(ids)))
+    else:
+        perm = np.argsort(ids, kind="stable")
+    perm = perm.astype(np.int64, copy=False)
     return _read_only(indptr), _read_only(perm)
 
 
@@ -437,6 +441,10 @@ class Graph:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+    def cached_only(self, key: Any) -> Any:
+        """The structure ``cached`` under ``key``, None when none was built (builds nothing)."""
+        return self._cache.get(key)
 
     def csr_by_dst(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [N+1], perm [E]): ``perm[indptr[i]:indptr[i+1]]`` are the edges into node i,

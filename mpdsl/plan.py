@@ -17,6 +17,12 @@ from mpdsl.types import ITEMSIZE, Domain, TensorType
 LAYOUT_MODES = ("auto", "reorder", "none")
 REORDER_MIN_NODES = 50_000  # below this the node features fit in the last-level cache anyway
 LOCALITY_WINDOW = 64  # an edge is local when |src - dst| < N / LOCALITY_WINDOW
+SAMPLE_EDGES = 4096  # edges the layout estimate reads
+NEIGHBOURS_READ = 32  # in-neighbours per sampled endpoint the estimate compares
+ALREADY_LOCAL = 0.5  # sampled local fraction at which the given order is kept
+SHARED_NEIGHBOUR_MIN = 0.1  # sampled fraction with a common in-neighbour below which no order pays
+ORDER_METHOD = "METIS partition"
+PARTITION_EDGES_PER_NODE = 5  # edges per node (sampled) that the partition reads at most
 
 
 # ---- node reordering --------------------------------------------------------------------------
@@ -87,11 +93,47 @@ class GraphLayout:
         return restored
 
 
+@dataclass(frozen=True)
+class LocalityEstimate:
+    """What a sample of edges says about the given node order, read before any order is computed:
+    ``local`` is the fraction of the sampled edges that are already local (see ``locality``),
+    ``shared`` the fraction whose endpoints have an in-neighbour in common (the community structure
+    that a partition turns into locality). ``entries_read`` counts the CSR entries the estimate
+    read: at most ``2 * NEIGHBOURS_READ`` per sampled edge, whatever the graph's size."""
+
+    sampled_edges: int
+    local: float
+    shared: float
+    entries_read: int
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"{self.sampled_edges} sampled edges: {self.local:.0%} local, {self.shared:.0%} with a common "
+                f"in-neighbour (estimated in {self.seconds * 1e3:.0f} ms)")
+
+
 @dataclass
 class LayoutDecision:
+    """The node-order decision for a graph: the order (None: as given), why, and what it cost
+    (``deciding_seconds``: the estimate; ``ordering_seconds``: computing the order, 0 when none
+    was computed)."""
+
     order: NodeOrder | None
     reason: str
-    seconds: float
+    estimate: LocalityEstimate | None = None
+    deciding_seconds: float = 0.0
+    ordering_seconds: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.deciding_seconds + self.ordering_seconds
+
+    def summary(self) -> str:
+        """One line for a run's timing summary."""
+        if self.order is not None:
+            return (f"nodes reordered ({ORDER_METHOD}, decided in {self.deciding_seconds * 1e3:.0f} ms, "
+                    f"ordered in {self.ordering_seconds * 1e3:.0f} ms)")
+        return f"nodes as given (decided in {self.seconds * 1e3:.0f} ms)"
 
 
 def locality(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> float:
@@ -101,25 +143,77 @@ def locality(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> float:
     return float(np.mean(np.abs(src - dst) < max(1, num_nodes // LOCALITY_WINDOW)))
 
 
-def community_order(src: np.ndarray, dst: np.ndarray, num_nodes: int, rounds: int = 5) -> np.ndarray:
-    """Nodes sorted by label-propagation community (synchronous, ties to the smallest label), so
-    that nodes which share neighbours get nearby ids."""
-    a = np.concatenate([src, dst])
-    b = np.concatenate([dst, src])
-    labels = np.arange(num_nodes)
-    for _ in range(rounds):
-        keys, counts = np.unique(b * num_nodes + labels[a], return_counts=True)
-        node, label = keys // num_nodes, keys % num_nodes
-        best = np.lexsort((label, -counts, node))
-        first = np.ones(len(best), dtype=bool)
-        first[1:] = node[best][1:] != node[best][:-1]
-        updated = labels.copy()
-        updated[node[best][first]] = label[best][first]
-        changed = np.mean(updated != labels)
-        labels = updated
-        if changed < 0.01:
-            break
-    return np.lexsort((np.arange(num_nodes), labels))
+def sample_edges(num_edges: int, sample: int = SAMPLE_EDGES) -> np.ndarray:
+    """Positions of ``min(sample, num_edges)`` edges drawn with a fixed seed (the same graph gets
+    the same decision in every process)."""
+    if num_edges <= sample:
+        return np.arange(num_edges)
+    return np.random.default_rng(0).integers(0, num_edges, sample)
+
+
+def estimate_locality(graph: Graph, sample: int = SAMPLE_EDGES) -> LocalityEstimate:
+    """The ``LocalityEstimate`` of ``graph`` from ``sample`` edges: O(sample) work on top of the
+    graph's CSR by destination (which the aggregations build anyway; its time counts in ``seconds``
+    when the estimate is the first to need it)."""
+    start = time.perf_counter()
+    picked = sample_edges(graph.num_edges, sample)
+    src, dst = graph.src[picked], graph.dst[picked]
+    indptr, perm = graph.csr_by_dst()
+    all_src = graph.src
+
+    def in_neighbours(nodes: np.ndarray, pad: int) -> tuple[np.ndarray, int]:
+        """[len(nodes), NEIGHBOURS_READ] in-neighbour ids (the first ones in CSR order), ``pad`` where
+        a node has fewer, and the number of entries read."""
+        first = indptr[nodes]
+        count = np.minimum(indptr[nodes + 1] - first, NEIGHBOURS_READ)
+        slot = np.arange(NEIGHBOURS_READ)
+        present = slot < count[:, None]
+        at = np.where(present, first[:, None] + slot, 0)
+        ids = np.where(present, all_src[perm[at]], pad)
+        return ids, int(count.sum())
+
+    # A common in-neighbour w of an edge u -> v, other than u and v themselves: the two sides'
+    # padding and excluded entries (-1, -2) never match.
+    near_src, read_src = in_neighbours(src, -1)
+    near_dst, read_dst = in_neighbours(dst, -2)
+    near_src = np.where((near_src == src[:, None]) | (near_src == dst[:, None]), -1, near_src)
+    near_dst = np.where((near_dst == src[:, None]) | (near_dst == dst[:, None]), -2, near_dst)
+    common = (near_src[:, :, None] == near_dst[:, None, :]).any(axis=(1, 2))
+    shared = float(common.mean()) if len(picked) else 0.0
+    return LocalityEstimate(len(picked), locality(src, dst, graph.num_nodes), shared, read_src + read_dst,
+                            time.perf_counter() - start)
+
+
+def symmetric_adjacency(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) int32 of the undirected simple graph of the edges: both directions, no self
+    loops, no repeated neighbours (the form METIS takes)."""
+    import scipy.sparse as sp
+
+    keep = src != dst
+    a = sp.csr_matrix((np.ones(int(keep.sum()), dtype=bool), (src[keep], dst[keep])), shape=(num_nodes, num_nodes))
+    both = (a + a.T).tocsr()
+    return both.indptr.astype(np.int32), both.indices.astype(np.int32)
+
+
+def community_order(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> np.ndarray:
+    """Nodes sorted by their part in a METIS k-way partition into ``LOCALITY_WINDOW`` parts (fixed
+    seed; ties by id), so that nodes which share neighbours get nearby ids and an edge inside a
+    part is local. METIS partitions at most ``PARTITION_EDGES_PER_NODE * N`` of the edges (a
+    fixed-seed sample: the communities show as well in it, at a fraction of the time). Graphs of
+    fewer than ``4 * LOCALITY_WINDOW`` nodes keep the given order."""
+    parts = LOCALITY_WINDOW if num_nodes >= 4 * LOCALITY_WINDOW else 0
+    if parts < 2:
+        return np.arange(num_nodes)
+    import pymetis
+
+    kept = PARTITION_EDGES_PER_NODE * num_nodes
+    if len(src) > kept:
+        picked = np.random.default_rng(0).random(len(src)) < kept / len(src)
+        src, dst = src[picked], dst[picked]
+    indptr, indices = symmetric_adjacency(src, dst, num_nodes)
+    partition = pymetis.part_graph(parts, adjacency=pymetis.CSRAdjacency(indptr, indices),
+                                   options=pymetis.Options(seed=0))
+    return np.lexsort((np.arange(num_nodes), np.asarray(partition.vertex_part)))
 
 
 def inverse_permutation(perm: np.ndarray) -> np.ndarray:
@@ -133,25 +227,35 @@ def _order_from_perm(perm: np.ndarray) -> NodeOrder:
     return NodeOrder(perm, inverse_permutation(perm))
 
 
-def decide_node_order(graph: Graph, mode: str) -> LayoutDecision:
-    start = time.perf_counter()
+def decide_node_order(graph: Graph, mode: str, sample: int = SAMPLE_EDGES) -> LayoutDecision:
+    """Whether to relabel ``graph``'s nodes, decided from ``estimate_locality`` before any order is
+    computed ("auto"): small graphs, graphs already local and graphs without community structure
+    keep their order; otherwise the ``community_order`` is computed and kept if it makes the
+    sampled edges local. "reorder" computes the order whatever the estimate; "none" keeps the order."""
     n = graph.num_nodes
-    before = locality(graph.src, graph.dst, n)
     if mode == "none":
-        return LayoutDecision(None, "node reordering disabled", 0.0)
+        return LayoutDecision(None, "node reordering disabled")
     if mode == "auto" and n < REORDER_MIN_NODES:
-        return LayoutDecision(None, f"no reordering: {n} nodes is below {REORDER_MIN_NODES} (features stay in cache)",
-                              0.0)
-    if mode == "auto" and before >= 0.5:
-        return LayoutDecision(None, f"no reordering: {before:.0%} of edges are already local", 0.0)
+        return LayoutDecision(None, f"no reordering: {n} nodes is below {REORDER_MIN_NODES} (features stay in cache)")
+    estimate = estimate_locality(graph, sample)
+    seen = f"estimate from {estimate.describe()}"
+    if mode == "auto" and estimate.local >= ALREADY_LOCAL:
+        return LayoutDecision(None, f"no reordering: {seen}; already local", estimate, estimate.seconds)
+    if mode == "auto" and estimate.shared < SHARED_NEIGHBOUR_MIN:
+        return LayoutDecision(None, f"no reordering: {seen}; under {SHARED_NEIGHBOUR_MIN:.0%} share one, so no "
+                                    "community structure for an order to exploit", estimate, estimate.seconds)
+    start = time.perf_counter()
     order = _order_from_perm(community_order(graph.src, graph.dst, n))
-    after = locality(order.inverse[graph.src], order.inverse[graph.dst], n)
-    seconds = time.perf_counter() - start
-    if mode == "auto" and not (after >= 2 * before and after >= 0.3):
-        return LayoutDecision(None, f"no reordering: community order would make {after:.0%} of edges local "
-                                    f"(now {before:.0%}); not worth it", seconds)
-    return LayoutDecision(order, f"nodes reordered by community: local edges {before:.0%} -> {after:.0%} "
-                                 f"(computed once per graph in {seconds * 1e3:.0f} ms)", seconds)
+    ordering = time.perf_counter() - start
+    picked = sample_edges(graph.num_edges, sample)
+    after = locality(order.inverse[graph.src[picked]], order.inverse[graph.dst[picked]], n)
+    cost = f"{ORDER_METHOD} order computed in {ordering * 1e3:.0f} ms"
+    if mode == "auto" and not (after >= 2 * estimate.local and after >= 0.3):
+        return LayoutDecision(None, f"no reordering: {seen}; the {cost} would make {after:.0%} of them local; "
+                                    "not worth it", estimate, estimate.seconds, ordering)
+    return LayoutDecision(order, f"nodes reordered by {ORDER_METHOD}: {seen}; {cost} (once per graph); sampled "
+                                 f"local edges {estimate.local:.0%} -> {after:.0%}", estimate, estimate.seconds,
+                          ordering)
 
 
 def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | None:
@@ -166,6 +270,12 @@ def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | No
 def node_order(graph: Graph, mode: str) -> LayoutDecision:
     """``decide_node_order``, cached per graph and mode."""
     return graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode))
+
+
+def decided_node_order(graph: Graph, mode: str) -> LayoutDecision | None:
+    """The ``node_order`` decision already made for ``graph`` in ``mode`` (None: none was; nothing
+    is computed)."""
+    return graph.cached_only(("node_order", mode))
 
 
 def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool) -> GraphLayout | None:

@@ -1,0 +1,135 @@
+"""Graph layout decisions: reordering is decided from a sampled estimate before any order is computed
+(an order only where it pays), the estimate reads O(sample) edges, the plan report and the run
+summary name the decision and its cost, and the order never shows in results."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mpdsl  # noqa: E402
+from mpdsl import plan  # noqa: E402
+from strategies import graphs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = plan.REORDER_MIN_NODES + 10_000  # past the size below which auto never reorders
+
+
+def shuffled_community_graph(nodes=NODES, edges_per_node=5, size=100, seed=2):
+    """Communities of ``size`` nodes, 90% of the edges inside one, node ids shuffled."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, nodes, nodes * edges_per_node)
+    inside = rng.random(len(src)) < 0.9
+    dst = np.where(inside, np.minimum(src // size * size + rng.integers(0, size, len(src)), nodes - 1),
+                   rng.integers(0, nodes, len(src)))
+    shuffle = rng.permutation(nodes)
+    return mpdsl.Graph.from_arrays(np.stack([shuffle[src], shuffle[dst]]), nodes, x=rng.normal(size=(nodes, 4)))
+
+
+def uniform_graph(nodes=NODES, edges_per_node=5, seed=3):
+    rng = np.random.default_rng(seed)
+    edge_index = rng.integers(0, nodes, (2, nodes * edges_per_node))
+    return mpdsl.Graph.from_arrays(edge_index, nodes, x=rng.normal(size=(nodes, 4)))
+
+
+@pytest.fixture(scope="module")
+def community():
+    return shuffled_community_graph()
+
+
+@pytest.fixture(scope="module")
+def uniform():
+    return uniform_graph()
+
+
+def test_reordering_pays_on_a_shuffled_community_graph(community):
+    decision = plan.decide_node_order(community, "auto")
+    assert decision.order is not None, decision.reason
+    assert decision.estimate is not None and decision.estimate.shared >= plan.SHARED_NEIGHBOUR_MIN
+    assert decision.estimate.local < plan.ALREADY_LOCAL
+    assert decision.ordering_seconds > 0 and decision.deciding_seconds > 0
+    before = plan.locality(community.src, community.dst, community.num_nodes)
+    order = decision.order
+    after = plan.locality(order.inverse[community.src], order.inverse[community.dst], community.num_nodes)
+    assert before < 0.1 and after > 0.6, (before, after)
+    assert np.array_equal(np.sort(order.perm), np.arange(community.num_nodes))
+
+
+def test_no_order_is_computed_where_reordering_does_not_pay(uniform, monkeypatch):
+    def no_order(*args):
+        raise AssertionError("an order was computed although the estimate says it does not pay")
+
+    monkeypatch.setattr(plan, "community_order", no_order)
+    decision = plan.decide_node_order(uniform, "auto")
+    assert decision.order is None and decision.ordering_seconds == 0
+    assert decision.estimate is not None and decision.estimate.shared < plan.SHARED_NEIGHBOUR_MIN
+    assert "no community structure" in decision.reason
+    with pytest.raises(AssertionError, match="an order was computed"):  # "reorder" computes it regardless
+        plan.decide_node_order(uniform, "reorder")
+
+
+def test_a_graph_already_local_keeps_its_order(community, monkeypatch):
+    order = plan.decide_node_order(community, "reorder").order
+    relabelled = mpdsl.Graph.from_arrays(order.inverse[community.edge_index], community.num_nodes)
+    monkeypatch.setattr(plan, "community_order", lambda *args: pytest.fail("order computed for a local graph"))
+    decision = plan.decide_node_order(relabelled, "auto")
+    assert decision.order is None and "already local" in decision.reason
+
+
+@pytest.mark.parametrize("sample", [64, 1000])
+def test_the_estimate_reads_a_bounded_number_of_edges(sample):
+    small, big = uniform_graph(nodes=2_000), uniform_graph(nodes=40_000, edges_per_node=20)
+    rng = np.random.default_rng(0)
+    hub = mpdsl.Graph.from_arrays(np.stack([rng.integers(0, 5_000, 100_000), np.zeros(100_000, np.int64)]), 5_000)
+    for graph in (small, big, hub):
+        estimate = plan.estimate_locality(graph, sample)
+        assert estimate.sampled_edges == sample
+        assert 0 < estimate.entries_read <= 2 * plan.NEIGHBOURS_READ * sample, (graph, estimate)
+    assert plan.estimate_locality(hub, sample).entries_read > plan.NEIGHBOURS_READ * sample  # the hub is capped
+    assert plan.estimate_locality(uniform_graph(nodes=50, edges_per_node=2), sample).sampled_edges == min(sample, 100)
+
+
+def test_the_plan_report_names_the_decision_and_its_cost(community, uniform, tmp_path, capsys):
+    from mpdsl.cli import main
+    for name, graph in (("community", community), ("uniform", uniform)):
+        graph.save(tmp_path / f"{name}.npz")
+        assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan",
+                     "--graph", str(tmp_path / f"{name}.npz")]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if "[graph layout]" in x and "sampled edges" in x)
+        assert "estimate from 4096 sampled edges" in line and "estimated in" in line, line
+        if name == "community":
+            assert "nodes reordered by METIS partition" in line and "order computed in" in line, line
+        else:
+            assert "no reordering" in line and "no community structure" in line, line
+        assert main(["run", str(ROOT / "examples" / "gcn.mp"), "--graph", str(tmp_path / f"{name}.npz")]) == 0
+        summary = capsys.readouterr().err
+        expected = ("nodes reordered (METIS partition, decided in" if name == "community"
+                    else "nodes as given (decided in")
+        assert f"(layout: {expected}" in summary, summary
+
+
+def test_reordering_a_big_graph_is_invisible(community):
+    outs = {}
+    for layout in ("auto", "none"):
+        model = mpdsl.compile(ROOT / "examples" / "sage_max.mp", dtype="float64", seed=1, layout=layout)
+        outs[layout] = model(community)
+        assert (model.last_layout is not None and model.last_layout.nodes is not None) == (layout == "auto")
+    np.testing.assert_allclose(outs["auto"], outs["none"], rtol=1e-10, atol=1e-12)
+
+
+@given(graphs(min_nodes=4 * plan.LOCALITY_WINDOW, max_nodes=400, max_edges=1500))
+def test_reordering_is_invisible_on_drawn_graphs(graph):
+    estimate = plan.estimate_locality(graph)
+    assert 0 <= estimate.local <= 1 and 0 <= estimate.shared <= 1
+    assert estimate.sampled_edges == min(graph.num_edges, plan.SAMPLE_EDGES)
+    assert estimate.entries_read <= 2 * plan.NEIGHBOURS_READ * estimate.sampled_edges
+    outs = {}
+    for layout in ("reorder", "none"):
+        model = mpdsl.compile(ROOT / "examples" / "gcn.mp", dtype="float64", seed=1, layout=layout)
+        outs[layout] = model(graph)
+    np.testing.assert_allclose(outs["reorder"], outs["none"], rtol=1e-10, atol=1e-12)
