@@ -219,6 +219,75 @@ def shift_by_row_max(indptr, scores, shifted, chunks):
                     shifted[e, g] = scores[e, g] - peak[g]
 
 
+@njit(**_JIT)
+def row_logsumexp(indptr, scores, out, chunks):
+    """out[r, g] = log sum over row r's edges e of exp(scores[e, g]), max-shifted; 0 for an empty row.
+    scores: [E, G] in CSR order, out: [M, G]."""
+    groups = scores.shape[1]
+    for chunk in prange(chunks.shape[0] - 1):
+        peak = np.empty(groups, dtype=scores.dtype)
+        total = np.empty(groups, dtype=out.dtype)
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            lo, hi = indptr[r], indptr[r + 1]
+            if hi == lo:
+                for g in range(groups):
+                    out[r, g] = 0
+                continue
+            peak[:] = -np.inf
+            total[:] = 0
+            for e in range(lo, hi):
+                for g in range(groups):
+                    peak[g] = max(peak[g], scores[e, g])
+            for e in range(lo, hi):
+                for g in range(groups):
+                    total[g] += np.exp(scores[e, g] - peak[g])
+            for g in range(groups):
+                out[r, g] = peak[g] + np.log(total[g])
+
+
+@njit(**_JIT)
+def attention_score_grad(indptr, columns, scores, lse, x, g, delta, out, chunks):
+    """The destination pass of the attention backward: for each edge e of row r (CSR order) and group
+    h, out[e, h] = exp(scores[e, h] - lse[r, h]) * (<g[r], x[columns[e]]>_h - delta[r, h]), the dot
+    product over the K = width / G features of group h. scores, out: [E, G]; lse, delta: [M, G];
+    x: [N, G*K]; g: [M, G*K]."""
+    groups = scores.shape[1]
+    width = x.shape[1] // groups
+    for chunk in prange(chunks.shape[0] - 1):
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            for e in range(indptr[r], indptr[r + 1]):
+                _prefetch_row(x, columns, e + PREFETCH_DISTANCE)
+                j = columns[e]
+                for h in range(groups):
+                    base = h * width
+                    dot = 0.0
+                    for k in range(width):
+                        dot += g[r, base + k] * x[j, base + k]
+                    out[e, h] = np.exp(scores[e, h] - lse[r, h]) * (dot - delta[r, h])
+
+
+@njit(**_JIT)
+def attention_value_grad(indptr, columns, scores, lse, g, out, chunks):
+    """The source pass of the attention backward: out[r, h*K + k] = sum over row r's edges e of
+    exp(scores[e, h] - lse[columns[e], h]) * g[columns[e], h*K + k] (the softmax weight recomputed
+    from the score and the other endpoint's log-sum-exp). scores: [E, G] in CSR order; lse: [N, G];
+    g: [N, G*K]; out: [M, G*K]."""
+    groups = scores.shape[1]
+    width = g.shape[1] // groups
+    for chunk in prange(chunks.shape[0] - 1):
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            for k in range(g.shape[1]):
+                out[r, k] = 0
+            for e in range(indptr[r], indptr[r + 1]):
+                _prefetch_row(g, columns, e + PREFETCH_DISTANCE)
+                i = columns[e]
+                for h in range(groups):
+                    weight = np.exp(scores[e, h] - lse[i, h])
+                    base = h * width
+                    for k in range(width):
+                        out[r, base + k] += weight * g[i, base + k]
+
+
 def row_chunks(indptr: np.ndarray, parts: int) -> np.ndarray:
     """Row bounds of ``parts`` chunks with about equal edge counts (a chunk may be empty)."""
     rows = len(indptr) - 1

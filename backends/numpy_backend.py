@@ -331,6 +331,57 @@ class PullCSR:
                        out.reshape(self.num_nodes, x2.shape[1]), self.chunks, kernels.NORMALIZED)
         return out
 
+    def unordered(self, per_edge: np.ndarray) -> np.ndarray:
+        """Per-edge values in CSR order back in edge order (the inverse of ``ordered``)."""
+        return per_edge if self.in_edge_order else _kernels().put_rows(per_edge, self.perm)
+
+    def _grouped(self, scores: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores [E, G...] as contiguous [E, G] (G = 1 for scalar scores) and x as [rows, width]."""
+        groups = feature_width(scores.shape[1:])
+        return (np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype),
+                np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:]))))
+
+    def logsumexp(self, scores: np.ndarray, empty=np.empty) -> np.ndarray:
+        """out[i] = log sum over row i's edges of exp(scores[e]) per score element, 0 for a row
+        without edges (scores in CSR order)."""
+        out = empty((self.num_nodes,) + scores.shape[1:], scores.dtype)
+        if out.size == 0:
+            return out
+        scores2 = np.ascontiguousarray(scores.reshape(len(scores), feature_width(scores.shape[1:])))
+        kernels = _kernels()
+        kernels.launch(kernels.row_logsumexp, self.indptr, scores2, out.reshape(self.num_nodes, -1), self.chunks)
+        return out
+
+    def attention_score_grad(self, scores: np.ndarray, lse: np.ndarray, x: np.ndarray, g: np.ndarray,
+                             delta: np.ndarray, empty=np.empty) -> np.ndarray:
+        """d s_e = exp(s_e - lse_r) * (<g_r, x[column_e]> - delta_r) for the edges e of each row r, in
+        CSR order (scores in CSR order; lse, g, delta per row, x per column node)."""
+        out = empty(scores.shape, x.dtype)
+        if out.size == 0:
+            return out
+        scores2, x2 = self._grouped(scores, x)
+        groups = scores2.shape[1]
+        kernels = _kernels()
+        kernels.launch(kernels.attention_score_grad, self.indptr, self.columns, scores2,
+                       np.ascontiguousarray(lse.reshape(len(lse), groups)),
+                       x2, np.ascontiguousarray(g.reshape(len(g), x2.shape[1])),
+                       np.ascontiguousarray(delta.reshape(len(delta), groups)), out.reshape(len(out), groups),
+                       self.chunks)
+        return out
+
+    def attention_value_grad(self, scores: np.ndarray, lse: np.ndarray, g: np.ndarray, empty=np.empty) -> np.ndarray:
+        """out_r = sum over row r's edges e of exp(s_e - lse[column_e]) * g[column_e] (scores in CSR
+        order; lse and g per column node)."""
+        out = empty((self.num_nodes,) + g.shape[1:], g.dtype)
+        if out.size == 0:
+            return out
+        scores2, g2 = self._grouped(scores, g)
+        kernels = _kernels()
+        kernels.launch(kernels.attention_value_grad, self.indptr, self.columns, scores2,
+                       np.ascontiguousarray(lse.reshape(len(lse), scores2.shape[1])), g2,
+                       out.reshape(self.num_nodes, g2.shape[1]), self.chunks)
+        return out
+
     def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
         """out[i] = max (or min) over row i's edges of weight * x[column]; 0 for empty rows. Works
         in row blocks so at most ~4M gathered elements exist at once."""
@@ -764,6 +815,21 @@ class NumpyBackend(Backend):
     def _attention(self, ctx, v, s, x):
         csr = ctx.pull(v.attr["by"])
         return csr.attention(csr.ordered(s), x, empty=ctx.empty)
+
+    @rule("segment_logsumexp")
+    def _segment_logsumexp(self, ctx, v, s):
+        csr = ctx.pull(v.attr["by"])
+        return csr.logsumexp(csr.ordered(s), empty=ctx.empty)
+
+    @rule("attention_score_grad")
+    def _attention_score_grad(self, ctx, v, s, lse, x, g, delta):
+        csr = ctx.pull(v.attr["by"])
+        return csr.unordered(csr.attention_score_grad(csr.ordered(s), lse, x, g, delta, empty=ctx.empty))
+
+    @rule("attention_value_grad")
+    def _attention_value_grad(self, ctx, v, s, lse, g):
+        csr = ctx.pull(v.attr["by"])
+        return csr.attention_value_grad(csr.ordered(s), lse, g, empty=ctx.empty)
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):
