@@ -80,7 +80,7 @@ class ExampleCase:
         return self.model.context.training_programs(self.dims, "f64", False, self.float_inputs, list(self.params))
 
 
-@pytest.mark.parametrize("path,dims", EXAMPLES, ids=lambda p: p.stem if isinstance(p, Path) else "")
+@pytest.mark.parametrize("path,dims", EXAMPLES, ids=["gat", "graph_transformer", "benchmark_gat"])
 def test_fused_backward_equals_the_unfused_gradient_on_the_attention_examples(path, dims):
     case = ExampleCase(path, dims)
     programs = case.training_programs()
