@@ -563,8 +563,7 @@ class TritonBackend(Backend):
         if out.numel() == 0:
             return out
         (fn,) = self._kernels(ctx, AttentionScoreGrad(width, groups, ctx.dtype_name)).values()
-        lanes = next_pow2(groups) * next_pow2(width // groups)
-        block_r = self.block_rows or (256 if ctx.interpret else max(1, min(64, 4096 // lanes)))
+        block_r = self.block_rows or (256 if ctx.interpret else max(16, min(128, 1024 // next_pow2(groups))))
         fn[(_cdiv(seg.num_segments, block_r),)](seg.indptr, seg.order, seg.perm, seg.cols, s.contiguous(),
                                                 lse.contiguous(), x.contiguous(), g.contiguous(), delta.contiguous(),
                                                 out, seg.num_segments, BLOCK_R=block_r)

@@ -24,8 +24,8 @@ Kernels (all deterministic except the COO ones, which use atomics):
 * ``SegmentLogSumExp``: the per-node log-sum-exp of edge scores (online max and sum): the softmax
   statistics the attention backward reads.
 * ``AttentionScoreGrad``: the destination pass of the attention backward: per edge and head,
-  exp(s - lse) * (<g_i, x_j> - delta_i), a program holding whole rows (heads x features, the dot
-  product a ``tl.reduce`` with a combine function generated alongside); writes every edge once.
+  exp(s - lse) * (<g_i, x_j> - delta_i), one program per block of segments holding all heads, the
+  dot product summed feature by feature (in order, as the CPU kernel); writes every edge once.
 * ``AttentionValueGrad``: the source pass of the attention backward, over the segments by source:
   sum over out-edges of exp(s - lse_dst) * g_dst, the weights recomputed per edge (no atomics).
 * ``TypedLinear``: relation-typed grouped matmul: tiles of (node, relation) pairs of one relation
@@ -55,7 +55,7 @@ from typing import Any
 from mpdsl.ops import MissingRule, choose
 
 BUILTINS = frozenset({"arange", "atomic_add", "atomic_max", "atomic_min", "constexpr", "dot", "exp", "full",
-                      "load", "log", "maximum", "minimum", "program_id", "reduce", "sqrt", "store", "where",
+                      "load", "log", "maximum", "minimum", "program_id", "sqrt", "store", "where",
                       "bfloat16", "float16", "float32", "float64", "int64"})
 """The triton.language names generated kernels may use (builtins, not jit functions)."""
 
@@ -166,8 +166,8 @@ class AttentionScoreGrad(KernelSpec):
 
     @property
     def launch(self) -> str:
-        return ("grid (cdiv(segments, BLOCK_R),): a program holds BLOCK_R segments' whole rows "
-                f"({self.groups} group(s) x {self.width // self.groups} features), segments by decreasing size")
+        return ("grid (cdiv(segments, BLOCK_R),): a program holds BLOCK_R segments and all "
+                f"{self.groups} score group(s), segments by decreasing size")
 
 
 @dataclass(frozen=True)
@@ -456,18 +456,12 @@ def _gen_segment_logsumexp(spec: SegmentLogSumExp) -> str:
 def _gen_attention_score_grad(spec: AttentionScoreGrad) -> str:
     F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
     K = F // G
-    add = f"{spec.name}_add"
     code = _Code()
-    code("@triton.jit")
-    with code.block(f"def {add}(a, b):"):
-        code('"""The combine function of the tl.reduce of the dot products."""', "return a + b")
-    code("")
-    code("")
     code("@triton.jit")
     with code.block(f"def {spec.name}(indptr, order, perm, cols, score, lse, x, g, delta, out, n_rows, "
                     "BLOCK_R: tl.constexpr):"):
         code(f'"""out[e, h] = exp(score[e, h] - lse[i, h]) * (<g[i], x[cols[e]]>_h - delta[i, h]) for the members e '
-             f'of segment i; {G} group(s) of {K} features, the dot product over the features of each group."""')
+             f'of segment i; {G} group(s) of {K} features, the dot product summed feature by feature."""')
         code("slot = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)",
              "row_ok = slot < n_rows",
              "row = tl.load(order + slot, mask=row_ok, other=0).to(tl.int64)  # segments by decreasing size",
@@ -477,24 +471,21 @@ def _gen_attention_score_grad(spec: AttentionScoreGrad) -> str:
              "its longest",
              "longest = tl.load(indptr + first + 1) - tl.load(indptr + first)",
              f"grp = tl.arange(0, {next_pow2(G)})",
-             f"lane = tl.arange(0, {next_pow2(K)})",
-             f"grp_ok = grp < {G}",
-             f"lanes_ok = grp_ok[:, None] & (lane < {K})[None, :]",
-             f"feature = grp[:, None] * {K} + lane[None, :]  # [groups, features of a group]",
-             "head_ok = row_ok[:, None] & grp_ok[None, :]",
-             f"gi = tl.load(g + row[:, None, None] * {F} + feature[None, :, :], "
-             f"mask=row_ok[:, None, None] & lanes_ok[None, :, :], other=0.0).to({acc})",
+             f"head_ok = row_ok[:, None] & (grp < {G})[None, :]",
              f"top = tl.load(lse + row[:, None] * {G} + grp[None, :], mask=head_ok, other=0.0).to({acc})",
              f"base = tl.load(delta + row[:, None] * {G} + grp[None, :], mask=head_ok, other=0.0).to({acc})")
         with code.block("for i in range(0, longest):"):
             code("live = i < count",
-                 "ok = live[:, None] & grp_ok[None, :]",
+                 f"ok = live[:, None] & (grp < {G})[None, :]",
                  "member = tl.load(perm + start + i, mask=live, other=0).to(tl.int64)",
                  "node = tl.load(cols + start + i, mask=live, other=0).to(tl.int64)",
-                 f"xj = tl.load(x + node[:, None, None] * {F} + feature[None, :, :], "
-                 f"mask=live[:, None, None] & lanes_ok[None, :, :], other=0.0).to({acc})",
-                 f"dot = tl.reduce(gi * xj, 2, {add})",
-                 f"s = tl.load(score + member[:, None] * {G} + grp[None, :], mask=ok, other=0.0).to({acc})",
+                 f"dot = tl.full([BLOCK_R, {next_pow2(G)}], 0.0, dtype={acc})")
+            with code.block(f"for k in range(0, {K}):"):
+                code(f"feature = grp[None, :] * {K} + k",
+                     f"gk = tl.load(g + row[:, None] * {F} + feature, mask=ok, other=0.0).to({acc})",
+                     f"xk = tl.load(x + node[:, None] * {F} + feature, mask=ok, other=0.0).to({acc})",
+                     "dot += gk * xk")
+            code(f"s = tl.load(score + member[:, None] * {G} + grp[None, :], mask=ok, other=0.0).to({acc})",
                  f"tl.store(out + member[:, None] * {G} + grp[None, :], (tl.exp(s - top) * (dot - base)).to({store}), "
                  "mask=ok)")
     return code.text()
