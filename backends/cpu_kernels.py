@@ -220,9 +220,10 @@ def shift_by_row_max(indptr, scores, shifted, chunks):
 
 
 @njit(**_JIT)
-def row_logsumexp(indptr, scores, out, chunks):
-    """out[r, g] = log sum over row r's edges e of exp(scores[e, g]), max-shifted; 0 for an empty row.
-    scores: [E, G] in CSR order, out: [M, G]."""
+def row_logsumexp(indptr, scores, exps, out, chunks):
+    """out[r, g] = max + log(sum of exps[e, g]) over row r's edges e, the max taken of scores[e, g]
+    (``exps`` = exp(scores - row max), from ``shift_by_row_max`` and an exponential); 0 for an
+    empty row. scores, exps: [E, G] in CSR order; out: [M, G]."""
     groups = scores.shape[1]
     for chunk in prange(chunks.shape[0] - 1):
         peak = np.empty(groups, dtype=scores.dtype)
@@ -238,20 +239,32 @@ def row_logsumexp(indptr, scores, out, chunks):
             for e in range(lo, hi):
                 for g in range(groups):
                     peak[g] = max(peak[g], scores[e, g])
-            for e in range(lo, hi):
-                for g in range(groups):
-                    total[g] += np.exp(scores[e, g] - peak[g])
+                    total[g] += exps[e, g]
             for g in range(groups):
                 out[r, g] = peak[g] + np.log(total[g])
 
 
 @njit(**_JIT)
-def attention_score_grad(indptr, columns, scores, lse, x, g, delta, out, chunks):
-    """The destination pass of the attention backward: for each edge e of row r (CSR order) and group
-    h, out[e, h] = exp(scores[e, h] - lse[r, h]) * (<g[r], x[columns[e]]>_h - delta[r, h]), the dot
-    product over the K = width / G features of group h. scores, out: [E, G]; lse, delta: [M, G];
-    x: [N, G*K]; g: [M, G*K]."""
+def shift_by_node(indptr, columns, scores, per_node, shifted, chunks, at_column):
+    """shifted[e, g] = scores[e, g] - per_node[n, g] for each edge e of row r, n = columns[e] with
+    ``at_column``, else r (the softmax shift by a log-sum-exp: exp(shifted) are the softmax weights).
+    scores, shifted: [E, G] in CSR order; per_node: [N, G]."""
     groups = scores.shape[1]
+    for chunk in prange(chunks.shape[0] - 1):
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            for e in range(indptr[r], indptr[r + 1]):
+                n = columns[e] if at_column else r
+                for g in range(groups):
+                    shifted[e, g] = scores[e, g] - per_node[n, g]
+
+
+@njit(**_JIT)
+def attention_score_grad(indptr, columns, weights, x, g, delta, out, chunks):
+    """The destination pass of the attention backward: for each edge e of row r (CSR order) and group
+    h, out[e, h] = weights[e, h] * (<g[r], x[columns[e]]>_h - delta[r, h]), the dot product over the
+    K = width / G features of group h, summed in order. weights, out: [E, G]; delta: [M, G];
+    x: [N, G*K]; g: [M, G*K]."""
+    groups = weights.shape[1]
     width = x.shape[1] // groups
     for chunk in prange(chunks.shape[0] - 1):
         for r in range(chunks[chunk], chunks[chunk + 1]):
@@ -263,29 +276,7 @@ def attention_score_grad(indptr, columns, scores, lse, x, g, delta, out, chunks)
                     dot = 0.0
                     for k in range(width):
                         dot += g[r, base + k] * x[j, base + k]
-                    out[e, h] = np.exp(scores[e, h] - lse[r, h]) * (dot - delta[r, h])
-
-
-@njit(**_JIT)
-def attention_value_grad(indptr, columns, scores, lse, g, out, chunks):
-    """The source pass of the attention backward: out[r, h*K + k] = sum over row r's edges e of
-    exp(scores[e, h] - lse[columns[e], h]) * g[columns[e], h*K + k] (the softmax weight recomputed
-    from the score and the other endpoint's log-sum-exp). scores: [E, G] in CSR order; lse: [N, G];
-    g: [N, G*K]; out: [M, G*K]."""
-    groups = scores.shape[1]
-    width = g.shape[1] // groups
-    for chunk in prange(chunks.shape[0] - 1):
-        for r in range(chunks[chunk], chunks[chunk + 1]):
-            for k in range(g.shape[1]):
-                out[r, k] = 0
-            for e in range(indptr[r], indptr[r + 1]):
-                _prefetch_row(g, columns, e + PREFETCH_DISTANCE)
-                i = columns[e]
-                for h in range(groups):
-                    weight = np.exp(scores[e, h] - lse[i, h])
-                    base = h * width
-                    for k in range(width):
-                        out[r, base + k] += weight * g[i, base + k]
+                    out[e, h] = weights[e, h] * (dot - delta[r, h])
 
 
 def row_chunks(indptr: np.ndarray, parts: int) -> np.ndarray:
