@@ -583,7 +583,8 @@ def _fused_adjoint(v, g, b, needed):
 def _attention_adjoint(v, g, b, needed):
     """out = attention(s, x) by dst: with a_e = exp(s_e - lse_i) (lse the per-node log-sum-exp, the
     one statistic kept from the forward), d s_e = a_e (<g_i, x_j> - <g_i, out_i>) is a destination
-    pass and d x_j = sum_{e: j->i} a_e g_i a source pass; neither builds an E x S tensor."""
+    pass and d x_j = sum_{e: j->i} a_e g_i a source pass; neither builds an E x S tensor (by src,
+    the two ends swap roles)."""
     s, x = v.operands
     by = v.attr["by"]
     lse = b.emit("segment_logsumexp", [s], {"by": by})
