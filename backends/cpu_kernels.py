@@ -245,17 +245,20 @@ def row_logsumexp(indptr, scores, exps, out, chunks):
 
 
 @njit(**_JIT)
-def shift_by_node(indptr, columns, scores, per_node, shifted, chunks, at_column):
-    """shifted[e, g] = scores[e, g] - per_node[n, g] for each edge e of row r, n = columns[e] with
-    ``at_column``, else r (the softmax shift by a log-sum-exp: exp(shifted) are the softmax weights).
-    scores, shifted: [E, G] in CSR order; per_node: [N, G]."""
+def shift_by_node(indptr, columns, order, scores, per_node, shifted, chunks, at_column):
+    """shifted[e, g] = scores[order[e], g] - per_node[n, g] for each edge e of row r (CSR order),
+    n = columns[e] with ``at_column``, else r (the softmax shift by a log-sum-exp: exp(shifted) are the
+    softmax weights). ``order``: the edge id of each CSR position, or empty when scores are in CSR
+    order. scores: [E, G]; shifted: [E, G] in CSR order; per_node: [N, G]."""
     groups = scores.shape[1]
+    reordered = order.shape[0] > 0
     for chunk in prange(chunks.shape[0] - 1):
         for r in range(chunks[chunk], chunks[chunk + 1]):
             for e in range(indptr[r], indptr[r + 1]):
                 n = columns[e] if at_column else r
+                edge = order[e] if reordered else e
                 for g in range(groups):
-                    shifted[e, g] = scores[e, g] - per_node[n, g]
+                    shifted[e, g] = scores[edge, g] - per_node[n, g]
 
 
 @njit(**_JIT)

@@ -350,14 +350,16 @@ class PullCSR:
         return out
 
     def softmax_weights(self, scores: np.ndarray, lse: np.ndarray, at_column: bool, empty=np.empty) -> np.ndarray:
-        """exp(scores[e] - lse[n]) per edge in CSR order, [E, G] (G score elements), with n the
-        edge's column node (``at_column``) or its row: the softmax weights of scores normalised by
-        the nodes at that end, recomputed from their log-sum-exp (one vectorised exponential)."""
+        """exp(scores[e] - lse[n]) per edge in CSR order, [E, G] (G score elements; scores in edge
+        order), with n the edge's column node (``at_column``) or its row: the softmax weights of
+        scores normalised by the nodes at that end, recomputed from their log-sum-exp (one vectorised
+        exponential)."""
         groups = feature_width(scores.shape[1:])
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups))
         weights = empty(scores2.shape, scores2.dtype)
         kernels = _kernels()
-        kernels.launch(kernels.shift_by_node, self.indptr, self.columns, scores2,
+        order = self.perm[:0] if self.in_edge_order else self.perm
+        kernels.launch(kernels.shift_by_node, self.indptr, self.columns, order, scores2,
                        np.ascontiguousarray(lse.reshape(len(lse), groups), dtype=scores2.dtype), weights, self.chunks,
                        at_column)
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
@@ -366,7 +368,7 @@ class PullCSR:
     def attention_score_grad(self, scores: np.ndarray, lse: np.ndarray, x: np.ndarray, g: np.ndarray,
                              delta: np.ndarray, empty=np.empty) -> np.ndarray:
         """d s_e = exp(s_e - lse_r) * (<g_r, x[column_e]> - delta_r) for the edges e of each row r, in
-        CSR order (scores in CSR order; lse, g, delta per row, x per column node)."""
+        CSR order (scores in edge order; lse, g, delta per row, x per column node)."""
         out = empty(scores.shape, x.dtype)
         if out.size == 0:
             return out
@@ -380,7 +382,7 @@ class PullCSR:
         return out
 
     def attention_value_grad(self, scores: np.ndarray, lse: np.ndarray, g: np.ndarray, empty=np.empty) -> np.ndarray:
-        """out_r = sum over row r's edges e of exp(s_e - lse[column_e]) * g[column_e] (scores in CSR
+        """out_r = sum over row r's edges e of exp(s_e - lse[column_e]) * g[column_e] (scores in edge
         order; lse and g per column node): the weighted g-SpMM with the weights recomputed."""
         out = empty((self.num_nodes,) + g.shape[1:], g.dtype)
         if out.size == 0:
@@ -837,12 +839,12 @@ class NumpyBackend(Backend):
     @rule("attention_score_grad")
     def _attention_score_grad(self, ctx, v, s, lse, x, g, delta):
         csr = ctx.pull(v.attr["by"])
-        return csr.unordered(csr.attention_score_grad(csr.ordered(s), lse, x, g, delta, empty=ctx.empty))
+        return csr.unordered(csr.attention_score_grad(s, lse, x, g, delta, empty=ctx.empty))
 
     @rule("attention_value_grad")
     def _attention_value_grad(self, ctx, v, s, lse, g):
         csr = ctx.pull(v.attr["by"])
-        return csr.attention_value_grad(csr.ordered(s), lse, g, empty=ctx.empty)
+        return csr.attention_value_grad(s, lse, g, empty=ctx.empty)
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):
