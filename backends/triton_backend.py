@@ -550,7 +550,7 @@ class TritonBackend(Backend):
     @rule("segment_logsumexp")
     def _segment_logsumexp(self, ctx, v, s):
         seg = ctx.segments(v.attr["by"])
-        groups = _score_groups(s.shape[1:])
+        groups = _score_groups(feature_width(s.shape[1:]))
         out = self._output(ctx, (seg.num_segments,) + tuple(s.shape[1:]))
         return self._segment_launch(ctx, SegmentLogSumExp(groups, ctx.dtype_name), seg, [seg.perm, s.contiguous()],
                                     groups, out)
@@ -558,21 +558,22 @@ class TritonBackend(Backend):
     @rule("attention_score_grad")
     def _attention_score_grad(self, ctx, v, s, lse, x, g, delta):
         seg = ctx.segments(v.attr["by"])
-        width, groups = feature_width(x.shape[1:]), _score_groups(s.shape[1:])
+        width, groups = feature_width(x.shape[1:]), _score_groups(feature_width(s.shape[1:]))
         out = self._output(ctx, tuple(s.shape))
         if out.numel() == 0:
             return out
         (fn,) = self._kernels(ctx, AttentionScoreGrad(width, groups, ctx.dtype_name)).values()
         block_r = self.block_rows or (256 if ctx.interpret else max(16, min(128, 1024 // next_pow2(groups))))
-        fn[(_cdiv(seg.num_segments, block_r),)](seg.indptr, seg.order, seg.perm, seg.cols, s.contiguous(),
-                                                lse.contiguous(), x.contiguous(), g.contiguous(), delta.contiguous(),
-                                                out, seg.num_segments, BLOCK_R=block_r)
+        tensors = [s, lse, x, g, delta]
+        fn[(_cdiv(seg.num_segments, block_r),)](seg.indptr, seg.order, seg.perm, seg.cols,
+                                                *[self._arg(t.contiguous()) for t in tensors], out, seg.num_segments,
+                                                BLOCK_R=block_r)
         return out
 
     @rule("attention_value_grad")
     def _attention_value_grad(self, ctx, v, s, lse, g):
         seg = ctx.segments(v.attr["by"])
-        width, groups = feature_width(g.shape[1:]), _score_groups(s.shape[1:])
+        width, groups = feature_width(g.shape[1:]), _score_groups(feature_width(s.shape[1:]))
         out = self._output(ctx, (seg.num_segments,) + tuple(g.shape[1:]))
         spec = AttentionValueGrad(width, groups, ctx.dtype_name)
         return self._segment_launch(ctx, spec, seg, [seg.perm, seg.cols, s.contiguous(), lse.contiguous(),
@@ -731,21 +732,21 @@ def _attention_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> Ker
     return CooAttention(widths[1], widths[0], dtype) if coo else Attention(widths[1], widths[0], dtype)
 
 
-def _score_groups(shape) -> int:
-    """The score elements per edge of an attention op (at least one: scalar scores are one group)."""
-    return max(1, feature_width(shape))
+def _score_groups(elements: int) -> int:
+    """The score groups of an attention op from its score elements per edge (scalar scores: one)."""
+    return max(1, elements)
 
 
 def _logsumexp_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
-    return SegmentLogSumExp(max(1, widths[0]), dtype)
+    return SegmentLogSumExp(_score_groups(widths[0]), dtype)
 
 
 def _score_grad_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
-    return AttentionScoreGrad(widths[2], max(1, widths[0]), dtype)
+    return AttentionScoreGrad(widths[2], _score_groups(widths[0]), dtype)
 
 
 def _value_grad_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
-    return AttentionValueGrad(widths[2], max(1, widths[0]), dtype)
+    return AttentionValueGrad(widths[2], _score_groups(widths[0]), dtype)
 
 
 def _typed_linear_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec | None:
