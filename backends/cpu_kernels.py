@@ -246,6 +246,69 @@ def shift_by_row_max(indptr, scores, shifted, chunks):
                     shifted[e, g] = scores[e, g] - peak[g]
 
 
+@njit(**_JIT)
+def row_logsumexp(indptr, scores, exps, out, chunks):
+    """out[r, g] = max + log(sum of exps[e, g]) over row r's edges e, the max taken of scores[e, g]
+    (``exps`` = exp(scores - row max), from ``shift_by_row_max`` and an exponential); 0 for an
+    empty row. scores, exps: [E, G] in CSR order; out: [M, G]."""
+    groups = scores.shape[1]
+    for chunk in prange(chunks.shape[0] - 1):
+        peak = np.empty(groups, dtype=scores.dtype)
+        total = np.empty(groups, dtype=out.dtype)
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            lo, hi = indptr[r], indptr[r + 1]
+            if hi == lo:
+                for g in range(groups):
+                    out[r, g] = 0
+                continue
+            peak[:] = -np.inf
+            total[:] = 0
+            for e in range(lo, hi):
+                for g in range(groups):
+                    peak[g] = max(peak[g], scores[e, g])
+                    total[g] += exps[e, g]
+            for g in range(groups):
+                out[r, g] = peak[g] + np.log(total[g])
+
+
+@njit(**_JIT)
+def shift_by_node(indptr, columns, order, scores, per_node, shifted, chunks, at_column):
+    """shifted[e, g] = scores[order[e], g] - per_node[n, g] for each edge e of row r (CSR order),
+    n = columns[e] with ``at_column``, else r (the softmax shift by a log-sum-exp: exp(shifted) are the
+    softmax weights). ``order``: the edge id of each CSR position, or empty when scores are in CSR
+    order. scores: [E, G]; shifted: [E, G] in CSR order; per_node: [N, G]."""
+    groups = scores.shape[1]
+    reordered = order.shape[0] > 0
+    for chunk in prange(chunks.shape[0] - 1):
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            for e in range(indptr[r], indptr[r + 1]):
+                n = columns[e] if at_column else r
+                edge = order[e] if reordered else e
+                for g in range(groups):
+                    shifted[e, g] = scores[edge, g] - per_node[n, g]
+
+
+@njit(**_JIT)
+def attention_score_grad(indptr, columns, weights, x, g, delta, out, chunks):
+    """The destination pass of the attention backward: for each edge e of row r (CSR order) and group
+    h, out[e, h] = weights[e, h] * (<g[r], x[columns[e]]>_h - delta[r, h]), the dot product over the
+    K = width / G features of group h, summed in order. weights, out: [E, G]; delta: [M, G];
+    x: [N, G*K]; g: [M, G*K]."""
+    groups = weights.shape[1]
+    width = x.shape[1] // groups
+    for chunk in prange(chunks.shape[0] - 1):
+        for r in range(chunks[chunk], chunks[chunk + 1]):
+            for e in range(indptr[r], indptr[r + 1]):
+                _prefetch_row(x, columns, e + PREFETCH_DISTANCE)
+                j = columns[e]
+                for h in range(groups):
+                    base = h * width
+                    dot = 0.0
+                    for k in range(width):
+                        dot += g[r, base + k] * x[j, base + k]
+                    out[e, h] = weights[e, h] * (dot - delta[r, h])
+
+
 def row_chunks(indptr: np.ndarray, parts: int) -> np.ndarray:
     """Row bounds of ``parts`` chunks with about equal edge counts (a chunk may be empty)."""
     rows = len(indptr) - 1

@@ -351,6 +351,72 @@ class PullCSR:
                        out.reshape(self.num_nodes, width), self.chunks, x is not None)
         return out
 
+    def unordered(self, per_edge: np.ndarray) -> np.ndarray:
+        """Per-edge values in CSR order back in edge order (the inverse of ``ordered``)."""
+        return per_edge if self.in_edge_order else _kernels().put_rows(per_edge, self.perm)
+
+    def logsumexp(self, scores: np.ndarray, empty=np.empty) -> np.ndarray:
+        """out[i] = log sum over row i's edges of exp(scores[e]) per score element, 0 for a row
+        without edges (scores in CSR order). The exponentials are one vectorised pass."""
+        out = empty((self.num_nodes,) + scores.shape[1:], scores.dtype)
+        if out.size == 0:
+            return out
+        kernels = _kernels()
+        scores2 = np.ascontiguousarray(scores.reshape(len(scores), feature_width(scores.shape[1:])))
+        exps = empty(scores2.shape, scores2.dtype)
+        kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, exps, self.chunks)
+        row_parallel(len(exps), lambda lo, hi: np.exp(exps[lo:hi], out=exps[lo:hi]))
+        kernels.launch(kernels.row_logsumexp, self.indptr, scores2, exps, out.reshape(self.num_nodes, -1), self.chunks)
+        return out
+
+    def softmax_weights(self, scores: np.ndarray, lse: np.ndarray, at_column: bool, empty=np.empty) -> np.ndarray:
+        """exp(scores[e] - lse[n]) per edge in CSR order, [E, G] (G score elements; scores in edge
+        order), with n the edge's column node (``at_column``) or its row: the softmax weights of
+        scores normalised by the nodes at that end, recomputed from their log-sum-exp (one vectorised
+        exponential)."""
+        groups = feature_width(scores.shape[1:])
+        scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups))
+        weights = empty(scores2.shape, scores2.dtype)
+        kernels = _kernels()
+        order = self.perm[:0] if self.in_edge_order else self.perm
+        kernels.launch(kernels.shift_by_node, self.indptr, self.columns, order, scores2,
+                       np.ascontiguousarray(lse.reshape(len(lse), groups), dtype=scores2.dtype), weights, self.chunks,
+                       at_column)
+        row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
+        return weights
+
+    def attention_score_grad(self, scores: np.ndarray, lse: np.ndarray, x: np.ndarray, g: np.ndarray,
+                             delta: np.ndarray, empty=np.empty) -> np.ndarray:
+        """d s_e = exp(s_e - lse_r) * (<g_r, x[column_e]> - delta_r) for the edges e of each row r, in
+        CSR order (scores in edge order; lse, g, delta per row, x per column node)."""
+        out = empty(scores.shape, x.dtype)
+        if out.size == 0:
+            return out
+        weights = self.softmax_weights(scores, lse, False, empty)
+        x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
+        kernels = _kernels()
+        kernels.launch(kernels.attention_score_grad, self.indptr, self.columns, weights, x2,
+                       np.ascontiguousarray(g.reshape(len(g), x2.shape[1])),
+                       np.ascontiguousarray(delta.reshape(len(delta), weights.shape[1])),
+                       out.reshape(len(out), weights.shape[1]), self.chunks)
+        return out
+
+    def attention_value_grad(self, scores: np.ndarray, lse: np.ndarray, g: np.ndarray, empty=np.empty) -> np.ndarray:
+        """out_r = sum over row r's edges e of exp(s_e - lse[column_e]) * g[column_e] (scores in edge
+        order; lse and g per column node): the weighted g-SpMM with the weights recomputed."""
+        out = empty((self.num_nodes,) + g.shape[1:], g.dtype)
+        if out.size == 0:
+            return out
+        if len(scores) == 0:
+            out.fill(0)
+            return out
+        weights = self.softmax_weights(scores, lse, True, empty)
+        g2 = np.ascontiguousarray(g.reshape(g.shape[0], feature_width(g.shape[1:])))
+        kernels = _kernels()
+        kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, g2,
+                       out.reshape(self.num_nodes, g2.shape[1]), self.chunks, kernels.SUM)
+        return out
+
     def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
         """out[i] = max (or min) over row i's edges of weight * x[column]; 0 for empty rows. Works
         in row blocks so at most ~4M gathered elements exist at once."""
@@ -792,6 +858,21 @@ class NumpyBackend(Backend):
     def _attention(self, ctx, v, s, x):
         csr = ctx.pull(v.attr["by"])
         return csr.attention(csr.ordered(s), x, empty=ctx.empty)
+
+    @rule("segment_logsumexp")
+    def _segment_logsumexp(self, ctx, v, s):
+        csr = ctx.pull(v.attr["by"])
+        return csr.logsumexp(csr.ordered(s), empty=ctx.empty)
+
+    @rule("attention_score_grad")
+    def _attention_score_grad(self, ctx, v, s, lse, x, g, delta):
+        csr = ctx.pull(v.attr["by"])
+        return csr.unordered(csr.attention_score_grad(s, lse, x, g, delta, empty=ctx.empty))
+
+    @rule("attention_value_grad")
+    def _attention_value_grad(self, ctx, v, s, lse, g):
+        csr = ctx.pull(v.attr["by"])
+        return csr.attention_value_grad(s, lse, g, empty=ctx.empty)
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):

@@ -1,11 +1,11 @@
 """The Triton backend: generated Triton kernels for the graph ops, torch for dense algebra.
 
-Graph ops (``gspmm``, ``match_gspmm``, ``attention``, ``aggregate``, ``softmax``, ``typed_linear``) run as Triton
-kernels generated from the IR value (see ``mpdsl.backends.triton_kernels``: the source is built
-from the op's attributes and static shapes, and cached by a hash of both). Every other op is a
-torch op with the NumPy backend's semantics (left-aligned broadcasting, param values without a
-row axis). Values are torch tensors on the device: CUDA when available, else the CPU, where the
-kernels run in Triton's interpreter.
+Graph ops (``gspmm``, ``match_gspmm``, ``attention`` and its backward passes, ``aggregate``,
+``softmax``, ``typed_linear``) run as Triton kernels generated from the IR value (see
+``mpdsl.backends.triton_kernels``: the source is built from the op's attributes and static shapes,
+and cached by a hash of both). Every other op is a torch op with the NumPy backend's semantics
+(left-aligned broadcasting, param values without a row axis). Values are torch tensors on the
+device: CUDA when available, else the CPU, where the kernels run in Triton's interpreter.
 
 Running it:
 
@@ -58,10 +58,13 @@ from mpdsl.backends.triton_kernels import (
     KERNELS,
     REDUCTION_KERNELS,
     Attention,
+    AttentionScoreGrad,
+    AttentionValueGrad,
     CooAttention,
     CooGspmm,
     KernelSpec,
     MatchSegmentSum,
+    SegmentLogSumExp,
     SegmentReduce,
     SegmentSoftmax,
     TypedLinear,
@@ -558,6 +561,38 @@ class TritonBackend(Backend):
         spec = Attention(width, groups, ctx.dtype_name)
         return self._segment_launch(ctx, spec, seg, [seg.perm, seg.cols, s.contiguous(), x.contiguous()], width, out)
 
+    @rule("segment_logsumexp")
+    def _segment_logsumexp(self, ctx, v, s):
+        seg = ctx.segments(v.attr["by"])
+        groups = _score_groups(feature_width(s.shape[1:]))
+        out = self._output(ctx, (seg.num_segments,) + tuple(s.shape[1:]))
+        return self._segment_launch(ctx, SegmentLogSumExp(groups, ctx.dtype_name), seg, [seg.perm, s.contiguous()],
+                                    groups, out)
+
+    @rule("attention_score_grad")
+    def _attention_score_grad(self, ctx, v, s, lse, x, g, delta):
+        seg = ctx.segments(v.attr["by"])
+        width, groups = feature_width(x.shape[1:]), _score_groups(feature_width(s.shape[1:]))
+        out = self._output(ctx, tuple(s.shape))
+        if out.numel() == 0:
+            return out
+        (fn,) = self._kernels(ctx, AttentionScoreGrad(width, groups, ctx.dtype_name)).values()
+        block_r = self.block_rows or (256 if ctx.interpret else max(16, min(128, 1024 // next_pow2(groups))))
+        tensors = [s, lse, x, g, delta]
+        fn[(_cdiv(seg.num_segments, block_r),)](seg.indptr, seg.order, seg.perm, seg.cols,
+                                                *[self._arg(t.contiguous()) for t in tensors], out, seg.num_segments,
+                                                BLOCK_R=block_r)
+        return out
+
+    @rule("attention_value_grad")
+    def _attention_value_grad(self, ctx, v, s, lse, g):
+        seg = ctx.segments(v.attr["by"])
+        width, groups = feature_width(g.shape[1:]), _score_groups(feature_width(s.shape[1:]))
+        out = self._output(ctx, (seg.num_segments,) + tuple(g.shape[1:]))
+        spec = AttentionValueGrad(width, groups, ctx.dtype_name)
+        return self._segment_launch(ctx, spec, seg, [seg.perm, seg.cols, s.contiguous(), lse.contiguous(),
+                                                     g.contiguous()], width, out)
+
     def _accumulator(self, ctx, shape, fill: float):
         acc_dtype = torch.float64 if ctx.dtype == torch.float64 else torch.float32
         return torch.full(shape, fill, dtype=acc_dtype, device=ctx.device)
@@ -715,6 +750,23 @@ def _attention_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> Ker
     return CooAttention(widths[1], widths[0], dtype) if coo else Attention(widths[1], widths[0], dtype)
 
 
+def _score_groups(elements: int) -> int:
+    """The score groups of an attention op from its score elements per edge (scalar scores: one)."""
+    return max(1, elements)
+
+
+def _logsumexp_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    return SegmentLogSumExp(_score_groups(widths[0]), dtype)
+
+
+def _score_grad_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    return AttentionScoreGrad(widths[2], _score_groups(widths[0]), dtype)
+
+
+def _value_grad_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec:
+    return AttentionValueGrad(widths[2], _score_groups(widths[0]), dtype)
+
+
 def _typed_linear_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec | None:
     h, w = v.operands[0].type, v.operands[1].type
     inner = width(h.with_(shape=h.shape[-1:]))
@@ -725,7 +777,9 @@ def _typed_linear_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> 
 # The ops that run as generated Triton kernels, each with the builder of its kernel spec
 # (value, float operand widths, dtype, COO layout?, width function) -> spec; the others run as torch ops.
 KERNEL_SPECS = {"aggregate": _aggregate_spec, "softmax": _softmax_spec, "gspmm": _gspmm_spec,
-                "match_gspmm": _match_gspmm_spec, "attention": _attention_spec, "typed_linear": _typed_linear_spec}
+                "match_gspmm": _match_gspmm_spec, "attention": _attention_spec,
+                "segment_logsumexp": _logsumexp_spec, "attention_score_grad": _score_grad_spec,
+                "attention_value_grad": _value_grad_spec, "typed_linear": _typed_linear_spec}
 KERNEL_OPS = tuple(KERNEL_SPECS)
 
 

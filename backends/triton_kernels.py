@@ -24,6 +24,13 @@ Kernels (all deterministic except the COO ones, which use atomics):
 * ``Attention``: fused edge softmax by destination and weighted sum of the source rows in ONE pass
   over the edges with an online softmax (running max, running sum, rescaled accumulator), per
   head (score groups).
+* ``SegmentLogSumExp``: the per-node log-sum-exp of edge scores (online max and sum): the softmax
+  statistics the attention backward reads.
+* ``AttentionScoreGrad``: the destination pass of the attention backward: per edge and head,
+  exp(s - lse) * (<g_i, x_j> - delta_i), one program per block of segments holding all heads, the
+  dot product summed feature by feature (in order, as the CPU kernel); writes every edge once.
+* ``AttentionValueGrad``: the source pass of the attention backward, over the segments by source:
+  sum over out-edges of exp(s - lse_dst) * g_dst, the weights recomputed per edge (no atomics).
 * ``TypedLinear``: relation-typed grouped matmul: tiles of (node, relation) pairs of one relation
   times that relation's matrix.
 * ``CooGspmm`` / ``CooAttention``: COO layout, one program per block of edges, accumulation with
@@ -51,7 +58,7 @@ from typing import Any
 from mpdsl.ops import MissingRule, choose
 
 BUILTINS = frozenset({"arange", "atomic_add", "atomic_max", "atomic_min", "constexpr", "dot", "exp", "full",
-                      "load", "maximum", "minimum", "program_id", "sqrt", "store", "where",
+                      "load", "log", "maximum", "minimum", "program_id", "sqrt", "store", "where",
                       "bfloat16", "float16", "float32", "float64", "int64"})
 """The triton.language names generated kernels may use (builtins, not jit functions)."""
 
@@ -150,6 +157,41 @@ class Attention(KernelSpec):
     groups: int
     dtype: str
     kind = "attention"
+
+
+@dataclass(frozen=True)
+class SegmentLogSumExp(KernelSpec):
+    """out[s, g] = log sum over the members e of segment s of exp(score[e, g]); 0 for an empty segment."""
+
+    groups: int      # score elements per edge
+    dtype: str
+    kind = "logsumexp"
+
+
+@dataclass(frozen=True)
+class AttentionScoreGrad(KernelSpec):
+    """out[e, g] = exp(score[e, g] - lse[i, g]) * (sum_k gi[i, g*K + k] * x[cols[e], g*K + k] - delta[i, g])
+    for the members e of segment i (K = width // groups)."""
+
+    width: int
+    groups: int
+    dtype: str
+    kind = "attention_score_grad"
+
+    @property
+    def launch(self) -> str:
+        return ("grid (cdiv(segments, BLOCK_R),): a program holds BLOCK_R segments and all "
+                f"{self.groups} score group(s), segments by decreasing size")
+
+
+@dataclass(frozen=True)
+class AttentionValueGrad(KernelSpec):
+    """out[j, f] = sum over members e of segment j of exp(score[e, f // K] - lse[cols[e], f // K]) * g[cols[e], f]."""
+
+    width: int
+    groups: int
+    dtype: str
+    kind = "attention_value_grad"
 
 
 @dataclass(frozen=True)
@@ -431,6 +473,86 @@ def _gen_attention(spec: Attention) -> str:
     return code.text()
 
 
+def _gen_segment_logsumexp(spec: SegmentLogSumExp) -> str:
+    G, acc, store = spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}(indptr, order, perm, x, out, n_rows, BLOCK_R: tl.constexpr, "
+                    "BLOCK_F: tl.constexpr):"):
+        code(f'"""out[s, g] = log sum over the members e of segment s of exp(x[e, g]) ({G} score element(s)), '
+             'online max and sum; 0 for an empty segment."""')
+        _segment_prologue(code, G)
+        code(f"peak = tl.full([BLOCK_R, BLOCK_F], {NEG_SENTINEL}, dtype={acc})",
+             f"total = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
+        with code.block("for i in range(0, longest):"):
+            _member_loads(code, gather=False, need_member=True, width=G, acc=acc)
+            code("val = tl.where(ok, val, peak)",
+                 "new_peak = tl.maximum(peak, val)",
+                 "total = tl.where(ok, total * tl.exp(peak - new_peak) + tl.exp(val - new_peak), total)",
+                 "peak = new_peak")
+        code("result = tl.where(count[:, None] > 0, peak + tl.log(tl.where(total > 0, total, 1.0)), 0.0)")
+        _store_rows(code, G, "result", store)
+    return code.text()
+
+
+def _gen_attention_score_grad(spec: AttentionScoreGrad) -> str:
+    F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    K = F // G
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}(indptr, order, perm, cols, score, lse, x, g, delta, out, n_rows, "
+                    "BLOCK_R: tl.constexpr):"):
+        code(f'"""out[e, h] = exp(score[e, h] - lse[i, h]) * (<g[i], x[cols[e]]>_h - delta[i, h]) for the members e '
+             f'of segment i; {G} group(s) of {K} features, the dot product summed feature by feature."""')
+        code("slot = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)",
+             "row_ok = slot < n_rows",
+             "row = tl.load(order + slot, mask=row_ok, other=0).to(tl.int64)  # segments by decreasing size",
+             "start = tl.load(indptr + row, mask=row_ok, other=0).to(tl.int64)",
+             "count = tl.load(indptr + row + 1, mask=row_ok, other=0).to(tl.int64) - start",
+             "first = tl.load(order + tl.program_id(0) * BLOCK_R).to(tl.int64)  # the block's first segment is "
+             "its longest",
+             "longest = tl.load(indptr + first + 1) - tl.load(indptr + first)",
+             f"grp = tl.arange(0, {next_pow2(G)})",
+             f"head_ok = row_ok[:, None] & (grp < {G})[None, :]",
+             f"top = tl.load(lse + row[:, None] * {G} + grp[None, :], mask=head_ok, other=0.0).to({acc})",
+             f"base = tl.load(delta + row[:, None] * {G} + grp[None, :], mask=head_ok, other=0.0).to({acc})")
+        with code.block("for i in range(0, longest):"):
+            code("live = i < count",
+                 f"ok = live[:, None] & (grp < {G})[None, :]",
+                 "member = tl.load(perm + start + i, mask=live, other=0).to(tl.int64)",
+                 "node = tl.load(cols + start + i, mask=live, other=0).to(tl.int64)",
+                 f"dot = tl.full([BLOCK_R, {next_pow2(G)}], 0.0, dtype={acc})")
+            with code.block(f"for k in range(0, {K}):"):
+                code(f"feature = grp[None, :] * {K} + k",
+                     f"gk = tl.load(g + row[:, None] * {F} + feature, mask=ok, other=0.0).to({acc})",
+                     f"xk = tl.load(x + node[:, None] * {F} + feature, mask=ok, other=0.0).to({acc})",
+                     "dot += gk * xk")
+            code(f"s = tl.load(score + member[:, None] * {G} + grp[None, :], mask=ok, other=0.0).to({acc})",
+                 f"tl.store(out + member[:, None] * {G} + grp[None, :], (tl.exp(s - top) * (dot - base)).to({store}), "
+                 "mask=ok)")
+    return code.text()
+
+
+def _gen_attention_value_grad(spec: AttentionValueGrad) -> str:
+    F, G, acc, store = spec.width, spec.groups, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    code = _Code()
+    code("@triton.jit")
+    with code.block(f"def {spec.name}(indptr, order, perm, cols, score, lse, x, out, n_rows, "
+                    "BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):"):
+        code(f'"""out[j, f] = sum over the members e of segment j of exp(score[e, f // {F // G}] - lse[cols[e], '
+             f'f // {F // G}]) * x[cols[e], f]; {G} score group(s) of {F // G} features, weights recomputed per '
+             'edge."""')
+        _segment_prologue(code, F)
+        code(f"acc = tl.full([BLOCK_R, BLOCK_F], 0.0, dtype={acc})")
+        with code.block("for i in range(0, longest):"):
+            _member_loads(code, gather=True, need_member=True, width=F, acc=acc)
+            code(f"s = tl.load(score + {_group_index('member', G, F)}, mask=ok, other=0.0).to({acc})",
+                 f"top = tl.load(lse + {_group_index('node', G, F)}, mask=ok, other=0.0).to({acc})",
+                 "acc += tl.where(ok, tl.exp(s - top) * val, 0.0)")
+        _store_rows(code, F, "acc", store)
+    return code.text()
+
+
 def _gen_typed_linear(spec: TypedLinear) -> str:
     D, B, acc, store = spec.inner, spec.width, ACCUMULATE[spec.dtype], STORE[spec.dtype]
     code = _Code()
@@ -568,7 +690,9 @@ def _gen_coo_attention(spec: CooAttention) -> str:
 _GENERATORS: dict[type[KernelSpec], Callable[[Any], str]] = {
     SegmentReduce: _gen_segment_reduce, MatchSegmentSum: _gen_match_segment_sum,
     SegmentSoftmax: _gen_segment_softmax, Attention: _gen_attention,
-    TypedLinear: _gen_typed_linear, CooGspmm: _gen_coo_gspmm, CooAttention: _gen_coo_attention}
+    SegmentLogSumExp: _gen_segment_logsumexp, AttentionScoreGrad: _gen_attention_score_grad,
+    AttentionValueGrad: _gen_attention_value_grad, TypedLinear: _gen_typed_linear, CooGspmm: _gen_coo_gspmm,
+    CooAttention: _gen_coo_attention}
 
 
 def generate(spec: KernelSpec) -> str:

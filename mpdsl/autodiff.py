@@ -36,8 +36,14 @@ Rules worth knowing:
   as torch's BatchNorm; its running statistics get no gradient there. Mode "auto" (what the source
   language emits) is differentiated with inference semantics, like dropout: for training, first fix
   the mode (``set_batch_norm_mode``).
-* fused ops (``gspmm``, ``match_gspmm``, ``attention``, ``typed_linear``) are differentiated by
-  emitting their unfused definition and differentiating that.
+* fused ops are differentiated by emitting their unfused definition (``OpDef.unfused``) and
+  differentiating that, except ``attention``: its adjoint is the fused backward, a destination pass
+  for the scores (``attention_score_grad``) and a source pass for the values
+  (``attention_value_grad``), both recomputing the softmax weights from the scores and the per-node
+  log-sum-exp (``segment_logsumexp``), the only statistic saved from the forward. Programs in which
+  the optimizer fused the attention before differentiation (``PRE_GRADIENT_PASSES``) so get a
+  backward with no E x S tensor. The max / min adjoint's tie counts and routed cotangent become
+  ``match_gspmm`` sums in the optimizer (``fuse_match_aggregate``), with no E x S mask.
 
 The builder keeps the emitted IR narrow: products and broadcasts it made are folded into the
 contractions that consume them, ``W[etype]`` enters contractions as one_hot(etype) x W (no per-edge
@@ -549,37 +555,21 @@ def _softmax_adjoint(v, g, b, needed):
     return [b.mul(v, b.sub(g, b.gather(total, GATHER_FOR[by])))]
 
 
-# ---- fused ops: their unfused definition, differentiated ------------------------------------------
+# ---- fused ops ------------------------------------------------------------------------------------
 
 
 def _unfuse(v: Value, b: GradBuilder) -> Value:
-    """Emit the composition of primitive ops a fused value stands for (its root)."""
-    if v.op == "gspmm":
-        by = v.attr["by"]
-        message = b.gather(v.operands[0], OPPOSITE[by])
-        if len(v.operands) == 2:
-            message = b.mul(message, v.operands[1])
-        return b.aggregate(message, v.attr["reduce"], by)
-    if v.op == "match_gspmm":
-        by = v.attr["by"]
-        a, b_, *weighted = v.operands
-        weight = b.eq(b.gather(a, "src"), b.gather(b_, "dst"))
-        if weighted:
-            weight = b.mul(weight, b.gather(weighted[0], OPPOSITE[by]))
-        return b.aggregate(weight, "sum", by)
-    if v.op == "attention":
-        by = v.attr["by"]
-        s, x = v.operands
-        alpha = b.emit("softmax", [s], {"by": by})
-        return b.aggregate(b.mul(alpha, b.gather(x, OPPOSITE[by])), "sum", by)
-    if v.op == "typed_linear":
-        h, w, t = v.operands
-        return b.emit("matmul", [b.gather(h, v.attr["index"]), b.emit("take", [w, t])])
-    raise MissingRule(f"autodiff has no unfused definition of the fused op {v.op}")
+    """Emit the composition of primitive ops a fused value stands for (its root): the op's
+    declared unfused definition (``OpDef.unfused``)."""
+    unfused = OPS[v.op].unfused
+    if unfused is None:
+        raise MissingRule(f"autodiff has no unfused definition of the fused op {v.op}: give its OpDef one")
+    return unfused(b, v)
 
 
-@adjoint("gspmm", "match_gspmm", "attention", "typed_linear")
+@adjoint(*(name for name, d in OPS.items() if d.has(Trait.FUSED) and name != "attention"))
 def _fused_adjoint(v, g, b, needed):
+    """A fused op differentiated through its unfused definition."""
     start = len(b.values)
     root = _unfuse(v, b)
     assert root.type == v.type, (v, root)
@@ -589,6 +579,26 @@ def _fused_adjoint(v, g, b, needed):
     _backprop(b, local, cotangents, _active(local, leaves))
     b.like = v
     return [cotangents.get(id(o)) if need else None for o, need in zip(v.operands, needed)]
+
+
+@adjoint("attention")
+def _attention_adjoint(v, g, b, needed):
+    """out = attention(s, x) by dst: with a_e = exp(s_e - lse_i) (lse the per-node log-sum-exp, the
+    one statistic kept from the forward), d s_e = a_e (<g_i, x_j> - <g_i, out_i>) is a destination
+    pass and d x_j = sum_{e: j->i} a_e g_i a source pass; neither builds an E x S tensor (by src,
+    the two ends swap roles)."""
+    s, x = v.operands
+    by = v.attr["by"]
+    lse = b.emit("segment_logsumexp", [s], {"by": by})
+    ds = dx = None
+    if needed[0]:
+        letters = LETTERS[:x.type.rank]
+        delta = b.contract([g, v], [letters, letters], letters[:s.type.rank],
+                           TensorType(Domain.NODE, s.type.shape, s.type.dtype))
+        ds = b.emit("attention_score_grad", [s, lse, x, g, delta], {"by": by})
+    if needed[1]:
+        dx = b.emit("attention_value_grad", [s, lse, g], {"by": OPPOSITE[by]})
+    return [ds, dx]
 
 
 # =====================================================================================================

@@ -18,7 +18,7 @@ from mpdsl.autodiff import grad_program, mask_dropout, retype, set_batch_norm_mo
 from mpdsl.diagnostics import MpdslError
 from mpdsl.graph import Graph
 from mpdsl.ir import Program
-from mpdsl.passes import PassContext, optimize
+from mpdsl.passes import DEFAULT_PIPELINE, PRE_GRADIENT_PASSES, PassContext, optimize
 from mpdsl.passes.rewrite import specialize
 from mpdsl.plan import GraphLayout, choose_layout
 from mpdsl.types import TensorType
@@ -132,7 +132,8 @@ class CompileContext:
                           grad_inputs: Sequence[str], wrt: Sequence[str]) -> Programs:
         """The programs of a differentiable run (see ``Programs``): the reference IR specialised to
         ``dims``, retyped to ``dtype``, its batch norms fixed to the training or eval form, and in
-        training its dropouts turned into mask inputs; its gradient program with respect to the
+        training its dropouts turned into mask inputs; its gradient program (of the reference after
+        ``PRE_GRADIENT_PASSES`` when optimizing: fused attention gets its fused backward) with respect to the
         parameters ``wrt`` and the inputs ``grad_inputs`` (keeping the forward outputs); both
         optimized for the target when ``optimize``; the gradient split where the output cotangents
         come in. Cached per (dims, dtype, training, grad_inputs, wrt)."""
@@ -145,7 +146,12 @@ class CompileContext:
         if training:
             reference, masks = mask_dropout(reference)
         outputs = [name for name, _ in reference.outputs]
-        gradient = grad_program(reference, wrt=list(wrt), inputs=list(grad_inputs), keep_outputs=True)
+        differentiated = reference
+        if self.optimize:
+            pipeline = DEFAULT_PIPELINE if self.passes is None else self.passes
+            early = [name for name in PRE_GRADIENT_PASSES if name in pipeline]
+            differentiated = optimize(reference, early, dict(dims), target=self.target)[0] if early else reference
+        gradient = grad_program(differentiated, wrt=list(wrt), inputs=list(grad_inputs), keep_outputs=True)
         forward = reference
         if self.optimize:
             # Without dropout masks the forward program is the one plain runs use (shared cache entry).

@@ -12,7 +12,10 @@ An ``OpDef`` declares, once, everything passes, planners and backends need to kn
   reference backend and constant folding, torch for the Triton backend's dense ops), the local
   vector-Jacobian product (``vjp``, used by ``mpdsl.autodiff``) and the algebraic identities
   (``identities``: x + 0 == x) the constant folder drops;
-* ``no_gradient``: why an op carries no gradient, where it does not.
+* ``no_gradient``: why an op carries no gradient, where it does not;
+* for fused ops (made by the optimizer or by autodiff), their *unfused definition* (``unfused``: the
+  composition of primitive ops they stand for, emitted through a gradient builder): their reference
+  meaning, through which autodiff differentiates them unless it has a fused adjoint for them.
 
 Attributes with behaviour (reduction names, gather indices, segment axes, layouts, initialisers)
 take values from closed tuples declared here; every rule that dispatches on such a value goes
@@ -56,7 +59,7 @@ class Trait(enum.Enum):
                                  # (and on whole params): it may run block by block and be hoisted over gathers
     GRAPH = "graph"              # moves or reduces values along the edges: node and edge layouts apply to it
     EDGE_ORDER = "edge-order"    # reads its edge operands grouped by its ``by`` segment (edges sorted by it pay)
-    FUSED = "fused"              # made by the optimizer; differentiated through its unfused definition
+    FUSED = "fused"              # made by the optimizer or autodiff; means its unfused definition (``OpDef.unfused``)
 
 
 class Effect(enum.Enum):
@@ -98,6 +101,7 @@ class OpDef:
     vjp: Callable[..., list] | None = field(default=None, repr=False)  # elementwise: vjp(b, v, g, needed)
     identities: tuple[tuple[int, float], ...] = ()  # (operand position, constant c): x op c == x
     no_gradient: str | None = None  # why the op carries no gradient (None: it has an adjoint rule)
+    unfused: Callable[..., Any] | None = field(default=None, repr=False)  # fused ops: unfused(b, v) -> root value
 
     def has(self, trait: Trait) -> bool:
         return trait in self.traits
@@ -139,7 +143,7 @@ OPS: dict[str, OpDef] = {}
 def op(name: str, arity: int | None, attrs: dict[str, Any] | None = None, *, source: bool = False,
        declared: bool = False, traits: tuple[Trait, ...] = (), **facts: Any):
     """Register the decorated type rule as op ``name``; its docstring is the op's contract. ``facts``
-    are the other ``OpDef`` fields (effect, compute, vjp, identities, no_gradient)."""
+    are the other ``OpDef`` fields (effect, compute, vjp, identities, no_gradient, unfused)."""
 
     def register(rule: TypeRule) -> TypeRule:
         if name in OPS:
@@ -681,6 +685,7 @@ def _softmax(types, attrs, declared):
 
 LAYOUTS = ("auto", "csr_dst", "csr_src", "coo")
 EDGE_AXES = ("src", "dst")  # the segment axes of the fused edge ops
+OTHER_END = {"src": "dst", "dst": "src"}  # the endpoint an edge op reads at, for a segment axis
 GRAPH_REDUCTIONS = ("sum", "mean", "max", "min")
 
 
@@ -697,8 +702,29 @@ def _edge_weights(w: TensorType, x: TensorType, what: str) -> None:
                             operand=1)
 
 
+def _scores(s: TensorType, x: TensorType, what: str, operand: int = 0) -> None:
+    """Attention scores: float edge values whose shape is a prefix of the aggregated values' ``x``."""
+    if s.domain is not Domain.EDGE or not s.is_float or not is_prefix(s.shape, x.shape):
+        raise TypeRuleError(f"{what} scores must be edge values with a prefix shape of {shape_str(x.shape)}, "
+                            f"got {s}", operand=operand)
+
+
+def _node_values(t: TensorType, shape, what: str, operand: int) -> None:
+    if t.domain is not Domain.NODE or not t.is_float or tuple(t.shape) != tuple(shape):
+        raise TypeRuleError(f"{what} needs a float node[{', '.join(map(str, shape))}] value here, got {t}",
+                            operand=operand)
+
+
+def _gspmm_unfused(b, v):
+    by = v.attr["by"]
+    message = b.gather(v.operands[0], OTHER_END[by])
+    if len(v.operands) == 2:
+        message = b.mul(message, v.operands[1])
+    return b.aggregate(message, v.attr["reduce"], by)
+
+
 @op("gspmm", None, {"reduce": GRAPH_REDUCTIONS, "by": EDGE_AXES, "layout": LAYOUTS},
-    traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED))
+    traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED), unfused=_gspmm_unfused)
 def _gspmm(types, attrs, declared):
     """Fused gather -> weight -> reduce (g-SpMM): by dst, out_i = reduce over edges j->i of w_e * x_j
     (by src, over edges j->i into j, of w_e * x_i). Operands: x node[S], optionally w edge[P] with P a
@@ -713,7 +739,17 @@ def _gspmm(types, attrs, declared):
     return x
 
 
-@op("match_gspmm", None, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.FUSED))
+def _match_gspmm_unfused(b, v):
+    by = v.attr["by"]
+    a, b_, *weighted = v.operands
+    weight = b.eq(b.gather(a, "src"), b.gather(b_, "dst"))
+    if weighted:
+        weight = b.mul(weight, b.gather(weighted[0], OTHER_END[by]))
+    return b.aggregate(weight, "sum", by)
+
+
+@op("match_gspmm", None, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.FUSED),
+    unfused=_match_gspmm_unfused)
 def _match_gspmm(types, attrs, declared):
     """Fused sum over the edges whose endpoint values match, per feature element: with m_e = [a_j == b_i]
     for an edge e = j->i (a read at its source, b at its destination), by dst, out_i = sum over edges
@@ -730,21 +766,107 @@ def _match_gspmm(types, attrs, declared):
     return types[0]
 
 
-@op("attention", 2, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED))
+def _attention_unfused(b, v):
+    by = v.attr["by"]
+    s, x = v.operands
+    alpha = b.emit("softmax", [s], {"by": by})
+    return b.aggregate(b.mul(alpha, b.gather(x, OTHER_END[by])), "sum", by)
+
+
+@op("attention", 2, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
+    unfused=_attention_unfused)
 def _attention(types, attrs, declared):
     """Fused edge softmax and weighted aggregation: by dst, out_i = sum over edges j->i of
     softmax_i(s)_e * x_j, the softmax over each node's in-edges per score element (online softmax:
-    no normalised E x S tensor). s edge[P], x node[S], P a prefix of S."""
+    no normalised E x S tensor). s edge[P], x node[S], P a prefix of S. Its gradient is a destination
+    pass (``attention_score_grad``) and a source pass (``attention_value_grad``) that read the
+    per-node log-sum-exp of the scores (``segment_logsumexp``): no E x S tensor either."""
     s, x = types
     if x.domain is not Domain.NODE or not x.is_float:
         raise TypeRuleError(f"attention aggregates float node values, got {x}", operand=1)
-    if s.domain is not Domain.EDGE or not s.is_float or not is_prefix(s.shape, x.shape):
-        raise TypeRuleError(f"attention scores must be edge values with a prefix shape of {shape_str(x.shape)}, "
-                            f"got {s}", operand=0)
+    _scores(s, x, "attention")
     return x
 
 
-@op("typed_linear", 3, {"index": EDGE_AXES}, traits=(Trait.GRAPH, Trait.FUSED))
+def _segment_logsumexp_unfused(b, v):
+    by = v.attr["by"]
+    (s,) = v.operands
+    peak = b.aggregate(s, "max", by)  # 0 for a node without edges
+    total = b.aggregate(b.unary("exp", b.sub(s, b.gather(peak, by))), "sum", by)
+    return b.add(b.unary("log", b.add(total, b.eq(total, 0.0))), peak)
+
+
+@op("segment_logsumexp", 1, {"by": EDGE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
+    unfused=_segment_logsumexp_unfused)
+def _segment_logsumexp(types, attrs, declared):
+    """Per-node log-sum-exp of edge scores: by dst, lse_i = log sum over edges j->i of exp(s_e)
+    (max-shifted), per score element; 0 for a node without edges. s edge[P] -> node[P]: the softmax
+    statistics (max and sum) the attention backward passes read, so that softmax_i(s)_e =
+    exp(s_e - lse_i) is recomputed per edge instead of stored."""
+    (s,) = types
+    if s.domain is not Domain.EDGE or not s.is_float:
+        raise TypeRuleError(f"segment_logsumexp reduces float edge scores, got {s}", operand=0)
+    return s.with_(domain=Domain.NODE)
+
+
+def _attention_score_grad_unfused(b, v):
+    by = v.attr["by"]
+    s, lse, x, g, delta = v.operands
+    alpha = b.unary("exp", b.sub(s, b.gather(lse, by)))
+    letters = "abcdefghijklmnopqrstuvwxyz"[:x.type.rank]
+    dot = b.contract([b.gather(g, by), b.gather(x, OTHER_END[by])], [letters, letters], letters[:s.type.rank],
+                     s.type)
+    return b.mul(alpha, b.sub(dot, b.gather(delta, by)))
+
+
+@op("attention_score_grad", 5, {"by": EDGE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
+    unfused=_attention_score_grad_unfused)
+def _attention_score_grad(types, attrs, declared):
+    """The destination pass of the attention backward (by dst: over each node's in-edges): the
+    cotangent of the scores, d s_e = a_e * (<g_i, x_j> - delta_i) for the edge e = j->i, with
+    a_e = exp(s_e - lse_i) recomputed per edge and <.,.> summing the feature axes after the score's.
+    Operands: s edge[P], lse node[P] (``segment_logsumexp`` of s), x node[S] (the aggregated values),
+    g node[S] (the cotangent of the attention), delta node[P] (<g_i, out_i> with out the attention's
+    result). Reads no E x S tensor and writes one edge[P] value."""
+    s, lse, x, g, delta = types
+    if x.domain is not Domain.NODE or not x.is_float:
+        raise TypeRuleError(f"attention_score_grad reads float node values, got {x}", operand=2)
+    _scores(s, x, "attention_score_grad")
+    _node_values(lse, s.shape, "attention_score_grad: the log-sum-exp", 1)
+    _node_values(g, x.shape, "attention_score_grad: the cotangent", 3)
+    _node_values(delta, s.shape, "attention_score_grad: delta", 4)
+    return s
+
+
+def _attention_value_grad_unfused(b, v):
+    by = v.attr["by"]
+    s, lse, g = v.operands
+    alpha = b.unary("exp", b.sub(s, b.gather(lse, OTHER_END[by])))
+    return b.aggregate(b.mul(alpha, b.gather(g, OTHER_END[by])), "sum", by)
+
+
+@op("attention_value_grad", 3, {"by": EDGE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
+    unfused=_attention_value_grad_unfused)
+def _attention_value_grad(types, attrs, declared):
+    """The source pass of the attention backward, the transpose of attention by the other axis:
+    by src, out_j = sum over edges e = j->i of exp(s_e - lse_i) * g_i (a softmax-weighted g-SpMM
+    onto sources, the weights recomputed per edge from the scores and the destinations'
+    log-sum-exp). Operands: s edge[P], lse node[P] (``segment_logsumexp`` of s by the other axis),
+    g node[S] (the cotangent of the attention), P a prefix of S. No E x S tensor."""
+    s, lse, g = types
+    if g.domain is not Domain.NODE or not g.is_float:
+        raise TypeRuleError(f"attention_value_grad reads float node values, got {g}", operand=2)
+    _scores(s, g, "attention_value_grad")
+    _node_values(lse, s.shape, "attention_value_grad: the log-sum-exp", 1)
+    return g
+
+
+def _typed_linear_unfused(b, v):
+    h, w, t = v.operands
+    return b.emit("matmul", [b.gather(h, v.attr["index"]), b.emit("take", [w, t])])
+
+
+@op("typed_linear", 3, {"index": EDGE_AXES}, traits=(Trait.GRAPH, Trait.FUSED), unfused=_typed_linear_unfused)
 def _typed_linear(types, attrs, declared):
     """Relation-typed matmul with compact materialisation: out_e = h[index_e] @ W[t_e], computed once
     per distinct (node, type) pair and gathered to the edges. h node[..., D], W param[R, D, ...], t edge int."""

@@ -348,6 +348,14 @@ FLOP_RULES = {
     "gspmm": lambda v, count, edges, width, dims: (2 if len(v.operands) == 2 else 1) * edges * width,
     "match_gspmm": lambda v, count, edges, width, dims: (2 if len(v.operands) == 3 else 1) * edges * width,
     "attention": lambda v, count, edges, width, dims: 2 * edges * width + 6 * edges * _size(v.operands[0].type, dims),
+    # max, exp and sum per score element
+    "segment_logsumexp": lambda v, count, edges, width, dims: 3 * edges * _size(v.operands[0].type, dims),
+    # the dot product per edge over x's features, then exp, subtract and scale per score element
+    "attention_score_grad": lambda v, count, edges, width, dims: (2 * edges * _size(v.operands[2].type, dims)
+                                                                  + 4 * edges * width),
+    # exp per score element, multiply-add per feature
+    "attention_value_grad": lambda v, count, edges, width, dims: (2 * edges * width
+                                                                  + 2 * edges * _size(v.operands[0].type, dims)),
     "typed_linear": _typed_linear_flops,
     "aggregate": lambda v, count, edges, width, dims: edges * width,
     "softmax": _per_element_flops, "batch_norm": _per_element_flops, "contract_rows": _per_element_flops,
@@ -420,8 +428,8 @@ def _kernel_table(program: Program, costs: list[OpCost], marks: Mapping[int, str
         if not runs_a_kernel(v):
             continue
         kernel += 1
-        layout = v.attr.get("layout", "csr_dst" if v.op in ("aggregate", "softmax") and v.attr["by"] == "dst"
-                            else "csr_src" if v.op in ("aggregate", "softmax") and v.attr["by"] == "src" else "-")
+        layout = v.attr.get("layout", f"csr_{v.attr['by']}" if v.attr.get("by") in ("src", "dst")
+                            and OPS[v.op].has(Trait.GRAPH) else "-")
         mark = f"  {marks[id(v)]}" if marks and id(v) in marks else ""
         lines.append(f"{kernel:<8} {v.op:<14} {names[v] + ' ' + str(v.type):<24} {layout:<9} "
                      f"{_fmt_bytes(c.bytes_out):>11} {_fmt_flops(c.flops):>15}{mark}")

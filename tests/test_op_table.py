@@ -172,6 +172,25 @@ def test_backends_and_autodiff_have_a_rule_for_every_op():
     assert missing_adjoints() == []
 
 
+def test_every_fused_op_has_an_unfused_definition_of_its_type():
+    """A fused op means its unfused definition (``OpDef.unfused``): every one has it, and it builds a
+    value of the op's type from primitive ops."""
+    from mpdsl.autodiff import GradBuilder
+
+    fused = [name for name, d in OPS.items() if d.has(Trait.FUSED)]
+    assert {"gspmm", "attention", "segment_logsumexp", "attention_score_grad", "attention_value_grad"} <= set(fused)
+    for name in fused:
+        assert OPS[name].unfused is not None, name
+        for attrs in attr_cases(name):
+            program = sample_program(name, attrs)
+            v = program.outputs[0][1]
+            b = GradBuilder("f64")
+            b.like = v
+            root = OPS[name].unfused(b, v)
+            assert root.type == v.type, (name, attrs)
+            assert not any(OPS[e.op].has(Trait.FUSED) for e in b.values), (name, [e.op for e in b.values])
+
+
 def test_array_namespaces_have_every_function():
     assert all(callable(getattr(NUMPY_MATH, f)) for f in ArrayMath.FUNCTIONS)
     torch = pytest.importorskip("torch")

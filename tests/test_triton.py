@@ -27,7 +27,8 @@ from mpdsl import syntax, typecheck  # noqa: E402
 from mpdsl.backends import BACKENDS, BackendError, get_backend  # noqa: E402
 from mpdsl.backends import _Unsupported  # noqa: E402
 from mpdsl.backends.triton_backend import KERNEL_OPS, TritonBackend, emit_triton, kernel_specs  # noqa: E402
-from mpdsl.backends.triton_kernels import (BUILTINS, KERNELS, Attention, CooAttention, CooGspmm,  # noqa: E402
+from mpdsl.backends.triton_kernels import (BUILTINS, KERNELS, Attention, AttentionScoreGrad,  # noqa: E402
+                                           AttentionValueGrad, CooAttention, CooGspmm, SegmentLogSumExp,
                                            SegmentReduce, SegmentSoftmax, TypedLinear, generate)
 from mpdsl.diagnostics import InputError  # noqa: E402
 from mpdsl.ops import OPS  # noqa: E402
@@ -356,7 +357,8 @@ def test_kernels_use_only_triton_builtins():
     specs = [SegmentReduce("gspmm", r, True, 12, g, "f32") for r in ("sum", "mean", "max", "min", "std")
              for g in (0, 1, 3)]
     specs += [SegmentReduce("aggregate", "std", False, 5, 0, "f16"), Attention(8, 2, "f64"), SegmentSoftmax(3, "f32"),
-              TypedLinear(7, 9, "f16"), CooGspmm("max", 6, 2, "f32"), CooAttention(6, 3, "f32")]
+              TypedLinear(7, 9, "f16"), CooGspmm("max", 6, 2, "f32"), CooAttention(6, 3, "f32"),
+              SegmentLogSumExp(3, "f16"), AttentionScoreGrad(12, 3, "f32"), AttentionValueGrad(12, 1, "f64")]
     for spec in specs:
         assert set(re.findall(r"tl\.(\w+)", generate(spec))) <= BUILTINS, spec
 

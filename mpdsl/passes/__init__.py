@@ -86,6 +86,12 @@ DEFAULT_PIPELINE = [
 ]
 
 
+# Run on a reference program before it is differentiated (when optimizing): fusions whose adjoint is
+# itself fused (attention: a destination and a source pass over the saved log-sum-exp), which the
+# passes could not recover from the unfused gradient. Only those in the pipeline in use run.
+PRE_GRADIENT_PASSES = ["fuse_attention"]
+
+
 def optimize(program: Program, passes: list[str] | None = None, dims: dict[str, int] | None = None,
              verify_each: bool = False, target: str = "cpu") -> tuple[Program, PassContext]:
     """Run ``passes`` (default: ``DEFAULT_PIPELINE``) on ``program`` for a ``target`` device kind."""
