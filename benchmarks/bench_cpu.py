@@ -182,8 +182,10 @@ def child(args: argparse.Namespace) -> None:
     data = np.load(args.graph_file)
     edge_index, x = data["edge_index"], data["x"]
     features = x.shape[1]
-    model = _mpdsl_model(args.model, features)
     step = args.mode == "step"
+    if not args.system.startswith("mpdsl"):
+        import torch  # before mpdsl, which would otherwise set torch's OpenMP threads' wait policy
+    model = _mpdsl_model(args.model, features)
     first: dict[str, float] = {}
     if step or not args.system.startswith("mpdsl"):  # a forward pass of mpdsl runs without torch
         import torch
@@ -263,7 +265,8 @@ def child(args: argparse.Namespace) -> None:
     table = np.array(rows)
     print(json.dumps({"times": table[:, 0].tolist(), "cpu": table[:, 1].tolist(), "waited": table[:, 2].tolist(),
                       "faults": table[:, 3].tolist(), "peak_mb": peak, "first": first,
-                      "threads": len(os.listdir("/proc/self/task"))}))
+                      "threads": len(os.listdir("/proc/self/task")),
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "-") if "torch" in sys.modules else "-"}))
 
 
 # ---- parent -----------------------------------------------------------------------------------
@@ -378,7 +381,8 @@ def summarize(runs: list[dict]) -> dict:
             "faults": float(np.median(np.concatenate([r["faults"] for r in runs]))),
             "peak_mb": max(r["peak_mb"] for r in runs),
             "first": {k: float(np.median([r["first"][k] for r in runs])) for k in runs[0]["first"]},
-            "threads": max(r["threads"] for r in runs), "out_file": runs[-1]["out_file"]}
+            "threads": max(r["threads"] for r in runs), "omp": runs[-1]["omp_wait_policy"],
+            "out_file": runs[-1]["out_file"]}
 
 
 def agreement(result: dict, reference: dict | None) -> tuple[str, str]:
@@ -504,7 +508,7 @@ def main() -> None:
                                 if reference and reference["peak_mb"] > 0 else "-"
                             tail = f"{r['peak_mb']:.0f} | {peak_ratio} | {out_diff} | {grad_diff} |"
                         emit(f"| {kind} | {model} | {system} | {ms:.1f} | {vs_default} | {vs_csr} | {spread} | {tail}")
-                        firsts.append((mode, kind, model, system, r["first"], r["threads"]))
+                        firsts.append((mode, kind, model, system, r["first"], r["threads"], r["omp"]))
                     if mode == "forward" and "mpdsl-no-reorder" in results and "mpdsl" in results:
                         reorder_ratios[model] = results["mpdsl-no-reorder"]["median_ms"] / results["mpdsl"]["median_ms"]
     emit()
@@ -514,13 +518,15 @@ def main() -> None:
         emit()
     emit("first calls, median over the processes (mpdsl: kernels = the first call on a 64-node graph, which loads "
          "the compiled kernels from their cache and, for steps, builds the training programs; then the first call on "
-         "the graph builds its CSR index, layout and first buffers); threads at the end of a process")
+         "the graph builds its CSR index, layout and first buffers); threads at the end of a process; the wait "
+         "policy of torch's OpenMP threads where torch is loaded (mpdsl, imported first, sets PASSIVE; PyG runs "
+         "with torch's default)")
     emit()
-    emit("| mode | graph | model | system | kernels ms | first call on the graph ms | threads |")
-    emit("|---|---|---|---|---:|---:|---:|")
-    for mode, kind, model, system, first, threads in firsts:
+    emit("| mode | graph | model | system | kernels ms | first call on the graph ms | threads | OMP_WAIT_POLICY |")
+    emit("|---|---|---|---|---:|---:|---:|---|")
+    for mode, kind, model, system, first, threads, omp in firsts:
         kernels = f"{first['kernels ms']:.0f}" if "kernels ms" in first else "-"
-        emit(f"| {mode} | {kind} | {model} | {system} | {kernels} | {first['first call ms']:.0f} | {threads} |")
+        emit(f"| {mode} | {kind} | {model} | {system} | {kernels} | {first['first call ms']:.0f} | {threads} | {omp} |")
     if not args.no_pieces:
         emit()
         emit("graph ops alone (mpdsl, in one process, median of 15 calls, ms):")

@@ -3,6 +3,8 @@ through the torch module takes no fresh buffers (so it takes no page faults for 
 buffers it reuses are never ones the caller still refers to; ``contract_rows`` on many rows
 (parameter gradients) gives the one-pass result whatever the worker count."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +132,39 @@ def test_contract_rows_in_pieces_equals_one_pass_whatever_the_workers(monkeypatc
     for name, expected in one_pass.items():
         np.testing.assert_allclose(two_workers[name], expected, rtol=1e-10, atol=1e-12, err_msg=name)
         np.testing.assert_array_equal(one_worker[name], two_workers[name], err_msg=name)
+
+
+SPIN_PROBE = """
+import os, sys, time
+{first}
+import torch
+torch.set_num_threads(2)
+t = torch.ones(4_000_000)
+spins = []
+for _ in range(3):
+    t * t  # a parallel torch op; then the process sleeps
+    start = time.process_time()
+    time.sleep(0.05)
+    spins.append(time.process_time() - start)
+print(os.environ.get("OMP_WAIT_POLICY"), 1e3 * min(spins))
+"""
+
+
+def spin_after_torch_ops(first: str, env: dict) -> tuple[str, float]:
+    """(OMP_WAIT_POLICY, ms of CPU the process used while sleeping after a parallel torch op)."""
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+    proc = subprocess.run([sys.executable, "-c", SPIN_PROBE.format(first=first)], capture_output=True, text=True,
+                          env=environment, check=True)
+    policy, ms = proc.stdout.split()
+    return policy, float(ms)
+
+
+def test_torch_threads_imported_after_mpdsl_sleep_between_ops():
+    """torch's OpenMP threads must not spin on the cores after torch ops (the NumPy backend's kernels
+    of the same training step need them); a policy the user set is kept."""
+    policy, ms = spin_after_torch_ops("import mpdsl", {})
+    assert policy == "PASSIVE"
+    assert ms < 2.0, f"torch's threads used {ms:.1f} ms of CPU while the process slept"
+    kept = subprocess.run([sys.executable, "-c", "import os, mpdsl; print(os.environ['OMP_WAIT_POLICY'])"],
+                          capture_output=True, text=True, env=os.environ | {"OMP_WAIT_POLICY": "ACTIVE"}, check=True)
+    assert kept.stdout.strip() == "ACTIVE"
