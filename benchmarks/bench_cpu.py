@@ -266,7 +266,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"times": table[:, 0].tolist(), "cpu": table[:, 1].tolist(), "waited": table[:, 2].tolist(),
                       "faults": table[:, 3].tolist(), "peak_mb": peak, "first": first,
                       "threads": len(os.listdir("/proc/self/task")),
-                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "-") if "torch" in sys.modules else "-"}))
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default") if "torch" in sys.modules else "-"}))
 
 
 # ---- parent -----------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def aggregation_times(nodes: int, edges: int, features: int, repeats: int = 15) 
 
     result = {}
     rng = np.random.default_rng(2)
-    with BLAS.limited(1):
+    with BLAS.single_threaded():
         for kind in ("uniform", "community"):
             edge_index, x = make_graph(kind, nodes, edges, features)
             scores = rng.normal(size=(edge_index.shape[1], HEADS)).astype(np.float32)
