@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
+CONTRACT_PIECE_ROWS = 16384  # rows per partial sum of a parallel contract_rows
 _NO_WEIGHTS = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 RUN_DTYPES = {"f32": np.float32, "f64": np.float64}  # the float dtypes the backend computes in
 
@@ -149,49 +151,86 @@ class BufferPool:
     """Arrays of intermediate values kept from one run for the next. A fresh array of tens of
     megabytes costs its page faults (the kernel zeroes every page) each time it is first written,
     about as long as an elementwise pass over it; a reused one costs nothing. Only arrays the backend
-    allocated itself for a run come back here, and only those that no output or state update of
-    that run refers to. Holds at most ``max_bytes`` and ``per_shape`` arrays of each shape."""
+    allocated itself for a run come back here. Those that an output or state update of the run
+    refers to are *lent*: the pool keeps a reference to each and takes it back once nothing else
+    refers to it any more (the caller, and any torch tensor made from it, dropped it), so a loop of
+    training steps, whose outputs, residuals and gradients live until the next step, reuses them
+    too. Holds at most ``max_bytes`` and ``per_shape`` free arrays of each shape, and follows at
+    most ``max_lent`` lent arrays (the oldest is forgotten beyond that: the caller keeps it).
+    ``fresh_bytes`` counts the bytes it ever allocated anew."""
 
-    def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 4):
+    def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 16, max_lent: int = 64):
         self.max_bytes = max_bytes
         self.per_shape = per_shape
+        self.max_lent = max_lent
         self._free: dict[tuple, list[np.ndarray]] = {}
+        self._lent: list[np.ndarray] = []
         self._held = 0
+        self.fresh_bytes = 0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # a copied or pickled backend starts with an empty pool
-        return {"max_bytes": self.max_bytes, "per_shape": self.per_shape}
+        return {"max_bytes": self.max_bytes, "per_shape": self.per_shape, "max_lent": self.max_lent}
 
     def __setstate__(self, state: dict) -> None:
         type(self).__init__(self, **state)
 
     @property
     def held_bytes(self) -> int:
-        return self._held
+        """The bytes of the free arrays (lent ones that nothing refers to any more included)."""
+        with self._lock:
+            self._reclaim()
+            return self._held
 
     def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """An uninitialised array (reused when one of this shape and dtype is free)."""
         key = (tuple(shape), np.dtype(dtype).str)
         with self._lock:
             free = self._free.get(key)
+            if not free and self._lent:
+                self._reclaim()
+                free = self._free.get(key)
             if free:
                 array = free.pop()
                 self._held -= array.nbytes
                 return array
+            self.fresh_bytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         return np.empty(shape, dtype=dtype)
 
     def give(self, arrays) -> None:
         with self._lock:
             for array in arrays:
-                free = self._free.setdefault((array.shape, array.dtype.str), [])
-                if len(free) < self.per_shape and self._held + array.nbytes <= self.max_bytes:
-                    free.append(array)
-                    self._held += array.nbytes
+                self._keep(array)
+
+    def lend(self, arrays) -> None:
+        """Follow ``arrays`` (handed to the caller inside a run's outputs) to take them back later."""
+        with self._lock:
+            self._lent.extend(arrays)
+            del self._lent[:max(0, len(self._lent) - self.max_lent)]
 
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._lent.clear()
             self._held = 0
+
+    def _keep(self, array: np.ndarray) -> None:
+        free = self._free.setdefault((array.shape, array.dtype.str), [])
+        if len(free) < self.per_shape and self._held + array.nbytes <= self.max_bytes:
+            free.append(array)
+            self._held += array.nbytes
+
+    def _reclaim(self) -> None:
+        """Move the lent arrays that only this pool refers to back to the free ones (lock held)."""
+        still_lent = []
+        for i in range(len(self._lent)):
+            # two references: the list's and getrefcount's argument; a view or torch tensor over the
+            # array holds one more
+            if sys.getrefcount(self._lent[i]) <= 2:
+                self._keep(self._lent[i])
+            else:
+                still_lent.append(self._lent[i])
+        self._lent = still_lent
 
 
 def _kernels():
@@ -463,8 +502,10 @@ class ExecContext:
         return array
 
     def release(self, kept: list[np.ndarray]) -> None:
-        """Return this run's arrays to the pool, except those sharing memory with ``kept``."""
-        self.pool.give(a for a in self.allocated if not any(np.may_share_memory(a, k) for k in kept))
+        """Return this run's arrays to the pool; those sharing memory with ``kept`` are lent."""
+        lent = [a for a in self.allocated if any(np.may_share_memory(a, k) for k in kept)]
+        self.pool.give(a for a in self.allocated if not any(a is b for b in lent))
+        self.pool.lend(lent)
         self.allocated.clear()
 
     def segments_by(self, by: str) -> Segments:
@@ -900,10 +941,36 @@ class NumpyBackend(Backend):
 
     @rule("contract_rows")
     def _contract_rows(self, ctx, v, *xs):
+        """The einsum of the operands, summed over their rows too. A product with an outer axis
+        (``a,b->ab``: a matrix product) goes through BLAS; on many rows it is contracted in pieces of
+        CONTRACT_PIECE_ROWS rows on the pool's workers, and the partial results are summed in piece
+        order (so the result does not depend on the worker count). Sums of elementwise products
+        (``a,a->a``) run in NumPy's own einsum loop, several times faster than BLAS's for them."""
         inputs, out = v.attr["spec"].split("->")
-        terms = [("" if o.type.domain is Domain.PARAM else "R") + term.strip()
-                 for term, o in zip(inputs.split(","), v.operands)]
-        return np.asarray(np.einsum(f"{','.join(terms)}->{out.strip()}", *xs, optimize=True), dtype=ctx.float_dtype)
+        by_rows = [o.type.domain is not Domain.PARAM for o in v.operands]
+        terms = [term.strip() for term in inputs.split(",")]
+        spec = ",".join(("R" if row else "") + term for term, row in zip(terms, by_rows)) + "->" + out.strip()
+        outer = len(terms) > 2 or any(set(out.strip()) - set(term) for term in terms)
+        rows = max(len(x) for x, row in zip(xs, by_rows) if row)
+        if not outer or rows < 2 * CONTRACT_PIECE_ROWS or sum(by_rows) < 2:
+            return np.asarray(np.einsum(spec, *xs, optimize=outer), dtype=ctx.float_dtype)
+        bounds = list(range(0, rows, CONTRACT_PIECE_ROWS)) + [rows]
+
+        def piece(p: int) -> list:
+            return [x[bounds[p]:bounds[p + 1]] if row else x for x, row in zip(xs, by_rows)]
+
+        path = np.einsum_path(spec, *piece(0), optimize="greedy")[0]
+        partial: list[Any] = [None] * (len(bounds) - 1)
+
+        def contract(lo: int, hi: int) -> None:
+            for p in range(lo, hi):
+                partial[p] = np.einsum(spec, *piece(p), optimize=path)
+
+        row_parallel(len(partial), contract, force=True)
+        total = np.array(partial[0], dtype=ctx.float_dtype)
+        for part in partial[1:]:
+            total += part
+        return total
 
     @rule("broadcast")
     def _broadcast(self, ctx, v, x):

@@ -4,6 +4,16 @@
 callable ``CompiledModel``; ``mpdsl.Graph`` holds the graphs it runs on.
 """
 
+import os as _os
+import sys as _sys
+
+# torch's OpenMP threads spin for several milliseconds after each parallel torch op (GNU OpenMP's
+# default wait policy), taking a core from the NumPy backend's kernels that follow in a training
+# step; passive threads sleep instead. OpenMP reads the policy once, when torch loads it: this sets
+# the default for a torch imported after mpdsl and leaves a value the user set alone.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from mpdsl.api import compile, lower, read_source
 from mpdsl.diagnostics import CompileError, GraphError, InputError, MpdslError, WeightsError
 from mpdsl.graph import Graph

@@ -1,0 +1,170 @@
+"""Steady state of the NumPy backend: from the second call on, a forward pass or a training step
+through the torch module takes no fresh buffers (so it takes no page faults for them), and the
+buffers it reuses are never ones the caller still refers to; ``contract_rows`` on many rows
+(parameter gradients) gives the one-pass result whatever the worker count."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mpdsl  # noqa: E402
+from mpdsl.backends import numpy_backend  # noqa: E402
+from model_inputs import synth_inputs  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+ROWS = 2 * numpy_backend.PARALLEL_ROWS + 17  # above the row count from which ops write pooled buffers
+
+
+def large_graph(nodes: int = ROWS, degree: int = 4, seed: int = 0) -> mpdsl.Graph:
+    """A random graph with ``degree`` in-edges per node on average, a hub (node 0) and isolated nodes."""
+    rng = np.random.default_rng(seed)
+    edges = degree * nodes
+    src = rng.integers(0, nodes - 10, edges)
+    dst = np.where(rng.random(edges) < 0.05, 0, rng.integers(0, nodes - 10, edges))
+    return mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes)
+
+
+def compiled(name: str, graph: mpdsl.Graph, dtype: str = "float32"):
+    """The example model, and the graph with its inputs (read from the graph by the model and the module)."""
+    model = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype=dtype, seed=0, layout="none")
+    graph = graph.with_data(**synth_inputs(model, graph, np.random.default_rng(1)))
+    model.init(seed=0, graph=graph)
+    return model, graph
+
+
+def step(module, graph):
+    module.zero_grad(set_to_none=True)
+    out = module(graph)
+    (out * out).sum().backward()
+    return out
+
+
+@pytest.mark.parametrize("name", ["gin", "gcn", "sage_mean"])
+def test_training_steps_take_no_fresh_buffers_after_the_first(name):
+    graph = large_graph()
+    model, graph = compiled(name, graph)
+    module = model.to_torch(graph)
+    pool = model.backend.pool
+    for _ in range(2):
+        step(module, graph)
+    fresh = pool.fresh_bytes
+    assert fresh > 0
+    for _ in range(3):
+        step(module, graph)
+    assert pool.fresh_bytes == fresh, f"{pool.fresh_bytes - fresh} bytes allocated anew in later steps"
+
+
+def test_forward_calls_take_no_fresh_buffers_after_the_second():
+    graph = large_graph()
+    model, graph = compiled("gin", graph)
+    for _ in range(2):
+        model(graph)
+    fresh = model.backend.pool.fresh_bytes
+    for _ in range(3):
+        model(graph)
+    assert model.backend.pool.fresh_bytes == fresh
+
+
+def test_reused_buffers_are_never_ones_the_caller_still_holds():
+    """Outputs kept by the caller (as arrays, or as tensors of the torch module, whose step also keeps
+    its residuals until backward) keep their values while later calls run with other weights."""
+    graph = large_graph()
+    model, graph = compiled("gin", graph)
+    kept_arrays = [model(graph)]
+    copies = [kept_arrays[0].copy()]
+    module = model.to_torch(graph)
+    kept_tensors, tensor_copies = [], []
+    for _ in range(4):
+        out = step(module, graph)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(0.9)
+        kept_tensors.append(out.detach())
+        tensor_copies.append(out.detach().clone())
+        module.sync()
+        kept_arrays.append(model(graph))
+        copies.append(kept_arrays[-1].copy())
+    for i, (array, copy) in enumerate(zip(kept_arrays, copies)):
+        np.testing.assert_array_equal(array, copy, err_msg=f"output {i} was overwritten")
+    for i, (tensor, copy) in enumerate(zip(kept_tensors, tensor_copies)):
+        assert torch.equal(tensor, copy), f"step {i}'s output was overwritten"
+    assert not torch.equal(kept_tensors[0], kept_tensors[-1])  # the weights changed between steps
+
+
+def test_pool_takes_back_a_lent_array_only_once_nothing_refers_to_it():
+    pool = numpy_backend.BufferPool()
+    lent = pool.take((4, 3), np.float64)
+    view = lent[1:]
+    tensor = torch.from_numpy(lent)
+    pool.lend([lent])
+    del lent
+    assert pool.held_bytes == 0
+    del view
+    assert pool.held_bytes == 0  # the tensor still refers to it
+    del tensor
+    assert pool.held_bytes == 4 * 3 * 8
+    assert pool.take((4, 3), np.float64).shape == (4, 3)
+    assert pool.held_bytes == 0
+
+
+def gradients(graph, pieces: int, workers: int, monkeypatch) -> dict[str, np.ndarray]:
+    monkeypatch.setattr(numpy_backend, "CONTRACT_PIECE_ROWS", pieces)
+    monkeypatch.setattr(numpy_backend, "WORKERS", workers)
+    model, graph = compiled("gin", graph, dtype="float64")
+    module = model.to_torch(graph)
+    step(module, graph)
+    return {n: p.grad.numpy().copy() for n, p in module.named_parameters()}
+
+
+def test_contract_rows_in_pieces_equals_one_pass_whatever_the_workers(monkeypatch):
+    graph = large_graph(nodes=3000)
+    one_pass = gradients(graph, 1 << 40, 2, monkeypatch)
+    two_workers = gradients(graph, 128, 2, monkeypatch)
+    one_worker = gradients(graph, 128, 1, monkeypatch)
+    for name, expected in one_pass.items():
+        np.testing.assert_allclose(two_workers[name], expected, rtol=1e-10, atol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(one_worker[name], two_workers[name], err_msg=name)
+
+
+SPIN_PROBE = """
+import os, sys, time
+{first}
+import torch
+torch.set_num_threads(2)
+t = torch.ones(4_000_000)
+spins = []
+for _ in range(3):
+    t * t  # a parallel torch op; then the process sleeps
+    start = time.process_time()
+    time.sleep(0.05)
+    spins.append(time.process_time() - start)
+print(os.environ.get("OMP_WAIT_POLICY"), 1e3 * min(spins))
+"""
+
+
+def spin_after_torch_ops(first: str, env: dict) -> tuple[str, float]:
+    """(OMP_WAIT_POLICY, ms of CPU the process used while sleeping after a parallel torch op)."""
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+    proc = subprocess.run([sys.executable, "-c", SPIN_PROBE.format(first=first)], capture_output=True, text=True,
+                          env=environment, check=True)
+    policy, ms = proc.stdout.split()
+    return policy, float(ms)
+
+
+def test_torch_threads_imported_after_mpdsl_sleep_between_ops():
+    """torch's OpenMP threads must not spin on the cores after torch ops (the NumPy backend's kernels
+    of the same training step need them); a policy the user set is kept."""
+    policy, ms = spin_after_torch_ops("import mpdsl", {})
+    assert policy == "PASSIVE"
+    assert ms < 2.0, f"torch's threads used {ms:.1f} ms of CPU while the process slept"
+    kept = subprocess.run([sys.executable, "-c", "import os, mpdsl; print(os.environ['OMP_WAIT_POLICY'])"],
+                          capture_output=True, text=True, env=os.environ | {"OMP_WAIT_POLICY": "ACTIVE"}, check=True)
+    assert kept.stdout.strip() == "ACTIVE"
