@@ -234,14 +234,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {system:13s} test MAE {figures['test_mae']:.3f}  val MAE {figures['val_mae']:.3f}  "
                   f"best epoch {figures['best_epoch']:3d}  {figures['seconds_per_epoch']:.3f} s/epoch", flush=True)
     print()
-    print("| system | test MAE per seed | mean | vs pyg | s / epoch |")
-    print("|---|---|---:|---:|---:|")
-    means = {s: float(np.mean([r["test_mae"] for r in rows if r["system"] == s])) for s in systems}
+    print("| system | test MAE per seed | mean | median | mean vs pyg | median vs pyg | s / epoch |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    maes = {s: [r["test_mae"] for r in rows if r["system"] == s] for s in systems}
+    means = {s: float(np.mean(v)) for s, v in maes.items()}
+    medians = {s: float(np.median(v)) for s, v in maes.items()}
     for system in systems:
-        maes = [r["test_mae"] for r in rows if r["system"] == system]
-        ratio = f"{means[system] / means['pyg']:.3f}" if "pyg" in means else "-"
+        ratios = (f"{means[system] / means['pyg']:.3f} | {medians[system] / medians['pyg']:.3f}" if "pyg" in means
+                  else "- | -")
         speed = np.median([r["seconds_per_epoch"] for r in rows if r["system"] == system])
-        print(f"| {system} | {', '.join(f'{m:.3f}' for m in maes)} | {means[system]:.3f} | {ratio} | {speed:.3f} |")
+        print(f"| {system} | {', '.join(f'{m:.3f}' for m in maes[system])} | {means[system]:.3f} | "
+              f"{medians[system]:.3f} | {ratios} | {speed:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0
