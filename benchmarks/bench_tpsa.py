@@ -22,7 +22,8 @@ layers) and the shuffling.
 
 Systems: ``mpdsl`` (the compiler's default initialisation), ``mpdsl-glorot`` (``init="glorot"``:
 glorot weights, zero biases, the old default), ``pyg`` (PyG's defaults: ``torch.nn.Linear``'s
-initialisation in GINEConv's edge ``Linear``, its MLP and the head; eps 0). They run interleaved:
+initialisation in GINEConv's edge ``Linear``, its MLP and the head; eps 0), and, when asked for,
+``mpdsl-pyg-init`` (mpdsl started from the seed's PyG initial weights). They run interleaved:
 every seed runs each system in turn. As the agreement check, each seed's PyG model's initial
 weights are copied into the mpdsl model and its outputs on the first training batch compared
 (the max relative difference is reported). This is a benchmark: it asserts nothing.
@@ -43,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SYSTEMS = ("mpdsl", "mpdsl-glorot", "pyg")
+SYSTEMS = ("mpdsl", "mpdsl-glorot", "pyg", "mpdsl-pyg-init")
+DEFAULT_SYSTEMS = SYSTEMS[:3]
 HIDDEN = 64
 
 
@@ -161,10 +163,19 @@ def train_pyg(data, seed: int, epochs: int, lr: float, batch_size: int, pool: st
             "seconds_per_epoch": seconds / epochs}
 
 
-def train_mpdsl(data, seed: int, epochs: int, lr: float, batch_size: int, init: str | None, pool: str) -> dict:
+def train_mpdsl(data, seed: int, epochs: int, lr: float, batch_size: int, init: str | None, pool: str,
+                pyg_init: bool = False) -> dict:
+    """``pyg_init``: start from the initial weights of that seed's PyG model."""
+    import torch
+
     from mpdsl.train import fit
 
     model = compile_gine(seed, init, pool)
+    if pyg_init:
+        torch.manual_seed(seed)
+        net = pyg_net(data.graph["edge_attr"].shape[1], data.graph["x"].shape[1], pool)
+        model.init(seed, graph=data.graph)
+        model.load_weights(pyg_weights(net))
     result = fit(model, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     return {"test_mae": result.final["test_mae"], "val_mae": result.final["val_mae"],
             "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds / len(result.history)}
@@ -194,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"comma-separated, of {', '.join(SYSTEMS)} (default {','.join(DEFAULT_SYSTEMS)})")
     parser.add_argument("--pool", choices=POOLS, default="mean",
                         help="the readout: mean (gine3.mp as written, default) or sum (global_add_pool)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -229,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures = train_pyg(data, seed, args.epochs, args.lr, args.batch_size, args.pool)
             else:
                 figures = train_mpdsl(data, seed, args.epochs, args.lr, args.batch_size,
-                                      "glorot" if system == "mpdsl-glorot" else None, args.pool)
+                                      "glorot" if system == "mpdsl-glorot" else None, args.pool,
+                                      pyg_init=system == "mpdsl-pyg-init")
             rows.append({"system": system, "seed": seed, **figures})
             print(f"seed {seed} {system:13s} test MAE {figures['test_mae']:.3f}  val MAE {figures['val_mae']:.3f}  "
                   f"best epoch {figures['best_epoch']:3d}  {figures['seconds_per_epoch']:.3f} s/epoch", flush=True)
