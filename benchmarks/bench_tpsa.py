@@ -24,9 +24,10 @@ Systems: ``mpdsl`` (the compiler's default initialisation), ``mpdsl-glorot`` (``
 glorot weights, zero biases, the old default), ``pyg`` (PyG's defaults: ``torch.nn.Linear``'s
 initialisation in GINEConv's edge ``Linear``, its MLP and the head; eps 0), and, when asked for,
 ``mpdsl-pyg-init`` (mpdsl started from the seed's PyG initial weights). They run interleaved:
-every seed runs each system in turn. As the agreement check, each seed's PyG model's initial
-weights are copied into the mpdsl model and its outputs on the first training batch compared
-(the max relative difference is reported). This is a benchmark: it asserts nothing.
+every seed runs each system in turn, each run in a fresh process (its peak RSS is reported). As the
+agreement check, each seed's PyG model's initial weights are copied into the mpdsl model and its
+outputs on the first training batch compared (the max relative difference is reported). This is a
+benchmark: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import inspect
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -198,6 +200,29 @@ def agreement(data, seed: int, pool: str) -> float:
     return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30))
 
 
+def child(args) -> dict:
+    """One training run (``--child SYSTEM --seed S``) in this fresh process: its figures and peak RSS."""
+    import resource
+
+    import torch
+
+    from mpdsl.train import load_data
+
+    torch.set_num_threads(args.threads)
+    data = load_data("tpsa", None, None, args.molecules)
+    system, seed = args.child, args.seed
+    figures: dict = {}
+    if system == "pyg":
+        figures = train_pyg(data, seed, args.epochs, args.lr, args.batch_size, args.pool)
+    elif system == "agreement":
+        figures = {"max_rel_diff": agreement(data, seed, args.pool)}
+    else:
+        figures = train_mpdsl(data, seed, args.epochs, args.lr, args.batch_size,
+                              "glorot" if system == "mpdsl-glorot" else None, args.pool,
+                              pyg_init=system == "mpdsl-pyg-init")
+    return {**figures, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--molecules", type=int, default=2000)
@@ -211,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the readout: mean (gine3.mp as written, default) or sum (global_add_pool)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--json", help="write the per-seed figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
     systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
@@ -223,32 +253,38 @@ def main(argv: list[str] | None = None) -> int:
     import mpdsl
     from mpdsl.train import load_data
 
-    torch.set_num_threads(args.threads)
     data = load_data("tpsa", None, None, args.molecules)
     print(f"machine: {platform.machine()}; python {platform.python_version()}, numpy {np.__version__}, "
           f"torch {torch.__version__}; mpdsl from {Path(mpdsl.__file__).parent}")
     print(f"data: {data.graph.num_graphs} TPSA molecules ({data.graph.num_nodes} atoms, {data.graph.num_edges} "
           f"directed bonds), train/val/test {data.train.size}/{data.val.size}/{data.test.size}; GINE x 3 "
           f"(hidden {HIDDEN}), {args.pool} pool; Adam lr {args.lr}, {args.epochs} epochs, batches of "
-          f"{args.batch_size}, MSE on the standardised target; torch threads {args.threads}", flush=True)
+          f"{args.batch_size}, MSE on the standardised target; torch threads {args.threads}; one fresh "
+          "process per run", flush=True)
+    passed = [f"--molecules={args.molecules}", f"--epochs={args.epochs}", f"--lr={args.lr}",
+              f"--batch-size={args.batch_size}", f"--pool={args.pool}", f"--threads={args.threads}"]
+
+    def run(system: str, seed: int) -> dict:
+        done = subprocess.run([sys.executable, __file__, *passed, f"--child={system}", f"--seed={seed}"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the {system} run of seed {seed} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     rows: list[dict] = []
     for seed in seeds:
         if "pyg" in systems and any(s.startswith("mpdsl") for s in systems):
             print(f"seed {seed}: mpdsl with PyG's initial weights vs PyG, first batch: max rel. diff "
-                  f"{agreement(data, seed, args.pool):.1e}", flush=True)
+                  f"{run('agreement', seed)['max_rel_diff']:.1e}", flush=True)
         for system in systems:
-            if system == "pyg":
-                figures = train_pyg(data, seed, args.epochs, args.lr, args.batch_size, args.pool)
-            else:
-                figures = train_mpdsl(data, seed, args.epochs, args.lr, args.batch_size,
-                                      "glorot" if system == "mpdsl-glorot" else None, args.pool,
-                                      pyg_init=system == "mpdsl-pyg-init")
+            figures = run(system, seed)
             rows.append({"system": system, "seed": seed, **figures})
-            print(f"seed {seed} {system:13s} test MAE {figures['test_mae']:.3f}  val MAE {figures['val_mae']:.3f}  "
-                  f"best epoch {figures['best_epoch']:3d}  {figures['seconds_per_epoch']:.3f} s/epoch", flush=True)
+            print(f"seed {seed} {system:14s} test MAE {figures['test_mae']:.3f}  val MAE {figures['val_mae']:.3f}  "
+                  f"best epoch {figures['best_epoch']:3d}  {figures['seconds_per_epoch']:.3f} s/epoch  "
+                  f"peak RSS {figures['peak_rss_mb']:.0f} MB", flush=True)
     print()
-    print("| system | test MAE per seed | mean | median | mean vs pyg | median vs pyg | s / epoch |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| system | test MAE per seed | mean | median | mean vs pyg | median vs pyg | s / epoch | peak RSS MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     maes = {s: [r["test_mae"] for r in rows if r["system"] == s] for s in systems}
     means = {s: float(np.mean(v)) for s, v in maes.items()}
     medians = {s: float(np.median(v)) for s, v in maes.items()}
@@ -256,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios = (f"{means[system] / means['pyg']:.3f} | {medians[system] / medians['pyg']:.3f}" if "pyg" in means
                   else "- | -")
         speed = np.median([r["seconds_per_epoch"] for r in rows if r["system"] == system])
+        rss = np.median([r["peak_rss_mb"] for r in rows if r["system"] == system])
         print(f"| {system} | {', '.join(f'{m:.3f}' for m in maes[system])} | {means[system]:.3f} | "
-              f"{medians[system]:.3f} | {ratios} | {speed:.3f} |")
+              f"{medians[system]:.3f} | {ratios} | {speed:.3f} | {rss:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0
