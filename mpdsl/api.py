@@ -12,6 +12,7 @@ from mpdsl import memory, syntax, typecheck
 from mpdsl.backends import get_backend
 from mpdsl.context import check_target
 from mpdsl.diagnostics import CompileError, MpdslError, shown
+from mpdsl.initialisation import check_default
 from mpdsl.ir import Program
 from mpdsl.passes import PassManager
 from mpdsl.plan import LAYOUT_MODES
@@ -102,7 +103,7 @@ def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | 
             dtype: str = "float32", dims: dict[str, int] | None = None, seed: int = 0,
             optimize: bool = True, passes: list[str] | None = None, layout: str = "auto",
             import_paths: Iterable[str | Path] = (),
-            memory_limit: int | str | None = None, target: str | None = None) -> CompiledModel:
+            memory_limit: int | str | None = None, target: str | None = None, init: str = "torch") -> CompiledModel:
     """Compile a .mp program (a path or the text itself) into a callable model.
 
     ``model`` picks a model when the file defines several; ``dims`` overrides `dim` constants;
@@ -115,12 +116,16 @@ def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | 
     ``MPDSL_MEMORY_LIMIT`` environment variable, else the machine's available memory; see
     ``mpdsl.memory``). ``target`` ("cpu" or "gpu"; default: the backend's, numpy -> cpu, triton ->
     gpu) is the device kind the optimizer plans layouts for (see ``mpdsl.context.CompileContext``).
+    ``init`` is the model-wide initialiser of the parameters with none written in the file: "torch"
+    (torch.nn.Linear's rule for weights and biases) or "glorot" (glorot weights, zero biases); see
+    ``mpdsl.initialisation``.
 
     When every dim is known at compile time the pass pipeline runs now (its errors are reported
     here, and the first call finds the program compiled); otherwise it runs once at the first call,
     for the dims bound from the data, and reports its errors then."""
     start = time.perf_counter()
     check_seed(seed)
+    check_default(init)
     memory.check_limit(memory_limit)
     text, name = read_source(path_or_source)
     module, program = lower(text, name, model=model, dtype=dtype, dims=dims, import_paths=import_paths)
@@ -133,7 +138,7 @@ def compile(path_or_source: str | Path, backend: str = "numpy", *, model: str | 
     runner = get_backend(backend)
     runner.check_dtype(program.float_dtype)
     model_ = CompiledModel(program, runner, source_name=name, seed=seed, ast=module, optimize=optimize,
-                           passes=passes, layout=layout, memory_limit=memory_limit, target=target)
+                           passes=passes, layout=layout, memory_limit=memory_limit, target=target, init=init)
     if optimize and all_dims_static(program):
         model_.program_for(model_.static_dims)  # the program of the first call: compiled once, now
     model_.compile_seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ from mpdsl.context import TARGETS
 from mpdsl.diagnostics import MpdslError
 from mpdsl.ir import print_program
 from mpdsl.npz import check_writable, write_npz
+from mpdsl.ops import DEFAULT_INITS
 from mpdsl.plan import LAYOUT_MODES
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE = 0, 1, 2
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--graph", required=True, help="graph file (.npz, PyG names: edge_index, x, ...)")
     run.add_argument("--weights", help="parameters (.npz, one array per parameter); default: initialise")
     run.add_argument("--seed", type=_seed, default=0, help="seed of the parameter initialisation (default 0)")
+    run.add_argument("--init", choices=DEFAULT_INITS, default="torch",
+                     help="the initialisers of parameters with none written in the file: torch (default; "
+                          "torch.nn.Linear's weights and biases) or glorot (glorot weights, zero biases)")
     run.add_argument("--out", help="write the outputs to this .npz file (exactly this path)")
     run.add_argument("--save-weights", help="write the parameters used to this .npz file (exactly this path)")
     run.add_argument("--backend", default="numpy", choices=available_backends())
@@ -187,7 +191,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
         check_writable(args.save_weights, MpdslError, "weights")
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
                           dims=dims, seed=args.seed, optimize=not args.no_opt, passes=passes, layout=args.layout,
-                          import_paths=args.import_paths, target=args.target)
+                          import_paths=args.import_paths, target=args.target, init=args.init)
     from mpdsl.plan import decided_node_order
     from mpdsl.runtime import as_graph
 

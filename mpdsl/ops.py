@@ -46,7 +46,9 @@ AGGREGATIONS = ("sum", "mean", "max", "min", "std")
 AXIS_REDUCTIONS = ("sum", "mean", "max", "min")
 REDUCE_AXES = ("src", "dst", "graph")
 GATHER_INDICES = ("src", "dst", "batch")
-INITIALIZERS = ("glorot", "zeros", "ones", "normal", "uniform", "constant")
+INITIALIZERS = ("torch", "glorot", "zeros", "ones", "normal", "uniform", "constant")
+# The model-wide initialisers of parameters with none written (mpdsl.initialisation: what each role gets).
+DEFAULT_INITS = ("torch", "glorot")
 
 
 class Trait(enum.Enum):
@@ -559,6 +561,8 @@ def _one_hot(types, attrs, declared):
 # ---- normalisation -----------------------------------------------------------------------
 
 BATCH_NORM_MODES = ("auto", "train", "eval")
+# batch_norm's parameter operands 1-4, in order, with their initialisers when none is written (torch.nn.BatchNorm1d's).
+BATCH_NORM_INITIAL = {"running_mean": "zeros", "running_var": "ones", "gamma": "ones", "beta": "zeros"}
 
 
 @op("batch_norm", 5, {"eps": float, "momentum": float, "mode": BATCH_NORM_MODES},
@@ -576,8 +580,7 @@ def _batch_norm(types, attrs, declared):
     if x.domain is Domain.PARAM:
         raise TypeRuleError(f"batch_norm normalises over the rows of a node, edge or graph value, got {x}",
                             "apply it to per-node, per-edge or per-graph values", 0)
-    names = ("running_mean", "running_var", "gamma", "beta")
-    for i, (name, t) in enumerate(zip(names, stats), start=1):
+    for i, (name, t) in enumerate(zip(BATCH_NORM_INITIAL, stats), start=1):
         if t.domain is not Domain.PARAM or not t.is_float or t.shape != x.shape:
             raise TypeRuleError(f"batch_norm: {name} must be a param[{', '.join(map(str, x.shape))}] "
                                 f"(the feature shape of x), got {t}", operand=i)

@@ -17,6 +17,8 @@ from mpdsl.backends import check_input_ids
 from mpdsl.context import CompileContext
 from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
 from mpdsl.graph import Graph, first_true, position_text
+from mpdsl.initialisation import ParamInit, check_default
+from mpdsl.initialisation import plan as initialisation_plan
 from mpdsl.ir import Program, Value, print_program, value_names
 from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS, choose
@@ -66,26 +68,33 @@ def _uniform(rng: np.random.Generator, fan_in: int, fan_out: int):
     return functools.partial(rng.uniform, -bound, bound)
 
 
+def _torch(rng: np.random.Generator, fan_in: int, fan_out: int):
+    """torch.nn.Linear's weight and bias: kaiming_uniform_(a=sqrt(5)), i.e. U(+-1 / sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+    return functools.partial(rng.uniform, -bound, bound)
+
+
 # The named initializers (``mpdsl.ops.INITIALIZERS`` is what the language accepts): random draws,
 # (rng, fan_in, fan_out) -> draw(size), and constant fills.
-_DRAWS = {"glorot": _glorot, "normal": _normal, "uniform": _uniform}
+_DRAWS = {"torch": _torch, "glorot": _glorot, "normal": _normal, "uniform": _uniform}
 _FILLS = {"zeros": 0.0, "ones": 1.0}
 
 
 def initial_value(init: str, shape: tuple[int, ...], rng: np.random.Generator, dtype,
-                  stacked: bool = False) -> np.ndarray:
-    """Initial parameter values. glorot: U(+-sqrt(6 / (fan_in + fan_out))) with fan_in = shape[0],
-    fan_out = prod(shape[1:]); normal: N(0, 1 / fan_in); uniform: U(+-1 / sqrt(fan_in));
-    zeros, ones, or a number (every element). A ``stacked`` parameter (indexed per layer or per
-    type, W[t] / W[etype]) takes its fans from one slice, shape[1:].
+                  fans: tuple[int, int] | None = None) -> np.ndarray:
+    """Initial parameter values. torch: U(+-1 / sqrt(fan_in)) (torch.nn.Linear's weight and bias);
+    glorot: U(+-sqrt(6 / (fan_in + fan_out))); normal: N(0, 1 / fan_in); uniform: U(+-1 / sqrt(fan_in));
+    zeros, ones, or a number (every element). ``fans`` is (fan_in, fan_out), as
+    ``mpdsl.initialisation.plan`` decides them from the program; without it, fan_in = shape[0] and
+    fan_out = prod(shape[1:]).
 
     The array is allocated in ``dtype`` and filled from float64 draws of at most ``INIT_CHUNK``
     elements at a time, so a float32 model's parameters never exist in float64 as a whole; the
     values are those of one float64 draw cast to ``dtype`` (the same stream, drawn in pieces)."""
     dtype = np.dtype(dtype)
-    fan_shape = shape[1:] if stacked and len(shape) > 1 else shape
-    fan_in = fan_shape[0] if fan_shape else 1
-    fan_out = int(np.prod(fan_shape[1:])) if len(fan_shape) > 1 else 1
+    if fans is None:
+        fans = (shape[0] if shape else 1, int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+    fan_in, fan_out = fans
     number = initializer_number(init)
     if number is not None:
         return np.full(shape, np.float64(number).astype(dtype), dtype)
@@ -115,8 +124,10 @@ class CompiledModel:
     def __init__(self, program: Program, backend, *, source_name: str = "<string>", seed: int = 0,
                  ast=None, compile_seconds: float = 0.0, optimize: bool = True,
                  passes: list[str] | None = None, layout: str = "auto", memory_limit: memory.Limit = None,
-                 target: str | None = None):
+                 target: str | None = None, init: str = "torch"):
         self.ir = program
+        self.param_inits: dict[str, ParamInit] = {}  # each parameter's initialiser, role and fans
+        self.default_init = init
         self.memory_limit = memory.check_limit(memory_limit)
         # How the model is compiled (target: "cpu" / "gpu", default the backend's) and its programs.
         self.context = CompileContext(program, backend, target=target, optimize=optimize, passes=passes,
@@ -205,9 +216,21 @@ class CompiledModel:
             shapes[name] = tuple(d.value for d in resolved)
         return shapes
 
+    @property
+    def default_init(self) -> str:
+        """The model-wide initialiser of the parameters with none written in the file ("torch", the
+        default, or "glorot"; see ``mpdsl.initialisation``). Setting it affects the next ``init``."""
+        return self._default_init
+
+    @default_init.setter
+    def default_init(self, init: str) -> None:
+        self._default_init = check_default(init)
+        self.param_inits = initialisation_plan(self.ir, self._default_init)
+
     def init(self, seed: int = 0, graph: Graph | None = None, **dims: int) -> CompiledModel:
-        """(Re)initialise every parameter from its declared initializer; deterministic in ``seed``
-        and the parameter's name. Dims bound from the data are bound from ``graph``'s arrays (not
+        """(Re)initialise every parameter from its initialiser (written in the file, else the one
+        ``default_init`` gives its role; ``param_inits``); deterministic in ``seed`` and the
+        parameter's name. Dims bound from the data are bound from ``graph``'s arrays (not
         from the current parameters) or given as keywords. The parameters' total size is checked
         against the memory budget (``memory_limit``) before anything is allocated."""
         sources = {k: f"init({k}={v})" for k, v in dims.items()}
@@ -221,15 +244,13 @@ class CompiledModel:
     def _initialise(self, seed: int, dims: Mapping[str, int], sources: Mapping[str, str],
                     origins: Mapping[str, str] | None = None) -> CompiledModel:
         seed = check_seed(seed)
-        stacked = {o.attr["name"] for v in self.ir.values if v.op in ("select", "take")
-                   for o in v.operands[:1] if o.op == "param"}
         shapes = self.param_shapes(dims)
         self._check_param_memory(shapes)
+        plans = self.param_inits
         params = {}
         for name, shape in shapes.items():
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            init = next(v.attr["init"] for v in self.ir.params if v.attr["name"] == name)
-            params[name] = initial_value(init, shape, rng, self.float_dtype, name in stacked)
+            params[name] = initial_value(plans[name].init, shape, rng, self.float_dtype, plans[name].fans(shapes))
         self.params = params
         self.dims = {**self.static_dims, **dims}
         self._dim_sources = {k: v for k, v in sources.items() if k not in self.static_dims}

@@ -56,6 +56,7 @@ import numpy as np
 from mpdsl.backends import available_backends
 from mpdsl.diagnostics import MpdslError
 from mpdsl.graph import Graph
+from mpdsl.ops import DEFAULT_INITS
 from mpdsl.types import Domain
 
 TASKS = ("node-classification", "graph-regression")
@@ -592,6 +593,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="graph regression: train on the raw target")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the initialisation, dropout and shuffling (default 0)")
+    p.add_argument("--init", choices=DEFAULT_INITS, default="torch",
+                   help="the initialisers of parameters with none written in the file: torch (default; "
+                        "torch.nn.Linear's weights and biases) or glorot (glorot weights, zero biases)")
     p.add_argument("--max-time", type=_positive_float, metavar="SECONDS",
                    help="stop after the epoch that passes this much training time")
     p.add_argument("--save", metavar="WEIGHTS.npz", help="write the best weights (by validation metric)")
@@ -616,7 +620,7 @@ def run_cli(args: argparse.Namespace, dims: dict[str, int]) -> int:
     start = time.perf_counter()
     data = load_data(args.data, args.task, args.split, args.limit)
     model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
-                          dims=dims, seed=args.seed, import_paths=args.import_paths)
+                          dims=dims, seed=args.seed, import_paths=args.import_paths, init=args.init)
     sizes = f"{data.train.size}/{data.val.size}/{data.test.size} {data.unit}"
     print(f"{model.name} on {data.name}: {data.task}, {data.graph.num_nodes} nodes, {data.graph.num_edges} "
           f"edges, {data.graph.num_graphs} graph(s); split {data.split} (train/val/test {sizes})", flush=True)

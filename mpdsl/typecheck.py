@@ -21,6 +21,7 @@ from typing import Any
 
 from mpdsl import ast
 from mpdsl.diagnostics import CompileError, Span, abbreviate
+from mpdsl.initialisation import UNWRITTEN
 from mpdsl.ir import Program, Value, make_value, prune, verify
 from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
 from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS, running_statistic
@@ -118,6 +119,8 @@ class Checker:
         self.depth = 0
         self.steps = 0
         self.expanding: list[tuple[str, Span]] = []
+        # Initialisers written on layer parameters, by the model parameter passed to them (first call wins).
+        self.layer_inits: dict[str, str] = {}
 
     # ---- errors and emission -------------------------------------------------------------
 
@@ -357,6 +360,7 @@ class Checker:
         try:
             for arg in layer.args:
                 t = self.eval_type(arg.type, env, f"the type of '{arg.name}'")
+                self.check_arg_init(arg, t)
                 args.append(self.add(make_value("input" if t.domain is not Domain.PARAM else "param",
                                                 [], self._generic_attrs(arg, t), t, arg.span)))
             self.elaborate_body(layer, args, env)
@@ -401,21 +405,57 @@ class Checker:
         args: list[Value] = []
         for arg in model.args:
             t = self.eval_type(arg.type, env, f"the type of '{arg.name}'")
+            init = self.check_arg_init(arg, t)
             if t.domain is Domain.PARAM:
-                init = self.initializer(arg, t)
                 args.append(self.emit("param", [], {"name": arg.name, "init": init}, arg.span, declared=t))
             else:
-                if arg.init is not None:
-                    raise self.error(f"input '{arg.name}' cannot have an initializer", arg.span,
-                                     "only param arguments take `= init`")
                 args.append(self.emit("input", [], {"name": arg.name}, arg.span, declared=t))
         self.call_stack.append(model.name)
         outputs = self.elaborate_body(model, args, env)
         self.call_stack.pop()
         names = self.output_names(model)
         dims = tuple((k, v) for k, v in sorted(self.global_dims.items())) + tuple((k, None) for k in run_time_dims)
-        program = Program(model.name, dims, tuple(self.builder.values), tuple(zip(names, outputs)))
+        values, outputs = self.with_layer_inits(self.builder.values, outputs)
+        program = Program(model.name, dims, values, tuple(zip(names, outputs)))
         return verify(prune(program))
+
+    def check_arg_init(self, arg: ast.Arg, t: TensorType) -> str:
+        """The initializer of a param argument (``UNWRITTEN`` when none is written); other arguments
+        take none."""
+        if t.domain is Domain.PARAM:
+            return self.initializer(arg, t)
+        if arg.init is not None:
+            raise self.error(f"input '{arg.name}' cannot have an initializer", arg.span,
+                             "only param arguments take `= init`")
+        return UNWRITTEN
+
+    def record_layer_inits(self, layer: ast.FuncDef, values: list[Value]) -> None:
+        """A layer's ``gamma: param[D] = ones`` initialises the model parameter passed as ``gamma``
+        (or indexed, ``gamma[t]``) unless the model writes one on it."""
+        for arg, value in zip(layer.args, values):
+            if arg.init is None or value.type.domain is not Domain.PARAM:
+                continue
+            init = self.initializer(arg, value.type)
+            while value.op == "select":
+                value = value.operands[0]
+            if value.op == "param":
+                self.layer_inits.setdefault(value.attr["name"], init)
+
+    def with_layer_inits(self, values: list[Value], outputs: list[Value]) -> tuple[tuple[Value, ...], list[Value]]:
+        """The program's values with the layers' initialisers on the params that have none written."""
+        renamed: dict[Value, Value] = {}
+        rebuilt = []
+        for v in values:
+            if v.op == "param" and v.attr["init"] == UNWRITTEN and v.attr["name"] in self.layer_inits:
+                new = make_value("param", [], {**v.attr, "init": self.layer_inits[v.attr["name"]]}, v.type, v.span)
+            elif any(o in renamed for o in v.operands):
+                new = Value(v.op, tuple(renamed.get(o, o) for o in v.operands), v.attrs, v.type, v.span)
+            else:
+                new = v
+            if new is not v:
+                renamed[v] = new
+            rebuilt.append(new)
+        return tuple(rebuilt), [renamed.get(o, o) for o in outputs]
 
     @staticmethod
     def output_names(model: ast.FuncDef) -> list[str]:
@@ -424,8 +464,10 @@ class Checker:
         return [r.name or f"out{i}" for i, r in enumerate(model.results)]
 
     def initializer(self, arg: ast.Arg, t: TensorType) -> str:
+        """The initializer written on param argument ``arg`` (checked), else ``UNWRITTEN``: then
+        ``mpdsl.initialisation`` chooses it from the parameter's use."""
         if arg.init is None:
-            return "glorot" if t.rank >= 2 else "zeros"
+            return UNWRITTEN
         if isinstance(arg.init, float):
             return repr(arg.init)
         if arg.init == "constant":
@@ -438,7 +480,7 @@ class Checker:
                              else f"use one of {', '.join(INITIALIZERS)} or a number")
         if arg.init == "glorot" and t.rank < 2:
             raise self.error(f"glorot needs a parameter with at least 2 axes, '{arg.name}' has {t.rank}",
-                             arg.span, "use zeros, ones, normal, uniform or a number")
+                             arg.span, "use torch, zeros, ones, normal, uniform or a number")
         return arg.init
 
     def elaborate_body(self, func: ast.FuncDef, args: list[Value], env: Env) -> list[Value]:
@@ -657,6 +699,8 @@ class Checker:
                 self.bind_pattern(arg.type, value.type, layer_env, aexpr.span,
                                   f"argument {i + 1} ('{arg.name}') of layer '{e.func}'")
             self.step(e.span)
+            if not self.generic_depth:
+                self.record_layer_inits(layer, values)
             self.call_stack.append(e.func)
             try:
                 with self.expanding_site(f"the call of layer '{e.func}'", e.span):

@@ -310,3 +310,36 @@ def test_every_named_initializer_has_a_rule():
         assert value.shape == (3, 4) and value.dtype == np.float32 and np.isfinite(value).all(), init
     with pytest.raises(MissingRule, match="init='xavier'"):
         initial_value("xavier", (3, 4), rng, np.float32)
+
+
+def test_every_op_has_an_initialisation_rule():
+    from mpdsl.initialisation import USE_RULES
+
+    assert set(USE_RULES) == set(OPS), "add the op to mpdsl.initialisation.USE_RULES"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_the_initialisation_plan_covers_every_op_and_attribute_value(case):
+    """Each param operand of each op gets a role, fans that its shape gives and a runnable initialiser;
+    unwritten, as written."""
+    from mpdsl.initialisation import ROLES, UNWRITTEN, plan
+    from mpdsl.runtime import initial_value
+
+    name, attrs = case
+    program = sample_program(name, attrs)
+    renamed: dict = {}
+    for v in program.values:
+        renamed[v] = (dataclasses.replace(v, attrs=(("init", UNWRITTEN), ("name", v.attr["name"])))
+                      if v.op == "param" else dataclasses.replace(v, operands=tuple(renamed[o] for o in v.operands)))
+    unwritten = Program(program.name, program.dims, tuple(renamed.values()),
+                        tuple((k, renamed[v]) for k, v in program.outputs))
+    for prog in (program, unwritten):
+        plans = plan(prog)
+        shapes = {v.attr["name"]: tuple(d.value for d in v.type.shape) for v in prog.params}
+        assert set(plans) == set(shapes)
+        for param, chosen in plans.items():
+            assert chosen.role in ROLES and chosen.written == (prog is program)
+            fan_in, fan_out = chosen.fans(shapes)
+            assert fan_in >= 1 and fan_out >= 1
+            value = initial_value(chosen.init, shapes[param], np.random.default_rng(0), np.float32, (fan_in, fan_out))
+            assert np.isfinite(value).all()
