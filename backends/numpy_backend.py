@@ -51,6 +51,12 @@ if TYPE_CHECKING:
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
+# Below this many multiply-adds (edges x feature width) a g-SpMM or an attention runs as SciPy CSR
+# products on this thread instead of the compiled parallel kernels: waking the kernels' worker
+# threads costs more than the arithmetic of a small graph (a batch of 64 molecules: 0.2-0.5 ms per
+# launch on 2 busy cores, against tens of microseconds of product), and a process that only runs
+# small graphs never loads Numba (about 130 MB of resident memory).
+SMALL_PRODUCT = 1 << 18
 _NO_WEIGHTS = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 RUN_DTYPES = {"f32": np.float32, "f64": np.float64}  # the float dtypes the backend computes in
 
@@ -150,17 +156,23 @@ class BufferPool:
     megabytes costs its page faults (the kernel zeroes every page) each time it is first written,
     about as long as an elementwise pass over it; a reused one costs nothing. Only arrays the backend
     allocated itself for a run come back here, and only those that no output or state update of
-    that run refers to. Holds at most ``max_bytes`` and ``per_shape`` arrays of each shape."""
+    that run refers to. Holds at most ``max_bytes`` and ``per_shape`` arrays of each shape, and only
+    shapes taken or given during the last ``keep_runs`` runs (``give`` ends a run): runs on batches
+    of changing sizes (a new shape every batch) would otherwise fill the pool with arrays no later
+    run takes, while a training loop on one graph (the same shapes every run) keeps all of them."""
 
-    def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 4):
+    def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 4, keep_runs: int = 4):
         self.max_bytes = max_bytes
         self.per_shape = per_shape
+        self.keep_runs = keep_runs
         self._free: dict[tuple, list[np.ndarray]] = {}
+        self._used: dict[tuple, int] = {}  # shape key -> the run that last took or gave one
+        self._run = 0
         self._held = 0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # a copied or pickled backend starts with an empty pool
-        return {"max_bytes": self.max_bytes, "per_shape": self.per_shape}
+        return {"max_bytes": self.max_bytes, "per_shape": self.per_shape, "keep_runs": self.keep_runs}
 
     def __setstate__(self, state: dict) -> None:
         type(self).__init__(self, **state)
@@ -173,6 +185,7 @@ class BufferPool:
         """An uninitialised array (reused when one of this shape and dtype is free)."""
         key = (tuple(shape), np.dtype(dtype).str)
         with self._lock:
+            self._used[key] = self._run
             free = self._free.get(key)
             if free:
                 array = free.pop()
@@ -181,16 +194,26 @@ class BufferPool:
         return np.empty(shape, dtype=dtype)
 
     def give(self, arrays) -> None:
+        """Keep ``arrays`` (a run's, at its end) for later runs, and drop the kept arrays of shapes
+        that the last ``keep_runs`` runs did not use."""
         with self._lock:
             for array in arrays:
-                free = self._free.setdefault((array.shape, array.dtype.str), [])
+                key = (array.shape, array.dtype.str)
+                self._used[key] = self._run
+                free = self._free.setdefault(key, [])
                 if len(free) < self.per_shape and self._held + array.nbytes <= self.max_bytes:
                     free.append(array)
                     self._held += array.nbytes
+            self._run += 1
+            stale = [key for key, run in self._used.items() if run <= self._run - 1 - self.keep_runs]
+            for key in stale:
+                del self._used[key]
+                self._held -= sum(a.nbytes for a in self._free.pop(key, ()))
 
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._used.clear()
             self._held = 0
 
 
@@ -281,8 +304,44 @@ class PullCSR:
         self.in_edge_order = bool(np.array_equal(perm, np.arange(len(perm))))  # edges already sorted
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
+
+    @functools.cached_property
+    def chunks(self) -> np.ndarray:
+        """Row bounds of the kernels' parallel chunks (about equal edge counts)."""
         kernels = _kernels()
-        self.chunks = kernels.row_chunks(self.indptr, 4 * kernels.numba.get_num_threads())
+        return kernels.row_chunks(self.indptr, 4 * kernels.numba.get_num_threads())
+
+    @property
+    def num_edges(self) -> int:
+        return len(self.columns)
+
+    def _small(self, width: int) -> bool:
+        """Whether a product over ``width`` features runs as SciPy CSR products (``SMALL_PRODUCT``)."""
+        return self.num_edges * max(width, 1) < SMALL_PRODUCT
+
+    def _matrix(self, data: np.ndarray, columns: np.ndarray, num_columns: int) -> sp.csr_matrix:
+        return sp.csr_matrix((data, columns, self.indptr), shape=(self.num_nodes, num_columns))
+
+    @functools.cached_property
+    def _edge_positions(self) -> np.ndarray:
+        return np.arange(self.num_edges, dtype=self.columns.dtype)
+
+    def _small_grouped(self, x2: np.ndarray, weights: np.ndarray, out2: np.ndarray, mode: str) -> None:
+        """``cpu_kernels.grouped_spmm`` as SciPy products: the weighted rows of every edge, summed
+        per row in CSR order, then divided as the kernel divides (``mode``: sum, mean, normalized)."""
+        groups = weights.shape[1]
+        edges = self.num_edges
+        width = x2.shape[1] // groups
+        values = np.take(x2, self.columns, axis=0).reshape(edges, groups, width) * weights[:, :, None]
+        rows = self._matrix(np.ones(edges, dtype=x2.dtype), self._edge_positions, edges)
+        out2[...] = rows @ values.reshape(edges, groups * width)
+        if mode == "sum":
+            return
+        counts = np.diff(self.indptr)
+        divisor = (rows @ weights) if mode == "normalized" else counts.astype(x2.dtype)[:, None]
+        divisor = np.where(counts[:, None] > 0, divisor, 1).astype(x2.dtype, copy=False)
+        grouped = out2.reshape(self.num_nodes, groups, width)
+        np.divide(grouped, divisor[:, :, None], out=grouped)
 
     def ordered(self, per_edge: np.ndarray) -> np.ndarray:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
@@ -298,9 +357,23 @@ class PullCSR:
         if out.size == 0 or groups == 0:
             out.fill(0)
             return out
-        kernels = _kernels()
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         out2 = out.reshape(self.num_nodes, x2.shape[1])
+        if self._small(x2.shape[1]):
+            if groups == 1:
+                weights = np.ones(self.num_edges, x.dtype) if data is None else \
+                    np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
+                out2[...] = self._matrix(weights, self.columns, x2.shape[0]) @ x2
+                if mean:  # as the kernel: times the reciprocal of the count, in float64
+                    counts = np.diff(self.indptr)
+                    scale = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 1.0)
+                    np.multiply(out2, scale[:, None], out=out2, casting="unsafe")
+            else:
+                assert data is not None  # groups > 1 only with per-group weights
+                self._small_grouped(x2, np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype), out2,
+                                    "mean" if mean else "sum")
+            return out
+        kernels = _kernels()
         if groups == 1:
             weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
             kernels.launch(kernels.spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
@@ -321,10 +394,20 @@ class PullCSR:
         if out.size == 0 or groups == 0:
             out.fill(0)
             return out
-        kernels = _kernels()
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
         weights = empty(scores2.shape, x.dtype)
+        if self._small(x2.shape[1] + groups):
+            counts = np.diff(self.indptr)
+            nonempty = counts > 0
+            peak = np.zeros((self.num_nodes, groups), x.dtype)
+            if self.num_edges:
+                peak[nonempty] = np.maximum.reduceat(scores2, self.indptr[:-1][nonempty], axis=0)
+            np.subtract(scores2, np.repeat(peak, counts, axis=0), out=weights)
+            np.exp(weights, out=weights)
+            self._small_grouped(x2, weights, out.reshape(self.num_nodes, x2.shape[1]), "normalized")
+            return out
+        kernels = _kernels()
         kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks)
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
@@ -456,6 +539,50 @@ def single_ufunc(op: str, attrs: tuple) -> tuple[np.ufunc, tuple] | None:
     if not isinstance(ufunc, np.ufunc) or not all(isinstance(a, (_Operand, int, float)) for a in call.args):
         return None
     return ufunc, call.args
+
+
+@functools.cache
+def row_contraction_plan(spec: str):
+    """A direct evaluation of ``contract_rows`` with ``spec`` when every operand has rows, for the
+    forms gradient programs use (operands of one subscript multiplied elementwise first): one
+    subscript left, a column sum (``a,a->a``, ``a->a``, ``a,a->``); two with no shared letter whose
+    concatenation is the output, one BLAS product of the row-flattened operands (``a,b->ab``,
+    ``a,b,b->ab``). None for other specs (then einsum runs): NumPy's optimizing einsum costs tens of
+    microseconds per call to plan its path, more than the product on a small batch."""
+    inputs, out = (part.strip() for part in spec.split("->"))
+    terms = [term.strip() for term in inputs.split(",")]
+    if any(len(set(t)) != len(t) for t in terms + [out]):
+        return None
+    distinct = list(dict.fromkeys(terms))
+    members = [[i for i, t in enumerate(terms) if t == d] for d in distinct]
+
+    def products(xs) -> list:
+        result = []
+        for group in members:
+            value = xs[group[0]]
+            for i in group[1:]:
+                value = np.multiply(value, xs[i])
+            result.append(value)
+        return result
+
+    if len(distinct) == 1 and set(out) <= set(distinct[0]):
+        term = distinct[0]
+        if out == term:
+            return lambda xs: products(xs)[0].sum(axis=0)
+        return lambda xs: np.einsum(f"{term}->{out}", products(xs)[0].sum(axis=0))
+    if len(distinct) == 2 and not set(distinct[0]) & set(distinct[1]) and out in (distinct[0] + distinct[1],
+                                                                                   distinct[1] + distinct[0]):
+        first, second = (0, 1) if out == distinct[0] + distinct[1] else (1, 0)
+
+        def outer(xs):
+            values = products(xs)
+            a, b = values[first], values[second]
+            rows = a.shape[0]
+            product = a.reshape(rows, feature_width(a.shape[1:])).T @ b.reshape(rows, feature_width(b.shape[1:]))
+            return product.reshape(a.shape[1:] + b.shape[1:])
+
+        return outer
+    return None
 
 
 def _ufunc_args(template: tuple, xs) -> list:
@@ -791,6 +918,10 @@ class NumpyBackend(Backend):
 
     @rule("contract_rows")
     def _contract_rows(self, ctx, v, *xs):
+        rows_only = all(o.type.domain is not Domain.PARAM for o in v.operands)
+        plan = row_contraction_plan(v.attr["spec"]) if rows_only else None
+        if plan is not None:
+            return np.asarray(plan(xs), dtype=ctx.float_dtype)
         inputs, out = v.attr["spec"].split("->")
         terms = [("" if o.type.domain is Domain.PARAM else "R") + term.strip()
                  for term, o in zip(inputs.split(","), v.operands)]
