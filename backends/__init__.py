@@ -8,6 +8,7 @@ cannot run must still appear, as ``unsupported("op", reason)``, so that coverage
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
@@ -174,7 +175,7 @@ def put_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 def feature_width(shape) -> int:
     """Number of elements of a (feature) shape; explicit so that zero-row arrays reshape too."""
-    return int(np.prod(tuple(shape), dtype=np.int64))
+    return math.prod(int(d) for d in shape)
 
 
 def expand_operand(x, t: TensorType, result: TensorType):

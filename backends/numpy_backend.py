@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 import scipy.special
+from numpy.lib.array_utils import byte_bounds
 
 from mpdsl.backends import (
     Backend,
@@ -460,8 +461,18 @@ class ExecContext:
         return array
 
     def release(self, kept: list[np.ndarray]) -> None:
-        """Return this run's arrays to the pool, except those sharing memory with ``kept``."""
-        self.pool.give(a for a in self.allocated if not any(np.may_share_memory(a, k) for k in kept))
+        """Return this run's arrays to the pool, except those sharing memory with ``kept``: whose
+        memory bounds overlap (``np.may_share_memory``'s test, all pairs at once)."""
+        if self.allocated and kept:
+            bounds = np.array([byte_bounds(k) for k in kept if isinstance(k, np.ndarray) and k.nbytes])
+            free = []
+            for a in self.allocated:
+                low, high = byte_bounds(a)
+                if not len(bounds) or not a.nbytes or not np.any((bounds[:, 0] < high) & (low < bounds[:, 1])):
+                    free.append(a)
+            self.pool.give(free)
+        else:
+            self.pool.give(self.allocated)
         self.allocated.clear()
 
     def segments_by(self, by: str) -> Segments:

@@ -733,11 +733,14 @@ class MpdslModule(torch.nn.Module):
 
     def _bind(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
         """The dims, bound from the inputs' and parameters' shapes (checked against their types);
-        remembered per (shapes, row counts, the model's dims)."""
+        remembered per (shapes less the row axis, the model's dims): the row counts, checked at every
+        call, bind no dim, so batches of different sizes share the answer."""
         model = self.compiled
-        shapes = (tuple((n, tuple(t.shape)) for n, t in tensors.items()),
+        for name, value in tensors.items():
+            t = model.input_types[name]
+            check_input_rows(name, t, tuple(value.shape), sizes.num_rows(t.domain))
+        shapes = (tuple((n, tuple(t.shape[1:])) for n, t in tensors.items()),
                   tuple(tuple(getattr(self, n).shape) for n in model.param_types),
-                  tuple(sizes.num_rows(d) for d in (Domain.NODE, Domain.EDGE, Domain.GRAPH)),
                   tuple(sorted(model.dims.items())))
         try:
             known = self._dims.get(shapes)
