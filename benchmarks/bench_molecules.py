@@ -18,7 +18,8 @@ loss.backward(); Adam.step()`` per batch. The batches of each epoch are a seeded
 molecules, the same in both systems, and are built before the epoch is timed (mpdsl:
 ``Graph.select_graphs``, fresh ``Graph`` objects every epoch, so that whatever mpdsl derives per batch
 graph (CSR, layout) is derived inside the timed epoch; PyG: the same batches as tensors). The weights
-are PyG's initial ones, copied into mpdsl. Each (model, system) runs in its own processes, fresh
+are PyG's initial ones, copied into mpdsl (written to a file by the parent: an mpdsl process never
+imports PyG, nor a PyG process mpdsl). Each (model, system) runs in its own processes, fresh
 interpreters, started interleaved (process 1 of every (model, system), then process 2, ...): one
 untimed epoch, then ``--epochs`` timed ones. Per process: the median epoch and the peak RSS
 (``ru_maxrss``: imports, data and training); the table gives the median of the per-process figures and
@@ -179,10 +180,18 @@ def mpdsl_source(model: str) -> str:
     return (ROOT / "examples" / "mpnn.mp").read_text()
 
 
-def write_dims(path: Path, models: list[str]) -> None:
-    """Each model's dims (``dim`` constants of its source), for the PyG processes, which do not import mpdsl."""
+def write_setup(folder: Path, models: list[str]) -> None:
+    """Each model's dims (``dim`` constants of its source) for the PyG processes, which do not import
+    mpdsl, and its initial weights (PyG's, in mpdsl's names) for the mpdsl processes, which do not
+    import PyG: each process holds only its own system's libraries."""
     import mpdsl
-    path.write_text(json.dumps({m: dict(mpdsl.compile(mpdsl_source(m)).static_dims) for m in models}))
+    arrays = read_arrays(folder / "tpsa.npz")
+    f, fe = arrays["x"].shape[1], arrays["edge_attr"].shape[1]
+    dims = {m: dict(mpdsl.compile(mpdsl_source(m)).static_dims) for m in models}
+    (folder / "dims.json").write_text(json.dumps(dims))
+    for m in models:
+        _, weights = pyg_module(m, f, fe, dims[m])
+        np.savez(folder / f"weights_{m}.npz", **weights)
 
 
 def first_weight(model: str) -> str:
@@ -202,15 +211,14 @@ class System:
         self.arrays = arrays
         self.num_graphs = int(arrays["batch"].max()) + 1
         f, fe = arrays["x"].shape[1], arrays["edge_attr"].shape[1]
-        dims = json.loads((data.parent / "dims.json").read_text())[model]
-        net, weights = pyg_module(model, f, fe, dims)
         if system == "pyg":
-            self.net = net
+            dims = json.loads((data.parent / "dims.json").read_text())[model]
+            self.net, _ = pyg_module(model, f, fe, dims)
         else:
             import mpdsl
             self.graph = mpdsl.Graph.load(data)
             compiled = mpdsl.compile(mpdsl_source(model))
-            compiled.load_weights(weights)
+            compiled.load_weights(data.parent / f"weights_{model}.npz")
             self.net = compiled.to_torch()
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=LR)
         self.net.train()
@@ -234,7 +242,7 @@ class System:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def peak_rss_mb() -> float:
@@ -372,7 +380,7 @@ def profile(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "tpsa.npz"
         write_dataset(data, args.molecules)
-        write_dims(Path(folder) / "dims.json", [args.profile])
+        write_setup(Path(folder), [args.profile])
         system = System("mpdsl", args.profile, data, args.batch_size)
     for batch in system.batches(0):
         system.step(batch)
@@ -454,7 +462,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "tpsa.npz"
         write_dataset(data, args.molecules)
-        write_dims(Path(folder) / "dims.json", models)
+        write_setup(Path(folder), models)
         check = launch(["--agreement", "--models", args.models, "--data", str(data)])
         runs: dict[tuple[str, str], list[dict]] = {(m, s): [] for m in models for s in SYSTEMS}
         for p in range(args.processes):

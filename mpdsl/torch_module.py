@@ -62,6 +62,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -537,6 +538,34 @@ def _holds_integers(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
+def _eager_under_compile(fn):
+    """``fn`` run eagerly under torch.compile (``torch.compiler.disable(fn)``), without loading torch's
+    compiler (dynamo, and with it Triton: about 140 MB of resident memory) in a process that never
+    compiles: the disabled form is made once dynamo is loaded (``_disable_pending``), until then
+    ``fn`` is called as it is (nothing traces it without dynamo)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        disabled = _DISABLED.get(fn)
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = _disable_pending(fn)
+        return disabled(*args, **kwargs)
+
+    _DISABLED[fn] = None
+    return call
+
+
+_DISABLED: dict[Any, Any] = {}  # functions of _eager_under_compile -> their disabled form (None until dynamo loads)
+
+
+def _disable_pending(fn=None):
+    """Make the disabled forms of ``_eager_under_compile``'s functions (dynamo is loaded); ``fn``'s."""
+    for pending in [f for f, disabled in _DISABLED.items() if disabled is None]:
+        _DISABLED[pending] = torch.compiler.disable(pending)
+    return _DISABLED.get(fn)
+
+
 @dataclass
 class _Prepared:
     """One call of the op, ready to run."""
@@ -588,6 +617,8 @@ class MpdslModule(torch.nn.Module):
         """Run on ``graph`` (a Graph, an .npz path or a PyG Data), or on tensors given as keywords
         (``edge_index=``, ``batch=``, ``num_nodes=``, ``num_graphs=`` and the model's inputs by name);
         inputs not given are read from the graph. One output: a tensor; several: a dict by name."""
+        if "torch._dynamo" in sys.modules and _DISABLED.get(MpdslModule._prepare.__wrapped__) is None:
+            _disable_pending()
         call = self._prepare(graph, inputs)
         results = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs)
         spec = call.spec
@@ -601,7 +632,7 @@ class MpdslModule(torch.nn.Module):
             return outputs[0]
         return dict(zip(spec.outputs, outputs))
 
-    @torch.compiler.disable
+    @_eager_under_compile
     def _prepare(self, graph: Any, given: dict[str, Any]) -> _Prepared:
         """Everything but the op: inputs found and checked, dims bound, programs and spec chosen, masks
         drawn. Run eagerly under torch.compile (Python work with no tensor math to capture); traced
