@@ -223,12 +223,23 @@ def _versions(edge_index: torch.Tensor, batch: torch.Tensor | None) -> tuple[int
     return edge_index._version, -1 if batch is None else batch._version
 
 
+def _remember(key: tuple, entry: _KnownGraph) -> None:
+    """Put ``entry`` first among the graphs of ``key``, keeping at most GRAPH_CACHE_SIZE graphs per key
+    and GRAPH_CACHE_SIZE keys (the least recently added go): batches of changing sizes, each of its
+    own key, never accumulate."""
+    entries = _GRAPHS.setdefault(key, [])
+    entries.insert(0, entry)
+    del entries[GRAPH_CACHE_SIZE:]
+    _GRAPHS.move_to_end(key)
+    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+        _GRAPHS.popitem(last=False)
+
+
 def remember_graph(graph: Graph, edge_index: torch.Tensor, batch: torch.Tensor | None) -> None:
     """Make ``graph`` the one found for these structure tensors (its own, cached per device)."""
-    entries = _GRAPHS.setdefault(_graph_key(edge_index, batch, graph.num_nodes), [])
-    if not any(e.edge_index is edge_index and e.batch is batch for e in entries):
-        entries.insert(0, _KnownGraph(edge_index, batch, _versions(edge_index, batch), graph))
-        del entries[GRAPH_CACHE_SIZE:]
+    key = _graph_key(edge_index, batch, graph.num_nodes)
+    if not any(e.edge_index is edge_index and e.batch is batch for e in _GRAPHS.get(key, [])):
+        _remember(key, _KnownGraph(edge_index, batch, _versions(edge_index, batch), graph))
 
 
 def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
@@ -250,12 +261,7 @@ def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
     host = edge_index.detach().cpu().numpy()
     node_data = {} if batch is None else {"batch": batch.detach().cpu().numpy()}
     graph = Graph(host, num_nodes, node_data=node_data)
-    entries.insert(0, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph))
-    del entries[GRAPH_CACHE_SIZE:]
-    _GRAPHS[key] = entries
-    _GRAPHS.move_to_end(key)
-    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
-        _GRAPHS.popitem(last=False)
+    _remember(key, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph))
     return graph
 
 
