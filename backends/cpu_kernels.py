@@ -55,12 +55,12 @@ CACHE_DIR = os.environ.get("NUMBA_CACHE_DIR") or None
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-
-from mpdsl.backends import serial_row_copy  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
+
+from mpdsl.backends import serial_row_copy  # noqa: E402
 
 
 class _JitOptions(TypedDict):

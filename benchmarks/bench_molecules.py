@@ -137,8 +137,9 @@ def pyg_module(model: str, f: int, fe: int, dims: dict[str, int]):
         weights = {"W_out": w(net.head), "b_out": b(net.head.bias)}
         for layer, conv in zip((1, 2, 3), net.convs):
             weights.update({f"eps{layer}": b(conv.eps).reshape(()), f"W_e{layer}": w(conv.lin),
-                            f"b_e{layer}": b(conv.lin.bias), f"W{layer}1": w(conv.nn[0]), f"b{layer}1": b(conv.nn[0].bias),
-                            f"W{layer}2": w(conv.nn[2]), f"b{layer}2": b(conv.nn[2].bias)})
+                            f"b_e{layer}": b(conv.lin.bias), f"W{layer}1": w(conv.nn[0]),
+                            f"b{layer}1": b(conv.nn[0].bias), f"W{layer}2": w(conv.nn[2]),
+                            f"b{layer}2": b(conv.nn[2].bias)})
         return net, weights
 
     d, eh, rh = dims["D"], dims["EH"], dims["RH"]
@@ -167,7 +168,8 @@ def pyg_module(model: str, f: int, fe: int, dims: dict[str, int]):
                "We2": w(net.conv.nn[2]), "be2": b(net.conv.nn[2].bias), "W_root": w(net.conv.lin),
                "b_conv": b(net.conv.bias),
                # torch stacks the gates r, z, n along the rows of weight_ih [3D, in]
-               "W_ih": b(gru.weight_ih_l0).T.reshape(d, 3, d).copy(), "W_hh": b(gru.weight_hh_l0).T.reshape(d, 3, d).copy(),
+               "W_ih": b(gru.weight_ih_l0).T.reshape(d, 3, d).copy(),
+               "W_hh": b(gru.weight_hh_l0).T.reshape(d, 3, d).copy(),
                "b_ih": b(gru.bias_ih_l0).reshape(3, d), "b_hh": b(gru.bias_hh_l0).reshape(3, d),
                "Wr1": w(net.readout[0]), "br1": b(net.readout[0].bias), "Wr2": w(net.readout[2]),
                "br2": b(net.readout[2].bias)}

@@ -63,8 +63,8 @@ def batches(seed: int = 3) -> list[Graph]:
 
 def tensor_call(module, graph: Graph):
     """The module on ``graph`` given as PyG-style tensors (found through the module's graph table)."""
-    kwargs = {"edge_index": torch.from_numpy(np.array(graph.edge_index)), "batch": torch.from_numpy(np.array(graph["batch"])),
-              "num_graphs": graph.num_graphs}
+    kwargs = {"edge_index": torch.from_numpy(np.array(graph.edge_index)),
+              "batch": torch.from_numpy(np.array(graph["batch"])), "num_graphs": graph.num_graphs}
     for name in module.compiled.input_types:
         kwargs[name] = torch.from_numpy(np.array(graph[name]))
     return module(**kwargs)
@@ -187,7 +187,7 @@ FUSED_GRAPH_OPS = {  # programs whose optimized form runs gspmm / attention on t
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fused_model(which: str):
     return mpdsl.compile(FUSED_GRAPH_OPS[which], dtype="float64", seed=5)
 
