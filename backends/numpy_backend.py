@@ -2,11 +2,13 @@
 
 Values are NumPy arrays: a node / edge / graph value has its row axis first, a param value
 none. Graph ops over the edges (``gspmm`` sums and means, ``attention``) run as compiled pull-style
-CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics); ``aggregate`` sums and means
+CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics), or on small graphs as SciPy CSR
+products in the same summation order (``SMALL_PRODUCT``; Numba is loaded only when a kernel first
+runs); ``aggregate`` sums and means
 are SciPy CSR products; max, min and softmax use sorted-segment ``reduceat``; no per-edge Python
 loop and no ``np.add.at``. An empty group reduces to 0. Row-wise ops run in fused row groups
 (``row_fusion``) block by block on large inputs. Arrays the backend allocates for intermediate values
-are kept for the next run (``BufferPool``).
+are kept for the next runs (``BufferPool``).
 
 Precision: float32 and float64 programs, computed in their dtype. Half-precision programs (f16,
 bf16) are refused before anything runs (``Backend.check_dtype``): run them on the Triton backend.

@@ -5,7 +5,9 @@
 op, ``torch.ops.mpdsl.run`` (a ``torch.library.custom_op``): its fake kernel gives the output shapes
 from the IR types, its autograd formula runs the compiler's backward program (``torch.ops.mpdsl.
 run_backward``). So ``loss.backward()`` fills ``param.grad``, any torch optimizer trains the model,
-and ``torch.compile(module)`` and ``torch.export.export(module, ...)`` see the model as that op.
+and ``torch.compile(module)`` and ``torch.export.export(module, ...)`` see the model as that op. Importing
+this module does not load torch's compiler (dynamo): a process that only trains eagerly never pays its
+memory.
 
 Calling it:
 
