@@ -22,8 +22,9 @@ are PyG's initial ones, copied into mpdsl (written to a file by the parent: an m
 imports PyG, nor a PyG process mpdsl). Each (model, system) runs in its own processes, fresh
 interpreters, started interleaved (process 1 of every (model, system), then process 2, ...): one
 untimed epoch, then ``--epochs`` timed ones. Per process: the median epoch and the peak RSS
-(``ru_maxrss``: imports, data and training); the table gives the median of the per-process figures and
-their range. The first (untimed) epoch's time is reported apart. An agreement process first runs both
+(``VmHWM``: imports, data and training); the table gives the median of the per-process figures and
+their range. Peak RSS is ``VmHWM`` (``ru_maxrss`` would include the parent's size, see
+``peak_rss_mb``). The first (untimed) epoch's time is reported apart. An agreement process first runs both
 systems on the first batch (eval forward and the first layer's weight gradient). A benchmark: it
 asserts nothing.
 
@@ -248,6 +249,15 @@ class System:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``). Not ``ru_maxrss``: Linux carries it across
+    ``exec`` from the forked copy of the parent, so a child would report at least the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
