@@ -425,8 +425,12 @@ def profile(args: argparse.Namespace) -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
     print(f"\ncProfile, one epoch ({len(batches)} steps), top {args.top} by own time:")
-    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())
-          .replace(str(ROOT) + "/", "").replace(sys.prefix + "/", ""))
+    import mpdsl
+    package_root = str(Path(mpdsl.__file__).resolve().parents[1]) + "/"
+    lines = "\n".join(line for line in text.getvalue().splitlines() if line.strip())
+    for prefix in sorted({package_root, str(ROOT) + "/", sys.prefix + "/"}, key=len, reverse=True):
+        lines = lines.replace(prefix, "")
+    print(lines)
 
 
 # ---- parent -------------------------------------------------------------------------------------
