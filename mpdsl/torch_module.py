@@ -549,7 +549,7 @@ def _holds_integers(t: torch.Tensor) -> bool:
 def _eager_under_compile(fn):
     """``fn`` run eagerly under torch.compile (``torch.compiler.disable(fn)``), without loading torch's
     compiler (dynamo, and with it Triton: about 140 MB of resident memory) in a process that never
-    compiles: the disabled form is made once dynamo is loaded (``_disable_pending``), until then
+    compiles: the disabled form is made once dynamo is loaded (``disable_pending``), until then
     ``fn`` is called as it is (nothing traces it without dynamo)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -557,21 +557,24 @@ def _eager_under_compile(fn):
         if disabled is None:
             if "torch._dynamo" not in sys.modules:
                 return fn(*args, **kwargs)
-            disabled = _disable_pending(fn)
+            disable_pending()
+            disabled = _DISABLED[fn]
         return disabled(*args, **kwargs)
 
     _DISABLED[fn] = None
+    _PENDING.add(fn)
     return call
 
 
 _DISABLED: dict[Any, Any] = {}  # functions of _eager_under_compile -> their disabled form (None until dynamo loads)
+_PENDING: set[Any] = set()      # those without it yet
 
 
-def _disable_pending(fn=None):
-    """Make the disabled forms of ``_eager_under_compile``'s functions (dynamo is loaded); ``fn``'s."""
-    for pending in [f for f, disabled in _DISABLED.items() if disabled is None]:
-        _DISABLED[pending] = torch.compiler.disable(pending)
-    return _DISABLED.get(fn)
+def disable_pending() -> None:
+    """Make the disabled forms of ``_eager_under_compile``'s functions (once dynamo is loaded)."""
+    while _PENDING:
+        fn = _PENDING.pop()
+        _DISABLED[fn] = torch.compiler.disable(fn)
 
 
 @dataclass
@@ -625,8 +628,8 @@ class MpdslModule(torch.nn.Module):
         """Run on ``graph`` (a Graph, an .npz path or a PyG Data), or on tensors given as keywords
         (``edge_index=``, ``batch=``, ``num_nodes=``, ``num_graphs=`` and the model's inputs by name);
         inputs not given are read from the graph. One output: a tensor; several: a dict by name."""
-        if "torch._dynamo" in sys.modules and _DISABLED.get(MpdslModule._prepare.__wrapped__) is None:
-            _disable_pending()
+        if _PENDING and "torch._dynamo" in sys.modules:  # before torch.compile could trace _prepare
+            disable_pending()
         call = self._prepare(graph, inputs)
         results = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs)
         spec = call.spec
