@@ -8,6 +8,7 @@ cannot run must still appear, as ``unsupported("op", reason)``, so that coverage
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
@@ -137,12 +138,44 @@ def gather_index(graph, index: str):
     return choose(table, "gather", "index", index, "the backends' gather indices (mpdsl.backends.gather_index)")()
 
 
+# ---- row relabelling of host arrays (graph layouts) ----------------------------------------------
+
+PARALLEL_COPY_ELEMENTS = 1 << 16  # a float array's row copy of at least this many elements runs in parallel
+
+
+def serial_row_copy(x: np.ndarray, index: np.ndarray) -> bool:
+    """Whether relabelling ``x``'s rows through ``index`` is NumPy's own copy (not a float array, or
+    fewer than ``PARALLEL_COPY_ELEMENTS`` elements) rather than the compiled parallel one."""
+    return x.dtype not in (np.float32, np.float64) or x.ndim == 0 \
+        or len(index) * max(1, x[:1].size) < PARALLEL_COPY_ELEMENTS
+
+
+def take_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``np.take(x, index, axis=0)``; a large float array's rows are copied in parallel
+    (``cpu_kernels.take_rows``, loaded only then: small graphs never load Numba)."""
+    if serial_row_copy(x, index):
+        return np.take(x, index, axis=0)
+    from mpdsl.backends import cpu_kernels
+    return cpu_kernels.take_rows(x, index)
+
+
+def put_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """A new array ``out`` with ``out[index[i]] = x[i]`` for ``index`` a permutation of x's rows (the
+    inverse of ``take_rows``), large float arrays copied in parallel (``cpu_kernels.put_rows``)."""
+    if len(index) == len(x) and serial_row_copy(x, index):
+        out = np.empty_like(x)
+        out[index] = x
+        return out
+    from mpdsl.backends import cpu_kernels
+    return cpu_kernels.put_rows(x, index)
+
+
 # ---- shared by the backends (array-library neutral: NumPy arrays or torch tensors) ------------------
 
 
 def feature_width(shape) -> int:
     """Number of elements of a (feature) shape; explicit so that zero-row arrays reshape too."""
-    return int(np.prod(tuple(shape), dtype=np.int64))
+    return math.prod(int(d) for d in shape)
 
 
 def expand_operand(x, t: TensorType, result: TensorType):

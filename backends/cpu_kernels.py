@@ -60,6 +60,8 @@ from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
+from mpdsl.backends import serial_row_copy  # noqa: E402
+
 
 class _JitOptions(TypedDict):
     """Keyword options of ``njit`` shared by the parallel kernels (typed so ``njit(**_JIT)`` checks)."""
@@ -326,8 +328,8 @@ def _take_rows(x, index, out):
 
 def _parallel_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray | None:
     """``x`` as contiguous [rows, width] for a parallel row copy through ``index`` (after checking
-    its bounds), or None when NumPy's own copy suits better: not a float array, or a small one."""
-    if x.dtype not in (np.float32, np.float64) or x.ndim == 0 or len(index) * max(1, x[:1].size) < 1 << 16:
+    its bounds), or None when NumPy's own copy suits better (``serial_row_copy``)."""
+    if serial_row_copy(x, index):
         return None
     if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(x)):
         raise IndexError("row index out of range")

@@ -2,11 +2,13 @@
 
 Values are NumPy arrays: a node / edge / graph value has its row axis first, a param value
 none. Graph ops over the edges (``gspmm`` sums and means, ``match_gspmm``, ``attention``) run as compiled pull-style
-CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics); ``aggregate`` sums and means
+CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics), or on small graphs as SciPy CSR
+products in the same summation order (``SMALL_PRODUCT``; Numba is loaded only when a kernel first
+runs); ``aggregate`` sums and means
 are SciPy CSR products; max, min and softmax use sorted-segment ``reduceat``; no per-edge Python
 loop and no ``np.add.at``. An empty group reduces to 0. Row-wise ops run in fused row groups
 (``row_fusion``) block by block on large inputs. Arrays the backend allocates for intermediate values
-are kept for the next run (``BufferPool``).
+are kept for the next runs (``BufferPool``).
 
 Precision: float32 and float64 programs, computed in their dtype. Half-precision programs (f16,
 bf16) are refused before anything runs (``Backend.check_dtype``): run them on the Triton backend.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 import scipy.special
+from numpy.lib.array_utils import byte_bounds
 
 from mpdsl.backends import (
     Backend,
@@ -53,6 +56,12 @@ WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
 CONTRACT_PIECE_ROWS = 16384  # rows per partial sum of a parallel contract_rows
+# Below this many multiply-adds (edges x feature width) a g-SpMM or an attention runs as SciPy CSR
+# products on this thread instead of the compiled parallel kernels: waking the kernels' worker
+# threads costs more than the arithmetic of a small graph (a batch of 64 molecules: 0.2-0.5 ms per
+# launch on 2 busy cores, against tens of microseconds of product), and a process that only runs
+# small graphs never loads Numba (about 130 MB of resident memory).
+SMALL_PRODUCT = 1 << 18
 _NO_WEIGHTS = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 RUN_DTYPES = {"f32": np.float32, "f64": np.float64}  # the float dtypes the backend computes in
 
@@ -155,22 +164,29 @@ class BufferPool:
     refers to are *lent*: the pool keeps a reference to each and takes it back once nothing else
     refers to it any more (the caller, and any torch tensor made from it, dropped it), so a loop of
     training steps, whose outputs, residuals and gradients live until the next step, reuses them
-    too. Holds at most ``max_bytes`` and ``per_shape`` free arrays of each shape, and follows at
-    most ``max_lent`` lent arrays (the oldest is forgotten beyond that: the caller keeps it).
-    ``fresh_bytes`` counts the bytes it ever allocated anew."""
+    too. Holds at most ``max_bytes`` and ``per_shape`` free arrays of each shape, follows at most
+    ``max_lent`` lent arrays (the oldest is forgotten beyond that: the caller keeps it), and keeps
+    only shapes taken or given during the last ``keep_runs`` runs (``give`` ends a run): runs on
+    batches of changing sizes (a new shape every batch) would otherwise fill the pool with arrays no
+    later run takes, while a training loop on one graph (the same shapes every run) keeps all of
+    them. ``fresh_bytes`` counts the bytes it ever allocated anew."""
 
-    def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 16, max_lent: int = 64):
+    def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 16, max_lent: int = 64, keep_runs: int = 4):
         self.max_bytes = max_bytes
         self.per_shape = per_shape
         self.max_lent = max_lent
+        self.keep_runs = keep_runs
         self._free: dict[tuple, list[np.ndarray]] = {}
         self._lent: list[np.ndarray] = []
+        self._used: dict[tuple, int] = {}  # shape key -> the run that last took or gave one
+        self._run = 0
         self._held = 0
         self.fresh_bytes = 0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # a copied or pickled backend starts with an empty pool
-        return {"max_bytes": self.max_bytes, "per_shape": self.per_shape, "max_lent": self.max_lent}
+        return {"max_bytes": self.max_bytes, "per_shape": self.per_shape, "max_lent": self.max_lent,
+                "keep_runs": self.keep_runs}
 
     def __setstate__(self, state: dict) -> None:
         type(self).__init__(self, **state)
@@ -186,6 +202,7 @@ class BufferPool:
         """An uninitialised array (reused when one of this shape and dtype is free)."""
         key = (tuple(shape), np.dtype(dtype).str)
         with self._lock:
+            self._used[key] = self._run
             free = self._free.get(key)
             if not free and self._lent:
                 self._reclaim()
@@ -198,9 +215,17 @@ class BufferPool:
         return np.empty(shape, dtype=dtype)
 
     def give(self, arrays) -> None:
+        """Keep ``arrays`` (a run's, at its end) for later runs, and drop the kept arrays of shapes
+        that the last ``keep_runs`` runs did not use."""
         with self._lock:
             for array in arrays:
+                self._used[(array.shape, array.dtype.str)] = self._run
                 self._keep(array)
+            self._run += 1
+            stale = [key for key, run in self._used.items() if run <= self._run - 1 - self.keep_runs]
+            for key in stale:
+                del self._used[key]
+                self._held -= sum(a.nbytes for a in self._free.pop(key, ()))
 
     def lend(self, arrays) -> None:
         """Follow ``arrays`` (handed to the caller inside a run's outputs) to take them back later."""
@@ -212,10 +237,15 @@ class BufferPool:
         with self._lock:
             self._free.clear()
             self._lent.clear()
+            self._used.clear()
             self._held = 0
 
     def _keep(self, array: np.ndarray) -> None:
-        free = self._free.setdefault((array.shape, array.dtype.str), [])
+        """Keep ``array`` free if its shape is in use and there is room (lock held)."""
+        key = (array.shape, array.dtype.str)
+        if key not in self._used:
+            return
+        free = self._free.setdefault(key, [])
         if len(free) < self.per_shape and self._held + array.nbytes <= self.max_bytes:
             free.append(array)
             self._held += array.nbytes
@@ -320,8 +350,44 @@ class PullCSR:
         self.in_edge_order = bool(np.array_equal(perm, np.arange(len(perm))))  # edges already sorted
         self.columns = read[perm].astype(itype)
         self.num_nodes = num_nodes
+
+    @functools.cached_property
+    def chunks(self) -> np.ndarray:
+        """Row bounds of the kernels' parallel chunks (about equal edge counts)."""
         kernels = _kernels()
-        self.chunks = kernels.row_chunks(self.indptr, 4 * kernels.numba.get_num_threads())
+        return kernels.row_chunks(self.indptr, 4 * kernels.numba.get_num_threads())
+
+    @property
+    def num_edges(self) -> int:
+        return len(self.columns)
+
+    def _small(self, width: int) -> bool:
+        """Whether a product over ``width`` features runs as SciPy CSR products (``SMALL_PRODUCT``)."""
+        return self.num_edges * max(width, 1) < SMALL_PRODUCT
+
+    def _matrix(self, data: np.ndarray, columns: np.ndarray, num_columns: int) -> sp.csr_matrix:
+        return sp.csr_matrix((data, columns, self.indptr), shape=(self.num_nodes, num_columns))
+
+    @functools.cached_property
+    def _edge_positions(self) -> np.ndarray:
+        return np.arange(self.num_edges, dtype=self.columns.dtype)
+
+    def _small_grouped(self, x2: np.ndarray, weights: np.ndarray, out2: np.ndarray, mode: str) -> None:
+        """``cpu_kernels.grouped_spmm`` as SciPy products: the weighted rows of every edge, summed
+        per row in CSR order, then divided as the kernel divides (``mode``: sum, mean, normalized)."""
+        groups = weights.shape[1]
+        edges = self.num_edges
+        width = x2.shape[1] // groups
+        values = np.take(x2, self.columns, axis=0).reshape(edges, groups, width) * weights[:, :, None]
+        rows = self._matrix(np.ones(edges, dtype=x2.dtype), self._edge_positions, edges)
+        out2[...] = rows @ values.reshape(edges, groups * width)
+        if mode == "sum":
+            return
+        counts = np.diff(self.indptr)
+        divisor = (rows @ weights) if mode == "normalized" else counts.astype(x2.dtype)[:, None]
+        divisor = np.where(counts[:, None] > 0, divisor, 1).astype(x2.dtype, copy=False)
+        grouped = out2.reshape(self.num_nodes, groups, width)
+        np.divide(grouped, divisor[:, :, None], out=grouped)
 
     def ordered(self, per_edge: np.ndarray) -> np.ndarray:
         """Per-edge values in CSR order (no copy when the edges are stored sorted)."""
@@ -337,9 +403,23 @@ class PullCSR:
         if out.size == 0 or groups == 0:
             out.fill(0)
             return out
-        kernels = _kernels()
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         out2 = out.reshape(self.num_nodes, x2.shape[1])
+        if self._small(x2.shape[1]):
+            if groups == 1:
+                weights = np.ones(self.num_edges, x.dtype) if data is None else \
+                    np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
+                out2[...] = self._matrix(weights, self.columns, x2.shape[0]) @ x2
+                if mean:  # as the kernel: times the reciprocal of the count, in float64
+                    counts = np.diff(self.indptr)
+                    scale = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 1.0)
+                    np.multiply(out2, scale[:, None], out=out2, casting="unsafe")
+            else:
+                assert data is not None  # groups > 1 only with per-group weights
+                self._small_grouped(x2, np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype), out2,
+                                    "mean" if mean else "sum")
+            return out
+        kernels = _kernels()
         if groups == 1:
             weights = _NO_WEIGHTS[x.dtype] if data is None else np.ascontiguousarray(data.reshape(-1), dtype=x.dtype)
             kernels.launch(kernels.spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mean)
@@ -360,10 +440,20 @@ class PullCSR:
         if out.size == 0 or groups == 0:
             out.fill(0)
             return out
-        kernels = _kernels()
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
         weights = empty(scores2.shape, x.dtype)
+        if self._small(x2.shape[1] + groups):
+            counts = np.diff(self.indptr)
+            nonempty = counts > 0
+            peak = np.zeros((self.num_nodes, groups), x.dtype)
+            if self.num_edges:
+                peak[nonempty] = np.maximum.reduceat(scores2, self.indptr[:-1][nonempty], axis=0)
+            np.subtract(scores2, np.repeat(peak, counts, axis=0), out=weights)
+            np.exp(weights, out=weights)
+            self._small_grouped(x2, weights, out.reshape(self.num_nodes, x2.shape[1]), "normalized")
+            return out
+        kernels = _kernels()
         kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks)
         row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
@@ -502,9 +592,16 @@ class ExecContext:
         return array
 
     def release(self, kept: list[np.ndarray]) -> None:
-        """Return this run's arrays to the pool; those sharing memory with ``kept`` are lent."""
-        lent = [a for a in self.allocated if any(np.may_share_memory(a, k) for k in kept)]
-        self.pool.give(a for a in self.allocated if not any(a is b for b in lent))
+        """Return this run's arrays to the pool; those whose memory overlaps ``kept`` (the run's
+        outputs and state updates: ``np.may_share_memory``'s bounds test, all pairs at once) are lent."""
+        lent: list[np.ndarray] = []
+        free: list[np.ndarray] = []
+        bounds = np.array([byte_bounds(k) for k in kept if isinstance(k, np.ndarray) and k.nbytes])
+        for a in self.allocated:
+            low, high = byte_bounds(a)
+            overlaps = len(bounds) and a.nbytes and np.any((bounds[:, 0] < high) & (low < bounds[:, 1]))
+            (lent if overlaps else free).append(a)
+        self.pool.give(free)
         self.pool.lend(lent)
         self.allocated.clear()
 
@@ -583,6 +680,50 @@ def single_ufunc(op: str, attrs: tuple) -> tuple[np.ufunc, tuple] | None:
     if not isinstance(ufunc, np.ufunc) or not all(isinstance(a, (_Operand, int, float)) for a in call.args):
         return None
     return ufunc, call.args
+
+
+@functools.cache
+def row_contraction_plan(spec: str):
+    """A direct evaluation of ``contract_rows`` with ``spec`` when every operand has rows, for the
+    forms gradient programs use (operands of one subscript multiplied elementwise first): one
+    subscript left, a column sum (``a,a->a``, ``a->a``, ``a,a->``); two with no shared letter whose
+    concatenation is the output, one BLAS product of the row-flattened operands (``a,b->ab``,
+    ``a,b,b->ab``). None for other specs (then einsum runs): NumPy's optimizing einsum costs tens of
+    microseconds per call to plan its path, more than the product on a small batch."""
+    inputs, out = (part.strip() for part in spec.split("->"))
+    terms = [term.strip() for term in inputs.split(",")]
+    if any(len(set(t)) != len(t) for t in terms + [out]):
+        return None
+    distinct = list(dict.fromkeys(terms))
+    members = [[i for i, t in enumerate(terms) if t == d] for d in distinct]
+
+    def products(xs) -> list:
+        result = []
+        for group in members:
+            value = xs[group[0]]
+            for i in group[1:]:
+                value = np.multiply(value, xs[i])
+            result.append(value)
+        return result
+
+    if len(distinct) == 1 and set(out) <= set(distinct[0]):
+        term = distinct[0]
+        if out == term:
+            return lambda xs: products(xs)[0].sum(axis=0)
+        return lambda xs: np.einsum(f"{term}->{out}", products(xs)[0].sum(axis=0))
+    if len(distinct) == 2 and not set(distinct[0]) & set(distinct[1]) and out in (distinct[0] + distinct[1],
+                                                                                   distinct[1] + distinct[0]):
+        first, second = (0, 1) if out == distinct[0] + distinct[1] else (1, 0)
+
+        def outer(xs):
+            values = products(xs)
+            a, b = values[first], values[second]
+            rows = a.shape[0]
+            product = a.reshape(rows, feature_width(a.shape[1:])).T @ b.reshape(rows, feature_width(b.shape[1:]))
+            return product.reshape(a.shape[1:] + b.shape[1:])
+
+        return outer
+    return None
 
 
 def _ufunc_args(template: tuple, xs) -> list:
@@ -941,11 +1082,13 @@ class NumpyBackend(Backend):
 
     @rule("contract_rows")
     def _contract_rows(self, ctx, v, *xs):
-        """The einsum of the operands, summed over their rows too. A product with an outer axis
-        (``a,b->ab``: a matrix product) goes through BLAS; on many rows it is contracted in pieces of
-        CONTRACT_PIECE_ROWS rows on the pool's workers, and the partial results are summed in piece
-        order (so the result does not depend on the worker count). Sums of elementwise products
-        (``a,a->a``) run in NumPy's own einsum loop, several times faster than BLAS's for them."""
+        """The einsum of the operands, summed over their rows too. On many rows a product with an
+        outer axis (``a,b->ab``: a matrix product) is contracted in pieces of CONTRACT_PIECE_ROWS rows
+        on the pool's workers, and the partial results are summed in piece order (so the result does
+        not depend on the worker count); on fewer rows the forms gradient programs use run as a
+        column sum or one BLAS product (``row_contraction_plan``: no einsum path planning per call);
+        other sums of elementwise products (``a,a->a``) run in NumPy's own einsum loop, several times
+        faster than BLAS's for them."""
         inputs, out = v.attr["spec"].split("->")
         by_rows = [o.type.domain is not Domain.PARAM for o in v.operands]
         terms = [term.strip() for term in inputs.split(",")]
@@ -953,6 +1096,9 @@ class NumpyBackend(Backend):
         outer = len(terms) > 2 or any(set(out.strip()) - set(term) for term in terms)
         rows = max(len(x) for x, row in zip(xs, by_rows) if row)
         if not outer or rows < 2 * CONTRACT_PIECE_ROWS or sum(by_rows) < 2:
+            plan = row_contraction_plan(v.attr["spec"]) if all(by_rows) and rows < 2 * CONTRACT_PIECE_ROWS else None
+            if plan is not None:
+                return np.asarray(plan(xs), dtype=ctx.float_dtype)
             return np.asarray(np.einsum(spec, *xs, optimize=outer), dtype=ctx.float_dtype)
         bounds = list(range(0, rows, CONTRACT_PIECE_ROWS)) + [rows]
 

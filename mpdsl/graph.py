@@ -568,9 +568,14 @@ class Graph:
         edges = edges[np.argsort(position[self._batch_vector()[self.dst[edges]]], kind="stable")]
         node_data = {name: array[nodes] for name, array in self._node_data.items() if name != "batch"}
         node_data["batch"] = np.repeat(np.arange(index.size, dtype=np.int64), sizes)
-        return type(self)(np.stack([src[edges], dst[edges]]), total, node_data=node_data,
-                          edge_data={name: array[edges] for name, array in self._edge_data.items()},
-                          graph_data={name: array[index] for name, array in self._graph_data.items()})
+        selected = type(self)(np.stack([src[edges], dst[edges]]), total, node_data=node_data,
+                              edge_data={name: array[edges] for name, array in self._edge_data.items()},
+                              graph_data={name: array[index] for name, array in self._graph_data.items()})
+        # The nodes come graph by graph: their grouping by graph is known without sorting.
+        graph_indptr = np.zeros(index.size + 1, dtype=np.int64)
+        np.cumsum(sizes, out=graph_indptr[1:])
+        selected._cache["segments_graph"] = (_read_only(graph_indptr), _read_only(np.arange(total, dtype=np.int64)))
+        return selected
 
     def unbatch_nodes(self, array: Any) -> list[np.ndarray]:
         """A node-level array split per graph: entry g holds graph g's rows in node order."""

@@ -62,7 +62,7 @@ class GraphLayout:
             return Graph(edge_index, graph.num_nodes, node_data=node_data, edge_data=edge_data,
                          graph_data=graph.graph_data)
 
-        from mpdsl.backends.cpu_kernels import take_rows
+        from mpdsl.backends import take_rows
 
         laid_out = graph.cached(("laid_out", id(self)), build)
         moved = {}
@@ -80,7 +80,7 @@ class GraphLayout:
     def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
         """The outputs back in the caller's node and edge order (row k of a laid-out output goes back
         to row ``perm[k]``)."""
-        from mpdsl.backends.cpu_kernels import put_rows
+        from mpdsl.backends import put_rows
 
         restored = {}
         for name, array in outputs.items():

@@ -133,6 +133,7 @@ class CompiledModel:
         self.context = CompileContext(program, backend, target=target, optimize=optimize, passes=passes,
                                       layout=layout)
         self._planned: tuple[tuple, Program, list[tuple[Value, int]]] | None = None  # planned_bytes' last answer
+        self._row_bytes: dict[int, tuple[Program, dict]] = {}  # program id -> (program, _bytes_per_row's answers)
         self.ast = ast
         self.source_name = source_name
         self.seed = check_seed(seed)
@@ -554,22 +555,41 @@ class CompiledModel:
         key = (id(program), tuple(rows.values()), tuple(sorted(dims.items())))
         if self._planned is not None and self._planned[0] == key and self._planned[1] is program:
             return self._planned[2]  # the same program on a graph of the same sizes: every run of a full batch
+        min_rows = getattr(self.backend, "fuse_min_rows", None)
+        blocked = tuple(min_rows is not None and rows[d] >= min_rows for d in _ROW_DOMAINS)
+        per_row = self._bytes_per_row(program, dims, blocked)
+        planned = [(v, rows[domain] * nbytes) for v, domain, nbytes in per_row]
+        self._planned = (key, program, planned)
+        return planned
+
+    def _bytes_per_row(self, program: Program, dims: Mapping[str, int],
+                       blocked: tuple[bool, ...]) -> list[tuple[Value, Domain, int]]:
+        """(value, domain, bytes per row) of each value ``planned_bytes`` counts, for the row groups
+        that run block by block (``blocked``: for each of ``_ROW_DOMAINS``, whether its rows reach
+        the backend's ``fuse_min_rows``): the same for every graph of the same blocking, so kept per (program,
+        dims, blocking) while the program lives (batches of changing sizes share it)."""
+        key = (tuple(sorted(dims.items())), blocked)
+        cached = self._row_bytes.get(id(program))
+        if cached is None or cached[0] is not program:
+            cached = self._row_bytes[id(program)] = (program, {})
+        known = cached[1].get(key)
+        if known is not None:
+            return known
         blockwise: set[int] = set()
-        schedule, min_rows = getattr(self.backend, "schedule", None), getattr(self.backend, "fuse_min_rows", None)
-        if schedule is not None and min_rows is not None:
+        schedule = getattr(self.backend, "schedule", None)
+        if schedule is not None and getattr(self.backend, "fuse_min_rows", None) is not None:
             for step in schedule(program):
                 members, exports = getattr(step, "members", None), getattr(step, "exports", ())
-                if members is not None and rows[step.domain] >= min_rows:
+                if members is not None and blocked[_ROW_DOMAINS.index(step.domain)]:
                     blockwise |= {id(v) for v in members} - {id(v) for v in exports}
-        planned = []
+        known = []
         for v in program.values:
             if not runs_a_kernel(v) or id(v) in blockwise:
                 continue
-            shape = (rows[v.type.domain],) + tuple(d.substitute(dims).value for d in v.type.shape)
-            itemsize = ITEMSIZE[v.type.dtype]
-            planned.append((v, memory.array_bytes(shape, itemsize)))
-        self._planned = (key, program, planned)
-        return planned
+            shape = tuple(d.substitute(dims).value for d in v.type.shape)
+            known.append((v, v.type.domain, memory.array_bytes(shape, ITEMSIZE[v.type.dtype])))
+        cached[1][key] = known
+        return known
 
     def check_run_memory(self, program: Program, graph: Graph | GraphSizes, dims: Mapping[str, int]) -> None:
         """Refuse a run whose planned peak (``planned_bytes`` plus the graph's CSR index arrays)
@@ -637,6 +657,9 @@ class CompiledModel:
 
     def ir_text(self, locations: bool = False) -> str:
         return print_program(self.ir, locations)
+
+
+_ROW_DOMAINS = (Domain.NODE, Domain.EDGE, Domain.GRAPH, Domain.PARAM)
 
 
 class GraphSizes(Protocol):

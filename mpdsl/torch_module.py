@@ -5,7 +5,9 @@
 op, ``torch.ops.mpdsl.run`` (a ``torch.library.custom_op``): its fake kernel gives the output shapes
 from the IR types, its autograd formula runs the compiler's backward program (``torch.ops.mpdsl.
 run_backward``). So ``loss.backward()`` fills ``param.grad``, any torch optimizer trains the model,
-and ``torch.compile(module)`` and ``torch.export.export(module, ...)`` see the model as that op.
+and ``torch.compile(module)`` and ``torch.export.export(module, ...)`` see the model as that op. Importing
+this module does not load torch's compiler (dynamo): a process that only trains eagerly never pays its
+memory.
 
 Calling it:
 
@@ -62,6 +64,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -222,12 +225,23 @@ def _versions(edge_index: torch.Tensor, batch: torch.Tensor | None) -> tuple[int
     return edge_index._version, -1 if batch is None else batch._version
 
 
+def _remember(key: tuple, entry: _KnownGraph) -> None:
+    """Put ``entry`` first among the graphs of ``key``, keeping at most GRAPH_CACHE_SIZE graphs per key
+    and GRAPH_CACHE_SIZE keys (the least recently added go): batches of changing sizes, each of its
+    own key, never accumulate."""
+    entries = _GRAPHS.setdefault(key, [])
+    entries.insert(0, entry)
+    del entries[GRAPH_CACHE_SIZE:]
+    _GRAPHS.move_to_end(key)
+    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+        _GRAPHS.popitem(last=False)
+
+
 def remember_graph(graph: Graph, edge_index: torch.Tensor, batch: torch.Tensor | None) -> None:
     """Make ``graph`` the one found for these structure tensors (its own, cached per device)."""
-    entries = _GRAPHS.setdefault(_graph_key(edge_index, batch, graph.num_nodes), [])
-    if not any(e.edge_index is edge_index and e.batch is batch for e in entries):
-        entries.insert(0, _KnownGraph(edge_index, batch, _versions(edge_index, batch), graph))
-        del entries[GRAPH_CACHE_SIZE:]
+    key = _graph_key(edge_index, batch, graph.num_nodes)
+    if not any(e.edge_index is edge_index and e.batch is batch for e in _GRAPHS.get(key, [])):
+        _remember(key, _KnownGraph(edge_index, batch, _versions(edge_index, batch), graph))
 
 
 def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
@@ -249,12 +263,7 @@ def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
     host = edge_index.detach().cpu().numpy()
     node_data = {} if batch is None else {"batch": batch.detach().cpu().numpy()}
     graph = Graph(host, num_nodes, node_data=node_data)
-    entries.insert(0, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph))
-    del entries[GRAPH_CACHE_SIZE:]
-    _GRAPHS[key] = entries
-    _GRAPHS.move_to_end(key)
-    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
-        _GRAPHS.popitem(last=False)
+    _remember(key, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph))
     return graph
 
 
@@ -513,6 +522,7 @@ class _EagerRun(torch.autograd.Function):
         structure, tensors = list(flat[:num_structure]), list(flat[num_structure:])
         results = run_forward(spec, structure, tensors, num_nodes, num_graphs)
         _setup_context(ctx, (spec, structure, tensors, num_nodes, num_graphs), results)
+        ctx.set_materialize_grads(False)  # unused outputs (the residuals) get None, not zero-filled tensors
         ctx.mark_non_differentiable(*(t for t in results if not t.is_floating_point()))
         return tuple(results)
 
@@ -535,6 +545,37 @@ def call_run(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tenso
 
 def _holds_integers(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _eager_under_compile(fn):
+    """``fn`` run eagerly under torch.compile (``torch.compiler.disable(fn)``), without loading torch's
+    compiler (dynamo, and with it Triton: about 140 MB of resident memory) in a process that never
+    compiles: the disabled form is made once dynamo is loaded (``disable_pending``), until then
+    ``fn`` is called as it is (nothing traces it without dynamo)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        disabled = _DISABLED.get(fn)
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disable_pending()
+            disabled = _DISABLED[fn]
+        return disabled(*args, **kwargs)
+
+    _DISABLED[fn] = None
+    _PENDING.add(fn)
+    return call
+
+
+_DISABLED: dict[Any, Any] = {}  # functions of _eager_under_compile -> their disabled form (None until dynamo loads)
+_PENDING: set[Any] = set()      # those without it yet
+
+
+def disable_pending() -> None:
+    """Make the disabled forms of ``_eager_under_compile``'s functions (once dynamo is loaded)."""
+    while _PENDING:
+        fn = _PENDING.pop()
+        _DISABLED[fn] = torch.compiler.disable(fn)
 
 
 @dataclass
@@ -588,6 +629,8 @@ class MpdslModule(torch.nn.Module):
         """Run on ``graph`` (a Graph, an .npz path or a PyG Data), or on tensors given as keywords
         (``edge_index=``, ``batch=``, ``num_nodes=``, ``num_graphs=`` and the model's inputs by name);
         inputs not given are read from the graph. One output: a tensor; several: a dict by name."""
+        if _PENDING and "torch._dynamo" in sys.modules:  # before torch.compile could trace _prepare
+            disable_pending()
         call = self._prepare(graph, inputs)
         results = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs)
         spec = call.spec
@@ -601,7 +644,7 @@ class MpdslModule(torch.nn.Module):
             return outputs[0]
         return dict(zip(spec.outputs, outputs))
 
-    @torch.compiler.disable
+    @_eager_under_compile
     def _prepare(self, graph: Any, given: dict[str, Any]) -> _Prepared:
         """Everything but the op: inputs found and checked, dims bound, programs and spec chosen, masks
         drawn. Run eagerly under torch.compile (Python work with no tensor math to capture); traced
@@ -733,11 +776,14 @@ class MpdslModule(torch.nn.Module):
 
     def _bind(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
         """The dims, bound from the inputs' and parameters' shapes (checked against their types);
-        remembered per (shapes, row counts, the model's dims)."""
+        remembered per (shapes less the row axis, the model's dims): the row counts, checked at every
+        call, bind no dim, so batches of different sizes share the answer."""
         model = self.compiled
-        shapes = (tuple((n, tuple(t.shape)) for n, t in tensors.items()),
+        for name, value in tensors.items():
+            t = model.input_types[name]
+            check_input_rows(name, t, tuple(value.shape), sizes.num_rows(t.domain))
+        shapes = (tuple((n, tuple(t.shape[1:])) for n, t in tensors.items()),
                   tuple(tuple(getattr(self, n).shape) for n in model.param_types),
-                  tuple(sizes.num_rows(d) for d in (Domain.NODE, Domain.EDGE, Domain.GRAPH)),
                   tuple(sorted(model.dims.items())))
         try:
             known = self._dims.get(shapes)

@@ -244,6 +244,21 @@ def test_select_graphs_is_the_batch_of_the_selected_graphs():
     assert empty.num_nodes == 0 and empty.num_graphs == 0 and empty["graph_y"].shape == (0,)
 
 
+def test_select_graphs_groups_nodes_by_graph_as_derived():
+    """select_graphs knows its result's grouping by graph without sorting; it equals the one derived
+    from the batch vector (empty graphs and an empty selection included)."""
+    graphs = small_graphs()
+    no_nodes = Graph(np.zeros((2, 0), dtype=np.int64), 0, node_data={"x": np.zeros((0, 2))},
+                     edge_data={"edge_attr": np.zeros((0, 3))}, graph_data={"graph_y": np.array([9.0])})
+    batch = Graph.batch(graphs[:2] + [no_nodes] + graphs[2:])
+    for picks in ([2, 0], [3], [0, 1, 2, 3, 4], [1, 2, 4, 0], []):
+        selected = batch.select_graphs(picks)
+        derived = Graph(selected.edge_index, selected.num_nodes, node_data=selected.node_data)
+        for got, expected in zip(selected.segments_by_graph(), derived.segments_by_graph()):
+            np.testing.assert_array_equal(got, expected)
+            assert got.dtype == expected.dtype and not got.flags.writeable
+
+
 def test_select_graphs_with_unsorted_batch_and_cross_edges():
     # nodes of two graphs interleaved; the edge 0 -> 1 joins graph 0 to graph 1
     graph = Graph([[0, 1, 2, 3], [1, 3, 0, 2]], 4, node_data={"batch": np.array([0, 1, 0, 1]),
