@@ -114,24 +114,9 @@ def pyg_module(model: str, f: int, fe: int, dims: dict[str, int]):
 
     torch.manual_seed(0)
     if model == "gine":
-        class Gine(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.convs = torch.nn.ModuleList(
-                    pyg_nn.GINEConv(torch.nn.Sequential(torch.nn.Linear(width, HIDDEN), torch.nn.ReLU(),
-                                                        torch.nn.Linear(HIDDEN, HIDDEN)), train_eps=True, edge_dim=fe)
-                    for width in (f, HIDDEN, HIDDEN))
-                self.head = torch.nn.Linear(HIDDEN, 1)
+        from bench_tpsa import pyg_net  # the same GINE x 3 as the initialisation benchmark
 
-            def forward(self, x, edge_index, edge_attr, batch, num_graphs):
-                h = x
-                for i, conv in enumerate(self.convs):
-                    h = conv(h, edge_index, edge_attr)
-                    if i < 2:
-                        h = h.relu()
-                return self.head(pyg_nn.global_mean_pool(h, batch, size=num_graphs))
-
-        net = Gine()
+        net = pyg_net(fe, f)
         with torch.no_grad():
             for conv in net.convs:  # eps non-zero, so that it is compared too
                 conv.eps.fill_(0.1)
