@@ -176,6 +176,21 @@ def test_gat_training_programs_hold_no_edge_by_feature_tensor(training):
         assert max(edge_bytes, default=0) <= 1_000_000 * 8 * 4
 
 
+@pytest.mark.parametrize("passes", [None, "without canonicalize"])
+def test_gat_backward_sums_the_score_cotangent_once_per_endpoint(passes):
+    """The leaky-relu score's adjoint reaches the backward as a product and as an elementwise einsum
+    of the same operands, one of them reshaped; ``canonicalize`` spells both one way so that CSE
+    leaves one segment sum by dst and one by src (four without it)."""
+    from mpdsl.passes import DEFAULT_PIPELINE
+
+    pipeline = None if passes is None else [p for p in DEFAULT_PIPELINE if p != "canonicalize"]
+    model = mpdsl.compile(ROOT / "benchmarks" / "models" / "gat.mp", dims={"F": 64, "H": 8, "C": 8}, passes=pipeline)
+    params = [v.name for v in model.ir.values if v.op == "param"]
+    programs = model.context.training_programs({"F": 64, "H": 8, "C": 8}, "f32", True, [], params)
+    sums = [v for v in programs.backward.values if v.op == "aggregate"]
+    assert len(sums) == (2 if passes is None else 4), [str(v.type) for v in sums]
+
+
 # ---- Triton kernels in the interpreter ------------------------------------------------------------
 
 

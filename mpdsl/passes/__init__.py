@@ -81,8 +81,8 @@ def _load_passes() -> None:
 
 
 DEFAULT_PIPELINE = [
-    "constant_folding", "cse", "hoist_gathers", "reorder_linear", "hoist_gathers", "cse", "typed_matmul",
-    "fuse_attention", "fuse_message_aggregate", "fuse_match_aggregate", "cse", "dce", "select_layout",
+    "constant_folding", "canonicalize", "cse", "hoist_gathers", "reorder_linear", "hoist_gathers", "cse",
+    "typed_matmul", "fuse_attention", "fuse_message_aggregate", "fuse_match_aggregate", "cse", "dce", "select_layout",
 ]
 
 

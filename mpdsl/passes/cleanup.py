@@ -1,4 +1,5 @@
-"""Clean-up passes: dead-code elimination, common-subexpression elimination, constant folding."""
+"""Clean-up passes: dead-code elimination, common-subexpression elimination, constant folding,
+canonicalization."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 
 from mpdsl.ir import Program, Value
-from mpdsl.ops import NUMPY_MATH, OPS, Trait, is_pure
+from mpdsl.ops import NUMPY_MATH, OPS, Trait, is_pure, parse_subscripts
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite
 
@@ -95,4 +96,42 @@ class ConstantFolding(Pass):
         result, _ = rewrite(program, rule)
         if folded:
             ctx.note(self.name, f"folded {folded} constant expression(s)")
+        return result
+
+
+@register
+class Canonicalize(Pass):
+    """Spell equal computations one way, so that CSE merges them: an einsum whose operands all have
+    the result's type and subscripts (an elementwise product, "a,a->a") becomes a chain of muls, and
+    an aggregation of a feature-axis reshape becomes the reshape of the aggregation (aggregations
+    work element by element). Gradient programs produce both spellings of one product."""
+
+    name = "canonicalize"
+
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        changed = 0
+
+        def product(v: Value, rw: Rewriter) -> Value | None:
+            nonlocal changed
+            terms, out = parse_subscripts(v.attr["spec"])
+            if len(terms) < 2 or any(term != out for term in terms) or any(o.type != v.type for o in v.operands):
+                return None
+            result = v.operands[0]
+            for o in v.operands[1:]:
+                result = rw.emit("mul", [result, o], like=v)
+            changed += 1
+            return result
+
+        def aggregate_of_reshape(v: Value, rw: Rewriter) -> Value | None:
+            nonlocal changed
+            reshaped = v.operands[0]
+            if reshaped.op != "reshape" or reshaped.operands[0].type.domain is not reshaped.type.domain:
+                return None
+            inner = rw.emit("aggregate", [reshaped.operands[0]], v.attr, like=v)
+            changed += 1
+            return rw.emit("reshape", [inner], like=v, declared=v.type)
+
+        result, _ = rewrite(program, {"einsum": [product], "aggregate": [aggregate_of_reshape]})
+        if changed:
+            ctx.note(self.name, f"rewrote {changed} value(s) into their canonical form")
         return result
