@@ -291,6 +291,11 @@ def row_parallel(rows: int, work, force: bool = False) -> None:
     list(_POOL.map(run, range(WORKERS)))
 
 
+def _exp_in_place(a: np.ndarray) -> None:
+    """a = exp(a), in row pieces on the pool's workers."""
+    row_parallel(len(a), lambda lo, hi: np.exp(a[lo:hi], out=a[lo:hi]))
+
+
 @dataclass
 class Segments:
     """A grouping of rows into segments: ``perm`` lists rows grouped by segment (stable), rows
@@ -455,7 +460,7 @@ class PullCSR:
             return out
         kernels = _kernels()
         kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks)
-        row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
+        _exp_in_place(weights)
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
                        out.reshape(self.num_nodes, x2.shape[1]), self.chunks, kernels.NORMALIZED)
         return out
@@ -494,7 +499,7 @@ class PullCSR:
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), feature_width(scores.shape[1:])))
         exps = empty(scores2.shape, scores2.dtype)
         kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, exps, self.chunks)
-        row_parallel(len(exps), lambda lo, hi: np.exp(exps[lo:hi], out=exps[lo:hi]))
+        _exp_in_place(exps)
         kernels.launch(kernels.row_logsumexp, self.indptr, scores2, exps, out.reshape(self.num_nodes, -1), self.chunks)
         return out
 
@@ -511,7 +516,7 @@ class PullCSR:
         kernels.launch(kernels.shift_by_node, self.indptr, self.columns, order, scores2,
                        np.ascontiguousarray(lse.reshape(len(lse), groups), dtype=scores2.dtype), weights, self.chunks,
                        at_column)
-        row_parallel(len(weights), lambda lo, hi: np.exp(weights[lo:hi], out=weights[lo:hi]))
+        _exp_in_place(weights)
         return weights
 
     def attention_score_grad(self, scores: np.ndarray, lse: np.ndarray, x: np.ndarray, g: np.ndarray,
@@ -1095,10 +1100,11 @@ class NumpyBackend(Backend):
         spec = ",".join(("R" if row else "") + term for term, row in zip(terms, by_rows)) + "->" + out.strip()
         outer = len(terms) > 2 or any(set(out.strip()) - set(term) for term in terms)
         rows = max(len(x) for x, row in zip(xs, by_rows) if row)
-        if not outer or rows < 2 * CONTRACT_PIECE_ROWS or sum(by_rows) < 2:
-            plan = row_contraction_plan(v.attr["spec"]) if all(by_rows) and rows < 2 * CONTRACT_PIECE_ROWS else None
-            if plan is not None:
-                return np.asarray(plan(xs), dtype=ctx.float_dtype)
+        few_rows = rows < 2 * CONTRACT_PIECE_ROWS
+        plan = row_contraction_plan(v.attr["spec"]) if few_rows and all(by_rows) else None
+        if plan is not None:
+            return np.asarray(plan(xs), dtype=ctx.float_dtype)
+        if not outer or few_rows or sum(by_rows) < 2:
             return np.asarray(np.einsum(spec, *xs, optimize=outer), dtype=ctx.float_dtype)
         bounds = list(range(0, rows, CONTRACT_PIECE_ROWS)) + [rows]
 

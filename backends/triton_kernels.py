@@ -287,19 +287,26 @@ def _group_index(base: str, groups: int, width: int) -> str:
     return f"{base}[:, None] * {groups} + feat[None, :] // {per}"
 
 
-def _segment_prologue(code: _Code, width: int) -> None:
+def _segment_rows(code: _Code) -> None:
+    """The program's block of segments (axis 0): ``row`` (by decreasing size), ``row_ok``, each
+    segment's ``start`` and ``count``, and ``longest``, the loop bound."""
     code("pid_r = tl.program_id(0)",
-         "pid_f = tl.program_id(1)",
          "slot = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)",
          "row_ok = slot < n_rows",
          "row = tl.load(order + slot, mask=row_ok, other=0).to(tl.int64)  # segments by decreasing size",
-         "feat = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)",
-         f"feat_ok = feat < {width}",
-         "out_ok = row_ok[:, None] & feat_ok[None, :]",
          "start = tl.load(indptr + row, mask=row_ok, other=0).to(tl.int64)",
          "count = tl.load(indptr + row + 1, mask=row_ok, other=0).to(tl.int64) - start",
          "first = tl.load(order + pid_r * BLOCK_R).to(tl.int64)  # the block's first segment is its longest",
          "longest = tl.load(indptr + first + 1) - tl.load(indptr + first)")
+
+
+def _segment_prologue(code: _Code, width: int) -> None:
+    """``_segment_rows`` and the program's block of features (axis 1): ``feat``, ``feat_ok``, ``out_ok``."""
+    _segment_rows(code)
+    code("pid_f = tl.program_id(1)",
+         "feat = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)",
+         f"feat_ok = feat < {width}",
+         "out_ok = row_ok[:, None] & feat_ok[None, :]")
 
 
 def _member_loads(code: _Code, *, gather: bool, need_member: bool, width: int, acc: str,
@@ -504,15 +511,8 @@ def _gen_attention_score_grad(spec: AttentionScoreGrad) -> str:
                     "BLOCK_R: tl.constexpr):"):
         code(f'"""out[e, h] = exp(score[e, h] - lse[i, h]) * (<g[i], x[cols[e]]>_h - delta[i, h]) for the members e '
              f'of segment i; {G} group(s) of {K} features, the dot product summed feature by feature."""')
-        code("slot = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)",
-             "row_ok = slot < n_rows",
-             "row = tl.load(order + slot, mask=row_ok, other=0).to(tl.int64)  # segments by decreasing size",
-             "start = tl.load(indptr + row, mask=row_ok, other=0).to(tl.int64)",
-             "count = tl.load(indptr + row + 1, mask=row_ok, other=0).to(tl.int64) - start",
-             "first = tl.load(order + tl.program_id(0) * BLOCK_R).to(tl.int64)  # the block's first segment is "
-             "its longest",
-             "longest = tl.load(indptr + first + 1) - tl.load(indptr + first)",
-             f"grp = tl.arange(0, {next_pow2(G)})",
+        _segment_rows(code)
+        code(f"grp = tl.arange(0, {next_pow2(G)})",
              f"head_ok = row_ok[:, None] & (grp < {G})[None, :]",
              f"top = tl.load(lse + row[:, None] * {G} + grp[None, :], mask=head_ok, other=0.0).to({acc})",
              f"base = tl.load(delta + row[:, None] * {G} + grp[None, :], mask=head_ok, other=0.0).to({acc})")
