@@ -146,11 +146,9 @@ class CompileContext:
         if training:
             reference, masks = mask_dropout(reference)
         outputs = [name for name, _ in reference.outputs]
-        differentiated = reference
-        if self.optimize:
-            pipeline = DEFAULT_PIPELINE if self.passes is None else self.passes
-            early = [name for name in PRE_GRADIENT_PASSES if name in pipeline]
-            differentiated = optimize(reference, early, dict(dims), target=self.target)[0] if early else reference
+        pipeline = DEFAULT_PIPELINE if self.passes is None else self.passes
+        early = [name for name in PRE_GRADIENT_PASSES if name in pipeline] if self.optimize else []
+        differentiated = optimize(reference, early, dict(dims), target=self.target)[0] if early else reference
         gradient = grad_program(differentiated, wrt=list(wrt), inputs=list(grad_inputs), keep_outputs=True)
         forward = reference
         if self.optimize:

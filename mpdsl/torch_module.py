@@ -788,21 +788,18 @@ class MpdslModule(torch.nn.Module):
         try:
             known = self._dims.get(shapes)
         except TypeError:  # symbolic sizes while tracing: not remembered
-            return self._bind_checked(tensors, sizes)
+            return self._bind_checked(tensors)
         if known is None:
             if len(self._dims) >= 64:
                 self._dims.clear()
-            known = self._dims[shapes] = self._bind_checked(tensors, sizes)
+            known = self._dims[shapes] = self._bind_checked(tensors)
         return dict(known)
 
-    def _bind_checked(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
+    def _bind_checked(self, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+        """``_bind``'s answer, computed (the row counts are checked by ``_bind``)."""
         model = self.compiled
-        items = []
-        for name, value in tensors.items():
-            t = model.input_types[name]
-            rows = sizes.num_rows(t.domain)
-            check_input_rows(name, t, tuple(value.shape), rows)
-            items.append(_Array("input", name, f"the input {name}", t, tuple(int(s) for s in value.shape[1:])))
+        items = [_Array("input", name, f"the input {name}", model.input_types[name],
+                        tuple(int(s) for s in value.shape[1:])) for name, value in tensors.items()]
         dims = dict(model.dims)
         sources = {k: "the parameters" for k in dims if k not in model.static_dims}
         origins = {k: "the current parameters" for k in dims if k not in model.static_dims}
