@@ -1,0 +1,76 @@
+"""The mini-batch every sampling loader yields, and its construction from global ids.
+
+A ``MiniBatch`` is a subgraph of a source graph: ``graph`` holds its local edges and the rows of the
+source's node and edge arrays its nodes and edges select. ``n_id[i]`` is the source id of local node
+``i`` and ``e_id[k]`` that of local edge ``k``; the first ``batch_size`` local nodes are the seed nodes
+(the rows a node-level loss uses, PyG's convention), in the order the loader chose them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mpdsl.diagnostics import GraphError
+from mpdsl.graph import Graph
+
+__all__ = ["MiniBatch", "make_batch"]
+
+
+@dataclass(frozen=True)
+class MiniBatch:
+    """One sampled subgraph. ``graph``: local edge_index, node arrays ``source[name][n_id]``, edge arrays
+    ``source[name][e_id]`` (plus any arrays the sampler adds, e.g. GraphSAINT's coefficients);
+    ``n_id`` int64 [n] and ``e_id`` int64 [m]: global ids; ``batch_size``: the seed count, the seeds
+    being local nodes ``0 .. batch_size - 1``."""
+
+    graph: Graph
+    n_id: np.ndarray
+    e_id: np.ndarray
+    batch_size: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.graph.num_nodes
+
+    @property
+    def num_edges(self) -> int:
+        return self.graph.num_edges
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.graph[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.graph
+
+
+def make_batch(source: Graph, n_id: np.ndarray, local_edge_index: np.ndarray, e_id: np.ndarray,
+               batch_size: int, *, node_extra: dict[str, Any] | None = None,
+               edge_extra: dict[str, Any] | None = None) -> MiniBatch:
+    """The ``MiniBatch`` of ``source`` with nodes ``n_id`` and edges ``e_id`` (global ids, int64),
+    whose edges are ``local_edge_index`` (int64 [2, m], indices into ``n_id``). Node and edge arrays
+    of ``source`` are gathered by row (a memory-mapped array reads only those rows); ``node_extra``
+    and ``edge_extra`` add arrays (one row per local node / edge). Graph arrays are kept when the
+    source holds one graph."""
+    if "batch" in source.node_data:
+        raise GraphError("sampling needs one graph, but this graph has a 'batch' vector",
+                         hint="sample each graph separately, or train graph-level tasks with "
+                              "Graph.select_graphs mini-batches")
+    node_data = {name: _gather_rows(array, n_id) for name, array in source.node_data.items()}
+    edge_data = {name: _gather_rows(array, e_id) for name, array in source.edge_data.items()}
+    node_data.update(node_extra or {})
+    edge_data.update(edge_extra or {})
+    graph = Graph(local_edge_index, int(n_id.shape[0]), node_data=node_data, edge_data=edge_data,
+                  graph_data=dict(source.graph_data))
+    return MiniBatch(graph, n_id, e_id, int(batch_size))
+
+
+def _gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``: rows read in increasing order (sequential pages of a memory-mapped file),
+    returned in the order of ``rows``."""
+    order = np.argsort(rows, kind="stable")
+    gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
+    gathered[order] = array[rows[order]]
+    return gathered
