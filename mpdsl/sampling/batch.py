@@ -8,6 +8,8 @@ source's node and edge arrays its nodes and edges select. ``n_id[i]`` is the sou
 
 from __future__ import annotations
 
+import mmap
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,10 @@ import numpy as np
 from mpdsl.diagnostics import GraphError
 from mpdsl.graph import Graph
 
-__all__ = ["MiniBatch", "make_batch"]
+__all__ = ["MAPPED_BYTES", "MiniBatch", "make_batch", "release_mapped_pages"]
+
+MAPPED_BYTES = 1 << 30  # file pages a memory-mapped array may keep mapped before they are released
+_PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,33 @@ def make_batch(source: Graph, n_id: np.ndarray, local_edge_index: np.ndarray, e_
 
 def _gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``array[rows]``: rows read in increasing order (sequential pages of a memory-mapped file),
-    returned in the order of ``rows``."""
+    returned in the order of ``rows``. The pages a memory-mapped array's gathers touched are released
+    once they may exceed ``MAPPED_BYTES`` (``release_mapped_pages``)."""
     order = np.argsort(rows, kind="stable")
     gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
     gathered[order] = array[rows[order]]
+    if isinstance(array, np.memmap) and rows.shape[0]:
+        row_bytes = gathered.nbytes // rows.shape[0]
+        release_mapped_pages(array, rows.shape[0] * (row_bytes // _PAGE + 2) * _PAGE)
     return gathered
+
+
+_touched: dict[int, int] = {}  # id of an mmap -> upper bound of its bytes mapped since its last release
+_touched_lock = threading.Lock()
+
+
+def release_mapped_pages(array: np.ndarray, touched: int) -> None:
+    """Record that a read of the memory-mapped ``array`` touched at most ``touched`` bytes of file pages,
+    and unmap the file's pages from this process once the bound passes ``MAPPED_BYTES``: a read page
+    stays mapped (and counted in the resident set) until the kernel needs the memory, so an epoch of
+    random row reads would otherwise map the whole file. The pages stay in the page cache: a later
+    read maps them again without disk I/O."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is None:
+        return
+    with _touched_lock:
+        total = _touched.get(id(mapping), 0) + touched
+        release = total > MAPPED_BYTES
+        _touched[id(mapping)] = 0 if release else total
+    if release:
+        mapping.madvise(mmap.MADV_DONTNEED)

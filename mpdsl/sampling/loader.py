@@ -79,7 +79,7 @@ class _Batches(torch.utils.data.Dataset):
         return self.sample(units, key)
 
 
-def _unchanged(batch: MiniBatch) -> MiniBatch:
+def _unchanged(batch: Any) -> Any:  # batch_size=None: one sampled batch per item
     return batch
 
 
