@@ -78,11 +78,21 @@ def _gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     once they may exceed ``MAPPED_BYTES`` (``release_mapped_pages``)."""
     order = np.argsort(rows, kind="stable")
     gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
-    gathered[order] = array[rows[order]]
+    ascending = rows[order]
+    gathered[order] = array[ascending]
     if isinstance(array, np.memmap) and rows.shape[0]:
-        row_bytes = gathered.nbytes // rows.shape[0]
-        release_mapped_pages(array, rows.shape[0] * (row_bytes // _PAGE + 2) * _PAGE)
+        release_mapped_pages(array, _pages_spanned(ascending, gathered.nbytes // rows.shape[0]) * _PAGE)
     return gathered
+
+
+def _pages_spanned(ascending_rows: np.ndarray, row_bytes: int) -> int:
+    """The number of file pages rows ``ascending_rows`` (sorted) of ``row_bytes`` bytes each span in a
+    row-major array, counted from the array's start (exact for distinct rows; a repeated row of more
+    than a page is counted again: an upper bound)."""
+    first = ascending_rows * row_bytes // _PAGE
+    last = ((ascending_rows + 1) * row_bytes - 1) // _PAGE
+    shared = np.count_nonzero(first[1:] == last[:-1])  # a page that ends one row and starts the next
+    return int((last - first + 1).sum()) - shared
 
 
 _touched: dict[int, int] = {}  # id of an mmap -> upper bound of its bytes mapped since its last release
