@@ -1,0 +1,80 @@
+"""MiniBatch construction: rows gathered in the order asked, and the pages of memory-mapped arrays
+released past the bound (so an epoch of random reads does not map the whole file)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mpdsl
+from mpdsl.diagnostics import GraphError
+from mpdsl.sampling import batch as batch_module
+from mpdsl.sampling.batch import _PAGE, _gather_rows, _pages_spanned, make_batch
+
+
+def _graph() -> mpdsl.Graph:
+    edge_index = np.array([[0, 1, 2, 3], [1, 2, 3, 0]])
+    return mpdsl.Graph(edge_index, node_data={"x": np.arange(8.0).reshape(4, 2), "y": np.array([0, 1, 0, 1])},
+                       edge_data={"edge_attr": np.arange(4.0)[:, None]})
+
+
+def test_make_batch_gathers_node_and_edge_rows_by_global_id():
+    batch = make_batch(_graph(), np.array([2, 3, 0]), np.array([[0, 1], [1, 2]]), np.array([2, 3]), 1,
+                       node_extra={"node_norm": np.ones(3)})
+    assert batch.batch_size == 1 and batch.num_nodes == 3 and batch.num_edges == 2
+    np.testing.assert_array_equal(batch["x"], [[4, 5], [6, 7], [0, 1]])
+    np.testing.assert_array_equal(batch["edge_attr"], [[2], [3]])
+    assert "node_norm" in batch and "node_norm" in batch.graph.node_data
+
+
+def test_make_batch_refuses_a_batch_of_graphs():
+    several = mpdsl.Graph.batch([_graph(), _graph()])
+    with pytest.raises(GraphError, match="sampling needs one graph"):
+        make_batch(several, np.array([0]), np.zeros((2, 0), dtype=np.int64), np.zeros(0, dtype=np.int64), 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 49), max_size=60), st.integers(1, 3))
+def test_gather_rows_equals_fancy_indexing(rows, width):
+    array = np.arange(50 * width, dtype=np.float32).reshape(50, width)
+    index = np.array(rows, dtype=np.int64)
+    np.testing.assert_array_equal(_gather_rows(array, index), array[index])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.integers(0, 3000), min_size=1, max_size=80), st.sampled_from([4, 100, 512, 4096, 5000, 9000]))
+def test_pages_spanned_counts_distinct_pages(rows, row_bytes):
+    ascending = np.array(sorted(rows), dtype=np.int64)
+    pages = {p for r in rows for p in range(r * row_bytes // _PAGE, ((r + 1) * row_bytes - 1) // _PAGE + 1)}
+    assert _pages_spanned(ascending, row_bytes) == len(pages)
+
+
+def _mapped_kb(path: str) -> int:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:
+                inside = fields[-1] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_gathers_from_a_memory_mapped_array_release_its_pages(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.npy")
+    np.save(path, np.random.default_rng(0).random((20000, 64), dtype=np.float32))  # 5 MB
+    x = np.load(path, mmap_mode="r")
+    rows = np.random.default_rng(1).integers(0, 20000, 4000)
+    monkeypatch.setattr(batch_module, "MAPPED_BYTES", 1 << 40)
+    np.testing.assert_array_equal(_gather_rows(x, rows), np.load(path)[rows])
+    assert _mapped_kb(path) > 1000  # the random rows mapped most of the file's pages
+    monkeypatch.setattr(batch_module, "MAPPED_BYTES", 1 << 20)
+    _gather_rows(x, rows)
+    assert _mapped_kb(path) < 64
