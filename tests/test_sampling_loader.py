@@ -14,7 +14,8 @@ NO_EDGES = np.zeros((2, 0), dtype=np.int64)
 
 
 def _sample(units, key):
-    return make_batch(GRAPH, units, NO_EDGES, NO_EDGES[0], len(units), node_extra={"node_key": np.full(len(units), key)})
+    keys = {"node_key": np.full(len(units), key)}
+    return make_batch(GRAPH, units, NO_EDGES, NO_EDGES[0], len(units), node_extra=keys)
 
 
 def _epoch(loader) -> list[tuple[list[int], int]]:
@@ -25,7 +26,7 @@ def test_batches_cover_the_units_once_per_epoch_in_a_seeded_order():
     loader = SampleLoader(np.arange(10), 3, _sample, shuffle=True, seed=7)
     first, second = _epoch(loader), _epoch(loader)
     assert [len(units) for units, _ in first] == [3, 3, 3, 1]
-    assert sorted(sum((units for units, _ in first), [])) == list(range(10))
+    assert sorted(unit for units, _ in first for unit in units) == list(range(10))
     assert first != second  # a new order and new keys each epoch
     loader.set_epoch(0)
     assert _epoch(loader) == first
