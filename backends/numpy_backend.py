@@ -157,19 +157,21 @@ BLAS = _BlasThreads()
 
 
 class BufferPool:
-    """Arrays of intermediate values kept from one run for the next. A fresh array of tens of
-    megabytes costs its page faults (the kernel zeroes every page) each time it is first written,
-    about as long as an elementwise pass over it; a reused one costs nothing. Only arrays the backend
-    allocated itself for a run come back here. Those that an output or state update of the run
-    refers to are *lent*: the pool keeps a reference to each and takes it back once nothing else
-    refers to it any more (the caller, and any torch tensor made from it, dropped it), so a loop of
-    training steps, whose outputs, residuals and gradients live until the next step, reuses them
-    too. Holds at most ``max_bytes`` and ``per_shape`` free arrays of each shape, follows at most
-    ``max_lent`` lent arrays (the oldest is forgotten beyond that: the caller keeps it), and keeps
-    only shapes taken or given during the last ``keep_runs`` runs (``give`` ends a run): runs on
-    batches of changing sizes (a new shape every batch) would otherwise fill the pool with arrays no
-    later run takes, while a training loop on one graph (the same shapes every run) keeps all of
-    them. ``fresh_bytes`` counts the bytes it ever allocated anew."""
+    """Memory blocks of intermediate values kept for reuse. A fresh array of tens of megabytes costs
+    its page faults (the kernel zeroes every page) each time it is first written, about as long as an
+    elementwise pass over it; a reused one costs nothing. Blocks are kept by byte size and dtype and
+    handed out as views of the shape asked for, so a node[8, 8] value can reuse a node[64] block.
+    Only blocks the backend allocated itself come back here: within a run, those of values no later
+    step reads (``recycle``); at its end, the rest (``give``). Those that an output or state update of
+    the run refers to are *lent*: the pool keeps a reference to each and takes it back once nothing
+    else refers to it any more (the caller, and any view or torch tensor made from it, dropped it), so
+    a loop of training steps, whose outputs, residuals and gradients live until the next step, reuses
+    them too. Holds at most ``max_bytes`` and ``per_shape`` free blocks of each size, follows at most
+    ``max_lent`` lent blocks (the oldest is forgotten beyond that: the caller keeps it), and keeps only
+    sizes taken or given during the last ``keep_runs`` runs (``give`` ends a run): runs on batches of
+    changing sizes (a new size every batch) would otherwise fill the pool with blocks no later run
+    takes, while a training loop on one graph (the same sizes every run) keeps all of them.
+    ``fresh_bytes`` counts the bytes it ever allocated anew."""
 
     def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 16, max_lent: int = 64, keep_runs: int = 4):
         self.max_bytes = max_bytes
@@ -178,7 +180,7 @@ class BufferPool:
         self.keep_runs = keep_runs
         self._free: dict[tuple, list[np.ndarray]] = {}
         self._lent: list[np.ndarray] = []
-        self._used: dict[tuple, int] = {}  # shape key -> the run that last took or gave one
+        self._used: dict[tuple, int] = {}  # size key -> the run that last took or gave one
         self._run = 0
         self._held = 0
         self.fresh_bytes = 0
@@ -193,14 +195,17 @@ class BufferPool:
 
     @property
     def held_bytes(self) -> int:
-        """The bytes of the free arrays (lent ones that nothing refers to any more included)."""
+        """The bytes of the free blocks (lent ones that nothing refers to any more included)."""
         with self._lock:
             self._reclaim()
             return self._held
 
     def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """An uninitialised array (reused when one of this shape and dtype is free)."""
-        key = (tuple(shape), np.dtype(dtype).str)
+        """An uninitialised array of ``shape``: a view of a free block of its size when there is one,
+        else of a new block (``block_of`` gives the block)."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        key = (count * dtype.itemsize, dtype.str)
         with self._lock:
             self._used[key] = self._run
             free = self._free.get(key)
@@ -208,29 +213,43 @@ class BufferPool:
                 self._reclaim()
                 free = self._free.get(key)
             if free:
-                array = free.pop()
-                self._held -= array.nbytes
-                return array
-            self.fresh_bytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        return np.empty(shape, dtype=dtype)
+                block = free.pop()
+                self._held -= block.nbytes
+                return block.reshape(shape)
+            self.fresh_bytes += key[0]
+        return np.empty(count, dtype=dtype).reshape(shape)
 
     def give(self, arrays) -> None:
-        """Keep ``arrays`` (a run's, at its end) for later runs, and drop the kept arrays of shapes
-        that the last ``keep_runs`` runs did not use."""
+        """Keep the blocks of ``arrays`` (a run's, at its end) for later runs, and drop the kept blocks
+        of sizes that the last ``keep_runs`` runs did not use."""
         with self._lock:
             for array in arrays:
-                self._used[(array.shape, array.dtype.str)] = self._run
-                self._keep(array)
+                block = block_of(array)
+                self._used[(block.nbytes, block.dtype.str)] = self._run
+                self._keep(block)
             self._run += 1
             stale = [key for key, run in self._used.items() if run <= self._run - 1 - self.keep_runs]
             for key in stale:
                 del self._used[key]
                 self._held -= sum(a.nbytes for a in self._free.pop(key, ()))
 
-    def lend(self, arrays) -> None:
-        """Follow ``arrays`` (handed to the caller inside a run's outputs) to take them back later."""
+    def recycle(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
+        """Keep the blocks of ``blocks`` that nothing else refers to (for the rest of this run and later
+        runs); return the others."""
+        still_used = []
         with self._lock:
-            self._lent.extend(arrays)
+            for i in range(len(blocks)):
+                if sys.getrefcount(blocks[i]) <= 2:  # the list's reference and getrefcount's argument
+                    self._keep(blocks[i])
+                else:
+                    still_used.append(blocks[i])
+        return still_used
+
+    def lend(self, arrays) -> None:
+        """Follow the blocks of ``arrays`` (handed to the caller inside a run's outputs) to take them
+        back later."""
+        with self._lock:
+            self._lent.extend(block_of(a) for a in arrays)
             del self._lent[:max(0, len(self._lent) - self.max_lent)]
 
     def clear(self) -> None:
@@ -240,27 +259,32 @@ class BufferPool:
             self._used.clear()
             self._held = 0
 
-    def _keep(self, array: np.ndarray) -> None:
-        """Keep ``array`` free if its shape is in use and there is room (lock held)."""
-        key = (array.shape, array.dtype.str)
-        if key not in self._used:
+    def _keep(self, block: np.ndarray) -> None:
+        """Keep ``block`` free if its size is in use and there is room (lock held)."""
+        key = (block.nbytes, block.dtype.str)
+        if key not in self._used or not block.flags.c_contiguous:
             return
         free = self._free.setdefault(key, [])
-        if len(free) < self.per_shape and self._held + array.nbytes <= self.max_bytes:
-            free.append(array)
-            self._held += array.nbytes
+        if len(free) < self.per_shape and self._held + block.nbytes <= self.max_bytes:
+            free.append(block)
+            self._held += block.nbytes
 
     def _reclaim(self) -> None:
-        """Move the lent arrays that only this pool refers to back to the free ones (lock held)."""
+        """Move the lent blocks that only this pool refers to back to the free ones (lock held)."""
         still_lent = []
         for i in range(len(self._lent)):
-            # two references: the list's and getrefcount's argument; a view or torch tensor over the
-            # array holds one more
+            # two references: the list's and getrefcount's argument; every view (a value, a torch
+            # tensor over one) holds one more
             if sys.getrefcount(self._lent[i]) <= 2:
                 self._keep(self._lent[i])
             else:
                 still_lent.append(self._lent[i])
         self._lent = still_lent
+
+
+def block_of(array: np.ndarray) -> np.ndarray:
+    """The array owning ``array``'s memory (``array`` itself when it owns it): what the pool keeps."""
+    return array if array.base is None or not isinstance(array.base, np.ndarray) else array.base
 
 
 def _kernels():
@@ -590,11 +614,15 @@ class ExecContext:
     allocated: list[np.ndarray] = field(default_factory=list)  # taken from the pool by this run
 
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """An uninitialised array for an intermediate value of this run (from the backend's pool;
-        it goes back there after the run unless an output refers to it)."""
+        """An uninitialised array for an intermediate value of this run (from the backend's pool; its
+        block goes back there once no value of the run refers to it, unless an output does)."""
         array = self.pool.take(shape, dtype)
-        self.allocated.append(array)
+        self.allocated.append(block_of(array))
         return array
+
+    def recycle(self) -> None:
+        """Return to the pool the blocks of this run that no live value refers to any more."""
+        self.allocated = self.pool.recycle(self.allocated)
 
     def release(self, kept: list[np.ndarray]) -> None:
         """Return this run's arrays to the pool; those whose memory overlaps ``kept`` (the run's
@@ -784,15 +812,33 @@ class NumpyBackend(Backend):
         self.block_bytes = block_bytes
         self.block_rows = block_rows
         self.pool = BufferPool(pool_bytes)
-        self._schedules: dict[int, tuple[Program, list]] = {}
+        self._schedules: dict[int, tuple[Program, list, list[list[int]]]] = {}
         self.last_state_updates: dict[str, np.ndarray] = {}
 
     def schedule(self, program: Program) -> list:
         """The program's execution schedule (``row_fusion.fuse_rows``), cached per program."""
+        return self._planned(program)[1]
+
+    def _planned(self, program: Program) -> tuple[Program, list, list[list[int]]]:
+        """(program, schedule, dying): ``dying[i]`` lists the ids of the values that no step after
+        step ``i`` of the schedule reads and that are not outputs (freed after step ``i``)."""
         cached = self._schedules.get(id(program))
         if cached is None or cached[0] is not program:
-            cached = self._schedules[id(program)] = (program, fuse_rows(program))
-        return cached[1]
+            schedule = fuse_rows(program)
+            last: dict[int, int] = {}
+            for i, step in enumerate(schedule):
+                members = step.members if isinstance(step, RowGroup) else (step,)
+                for v in members:
+                    last.setdefault(id(v), i)
+                    for o in v.operands:
+                        last[id(o)] = i
+            for _, v in program.outputs:
+                last.pop(id(v), None)
+            dying: list[list[int]] = [[] for _ in schedule]
+            for key, i in last.items():
+                dying[i].append(key)
+            cached = self._schedules[id(program)] = (program, schedule, dying)
+        return cached
 
     def _run_group(self, ctx: ExecContext, group: RowGroup, env: dict) -> None:
         """Run a row group block by block over the pool's workers (op by op when small). Exports
@@ -865,10 +911,12 @@ class NumpyBackend(Backend):
                 np.multiply(args[0], slope, out=target)
                 np.maximum(args[0], target, out=target)
                 return True
-        if v.op == "matmul" and v.operands[0].type.rank == 1 and v.operands[1].type.rank == 2 \
-                and v.operands[1].type.domain is Domain.PARAM \
-                and args[0].dtype == args[1].dtype == target.dtype:
-            np.matmul(args[0], args[1], out=target)
+        if v.op == "matmul" and v.operands[1].type.domain is Domain.PARAM and target.flags.c_contiguous \
+                and args[0].dtype == args[1].dtype == target.dtype \
+                and target.shape == args[0].shape[:-1] + args[1].shape[1:]:
+            a, b = args  # as the rule: the last axis of a against the first of b, the others flattened
+            k = a.shape[-1]
+            np.matmul(a.reshape(-1, k), b.reshape(k, -1), out=target.reshape(-1, feature_width(b.shape[1:])))
             return True
         return False
 
@@ -880,8 +928,9 @@ class NumpyBackend(Backend):
                           np.random.default_rng(seed), self.pool)
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}
+        _, schedule, dying = self._planned(program)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"), BLAS.single_threaded():
-            for step in self.schedule(program):
+            for step, dead in zip(schedule, dying):
                 start = time.perf_counter()
                 if isinstance(step, RowGroup):
                     self._run_group(ctx, step, env)
@@ -889,6 +938,10 @@ class NumpyBackend(Backend):
                 else:
                     env[id(step)] = self.rules[step.op](self, ctx, step, *[env[id(o)] for o in step.operands])
                     key = step.op
+                if dead:
+                    for value_id in dead:
+                        env.pop(value_id, None)
+                    ctx.recycle()
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
         outputs = {name: env[id(v)] for name, v in program.outputs}
         ctx.release(list(outputs.values()) + list(ctx.state_updates.values()))

@@ -14,7 +14,9 @@ for). It contains the forward values it needs (the forward program's own values,
 best built from the reference IR and then optimized like any program: the passes fuse the backward
 graph ops too (the transpose of a gather by src is a sum by src, which becomes a g-SpMM).
 ``split_program`` then cuts an optimized gradient program into a forward part (outputs and the
-residuals the backward reads) and a backward part, so that training computes forward values once.
+residuals the backward reads) and a backward part, so that training computes forward values once (a
+pure elementwise function of other residuals, such as a ReLU's mask, is recomputed by the backward
+instead of saved: ``rematerialized``).
 
 Rules worth knowing:
 
@@ -62,7 +64,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
-from mpdsl.ops import OPS, MissingRule, Trait, parse_subscripts, running_statistic
+from mpdsl.ops import OPS, Effect, MissingRule, Trait, parse_subscripts, running_statistic
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
 from mpdsl.types import FLOAT_DTYPES, Dim, Domain, TensorType, TypeRuleError
 
@@ -734,13 +736,18 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
     residual names). ``forward`` computes ``forward_outputs`` and the residuals: the values of the
     forward part that the backward part reads (as inputs ``<prefix><k>``, params for param values);
     ``backward`` computes the remaining outputs from the inputs, params, cotangents and residuals.
-    So a training step computes the forward values once."""
+    So a training step computes the forward values once, except the values ``rematerialized`` gives:
+    pure elementwise functions of other residuals (a ReLU's mask, a leaky ReLU's slope), which the
+    backward recomputes from them instead of reading one more saved array."""
     cotangent_ids = {id(v) for v in program.values if v.op in ("input", "param") and v.name in set(cotangents)}
     late: set[int] = set(cotangent_ids)
     for v in program.values:
         if any(id(o) in late for o in v.operands):
             late.add(id(v))
     out_map = dict(program.outputs)
+    needed = {id(o): o for v in program.values if id(v) in late for o in v.operands if id(o) not in late}
+    needed.update((id(v), v) for name, v in program.outputs if name not in forward_outputs and id(v) not in late)
+    recomputed = rematerialized(needed)
     taken = {v.name for v in program.values if v.name is not None} | set(out_map)
     residuals: dict[int, Value] = {}     # forward value -> its source in the backward program
     residual_names: list[str] = []
@@ -754,6 +761,12 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
                 mapping[id(v)] = v
                 back_values.append(v)
             return v
+        if id(v) in recomputed:
+            if id(v) not in mapping:
+                nv = Value(v.op, tuple(early(o) for o in v.operands), v.attrs, v.type, v.span)
+                mapping[id(v)] = nv
+                back_values.append(nv)
+            return mapping[id(v)]
         if id(v) not in residuals:
             name = _fresh_name(f"{prefix}{len(residual_names)}", taken)
             residual_names.append(name)
@@ -782,6 +795,36 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
                       tuple((n, out_map[n]) for n in forward_outputs) + tuple(residual_outputs))
     backward = Program(program.name, program.dims, tuple(back_values), tuple(back_outputs))
     return verify(prune(forward)), verify(prune(backward)), residual_names
+
+
+def rematerialized(needed: dict[int, Value]) -> set[int]:
+    """The ids of the values the backward part recomputes rather than reads as residuals, given the
+    forward values it ``needed`` (by id): each needed pure elementwise value whose elementwise cone
+    (walked back through pure elementwise values that are not needed themselves) ends only at sources
+    and needed values that stay residuals or are recomputed in turn, with the values of its cone. So
+    recomputing never saves another array: the residual bytes only shrink."""
+    def pure_elementwise(v: Value) -> bool:
+        definition = OPS[v.op]
+        return definition.has(Trait.ELEMENTWISE) and definition.effect_of(v.attrs) is Effect.PURE
+
+    recomputed: set[int] = set()
+    for v in needed.values():
+        if OPS[v.op].has(Trait.SOURCE) or not pure_elementwise(v):
+            continue
+        cone, stack, seen, ok = [v], list(v.operands), set(), True
+        while stack and ok:
+            o = stack.pop()
+            if id(o) in needed or id(o) in seen or OPS[o.op].has(Trait.SOURCE):
+                continue
+            seen.add(id(o))
+            if pure_elementwise(o):
+                cone.append(o)
+                stack.extend(o.operands)
+            else:
+                ok = False
+        if ok:
+            recomputed.update(id(c) for c in cone)
+    return recomputed
 
 
 # =====================================================================================================

@@ -287,7 +287,8 @@ def _leaky_relu(m, x, slope):
 
 # name: (contract, compute, derivative(b, v, x) or a vjp)
 _UNARY: dict[str, tuple[str, Callable, Callable]] = {
-    "relu": ("max(x, 0)", lambda m, x: m.maximum(x, 0), lambda b, v, x: b.gt(x, 0.0)),
+    # The masks read the output: v > 0 exactly where x > 0, and the output is usually saved anyway.
+    "relu": ("max(x, 0)", lambda m, x: m.maximum(x, 0), lambda b, v, x: b.gt(v, 0.0)),
     "sigmoid": ("1 / (1 + exp(-x))", lambda m, x: m.sigmoid(x), lambda b, v, x: b.mul(v, b.sub(1.0, v))),
     "tanh": ("tanh(x)", lambda m, x: m.tanh(x), lambda b, v, x: b.sub(1.0, b.mul(v, v))),
     "exp": ("exp(x)", lambda m, x: m.exp(x), lambda b, v, x: v),
@@ -304,7 +305,8 @@ _UNARY: dict[str, tuple[str, Callable, Callable]] = {
 }
 _UNARY_WITH_ATTR: dict[str, tuple[str, str, Callable, Callable]] = {
     "leaky_relu": ("slope", "x if x > 0 else slope * x", _leaky_relu,
-                   lambda b, v, x: b.add(b.mul(b.gt(x, 0.0), 1.0 - v.attr["slope"]), v.attr["slope"])),
+                   lambda b, v, x: b.add(b.mul(b.gt(v if v.attr["slope"] >= 0 else x, 0.0), 1.0 - v.attr["slope"]),
+                                         v.attr["slope"])),
     "elu": ("alpha", "x if x > 0 else alpha * (exp(x) - 1)",
             lambda m, x, alpha: m.where(m.greater(x, 0), x, alpha * m.expm1(m.minimum(x, 0))), _elu_derivative),
 }

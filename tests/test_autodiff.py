@@ -31,7 +31,7 @@ from mpdsl import autodiff  # noqa: E402
 from mpdsl.autodiff import (ADJOINTS, NOT_DIFFERENTIABLE, grad_program, mask_dropout, missing_adjoints,  # noqa: E402
                             split_program)
 from mpdsl.ir import parse_program, print_program, verify  # noqa: E402
-from mpdsl.ops import OPS  # noqa: E402
+from mpdsl.ops import OPS, Trait, is_pure  # noqa: E402
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.torch_module import to_torch  # noqa: E402
@@ -122,7 +122,8 @@ def test_gradients_match_finite_differences(path):
 
 def check_split(case: Case, grads: dict[str, np.ndarray]) -> None:
     """The optimized gradient program split where the cotangents come in: the forward part gives the
-    outputs and the residuals, the backward part the same gradients, recomputing no forward value."""
+    outputs and the residuals, the backward part the same gradients, recomputing no forward value but
+    pure elementwise functions of the residuals (``rematerialized``), and no residual is one."""
     whole, _ = optimize(grad_program(case.program, keep_outputs=True), None, case.dims)
     names = [n for n, _ in case.program.outputs]
     forward, backward, residuals = split_program(whole, names, [f"d_{n}" for n in names])
@@ -130,8 +131,11 @@ def check_split(case: Case, grads: dict[str, np.ndarray]) -> None:
     for v in backward.values:
         if any(id(o) in late for o in v.operands):
             late.add(id(v))
-    assert all(id(v) in late for v in backward.values if v.op not in ("input", "param", "const", "degree")), \
-        "the backward part recomputes a forward value"
+    recomputed = [v for v in backward.values if id(v) not in late and v.op not in ("input", "param", "const", "degree")]
+    assert all(OPS[v.op].has(Trait.ELEMENTWISE) and is_pure(v) for v in recomputed), \
+        "the backward part recomputes a forward value that is not elementwise"
+    saved = {id(v): v for name, v in forward.outputs if name in residuals}
+    assert not autodiff.rematerialized(saved), "a residual is an elementwise function of the other residuals"
     first = case.run(case.params, forward)
     for name, want in case.run(case.params).items():
         np.testing.assert_allclose(first[name], want, rtol=1e-10, atol=1e-12)
