@@ -92,7 +92,7 @@ def _pages_spanned(ascending_rows: np.ndarray, row_bytes: int) -> int:
     first = ascending_rows * row_bytes // _PAGE
     last = ((ascending_rows + 1) * row_bytes - 1) // _PAGE
     shared = np.count_nonzero(first[1:] == last[:-1])  # a page that ends one row and starts the next
-    return int((last - first + 1).sum()) - shared
+    return int((last - first + 1).sum()) - int(shared)
 
 
 _touched: dict[int, int] = {}  # id of an mmap -> upper bound of its bytes mapped since its last release
