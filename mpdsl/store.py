@@ -30,6 +30,9 @@ the same files go to ``$XDG_CACHE_HOME/mpdsl/graphs/<hash of the directory's rea
 ``~/.cache``). Concurrent opens (ranks of a distributed run) take a file lock, so the scan and the
 CSR are done once.
 
+Pages that reads map count in the process's resident memory although they belong to the OS page
+cache; ``release_pages(graph)`` unmaps them. A memory-mapped graph pickles as its path.
+
 ``open_graph(path, mmap=False)`` reads the arrays into memory (within the memory budget of
 ``mpdsl.memory``) and builds the graph with ``Graph``'s full validation, as for an ``.npz`` file;
 it neither reads nor writes ``.mpdsl``.
@@ -40,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import mmap as _mmap_module
 import os
 import shutil
 from collections.abc import Iterator
@@ -59,7 +64,7 @@ from mpdsl.graph import (
     position_text,
 )
 
-__all__ = ["GraphDirectoryWriter", "open_graph", "write_directory"]
+__all__ = ["GraphDirectoryWriter", "open_graph", "release_pages", "write_directory"]
 
 FORMAT = "mpdsl.graph"
 VERSION = 1
@@ -99,7 +104,7 @@ class ArrayFile:
 
     @property
     def size(self) -> int:
-        return self.nbytes // self.dtype.itemsize if self.dtype.itemsize else 0
+        return math.prod(self.shape)
 
     @property
     def label(self) -> str:
@@ -114,11 +119,10 @@ class Layout:
     num_nodes: int
     edge_index: ArrayFile
     arrays: dict[str, tuple[str, ArrayFile]]  # name -> (kind, file)
-    meta_stat: tuple[int, int, int]
 
-    @property
-    def num_edges(self) -> int:
-        return self.edge_index.shape[1]
+    def files(self) -> dict[str, ArrayFile]:
+        """Every array's file by name, ``edge_index`` first."""
+        return {"edge_index": self.edge_index, **{name: file for name, (_, file) in self.arrays.items()}}
 
     def error(self, message: str, hint: str | None = None) -> GraphError:
         return GraphError(f"in graph directory {self.directory!r}: {message}", hint=hint)
@@ -241,7 +245,6 @@ def open_layout(path: str | os.PathLike[str]) -> Layout:
     directory = os.fspath(path)
     where = f"graph directory {directory!r}"
     num_nodes = _read_meta(directory)
-    meta_stat = _file_stat(os.path.join(directory, META_FILE))
     names = sorted(entry[:-4] for entry in os.listdir(directory)
                    if entry.endswith(".npy") and not entry.startswith("."))
     if "edge_index" not in names:
@@ -274,7 +277,7 @@ def open_layout(path: str | os.PathLike[str]) -> Layout:
                              f"{expected} {plural} ({'graph.json' if kind == 'node' else 'edge_index.npy'})",
                              hint=f"{kind} arrays need one row per {kind}")
         arrays[name] = (kind, header)
-    return Layout(directory, num_nodes, edge_index, arrays, meta_stat)
+    return Layout(directory, num_nodes, edge_index, arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,20 +404,23 @@ class GraphDirectoryWriter:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise GraphError(f"cannot write a graph directory at {directory!r}: it is a file",
                              hint="pass a new folder name")
-        if os.path.isdir(directory) and os.listdir(directory):
-            if not (self.overwrite and os.path.exists(os.path.join(directory, META_FILE))):
-                raise GraphError(f"cannot write a graph directory at {directory!r}: the folder is not empty",
-                                 hint="pass a new folder" + (", or overwrite=True (make_big_graph.py: "
-                                                             "--overwrite) to replace the graph stored there"
-                                                             if not self.overwrite else ""))
-            for entry in os.listdir(directory):
-                if entry.endswith(".npy") or entry == META_FILE:
-                    os.unlink(os.path.join(directory, entry))
-            shutil.rmtree(os.path.join(directory, CACHE_FOLDER), ignore_errors=True)
+        occupied = os.path.isdir(directory) and bool(os.listdir(directory))
+        if occupied and not (self.overwrite and os.path.exists(os.path.join(directory, META_FILE))):
+            raise GraphError(f"cannot write a graph directory at {directory!r}: the folder is not empty",
+                             hint="pass a new folder" + (", or overwrite=True (make_big_graph.py: --overwrite) "
+                                                         "to replace the graph stored there"
+                                                         if not self.overwrite else ""))
         try:
+            if occupied:
+                os.unlink(os.path.join(directory, META_FILE))  # first: from now on it is no graph
+                for entry in os.listdir(directory):
+                    if entry.endswith(".npy"):
+                        os.unlink(os.path.join(directory, entry))
+                shutil.rmtree(os.path.join(directory, CACHE_FOLDER), ignore_errors=True)
             os.makedirs(directory, exist_ok=True)
         except OSError as err:
-            raise GraphError(f"cannot create the graph directory {directory!r}: {err.strerror or err}") from None
+            raise GraphError(f"cannot write a graph directory at {directory!r}: {err.strerror or err}",
+                             hint="choose a writable folder") from None
         return self
 
     def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> NpyWriter:
@@ -427,18 +433,20 @@ class GraphDirectoryWriter:
     def put(self, name: str, array: np.ndarray) -> None:
         self.array(name, array.shape, array.dtype).write_array(array)
 
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is not None:
-            for writer in self.writers:
-                writer.discard()
-            return
-        try:
-            for writer in self.writers:
-                writer.commit()
-            _write_json(os.path.join(self.directory, META_FILE),
-                        {"format": FORMAT, "version": VERSION, "num_nodes": self.num_nodes})
-        except OSError as err:
-            raise GraphError(f"cannot write the graph directory {self.directory!r}: {err.strerror or err}",
+    def __exit__(self, kind: Any, error: BaseException | None, _traceback: Any) -> None:
+        if kind is None:
+            try:
+                for writer in self.writers:
+                    writer.commit()
+                _write_json(os.path.join(self.directory, META_FILE),
+                            {"format": FORMAT, "version": VERSION, "num_nodes": self.num_nodes})
+                return
+            except OSError as err:
+                error = err
+        for writer in self.writers:
+            writer.discard()  # a committed file is in place: nothing of it is left to remove
+        if isinstance(error, OSError):
+            raise GraphError(f"cannot write the graph directory {self.directory!r}: {error.strerror or error}",
                              hint="choose a writable folder on a disk with free space") from None
 
 
@@ -460,14 +468,10 @@ def write_directory(graph: Graph, path: str | os.PathLike[str], *, overwrite: bo
         if read_back != kind:
             raise GraphError(f"{kind} array {name} would be read back as a {read_back} array",
                              hint=f"rename it to {kind}_{name} before saving")
-    try:
-        with GraphDirectoryWriter(path, graph.num_nodes, overwrite=overwrite) as out:
-            out.put("edge_index", graph.edge_index)
-            for name in names:
-                out.put(name, graph[name])
-    except OSError as err:
-        raise GraphError(f"cannot write the graph directory {os.fspath(path)!r}: {err.strerror or err}",
-                         hint="choose a writable folder on a disk with free space") from None
+    with GraphDirectoryWriter(path, graph.num_nodes, overwrite=overwrite) as out:
+        out.put("edge_index", graph.edge_index)
+        for name in names:
+            out.put(name, graph[name])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,8 +542,7 @@ def _stale(layout: Layout, folder: str, stamp: dict[str, Any]) -> list[str]:
     """What the stamp in ``folder`` does not vouch for: array names, and "csr_dst"."""
     entries = stamp.get("arrays", {}) if isinstance(stamp.get("arrays"), dict) else {}
     stale = []
-    headers = {"edge_index": layout.edge_index, **{n: h for n, (_, h) in layout.arrays.items()}}
-    for name, header in headers.items():
+    for name, header in layout.files().items():
         entry = entries.get(name)
         if not isinstance(entry, dict) or entry.get("source") != list(header.stat) \
                 or entry.get("num_nodes") != layout.num_nodes:
@@ -586,7 +589,7 @@ def _prepare(layout: Layout) -> tuple[str, dict[str, Any]]:
     with _locked(folder):
         stamp = _read_stamp(folder) or {"format": STAMP_FORMAT, "version": VERSION, "arrays": {}}
         stale = _stale(layout, folder, stamp)
-        headers = {"edge_index": layout.edge_index, **{n: h for n, (_, h) in layout.arrays.items()}}
+        headers = layout.files()
         try:
             for name in stale:
                 if name == "csr_dst":
@@ -751,7 +754,7 @@ def open_graph(path: str | os.PathLike[str], *, mmap: bool = False,
 
 
 def _read_graph(layout: Layout, memory_limit: memory.Limit) -> Graph:
-    headers = [layout.edge_index] + [h for _, h in layout.arrays.values()]
+    headers = list(layout.files().values())
     total = sum(h.nbytes for h in headers)
     allowed = memory.budget(memory_limit)
     if not allowed.allows(total):
@@ -774,3 +777,25 @@ def reopen(path: str) -> Graph:
     """The memory-mapped graph at ``path`` again (how such a graph is pickled: by its path)."""
     return open_graph(path, mmap=True)
 
+
+
+def release_pages(graph: Graph) -> int:
+    """Unmap from this process the pages of ``graph``'s memory-mapped arrays (and its saved CSR)
+    that reads have mapped: they stay in the OS page cache, so a later read maps them again without
+    disk I/O, but no longer count in this process's resident memory. Gathers from a memory map
+    map whole page-cache folios (up to 2 MiB each on recent Linux kernels, whatever the row size),
+    so a sampler that must keep its RSS low calls this every few batches. Returns how many
+    mappings were released (0 for an in-memory graph or where ``madvise`` is unavailable)."""
+    advice = getattr(_mmap_module, "MADV_DONTNEED", None)
+    if advice is None:
+        return 0
+    arrays = [graph.edge_index, *graph.node_data.values(), *graph.edge_data.values(),
+              *graph.graph_data.values()]
+    for key in ("csr_dst", "csr_dst_sources"):
+        cached = graph.cached_only(key)
+        arrays.extend(cached if isinstance(cached, tuple) else [cached] if cached is not None else [])
+    mappings = {id(m): m for a in arrays
+                if isinstance(a, np.memmap) and (m := getattr(a, "_mmap", None)) is not None}
+    for mapping in mappings.values():
+        mapping.madvise(advice)
+    return len(mappings)

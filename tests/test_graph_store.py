@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -232,6 +233,20 @@ def test_changed_edges_rebuild_the_csr(tmp_path):
         Graph.load(tmp_path / "g", mmap=True)
 
 
+def test_concurrent_opens_scan_and_build_once(tmp_path):
+    graph = sample_graph(num_nodes=500, num_edges=4000)
+    graph.save_directory(tmp_path / "g")
+    # each scan is slowed down so that the two processes' opens overlap
+    script = (f"import time; from mpdsl import store; from mpdsl.graph import Graph; scanned = []\n"
+              f"scan = store._scan; store._scan = lambda *a: scanned.append(time.sleep(0.2)) or scan(*a)\n"
+              f"g = Graph.load({str(tmp_path / 'g')!r}, mmap=True)\n"
+              f"print(len(scanned), int(g.csr_by_dst()[1] @ range(g.num_edges)))")
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = sorted(run.communicate(timeout=120)[0].split() for run in runs)
+    expected = str(int(graph.csr_by_dst()[1] @ np.arange(graph.num_edges)))
+    assert outputs == [["0", expected], [str(1 + len(graph.keys())), expected]]
+
+
 def test_a_read_only_data_folder_uses_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     graph = sample_graph()
@@ -282,6 +297,35 @@ def test_open_and_gather_keep_the_features_on_disk(tmp_path, monkeypatch):
     np.testing.assert_array_equal(gathered[:, 0], rows // 4096 * 4096)
     assert isinstance(loaded["x"], np.memmap)
     assert peak < 4 << 20, f"opening and gathering allocated {peak / 2**20:.1f} MiB for a 32 MiB feature file"
+
+
+def resident_file_bytes() -> int | None:
+    """This process's resident file-backed memory (``RssFile`` of /proc/self/status), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def test_release_pages_unmaps_what_gathers_mapped(tmp_path):
+    if resident_file_bytes() is None:
+        pytest.skip("needs /proc/self/status")
+    graph = sample_graph(num_nodes=1 << 14, num_edges=1 << 10, features=256)
+    graph.save_directory(tmp_path / "g")
+    loaded = Graph.load(tmp_path / "g", mmap=True)
+    before = resident_file_bytes()
+    gathered = loaded["x"][np.arange(0, 1 << 14, 16)]  # a row from every 16 KiB
+    np.testing.assert_array_equal(gathered, graph["x"][::16])
+    mapped = resident_file_bytes()
+    assert mapped - before > 8 << 20  # most of the 16 MiB file is mapped now
+    assert store.release_pages(loaded) == 1 + len(loaded.keys()) + 3  # edge_index, the arrays, the CSR
+    assert resident_file_bytes() - before < 2 << 20
+    np.testing.assert_array_equal(loaded["x"][np.arange(0, 1 << 14, 16)], gathered)  # still readable
+    assert store.release_pages(graph) == 0
 
 
 def test_an_in_memory_load_is_held_to_the_memory_budget(tmp_path):
