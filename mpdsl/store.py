@@ -366,7 +366,8 @@ class NpyWriter:
 
     def write(self, flat_start: int, values: np.ndarray) -> None:
         data = np.ascontiguousarray(values, dtype=self.dtype).reshape(-1)
-        os.pwrite(self.handle.fileno(), data.data.cast("B"), self.offset + flat_start * self.dtype.itemsize)
+        self.handle.seek(self.offset + flat_start * self.dtype.itemsize)
+        self.handle.write(data.data.cast("B"))
 
     def write_array(self, array: np.ndarray) -> None:
         """All of ``array`` (this file's shape), copied in chunks of ``SCAN_CHUNK_BYTES``."""
@@ -663,7 +664,7 @@ def build_csr(edges: ArrayFile, num_nodes: int, folder: str, buffer_bytes: int |
     in id order within a group: ``Graph.csr_by_dst()``) and ``csr_dst_sources.npy`` [E] (= src[perm])
     into ``folder`` from the int64 [2, E] ``edges`` file, with a counting sort: one pass counting
     in-degrees, then one pass per ``buffer_bytes`` of output, each reading the edges in chunks.
-    Memory: 16 (N + 1) bytes of counts and cursors, the output buffers, two read chunks."""
+    Memory: 24 bytes per node (counts, indptr, cursors), the output buffers, two read chunks."""
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _csr_kernels()

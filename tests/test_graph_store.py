@@ -3,6 +3,7 @@ the validation stamp, and every kind of bad directory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import subprocess
@@ -455,3 +456,30 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "big" / "graph.json").exists() and (tmp_path / "big" / ".mpdsl" / "stamp.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The generator of large graphs
+
+
+def test_make_big_graph_writes_a_seeded_learnable_graph(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_big_graph", REPO / "benchmarks" / "make_big_graph.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    sizes = ["--nodes", "3000", "--edges", "30000", "--features", "8", "--classes", "4"]
+    summary = generator.generate(generator.arguments([str(tmp_path / "a"), *sizes]))
+    generator.generate(generator.arguments([str(tmp_path / "b"), *sizes]))
+    assert summary["nodes"] == 3000 and 0.75 < summary["edge_homophily"] < 0.87
+    for name in ("edge_index", "x", "y", "train_mask", "val_mask", "test_mask"):
+        assert (tmp_path / "a" / f"{name}.npy").read_bytes() == (tmp_path / "b" / f"{name}.npy").read_bytes()
+    graph = Graph.load(tmp_path / "a", mmap=True)
+    assert graph["x"].shape == (3000, 8) and graph["x"].dtype == np.float32 and graph.num_edges == 30000
+    masks = np.stack([graph[name] for name in ("train_mask", "val_mask", "test_mask")])
+    assert (masks.sum(axis=0) == 1).all() and 0.07 < masks[0].mean() < 0.13
+    y, x = np.asarray(graph["y"]), np.asarray(graph["x"])
+    means = np.stack([x[y == c].mean(axis=0) for c in range(4)])
+    assert np.linalg.norm(means[0] - means[1]) > 0.2  # features carry the class
+    in_degree = graph.in_degree()
+    assert in_degree.max() > 20 * in_degree.mean()  # a heavy tail
+    with pytest.raises(SystemExit):
+        generator.arguments([str(tmp_path / "c"), "--exponent", "2"])
