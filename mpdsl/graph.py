@@ -233,6 +233,7 @@ class Graph:
         "_node_data",
         "_num_graphs",
         "_num_nodes",
+        "_source",
     )
 
     def __init__(
@@ -291,6 +292,36 @@ class Graph:
         self._edge_data = {k: _read_only(v) for k, v in groups["edge"].items()}
         self._graph_data = {k: _read_only(v) for k, v in groups["graph"].items()}
         self._cache: dict[str, Any] = {}
+        self._source: str | None = None
+
+    @classmethod
+    def _trusted(cls, edge_index: np.ndarray, num_nodes: int, num_graphs: int,
+                 groups: Mapping[str, Mapping[str, np.ndarray]], cache: Mapping[str, Any], *,
+                 source: str | None = None) -> Graph:
+        """A graph from arrays its caller has validated as the constructor would (the graph store):
+        ``edge_index`` int64 [2, E] C-contiguous, ``groups`` {"node"|"edge"|"graph": arrays} with
+        the right rows and dtypes. Arrays are kept as they are (memory maps stay memory maps: no
+        copy, no scan); ``cache`` pre-fills the layouts; ``source`` is the directory a pickled graph
+        is reopened from."""
+        graph = cls.__new__(cls)
+        graph._num_nodes = num_nodes
+        graph._num_graphs = num_graphs
+        graph._edge_index = _read_only(edge_index)
+        graph._node_data = {k: _read_only(v) for k, v in groups["node"].items()}
+        graph._edge_data = {k: _read_only(v) for k, v in groups["edge"].items()}
+        graph._graph_data = {k: _read_only(v) for k, v in groups["graph"].items()}
+        graph._cache = dict(cache)
+        graph._source = source
+        return graph
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """A memory-mapped graph pickles as its directory (a worker process reopens it: the stamp
+        makes that cheap), never as a copy of its arrays; other graphs pickle as usual."""
+        if self._source is not None:
+            from .store import reopen
+
+            return reopen, (self._source,)
+        return super().__reduce_ex__(protocol)
 
     # ----------------------------------------------------------------------------------------
     # Construction from flat name -> array mappings
@@ -598,14 +629,28 @@ class Graph:
     # Files
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, memory_limit: Any = None) -> Graph:
-        """The graph stored in the ``.npz`` file at ``path``: ``edge_index``, an optional 0-d
-        integer ``num_nodes`` and arrays classified by name. Never unpickles; the sizes the file
-        declares are checked against the memory budget (``mpdsl.memory``; ``memory_limit``
-        overrides it) before any array is read."""
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool = False, memory_limit: Any = None) -> Graph:
+        """The graph stored at ``path``: an ``.npz`` file (``edge_index``, an optional 0-d integer
+        ``num_nodes`` and arrays classified by name) or a graph directory (``mpdsl.store``: one
+        ``.npy`` per array and ``graph.json``). Never unpickles. A file, or a directory without
+        ``mmap``, is read into memory after the sizes it declares are checked against the memory
+        budget (``mpdsl.memory``; ``memory_limit`` overrides it). ``mmap=True`` (directories only)
+        memory-maps the arrays read-only: validated once and stamped, the CSR by destination saved
+        beside the data and pre-filled, so a sampled batch reads only its rows."""
         from .npz import read_npz
 
         name = os.fspath(path)
+        if os.path.isdir(name):
+            from .store import open_graph
+
+            return open_graph(name, mmap=mmap, memory_limit=memory_limit)
+        if mmap:
+            if not os.path.exists(name):
+                raise GraphError(f"graph directory {name!r} does not exist",
+                                 hint="check the path (relative paths start at the current folder)")
+            raise GraphError(f"mmap=True needs a graph directory, but {name!r} is a file",
+                             hint="convert it once: mpdsl.Graph.load(path).save_directory('big/'), then "
+                                  "Graph.load('big/', mmap=True)")
         arrays = read_npz(name, GraphError, "graph file", memory_limit)
         if "edge_index" not in arrays:
             found = ", ".join(sorted(arrays)[:8]) or "no arrays"
@@ -619,6 +664,15 @@ class Graph:
             return cls._from_flat(edge_index, num_nodes, arrays)
         except GraphError as exc:
             raise GraphError(f"in graph file {name!r}: {exc.message}", hint=exc.hint) from None
+
+    def save_directory(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write the graph as a graph directory (``mpdsl.store``) at ``path``, a new or empty
+        folder (``overwrite=True`` replaces a graph directory there), which ``load(path,
+        mmap=True)`` memory-maps. Arrays are copied in chunks, so a memory-mapped graph is saved
+        without reading it into memory."""
+        from .store import write_directory
+
+        write_directory(self, path, overwrite=overwrite)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the graph to ``path`` (exactly that name) in the format ``load`` reads: a

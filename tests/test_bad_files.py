@@ -155,7 +155,7 @@ def test_cli_reports_damaged_files_without_a_traceback(tmp_path, capsys):
     assert main(["run", GCN, "--graph", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("error: ") == 4 and "Traceback" not in err
-    assert "is a directory" in err and "weights file" in err and "[1000000000000] float64" in err
+    assert "has no graph.json" in err and "weights file" in err and "[1000000000000] float64" in err
 
 
 def test_graph_save_reports_bad_paths(tmp_path):
