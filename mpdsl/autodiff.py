@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
-from mpdsl.ops import OPS, Effect, MissingRule, Trait, parse_subscripts, running_statistic
+from mpdsl.ops import OPS, MissingRule, Trait, is_pure, parse_subscripts, running_statistic
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
 from mpdsl.types import FLOAT_DTYPES, Dim, Domain, TensorType, TypeRuleError
 
@@ -804,8 +804,7 @@ def rematerialized(needed: dict[int, Value]) -> set[int]:
     and needed values that stay residuals or are recomputed in turn, with the values of its cone. So
     recomputing never saves another array: the residual bytes only shrink."""
     def pure_elementwise(v: Value) -> bool:
-        definition = OPS[v.op]
-        return definition.has(Trait.ELEMENTWISE) and definition.effect_of(v.attrs) is Effect.PURE
+        return OPS[v.op].has(Trait.ELEMENTWISE) and is_pure(v)
 
     recomputed: set[int] = set()
     for v in needed.values():
