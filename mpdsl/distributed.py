@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the command line reads 
     from torch.multiprocessing.spawn import ProcessException
 
 __all__ = ["DEFAULT_TIMEOUT", "DistributedError", "RankContext", "from_environment", "initialize", "launch",
-           "shutdown"]
+           "rank_failure", "shutdown"]
 
 DEFAULT_TIMEOUT = 300.0
 HOST = "127.0.0.1"
@@ -161,6 +161,12 @@ def launch(nproc: int, function: Callable[..., Any], args: tuple = (), *, timeou
     try:
         while not context.join():
             pass
+    except KeyboardInterrupt:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        raise
     except ProcessException as exc:
         reports = []
         while not failures.empty():
@@ -179,7 +185,9 @@ def _rank_main(rank: int, world_size: int, port: int, function: Callable[..., An
     import torch.distributed as dist
 
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        threads = max(1, (os.cpu_count() or 1) // world_size)  # the ranks share this machine's cores
+        torch.set_num_threads(threads)
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))  # read when numba is first imported
         store = dist.TCPStore(HOST, port, world_size, False, timeout=datetime.timedelta(seconds=timeout))
         context = initialize(rank, world_size, cuda=cuda, timeout=timeout, store=store)
         try:
@@ -189,6 +197,12 @@ def _rank_main(rank: int, world_size: int, port: int, function: Callable[..., An
     except BaseException as err:  # every error, KeyboardInterrupt too, is reported to the launcher
         failures.put(_report(rank, err))
         raise SystemExit(1) from None
+
+
+def rank_failure(rank: int, err: BaseException) -> DistributedError:
+    """The one-line DistributedError of ``err`` raised in ``rank``."""
+    _, _, message, hint = _report(rank, err)
+    return DistributedError(f"rank {rank} failed: {message}", hint)
 
 
 def _first_line(err: BaseException) -> str:

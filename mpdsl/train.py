@@ -172,7 +172,7 @@ def load_data(data: str | os.PathLike | Graph, task: str | None = None, split: s
         if task is None:
             task = "graph-regression"
     elif os.path.isdir(data):
-        memory_map: dict[str, Any] = {"mmap": True}  # the graph store's keyword, read by any Graph.load version
+        memory_map: dict[str, Any] = {"mmap": True}  # Graph.load's keyword for graph directories
         graph, name, memory_mapped = Graph.load(data, **memory_map), str(data), True
     else:
         graph, name = Graph.load(data), str(data)
@@ -972,10 +972,8 @@ def run_cli(args: argparse.Namespace, dims: dict[str, int]) -> int:
                                          cuda=cuda, timeout=args.dist_timeout)
         try:
             return _train_cli(args, dims, context)
-        except MpdslError as err:
-            raise distributed.DistributedError(f"rank {context.rank} failed: {err.message}", err.hint) from None
-        except Exception as err:
-            raise distributed.DistributedError(f"rank {context.rank} failed: {type(err).__name__}: {err}") from None
+        except Exception as err:  # one line naming this rank, as the launcher reports its ranks
+            raise distributed.rank_failure(context.rank, err) from None
         finally:
             distributed.shutdown()
     return _train_cli(args, dims, None)

@@ -213,11 +213,29 @@ def test_cli_nproc_2_with_neighbor_loader(tmp_path, capfd):
     assert (tmp_path / "w.npz").exists()
 
 
-def test_torchrun_with_neighbor_loader(tmp_path):
-    pytest.importorskip("mpdsl.sampling.neighbor")
+TORCHRUN_RANK = """
+import sys
+sys.path.insert(0, {tests!r})
+from mpdsl import cli
+from mpdsl.sampling import spec
+from sampling_helpers import NumpyNeighborLoader
+spec._constructor = lambda module, name: NumpyNeighborLoader
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_ranks_join_from_its_variables(tmp_path):
+    """``torchrun ... mpdsl train``, its ranks with the NumPy stand-in for NeighborLoader."""
     _, argv = cli_files(tmp_path)
+    code = TORCHRUN_RANK.format(tests=str(Path(__file__).resolve().parent))
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "mpdsl.cli", *argv], capture_output=True, text=True, timeout=120)
+                          "--no-python", sys.executable, "-c", code, *argv, "--dtype", "float64", "--lr", "0.03"],
+                         capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     assert len([line for line in run.stdout.splitlines() if line.startswith("epoch")]) == 3
-    assert len(json.loads((tmp_path / "h.json").read_text())["history"]) == 3
+    assert run.stdout.count("sampler neighbor:3,2, 2 ranks") == 1
+    record = json.loads((tmp_path / "h.json").read_text())
+    curve, _ = reference_curve(load_data(community_graph()), SAMPLER, epochs=3, batch_size=BATCH, lr=0.03,
+                               world_size=2)
+    np.testing.assert_allclose([r["loss"] for r in record["history"]], curve, rtol=1e-10)

@@ -221,6 +221,15 @@ def test_evaluation_modes_and_their_errors(data):
         fit_sampled(compiled(), load_data(graphs.with_data(graph_y=np.ones(3)), "graph-regression"), uncovering)
 
 
+def test_worker_processes_sample_the_same_batches(data):
+    runs = [fit_sampled(compiled(), data, neighbor_sampler((3, 2)), batch_size=8, epochs=2, evaluation="sampled",
+                        num_workers=workers) for workers in (0, 2)]
+    assert runs[0].history[0]["loss"] != runs[0].history[1]["loss"]
+    for key in ("loss", "val_loss", "train_metric"):
+        np.testing.assert_allclose([r[key] for r in runs[1].history], [r[key] for r in runs[0].history], rtol=1e-12)
+    assert runs[1].final == runs[0].final
+
+
 def test_max_time_stops_sampled_training_after_an_epoch(data):
     result = fit_sampled(compiled(), data, neighbor_sampler((2,)), batch_size=4, epochs=50, max_seconds=1e-9)
     assert len(result.history) == 1 and "stopped after epoch 1" in result.notes[0]

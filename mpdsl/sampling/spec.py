@@ -79,11 +79,16 @@ class Sampler:
 
 def _constructor(module: str, name: str):
     """The loader class ``name`` of ``mpdsl.sampling.<module>``, imported when a loader is built."""
+    path = f"mpdsl.sampling.{module}"
     try:
-        return getattr(importlib.import_module(f"mpdsl.sampling.{module}"), name)
-    except (ImportError, AttributeError):
-        raise SamplingError(f"the sampler loader {name} (mpdsl.sampling.{module}) is not available in this "
-                            "installation", "use another --sampler") from None
+        return getattr(importlib.import_module(path), name)
+    except ModuleNotFoundError as err:
+        if err.name != path:  # a module the loader needs: its own message says which
+            raise
+    except AttributeError:
+        pass
+    raise SamplingError(f"the sampler loader {name} ({path}) is not available in this installation",
+                        "use another --sampler")
 
 
 def _yes_no(key: str, text: str) -> bool:
@@ -101,13 +106,13 @@ def _integer(what: str, text: str, lowest: int, all_allowed: bool = False) -> in
         value = None
     if value is None or not (value >= lowest or (all_allowed and value == -1)):
         wanted = f"an integer >= {lowest}" + (" or -1 (all neighbours)" if all_allowed else "")
-        raise SamplingError(f"{what} must be {wanted}, got {text!r}", SAMPLER_SYNTAX)
+        raise SamplingError(f"{what} must be {wanted}, got {text!r}")
     return value
 
 
 def _neighbor(args: list[str], options: dict[str, str]) -> Sampler:
     if not args:
-        raise SamplingError("neighbor needs one fanout per layer, e.g. neighbor:15,10", SAMPLER_SYNTAX)
+        raise SamplingError("neighbor needs one fanout per layer, e.g. neighbor:15,10")
     fanouts = [_integer(f"fanout {i + 1}", a, 1, all_allowed=True) for i, a in enumerate(args)]
     replace = _yes_no("replace", options.pop("replace", "no"))
 
@@ -121,8 +126,7 @@ def _neighbor(args: list[str], options: dict[str, str]) -> Sampler:
 
 def _cluster(args: list[str], options: dict[str, str]) -> Sampler:
     if len(args) != 1:
-        raise SamplingError(f"cluster takes one part count, e.g. cluster:100, got {len(args)} values",
-                            SAMPLER_SYNTAX)
+        raise SamplingError(f"cluster takes one part count, e.g. cluster:100, got {len(args)} values")
     num_parts = _integer("the part count", args[0], 1)
 
     def build(graph, seeds, *, batch_size, shuffle, seed, rank, world_size, **loader_options):
@@ -140,8 +144,7 @@ def _saint(kind: str, args: list[str], options: dict[str, str]) -> Sampler:
     loader_name, what = names[kind]
     if len(args) != len(what):
         example = "saint-rw:2000,4" if kind == "saint-rw" else f"{kind}:6000"
-        raise SamplingError(f"{kind} takes {' and '.join(what)}, e.g. {example}, got {len(args)} values",
-                            SAMPLER_SYNTAX)
+        raise SamplingError(f"{kind} takes {' and '.join(what)}, e.g. {example}, got {len(args)} values")
     sizes = [_integer(w, a, 1) for w, a in zip(what, args)]
     steps = _integer("steps", options.pop("steps"), 1) if "steps" in options else None
     coverage = {"sample_coverage": _integer("coverage", options.pop("coverage"), 0)} if "coverage" in options else {}
@@ -166,8 +169,12 @@ SAMPLERS: dict[str, Callable[[list[str], dict[str, str]], Sampler]] = {
 }
 OPTIONS = {"neighbor": ("replace",), "cluster": (), "saint-node": ("steps", "coverage"),
            "saint-edge": ("steps", "coverage"), "saint-rw": ("steps", "coverage")}
-SAMPLER_SYNTAX = ("write neighbor:F1,F2,... (fanouts >= 1 or -1; option replace=yes), cluster:K, "
-                  "saint-node:BUDGET, saint-edge:BUDGET or saint-rw:ROOTS,LENGTH (options steps=S, coverage=C)")
+SYNTAX = {"neighbor": "neighbor:F1,F2,... (one fanout per layer, each >= 1 or -1; option replace=yes)",
+          "cluster": "cluster:K (K >= 1 parts)",
+          "saint-node": "saint-node:BUDGET[,steps=S][,coverage=C]",
+          "saint-edge": "saint-edge:BUDGET[,steps=S][,coverage=C]",
+          "saint-rw": "saint-rw:ROOTS,LENGTH[,steps=S][,coverage=C]"}
+SAMPLER_SYNTAX = "write one of " + "; ".join(SYNTAX.values())
 
 
 def parse_sampler(text: str) -> Sampler:
@@ -175,14 +182,15 @@ def parse_sampler(text: str) -> Sampler:
     name, colon, rest = text.strip().partition(":")
     name = name.strip().lower()
     if name not in SAMPLERS:
-        raise SamplingError(f"unknown sampler {name!r}", f"use one of {', '.join(SAMPLERS)}: {SAMPLER_SYNTAX}")
+        raise SamplingError(f"unknown sampler {name!r}", SAMPLER_SYNTAX)
+    syntax = f"write {SYNTAX[name]}"
     if not colon or not rest.strip():
-        raise SamplingError(f"the {name} sampler needs its sizes after a colon", SAMPLER_SYNTAX)
+        raise SamplingError(f"the {name} sampler needs its sizes after a colon", syntax)
     args: list[str] = []
     options: dict[str, str] = {}
     for item in (part.strip() for part in rest.split(",")):
         if not item:
-            raise SamplingError(f"empty value in {text!r}", SAMPLER_SYNTAX)
+            raise SamplingError(f"empty value in {text!r}", syntax)
         key, equals, value = item.partition("=")
         if not equals:
             if options:
@@ -196,5 +204,8 @@ def parse_sampler(text: str) -> Sampler:
         if key in options:
             raise SamplingError(f"option {key} is given twice", "give each option once")
         options[key] = value.strip()
-    sampler = SAMPLERS[name](args, options)
+    try:
+        sampler = SAMPLERS[name](args, options)
+    except SamplingError as err:
+        raise SamplingError(err.message, err.hint or syntax) from None
     return Sampler(sampler.name, sampler.build, sampler.seeded, sampler.covers, sampler.batch_size, text.strip())
