@@ -5,6 +5,7 @@ NumPy stand-in for NeighborLoader here; with the real loaders once they are inst
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from mpdsl.cli import main  # noqa: E402
 from mpdsl.sampling import spec  # noqa: E402
 from mpdsl.sampling.loader import SamplingError  # noqa: E402
 from mpdsl.sampling.spec import parse_sampler  # noqa: E402
-from mpdsl.train import TrainError, batch_loss, fit, fit_sampled, load_data  # noqa: E402
+from mpdsl.train import TrainError, batch_loss, evaluation_mode, fit, fit_sampled, load_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampling_helpers import (  # noqa: E402
@@ -214,6 +215,10 @@ def test_evaluation_modes_and_their_errors(data):
     with pytest.raises(TrainError, match="--eval sampled needs a sampler whose one pass covers every node"):
         fit_sampled(compiled(), data, uncovering, epochs=1, evaluation="sampled")
     assert fit_sampled(compiled(), data, uncovering, epochs=1).final["evaluation"] == "full"
+    mapped = dataclasses.replace(data, memory_mapped=True)  # a graph directory: too large for one forward
+    assert evaluation_mode("auto", block_sampler(2), mapped) == "sampled"
+    assert evaluation_mode("auto", uncovering, mapped) == "full"
+    assert evaluation_mode("auto", block_sampler(2), data) == "full"
     with pytest.raises(TrainError, match="unknown evaluation 'layerwise'"):
         fit_sampled(compiled(), data, uncovering, epochs=1, evaluation="layerwise")
     with pytest.raises(TrainError, match="sampled training is for node classification"):
