@@ -32,6 +32,26 @@ and written with ``--save`` (an .npz that ``CompiledModel.load_weights`` and ``m
 --weights`` read). ``--plot curve.png`` draws the loss and metric curves (needs matplotlib: ``pip
 install "mpdsl[train]"``), ``--history h.json`` writes them as JSON.
 
+Sampled training (``--sampler SPEC``, ``fit_sampled``): node classification on mini-batches of a
+large graph (``--data`` may be a graph directory, memory-mapped). The spec names the loader and its
+sizes (``mpdsl.sampling.spec``): ``neighbor:15,10`` (the training nodes as seeds, ``--batch-size``
+per batch, default 1024), ``cluster:K`` (``--batch-size`` METIS parts per batch, default 1),
+``saint-node:BUDGET``, ``saint-edge:BUDGET``, ``saint-rw:ROOTS,LENGTH`` (one subgraph per step;
+``steps=S``, ``coverage=C``). The loss of a seeded batch is the cross entropy on its first
+``batch_size`` rows; of a subgraph batch, on its rows of training nodes (with GraphSAINT's
+``node_norm``: weighted by it and summed). The training accuracy of an epoch is the running figure
+of its batches. ``--eval full`` evaluates with one full-graph forward (exact), ``--eval sampled``
+passes the split's nodes through the sampler (seeded samplers: the split as seeds, the same draw
+every epoch; cluster: every part once); ``auto`` (default) is sampled for a memory-mapped graph when
+the sampler covers every node once, else full.
+
+Distributed training (``--nproc K``, or started by torchrun): ``mpdsl.distributed`` starts or joins
+the ranks (gloo on the CPU, NCCL on CUDA with the triton backend; ``--dist-timeout`` bounds every
+wait); the torch module trains in ``DistributedDataParallel``; rank r takes the global batches r,
+r + K, ... of every epoch; the epoch's loss, accuracy, evaluation sums and ``--max-time`` decision are
+summed over the ranks in one collective, so every rank reports the same figures and stops together;
+rank 0 alone logs, draws the bar, plots and writes files. A failed rank ends the run with one message.
+
 Dropout and ``batch_norm`` follow ``train()`` / ``eval()`` (training steps in training mode: batch
 statistics, running statistics updated; every evaluation in eval mode: running statistics). ``--seed`` seeds
 the parameter initialisation, torch's generator (dropout masks) and the mini-batch shuffling: a run is
@@ -41,6 +61,7 @@ repeatable.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -49,29 +70,39 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from mpdsl.backends import available_backends
 from mpdsl.diagnostics import MpdslError
+from mpdsl.distributed import DEFAULT_TIMEOUT
 from mpdsl.graph import Graph
 from mpdsl.ops import DEFAULT_INITS
 from mpdsl.types import Domain
 
+if TYPE_CHECKING:
+    from mpdsl.distributed import RankContext
+    from mpdsl.sampling.spec import Sampler
+
 TASKS = ("node-classification", "graph-regression")
 SPLITS = ("masks", "karate-4", "80-10-10")
 LOSSES = ("mse", "l1")
+GRAPH_BATCH_SIZE = 64  # graph regression's default graphs per mini-batch
 TRAIN_HINT = 'pip install "mpdsl[train]"'
 
 __all__ = [
+    "EVALUATIONS",
     "SPLITS",
     "TASKS",
     "TaskData",
     "TrainError",
     "TrainResult",
     "add_arguments",
+    "batch_loss",
+    "evaluation_mode",
     "fit",
+    "fit_sampled",
     "load_data",
     "plot_history",
     "run_cli",
@@ -99,6 +130,7 @@ class TaskData:
     test: np.ndarray
     name: str
     split: str
+    memory_mapped: bool = False
 
     @property
     def unit(self) -> str:
@@ -120,14 +152,16 @@ def _mask_indices(graph: Graph, name: str, rows: int, kind: str) -> np.ndarray:
 
 def load_data(data: str | os.PathLike | Graph, task: str | None = None, split: str | None = None,
               limit: int | None = None) -> TaskData:
-    """The task for ``data``: ``"tpsa"`` (RDKit's TPSA molecules, graph regression), an .npz path or a
-    Graph. ``task`` defaults to graph regression for ``tpsa`` and data with ``graph_y`` or a per-graph
-    ``y``, else node classification; ``split`` to the masks in the data, else (graph regression) the
-    fixed 80/10/10 split. ``limit`` keeps the first ``limit`` graphs (graph regression only)."""
+    """The task for ``data``: ``"tpsa"`` (RDKit's TPSA molecules, graph regression), an .npz path, a
+    graph directory (memory-mapped: ``Graph.load(path, mmap=True)``) or a Graph. ``task`` defaults to
+    graph regression for ``tpsa`` and data with ``graph_y`` or a per-graph ``y``, else node
+    classification; ``split`` to the masks in the data, else (graph regression) the fixed 80/10/10
+    split. ``limit`` keeps the first ``limit`` graphs (graph regression only)."""
     if task is not None and task not in TASKS:
         raise TrainError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
     if split is not None and split not in SPLITS:
         raise TrainError(f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
+    memory_mapped = False
     if isinstance(data, Graph):
         graph, name = data, "<graph>"
     elif str(data) == "tpsa":
@@ -137,6 +171,9 @@ def load_data(data: str | os.PathLike | Graph, task: str | None = None, split: s
         limit = None
         if task is None:
             task = "graph-regression"
+    elif os.path.isdir(data):
+        memory_map: dict[str, Any] = {"mmap": True}  # Graph.load's keyword for graph directories
+        graph, name, memory_mapped = Graph.load(data, **memory_map), str(data), True
     else:
         graph, name = Graph.load(data), str(data)
     targets: list[str] = [n for n in ("graph_y", "y") if n in graph and n in graph.graph_data]
@@ -146,8 +183,8 @@ def load_data(data: str | os.PathLike | Graph, task: str | None = None, split: s
         if limit is not None:
             raise TrainError("--limit selects graphs, which node classification does not use",
                              "drop --limit")
-        return _node_task(graph, name, split)
-    return _graph_task(graph, name, split, targets, limit)
+        return dataclasses.replace(_node_task(graph, name, split), memory_mapped=memory_mapped)
+    return dataclasses.replace(_graph_task(graph, name, split, targets, limit), memory_mapped=memory_mapped)
 
 
 def _node_task(graph: Graph, name: str, split: str | None) -> TaskData:
@@ -223,8 +260,9 @@ def _graph_task(graph: Graph, name: str, split: str | None, targets: list[str], 
 # The model's output
 
 
-def _output_type(model, data: TaskData):
-    """The model's one output type, with the dims bound from ``data.graph``; checked against the task."""
+def _output_type(model, data: TaskData, graph: Graph | None = None):
+    """The model's one output type, with the dims bound from ``graph`` (default ``data.graph``); checked
+    against the task."""
     outputs = model.ir.outputs
     if len(outputs) != 1:
         raise TrainError(f"'{model.name}' has {len(outputs)} outputs ({', '.join(n for n, _ in outputs)})",
@@ -235,7 +273,7 @@ def _output_type(model, data: TaskData):
         shape = "node[C] (class scores)" if want is Domain.NODE else "graph[K] (one prediction per graph)"
         raise TrainError(f"'{model.name}' returns {value.type}, which does not fit {data.task}",
                          f"{data.task} needs a model returning {shape}")
-    _, dims = model.bind(data.graph, {})
+    _, dims = model.bind(data.graph if graph is None else graph, {})
     t = value.type.substitute(dims)
     size = t.shape[0].value if t.rank == 1 else 1
     if data.task == "node-classification":
@@ -479,6 +517,263 @@ def fit(model, data: TaskData, *, epochs: int = 100, lr: float = 0.01, weight_de
     return TrainResult(data.task, metric, history, best_epoch, weights, final, seconds, target_scale, notes)
 
 
+EVALUATIONS = ("auto", "full", "sampled")
+
+
+def evaluation_mode(evaluation: str, sampler: Sampler, data: TaskData) -> str:
+    """``full`` or ``sampled`` for ``--eval`` (``auto``: sampled for a memory-mapped graph when the
+    sampler covers a split in one pass, else full); a TrainError for a mode the sampler cannot do."""
+    if evaluation not in EVALUATIONS:
+        raise TrainError(f"unknown evaluation {evaluation!r}", f"use one of {', '.join(EVALUATIONS)}")
+    if evaluation == "auto":
+        return "sampled" if data.memory_mapped and sampler.covers else "full"
+    if evaluation == "sampled" and not sampler.covers:
+        raise TrainError(f"--eval sampled needs a sampler whose one pass covers every node once, and the "
+                         f"{sampler.name} sampler's subgraphs do not", "use --eval full (one full-graph forward)")
+    return evaluation
+
+
+def _identity(batch):
+    return batch
+
+
+def _rank_share(loader, rank: int, world_size: int, **options: Any):
+    """The batches ``rank``, ``rank + world_size``, ... of one unshuffled pass over all the global
+    batches of ``loader`` (a SampleLoader): the ranks' shares together hold every batch once (the
+    training schedule instead drops an incomplete last round)."""
+    import torch.utils.data
+
+    from mpdsl.sampling.loader import batch_key
+
+    schedule = loader.schedule
+    order, size = schedule.epoch_order(0), schedule.batch_size
+    items = [(batch_key(schedule.seed, 0, k), order[k * size:(k + 1) * size])
+             for k in range(rank, schedule.global_batches(), world_size)]
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=None, sampler=items, collate_fn=_identity,
+                                       **options)
+
+
+def _batch_rows(batch, members: np.ndarray | None) -> np.ndarray:
+    """The local rows of ``batch`` a loss or metric uses: the seeds (``members`` None), else the rows
+    whose global node is in ``members`` (a boolean node mask)."""
+    if members is None:
+        return np.arange(batch.batch_size)
+    return np.flatnonzero(members[batch.n_id])
+
+
+def batch_loss(out, batch, labels, members: np.ndarray | None) -> tuple[Any, int, int]:
+    """(loss, correct, rows) of a training batch with class scores ``out``: the cross entropy on the
+    batch's seeds (``members`` None: the first ``batch_size`` rows, mean), or on the rows whose node is
+    in the training mask ``members`` (mean; GraphSAINT batches, with a ``node_norm`` array: the sum
+    of the row losses weighted by ``node_norm``, GraphSAINT's unbiased loss); ``correct``: the rows
+    whose top score is their label. ``labels``: int64 tensor [N] of every node's class."""
+    import torch
+
+    rows = _batch_rows(batch, members)
+    scores = out[torch.from_numpy(rows).to(out.device)]
+    target = labels[torch.from_numpy(batch.n_id[rows])].to(out.device)
+    row_losses = torch.nn.functional.cross_entropy(scores, target, reduction="none")
+    if members is not None and "node_norm" in batch:
+        weights = torch.from_numpy(np.asarray(batch["node_norm"])[rows]).to(out.device, out.dtype)
+        value = (row_losses * weights).sum()
+    else:
+        value = row_losses.sum() / max(len(rows), 1)  # a batch without training rows: 0, zero gradients
+    return value, int((scores.argmax(-1) == target).sum().item()), len(rows)
+
+
+class _Evaluator:
+    """The loss and accuracy sums of the splits under the current weights, in eval mode: ``full``, one
+    forward on the whole graph (on rank 0; the other ranks add zeros); ``sampled``, each rank its
+    share of every batch of the split's loader (seeded samplers: a loader of the split's nodes,
+    unshuffled; subgraph samplers: every batch of the training loader, the split's rows)."""
+
+    def __init__(self, mode: str, module, data: TaskData, sampler: Sampler, train_loader, labels, *,
+                 batch_size: int | None, seed: int, rank: int, world_size: int, options: dict[str, Any]):
+        self.mode, self.module, self.data, self.sampler = mode, module, data, sampler
+        self.train_loader, self.labels = train_loader, labels
+        self.batch_size, self.seed, self.rank, self.world_size, self.options = (batch_size, seed, rank, world_size,
+                                                                               options)
+        self.split_of = {"train": data.train, "val": data.val, "test": data.test}
+        self.loaders: dict[str, Any] = {}
+        self.members: dict[str, np.ndarray] = {}
+
+    def sums(self, *parts: str) -> list[float]:
+        """[loss sum, correct, count] per part, this rank's contribution, flat."""
+        import torch
+
+        totals = {part: [0.0, 0.0, 0.0] for part in parts}
+        wanted = [p for p in parts if self.split_of[p].size]
+        self.module.eval()
+        with torch.no_grad():
+            if self.mode == "full":
+                if self.rank == 0 and wanted:
+                    out = self.module(_full_graph(self.module.compiled, self.data.graph))
+                    for part in wanted:
+                        idx = self.split_of[part]
+                        self._add(totals[part], out[torch.from_numpy(idx).to(out.device)], idx)
+            elif self.sampler.seeded:
+                for part in wanted:
+                    for batch in _rank_share(self._seed_loader(part), self.rank, self.world_size, **self.options):
+                        out = self.module(batch.graph)
+                        self._add(totals[part], out[:batch.batch_size], batch.n_id[:batch.batch_size])
+            elif wanted:
+                for batch in _rank_share(self.train_loader, self.rank, self.world_size, **self.options):
+                    out = self.module(batch.graph)
+                    for part in wanted:
+                        rows = _batch_rows(batch, self._members(part))
+                        self._add(totals[part], out[torch.from_numpy(rows).to(out.device)], batch.n_id[rows])
+        return [value for part in parts for value in totals[part]]
+
+    def _add(self, total: list[float], scores, nodes: np.ndarray) -> None:
+        import torch
+
+        target = self.labels[torch.from_numpy(np.ascontiguousarray(nodes))].to(scores.device)
+        total[0] += torch.nn.functional.cross_entropy(scores, target, reduction="sum").item()
+        total[1] += int((scores.argmax(-1) == target).sum().item())
+        total[2] += len(nodes)
+
+    def _seed_loader(self, part: str):
+        if part not in self.loaders:
+            self.loaders[part] = self.sampler.loader(self.data.graph, self.split_of[part], batch_size=self.batch_size,
+                                                     shuffle=False, seed=self.seed)
+        return self.loaders[part]
+
+    def _members(self, part: str) -> np.ndarray:
+        if part not in self.members:
+            self.members[part] = _node_mask(self.data.graph.num_nodes, self.split_of[part])
+        return self.members[part]
+
+
+def _node_mask(num_nodes: int, nodes: np.ndarray) -> np.ndarray:
+    mask = np.zeros(num_nodes, dtype=bool)
+    mask[nodes] = True
+    return mask
+
+
+def _full_graph(model, graph: Graph) -> Graph:
+    """``graph`` for a full-graph forward: a model reading GraphSAINT's ``edge_norm`` / ``node_norm``
+    (scalars per row, which sampled batches carry) gets ones, the coefficients of the whole graph (the
+    aggregation that sampled training estimates without bias)."""
+    ones = {name: np.ones(graph.num_rows(t.domain)) for name, t in model.input_types.items()
+            if name in ("edge_norm", "node_norm") and name not in graph and t.rank == 0}
+    return graph.with_data(**ones) if ones else graph
+
+
+def _figures(sums: list[float], parts: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """{part: (mean loss, accuracy)} from ``_Evaluator.sums`` added over the ranks ((nan, nan): empty)."""
+    result = {}
+    for i, part in enumerate(parts):
+        loss_sum, correct, count = sums[3 * i:3 * i + 3]
+        result[part] = (loss_sum / count, correct / count) if count else (math.nan, math.nan)
+    return result
+
+
+def fit_sampled(model, data: TaskData, sampler: Sampler | str, *, epochs: int = 100, lr: float = 0.01,
+                weight_decay: float = 0.0, batch_size: int | None = None, seed: int = 0, evaluation: str = "auto",
+                max_seconds: float | None = None, log: Callable[[str], None] | None = None, log_every: int = 1,
+                progress: ProgressBar | bool = False, num_workers: int = 0,
+                distributed: RankContext | None = None) -> TrainResult:
+    """Train ``model`` for node classification on ``data`` in sampled mini-batches (``sampler``: a
+    ``Sampler`` or a spec such as ``"neighbor:15,10"``, ``mpdsl.sampling.spec``) with Adam, and
+    return a ``TrainResult`` (the compiled model ends holding the best weights). The training nodes are
+    the seeds, shuffled every epoch (seeded by ``seed``); ``batch_size`` is the sampler's unit count
+    per batch (its default when None); ``num_workers`` samples in DataLoader worker processes.
+    ``evaluation``: ``full``, ``sampled`` or ``auto`` (module docstring). ``distributed`` (this rank's
+    context, ``mpdsl.distributed``): the module trains under DistributedDataParallel, this rank takes
+    its share of each step's batches, the figures are summed over the ranks and only rank 0 logs and
+    draws the bar. ``log``, ``log_every``, ``progress``, ``max_seconds``: as ``fit``."""
+    import torch
+
+    from mpdsl.sampling.batch import make_batch
+    from mpdsl.sampling.spec import parse_sampler
+
+    if data.task != "node-classification":
+        raise TrainError(f"sampled training is for node classification, not {data.task}",
+                         "graph regression trains in mini-batches of whole graphs: drop --sampler")
+    sampler = parse_sampler(sampler) if isinstance(sampler, str) else sampler
+    mode = evaluation_mode(evaluation, sampler, data)
+    rank, world_size = (distributed.rank, distributed.world_size) if distributed is not None else (0, 1)
+    main = rank == 0
+    log = log if log is not None and main else (lambda line: None)
+    device = distributed.device if distributed is not None else torch.device("cpu")
+    probe = make_batch(data.graph, np.zeros(1, dtype=np.int64), np.zeros((2, 0), dtype=np.int64),
+                       np.zeros(0, dtype=np.int64), 1).graph  # one node: binds the dims, reads one row
+    _output_type(model, data, probe)
+    if not model.param_types:
+        raise TrainError(f"'{model.name}' has no parameters to train", "declare param arguments in the model")
+    torch.manual_seed(seed)
+    module = model.to_torch(probe).to(device)
+    trained = distributed.wrap(module) if distributed is not None else module
+    optimizer = torch.optim.Adam(trained.parameters(), lr=lr, weight_decay=weight_decay)
+    options: dict[str, Any] = {"num_workers": num_workers} if num_workers else {}
+    loader = sampler.loader(data.graph, data.train, batch_size=batch_size, shuffle=True, seed=seed, rank=rank,
+                            world_size=world_size, **options)
+    steps = len(loader)
+    if steps == 0:
+        raise TrainError(f"the {sampler.name} sampler gives no training batch", "use a smaller --batch-size")
+    labels = torch.from_numpy(data.y)
+    members = None if sampler.seeded else _node_mask(data.graph.num_nodes, data.train)
+    evaluator = _Evaluator(mode, module, data, sampler, loader, labels, batch_size=batch_size, seed=seed, rank=rank,
+                           world_size=world_size, options=options)
+
+    def total(values: list[float]) -> list[float]:
+        return distributed.all_reduce_sum(values) if distributed is not None else values
+
+    bar = progress if isinstance(progress, ProgressBar) else ProgressBar(epochs * steps,
+                                                                        enabled=bool(progress) and main)
+    history: list[dict[str, Any]] = []
+    notes: list[str] = []
+    best: tuple[float, float] | None = None
+    best_epoch, best_weights = 0, module.weights()
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
+        trained.train()
+        loader.set_epoch(epoch - 1)
+        loss_sum, correct, count = 0.0, 0, 0
+        for step, batch in enumerate(loader, 1):
+            optimizer.zero_grad()
+            value, hits, rows = batch_loss(trained(batch.graph), batch, labels, members)
+            value.backward()
+            optimizer.step()
+            loss_sum, correct, count = loss_sum + value.item(), correct + hits, count + rows
+            bar.update(1, f"epoch {epoch}/{epochs} loss {loss_sum / step:.4f}")
+        local = [loss_sum, float(steps), float(correct), float(count)] + evaluator.sums("val")
+        over_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
+        sums = total(local + [float(over_time)])  # one collective per epoch: every rank decides alike
+        train_loss = sums[0] / sums[1]
+        val_loss, val_metric = _figures(sums[4:7], ("val",))["val"]
+        record = {"epoch": epoch, "loss": train_loss, "train_metric": sums[2] / sums[3] if sums[3] else math.nan,
+                  "val_metric": val_metric, "val_loss": val_loss, "seconds": time.perf_counter() - epoch_start}
+        history.append(record)
+        if not math.isfinite(train_loss):
+            bar.clear()
+            raise TrainError(f"the training loss is {train_loss} at epoch {epoch}", "lower --lr")
+        key = (-val_metric, val_loss)
+        if data.val.size == 0 or best is None or key < best:
+            best, best_epoch, best_weights = key, epoch, module.weights()
+        stop = sums[7] > 0 and epoch < epochs
+        if epoch % log_every == 0 or epoch in (1, epochs) or stop:
+            bar.clear()
+            log(_epoch_line(record, epochs, "acc"))
+        if stop:
+            notes.append(f"stopped after epoch {epoch}: --max-time {max_seconds:g} s reached")
+            break
+    seconds = time.perf_counter() - start
+    bar.clear()
+
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in best_weights.items()})
+    parts = ("train", "val", "test")
+    final: dict[str, Any] = {}
+    for part, (part_loss, part_metric) in _figures(total(evaluator.sums(*parts)), parts).items():
+        final[f"{part}_loss"], final[f"{part}_acc"] = part_loss, part_metric
+    final["sizes"] = {"train": int(data.train.size), "val": int(data.val.size), "test": int(data.test.size)}
+    final["evaluation"] = mode
+    model.load_weights(best_weights)
+    module.train(False)
+    return TrainResult(data.task, "acc", history, best_epoch, dict(best_weights), final, seconds, None, notes)
+
+
 def _loss_name(task: str, loss: str, standardized: bool) -> str:
     if task == "node-classification":
         return "cross entropy"
@@ -568,6 +863,18 @@ def _bounded(convert, lowest: float, inclusive: bool, what: str):
 _positive_int = _bounded(int, 1, True, "a positive integer")
 _positive_float = _bounded(float, 0.0, False, "a positive number")
 _non_negative_float = _bounded(float, 0.0, True, "a number >= 0")
+_non_negative_int = _bounded(int, 0, True, "an integer >= 0")
+
+
+def _sampler_spec(text: str) -> str:
+    """The argparse type of --sampler: the spec, checked (``mpdsl.sampling.spec``)."""
+    from mpdsl.sampling.spec import parse_sampler
+
+    try:
+        parse_sampler(text)
+    except MpdslError as err:
+        raise argparse.ArgumentTypeError(err.message + (f"; {err.hint}" if err.hint else "")) from None
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -585,8 +892,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive_int, default=100, help="default 100")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="Adam's learning rate (default 0.01)")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="Adam's L2 weight decay (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=64,
-                   help="graph regression: graphs per mini-batch (default 64)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help=f"graph regression: graphs per mini-batch (default {GRAPH_BATCH_SIZE}); with --sampler: "
+                        "seed nodes (neighbor, default 1024) or clusters (cluster, default 1) per batch")
     p.add_argument("--loss", choices=LOSSES, default="mse",
                    help="graph regression: mse (default) or l1, on the standardised target")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
@@ -605,44 +913,124 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="the progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--backend", default="numpy", choices=available_backends(), help="the backend (default numpy)")
+    sampled = p.add_argument_group("sampled and distributed training (node classification)")
+    sampled.add_argument("--sampler", type=_sampler_spec, metavar="SPEC",
+                         help="train on sampled mini-batches: neighbor:F1,F2,... (fanout per layer, -1: all; "
+                              "option replace=yes), cluster:K, saint-node:BUDGET, saint-edge:BUDGET, "
+                              "saint-rw:ROOTS,LENGTH (saint options steps=S, coverage=C)")
+    sampled.add_argument("--eval", dest="evaluation", choices=EVALUATIONS, default="auto",
+                         help="with --sampler: full (one full-graph forward, exact), sampled (the splits' nodes "
+                              "through the sampler) or auto (default: sampled for a memory-mapped graph "
+                              "directory when the sampler covers the nodes, else full)")
+    sampled.add_argument("--workers", type=_non_negative_int, default=0,
+                         help="with --sampler: DataLoader worker processes sampling per rank (default 0)")
+    sampled.add_argument("--nproc", type=_positive_int, metavar="K",
+                         help="with --sampler: train in K processes (torch.distributed, DDP; gloo on the CPU, "
+                              "NCCL with --backend triton on CUDA); under torchrun leave it out")
+    sampled.add_argument("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                         help=f"the longest wait for another rank, joining and at each collective "
+                              f"(default {DEFAULT_TIMEOUT:g})")
 
 
 def run_cli(args: argparse.Namespace, dims: dict[str, int]) -> int:
-    """``mpdsl train``: returns the exit code; user errors raise MpdslError (exit 1 in the CLI)."""
+    """``mpdsl train``: returns the exit code; user errors raise MpdslError (exit 1 in the CLI). With
+    ``--nproc K`` it starts K ranks; started by torchrun (its variables set) it is one rank of them."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise TrainError("training needs torch, which is not installed", TRAIN_HINT) from None
-    from mpdsl.api import compile as compile_model
+    from mpdsl import distributed
 
+    environment = distributed.from_environment()
+    world_size = environment["world_size"] if environment is not None else 1
+    if args.nproc is not None and environment is not None:
+        raise TrainError(f"--nproc starts its own ranks, but this process is rank {environment['rank']} of "
+                         f"{world_size} already (RANK / WORLD_SIZE are set, e.g. by torchrun)",
+                         "drop --nproc: torchrun --nproc-per-node K starts the ranks")
+    ranks = args.nproc or world_size
+    if args.sampler is None:
+        if ranks > 1:
+            raise TrainError(f"{ranks} processes share the batches of an epoch, and full-batch training has one",
+                             "add --sampler (e.g. --sampler neighbor:15,10) to train sampled mini-batches")
+        if args.evaluation == "sampled":
+            raise TrainError("--eval sampled evaluates through the --sampler", "add --sampler, or drop --eval")
+        if args.workers:
+            raise TrainError("--workers sets the processes sampling batches", "add --sampler, or drop --workers")
+    elif args.task == "graph-regression" or args.data == "tpsa":
+        raise TrainError("--sampler samples one large graph for node classification",
+                         "graph regression trains in mini-batches of whole graphs (--batch-size): drop --sampler")
     if args.plot:
         _pyplot()  # fail before training, not after
+    cuda = args.backend == "triton" and torch.cuda.is_available()
+    if ranks > 1 and environment is None:
+        _compile_cli_model(args, dims)  # a bad model file is one error here, not one per rank
+        distributed.launch(ranks, _launched_rank, (args, dims), timeout=args.dist_timeout, cuda=cuda)
+        return 0
+    if ranks > 1:
+        assert environment is not None  # ranks > 1 without --nproc: torchrun's world
+        context = distributed.initialize(environment["rank"], world_size, local_rank=environment["local_rank"],
+                                         cuda=cuda, timeout=args.dist_timeout)
+        try:
+            return _train_cli(args, dims, context)
+        except Exception as err:  # one line naming this rank, as the launcher reports its ranks
+            raise distributed.rank_failure(context.rank, err) from None
+        finally:
+            distributed.shutdown()
+    return _train_cli(args, dims, None)
+
+
+def _launched_rank(context: RankContext, args: argparse.Namespace, dims: dict[str, int]) -> None:
+    """One rank started by ``--nproc`` (``mpdsl.distributed.launch``)."""
+    _train_cli(args, dims, context)
+
+
+def _compile_cli_model(args: argparse.Namespace, dims: dict[str, int]):
+    from mpdsl.api import compile as compile_model
+
+    return compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
+                         dims=dims, seed=args.seed, import_paths=args.import_paths, init=args.init)
+
+
+def _train_cli(args: argparse.Namespace, dims: dict[str, int], context: RankContext | None) -> int:
+    """Train as the options say, in this process (one rank of ``context`` when given: rank 0 alone
+    prints, plots and writes files)."""
+    main = context is None or context.is_main
     start = time.perf_counter()
     data = load_data(args.data, args.task, args.split, args.limit)
-    model = compile_model(Path(args.model_file), backend=args.backend, model=args.model, dtype=args.dtype,
-                          dims=dims, seed=args.seed, import_paths=args.import_paths, init=args.init)
+    model = _compile_cli_model(args, dims)
+
+    def say(line: str, **where: Any) -> None:
+        if main:
+            print(line, flush=True, **where)
+
     sizes = f"{data.train.size}/{data.val.size}/{data.test.size} {data.unit}"
-    print(f"{model.name} on {data.name}: {data.task}, {data.graph.num_nodes} nodes, {data.graph.num_edges} "
-          f"edges, {data.graph.num_graphs} graph(s); split {data.split} (train/val/test {sizes})", flush=True)
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    enabled = sys.stderr.isatty() if args.progress is None else args.progress
-    result = fit(model, data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                 batch_size=args.batch_size, loss=args.loss, standardize=args.standardize, seed=args.seed,
-                 max_seconds=args.max_time, log=log, log_every=args.log_every, progress=enabled)
+    batches = "" if args.sampler is None else f"; sampler {args.sampler}" + (
+        f", {context.world_size} ranks" if context is not None else "")
+    say(f"{model.name} on {data.name}: {data.task}, {data.graph.num_nodes} nodes, {data.graph.num_edges} "
+        f"edges, {data.graph.num_graphs} graph(s); split {data.split} (train/val/test {sizes}){batches}")
+    enabled = main and (sys.stderr.isatty() if args.progress is None else args.progress)
+    common = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
+              "max_seconds": args.max_time, "log": say, "log_every": args.log_every, "progress": enabled}
+    if args.sampler is not None:
+        result = fit_sampled(model, data, args.sampler, batch_size=args.batch_size, evaluation=args.evaluation,
+                             num_workers=args.workers, distributed=context, **common)
+    else:
+        result = fit(model, data, batch_size=args.batch_size or GRAPH_BATCH_SIZE, loss=args.loss,
+                     standardize=args.standardize, **common)
+    if not main:
+        return 0
     for note in result.notes:
-        print(f"note: {note}", flush=True)
+        say(f"note: {note}")
     m, final = result.metric, result.final
     best_note = "" if data.val.size else " (no validation split: the last epoch)"
-    print(f"best epoch {result.best_epoch}{best_note}: train_{m} {_fmt(final[f'train_{m}'])}  "
-          f"val_{m} {_fmt(final[f'val_{m}'])}  test_{m} {_fmt(final[f'test_{m}'])} "
-          f"({data.test.size} test {data.unit})", flush=True)
+    evaluated = f", evaluated {final['evaluation']}" if "evaluation" in final else ""
+    say(f"best epoch {result.best_epoch}{best_note}: train_{m} {_fmt(final[f'train_{m}'])}  "
+        f"val_{m} {_fmt(final[f'val_{m}'])}  test_{m} {_fmt(final[f'test_{m}'])} "
+        f"({data.test.size} test {data.unit}{evaluated})")
     if "baseline_test_mae" in final:
-        print(f"baseline (training mean {', '.join(f'{v:.4g}' for v in final['train_mean'])}): "
-              f"test_mae {_fmt(final['baseline_test_mae'])}; model / baseline = "
-              f"{final['test_mae'] / final['baseline_test_mae']:.4f}", flush=True)
+        say(f"baseline (training mean {', '.join(f'{v:.4g}' for v in final['train_mean'])}): "
+            f"test_mae {_fmt(final['baseline_test_mae'])}; model / baseline = "
+            f"{final['test_mae'] / final['baseline_test_mae']:.4f}")
     written = []
     if args.save:
         try:
@@ -667,9 +1055,9 @@ def run_cli(args: argparse.Namespace, dims: dict[str, int]) -> int:
                              "pass a writable file path to --history") from None
         written.append(f"history -> {args.history}")
     params = sum(int(p.size) for p in model.params.values())
-    print(f"[mpdsl] trained {model.name}: {len(result.history)} epochs in {result.seconds:.1f} s "
-          f"({time.perf_counter() - start:.1f} s in all), {params} parameters"
-          + "".join(f"; {w}" for w in written), file=sys.stderr)
+    say(f"[mpdsl] trained {model.name}: {len(result.history)} epochs in {result.seconds:.1f} s "
+        f"({time.perf_counter() - start:.1f} s in all), {params} parameters" + "".join(f"; {w}" for w in written),
+        file=sys.stderr)
     return 0
 
 
