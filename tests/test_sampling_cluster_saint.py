@@ -32,7 +32,7 @@ from mpdsl.sampling.saint import coverage_key
 from mpdsl.sampling.subgraph_kernels import InducedSubgraphs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategies import graphs  # noqa: E402
+from strategies import graphs
 
 SAINT_LOADERS = {
     "node": lambda graph, **options: GraphSAINTNodeLoader(graph, 12, **options),
@@ -236,6 +236,26 @@ def test_random_walks_follow_in_edges():
     for batch in GraphSAINTRandomWalkLoader(graph, 1, 3, num_steps=50):
         root = batch.n_id[-1]
         np.testing.assert_array_equal(batch.n_id, np.arange(max(root - 3, 0), root + 1))
+
+
+def test_samplers_read_the_stored_by_destination_structure(tmp_path):
+    """With the CSR by destination memory-mapped into the graph's cache (as a stored graph has it),
+    every loader samples from it and builds no other structure."""
+    graph = random_graph()
+    indptr, perm = graph.csr_by_dst()
+    stored = {}
+    for name, array in (("indptr", indptr), ("perm", perm), ("sources", graph.src[perm])):
+        np.save(tmp_path / f"{name}.npy", array)
+        stored[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+    mapped = Graph(graph.edge_index, graph.num_nodes, node_data=graph.node_data, edge_data=graph.edge_data)
+    mapped.cached("csr_dst", lambda: (stored["indptr"], stored["perm"]))
+    mapped.cached("csr_dst_sources", lambda: stored["sources"])
+    loaders = [ClusterLoader(mapped, 4)] + [make(mapped, num_steps=3, sample_coverage=1)
+                                            for make in SAINT_LOADERS.values()]
+    for loader in loaders:
+        for batch in loader:
+            check_induced(graph, batch)
+    assert mapped.cached_only("csr_src") is None
 
 
 # ---- GraphSAINT: determinism ------------------------------------------------------------------

@@ -34,7 +34,12 @@ With ``sample_coverage = 0`` nothing is pre-sampled (PyG then leaves both arrays
 carry the neutral ``node_norm = 1 / n`` (a weighted sum is the batch mean) and ``edge_norm = 1`` (plain
 aggregation), so a model that reads them runs either way. Coefficients are float32, computed once per
 (graph, sampler, num_steps, sample_coverage, seed) and cached on the graph; the loader exposes them
-as ``node_norm`` [N] and ``edge_norm`` [E] (None without pre-sampling).
+as ``node_norm`` [N] and ``edge_norm`` [E] (None without pre-sampling). Every rank of a distributed
+run computes the same coefficients (the pre-sampling keys depend on ``seed`` only).
+
+Memory, once per loader: the O(N) scratch map of the induced subgraphs, the coefficients (4 bytes per
+node and per edge), during pre-sampling the int64 counts, and for the edge sampler the running sums of
+the edge weights (8 bytes per edge). Per batch: O(nodes + their in-edges).
 """
 
 from __future__ import annotations

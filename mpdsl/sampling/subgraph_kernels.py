@@ -28,8 +28,9 @@ from mpdsl.sampling.loader import SamplingError
 
 __all__ = ["InducedSubgraphs", "csr_sources"]
 
-# Loop fusion is off: consecutive loops of a kernel communicate through ``local_of`` (marked by one,
-# read at other nodes' entries by the next), a dependence Numba's fusion test cannot see.
+# Loop fusion is off: consecutive loops of a kernel communicate through ``local_of`` (written at the
+# entries of some nodes by one loop, read at other nodes' entries by the next), a dependence Numba's
+# fusion test cannot see (fused, the induced subgraph loses edges).
 _PARALLEL: dict[str, Any] = {**_JIT, "parallel": {"fusion": False}}
 _SERIAL: dict[str, Any] = {**_JIT, "parallel": False}
 
