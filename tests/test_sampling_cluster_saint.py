@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mpdsl
 from mpdsl.graph import Graph
 from mpdsl.sampling import (
     ClusterLoader,
@@ -406,6 +407,38 @@ def test_coefficients_are_cached_on_the_graph():
     second = GraphSAINTNodeLoader(graph, 12, num_steps=3, sample_coverage=4)
     assert first.edge_norm is second.edge_norm
     assert GraphSAINTNodeLoader(graph, 12, num_steps=3).node_norm is None
+
+
+SAINT_MODEL = """
+dim C = 2
+model saint_sum(x: node[F], edge_norm: edge[], node_norm: node[], W: param[F, C]) -> node[C] {
+    z = x @ W
+    return (sum(z[src] * edge_norm) by dst) * node_norm
+}
+"""
+
+
+def test_models_read_the_coefficients_and_run_on_batches():
+    """A compiled model takes ``edge_norm`` / ``node_norm`` as edge / node inputs of a batch (its
+    NumPy run and its torch module agree with the formula); a single-cluster batch is the whole
+    graph, where the model gives the full-graph result."""
+    graph = random_graph().with_data(node_norm=np.ones(60), edge_norm=np.ones(400))
+    model = mpdsl.compile(SAINT_MODEL, dtype="float64", seed=0)
+    full = model(graph)
+    whole = next(iter(ClusterLoader(graph, 1)))
+    np.testing.assert_array_equal(whole.n_id, np.arange(60))
+    np.testing.assert_allclose(model(whole.graph), full, rtol=1e-10)
+
+    plain = random_graph()
+    batch = next(iter(GraphSAINTRandomWalkLoader(plain, 6, 3, num_steps=2, sample_coverage=4)))
+    z = batch["x"] @ model.params["W"]
+    src, dst = batch.graph.edge_index
+    expected = np.zeros_like(z)
+    np.add.at(expected, dst, z[src] * batch["edge_norm"].astype(np.float64)[:, None])
+    expected *= batch["node_norm"].astype(np.float64)[:, None]
+    np.testing.assert_allclose(model(batch.graph), expected, rtol=1e-10)
+    module = model.to_torch(batch.graph)
+    np.testing.assert_allclose(module(batch.graph).detach().numpy(), expected, rtol=1e-10)
 
 
 # ---- bad input --------------------------------------------------------------------------------
