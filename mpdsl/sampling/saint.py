@@ -17,16 +17,18 @@ the node set is sorted by id):
   memory-mapped graph stores; on a symmetric graph it is PyG's walk over out-neighbours.
 
 The batch is the induced subgraph (every edge between two drawn nodes) with node array ``node_norm``
-[n] and edge array ``edge_norm`` [m], computed as PyG's ``GraphSAINTSampler`` does. With
+[n] and edge array ``edge_norm`` [m], computed as PyG's ``GraphSAINTSampler`` computes them but for
+the aggregating node of ``edge_norm`` (below). With
 ``sample_coverage`` c > 0 the loader first draws subgraphs, ``num_steps`` at a time, until they hold
 at least ``c * N`` nodes in total (``num_samples`` subgraphs), counting ``C_v`` (the subgraphs holding
 node v) and ``C_e`` (those holding edge e); then, globally,
 
 * ``node_norm[v] = num_samples / (C_v * N)`` (``C_v`` = 0 read as 0.1): the loss weight, so that
-  ``sum_v node_norm[v] * loss_v`` over a batch estimates the mean loss over all N nodes;
+  ``sum_v node_norm[v] * loss_v`` over a batch estimates the mean loss over all N nodes (counting
+  the nodes the sampler can draw: the node and edge samplers never draw a node without edges);
 * ``edge_norm[e] = clamp(C_dst / C_e, 0, 1e4)`` for e = src -> dst (0.1 where ``C_dst = C_e = 0``):
-  the aggregation weight, so that for a sampled node v, ``sum_{sampled e into v} edge_norm[e] *
-  x[src]`` estimates the full ``sum_{e into v} x[src]`` (GraphSAINT's ``alpha_{u,v} = p_{u,v} / p_v``
+  the aggregation weight, so that over the batches holding node v, ``sum_{sampled e into v}
+  edge_norm[e] * x[src]`` estimates the full ``sum_{e into v} x[src]`` (GraphSAINT's ``alpha_{u,v} = p_{u,v} / p_v``
   of the aggregating node v; PyG divides the count of ``edge_index[0]``, the source, which is
   GraphSAINT's coefficient only for messages flowing target to source).
 
