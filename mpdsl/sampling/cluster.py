@@ -60,7 +60,8 @@ def cluster_partition(graph: Graph, num_parts: int) -> ClusterPartition:
     num_parts = check_positive_int("num_parts", num_parts)
     if num_parts > graph.num_nodes:
         raise SamplingError(f"num_parts={num_parts} is larger than the graph's {graph.num_nodes} nodes",
-                            f"use num_parts between 1 and {max(graph.num_nodes, 1)}")
+                            f"use num_parts between 1 and {graph.num_nodes}" if graph.num_nodes
+                            else "pass a graph with nodes to partition")
     return graph.cached(("cluster_partition", num_parts), lambda: _metis_partition(graph, num_parts))
 
 
