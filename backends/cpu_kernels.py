@@ -20,7 +20,7 @@ import importlib
 import os
 import sys
 import threading
-from typing import TypedDict
+from typing import Any, TypedDict
 
 
 def _user_cache_dir() -> str | None:
@@ -127,10 +127,10 @@ def _prefetch_row(x, columns, e):
             _prefetch(x, row, k)
 
 
-def launch(kernel, *args) -> None:
-    """Run a parallel kernel, one launch at a time in this process."""
+def launch(kernel, *args) -> Any:
+    """Run a parallel kernel, one launch at a time in this process; returns what the kernel returns."""
     with _LAUNCH:
-        kernel(*args)
+        return kernel(*args)
 
 
 @njit(**_JIT)

@@ -10,3 +10,15 @@ model or its torch module, plus the global ids of its nodes and edges. Loaders:
 
 The sampler kernels are compiled with Numba (``mpdsl.sampling.kernels``).
 """
+
+from mpdsl.sampling.cluster import ClusterLoader, ClusterPartition, cluster_partition
+from mpdsl.sampling.saint import GraphSAINTEdgeLoader, GraphSAINTNodeLoader, GraphSAINTRandomWalkLoader
+
+__all__ = [
+    "ClusterLoader",
+    "ClusterPartition",
+    "GraphSAINTEdgeLoader",
+    "GraphSAINTNodeLoader",
+    "GraphSAINTRandomWalkLoader",
+    "cluster_partition",
+]
