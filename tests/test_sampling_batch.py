@@ -67,14 +67,31 @@ def _mapped_kb(path: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_gathers_from_a_memory_mapped_array_release_its_pages(tmp_path, monkeypatch):
+def test_gathers_from_a_memory_mapped_file_map_nothing_or_release_their_pages(tmp_path, monkeypatch):
     path = str(tmp_path / "x.npy")
     np.save(path, np.random.default_rng(0).random((20000, 64), dtype=np.float32))  # 5 MB
     x = np.load(path, mmap_mode="r")
     rows = np.random.default_rng(1).integers(0, 20000, 4000)
+    want = np.load(path)[rows]
     monkeypatch.setattr(batch_module, "MAPPED_BYTES", 1 << 40)
-    np.testing.assert_array_equal(_gather_rows(x, rows), np.load(path)[rows])
+    np.testing.assert_array_equal(_gather_rows(x, rows), want)  # read with pread
+    assert _mapped_kb(path) < 64
+    part = x[1:]  # a view: read through the mapping
+    np.testing.assert_array_equal(_gather_rows(part, rows - 1 + (rows == 0)), np.load(path)[rows + (rows == 0)])
     assert _mapped_kb(path) > 1000  # the random rows mapped most of the file's pages
     monkeypatch.setattr(batch_module, "MAPPED_BYTES", 1 << 20)
-    _gather_rows(x, rows)
+    _gather_rows(part, rows[rows > 0] - 1)
     assert _mapped_kb(path) < 64
+
+
+def test_reading_rows_of_a_truncated_file_is_an_error(tmp_path):
+    from mpdsl.sampling.file_rows import read_rows
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(4000.0).reshape(1000, 4))
+    x = np.load(path, mmap_mode="r")
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100)
+    out = np.empty((2, 4))
+    with pytest.raises(OSError, match="could not read 1 rows"):
+        read_rows(x, np.array([0, 999]), out)

@@ -73,9 +73,17 @@ def make_batch(source: Graph, n_id: np.ndarray, local_edge_index: np.ndarray, e_
 
 
 def _gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]``: rows read in increasing order (sequential pages of a memory-mapped file),
-    returned in the order of ``rows``. The pages a memory-mapped array's gathers touched are released
-    once they may exceed ``MAPPED_BYTES`` (``release_mapped_pages``)."""
+    """``array[rows]``. A whole memory-mapped ``.npy`` array is read from its file with ``pread``
+    (``mpdsl.sampling.file_rows``: nothing mapped); other arrays are read in increasing row order
+    (sequential pages of a mapped file), and the pages a memory-mapped one's gathers touched are
+    released once they may exceed ``MAPPED_BYTES`` (``release_mapped_pages``)."""
+    if isinstance(array, np.memmap):
+        from mpdsl.sampling.file_rows import read_rows, readable_by_rows
+
+        if readable_by_rows(array):  # read from the file: nothing mapped
+            gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
+            read_rows(array, rows, gathered)
+            return gathered
     order = np.argsort(rows, kind="stable")
     gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
     ascending = rows[order]

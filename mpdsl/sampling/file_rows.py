@@ -1,0 +1,88 @@
+"""Rows of a memory-mapped ``.npy`` array read with ``pread`` instead of through the mapping.
+
+A read through a file mapping maps the page-cache folios it touches into the process (whole folios,
+up to 2 MiB each on recent Linux kernels, whatever the row size), and they count in its resident set
+until the kernel needs the memory: the random rows of one sampled batch can map most of a feature
+file. ``pread`` copies the rows into the batch's own array and maps nothing, so a process's resident
+memory stays its batches'. The kernel reads rows in parallel (Numba, ``pread`` is position-independent
+and thread-safe) and is cached on disk like the backend's kernels.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from mpdsl.backends import cpu_kernels  # noqa: F401  (sets Numba's cache folder and threading layer)
+from mpdsl.backends.cpu_kernels import launch
+
+__all__ = ["read_rows", "readable_by_rows"]
+
+
+@intrinsic
+def _pread(typingctx, fd, address, count, offset):
+    """libc's ``pread(fd, (void *) address, count, offset)``: the bytes read, or -1."""
+    signature = types.int64(types.int64, types.uintp, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64, [ir.IntType(32), ir.IntType(8).as_pointer(), i64, i64]), "pread")
+        fd_value, address_value, count_value, offset_value = args
+        return builder.call(function, [builder.trunc(fd_value, ir.IntType(32)),
+                                       builder.inttoptr(address_value, ir.IntType(8).as_pointer()),
+                                       count_value, offset_value])
+
+    return signature, codegen
+
+
+@njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def _read_rows(fd, offset, row_bytes, rows, out):
+    """out's row i = the file's bytes [offset + rows[i] * row_bytes, + row_bytes); the count of rows
+    that could not be read in full (0 on success)."""
+    address = out.ctypes.data
+    failed = 0
+    for i in prange(rows.shape[0]):
+        done = 0
+        while done < row_bytes:
+            got = _pread(fd, address + i * row_bytes + done, row_bytes - done, offset + rows[i] * row_bytes + done)
+            if got <= 0:
+                failed += 1
+                break
+            done += got
+    return failed
+
+
+_descriptors: dict[tuple[str, int], int] = {}
+_descriptors_lock = threading.Lock()
+
+
+def readable_by_rows(array: np.ndarray) -> bool:
+    """Whether ``array`` is a whole memory-mapped ``.npy`` array (``numpy.load(mmap_mode=...)``: its
+    file, offset and layout known) that ``read_rows`` can read."""
+    return (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.ndim >= 1
+            and array.flags.c_contiguous and isinstance(getattr(array, "filename", None), str)
+            and hasattr(os, "pread"))
+
+
+def read_rows(array: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = array[rows]`` for a ``readable_by_rows`` array, read from its file (``rows`` int64,
+    in range; ``out`` C-contiguous of the right shape and dtype)."""
+    key = (array.filename, os.getpid())
+    with _descriptors_lock:
+        fd = _descriptors.get(key)
+        if fd is None:
+            fd = _descriptors[key] = os.open(array.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    row_bytes = array.itemsize * (array.size // array.shape[0] if array.shape[0] else 0)
+    if rows.shape[0] == 0 or row_bytes == 0:
+        return
+    failed = launch(_read_rows, fd, int(array.offset), row_bytes, np.ascontiguousarray(rows, dtype=np.int64), out)
+    if failed:
+        raise OSError(f"could not read {failed} rows of {array.filename} (was the file truncated?)")
