@@ -72,17 +72,18 @@ def readable_by_rows(array: np.ndarray) -> bool:
             and hasattr(os, "pread"))
 
 
-def read_rows(array: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+def read_rows(array: np.memmap, rows: np.ndarray, out: np.ndarray) -> None:
     """``out[:] = array[rows]`` for a ``readable_by_rows`` array, read from its file (``rows`` int64,
     in range; ``out`` C-contiguous of the right shape and dtype)."""
-    key = (array.filename, os.getpid())
+    filename = str(array.filename)
+    key = (filename, os.getpid())
     with _descriptors_lock:
         fd = _descriptors.get(key)
         if fd is None:
-            fd = _descriptors[key] = os.open(array.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = _descriptors[key] = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     row_bytes = array.itemsize * (array.size // array.shape[0] if array.shape[0] else 0)
     if rows.shape[0] == 0 or row_bytes == 0:
         return
     failed = launch(_read_rows, fd, int(array.offset), row_bytes, np.ascontiguousarray(rows, dtype=np.int64), out)
     if failed:
-        raise OSError(f"could not read {failed} rows of {array.filename} (was the file truncated?)")
+        raise OSError(f"could not read {failed} rows of {filename} (was the file truncated?)")
