@@ -2,7 +2,7 @@
 
     python benchmarks/make_big_graph.py OUT [--nodes 10000000] [--edges 100000000] [--features 128]
         [--classes 16] [--exponent 2.5] [--homophily 0.8] [--signal 0.2] [--train 0.1] [--val 0.05]
-        [--seed 0] [--overwrite]
+        [--test SHARE] [--seed 0] [--overwrite]
 
 The graph (the same for a given seed and sizes, whatever the machine):
 
@@ -14,7 +14,8 @@ The graph (the same for a given seed and sizes, whatever the machine):
   neighbourhoods carry the class (a planted partition);
 * features: ``x = mu[y] + N(0, 1)`` in float32, with class means ``mu`` of scale ``signal`` per
   feature, so one node's features alone classify it poorly and aggregated neighbourhoods well;
-* ``train_mask`` / ``val_mask`` / ``test_mask``: disjoint random shares ``train``, ``val`` and the rest.
+* ``train_mask`` / ``val_mask`` / ``test_mask``: disjoint random shares ``train``, ``val`` and ``test``
+  (default: the rest).
 
 Everything is written in chunks (``EDGE_CHUNK`` edges, ``ROW_CHUNK`` feature rows at a time), so the
 edge list and the feature matrix are never in memory; O(N) arrays are (about 48 bytes per node at
@@ -60,6 +61,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--signal", type=float, default=0.2, help="scale of the class means of the features")
     parser.add_argument("--train", type=float, default=0.1, help="share of nodes in train_mask")
     parser.add_argument("--val", type=float, default=0.05, help="share of nodes in val_mask")
+    parser.add_argument("--test", type=float, default=None,
+                        help="share of nodes in test_mask (default: every node in neither of the others)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a graph directory at OUT")
     args = parser.parse_args(argv)
@@ -70,8 +73,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append("--exponent must be above 2 (a finite mean degree)")
     if not 0 <= args.homophily <= 1:
         problems.append("--homophily must be in [0, 1]")
-    if not (args.train >= 0 and args.val >= 0 and args.train + args.val <= 1):
-        problems.append("--train and --val must be non-negative shares summing to at most 1")
+    test = 0.0 if args.test is None else args.test
+    if not (args.train >= 0 and args.val >= 0 and test >= 0 and args.train + args.val + test <= 1):
+        problems.append("--train, --val and --test must be non-negative shares summing to at most 1")
     if args.classes > args.nodes:
         problems.append("--classes must not exceed --nodes")
     if problems:
@@ -125,7 +129,8 @@ def generate(args: argparse.Namespace) -> dict:
         out.put("y", labels)
         out.put("train_mask", share < args.train)
         out.put("val_mask", (share >= args.train) & (share < args.train + args.val))
-        out.put("test_mask", share >= args.train + args.val)
+        rest = share >= args.train + args.val
+        out.put("test_mask", rest if args.test is None else rest & (share < args.train + args.val + args.test))
         del share
 
         start = time.perf_counter()
