@@ -172,8 +172,7 @@ def load_data(data: str | os.PathLike | Graph, task: str | None = None, split: s
         if task is None:
             task = "graph-regression"
     elif os.path.isdir(data):
-        memory_map: dict[str, Any] = {"mmap": True}  # Graph.load's keyword for graph directories
-        graph, name, memory_mapped = Graph.load(data, **memory_map), str(data), True
+        graph, name, memory_mapped = Graph.load(data, mmap=True), str(data), True
     else:
         graph, name = Graph.load(data), str(data)
     targets: list[str] = [n for n in ("graph_y", "y") if n in graph and n in graph.graph_data]
