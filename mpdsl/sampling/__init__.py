@@ -10,3 +10,17 @@ model or its torch module, plus the global ids of its nodes and edges. Loaders:
 
 The sampler kernels are compiled with Numba (``mpdsl.sampling.kernels``).
 """
+
+from importlib import import_module
+from typing import Any
+
+# Loaders are imported on first use: they bring in torch and the Numba kernels.
+_EXPORTS = {"NeighborLoader": "mpdsl.sampling.neighbor", "NeighborSampler": "mpdsl.sampling.neighbor"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
