@@ -217,6 +217,20 @@ def test_workers_start_while_another_thread_launches_kernels():
         holder.join()
 
 
+def test_empty_graph_and_tensor_seeds():
+    empty = mpdsl.Graph(np.empty((2, 0), dtype=np.int64), 0)
+    batch = NeighborSampler(empty, [2, -1])(np.empty(0, dtype=np.int64), 0)
+    assert batch.num_nodes == batch.num_edges == batch.batch_size == 0
+    refused("the graph has no nodes to sample", NeighborLoader, empty, [2])
+    torch = pytest.importorskip("torch")
+    graph = random_graph()
+    mask = torch.zeros(graph.num_nodes, dtype=torch.bool)
+    mask[[5, 9]] = True
+    by_mask = next(iter(NeighborLoader(graph, [2], input_nodes=mask, batch_size=8)))
+    by_index = next(iter(NeighborLoader(graph, [2], input_nodes=torch.tensor([5, 9]), batch_size=8)))
+    assert same_batch(by_mask, by_index) and by_mask.n_id[:2].tolist() == [5, 9]
+
+
 def test_import_mpdsl_leaves_sampling_alone():
     code = ("import sys, mpdsl; assert 'mpdsl.sampling' not in sys.modules; import mpdsl.sampling as s; "
             "assert 'mpdsl.sampling.neighbor' not in sys.modules; s.NeighborLoader; s.NeighborSampler")

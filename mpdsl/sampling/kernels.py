@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mpdsl.backends.cpu_kernels import _JIT
+from mpdsl.backends.cpu_kernels import _JIT, prefetch_item
 
 __all__ = ["fill_samples", "node_stream", "register_seeds", "relabel", "sample_counts"]
 
@@ -22,6 +22,12 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
 _SHIFT_1, _SHIFT_2, _SHIFT_3 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+# Nodes ahead whose CSR entry (indptr) and first in-edges (sources, edge ids) the fill prefetches: the
+# reads are scattered over arrays far larger than the caches. Measured on the 1M-node, 10M-edge
+# power-law graph of benchmarks/bench_sampling.py (fanouts 15, 10, batch 1024; CPU time per batch,
+# median of 4 interleaved rounds, 1 thread): 3.8 ms without, 3.0 ms with (3.9 / 3.0 with replacement).
+PREFETCH_NODES = 16
 
 @njit(inline="always", cache=True)
 def _draw(seed, counter):
@@ -102,6 +108,12 @@ def fill_samples(indptr, sources, edge_ids, targets, offsets, chunks, fanout, re
             largest = max(largest, offsets[i + 1] - offsets[i])
         table = np.empty(_table_size(largest) if fanout > 0 and not replace else 1, np.int64)
         for i in range(begin, end):
+            if i + PREFETCH_NODES < end:
+                prefetch_item(indptr, targets[i + PREFETCH_NODES])
+            if i + PREFETCH_NODES // 2 < end:
+                ahead = indptr[targets[i + PREFETCH_NODES // 2]]
+                prefetch_item(sources, ahead)
+                prefetch_item(edge_ids, ahead)
             node, out, count = targets[i], offsets[i], offsets[i + 1] - offsets[i]
             start, degree = indptr[node], indptr[node + 1] - indptr[node]
             stream = node_stream(key, hop, node)
@@ -120,6 +132,8 @@ def fill_samples(indptr, sources, edge_ids, targets, offsets, chunks, fanout, re
                         _insert(table, mask, j)  # j is new: every earlier pick is below j
                         pick = j
                     out_sources[out + j - (degree - count)] = start + pick
+                    prefetch_item(sources, start + pick)
+                    prefetch_item(edge_ids, start + pick)
             for j in range(out, out + count):
                 position = out_sources[j]
                 out_sources[j] = sources[position]
