@@ -28,6 +28,9 @@ _SHIFT_1, _SHIFT_2, _SHIFT_3 = np.uint64(30), np.uint64(27), np.uint64(31)
 # power-law graph of benchmarks/bench_sampling.py (fanouts 15, 10, batch 1024; CPU time per batch,
 # median of 4 interleaved rounds, 1 thread): 3.8 ms without, 3.0 ms with (3.9 / 3.0 with replacement).
 PREFETCH_NODES = 16
+# sampled edges ahead whose source's node-map entry the relabelling prefetches (about 7% less CPU time
+# per batch on the same graph, and on its 5M-node version)
+PREFETCH_EDGES = 16
 
 @njit(inline="always", cache=True)
 def _draw(seed, counter):
@@ -163,6 +166,8 @@ def relabel(sampled_sources, node_map, next_local):
     added = np.empty(sampled_sources.shape[0], np.int64)
     fresh = 0
     for e in range(sampled_sources.shape[0]):
+        if e + PREFETCH_EDGES < sampled_sources.shape[0]:
+            prefetch_item(node_map, sampled_sources[e + PREFETCH_EDGES])
         node = sampled_sources[e]
         if node_map[node] < 0:
             node_map[node] = next_local + fresh
