@@ -20,6 +20,7 @@ from scipy import stats
 
 import mpdsl
 from mpdsl.backends import cpu_kernels
+from mpdsl.sampling import neighbor
 from mpdsl.sampling.loader import SamplingError, batch_key
 from mpdsl.sampling.neighbor import NeighborLoader, NeighborSampler
 
@@ -264,6 +265,18 @@ def test_bad_loader_arguments():
     refused("graph must be an mpdsl.Graph", NeighborLoader, graph.edge_index, [2])
     batched = mpdsl.Graph.batch([graph, graph])
     refused("graph has a 'batch' vector", NeighborLoader, batched, [2])
+
+
+def test_a_hop_past_the_memory_budget(monkeypatch):
+    """With replacement a hop is not bounded by the degrees: past the budget it is refused, and the
+    sampler is left usable."""
+    monkeypatch.setenv("MPDSL_MEMORY_LIMIT", "1M")
+    monkeypatch.setattr(neighbor, "BUDGET_CHECK_BYTES", 0)
+    graph, seeds = random_graph(), np.arange(10)
+    sampler = NeighborSampler(graph, [2, 2000], replace=True)
+    refused(r"hop 2 of this batch samples \d+ edges \(.*\), past the memory budget of 1.0 MiB", sampler, seeds, 0)
+    monkeypatch.setenv("MPDSL_MEMORY_LIMIT", "none")
+    check_batch(graph, sampler(seeds, 0), seeds, [2, 2000], True)
 
 
 def test_bad_sampler_calls():

@@ -27,6 +27,7 @@ import torch.utils.data
 
 from mpdsl.backends.cpu_kernels import launch, row_chunks
 from mpdsl.graph import Graph
+from mpdsl.memory import RAISE, budget, format_bytes
 from mpdsl.sampling import kernels
 from mpdsl.sampling.batch import MiniBatch, make_batch
 from mpdsl.sampling.loader import SampleLoader, SamplingError
@@ -36,6 +37,10 @@ __all__ = ["NeighborLoader", "NeighborSampler", "check_fanouts", "seed_nodes"]
 # parallel chunks of a hop per Numba thread (balanced by sampled-edge count)
 CHUNKS_PER_THREAD = 4
 _KEY_LIMIT = 2**63
+# a hop's three output arrays and the relabelling's two, int64 per sampled edge
+BYTES_PER_SAMPLED_EDGE = 5 * 8
+# hops that allocate less than this are not checked against the memory budget (reading it costs more)
+BUDGET_CHECK_BYTES = 64 << 20
 
 
 def check_fanouts(num_neighbors: Any) -> tuple[int, ...]:
@@ -166,6 +171,7 @@ class NeighborSampler:
             offsets = np.zeros(frontier.shape[0] + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
             sampled = int(offsets[-1])
+            _check_hop_memory(hop, sampled)
             hop_sources, hop_targets, hop_edges = (np.empty(sampled, dtype=np.int64) for _ in range(3))
             chunks = row_chunks(offsets, min(frontier.shape[0], CHUNKS_PER_THREAD * numba.get_num_threads()))
             launch(kernels.fill_samples, self._indptr, self._sources, self._edge_ids, frontier, offsets, chunks,
@@ -181,6 +187,17 @@ class NeighborSampler:
         if not edges:
             return n_id, np.empty((2, 0), dtype=np.int64), np.empty(0, dtype=np.int64)
         return n_id, np.stack([np.concatenate(sources), np.concatenate(targets)]), np.concatenate(edges)
+
+
+def _check_hop_memory(hop: int, sampled: int) -> None:
+    """A SamplingError when the ``sampled`` edges of ``hop`` would not fit the memory budget
+    (``mpdsl.memory``; fanouts with replacement are not bounded by the degrees)."""
+    nbytes = sampled * BYTES_PER_SAMPLED_EDGE
+    if nbytes >= BUDGET_CHECK_BYTES:
+        limit = budget()
+        if not limit.allows(nbytes):
+            raise SamplingError(f"hop {hop + 1} of this batch samples {sampled} edges ({format_bytes(nbytes)}), "
+                                f"past {limit.describe()}", f"use smaller num_neighbors or batch_size, or {RAISE}")
 
 
 def _share_threads_in_worker() -> None:
