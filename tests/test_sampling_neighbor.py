@@ -243,7 +243,8 @@ def refused(fragment: str, call, *args, **kwargs) -> None:
         call(*args, **kwargs)
 
 
-@pytest.mark.parametrize("fanouts", [[], [0], [-2], [1.5], [True], [2, None], "15", 15, [[2]], np.array([[2]])])
+@pytest.mark.parametrize("fanouts", [[], [0], [-2], [1.5], [True], [2, None], "15", 15, [[2]], np.array([[2]]),
+                                     np.array(5), [2**63]])
 def test_bad_fanouts(fanouts):
     refused("num_neighbors must be a non-empty list of positive integers or -1", NeighborLoader, random_graph(),
             fanouts)
@@ -277,6 +278,9 @@ def test_a_hop_past_the_memory_budget(monkeypatch):
     refused(r"hop 2 of this batch samples \d+ edges \(.*\), past the memory budget of 1.0 MiB", sampler, seeds, 0)
     monkeypatch.setenv("MPDSL_MEMORY_LIMIT", "none")
     check_batch(graph, sampler(seeds, 0), seeds, [2, 2000], True)
+    monkeypatch.setenv("MPDSL_MEMORY_LIMIT", "64G")  # a total past int64 is refused, not wrapped around
+    huge = NeighborSampler(graph, [2**63 - 1], replace=True)
+    refused(r"hop 1 of this batch samples 92233720368547758070 edges", huge, seeds, 0)
 
 
 def test_bad_sampler_calls():

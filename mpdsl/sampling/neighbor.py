@@ -27,6 +27,7 @@ import torch.utils.data
 
 from mpdsl.backends.cpu_kernels import launch, row_chunks
 from mpdsl.graph import Graph
+from mpdsl.limits import MAX_INT
 from mpdsl.memory import RAISE, budget, format_bytes
 from mpdsl.sampling import kernels
 from mpdsl.sampling.batch import MiniBatch, make_batch
@@ -46,10 +47,11 @@ BUDGET_CHECK_BYTES = 64 << 20
 def check_fanouts(num_neighbors: Any) -> tuple[int, ...]:
     """``num_neighbors`` as a tuple of per-hop fanouts (each >= 1, or -1 for all neighbours), or a
     SamplingError naming the argument."""
-    fanouts = list(num_neighbors) if isinstance(num_neighbors, (list, tuple, np.ndarray)) else None
-    if (not fanouts or getattr(num_neighbors, "ndim", 1) != 1
-            or any(isinstance(f, (bool, np.bool_)) or not isinstance(f, (int, np.integer)) or not (f >= 1 or f == -1)
-                   for f in fanouts)):
+    listed = isinstance(num_neighbors, (list, tuple)) or (isinstance(num_neighbors, np.ndarray)
+                                                           and num_neighbors.ndim == 1)
+    fanouts = list(num_neighbors) if listed else []
+    if not fanouts or any(isinstance(f, (bool, np.bool_)) or not isinstance(f, (int, np.integer))
+                          or not (1 <= f <= MAX_INT or f == -1) for f in fanouts):
         raise SamplingError(f"num_neighbors must be a non-empty list of positive integers or -1 (one per layer), "
                             f"got {num_neighbors!r}", "e.g. num_neighbors=[15, 10] for two layers, -1 for all "
                                                       "neighbours")
@@ -168,10 +170,12 @@ class NeighborSampler:
                 break
             counts = np.empty(frontier.shape[0], dtype=np.int64)
             launch(kernels.sample_counts, self._indptr, frontier, fanout, self.replace, counts)
+            # exact before the int64 prefix sum: with replacement each node with in-edges draws fanout
+            # of them, which the degrees do not bound (without, the total is at most E)
+            sampled = fanout * int(np.count_nonzero(counts)) if self.replace and fanout > 0 else int(counts.sum())
+            _check_hop_memory(hop, sampled)
             offsets = np.zeros(frontier.shape[0] + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
-            sampled = int(offsets[-1])
-            _check_hop_memory(hop, sampled)
             hop_sources, hop_targets, hop_edges = (np.empty(sampled, dtype=np.int64) for _ in range(3))
             chunks = row_chunks(offsets, min(frontier.shape[0], CHUNKS_PER_THREAD * numba.get_num_threads()))
             launch(kernels.fill_samples, self._indptr, self._sources, self._edge_ids, frontier, offsets, chunks,
