@@ -436,9 +436,8 @@ def fit(model, data: TaskData, *, epochs: int = 100, lr: float = 0.01, weight_de
         return result
 
     metric = "mae" if regression else "acc"
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] | None = None
-    best_epoch, best_weights = 0, module.weights()
+    epochs_kept = _Epochs(module, epochs, metric, bar, log, log_every, max_seconds, bool(data.val.size))
+    history, notes = epochs_kept.history, epochs_kept.notes
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
@@ -475,22 +474,12 @@ def fit(model, data: TaskData, *, epochs: int = 100, lr: float = 0.01, weight_de
         seconds = time.perf_counter() - epoch_start
         record = {"epoch": epoch, "loss": train_loss, "train_metric": train_metric, "val_metric": val_metric,
                   "val_loss": val_loss, "seconds": seconds}
-        history.append(record)
-        if not math.isfinite(train_loss):
-            bar.clear()
-            raise TrainError(f"the training loss is {train_loss} at epoch {epoch}", "lower --lr")
-        key = (-val_metric if not regression else val_metric, val_loss)
-        if data.val.size == 0 or best is None or key < best:
-            best, best_epoch, best_weights = key, epoch, module.weights()
         stop = max_seconds is not None and time.perf_counter() - start >= max_seconds and epoch < epochs
-        if epoch % log_every == 0 or epoch in (1, epochs) or stop:
-            bar.clear()
-            log(_epoch_line(record, epochs, metric))
-        if stop:
-            notes.append(f"stopped after epoch {epoch}: --max-time {max_seconds:g} s reached")
+        if epochs_kept.end(record, (-val_metric if not regression else val_metric, val_loss), stop):
             break
     seconds = time.perf_counter() - start
     bar.clear()
+    best_epoch, best_weights = epochs_kept.best_epoch, epochs_kept.best_weights
 
     module.load_state_dict({k: torch.from_numpy(v) for k, v in best_weights.items()})
     final: dict[str, Any] = {}
@@ -720,10 +709,8 @@ def fit_sampled(model, data: TaskData, sampler: Sampler | str, *, epochs: int = 
 
     bar = progress if isinstance(progress, ProgressBar) else ProgressBar(epochs * steps,
                                                                         enabled=bool(progress) and main)
-    history: list[dict[str, Any]] = []
-    notes: list[str] = []
-    best: tuple[float, float] | None = None
-    best_epoch, best_weights = 0, module.weights()
+    epochs_kept = _Epochs(module, epochs, "acc", bar, log, log_every, max_seconds, bool(data.val.size))
+    history, notes = epochs_kept.history, epochs_kept.notes
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
@@ -744,22 +731,11 @@ def fit_sampled(model, data: TaskData, sampler: Sampler | str, *, epochs: int = 
         val_loss, val_metric = _figures(sums[4:7], ("val",))["val"]
         record = {"epoch": epoch, "loss": train_loss, "train_metric": sums[2] / sums[3] if sums[3] else math.nan,
                   "val_metric": val_metric, "val_loss": val_loss, "seconds": time.perf_counter() - epoch_start}
-        history.append(record)
-        if not math.isfinite(train_loss):
-            bar.clear()
-            raise TrainError(f"the training loss is {train_loss} at epoch {epoch}", "lower --lr")
-        key = (-val_metric, val_loss)
-        if data.val.size == 0 or best is None or key < best:
-            best, best_epoch, best_weights = key, epoch, module.weights()
-        stop = sums[7] > 0 and epoch < epochs
-        if epoch % log_every == 0 or epoch in (1, epochs) or stop:
-            bar.clear()
-            log(_epoch_line(record, epochs, "acc"))
-        if stop:
-            notes.append(f"stopped after epoch {epoch}: --max-time {max_seconds:g} s reached")
+        if epochs_kept.end(record, (-val_metric, val_loss), stop=sums[7] > 0 and epoch < epochs):
             break
     seconds = time.perf_counter() - start
     bar.clear()
+    best_epoch, best_weights = epochs_kept.best_epoch, epochs_kept.best_weights
 
     module.load_state_dict({k: torch.from_numpy(v) for k, v in best_weights.items()})
     parts = ("train", "val", "test")
@@ -771,6 +747,38 @@ def fit_sampled(model, data: TaskData, sampler: Sampler | str, *, epochs: int = 
     model.load_weights(best_weights)
     module.train(False)
     return TrainResult(data.task, "acc", history, best_epoch, dict(best_weights), final, seconds, None, notes)
+
+
+class _Epochs:
+    """The end of each training epoch, as ``fit`` and ``fit_sampled`` share it: the record joins the
+    history; a non-finite loss ends the run; the weights of the best epoch are kept (the lowest ``key``,
+    ties by order; every epoch is the best without validation nodes or graphs); the epoch's line is
+    logged every ``log_every``-th epoch, the first, the last and a stopping one."""
+
+    def __init__(self, module, epochs: int, metric: str, bar: ProgressBar, log: Callable[[str], None],
+                 log_every: int, max_seconds: float | None, validated: bool):
+        self.module, self.epochs, self.metric, self.bar, self.log = module, epochs, metric, bar, log
+        self.log_every, self.max_seconds, self.validated = log_every, max_seconds, validated
+        self.history: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.best: tuple[float, float] | None = None
+        self.best_epoch, self.best_weights = 0, module.weights()
+
+    def end(self, record: dict[str, Any], key: tuple[float, float], stop: bool) -> bool:
+        """Close the epoch of ``record``; True when training stops after it (``stop``: --max-time)."""
+        epoch = record["epoch"]
+        self.history.append(record)
+        if not math.isfinite(record["loss"]):
+            self.bar.clear()
+            raise TrainError(f"the training loss is {record['loss']} at epoch {epoch}", "lower --lr")
+        if not self.validated or self.best is None or key < self.best:
+            self.best, self.best_epoch, self.best_weights = key, epoch, self.module.weights()
+        if epoch % self.log_every == 0 or epoch in (1, self.epochs) or stop:
+            self.bar.clear()
+            self.log(_epoch_line(record, self.epochs, self.metric))
+        if stop:
+            self.notes.append(f"stopped after epoch {epoch}: --max-time {self.max_seconds:g} s reached")
+        return stop
 
 
 def _loss_name(task: str, loss: str, standardized: bool) -> str:

@@ -78,9 +78,9 @@ def _gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     (sequential pages of a mapped file), and the pages a memory-mapped one's gathers touched are
     released once they may exceed ``MAPPED_BYTES`` (``release_mapped_pages``)."""
     if isinstance(array, np.memmap):
-        from mpdsl.sampling.file_rows import read_rows, readable_by_rows
+        from mpdsl.sampling.file_rows import mapped_file, read_rows
 
-        if readable_by_rows(array):  # read from the file: nothing mapped
+        if mapped_file(array) is not None:  # read from the file: nothing mapped
             gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
             read_rows(array, rows, gathered)
             return gathered

@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 from mpdsl.backends import cpu_kernels  # noqa: F401  (sets Numba's cache folder and threading layer)
 from mpdsl.backends.cpu_kernels import launch
 
-__all__ = ["read_rows", "readable_by_rows"]
+__all__ = ["mapped_file", "read_rows"]
 
 
 @intrinsic
@@ -64,17 +64,26 @@ _descriptors: dict[tuple[str, int], int] = {}
 _descriptors_lock = threading.Lock()
 
 
-def readable_by_rows(array: np.ndarray) -> bool:
-    """Whether ``array`` is a whole memory-mapped ``.npy`` array (``numpy.load(mmap_mode=...)``: its
-    file, offset and layout known) that ``read_rows`` can read."""
-    return (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.ndim >= 1
-            and array.flags.c_contiguous and isinstance(getattr(array, "filename", None), str)
-            and hasattr(os, "pread"))
+def mapped_file(array: np.ndarray) -> np.memmap | None:
+    """The memory-mapped ``.npy`` array (``numpy.load(mmap_mode=...)``: its file, offset and layout
+    known) of which ``array`` is the whole (itself, or a view of all of it, such as a read-only one), or
+    None: then ``read_rows`` cannot read it."""
+    root: object = array
+    while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+        root = root.base
+    if not (isinstance(root, np.memmap) and getattr(root, "filename", None) is not None and hasattr(os, "pread")):
+        return None
+    same = (array.__array_interface__["data"][0] == root.__array_interface__["data"][0]
+            and array.shape == root.shape and array.dtype == root.dtype and array.strides == root.strides)
+    return root if same and root.ndim >= 1 and root.flags.c_contiguous else None
 
 
-def read_rows(array: np.memmap, rows: np.ndarray, out: np.ndarray) -> None:
-    """``out[:] = array[rows]`` for a ``readable_by_rows`` array, read from its file (``rows`` int64,
+def read_rows(array: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = array[rows]`` for an array with a ``mapped_file``, read from its file (``rows`` int64,
     in range; ``out`` C-contiguous of the right shape and dtype)."""
+    root = mapped_file(array)
+    assert root is not None, "read_rows needs a whole memory-mapped .npy array"
+    array = root
     filename = str(array.filename)
     key = (filename, os.getpid())
     with _descriptors_lock:
