@@ -159,8 +159,9 @@ BLAS = _BlasThreads()
 class BufferPool:
     """Memory blocks of intermediate values kept for reuse. A fresh array of tens of megabytes costs
     its page faults (the kernel zeroes every page) each time it is first written, about as long as an
-    elementwise pass over it; a reused one costs nothing. Blocks are kept by byte size and dtype and
-    handed out as views of the shape asked for, so a node[8, 8] value can reuse a node[64] block.
+    elementwise pass over it; a reused one costs nothing. Blocks are kept by size class
+    (``size_class``) and dtype and handed out as views of the shape asked for, so a node[8, 8] value
+    reuses a node[64] block and a batch's value the block of the same value of a slightly larger batch.
     Only blocks the backend allocated itself come back here: within a run, those of values no later
     step reads (``recycle``); at its end, the rest (``give``). Those that an output or state update of
     the run refers to are *lent*: the pool keeps a reference to each and takes it back once nothing
@@ -201,11 +202,12 @@ class BufferPool:
             return self._held
 
     def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """An uninitialised array of ``shape``: a view of a free block of its size when there is one,
-        else of a new block (``block_of`` gives the block)."""
+        """An uninitialised array of ``shape``: a view of the start of a free block of its size class
+        (``size_class``) when there is one, else of a new block (``block_of`` gives the block)."""
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
-        key = (count * dtype.itemsize, dtype.str)
+        block_count = size_class(count)
+        key = (block_count * dtype.itemsize, dtype.str)
         with self._lock:
             self._used[key] = self._run
             free = self._free.get(key)
@@ -215,9 +217,9 @@ class BufferPool:
             if free:
                 block = free.pop()
                 self._held -= block.nbytes
-                return block.reshape(shape)
+                return block[:count].reshape(shape)
             self.fresh_bytes += key[0]
-        return np.empty(count, dtype=dtype).reshape(shape)
+        return np.empty(block_count, dtype=dtype)[:count].reshape(shape)
 
     def give(self, arrays) -> None:
         """Keep the blocks of ``arrays`` (a run's, at its end) for later runs, and drop the kept blocks
@@ -260,9 +262,10 @@ class BufferPool:
             self._held = 0
 
     def _keep(self, block: np.ndarray) -> None:
-        """Keep ``block`` free if its size is in use and there is room (lock held)."""
+        """Keep ``block`` free if it is a block of a size class in use and there is room (lock held)."""
         key = (block.nbytes, block.dtype.str)
-        if key not in self._used or not block.flags.c_contiguous:
+        if key not in self._used or block.ndim != 1 or block.size != size_class(block.size) \
+                or not block.flags.c_contiguous:
             return
         free = self._free.setdefault(key, [])
         if len(free) < self.per_shape and self._held + block.nbytes <= self.max_bytes:
@@ -280,6 +283,16 @@ class BufferPool:
             else:
                 still_lent.append(self._lent[i])
         self._lent = still_lent
+
+
+def size_class(count: int) -> int:
+    """The element count of the pool's blocks for arrays of ``count`` elements: ``count`` rounded up to
+    one of 8 steps per power of two (at most 12.5% more), so that the arrays of sampled batches, whose
+    sizes differ a little from batch to batch, reuse each other's blocks."""
+    if count <= 16:
+        return count
+    step = 1 << (count.bit_length() - 4)  # an eighth of the power of two below count
+    return -(-count // step) * step
 
 
 def block_of(array: np.ndarray) -> np.ndarray:

@@ -226,6 +226,7 @@ class Graph:
     """
 
     __slots__ = (
+        "__weakref__",
         "_cache",
         "_edge_data",
         "_edge_index",

@@ -65,6 +65,7 @@ import collections
 import functools
 import json
 import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -208,10 +209,18 @@ def read_spec(text: str) -> RunSpec:
 
 @dataclass
 class _KnownGraph:
+    """A graph known by its structure tensors: held weakly when the caller gave the Graph (the caller
+    keeps it; a loop over sampled batches must not keep every batch alive), strongly when it was built
+    here from the tensors."""
+
     edge_index: torch.Tensor
     batch: torch.Tensor | None
     versions: tuple[int, int]
-    graph: Graph
+    held: Graph | weakref.ref
+
+    @property
+    def graph(self) -> Graph | None:
+        return self.held() if isinstance(self.held, weakref.ref) else self.held
 
 
 _GRAPHS: collections.OrderedDict[tuple, list[_KnownGraph]] = collections.OrderedDict()
@@ -241,7 +250,7 @@ def remember_graph(graph: Graph, edge_index: torch.Tensor, batch: torch.Tensor |
     """Make ``graph`` the one found for these structure tensors (its own, cached per device)."""
     key = _graph_key(edge_index, batch, graph.num_nodes)
     if not any(e.edge_index is edge_index and e.batch is batch for e in _GRAPHS.get(key, [])):
-        _remember(key, _KnownGraph(edge_index, batch, _versions(edge_index, batch), graph))
+        _remember(key, _KnownGraph(edge_index, batch, _versions(edge_index, batch), weakref.ref(graph)))
 
 
 def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
@@ -252,14 +261,19 @@ def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
     key = _graph_key(edge_index, batch, num_nodes)
     entries = _GRAPHS.get(key, [])
     versions = _versions(edge_index, batch)
+    entries[:] = [entry for entry in entries if entry.graph is not None]  # drop graphs the caller dropped
     for entry in entries:
-        if entry.edge_index is edge_index and entry.batch is batch and entry.versions == versions:
-            return entry.graph
+        known = entry.graph
+        if known is not None and entry.edge_index is edge_index and entry.batch is batch \
+                and entry.versions == versions:
+            return known
     for entry in entries:
-        if (entry.edge_index.dtype == edge_index.dtype and torch.equal(entry.edge_index, edge_index)
+        known = entry.graph
+        if (known is not None and entry.edge_index.dtype == edge_index.dtype
+                and torch.equal(entry.edge_index, edge_index)
                 and (batch is None or (entry.batch is not None and entry.batch.dtype == batch.dtype
                                        and torch.equal(entry.batch, batch)))):
-            return entry.graph
+            return known
     host = edge_index.detach().cpu().numpy()
     node_data = {} if batch is None else {"batch": batch.detach().cpu().numpy()}
     graph = Graph(host, num_nodes, node_data=node_data)

@@ -95,3 +95,16 @@ def test_reading_rows_of_a_truncated_file_is_an_error(tmp_path):
     out = np.empty((2, 4))
     with pytest.raises(OSError, match="could not read 1 rows"):
         read_rows(x, np.array([0, 999]), out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_batches_of_a_memory_mapped_graph_read_their_feature_rows_from_the_file(tmp_path):
+    rng = np.random.default_rng(3)
+    graph = mpdsl.Graph.from_arrays(rng.integers(0, 20000, (2, 1000)), 20000,
+                                    x=rng.random((20000, 64), dtype=np.float32))
+    graph.save_directory(tmp_path / "g")
+    mapped = mpdsl.Graph.load(tmp_path / "g", mmap=True)
+    rows = rng.integers(0, 20000, 4000)
+    batch = make_batch(mapped, rows, np.zeros((2, 0), dtype=np.int64), np.zeros(0, dtype=np.int64), 10)
+    np.testing.assert_array_equal(batch["x"], graph["x"][rows])
+    assert _mapped_kb(str(tmp_path / "g" / "x.npy")) < 64

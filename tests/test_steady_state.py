@@ -186,7 +186,7 @@ def test_a_run_reuses_the_blocks_of_values_no_later_step_reads():
     graph = large_graph(nodes=2000).with_data(x=np.random.default_rng(2).random((2000, 16), dtype=np.float32))
     model = mpdsl.compile(CHAIN, layout="none")
     out = model(graph)
-    block = 2000 * 16 * 4
+    block = numpy_backend.size_class(2000 * 16) * 4
     # h1's block is free once h2 is computed, so h3 takes it, and the output takes h2's
     assert model.backend.pool.fresh_bytes == 2 * block
     adjacency = sp.csr_matrix((np.ones(graph.num_edges), (graph.dst, graph.src)), shape=(2000, 2000))
@@ -194,3 +194,15 @@ def test_a_run_reuses_the_blocks_of_values_no_later_step_reads():
     for _ in range(4):
         want = adjacency @ want
     np.testing.assert_allclose(out, want, rtol=1e-5)
+
+
+def test_arrays_of_nearby_sizes_share_a_block_size():
+    pool = numpy_backend.BufferPool()
+    first = pool.take((1000, 64), np.float32)
+    pool.give([first])
+    second = pool.take((1010, 64), np.float32)  # a slightly larger batch: the same block
+    assert numpy_backend.block_of(second) is numpy_backend.block_of(first)
+    assert pool.fresh_bytes == numpy_backend.size_class(1000 * 64) * 4 < 1.125 * 1010 * 64 * 4
+    for count in range(1, 5000):
+        size = numpy_backend.size_class(count)
+        assert count <= size <= max(count, 1.125 * count) and numpy_backend.size_class(size) == size
