@@ -5,7 +5,7 @@ same batch built by plain NumPy code.
 
     python benchmarks/bench_scaleout.py DIR [--nodes 10000000] [--edges 100000000] [--features 128]
         [--classes 16] [--train 0.1] [--fanouts 15,10] [--batch-size 1024] [--hidden 128]
-        [--nproc 1,2] [--baseline-batches 20] [--max-batches N] [--results benchmarks/RESULTS.md]
+        [--nproc 1,2] [--workers 0] [--baseline-batches 20] [--max-batches N] [--results benchmarks/RESULTS.md]
 
 ``DIR`` is generated when it holds no graph (``benchmarks/make_big_graph.py``: a seeded power-law graph
 with a planted class structure, float32 features, masks; validation shares of 0.5% for val and test, so
@@ -74,8 +74,9 @@ def run_epoch(args: argparse.Namespace) -> dict:
     graph = mpdsl.Graph.load(args.data, mmap=True)
     opened = time.perf_counter() - start
     model = _compiled(graph, args.hidden, args.classes)
+    workers = {"num_workers": args.workers} if args.workers else {}
     loader = NeighborLoader(graph, _fanouts(args.fanouts), input_nodes=np.asarray(graph["train_mask"]),
-                            batch_size=args.batch_size, shuffle=True, seed=0)
+                            batch_size=args.batch_size, shuffle=True, seed=0, **workers)
     batches = iter(loader)
     first = next(batches)
     model.init(0, graph=first.graph)
@@ -165,7 +166,7 @@ def run_baseline(args: argparse.Namespace) -> dict:
 def _child(phase: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, str(args.data), "--child", phase, "--fanouts", args.fanouts,
                "--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--classes", str(args.classes),
-               "--baseline-batches", str(args.baseline_batches)]
+               "--baseline-batches", str(args.baseline_batches), "--workers", str(args.workers)]
     if args.max_batches:
         command += ["--max-batches", str(args.max_batches)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -184,6 +185,8 @@ def _train(args: argparse.Namespace, nproc: int) -> dict:
                    "--no-progress"]
         if nproc > 1:
             command += ["--nproc", str(nproc)]
+        if args.workers:
+            command += ["--workers", str(args.workers)]
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", _PEAK_OF_CHILD, *command], capture_output=True, text=True,
                               check=False)
@@ -229,7 +232,8 @@ def report(args: argparse.Namespace, generated: dict | None, epoch: dict, runs: 
     timed = epoch["loader_s"] + epoch["step_s"]
     lines = [f"Command: `python benchmarks/bench_scaleout.py DIR --nodes {args.nodes} --edges {args.edges} "
              f"--features {args.features} --train {args.train} --fanouts {args.fanouts} --batch-size "
-             f"{args.batch_size} --hidden {args.hidden} --nproc {args.nproc}`; {platform.machine()}, "
+             f"{args.batch_size} --hidden {args.hidden} --nproc {args.nproc} --workers {args.workers}`; "
+             f"{platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              f"Graph: {args.nodes:,} nodes, {args.edges:,} edges, {args.features} float32 features on disk: features "
              f"{disk.get('x.npy', 0) / gib:.2f} GiB, edges {disk.get('edge_index.npy', 0) / gib:.2f} GiB, saved CSR "
@@ -275,6 +279,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--nproc", default="1,2", help="process counts of the mpdsl train runs ('' for none)")
     parser.add_argument("--baseline-batches", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader worker processes sampling ahead of the steps (0: in the training process)")
     parser.add_argument("--max-batches", type=int, default=0, help="stop the epoch phase after N batches (0: all)")
     parser.add_argument("--results", type=Path, help="append the report to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
