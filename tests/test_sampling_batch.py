@@ -108,3 +108,24 @@ def test_batches_of_a_memory_mapped_graph_read_their_feature_rows_from_the_file(
     batch = make_batch(mapped, rows, np.zeros((2, 0), dtype=np.int64), np.zeros(0, dtype=np.int64), 10)
     np.testing.assert_array_equal(batch["x"], graph["x"][rows])
     assert _mapped_kb(str(tmp_path / "g" / "x.npy")) < 64
+
+
+def test_samplers_of_a_memory_mapped_graph_pickle_small_and_sample_alike(tmp_path):
+    import pickle
+
+    from mpdsl.sampling.neighbor import NeighborSampler
+    from mpdsl.sampling.subgraph_kernels import InducedSubgraphs
+
+    rng = np.random.default_rng(4)
+    graph = mpdsl.Graph.from_arrays(rng.integers(0, 5000, (2, 40000)), 5000, x=rng.random((5000, 8)))
+    graph.save_directory(tmp_path / "g")
+    mapped = mpdsl.Graph.load(tmp_path / "g", mmap=True)
+    sampler, subgraphs = NeighborSampler(mapped, [5, 3]), InducedSubgraphs(mapped)
+    sampler_bytes, subgraph_bytes = pickle.dumps(sampler), pickle.dumps(subgraphs)
+    assert len(sampler_bytes) < 4096 and len(subgraph_bytes) < 4096  # the graph travels as its directory
+    seeds = np.arange(0, 5000, 50)
+    want, got = sampler(seeds, 7), pickle.loads(sampler_bytes)(seeds, 7)
+    np.testing.assert_array_equal(got.n_id, want.n_id)
+    np.testing.assert_array_equal(got.graph.edge_index, want.graph.edge_index)
+    for a, b in zip(pickle.loads(subgraph_bytes).edges(seeds), subgraphs.edges(seeds)):
+        np.testing.assert_array_equal(a, b)

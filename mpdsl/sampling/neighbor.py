@@ -32,6 +32,7 @@ from mpdsl.memory import RAISE, budget, format_bytes
 from mpdsl.sampling import kernels
 from mpdsl.sampling.batch import MiniBatch, make_batch
 from mpdsl.sampling.loader import SampleLoader, SamplingError
+from mpdsl.sampling.subgraph_kernels import csr_sources
 
 __all__ = ["NeighborLoader", "NeighborSampler", "check_fanouts", "seed_nodes"]
 
@@ -125,15 +126,21 @@ class NeighborSampler:
             raise SamplingError(f"replace must be True or False, got {replace!r}",
                                 "replace=True samples with replacement")
         self.replace = bool(replace)
-        indptr, edge_ids = graph.csr_by_dst()
-        self._indptr, self._edge_ids = indptr, edge_ids
-        self._sources = graph.cached("csr_dst_sources", lambda: graph.src[edge_ids])
+        self._read_structure()
+
+    def _read_structure(self) -> None:
+        self._indptr, self._edge_ids, self._sources = csr_sources(self.graph)
         self._free_maps: list[np.ndarray] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_free_maps"] = []
-        return state
+        """The graph and the options: a spawned worker reads the structure from the graph again (a
+        memory-mapped graph pickles as its directory, so nothing of size O(E) or O(N) is copied)."""
+        return {name: value for name, value in self.__dict__.items()
+                if name not in ("_indptr", "_edge_ids", "_sources", "_free_maps")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._read_structure()
 
     def __call__(self, units: Any, key: int) -> MiniBatch:
         seeds = np.asarray(units)

@@ -243,8 +243,20 @@ class InducedSubgraphs:
                                 "sample each graph separately, or train graph-level tasks on "
                                 "Graph.select_graphs mini-batches")
         self.graph = graph
-        self.indptr, self.perm, self.sources = csr_sources(graph)
-        self.local_of = np.full(graph.num_nodes, -1, dtype=np.int64)
+        self._read_structure()
+
+    def _read_structure(self) -> None:
+        self.indptr, self.perm, self.sources = csr_sources(self.graph)
+        self.local_of = np.full(self.graph.num_nodes, -1, dtype=np.int64)
+
+    def __getstate__(self) -> dict:
+        """The graph alone: a spawned worker reads the structure from it again (a memory-mapped graph
+        pickles as its directory, so nothing of size O(E) or O(N) is copied)."""
+        return {"graph": self.graph}
+
+    def __setstate__(self, state: dict) -> None:
+        self.graph = state["graph"]
+        self._read_structure()
 
     def edges(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(local edge_index [2, m], e_id [m]) of the subgraph induced by ``nodes`` (distinct ids):
