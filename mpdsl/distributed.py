@@ -17,6 +17,7 @@ can take it between choosing and joining.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import signal
@@ -130,9 +131,13 @@ def initialize(rank: int, world_size: int, *, local_rank: int | None = None, cud
 
 
 def shutdown() -> None:
-    """Leave the process group (when joined)."""
+    """Leave the process group (when joined), after collecting what still refers to it: a
+    DistributedDataParallel module left in a reference cycle would otherwise keep the gloo group alive
+    until the interpreter's teardown, where destroying it aborts the process (SIGABRT: its threads
+    release tensors without an interpreter to release them to)."""
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
