@@ -436,8 +436,8 @@ def fit(model, data: TaskData, *, epochs: int = 100, lr: float = 0.01, weight_de
         return result
 
     metric = "mae" if regression else "acc"
-    epochs_kept = _Epochs(module, epochs, metric, bar, log, log_every, max_seconds, bool(data.val.size))
-    history, notes = epochs_kept.history, epochs_kept.notes
+    epochs_kept = _Epochs(module, epochs, metric, bar, log, log_every, max_seconds, bool(data.val.size), notes)
+    history = epochs_kept.history
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
@@ -709,8 +709,9 @@ def fit_sampled(model, data: TaskData, sampler: Sampler | str, *, epochs: int = 
 
     bar = progress if isinstance(progress, ProgressBar) else ProgressBar(epochs * steps,
                                                                         enabled=bool(progress) and main)
-    epochs_kept = _Epochs(module, epochs, "acc", bar, log, log_every, max_seconds, bool(data.val.size))
-    history, notes = epochs_kept.history, epochs_kept.notes
+    notes: list[str] = []
+    epochs_kept = _Epochs(module, epochs, "acc", bar, log, log_every, max_seconds, bool(data.val.size), notes)
+    history = epochs_kept.history
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
@@ -756,11 +757,11 @@ class _Epochs:
     logged every ``log_every``-th epoch, the first, the last and a stopping one."""
 
     def __init__(self, module, epochs: int, metric: str, bar: ProgressBar, log: Callable[[str], None],
-                 log_every: int, max_seconds: float | None, validated: bool):
+                 log_every: int, max_seconds: float | None, validated: bool, notes: list[str]):
         self.module, self.epochs, self.metric, self.bar, self.log = module, epochs, metric, bar, log
         self.log_every, self.max_seconds, self.validated = log_every, max_seconds, validated
         self.history: list[dict[str, Any]] = []
-        self.notes: list[str] = []
+        self.notes = notes  # the run's notes: a --max-time stop is added to them
         self.best: tuple[float, float] | None = None
         self.best_epoch, self.best_weights = 0, module.weights()
 
