@@ -5,10 +5,12 @@ Checking and lowering are one walk (elaboration): every expression is typed by t
 per-op type rules (``mpdsl.ops``) that the IR verifier re-runs, so the checker cannot
 disagree with the IR. Every user error is a ``CompileError`` at the offending text.
 
-Scoping: each name is defined once per block. A ``for`` body may assign names of the
-enclosing scopes (loop-carried state, e.g. ``h = step(h)``); names first defined in the body
-are local to one iteration. Layers see only their arguments; the dims in a layer's signature
-are local to it and bound at each call from the argument types.
+Scoping: a name is bound to the value of its latest assignment in its block (``h = relu(h)``:
+every assignment is a new IR value, so rebinding is SSA renaming; arguments may be rebound too).
+A ``for`` body may assign names of the enclosing scopes (loop-carried state, e.g. ``h = step(h)``,
+keeping their type); names first defined in the body are local to one iteration. Layers see only
+their arguments; the dims in a layer's signature are local to it and bound at each call from the
+argument types.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ class _Scope:
         self.parent = parent
         self.carries = carries  # a for-body: may rebind names of enclosing scopes
         self.names: dict[str, object] = {}
-        self.assigned_here: set[str] = set()
 
     def lookup(self, name: str):
         scope: _Scope | None = self
@@ -536,15 +537,8 @@ class Checker:
         if name in self.layers or name in env:
             what = "layer" if name in self.layers else "dimension"
             raise self.error(f"'{name}' shadows the {what} of the same name", span, "choose another name")
-        if name in scope.assigned_here:
-            raise self.error(f"duplicate definition of '{name}'", span,
-                             "each name is assigned once per block: use a new name (h1, h2, ...)")
-        scope.assigned_here.add(name)
         owner = scope.owner(name)
-        if owner is None or owner is scope:
-            if owner is scope and scope.parent is None:
-                raise self.error(f"duplicate definition of '{name}'", span,
-                                 f"'{name}' is an argument; assign to a new name")
+        if owner is None or owner is scope:  # a new name, or a rebinding in this block (the IR is SSA already)
             scope.names[name] = value
             return
         if not scope.carries:

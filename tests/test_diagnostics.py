@@ -28,8 +28,8 @@ CASES = [
      5, 12, "layer 'l' takes 2 argument(s), got 1"),
     ('unbound_dim', 'model m(x: node[F], W: param[F, H]) -> node[H] {\n    return x @ W\n}\n',
      1, 33, "unbound dimension 'H' in the type of 'W'"),
-    ('duplicate', 'model m(x: node[F]) -> node[F] {\n    h = relu(x)\n    h = relu(h)\n    return h\n}\n',
-     3, 5, "duplicate definition of 'h'"),
+    ('rebound_type_error', 'dim K = 3\nmodel m(x: node[F], W: param[F, K]) -> node[F] {\n    h = x @ W\n'
+     '    h = h + x\n    return h\n}\n', 4, 13, "'+': feature shapes [3] and [F] do not broadcast (axis 0: 3 vs F)"),
     ('wrong_reduction', 'model m(x: node[F]) -> node[F] {\n    return sum(x[src]) by nodes\n}\n',
      2, 27, "unknown reduction axis 'nodes'"),
     ('wrong_agg_name', 'model m(x: node[F]) -> node[F] {\n    return median(x[src]) by dst\n}\n',

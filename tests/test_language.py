@@ -176,3 +176,35 @@ model m(x: node[F]) -> node[F] {
 """
     with pytest.raises(mpdsl.CompileError, match="dimension 'D' is only known at run time"):
         mpdsl.compile(src)
+
+
+REBOUND = """
+model m(x: node[F], W: param[F, F]) -> node[F] {
+    x = x @ W
+    h = relu(x)
+    first = h
+    h = (sum(h[src]) by dst) + h
+    h = tanh(h)
+    return h + first
+}
+"""
+
+RENAMED = """
+model m(x: node[F], W: param[F, F]) -> node[F] {
+    x1 = x @ W
+    h1 = relu(x1)
+    first = h1
+    h2 = (sum(h1[src]) by dst) + h1
+    h3 = tanh(h2)
+    return h3 + first
+}
+"""
+
+
+def test_rebinding_a_name_is_ssa_renaming():
+    """``h = relu(h)`` (arguments included) gives the program the renamed source gives; a name read
+    before its rebinding keeps the earlier value."""
+    from mpdsl.ir import print_program
+
+    rebound, renamed = (mpdsl.lower(text, dims={"F": 4})[1] for text in (REBOUND, RENAMED))
+    assert print_program(rebound) == print_program(renamed)
