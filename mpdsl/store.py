@@ -787,9 +787,6 @@ def release_pages(graph: Graph) -> int:
     map whole page-cache folios (up to 2 MiB each on recent Linux kernels, whatever the row size),
     so a sampler that must keep its RSS low calls this every few batches. Returns how many
     mappings were released (0 for an in-memory graph or where ``madvise`` is unavailable)."""
-    advice = getattr(_mmap_module, "MADV_DONTNEED", None)
-    if advice is None:
-        return 0
     arrays = [graph.edge_index, *graph.node_data.values(), *graph.edge_data.values(),
               *graph.graph_data.values()]
     for key in ("csr_dst", "csr_dst_sources"):
@@ -797,6 +794,15 @@ def release_pages(graph: Graph) -> int:
         arrays.extend(cached if isinstance(cached, tuple) else [cached] if cached is not None else [])
     mappings = {id(m): m for a in arrays
                 if isinstance(a, np.memmap) and (m := getattr(a, "_mmap", None)) is not None}
-    for mapping in mappings.values():
-        mapping.madvise(advice)
-    return len(mappings)
+    return sum(unmap_pages(mapping) for mapping in mappings.values())
+
+
+def unmap_pages(mapping: _mmap_module.mmap) -> bool:
+    """Unmap the pages of the file mapping ``mapping`` from this process (``MADV_DONTNEED``: they stay
+    in the page cache, and a later read maps them again without disk I/O); False where the platform
+    has no ``madvise``."""
+    advice = getattr(_mmap_module, "MADV_DONTNEED", None)
+    if advice is None or not hasattr(mapping, "madvise"):
+        return False
+    mapping.madvise(advice)
+    return True

@@ -121,4 +121,6 @@ def release_mapped_pages(array: np.ndarray, touched: int) -> None:
         release = total > MAPPED_BYTES
         _touched[id(mapping)] = 0 if release else total
     if release:
-        mapping.madvise(mmap.MADV_DONTNEED)
+        from mpdsl.store import unmap_pages
+
+        unmap_pages(mapping)
