@@ -218,3 +218,28 @@ def test_small_graph_products_equal_the_kernels(graph, seed):
         finally:
             numpy_backend.SMALL_PRODUCT = original
         np.testing.assert_allclose(small, kernels, rtol=1e-12, atol=1e-14, err_msg=which)
+
+
+def test_graphs_given_to_the_module_are_not_kept_alive_by_it():
+    """A loop over sampled batches drops each batch graph: the module's table of known graphs holds the
+    graphs it was given weakly (it still finds a live one again from its tensors)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(7)
+    model = mpdsl.compile(EXAMPLES / "gine.mp", dtype="float64")
+    first = Graph.batch([member(rng, 4, 6)])
+    model.init(0, graph=first)
+    module = model.to_torch(first)
+    given = []
+    for size in range(3, 8):
+        graph = Graph.batch([member(rng, size, 2 * size)])
+        loss_of(module(graph)).backward()
+        given.append(weakref.ref(graph))
+    live = Graph.batch([member(rng, 9, 12)])
+    loss_of(module(live)).backward()
+    del graph
+    gc.collect()
+    assert all(ref() is None for ref in given)
+    structure = torch_module._structure_tensors(live, torch.device("cpu"))
+    assert torch_module.graph_of(structure, live.num_nodes) is live
