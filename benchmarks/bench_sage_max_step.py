@@ -52,6 +52,16 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def random_graph(args: argparse.Namespace):
+    """The benchmark's seeded uniform random graph with float32 features ``x``."""
+    import mpdsl
+
+    rng = np.random.default_rng(0)
+    edge_index = rng.integers(0, args.nodes, size=(2, args.edges))
+    x = rng.standard_normal((args.nodes, args.features)).astype(np.float32)
+    return mpdsl.Graph.from_arrays(edge_index, args.nodes, x=x)
+
+
 def child(args: argparse.Namespace) -> dict:
     import torch
 
@@ -59,10 +69,7 @@ def child(args: argparse.Namespace) -> dict:
     from mpdsl.types import Domain
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    edge_index = rng.integers(0, args.nodes, size=(2, args.edges))
-    x = rng.standard_normal((args.nodes, args.features)).astype(np.float32)
-    graph = mpdsl.Graph.from_arrays(edge_index, args.nodes, x=x)
+    graph = random_graph(args)
     model = mpdsl.compile(SOURCE, dtype="float32", dims={"F": args.features}, seed=0)
     module = model.to_torch(graph)
     module.train()
@@ -100,10 +107,7 @@ def child_without_pass(args: argparse.Namespace) -> dict:
     from mpdsl.passes import DEFAULT_PIPELINE
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    edge_index = rng.integers(0, args.nodes, size=(2, args.edges))
-    x = rng.standard_normal((args.nodes, args.features)).astype(np.float32)
-    graph = mpdsl.Graph.from_arrays(edge_index, args.nodes, x=x)
+    graph = random_graph(args)
     less = [p for p in DEFAULT_PIPELINE if p != args.without_pass]
     pipelines = {"default": None, f"without {args.without_pass}": less}
     modules = {}

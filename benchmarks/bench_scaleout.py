@@ -56,13 +56,6 @@ def _fanouts(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
-def _compiled(graph, hidden: int, classes: int):
-    import mpdsl
-
-    model = mpdsl.compile(MODEL, dims={"H": hidden, "C": classes})
-    return model
-
-
 def run_epoch(args: argparse.Namespace) -> dict:
     """One training epoch in this process (see the module doc); what it measured."""
     import torch
@@ -73,7 +66,7 @@ def run_epoch(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     graph = mpdsl.Graph.load(args.data, mmap=True)
     opened = time.perf_counter() - start
-    model = _compiled(graph, args.hidden, args.classes)
+    model = mpdsl.compile(MODEL, dims={"H": args.hidden, "C": args.classes})
     workers = {"num_workers": args.workers} if args.workers else {}
     loader = NeighborLoader(graph, _fanouts(args.fanouts), input_nodes=np.asarray(graph["train_mask"]),
                             batch_size=args.batch_size, shuffle=True, seed=0, **workers)
