@@ -74,21 +74,21 @@ def make_batch(source: Graph, n_id: np.ndarray, local_edge_index: np.ndarray, e_
 
 def _gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``array[rows]``. A whole memory-mapped ``.npy`` array is read from its file with ``pread``
-    (``mpdsl.sampling.file_rows``: nothing mapped); other arrays are read in increasing row order
-    (sequential pages of a mapped file), and the pages a memory-mapped one's gathers touched are
-    released once they may exceed ``MAPPED_BYTES`` (``release_mapped_pages``)."""
-    if isinstance(array, np.memmap):
-        from mpdsl.sampling.file_rows import mapped_file, read_rows
+    (``mpdsl.sampling.file_rows``: nothing mapped); another memory-mapped one (a view) is read in
+    increasing row order (sequential pages), and the pages its gathers touched are released once they
+    may exceed ``MAPPED_BYTES`` (``release_mapped_pages``); an array in memory is indexed directly."""
+    if not isinstance(array, np.memmap):
+        return array[rows]
+    from mpdsl.sampling.file_rows import mapped_file, read_rows
 
-        if mapped_file(array) is not None:  # read from the file: nothing mapped
-            gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
-            read_rows(array, rows, gathered)
-            return gathered
-    order = np.argsort(rows, kind="stable")
     gathered = np.empty((rows.shape[0],) + array.shape[1:], dtype=array.dtype)
+    if mapped_file(array) is not None:  # read from the file: nothing mapped
+        read_rows(array, rows, gathered)
+        return gathered
+    order = np.argsort(rows, kind="stable")
     ascending = rows[order]
     gathered[order] = array[ascending]
-    if isinstance(array, np.memmap) and rows.shape[0]:
+    if rows.shape[0]:
         release_mapped_pages(array, _pages_spanned(ascending, gathered.nbytes // rows.shape[0]) * _PAGE)
     return gathered
 
