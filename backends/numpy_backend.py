@@ -238,14 +238,8 @@ class BufferPool:
     def recycle(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
         """Keep the blocks of ``blocks`` that nothing else refers to (for the rest of this run and later
         runs); return the others."""
-        still_used = []
         with self._lock:
-            for i in range(len(blocks)):
-                if sys.getrefcount(blocks[i]) <= 2:  # the list's reference and getrefcount's argument
-                    self._keep(blocks[i])
-                else:
-                    still_used.append(blocks[i])
-        return still_used
+            return self._keep_unreferenced(blocks)
 
     def lend(self, arrays) -> None:
         """Follow the blocks of ``arrays`` (handed to the caller inside a run's outputs) to take them
@@ -274,15 +268,19 @@ class BufferPool:
 
     def _reclaim(self) -> None:
         """Move the lent blocks that only this pool refers to back to the free ones (lock held)."""
-        still_lent = []
-        for i in range(len(self._lent)):
+        self._lent = self._keep_unreferenced(self._lent)
+
+    def _keep_unreferenced(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
+        """Keep the blocks of the list ``blocks`` that only the list refers to; return the others (lock held)."""
+        still_used = []
+        for i in range(len(blocks)):
             # two references: the list's and getrefcount's argument; every view (a value, a torch
             # tensor over one) holds one more
-            if sys.getrefcount(self._lent[i]) <= 2:
-                self._keep(self._lent[i])
+            if sys.getrefcount(blocks[i]) <= 2:
+                self._keep(blocks[i])
             else:
-                still_lent.append(self._lent[i])
-        self._lent = still_lent
+                still_used.append(blocks[i])
+        return still_used
 
 
 def size_class(count: int) -> int:
