@@ -628,8 +628,14 @@ def _global_attention_adjoint(v, g, b, needed):
         return head, b.reshape(tail, (heads,))
 
     out, lse = split(v)
-    g_out, g_lse = split(g)
-    delta = b.sub(b.contract([g_out, out], ["ab", "ab"], "a", per_head), g_lse)
+    delta = None
+    if b._made(g, "pad") and g.attr == {"axis": 1, "before": 0, "after": 1}:
+        g_out = g.operands[0]  # the cotangent of the attention alone (the source form's): none for lse
+    else:
+        g_out, g_lse = split(g)
+        delta = b.neg(g_lse)
+    inner = b.contract([g_out, out], ["ab", "ab"], "a", per_head)
+    delta = inner if delta is None else b.add(inner, delta)
     operands = [q, k, val, lse, g_out, delta]
     dq = dk = dv = None
     if needed[0]:

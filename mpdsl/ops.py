@@ -871,15 +871,19 @@ def _attention_value_grad(types, attrs, declared):
 # ---- global attention: every pair of nodes of each graph (graph transformers, GPS) ------------------
 
 
-def _global_attention_sizes(types: list[TensorType], what: str) -> tuple[Dim, int, int]:
+def global_attention_sizes(types: list[TensorType], what: str, static: bool = True) -> tuple[Dim, Dim, Dim]:
     """(H, K, D) of global attention operands q, k node[H, K] and v node[H, D] (the first three of
-    ``types``), after checking them; K and D must be static (the kernels and the packed results
-    are sized by them)."""
+    ``types``), after checking them; with ``static``, K and D must be static (the kernels and the
+    packed results are sized by them: a layer checked alone, with symbolic sizes, checks the rest)."""
     q, k, v = types[:3]
     for i, (t, name) in enumerate(zip((q, k, v), ("queries", "keys", "values"))):
         if t.domain is not Domain.NODE or not t.is_float or t.rank != 2:
+            hint = ("project and split the heads, e.g. q = h @ Wq with Wq: param[D, H, K] (one head: "
+                    "reshape(x, [1, K]))" if t.domain is Domain.NODE and t.is_float else
+                    "attention among a graph's nodes reads float node values (reduce edge values to "
+                    "nodes first: sum(...) by dst)")
             raise TypeRuleError(f"{what}: the {name} must be float per-head node values node[H, K], got {t}",
-                                "project and split the heads first, e.g. q = h @ Wq with Wq: param[D, H, K]", i)
+                                hint, i)
     if k.shape != q.shape:
         raise TypeRuleError(f"{what}: queries {shape_str(q.shape)} and keys {shape_str(k.shape)} differ in shape",
                             "q and k need the same heads and per-head size", 1)
@@ -889,10 +893,10 @@ def _global_attention_sizes(types: list[TensorType], what: str) -> tuple[Dim, in
     if len({t.dtype for t in (q, k, v)}) != 1:
         raise TypeRuleError(f"{what} needs q, k and v of one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     for i, d in ((0, q.shape[1]), (2, v.shape[1])):
-        if not d.is_static:
+        if static and not d.is_static:
             raise TypeRuleError(f"{what} needs static per-head sizes, got {d}",
                                 f"declare it with `dim {d} = ...` (the kernels are sized by it)", i)
-    return q.shape[0], q.shape[1].value, v.shape[1].value
+    return q.shape[0], q.shape[1], v.shape[1]
 
 
 def _packed(t: TensorType, heads: Dim, width: int) -> TensorType:
@@ -911,18 +915,18 @@ def _global_attention(types, attrs, declared):
     (``global_attention_query_grad``, ``global_attention_key_grad``), comes with the forward. A
     primitive: no composition of edge ops expresses it; the fused backward ops are defined by it.
     The source form ``global_attention(q, k, v, scale=1/sqrt(K)) by graph`` is the out part."""
-    heads, _, width = _global_attention_sizes(types, "global_attention")
-    return _packed(types[0], heads, width + 1)
+    heads, _, width = global_attention_sizes(types, "global_attention")
+    return _packed(types[0], heads, width.value + 1)
 
 
 def _global_attention_grad_operands(types: list[TensorType], what: str) -> tuple[Dim, int, int]:
     """(H, K, D) of a global attention backward op after checking its operands q, k, v, lse, g, delta."""
-    heads, keys, width = _global_attention_sizes(types, what)
+    heads, keys, width = global_attention_sizes(types, what)
     _, _, v, lse, g, delta = types
     _node_values(lse, (heads,), f"{what}: the log-sum-exp", 3)
     _node_values(g, v.shape, f"{what}: the cotangent", 4)
     _node_values(delta, (heads,), f"{what}: delta", 5)
-    return heads, keys, width
+    return heads, keys.value, width.value
 
 
 def _weighted_sum_unfused(b, query, key, values, scale: float, lse):

@@ -27,7 +27,16 @@ from mpdsl.diagnostics import CompileError, Span, abbreviate
 from mpdsl.initialisation import UNWRITTEN
 from mpdsl.ir import Program, Value, make_value, prune, verify
 from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
-from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS, running_statistic
+from mpdsl.ops import (
+    AGGREGATIONS,
+    AXIS_REDUCTIONS,
+    INITIALIZERS,
+    OPS,
+    REDUCE_AXES,
+    UNARY_OPS,
+    global_attention_sizes,
+    running_statistic,
+)
 from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 RESERVED = {"src", "dst", "batch", "graph"}
@@ -138,10 +147,16 @@ class Checker:
 
     def infer(self, op: str, types: list[TensorType], attrs: dict, span: Span,
               operand_spans: list[Span] | None = None, declared: TensorType | None = None) -> TensorType:
-        """The result type of ``op`` on operands of ``types`` (its type rule); a rule's error is a
-        ``CompileError`` at the operand it blames (else at ``span``)."""
-        try:
+        """The result type of ``op`` on operands of ``types`` (its type rule), errors ``located``."""
+        with self.located(op, span, operand_spans):
             return OPS[op].infer(types, attrs, declared)
+
+    @contextmanager
+    def located(self, op: str, span: Span, operand_spans: list[Span] | None = None):
+        """A type rule's error (of ``op``) raised inside as a ``CompileError`` at the operand it blames
+        (else at ``span``)."""
+        try:
+            yield
         except TypeRuleError as err:
             blame = span
             if err.operand is not None and operand_spans and err.operand < len(operand_spans):
@@ -882,19 +897,19 @@ def _global_attention(ch: Checker, e: ast.Call, scope, env) -> Value:
     written = ch.static_option(e, 3, "scale", None, False, scope)
     values = [ch.expr(a, scope, env) for a in e.args]
     spans = [a.span for a in e.args]
-    types = [x.type for x in values]
-    symbols = {s for t in types for d in t.shape for s in d.symbols}
-    standing_in = bool(ch.generic_depth and symbols)  # a layer checked alone: sizes are symbols
-    if standing_in:
-        types = [t.substitute(dict.fromkeys(symbols, 1)) for t in types]
-    ch.infer("global_attention", types, {"scale": 1.0}, e.span, spans)
-    keys, width = types[0].shape[1].value, types[2].shape[1].value
-    scale = float(written) if written is not None else 1.0 / math.sqrt(keys) if keys else 1.0
+    # A layer checked alone has symbolic sizes: the kernels' static sizes are checked at each call.
+    standing_in = bool(ch.generic_depth) and any(d.symbols for x in values for d in x.type.shape)
+    with ch.located("global_attention", e.span, spans):
+        _, keys, width = global_attention_sizes([x.type for x in values], "global_attention", static=not standing_in)
+    if written is not None:
+        scale = float(written)
+    else:  # 1/sqrt(K); a stand-in 1 for a symbolic or zero K (no score then depends on it)
+        scale = 1.0 / math.sqrt(keys.value) if keys.is_static and keys.value else 1.0
     if standing_in:  # the layer's IR is thrown away: a value of the attention's type stands in
         result = TensorType(Domain.NODE, values[2].type.shape, values[2].type.dtype)
         return ch.add(make_value("global_attention", values, {"scale": scale}, result, e.span))
     packed = ch.emit("global_attention", values, {"scale": scale}, e.span, spans)
-    return ch.emit("slice", [packed], {"axis": 1, "start": 0, "stop": width}, e.span)
+    return ch.emit("slice", [packed], {"axis": 1, "start": 0, "stop": width.value}, e.span)
 
 
 def _batch_norm(ch: Checker, e: ast.Call, scope, env) -> Value:
