@@ -1,7 +1,9 @@
 """The NumPy/SciPy backend: the reference semantics of mpdsl programs.
 
 Values are NumPy arrays: a node / edge / graph value has its row axis first, a param value
-none. Graph ops over the edges (``gspmm`` sums and means, ``match_gspmm``, ``attention``) run as compiled pull-style
+none. ``global_attention`` and its backward passes run as compiled blocked kernels over each graph's
+nodes (``cpu_kernels``: work items of 64 nodes of one graph, chunked by pair count, no n x n scores).
+Graph ops over the edges (``gspmm`` sums and means, ``match_gspmm``, ``attention``) run as compiled pull-style
 CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics), or on small graphs as SciPy CSR
 products in the same summation order (``SMALL_PRODUCT``; Numba is loaded only when a kernel first
 runs); ``aggregate`` sums and means

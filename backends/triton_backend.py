@@ -1,10 +1,10 @@
 """The Triton backend: generated Triton kernels for the graph ops, torch for dense algebra.
 
 Graph ops (``gspmm``, ``match_gspmm``, ``attention`` and its backward passes, ``aggregate``,
-``softmax``, ``typed_linear``) run as Triton kernels generated from the IR value (see
-``mpdsl.backends.triton_kernels``: the source is built from the op's attributes and static shapes,
-and cached by a hash of both). Every other op is a torch op with the NumPy backend's semantics
-(left-aligned broadcasting, param values without a row axis). Values are torch tensors on the
+``softmax``, ``typed_linear``, ``global_attention`` and its backward passes) run as Triton kernels
+generated from the IR value (see ``mpdsl.backends.triton_kernels``: the source is built from the op's
+attributes and static shapes, and cached by a hash of both). Every other op is a torch op with the
+NumPy backend's semantics (left-aligned broadcasting, param values without a row axis). Values are torch tensors on the
 device: CUDA when available, else the CPU, where the kernels run in Triton's interpreter.
 
 Running it:

@@ -33,6 +33,12 @@ Kernels (all deterministic except the COO ones, which use atomics):
   sum over out-edges of exp(s - lse_dst) * g_dst, the weights recomputed per edge (no atomics).
 * ``TypedLinear``: relation-typed grouped matmul: tiles of (node, relation) pairs of one relation
   times that relation's matrix.
+* ``GlobalAttention``: attention among the nodes of each graph, per head, one program per (block of
+  BLOCK nodes of one graph, head) with ``tl.dot`` tiles of BLOCK x BLOCK scores: the forward (an
+  online softmax over the graph's key blocks, writing the output and the log-sum-exp), and the two
+  backward passes (dq over the key blocks; dk and dv over the query blocks), the weights recomputed
+  from the saved log-sum-exp. Row maxima and sums use ``tl.reduce`` with combine functions defined in
+  the kernel's own source (so they are decorated in the kernel's mode).
 * ``CooGspmm`` / ``CooAttention``: COO layout, one program per block of edges, accumulation with
   atomics into scratch buffers, then a finishing kernel that writes every output element.
 
