@@ -636,13 +636,16 @@ class TritonBackend(Backend):
 
     # ---- global attention (generated kernels over blocks of each graph's nodes) -------------
 
-    def _global_block(self, ctx: TritonContext) -> int:
-        """Nodes per block of the global attention kernels: BLOCK x BLOCK score tiles."""
+    def _global_block(self, ctx: TritonContext, spec: GlobalAttention) -> int:
+        """Nodes per block of the global attention kernels (BLOCK x BLOCK score tiles, BLOCK x lanes
+        feature tiles): 16 in the interpreter (it pays per element of a tile), else up to 64 (32 in
+        float64), fewer for wide heads so that a tile holds at most 4096 elements."""
         if self.block_rows:
             return max(16, next_pow2(self.block_rows))
         if ctx.interpret:
             return 16
-        return 32 if ctx.dtype == torch.float64 else 64
+        lanes = max(next_pow2(spec.keys), next_pow2(spec.width), 16)
+        return max(16, min(32 if ctx.dtype == torch.float64 else 64, 4096 // lanes))
 
     def _global_launch(self, ctx, v, pass_: str, operands: list, out):
         if out.numel() == 0:
@@ -650,7 +653,7 @@ class TritonBackend(Backend):
         heads, keys = operands[0].shape[1:]
         spec = GlobalAttention(pass_, heads, keys, operands[2].shape[2], v.attr["scale"], ctx.dtype_name)
         (fn,) = self._kernels(ctx, spec).values()
-        block = self._global_block(ctx)
+        block = self._global_block(ctx, spec)
         tables = _graph_blocks(ctx, block)
         fn[(len(tables[1]), heads)](*tables, *[t.contiguous() for t in operands], out, BLOCK=block)
         return out

@@ -271,6 +271,27 @@ def test_triton_float16_computes_in_float32(triton_backend):
         assert np.abs(got[name].astype(np.float32) - want[name]).max() <= 2e-2 * np.abs(want[name]).max(), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,heads,keys", [("float32", 4, 16), ("float64", 2, 8), ("float32", 1, 100)])
+def test_compiled_kernels_on_a_gpu_equal_numpy(dtype, heads, keys):
+    """Compiled for the GPU (not interpreted): a batch with a 300-node graph (many blocks of the key loop)
+    and single-node graphs, ids shuffled; several heads, padded and wide head sizes."""
+    pytest.importorskip("triton")
+    from mpdsl.backends.triton_backend import TritonBackend
+
+    graph = batch_graph([1, 300, 0, 70, 5, 1], True, 6)
+    model = attention_model(heads, keys, keys, None, dtype)
+    gradient = grad_program(model.ir, inputs=["q", "k", "v"])
+    q, k, v, cotangent = random_operands(graph.num_nodes, heads, keys, keys, 6, spread=0.5)
+    arrays = {name: a.astype(dtype) for name, a in (("q", q), ("k", k), ("v", v), ("d_out", cotangent))}
+    want = NUMPY.run(gradient, graph, arrays, {}, {})
+    got = TritonBackend(device="cuda", interpret=False, poison=True).run(gradient, graph, arrays, {}, {})
+    rtol, atol = (1e-10, 1e-12) if dtype == "float64" else (1e-4, 1e-5)
+    for name in want:
+        assert_close(got[name], want[name], f"gpu {name}", rtol=rtol, atol=atol)
+
+
 def test_emitted_triton_names_the_global_attention_kernels():
     from mpdsl.backends.triton_backend import emit_triton
     from mpdsl.backends.triton_kernels import BUILTINS, GlobalAttention, generate
