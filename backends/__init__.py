@@ -173,6 +173,20 @@ def put_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
 # ---- shared by the backends (array-library neutral: NumPy arrays or torch tensors) ------------------
 
 
+def graph_blocks(indptr: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, counts, offsets, pairs) of the work items of a global attention over the graphs of the
+    segments ``indptr`` (graph g's nodes at positions indptr[g]:indptr[g+1]): per item, its graph's first
+    position and node count, the item's first node within the graph, and the node pairs it computes."""
+    sizes = np.diff(indptr).astype(np.int64)
+    per_graph = (sizes + block - 1) // block
+    graph = np.repeat(np.arange(len(sizes)), per_graph)
+    first = np.cumsum(per_graph) - per_graph
+    offsets = (np.arange(len(graph), dtype=np.int64) - first[graph]) * block
+    counts = sizes[graph]
+    return (np.ascontiguousarray(indptr[:-1][graph], dtype=np.int64), counts, offsets,
+            np.minimum(block, counts - offsets) * counts)
+
+
 def feature_width(shape) -> int:
     """Number of elements of a (feature) shape; explicit so that zero-row arrays reshape too."""
     return math.prod(int(d) for d in shape)

@@ -334,6 +334,183 @@ def attention_score_grad(indptr, columns, weights, x, g, delta, out, chunks):
                     out[e, h] = weights[e, h] * (dot - delta[r, h])
 
 
+# ---- global attention: every pair of nodes of each graph, blocked (flash-attention style) ---------------
+#
+# A work item is one block of GLOBAL_BLOCK consecutive nodes of one graph (its queries in the forward and
+# the query pass, its keys in the key pass), which loops over the graph's nodes in blocks of the same size:
+# the scores of one query row against one key block are the largest temporary, never a graph's n x n
+# scores. ``nodes`` lists node ids grouped by graph (the batch's segments by graph), so the nodes of a graph
+# need not be contiguous; ``starts``, ``counts`` and ``offsets`` give each item's graph (its first position
+# in ``nodes`` and its size) and the item's first node within it (``mpdsl.backends.graph_blocks``). Items are split into
+# ``chunks`` of about equal pair counts; every output row is written by one item.
+
+GLOBAL_BLOCK = 64  # nodes per block (mpdsl.backends.graph_blocks)
+
+
+@njit(**_JIT)
+def global_attention(nodes, starts, counts, offsets, chunks, q, k, v, scale, out):
+    """out[i, h] = [sum_j softmax_j(scale * <q_i, k_j>) v_j, log sum_j exp(scale * <q_i, k_j>)] per head h
+    over the nodes j of i's graph: a running max and sum per query row, the accumulator rescaled as the
+    max grows. q, k: [N, H, K]; v: [N, H, D]; out: [N, H, D + 1]."""
+    heads, keys, width = q.shape[1], q.shape[2], v.shape[2]
+    block = GLOBAL_BLOCK
+    for chunk in prange(chunks.shape[0] - 1):
+        qb = np.empty((block, keys), dtype=out.dtype)
+        kb = np.empty((block, keys), dtype=out.dtype)
+        vb = np.empty((block, width), dtype=out.dtype)
+        scores = np.empty(block, dtype=out.dtype)
+        acc = np.empty((block, width), dtype=out.dtype)
+        peak = np.empty(block, dtype=out.dtype)
+        total = np.empty(block, dtype=out.dtype)
+        for item in range(chunks[chunk], chunks[chunk + 1]):
+            start, count, first = starts[item], counts[item], offsets[item]
+            rows = min(block, count - first)
+            for h in range(heads):
+                for a in range(rows):
+                    i = nodes[start + first + a]
+                    for c in range(keys):
+                        qb[a, c] = q[i, h, c] * scale
+                    peak[a] = -np.inf
+                    total[a] = 0
+                    acc[a, :] = 0
+                for j0 in range(0, count, block):
+                    cols = min(block, count - j0)
+                    for b in range(cols):
+                        j = nodes[start + j0 + b]
+                        kb[b, :] = k[j, h, :]
+                        vb[b, :] = v[j, h, :]
+                    for a in range(rows):
+                        top = peak[a]
+                        for b in range(cols):
+                            s = 0.0
+                            for c in range(keys):
+                                s += qb[a, c] * kb[b, c]
+                            scores[b] = s
+                            top = max(top, scores[b])
+                        rescale = np.exp(peak[a] - top)
+                        running = total[a] * rescale
+                        for d in range(width):
+                            acc[a, d] *= rescale
+                        for b in range(cols):
+                            weight = np.exp(scores[b] - top)
+                            running += weight
+                            for d in range(width):
+                                acc[a, d] += weight * vb[b, d]
+                        total[a] = running
+                        peak[a] = top
+                for a in range(rows):
+                    i = nodes[start + first + a]
+                    inverse = 1.0 / total[a]
+                    for d in range(width):
+                        out[i, h, d] = acc[a, d] * inverse
+                    out[i, h, width] = peak[a] + np.log(total[a])
+
+
+@njit(**_JIT)
+def global_attention_query_grad(nodes, starts, counts, offsets, chunks, q, k, v, lse, g, delta, scale, out):
+    """out[i, h] = scale * sum_j p_ij (<g_i, v_j> - delta_i) k_j per head h over the nodes j of i's graph,
+    p_ij = exp(scale * <q_i, k_j> - lse_i) recomputed per key block. q, k, out: [N, H, K]; v, g: [N, H, D];
+    lse, delta: [N, H]."""
+    heads, keys, width = q.shape[1], q.shape[2], v.shape[2]
+    block = GLOBAL_BLOCK
+    for chunk in prange(chunks.shape[0] - 1):
+        qb = np.empty((block, keys), dtype=out.dtype)
+        gb = np.empty((block, width), dtype=out.dtype)
+        kb = np.empty((block, keys), dtype=out.dtype)
+        vb = np.empty((block, width), dtype=out.dtype)
+        acc = np.empty((block, keys), dtype=out.dtype)
+        for item in range(chunks[chunk], chunks[chunk + 1]):
+            start, count, first = starts[item], counts[item], offsets[item]
+            rows = min(block, count - first)
+            for h in range(heads):
+                for a in range(rows):
+                    i = nodes[start + first + a]
+                    for c in range(keys):
+                        qb[a, c] = q[i, h, c] * scale
+                    gb[a, :] = g[i, h, :]
+                    acc[a, :] = 0
+                for j0 in range(0, count, block):
+                    cols = min(block, count - j0)
+                    for b in range(cols):
+                        j = nodes[start + j0 + b]
+                        kb[b, :] = k[j, h, :]
+                        vb[b, :] = v[j, h, :]
+                    for a in range(rows):
+                        i = nodes[start + first + a]
+                        top, base = lse[i, h], delta[i, h]
+                        for b in range(cols):
+                            s = 0.0
+                            for c in range(keys):
+                                s += qb[a, c] * kb[b, c]
+                            dp = 0.0
+                            for d in range(width):
+                                dp += gb[a, d] * vb[b, d]
+                            ds = np.exp(s - top) * (dp - base)
+                            for c in range(keys):
+                                acc[a, c] += ds * kb[b, c]
+                for a in range(rows):
+                    i = nodes[start + first + a]
+                    for c in range(keys):
+                        out[i, h, c] = acc[a, c] * scale
+
+
+@njit(**_JIT)
+def global_attention_key_grad(nodes, starts, counts, offsets, chunks, q, k, v, lse, g, delta, scale, out):
+    """out[j, h] = [scale * sum_i p_ij (<g_i, v_j> - delta_i) q_i, sum_i p_ij g_i] per head h over the nodes
+    i of j's graph, p_ij = exp(scale * <q_i, k_j> - lse_i) recomputed per query block (the items are blocks
+    of key nodes). q, k: [N, H, K]; v, g: [N, H, D]; lse, delta: [N, H]; out: [N, H, K + D]."""
+    heads, keys, width = q.shape[1], q.shape[2], v.shape[2]
+    block = GLOBAL_BLOCK
+    for chunk in prange(chunks.shape[0] - 1):
+        kb = np.empty((block, keys), dtype=out.dtype)
+        vb = np.empty((block, width), dtype=out.dtype)
+        qb = np.empty((block, keys), dtype=out.dtype)
+        gb = np.empty((block, width), dtype=out.dtype)
+        tops = np.empty(block, dtype=out.dtype)
+        bases = np.empty(block, dtype=out.dtype)
+        dk = np.empty((block, keys), dtype=out.dtype)
+        dv = np.empty((block, width), dtype=out.dtype)
+        for item in range(chunks[chunk], chunks[chunk + 1]):
+            start, count, first = starts[item], counts[item], offsets[item]
+            rows = min(block, count - first)
+            for h in range(heads):
+                for b in range(rows):
+                    j = nodes[start + first + b]
+                    for c in range(keys):
+                        kb[b, c] = k[j, h, c] * scale
+                    vb[b, :] = v[j, h, :]
+                    dk[b, :] = 0
+                    dv[b, :] = 0
+                for i0 in range(0, count, block):
+                    cols = min(block, count - i0)
+                    for a in range(cols):
+                        i = nodes[start + i0 + a]
+                        qb[a, :] = q[i, h, :]
+                        gb[a, :] = g[i, h, :]
+                        tops[a] = lse[i, h]
+                        bases[a] = delta[i, h]
+                    for b in range(rows):
+                        for a in range(cols):
+                            s = 0.0
+                            for c in range(keys):
+                                s += qb[a, c] * kb[b, c]
+                            dp = 0.0
+                            for d in range(width):
+                                dp += gb[a, d] * vb[b, d]
+                            p = np.exp(s - tops[a])
+                            ds = p * (dp - bases[a])
+                            for d in range(width):
+                                dv[b, d] += p * gb[a, d]
+                            for c in range(keys):
+                                dk[b, c] += ds * qb[a, c]
+                for b in range(rows):
+                    j = nodes[start + first + b]
+                    for c in range(keys):
+                        out[j, h, c] = dk[b, c] * scale
+                    for d in range(width):
+                        out[j, h, keys + d] = dv[b, d]
+
+
 def row_chunks(indptr: np.ndarray, parts: int) -> np.ndarray:
     """Row bounds of ``parts`` chunks with about equal edge counts (a chunk may be empty)."""
     rows = len(indptr) - 1

@@ -1,7 +1,9 @@
 """The NumPy/SciPy backend: the reference semantics of mpdsl programs.
 
 Values are NumPy arrays: a node / edge / graph value has its row axis first, a param value
-none. Graph ops over the edges (``gspmm`` sums and means, ``match_gspmm``, ``attention``) run as compiled pull-style
+none. ``global_attention`` and its backward passes run as compiled blocked kernels over each graph's
+nodes (``cpu_kernels``: work items of 64 nodes of one graph, chunked by pair count, no n x n scores).
+Graph ops over the edges (``gspmm`` sums and means, ``match_gspmm``, ``attention``) run as compiled pull-style
 CSR kernels (``cpu_kernels``: parallel over row chunks, no atomics), or on small graphs as SciPy CSR
 products in the same summation order (``SMALL_PRODUCT``; Numba is loaded only when a kernel first
 runs); ``aggregate`` sums and means
@@ -41,6 +43,7 @@ from mpdsl.backends import (
     expand_operand,
     feature_width,
     gather_index,
+    graph_blocks,
     register_backend,
     rule,
 )
@@ -611,6 +614,24 @@ class PullCSR:
         return out
 
 
+class GraphBlocks:
+    """The work items of the global attention kernels over a batch's graphs (``cpu_kernels.graph_blocks``):
+    blocks of consecutive nodes of one graph, the nodes listed by graph (``Graph.segments_by_graph``, so a
+    graph's nodes need not be contiguous in the batch), and the items split into chunks of about equal
+    pair counts for the workers."""
+
+    def __init__(self, indptr: np.ndarray, perm: np.ndarray):
+        kernels = _kernels()
+        self.nodes = np.ascontiguousarray(perm, dtype=np.int64)
+        self.starts, self.counts, self.offsets, pairs = graph_blocks(indptr, kernels.GLOBAL_BLOCK)
+        cumulative = np.concatenate([[0], np.cumsum(pairs)]).astype(np.int64)
+        self.chunks = kernels.row_chunks(cumulative, 4 * kernels.numba.get_num_threads())
+
+    def launch(self, kernel, *args) -> None:
+        kernels = _kernels()
+        kernels.launch(kernel, self.nodes, self.starts, self.counts, self.offsets, self.chunks, *args)
+
+
 @dataclass
 class ExecContext:
     graph: Graph
@@ -659,6 +680,11 @@ class ExecContext:
 
         return g.cached(("numpy.segments", by), build)
 
+    def graph_blocks(self) -> GraphBlocks:
+        """The global attention kernels' work items over the graph's batch (cached on the graph)."""
+        g = self.graph
+        return g.cached("numpy.graph_blocks", lambda: GraphBlocks(*g.segments_by_graph()))
+
     def pull(self, by: str) -> PullCSR:
         g = self.graph
         if by == "dst":
@@ -681,6 +707,11 @@ def _numpy_dtype(ctx: ExecContext, v: Value) -> np.dtype:
 
 def _gather_index(ctx: ExecContext, v: Value) -> np.ndarray:
     return gather_index(ctx.graph, v.attr["index"])
+
+
+def _rows_of(ctx: ExecContext, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Node arrays as C-contiguous arrays of the program's float dtype (what the compiled kernels read)."""
+    return [np.ascontiguousarray(a, dtype=ctx.float_dtype) for a in arrays]
 
 
 
@@ -1124,6 +1155,30 @@ class NumpyBackend(Backend):
     def _attention_value_grad(self, ctx, v, s, lse, g):
         csr = ctx.pull(v.attr["by"])
         return csr.attention_value_grad(s, lse, g, empty=ctx.empty)
+
+    @rule("global_attention")
+    def _global_attention(self, ctx, v, q, k, x):
+        heads, width = x.shape[1:]
+        out = ctx.empty((len(q), heads, width + 1), ctx.float_dtype)
+        if out.size:
+            ctx.graph_blocks().launch(_kernels().global_attention, *_rows_of(ctx, q, k, x), v.attr["scale"], out)
+        return out
+
+    @rule("global_attention_query_grad")
+    def _global_attention_query_grad(self, ctx, v, q, k, x, lse, g, delta):
+        out = ctx.empty(q.shape, ctx.float_dtype)
+        if out.size:
+            ctx.graph_blocks().launch(_kernels().global_attention_query_grad, *_rows_of(ctx, q, k, x, lse, g, delta),
+                                      v.attr["scale"], out)
+        return out
+
+    @rule("global_attention_key_grad")
+    def _global_attention_key_grad(self, ctx, v, q, k, x, lse, g, delta):
+        out = ctx.empty((len(q), q.shape[1], q.shape[2] + x.shape[2]), ctx.float_dtype)
+        if out.size:
+            ctx.graph_blocks().launch(_kernels().global_attention_key_grad, *_rows_of(ctx, q, k, x, lse, g, delta),
+                                      v.attr["scale"], out)
+        return out
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):

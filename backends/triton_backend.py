@@ -1,10 +1,10 @@
 """The Triton backend: generated Triton kernels for the graph ops, torch for dense algebra.
 
 Graph ops (``gspmm``, ``match_gspmm``, ``attention`` and its backward passes, ``aggregate``,
-``softmax``, ``typed_linear``) run as Triton kernels generated from the IR value (see
-``mpdsl.backends.triton_kernels``: the source is built from the op's attributes and static shapes,
-and cached by a hash of both). Every other op is a torch op with the NumPy backend's semantics
-(left-aligned broadcasting, param values without a row axis). Values are torch tensors on the
+``softmax``, ``typed_linear``, ``global_attention`` and its backward passes) run as Triton kernels
+generated from the IR value (see ``mpdsl.backends.triton_kernels``: the source is built from the op's
+attributes and static shapes, and cached by a hash of both). Every other op is a torch op with the
+NumPy backend's semantics (left-aligned broadcasting, param values without a row axis). Values are torch tensors on the
 device: CUDA when available, else the CPU, where the kernels run in Triton's interpreter.
 
 Running it:
@@ -51,6 +51,7 @@ from mpdsl.backends import (
     expand_operand,
     feature_width,
     gather_index,
+    graph_blocks,
     register_backend,
     rule,
 )
@@ -62,6 +63,7 @@ from mpdsl.backends.triton_kernels import (
     AttentionValueGrad,
     CooAttention,
     CooGspmm,
+    GlobalAttention,
     KernelSpec,
     MatchSegmentSum,
     SegmentLogSumExp,
@@ -632,6 +634,44 @@ class TritonBackend(Backend):
         finish[(_cdiv(rows, block_r), _cdiv(width, block_f))](denom, acc, out, rows, BLOCK_R=block_r, BLOCK_F=block_f)
         return out
 
+    # ---- global attention (generated kernels over blocks of each graph's nodes) -------------
+
+    def _global_block(self, ctx: TritonContext, spec: GlobalAttention) -> int:
+        """Nodes per block of the global attention kernels (BLOCK x BLOCK score tiles, BLOCK x lanes
+        feature tiles): 16 in the interpreter (it pays per element of a tile), else up to 64 (32 in
+        float64), fewer for wide heads so that a tile holds at most 4096 elements."""
+        if self.block_rows:
+            return max(16, next_pow2(self.block_rows))
+        if ctx.interpret:
+            return 16
+        lanes = max(next_pow2(spec.keys), next_pow2(spec.width), 16)
+        return max(16, min(32 if ctx.dtype == torch.float64 else 64, 4096 // lanes))
+
+    def _global_launch(self, ctx, v, pass_: str, operands: list, out):
+        if out.numel() == 0:
+            return out
+        heads, keys = operands[0].shape[1:]
+        spec = GlobalAttention(pass_, heads, keys, operands[2].shape[2], v.attr["scale"], ctx.dtype_name)
+        (fn,) = self._kernels(ctx, spec).values()
+        block = self._global_block(ctx, spec)
+        tables = _graph_blocks(ctx, block)
+        fn[(len(tables[1]), heads)](*tables, *[t.contiguous() for t in operands], out, BLOCK=block)
+        return out
+
+    @rule("global_attention")
+    def _global_attention(self, ctx, v, q, k, x):
+        out = self._output(ctx, (q.shape[0], x.shape[1], x.shape[2] + 1))
+        return self._global_launch(ctx, v, "forward", [q, k, x], out)
+
+    @rule("global_attention_query_grad")
+    def _global_attention_query_grad(self, ctx, v, q, k, x, lse, g, delta):
+        return self._global_launch(ctx, v, "query_grad", [q, k, x, lse, g, delta], self._output(ctx, tuple(q.shape)))
+
+    @rule("global_attention_key_grad")
+    def _global_attention_key_grad(self, ctx, v, q, k, x, lse, g, delta):
+        out = self._output(ctx, (q.shape[0], q.shape[1], q.shape[2] + x.shape[2]))
+        return self._global_launch(ctx, v, "key_grad", [q, k, x, lse, g, delta], out)
+
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):
         nodes = ctx.index(v.attr["index"])
@@ -656,6 +696,19 @@ class TritonBackend(Backend):
                 table[0], table[1].to(itype), table[2].to(itype), rows_in.to(itype), rows_out.to(itype),
                 h.contiguous(), w.contiguous(), compact, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         return compact.index_select(0, inverse)
+
+
+def _graph_blocks(ctx: TritonContext, block: int) -> tuple:
+    """The global attention kernels' work items on the device (``mpdsl.backends.graph_blocks``): the nodes
+    listed by graph, then per item its graph's first position and size and the item's first node."""
+    def build() -> tuple:
+        indptr, perm = ctx.graph.segments_by_graph()
+        starts, counts, offsets, _ = graph_blocks(indptr, block)
+        itype = _index_dtype(len(perm) + 1)
+        return tuple(torch.from_numpy(np.array(a)).to(device=ctx.device, dtype=itype)
+                     for a in (perm, starts, counts, offsets))
+
+    return ctx.graph.cached(("triton.graph_blocks", block, str(ctx.device)), build)
 
 
 def _typed_rows(ctx: TritonContext, index: str, nodes, types, relations: int, lanes: int, block_m: int):
@@ -774,12 +827,25 @@ def _typed_linear_spec(v: Value, widths: list, dtype: str, coo: bool, width) -> 
     return None if inner is None or out is None else TypedLinear(inner, out, dtype)
 
 
+def _global_spec(pass_: str):
+    def build(v: Value, widths: list, dtype: str, coo: bool, width) -> KernelSpec | None:
+        q, x = v.operands[0].type, v.operands[2].type
+        sizes = [width(t.with_(shape=t.shape[i:i + 1])) for t, i in ((q, 0), (q, 1), (x, 1))]
+        if None in sizes:
+            return None
+        heads, keys, values = sizes
+        return GlobalAttention(pass_, heads, keys, values, v.attr["scale"], dtype)
+    return build
+
+
 # The ops that run as generated Triton kernels, each with the builder of its kernel spec
 # (value, float operand widths, dtype, COO layout?, width function) -> spec; the others run as torch ops.
 KERNEL_SPECS = {"aggregate": _aggregate_spec, "softmax": _softmax_spec, "gspmm": _gspmm_spec,
                 "match_gspmm": _match_gspmm_spec, "attention": _attention_spec,
                 "segment_logsumexp": _logsumexp_spec, "attention_score_grad": _score_grad_spec,
-                "attention_value_grad": _value_grad_spec, "typed_linear": _typed_linear_spec}
+                "attention_value_grad": _value_grad_spec, "typed_linear": _typed_linear_spec,
+                "global_attention": _global_spec("forward"), "global_attention_query_grad": _global_spec("query_grad"),
+                "global_attention_key_grad": _global_spec("key_grad")}
 KERNEL_OPS = tuple(KERNEL_SPECS)
 
 

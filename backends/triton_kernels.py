@@ -33,6 +33,12 @@ Kernels (all deterministic except the COO ones, which use atomics):
   sum over out-edges of exp(s - lse_dst) * g_dst, the weights recomputed per edge (no atomics).
 * ``TypedLinear``: relation-typed grouped matmul: tiles of (node, relation) pairs of one relation
   times that relation's matrix.
+* ``GlobalAttention``: attention among the nodes of each graph, per head, one program per (block of
+  BLOCK nodes of one graph, head) with ``tl.dot`` tiles of BLOCK x BLOCK scores: the forward (an
+  online softmax over the graph's key blocks, writing the output and the log-sum-exp), and the two
+  backward passes (dq over the key blocks; dk and dv over the query blocks), the weights recomputed
+  from the saved log-sum-exp. Row maxima and sums use ``tl.reduce`` with combine functions defined in
+  the kernel's own source (so they are decorated in the kernel's mode).
 * ``CooGspmm`` / ``CooAttention``: COO layout, one program per block of edges, accumulation with
   atomics into scratch buffers, then a finishing kernel that writes every output element.
 
@@ -58,7 +64,7 @@ from typing import Any
 from mpdsl.ops import MissingRule, choose
 
 BUILTINS = frozenset({"arange", "atomic_add", "atomic_max", "atomic_min", "constexpr", "dot", "exp", "full",
-                      "load", "log", "maximum", "minimum", "program_id", "sqrt", "store", "where",
+                      "load", "log", "maximum", "minimum", "program_id", "reduce", "sqrt", "store", "where",
                       "bfloat16", "float16", "float32", "float64", "int64"})
 """The triton.language names generated kernels may use (builtins, not jit functions)."""
 
@@ -206,6 +212,38 @@ class TypedLinear(KernelSpec):
     @property
     def launch(self) -> str:
         return f"grid (tiles of BLOCK_M rows of one relation, cdiv({self.width}, BLOCK_N))"
+
+
+GLOBAL_PASSES = {
+    "forward": "global_attention",
+    "query_grad": "global_attention_query_grad",
+    "key_grad": "global_attention_key_grad",
+}
+"""The global attention kernels: the forward and the two passes of its backward, by their op."""
+
+
+@dataclass(frozen=True)
+class GlobalAttention(KernelSpec):
+    """Attention among the nodes of each graph, per head, in blocks of BLOCK nodes of one graph: one
+    program per (block, head) with ``tl.dot`` tiles of BLOCK x BLOCK scores. ``forward``: out[i] =
+    [softmax-weighted sum of v, lse] (online softmax over the key blocks); ``query_grad``: dq over the key
+    blocks; ``key_grad``: [dk, dv] over the query blocks, the weights recomputed from the saved lse."""
+
+    pass_: str      # forward, query_grad, key_grad (GLOBAL_PASSES)
+    heads: int      # H
+    keys: int       # K: features per head of q and k
+    width: int      # D: features per head of v
+    scale: float
+    dtype: str
+
+    @property
+    def kind(self) -> str:
+        return choose(GLOBAL_PASSES, "global attention", "pass", self.pass_, "the Triton global attention generator")
+
+    @property
+    def launch(self) -> str:
+        return ("grid (work items: blocks of BLOCK nodes of one graph, the nodes listed by graph; "
+                f"{self.heads} heads)")
 
 
 @dataclass(frozen=True)
@@ -588,6 +626,121 @@ def _gen_typed_linear(spec: TypedLinear) -> str:
     return code.text()
 
 
+def _lanes(n: int) -> int:
+    """Padded lanes of a per-head axis of n features (a power of two, at least 16 for ``tl.dot``)."""
+    return max(16, next_pow2(n))
+
+
+def _node_tile(array: str, nodes: str, ok: str, lanes: str, per_head: int, row_width: int, acc: str,
+               transposed: bool = False) -> str:
+    """The load of head h's features of ``nodes`` from a [N, H, per_head]-laid-out array with rows of
+    ``row_width``: [BLOCK, lanes] (or [lanes, BLOCK] ``transposed``), 0 outside ``ok`` and the lanes."""
+    n, f = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    return (f"tl.load({array} + {nodes}{n} * {row_width} + h * {per_head} + {lanes}{f}, "
+            f"mask={ok}{n} & ({lanes} < {per_head}){f}, other=0.0).to({acc})")
+
+
+def _gen_global_attention(spec: GlobalAttention) -> str:
+    H, K, D, acc, store = spec.heads, spec.keys, spec.width, ACCUMULATE[spec.dtype], STORE[spec.dtype]
+    scale = repr(float(spec.scale))
+    name = spec.name
+    args = {"forward": "q, k, v, out", "query_grad": "q, k, v, lse, g, delta, out",
+            "key_grad": "q, k, v, lse, g, delta, out"}[spec.pass_]
+    code = _Code()
+    for helper, body in (("max", "tl.maximum(a, b)"), ("sum", "a + b")):
+        code("@triton.jit")
+        with code.block(f"def {name}_{helper}(a, b):"):
+            code(f"return {body}")
+        code("", "")
+    code("@triton.jit")
+    with code.block(f"def {name}(nodes, starts, counts, offsets, {args}, BLOCK: tl.constexpr):"):
+        doc = {"forward": f"out[i, h] = [sum_j softmax_j({scale} * <q_i, k_j>) v_j, lse_i] over the nodes j of i's "
+                          "graph: an online softmax over the key blocks",
+               "query_grad": f"out[i, h] = {scale} * sum_j p_ij (<g_i, v_j> - delta_i) k_j, p_ij = exp({scale} * "
+                             "<q_i, k_j> - lse_i), over the key blocks of i's graph",
+               "key_grad": f"out[j, h] = [{scale} * sum_i p_ij (<g_i, v_j> - delta_i) q_i, sum_i p_ij g_i] over the "
+                           "query blocks of j's graph"}[spec.pass_]
+        code(f'"""{doc}; {H} head(s), K = {K}, D = {D}, {acc} tiles."""',
+             "item = tl.program_id(0)",
+             "h = tl.program_id(1).to(tl.int64)",
+             "start = tl.load(starts + item).to(tl.int64)",
+             "count = tl.load(counts + item).to(tl.int64)",
+             "pos = tl.load(offsets + item).to(tl.int64) + tl.arange(0, BLOCK)",
+             "row_ok = pos < count",
+             "row = tl.load(nodes + start + pos, mask=row_ok, other=0).to(tl.int64)",
+             f"kk = tl.arange(0, {_lanes(K)})",
+             f"dd = tl.arange(0, {_lanes(D)})")
+
+        def loop_columns() -> None:
+            code("cpos = c0 + tl.arange(0, BLOCK)",
+                 "col_ok = cpos < count",
+                 "col = tl.load(nodes + start + cpos, mask=col_ok, other=0).to(tl.int64)")
+
+        def tile(array: str, nodes: str, per_head: str, transposed: bool = False) -> str:
+            size = {"K": K, "D": D}[per_head]
+            lanes = {"K": "kk", "D": "dd"}[per_head]
+            ok = "row_ok" if nodes == "row" else "col_ok"
+            return _node_tile(array, nodes, ok, lanes, size, H * size, acc, transposed)
+
+        def per_head(array: str, nodes: str) -> str:
+            ok = "row_ok" if nodes == "row" else "col_ok"
+            return f"tl.load({array} + {nodes} * {H} + h, mask={ok}, other=0.0).to({acc})"
+
+        dot = 'input_precision="ieee"'
+        if spec.pass_ == "forward":
+            code(f"qt = {tile('q', 'row', 'K')} * {scale}",
+                 f"peak = tl.full([BLOCK], {NEG_SENTINEL}, dtype={acc})  # running max",
+                 f"total = tl.full([BLOCK], 0.0, dtype={acc})  # running sum of exp(s - peak)",
+                 f"acc = tl.full([BLOCK, {_lanes(D)}], 0.0, dtype={acc})  # running sum of exp(s - peak) v")
+            with code.block("for c0 in range(0, count, BLOCK):"):
+                loop_columns()
+                code(f"s = tl.dot(qt, {tile('k', 'col', 'K', True)}, {dot})",
+                     f"s = tl.where(col_ok[None, :], s, {NEG_SENTINEL})",
+                     f"new_peak = tl.maximum(peak, tl.reduce(s, 1, {name}_max))",
+                     "p = tl.where(col_ok[None, :], tl.exp(s - new_peak[:, None]), 0.0)",
+                     "rescale = tl.exp(peak - new_peak)",
+                     f"total = total * rescale + tl.reduce(p, 1, {name}_sum)",
+                     f"acc = acc * rescale[:, None] + tl.dot(p, {tile('v', 'col', 'D')}, {dot})",
+                     "peak = new_peak")
+            code(f"out_row = out + row * {H * (D + 1)} + h * {D + 1}",
+                 f"tl.store(out_row[:, None] + dd[None, :], (acc / total[:, None]).to({store}), "
+                 f"mask=row_ok[:, None] & (dd < {D})[None, :])",
+                 f"tl.store(out_row + {D}, (peak + tl.log(total)).to({store}), mask=row_ok)")
+        elif spec.pass_ == "query_grad":
+            code(f"qt = {tile('q', 'row', 'K')} * {scale}",
+                 f"gt = {tile('g', 'row', 'D')}",
+                 f"top = {per_head('lse', 'row')}",
+                 f"base = {per_head('delta', 'row')}",
+                 f"dq = tl.full([BLOCK, {_lanes(K)}], 0.0, dtype={acc})")
+            with code.block("for c0 in range(0, count, BLOCK):"):
+                loop_columns()
+                code(f"s = tl.dot(qt, {tile('k', 'col', 'K', True)}, {dot})",
+                     "p = tl.where(col_ok[None, :], tl.exp(s - top[:, None]), 0.0)",
+                     f"dp = tl.dot(gt, {tile('v', 'col', 'D', True)}, {dot})",
+                     f"dq += tl.dot(p * (dp - base[:, None]), {tile('k', 'col', 'K')}, {dot})")
+            code(f"tl.store(out + row[:, None] * {H * K} + h * {K} + kk[None, :], (dq * {scale}).to({store}), "
+                 f"mask=row_ok[:, None] & (kk < {K})[None, :])")
+        else:
+            code(f"kt = {tile('k', 'row', 'K')} * {scale}",
+                 f"vt = {tile('v', 'row', 'D')}",
+                 f"dk = tl.full([BLOCK, {_lanes(K)}], 0.0, dtype={acc})",
+                 f"dv = tl.full([BLOCK, {_lanes(D)}], 0.0, dtype={acc})")
+            with code.block("for c0 in range(0, count, BLOCK):"):
+                loop_columns()
+                code(f"s = tl.dot(kt, {tile('q', 'col', 'K', True)}, {dot})  # [keys, queries]",
+                     f"p = tl.where(col_ok[None, :], tl.exp(s - {per_head('lse', 'col')}[None, :]), 0.0)",
+                     f"dp = tl.dot(vt, {tile('g', 'col', 'D', True)}, {dot})",
+                     f"ds = p * (dp - {per_head('delta', 'col')}[None, :])",
+                     f"dv += tl.dot(p, {tile('g', 'col', 'D')}, {dot})",
+                     f"dk += tl.dot(ds, {tile('q', 'col', 'K')}, {dot})")
+            code(f"out_row = out + row * {H * (K + D)} + h * {K + D}",
+                 f"tl.store(out_row[:, None] + kk[None, :], (dk * {scale}).to({store}), "
+                 f"mask=row_ok[:, None] & (kk < {K})[None, :])",
+                 f"tl.store(out_row[:, None] + {K} + dd[None, :], dv.to({store}), "
+                 f"mask=row_ok[:, None] & (dd < {D})[None, :])")
+    return code.text()
+
+
 def _coo_prologue(code: _Code, width: int) -> None:
     code("pid_e = tl.program_id(0)",
          "pid_f = tl.program_id(1)",
@@ -692,7 +845,7 @@ _GENERATORS: dict[type[KernelSpec], Callable[[Any], str]] = {
     SegmentSoftmax: _gen_segment_softmax, Attention: _gen_attention,
     SegmentLogSumExp: _gen_segment_logsumexp, AttentionScoreGrad: _gen_attention_score_grad,
     AttentionValueGrad: _gen_attention_value_grad, TypedLinear: _gen_typed_linear, CooGspmm: _gen_coo_gspmm,
-    CooAttention: _gen_coo_attention}
+    CooAttention: _gen_coo_attention, GlobalAttention: _gen_global_attention}
 
 
 def generate(spec: KernelSpec) -> str:

@@ -46,6 +46,12 @@ Rules worth knowing:
   the optimizer fused the attention before differentiation (``PRE_GRADIENT_PASSES``) so get a
   backward with no E x S tensor. The max / min adjoint's tie counts and routed cotangent become
   ``match_gspmm`` sums in the optimizer (``fuse_match_aggregate``), with no E x S mask.
+* ``global_attention`` (a primitive: attention among all nodes of each graph) saves its per-node
+  log-sum-exp beside its output (one packed value); its adjoint is a query pass
+  (``global_attention_query_grad``) and a key pass (``global_attention_key_grad``) that recompute the
+  softmax weights block by block, flash-attention style. Those two are fused ops defined by
+  ``global_attention`` itself (a global attention of wider per-node values), so they are
+  differentiated again through that definition.
 
 The builder keeps the emitted IR narrow: products and broadcasts it made are folded into the
 contractions that consume them, ``W[etype]`` enters contractions as one_hot(etype) x W (no per-edge
@@ -601,6 +607,45 @@ def _attention_adjoint(v, g, b, needed):
     if needed[1]:
         dx = b.emit("attention_value_grad", [s, lse, g], {"by": OPPOSITE[by]})
     return [ds, dx]
+
+
+@adjoint("global_attention")
+def _global_attention_adjoint(v, g, b, needed):
+    """[out, lse] = global_attention(q, k, v): with p_ij = exp(s_ij - lse_i) recomputed from the saved
+    log-sum-exp (flash-attention style), d s_ij = p_ij (<g_i, v_j> - delta_i) with delta_i = <g_i, out_i>
+    less the cotangent of lse_i (d lse_i / d s_ij = p_ij); dq is a pass over each query node's graph
+    (``global_attention_query_grad``), dk and dv one over each key node's
+    (``global_attention_key_grad``). No pair of nodes is materialised."""
+    q, k, val = v.operands
+    heads, keys = q.type.shape
+    width = val.type.shape[1].value
+    scale = v.attr["scale"]
+    per_head = TensorType(Domain.NODE, (heads,), v.type.dtype)
+
+    def split(x: Value) -> tuple[Value, Value]:
+        head = b.emit("slice", [x], {"axis": 1, "start": 0, "stop": width})
+        tail = b.emit("slice", [x], {"axis": 1, "start": width, "stop": width + 1})
+        return head, b.reshape(tail, (heads,))
+
+    out, lse = split(v)
+    delta = None
+    if b._made(g, "pad") and g.attr == {"axis": 1, "before": 0, "after": 1}:
+        g_out = g.operands[0]  # the cotangent of the attention alone (the source form's): none for lse
+    else:
+        g_out, g_lse = split(g)
+        delta = b.neg(g_lse)
+    inner = b.contract([g_out, out], ["ab", "ab"], "a", per_head)
+    delta = inner if delta is None else b.add(inner, delta)
+    operands = [q, k, val, lse, g_out, delta]
+    dq = dk = dv = None
+    if needed[0]:
+        dq = b.emit("global_attention_query_grad", operands, {"scale": scale})
+    if needed[1] or needed[2]:
+        both = b.emit("global_attention_key_grad", operands, {"scale": scale})
+        dk = b.emit("slice", [both], {"axis": 1, "start": 0, "stop": keys.value}) if needed[1] else None
+        dv = b.emit("slice", [both], {"axis": 1, "start": keys.value, "stop": keys.value + width}) \
+            if needed[2] else None
+    return [dq, dk, dv]
 
 
 # =====================================================================================================

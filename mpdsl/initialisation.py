@@ -231,6 +231,11 @@ def _attention(v: Value, uses: _Uses) -> Carried | None:
     return uses.fan(v.operands[1])
 
 
+def _global_attention(v: Value, uses: _Uses) -> Carried | None:
+    """Linear in its values (the softmax-weighted sum; the log-sum-exp beside it carries no fan)."""
+    return uses.fan(v.operands[2])
+
+
 _LINEAR_AGGREGATIONS = {"sum": True, "mean": True, "max": False, "min": False, "std": False}
 _LINEAR_AXIS_REDUCTIONS = {"sum": True, "mean": True, "max": False, "min": False}
 assert set(_LINEAR_AGGREGATIONS) == set(AGGREGATIONS) and set(_LINEAR_AXIS_REDUCTIONS) == set(AXIS_REDUCTIONS)
@@ -249,10 +254,11 @@ USE_RULES: dict[str, UseRule] = {
     "axis_softmax": _none, "softmax": _none, "one_hot": _none, "batch_norm": _batch_norm,
     "concat": _any_linear, "reshape": _linear, "gather": _linear, "broadcast": _linear, "slice": _linear,
     "pad": _linear, "select": _index, "take": _index,
-    "gspmm": _linear, "attention": _attention,
+    "gspmm": _linear, "attention": _attention, "global_attention": _global_attention,
     "contract_rows": _none,  # gradient programs only: its param-domain result is not initialised
     # gradient programs only (the fused backward of attention and of max / min aggregations)
     "segment_logsumexp": _none, "attention_score_grad": _none, "attention_value_grad": _none, "match_gspmm": _none,
+    "global_attention_query_grad": _none, "global_attention_key_grad": _none,
 }
 
 

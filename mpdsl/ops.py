@@ -62,6 +62,8 @@ class Trait(enum.Enum):
     GRAPH = "graph"              # moves or reduces values along the edges: node and edge layouts apply to it
     EDGE_ORDER = "edge-order"    # reads its edge operands grouped by its ``by`` segment (edges sorted by it pay)
     FUSED = "fused"              # made by the optimizer or autodiff; means its unfused definition (``OpDef.unfused``)
+    GRAPH_PAIRS = "graph-pairs"  # relates every pair of nodes of each graph (global attention): its work grows with
+                                 # the sum of the squared graph sizes, not with the edges
 
 
 class Effect(enum.Enum):
@@ -864,6 +866,153 @@ def _attention_value_grad(types, attrs, declared):
     _scores(s, g, "attention_value_grad")
     _node_values(lse, s.shape, "attention_value_grad: the log-sum-exp", 1)
     return g
+
+
+# ---- global attention: every pair of nodes of each graph (graph transformers, GPS) ------------------
+
+
+def global_attention_sizes(types: list[TensorType], what: str, static: bool = True) -> tuple[Dim, Dim, Dim]:
+    """(H, K, D) of global attention operands q, k node[H, K] and v node[H, D] (the first three of
+    ``types``), after checking them; with ``static``, K and D must be static (the kernels and the
+    packed results are sized by them: a layer checked alone, with symbolic sizes, checks the rest)."""
+    q, k, v = types[:3]
+    for i, (t, name) in enumerate(zip((q, k, v), ("queries", "keys", "values"))):
+        if t.domain is not Domain.NODE or not t.is_float or t.rank != 2:
+            hint = ("project and split the heads, e.g. q = h @ Wq with Wq: param[D, H, K] (one head: "
+                    "reshape(x, [1, K]))" if t.domain is Domain.NODE and t.is_float else
+                    "attention among a graph's nodes reads float node values (reduce edge values to "
+                    "nodes first: sum(...) by dst)")
+            raise TypeRuleError(f"{what}: the {name} must be float per-head node values node[H, K], got {t}",
+                                hint, i)
+    if k.shape != q.shape:
+        raise TypeRuleError(f"{what}: queries {shape_str(q.shape)} and keys {shape_str(k.shape)} differ in shape",
+                            "q and k need the same heads and per-head size", 1)
+    if v.shape[0] != q.shape[0]:
+        raise TypeRuleError(f"{what}: the values have {v.shape[0]} heads, the queries {q.shape[0]}",
+                            "q, k and v need the same number of heads", 2)
+    if len({t.dtype for t in (q, k, v)}) != 1:
+        raise TypeRuleError(f"{what} needs q, k and v of one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    for i, d in ((0, q.shape[1]), (2, v.shape[1])):
+        if static and not d.is_static:
+            raise TypeRuleError(f"{what} needs static per-head sizes, got {d}",
+                                f"declare it with `dim {d} = ...` (the kernels are sized by it)", i)
+    return q.shape[0], q.shape[1], v.shape[1]
+
+
+def _packed(t: TensorType, heads: Dim, width: int) -> TensorType:
+    return TensorType(Domain.NODE, (heads, Dim(width)), t.dtype)
+
+
+@op("global_attention", 3, {"scale": float}, traits=(Trait.GRAPH, Trait.GRAPH_PAIRS))
+def _global_attention(types, attrs, declared):
+    """Multi-head scaled dot-product attention among the nodes of each graph of a batch (graph
+    transformers, GPS): per head, with s_ij = scale * <q_i, k_j> for the nodes j of i's graph, i
+    included (no mask), out_i = sum_j softmax_j(s_i)_j * v_j and lse_i = log sum_j exp(s_ij). The
+    result packs both, per head: node[H, D + 1] = [out_i (D features), lse_i]. Operands q, k
+    node[H, K], v node[H, D], K and D static. The kernels run a blocked online softmax (a running
+    max and sum per query node) over blocks of one graph's nodes: a graph's n x n scores are never
+    formed, and the log-sum-exp, the one statistic the backward reads
+    (``global_attention_query_grad``, ``global_attention_key_grad``), comes with the forward. A
+    primitive: no composition of edge ops expresses it; the fused backward ops are defined by it.
+    The source form ``global_attention(q, k, v, scale=1/sqrt(K)) by graph`` is the out part."""
+    heads, _, width = global_attention_sizes(types, "global_attention")
+    return _packed(types[0], heads, width.value + 1)
+
+
+def _global_attention_grad_operands(types: list[TensorType], what: str) -> tuple[Dim, int, int]:
+    """(H, K, D) of a global attention backward op after checking its operands q, k, v, lse, g, delta."""
+    heads, keys, width = global_attention_sizes(types, what)
+    _, _, v, lse, g, delta = types
+    _node_values(lse, (heads,), f"{what}: the log-sum-exp", 3)
+    _node_values(g, v.shape, f"{what}: the cotangent", 4)
+    _node_values(delta, (heads,), f"{what}: delta", 5)
+    return heads, keys.value, width.value
+
+
+def _weighted_sum_unfused(b, query, key, values, scale: float, lse):
+    """sum_j exp(scale * <query_i, key_j> - lse_i) * values_j over the nodes j of i's graph (lse None:
+    0), from one ``global_attention`` (its softmax-weighted sum times exp(its lse - lse))."""
+    heads, width = values.type.shape
+    packed = b.emit("global_attention", [query, key, values], {"scale": scale})
+    mean = b.emit("slice", [packed], {"axis": 1, "start": 0, "stop": width.value})
+    own = b.reshape(b.emit("slice", [packed], {"axis": 1, "start": width.value, "stop": width.value + 1}), (heads,))
+    return b.mul(mean, b.unary("exp", own if lse is None else b.sub(own, lse)))
+
+
+def _outer(b, a, c):
+    """Per head, the outer product of node[H, A] and node[H, C] flattened to node[H, A * C]."""
+    heads, first = a.type.shape
+    product = b.emit("einsum", [a, c], {"spec": "ha,hc->hac"})
+    return b.reshape(product, (heads, first * c.type.shape[1]))
+
+
+def _split(b, x, sizes: list[int]) -> list:
+    """The pieces of node[H, sum(sizes)] along its feature axis."""
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(b.emit("slice", [x], {"axis": 1, "start": start, "stop": start + size}))
+        start += size
+    return pieces
+
+
+def _global_attention_query_grad_unfused(b, v):
+    # dq_i = scale * (sum_d g_id sum_j p_ij v_jd k_j - delta_i sum_j p_ij k_j): one global attention of
+    # the values [v_j (x) k_j, k_j], renormalised from its own log-sum-exp to the operand lse
+    q, k, val, lse, g, delta = v.operands
+    heads, keys = q.type.shape
+    width = val.type.shape[1]
+    scale = v.attr["scale"]
+    sums = _weighted_sum_unfused(b, q, k, b.emit("concat", [_outer(b, val, k), k], {"axis": -1}), scale, lse)
+    vk, ks = _split(b, sums, [width.value * keys.value, keys.value])
+    vk = b.reshape(vk, (heads, width, keys))
+    return b.mul(b.sub(b.emit("einsum", [g, vk], {"spec": "hd,hdk->hk"}), b.mul(delta, ks)), scale)
+
+
+@op("global_attention_query_grad", 6, {"scale": float},
+    traits=(Trait.GRAPH, Trait.GRAPH_PAIRS, Trait.FUSED), unfused=_global_attention_query_grad_unfused)
+def _global_attention_query_grad(types, attrs, declared):
+    """The query pass of the global attention backward (flash-attention style): per query node i and
+    head, dq_i = scale * sum_j p_ij * (<g_i, v_j> - delta_i) * k_j over the nodes j of i's graph, with
+    p_ij = exp(scale * <q_i, k_j> - lse_i) recomputed per block of key nodes. Operands q, k node[H, K],
+    v node[H, D], lse node[H] (the forward's log-sum-exp), g node[H, D] (the cotangent of the
+    attention), delta node[H] (<g_i, out_i> less the cotangent of lse_i). Its unfused definition is
+    one ``global_attention`` of the values [v_j (x) k_j, k_j] (an H x (D K + K) value per node,
+    never a pair of nodes)."""
+    heads, keys, _ = _global_attention_grad_operands(types, "global_attention_query_grad")
+    return _packed(types[0], heads, keys)
+
+
+def _global_attention_key_grad_unfused(b, v):
+    # With p_ij = exp(<[k_j, 1], [scale q_i, -lse_i]>): attention of the key nodes over the query
+    # nodes, scale 1, of [g_i (x) q_i, delta_i q_i, g_i]: dk_j = scale (sum_d v_jd (.)_d - (.)), dv_j
+    q, k, val, lse, g, delta = v.operands
+    heads, keys = q.type.shape
+    width = val.type.shape[1]
+    scale = v.attr["scale"]
+    column = (heads, Dim(1))
+    ones = b.broadcast(b.c(1.0), TensorType(Domain.NODE, column, q.type.dtype))
+    query = b.emit("concat", [k, ones], {"axis": -1})
+    key = b.emit("concat", [b.mul(q, scale), b.neg(b.reshape(lse, column))], {"axis": -1})
+    values = b.emit("concat", [_outer(b, g, q), b.mul(q, b.reshape(delta, column)), g], {"axis": -1})
+    sums = _weighted_sum_unfused(b, query, key, values, 1.0, None)
+    gq, dq, dv = _split(b, sums, [width.value * keys.value, keys.value, width.value])
+    gq = b.reshape(gq, (heads, width, keys))
+    dk = b.mul(b.sub(b.emit("einsum", [val, gq], {"spec": "hd,hdk->hk"}), dq), scale)
+    return b.emit("concat", [dk, dv], {"axis": -1})
+
+
+@op("global_attention_key_grad", 6, {"scale": float},
+    traits=(Trait.GRAPH, Trait.GRAPH_PAIRS, Trait.FUSED), unfused=_global_attention_key_grad_unfused)
+def _global_attention_key_grad(types, attrs, declared):
+    """The key pass of the global attention backward (flash-attention style): per key node j and
+    head, dk_j = scale * sum_i p_ij * (<g_i, v_j> - delta_i) * q_i and dv_j = sum_i p_ij * g_i over the
+    nodes i of j's graph, p_ij = exp(scale * <q_i, k_j> - lse_i) recomputed per block of query nodes;
+    the result packs both per head: node[H, K + D] = [dk_j, dv_j]. Operands as
+    ``global_attention_query_grad``. Its unfused definition is one ``global_attention`` of the key
+    nodes over the query nodes ([k_j, 1] against [scale q_i, -lse_i], scale 1) of the values
+    [g_i (x) q_i, delta_i q_i, g_i]."""
+    heads, keys, width = _global_attention_grad_operands(types, "global_attention_key_grad")
+    return _packed(types[0], heads, keys + width)
 
 
 def _typed_linear_unfused(b, v):

@@ -338,9 +338,32 @@ def _per_element_flops(v: Value, count: int, edges: int, width: int, dims: Mappi
     return count * max(1, len(v.operands))
 
 
+def _pair_flops(per_pair):
+    """The FLOPs of a global attention op (``Trait.GRAPH_PAIRS``: its ``edges`` are the same-graph node
+    pairs): ``per_pair(K, D)`` per pair and head, with q node[H, K] and v node[H, D]."""
+    def rule(v: Value, count: int, pairs: int, width: int, dims: Mapping[str, int]) -> int:
+        heads, keys = (d.substitute(dims).value for d in v.operands[0].type.shape)
+        return pairs * heads * per_pair(keys, v.operands[2].type.shape[1].substitute(dims).value)
+    return rule
+
+
+def node_pairs(rows: Mapping[Domain, int]) -> int:
+    """The same-graph node pairs of a batch known by its row counts only: N^2 / G, exact for graphs of
+    one size (a batch of unequal sizes has more: ``graph_pairs``)."""
+    return rows[Domain.NODE] ** 2 // max(1, rows[Domain.GRAPH])
+
+
+def graph_pairs(graph: Graph) -> int:
+    """The same-graph node pairs (i, j) of ``graph``'s batch, i == j included: the sum of the squared
+    graph sizes, the work of a global attention."""
+    sizes = np.diff(graph.segments_by_graph()[0])
+    return int(np.dot(sizes, sizes))
+
+
 # Floating-point operations per op: (value, result elements, edges, result row width, dims) -> FLOPs.
 # Ops absent here fall back on their traits (elementwise and row-wise: one per result element and
-# operand); an op with neither is a MissingRule.
+# operand); an op with neither is a MissingRule. For ops with ``Trait.GRAPH_PAIRS`` the edges are the
+# same-graph node pairs.
 FLOP_RULES = {
     "input": _no_flops, "param": _no_flops, "const": _no_flops, "degree": _no_flops,
     "gather": _no_flops, "select": _no_flops, "reshape": _no_flops, "take": _no_flops, "one_hot": _no_flops,
@@ -357,6 +380,12 @@ FLOP_RULES = {
     "attention_value_grad": lambda v, count, edges, width, dims: (2 * edges * width
                                                                   + 2 * edges * _size(v.operands[0].type, dims)),
     "typed_linear": _typed_linear_flops,
+    # per pair and head: the score (2K), the running max, exp, sum and rescale (4), the weighted sum (2D)
+    "global_attention": _pair_flops(lambda k, d: 2 * k + 2 * d + 4),
+    # the score and p (2K + 2), dp = <g_i, v_j> (2D), ds (2), dq += ds k_j (2K)
+    "global_attention_query_grad": _pair_flops(lambda k, d: 4 * k + 2 * d + 4),
+    # as the query pass, and dv += p g_i (2D)
+    "global_attention_key_grad": _pair_flops(lambda k, d: 4 * k + 4 * d + 4),
     "aggregate": lambda v, count, edges, width, dims: edges * width,
     "softmax": _per_element_flops, "batch_norm": _per_element_flops, "contract_rows": _per_element_flops,
     "broadcast": _per_element_flops,
@@ -378,20 +407,26 @@ def runs_a_kernel(v: Value) -> bool:
     return not (OPS[v.op].has(Trait.INTERFACE) or v.op == "const")
 
 
-def op_cost(v: Value, rows: Mapping[Domain, int], dims: Mapping[str, int], itemsize: int) -> OpCost:
-    """Bytes the op materialises (its result) and its floating-point operations."""
+def op_cost(v: Value, rows: Mapping[Domain, int], dims: Mapping[str, int], itemsize: int,
+            pairs: int | None = None) -> OpCost:
+    """Bytes the op materialises (its result) and its floating-point operations; ``pairs``: the
+    batch's same-graph node pairs (``graph_pairs``; None: ``node_pairs`` of the row counts)."""
     if not runs_a_kernel(v):
         return OpCost(v, 0, 0)
     width = _size(v.type, dims)
     count = rows[v.type.domain] * width
-    edges = rows[v.operands[0].type.domain] if v.op == "aggregate" else rows[Domain.EDGE]
+    if OPS[v.op].has(Trait.GRAPH_PAIRS):
+        edges = node_pairs(rows) if pairs is None else pairs
+    else:
+        edges = rows[v.operands[0].type.domain] if v.op == "aggregate" else rows[Domain.EDGE]
     flops = flop_rule(v.op)(v, count, edges, width, dims)
     return OpCost(v, count * (8 if v.type.dtype == "i64" else itemsize), flops)
 
 
-def program_costs(program: Program, rows: Mapping[Domain, int], dims: Mapping[str, int]) -> list[OpCost]:
+def program_costs(program: Program, rows: Mapping[Domain, int], dims: Mapping[str, int],
+                  pairs: int | None = None) -> list[OpCost]:
     itemsize = ITEMSIZE[program.float_dtype]
-    return [op_cost(v, rows, dims, itemsize) for v in program.values]
+    return [op_cost(v, rows, dims, itemsize, pairs) for v in program.values]
 
 
 def _fmt_bytes(n: int) -> str:
@@ -407,14 +442,17 @@ def _fmt_flops(n: int) -> str:
     return f"{n / 1e9:.3f} GFLOP" if n >= 1e7 else f"{n / 1e6:.3f} MFLOP"
 
 
-def _plan_rows(graph: Graph | None) -> tuple[dict[Domain, int], str]:
-    """Rows per domain the plan is sized for, and the line saying so."""
+def _plan_rows(graph: Graph | None) -> tuple[dict[Domain, int], int, str]:
+    """Rows per domain the plan is sized for, the same-graph node pairs (``graph_pairs``) and the line
+    saying so."""
     if graph is not None:
         rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs,
                 Domain.PARAM: 1}
-        return rows, f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_graphs} graph(s)"
+        return rows, graph_pairs(graph), (f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, "
+                                          f"{graph.num_graphs} graph(s)")
     rows = {Domain.NODE: 100_000, Domain.EDGE: 1_000_000, Domain.GRAPH: 1, Domain.PARAM: 1}
-    return rows, "graph: none given; figures for 100000 nodes, 1000000 edges, 1 graph (pass --graph for real ones)"
+    return rows, node_pairs(rows), ("graph: none given; figures for 100000 nodes, 1000000 edges, 1 graph (pass "
+                                    "--graph for real ones)")
 
 
 def _kernel_table(program: Program, costs: list[OpCost], marks: Mapping[int, str] | None = None) -> list[str]:
@@ -456,12 +494,13 @@ def _totals_table(reference: tuple[int, int, int, int], optimized: tuple[int, in
 def report(reference: Program, optimized: Program, notes: list[tuple[str, str]], dims: Mapping[str, int],
            graph: Graph | None, layout_reasons: list[str]) -> str:
     """The text of ``--emit plan``."""
-    rows, sizes = _plan_rows(graph)
+    rows, pairs, sizes = _plan_rows(graph)
     dims_text = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
     lines = [f"plan for @{optimized.name} ({dims_text})", sizes, ""]
-    costs = program_costs(optimized, rows, dims)
+    costs = program_costs(optimized, rows, dims, pairs)
     lines += _kernel_table(optimized, costs)
-    lines += [""] + _totals_table(_totals(program_costs(reference, rows, dims)), _totals(costs)) + ["", "decisions:"]
+    lines += [""] + _totals_table(_totals(program_costs(reference, rows, dims, pairs)), _totals(costs))
+    lines += ["", "decisions:"]
     for pass_name, text in notes:
         lines.append(f"  [{pass_name}] {text}")
     for reason in layout_reasons:
@@ -475,10 +514,10 @@ def training_report(gradient: Program, train_forward: Program, backward: Program
     program (the outputs, and the residuals the backward reads, marked as such) and of the backward
     program (``d_<param>`` for ``wrt``), and their totals against ``gradient``, the unoptimized
     gradient program computing the same (forward values included)."""
-    rows, sizes = _plan_rows(graph)
+    rows, pairs, sizes = _plan_rows(graph)
     residual_values = {id(v): f"-> {name}" for name, v in train_forward.outputs if name in set(residuals)}
-    forward_costs = program_costs(train_forward, rows, dims)
-    backward_costs = program_costs(backward, rows, dims)
+    forward_costs = program_costs(train_forward, rows, dims, pairs)
+    backward_costs = program_costs(backward, rows, dims, pairs)
     lines = [f"training step of @{train_forward.name}: the gradient of every output with respect to "
              f"{', '.join(wrt) or 'nothing'}", sizes, "",
              f"train-forward (outputs, then {len(residuals)} residual(s) for the backward):"]
@@ -490,5 +529,5 @@ def training_report(gradient: Program, train_forward: Program, backward: Program
     lines += _kernel_table(backward, backward_costs)
     step = _totals(forward_costs + backward_costs)
     lines += ["", "training step (train-forward + backward):"]
-    lines += _totals_table(_totals(program_costs(gradient, rows, dims)), step)
+    lines += _totals_table(_totals(program_costs(gradient, rows, dims, pairs)), step)
     return "\n".join(lines) + "\n"

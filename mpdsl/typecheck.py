@@ -16,6 +16,7 @@ argument types.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,16 @@ from mpdsl.diagnostics import CompileError, Span, abbreviate
 from mpdsl.initialisation import UNWRITTEN
 from mpdsl.ir import Program, Value, make_value, prune, verify
 from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
-from mpdsl.ops import AGGREGATIONS, AXIS_REDUCTIONS, INITIALIZERS, OPS, REDUCE_AXES, UNARY_OPS, running_statistic
+from mpdsl.ops import (
+    AGGREGATIONS,
+    AXIS_REDUCTIONS,
+    INITIALIZERS,
+    OPS,
+    REDUCE_AXES,
+    UNARY_OPS,
+    global_attention_sizes,
+    running_statistic,
+)
 from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 RESERVED = {"src", "dst", "batch", "graph"}
@@ -131,16 +141,28 @@ class Checker:
 
     def emit(self, op: str, operands: list[Value], attrs: dict, span: Span,
              operand_spans: list[Span] | None = None, declared: TensorType | None = None) -> Value:
+        t = self.infer(op, [o.type for o in operands], attrs, span, operand_spans, declared)
+        self.check_size(t.shape, span, "this value")
+        return self.add(make_value(op, operands, attrs, t, span))
+
+    def infer(self, op: str, types: list[TensorType], attrs: dict, span: Span,
+              operand_spans: list[Span] | None = None, declared: TensorType | None = None) -> TensorType:
+        """The result type of ``op`` on operands of ``types`` (its type rule), errors ``located``."""
+        with self.located(op, span, operand_spans):
+            return OPS[op].infer(types, attrs, declared)
+
+    @contextmanager
+    def located(self, op: str, span: Span, operand_spans: list[Span] | None = None):
+        """A type rule's error (of ``op``) raised inside as a ``CompileError`` at the operand it blames
+        (else at ``span``)."""
         try:
-            t = OPS[op].infer([o.type for o in operands], attrs, declared)
+            yield
         except TypeRuleError as err:
             blame = span
             if err.operand is not None and operand_spans and err.operand < len(operand_spans):
                 blame = operand_spans[err.operand]
             hint = err.hint or OP_HINTS.get(op) or "check the domains and shapes of the operands"
             raise self.error(err.message, blame, hint) from None
-        self.check_size(t.shape, span, "this value")
-        return self.add(make_value(op, operands, attrs, t, span))
 
     def add(self, value: Value) -> Value:
         self.step(value.span)
@@ -711,9 +733,10 @@ class Checker:
             raise self.error(f"unknown function '{e.func}'", e.callee_span,
                              f"did you mean '{close}'?" if close
                              else "define it as a layer, or see the list of builtins in the README")
-        if e.by is not None and e.func not in REDUCING:
+        if e.by is not None and e.func not in TAKES_BY:
             raise self.error(f"'{e.func}' does not take `by`", e.by_span,
-                             "`by dst|src|graph` belongs to sum, mean, max, min, std and softmax")
+                             "`by dst|src|graph` belongs to sum, mean, max, min, std and softmax (and `by graph` "
+                             "to global_attention)")
         if e.by is not None and e.by not in REDUCE_AXES:
             raise self.error(f"unknown reduction axis '{e.by}'", e.by_span,
                              "reduce by dst (over in-edges), by src (over out-edges) or by graph "
@@ -864,6 +887,31 @@ def _einsum(ch: Checker, e: ast.Call, scope, env) -> Value:
                    [a.span for a in e.args[1:]])
 
 
+def _global_attention(ch: Checker, e: ast.Call, scope, env) -> Value:
+    """``global_attention(q, k, v, scale=1/sqrt(K)) by graph``: the attention part (a slice) of the IR
+    op, which packs the attention and its log-sum-exp."""
+    if e.by != "graph":
+        raise ch.error("global_attention attends over the nodes of each graph: it needs `by graph`",
+                       e.by_span or e.span, SIGNATURES["global_attention"])
+    ch.args_exactly(e, 3, ("scale",))
+    written = ch.static_option(e, 3, "scale", None, False, scope)
+    values = [ch.expr(a, scope, env) for a in e.args]
+    spans = [a.span for a in e.args]
+    # A layer checked alone has symbolic sizes: the kernels' static sizes are checked at each call.
+    standing_in = bool(ch.generic_depth) and any(d.symbols for x in values for d in x.type.shape)
+    with ch.located("global_attention", e.span, spans):
+        _, keys, width = global_attention_sizes([x.type for x in values], "global_attention", static=not standing_in)
+    if written is not None:
+        scale = float(written)
+    else:  # 1/sqrt(K); a stand-in 1 for a symbolic or zero K (no score then depends on it)
+        scale = 1.0 / math.sqrt(keys.value) if keys.is_static and keys.value else 1.0
+    if standing_in:  # the layer's IR is thrown away: a value of the attention's type stands in
+        result = TensorType(Domain.NODE, values[2].type.shape, values[2].type.dtype)
+        return ch.add(make_value("global_attention", values, {"scale": scale}, result, e.span))
+    packed = ch.emit("global_attention", values, {"scale": scale}, e.span, spans)
+    return ch.emit("slice", [packed], {"axis": 1, "start": 0, "stop": width.value}, e.span)
+
+
 def _batch_norm(ch: Checker, e: ast.Call, scope, env) -> Value:
     count = len(e.args)
     ch.args_exactly(e, count if 5 <= count <= 7 else 5, ("eps", "momentum"))
@@ -894,10 +942,12 @@ BUILTINS.update({
     "einsum": _einsum,
     "softmax": _reduction("softmax"),
     "batch_norm": _batch_norm,
+    "global_attention": _global_attention,
 })
 BUILTINS.update({name: _reduction(name) for name in AGGREGATIONS})
 REDUCING = set(AGGREGATIONS) | {"softmax"}
 assert set(AXIS_REDUCTIONS) <= REDUCING
+TAKES_BY = REDUCING | {"global_attention"}
 
 SIGNATURES = {
     "leaky_relu": "leaky_relu(x, slope=0.01)", "elu": "elu(x, alpha=1.0)", "dropout": "dropout(x, p=0.5)",
@@ -905,6 +955,7 @@ SIGNATURES = {
     "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])",
     "one_hot": "one_hot(etype, R)", "einsum": 'einsum("hd,hde->he", a, b)',
     "batch_norm": "batch_norm(x, running_mean, running_var, gamma, beta, eps=1e-5, momentum=0.1)",
+    "global_attention": "global_attention(q, k, v, scale=1/sqrt(K)) by graph",
     **{n: f"{n}(m) by dst or {n}(x, axis)" for n in AXIS_REDUCTIONS},
     "std": "std(m) by dst", "softmax": "softmax(score) by dst or softmax(x, axis)",
     **{n: f"{n}(x)" for n in UNARY_OPS},

@@ -66,6 +66,10 @@ SAMPLES = {
     "attention_score_grad": lambda attrs: ([t(EDGE, 2), t(NODE, 2), t(NODE, 2, 3), t(NODE, 2, 3), t(NODE, 2)], None),
     "attention_value_grad": lambda attrs: ([t(EDGE, 2), t(NODE, 2), t(NODE, 2, 3)], None),
     "typed_linear": lambda attrs: ([t(NODE, 3), t(PARAM, RELATIONS, 3, 2), IDS], None),
+    "global_attention": lambda attrs: ([t(NODE, 2, 3), t(NODE, 2, 3), t(NODE, 2, 4)], None),
+    **{name: (lambda attrs: ([t(NODE, 2, 3), t(NODE, 2, 3), t(NODE, 2, 4), t(NODE, 2), t(NODE, 2, 4), t(NODE, 2)],
+                             None))
+       for name in ("global_attention_query_grad", "global_attention_key_grad")},
     "contract_rows": lambda attrs: ([t(NODE, 3), t(NODE, 2)], None),
     "broadcast": lambda attrs: ([t(PARAM, 3)], t(NODE, 3, 2)),
     "slice": lambda attrs: ([t(NODE, 5)], None),
@@ -80,6 +84,8 @@ OPEN_ATTRS = {
     "einsum": {"spec": "hd,hde->he"}, "one_hot": {"classes": 3},
     "batch_norm": {"eps": 1e-5, "momentum": 0.1}, "select": {"index": 1},
     "contract_rows": {"spec": "k,m->km"},
+    **{name: {"scale": 0.6} for name in ("global_attention", "global_attention_query_grad",
+                                          "global_attention_key_grad")},
     "slice": {"axis": 0, "start": 1, "stop": 3}, "pad": {"axis": 0, "before": 1, "after": 2},
 }
 
