@@ -343,6 +343,7 @@ def _per_element_flops(v: Value, count: int, edges: int, width: int, dims: Mappi
 # operand); an op with neither is a MissingRule.
 FLOP_RULES = {
     "input": _no_flops, "param": _no_flops, "const": _no_flops, "degree": _no_flops,
+    "arange": _per_element_flops, "linspace": _per_element_flops,  # one multiply-add per element
     "gather": _no_flops, "select": _no_flops, "reshape": _no_flops, "take": _no_flops, "one_hot": _no_flops,
     "matmul": _matmul_flops,
     "gspmm": lambda v, count, edges, width, dims: (2 if len(v.operands) == 2 else 1) * edges * width,
