@@ -209,6 +209,9 @@ def _grad(t) -> np.ndarray:
     return t.grad.numpy() if t.grad is not None else np.zeros(tuple(t.shape))
 
 
+H: dict = {}  # the reference's other inputs: the expressions below read x and y from here
+
+
 @pytest.mark.parametrize("expr,reference", [
     ("where(h > 0.1, h * h, 2 * h)", lambda h: torch.where(h > 0.1, h * h, 2 * h)),
     ("where(x < y, h, 0) + where(x < y, 0, sin(h))",
@@ -232,9 +235,7 @@ def test_gradients_through_the_torch_module_equal_torch(expr, reference):
     n = 10
     x, y = rng.uniform(-1, 1, (2, n, 3))
     W = rng.normal(size=(3, 3)) / 2
-    W[0, 0] = 0.0  # h[:, 0] = x @ W[:, 0] has ...
     graph = graph_with(n, x=x, y=y)
-    # h = x @ W: a clamp bound and a where threshold are met exactly by some elements
     source = model_source(f"h = x @ W\n    return {expr}", "x: node[3], y: node[3], W: param[3, 3]", "node[3]")
     H.clear()
 
@@ -245,9 +246,6 @@ def test_gradients_through_the_torch_module_equal_torch(expr, reference):
     got, want = torch_module_and_reference_grads(source, ref, graph, {"W": W}, {"x": x, "y": y})
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=GRAD_RTOL, atol=1e-12, err_msg=key)
-
-
-H: dict = {}  # the reference's other inputs (the expressions above read x and y)
 
 
 def test_clamp_gradient_includes_the_bounds_as_torch():
@@ -288,6 +286,7 @@ def test_a_parameter_only_behind_piecewise_constant_ops_gets_a_zero_gradient():
     ("linspace(-3, 7.5, 1)", lambda: torch.linspace(-3, 7.5, 1, dtype=torch.float64)),
     ("linspace(0, 5, NB)", lambda: torch.linspace(0, 5, 8, dtype=torch.float64)),
     ("linspace(2, -1, 7)", lambda: torch.linspace(2, -1, 7, dtype=torch.float64)),
+    ("linspace(0.1, 1.0, 4)", lambda: torch.linspace(0.1, 1.0, 4, dtype=torch.float64)),  # 0.1 + 3 * 0.3 < 1.0
     ("linspace(0.1, 0.7, 2 * NB + 1)", lambda: torch.linspace(0.1, 0.7, 17, dtype=torch.float64)),
     ("full([3], 0.5)", lambda: torch.full((3,), 0.5, dtype=torch.float64)),
     ("full([2, NB], -pi)", lambda: torch.full((2, 8), -math.pi, dtype=torch.float64)),
@@ -299,6 +298,8 @@ def test_constant_tensors_equal_torch(expr, reference):
     got = run_both_backends(source, graph_with(x=np.ones((9, 2))))
     assert got.dtype == np.float64 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-15)
+    if expr.startswith("linspace"):  # both ends exactly, as torch's (the second half counts back from stop)
+        assert (got[0], got[-1]) == (want[0], want[-1])
     single = mpdsl.compile(source, dtype="float32")(graph_with(x=np.ones((9, 2))))
     assert single.dtype == np.float32
     np.testing.assert_allclose(single, want.astype(np.float32), rtol=1e-7)
