@@ -49,7 +49,7 @@ from mpdsl.backends import (
 )
 from mpdsl.backends.row_fusion import RowGroup, fuse_rows
 from mpdsl.ir import Program, Value
-from mpdsl.ops import COMPUTED_OPS, NUMPY_MATH, OPS, ArrayMath, MissingRule, choose
+from mpdsl.ops import COMPUTED_OPS, NUMPY_MATH, OPS, ArrayMath, MissingRule, choose, sequence_values
 from mpdsl.types import Domain, TensorType
 
 if TYPE_CHECKING:
@@ -1002,6 +1002,11 @@ class NumpyBackend(Backend):
         g = ctx.graph
         counts = g.in_degree() if v.attr["dir"] == "in" else g.out_degree()
         return counts.astype(ctx.float_dtype)
+
+    @rule("arange", "linspace")
+    def _sequence(self, ctx, v):
+        (count,) = ctx.concrete_shape(v.type)
+        return sequence_values(v.op, v.attr, np.arange(count, dtype=np.float64), np.where).astype(ctx.float_dtype)
 
     # ---- elementwise ---------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ from mpdsl.backends.triton_kernels import (
     next_pow2,
 )
 from mpdsl.ir import Program, Value, print_program
-from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath, MissingRule, choose
+from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath, MissingRule, choose, sequence_values
 from mpdsl.plan import runs_a_kernel
 from mpdsl.types import DTYPE_NAMES, HALF_DTYPES, Domain, TensorType
 
@@ -230,8 +230,34 @@ class TorchMath(ArrayMath):
     def erf(self, x): return torch.erf(x)
     def sigmoid(self, x): return torch.sigmoid(x)
     def softplus(self, x): return torch.logaddexp(torch.zeros_like(x), x)
+    def log1p(self, x): return torch.log1p(x)
+    def log2(self, x): return torch.log2(x)
+    def log10(self, x): return torch.log10(x)
+    def sin(self, x): return torch.sin(x)
+    def cos(self, x): return torch.cos(x)
+    def tan(self, x): return torch.tan(x)
+    def asin(self, x): return torch.asin(x)
+    def acos(self, x): return torch.acos(x)
+    def atan(self, x): return torch.atan(x)
+    def sinh(self, x): return torch.sinh(x)
+    def cosh(self, x): return torch.cosh(x)
+    def sign(self, x): return torch.sign(x)
+    def floor(self, x): return torch.floor(x)
+    def ceil(self, x): return torch.ceil(x)
+    def round(self, x): return torch.round(x)  # halves to even
+    def trunc(self, x): return torch.trunc(x)
     def greater(self, a, b): return torch.gt(a, b)
+    def greater_equal(self, a, b): return torch.ge(a, b)
+    def less(self, a, b): return torch.lt(a, b)
+    def less_equal(self, a, b): return torch.le(a, b)
     def equal(self, a, b): return torch.eq(a, b)
+    def not_equal(self, a, b): return torch.ne(a, b)
+    def logical_and(self, a, b): return torch.logical_and(a, b)
+    def logical_or(self, a, b): return torch.logical_or(a, b)
+    def logical_not(self, x): return torch.logical_not(x)
+
+    def atan2(self, a, b):
+        return torch.atan2(a, self._tensor(b, a))
 
     def maximum(self, a, b):
         return torch.clamp_min(a, b) if not isinstance(b, torch.Tensor) else torch.maximum(a, b)
@@ -385,6 +411,12 @@ class TritonBackend(Backend):
     def _degree(self, ctx, v):
         by = "dst" if v.attr["dir"] == "in" else "src"
         return ctx.segments(by).counts.to(ctx.dtype)
+
+    @rule("arange", "linspace")
+    def _sequence(self, ctx, v):
+        (count,) = (d.substitute(ctx.dims).value for d in v.type.shape)
+        index = torch.arange(count, dtype=torch.float64, device=ctx.device)
+        return sequence_values(v.op, v.attr, index, torch.where).to(ctx.dtype)
 
     # ---- elementwise ---------------------------------------------------------------------
 

@@ -75,13 +75,20 @@ class Name(Expr):
 
 @dataclass(frozen=True)
 class BinOp(Expr):
-    op: str  # add sub mul div matmul pow
+    op: str  # the IR op: add sub mul div matmul pow, lt le gt ge eq ne, logical_and logical_or
     lhs: Expr
     rhs: Expr
 
 
 @dataclass(frozen=True)
 class Neg(Expr):
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class Not(Expr):
+    """``not x``: the logical negation of a mask."""
+
     operand: Expr
 
 

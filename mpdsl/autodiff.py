@@ -58,10 +58,14 @@ contractions that consume them, ``W[etype]`` enters contractions as one_hot(etyp
 weight tensor), param factors leave sum aggregations, and a row sum of x[src] times edge values sums
 the edge values per node first.
 
-Some adjoints need IR ops the source language does not expose (``mpdsl.ops``, "ops used by
-gradients"): ``gt``, ``eq`` (float 0/1 comparisons), ``contract_rows`` (einsum that also sums the row
-axis: a param result), ``broadcast`` (expand to a declared type), ``slice`` and ``pad`` (a feature-axis
-range and its transpose).
+Adjoints build masks with the comparisons (``gt``, ``eq``, ...: float 0/1 values, no gradient) and
+``where`` (its own adjoint routes the cotangent to the side each element selected), and some need IR
+ops the source language does not expose (``mpdsl.ops``, "ops used by gradients"): ``contract_rows``
+(einsum that also sums the row axis: a param result), ``broadcast`` (expand to a declared type; the
+language's ``full`` is one), ``slice`` and ``pad`` (a feature-axis range and its transpose).
+Piecewise-constant ops (comparisons, logic, ``sign``, ``floor``, ``ceil``, ``round``, ``trunc``) and
+the constants (``arange``, ``linspace``) carry no gradient: what depends on a parameter only through
+them gets a zero gradient, as torch's backward gives.
 """
 
 from __future__ import annotations

@@ -158,6 +158,12 @@ def _any_linear(v: Value, uses: _Uses) -> Carried | None:
     return uses.latest_fan(v.operands)
 
 
+def _selection(v: Value, uses: _Uses) -> Carried | None:
+    """where(cond, a, b) is a or b, row by row: linear where its selected operands are (the latest
+    product's fan)."""
+    return uses.latest_fan(v.operands[1:])
+
+
 def _sum(v: Value, uses: _Uses) -> Carried | None:
     """add / sub: a parameter added to a value linear in a weight product is that weight's bias."""
     for i, operand in enumerate(v.operands):
@@ -243,12 +249,16 @@ assert set(_LINEAR_AGGREGATIONS) == set(AGGREGATIONS) and set(_LINEAR_AXIS_REDUC
 # The rule of each op: records the roles its operands give parameters and returns the weight fan its
 # result is linear in (None: none, or not linear).
 USE_RULES: dict[str, UseRule] = {
-    "input": _none, "param": _none, "const": _none, "degree": _none,
+    "input": _none, "param": _none, "const": _none, "degree": _none, "arange": _none, "linspace": _none,
     "neg": _linear, "dropout": _linear,
     **{name: _none for name in ("relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "gelu", "silu",
-                                "softplus", "leaky_relu", "elu")},
+                                "softplus", "leaky_relu", "elu", "clamp", "sin", "cos", "tan", "asin", "acos",
+                                "atan", "sinh", "cosh", "log1p", "expm1", "log2", "log10", "erf", "sign", "floor",
+                                "ceil", "round", "trunc")},
     "add": _sum, "sub": _sum, "mul": _any_linear, "div": _linear,
-    "pow": _none, "maximum": _none, "minimum": _none, "gt": _none, "eq": _none,
+    "pow": _none, "maximum": _none, "minimum": _none, "atan2": _none,
+    **{name: _none for name in ("lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not")},
+    "where": _selection,
     "matmul": _matmul, "einsum": _einsum, "typed_linear": _typed_linear,
     "reduce": _reduction(_LINEAR_AXIS_REDUCTIONS), "aggregate": _reduction(_LINEAR_AGGREGATIONS),
     "axis_softmax": _none, "softmax": _none, "one_hot": _none, "batch_norm": _batch_norm,

@@ -23,7 +23,8 @@ through ``choose``, which raises ``MissingRule`` for a value it has no entry for
 value is never silently treated as another. Rules that live elsewhere (backend lowerings, adjoints
 of non-elementwise ops, cost formulas) are per-op tables keyed by name, and the coverage tests run
 every (op, attribute value) pair through each of them. Source ops (``input``, ``param``, ``const``,
-``degree``) have no operands: their declared type is checked instead of inferred.
+``degree``, ``arange``, ``linspace``) have no operands: their declared type is checked instead of
+inferred.
 """
 
 from __future__ import annotations
@@ -221,6 +222,50 @@ def _degree(types, attrs, declared):
     return t
 
 
+def _sequence_type(declared: TensorType | None, name: str) -> TensorType:
+    t = _require_declared(declared, name)
+    if t.domain is not Domain.PARAM or t.rank != 1 or not t.is_float:
+        raise TypeRuleError(f"{name} is a float param[N] constant, got {t}")
+    count = t.shape[0]
+    if count.is_static and count.value < 1:
+        raise TypeRuleError(f"{name} of {count.value} elements: a constant sequence needs at least one",
+                            f"{name} gives a param[N] with N >= 1")
+    return t
+
+
+@op("arange", 0, {"start": float, "step": float}, source=True, no_gradient="a constant")
+def _arange(types, attrs, declared):
+    """The constant param[N] start, start + step, ..., start + (N - 1) step (element i is
+    start + i * step, computed in float64 and rounded once to the program's float dtype); N >= 1 is
+    the declared length. Not a parameter: no gradient, never trained."""
+    if attrs["step"] == 0:
+        raise TypeRuleError("arange with step 0", "the step of arange is a nonzero number")
+    return _sequence_type(declared, "arange")
+
+
+@op("linspace", 0, {"start": float, "stop": float}, source=True, no_gradient="a constant")
+def _linspace(types, attrs, declared):
+    """The constant param[N] of N >= 1 evenly spaced values from start to stop, both included (one
+    element: start), as torch.linspace: with step = (stop - start) / (N - 1), element i is
+    start + i * step in the first half and stop - (N - 1 - i) * step in the second, in float64,
+    rounded once to the program's float dtype. Not a parameter: no gradient, never trained."""
+    return _sequence_type(declared, "linspace")
+
+
+def sequence_values(op_name: str, attrs: Attrs, i, where: Callable):
+    """The values of an ``arange`` or ``linspace`` from ``i``, the float64 indices 0 .. N-1 as a
+    NumPy array or a torch tensor (``where``: ``np.where`` or ``torch.where``): both backends
+    compute them with this one formula."""
+    count = len(i)
+    if op_name == "arange":
+        return attrs["start"] + i * attrs["step"]
+    start, stop = attrs["start"], attrs["stop"]
+    if count == 1:
+        return i + start
+    step = (stop - start) / (count - 1)
+    return where(i < count // 2, start + i * step, stop - (count - 1 - i) * step)
+
+
 # ---- elementwise -------------------------------------------------------------------------
 #
 # An elementwise op's math is written once, as ``compute(m, *operands, **attrs)`` over an array
@@ -236,8 +281,10 @@ class ArrayMath:
     in the Triton backend. Scalars (Python floats) are accepted wherever an operand is."""
 
     FUNCTIONS = ("negative", "add", "subtract", "multiply", "divide", "power", "maximum", "minimum", "exp",
-                 "expm1", "log", "sqrt", "rsqrt", "tanh", "abs", "erf", "sigmoid", "softplus", "where",
-                 "greater", "equal")
+                 "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "tanh", "abs", "erf", "sigmoid",
+                 "softplus", "where", "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh",
+                 "sign", "floor", "ceil", "round", "trunc", "greater", "greater_equal", "less", "less_equal",
+                 "equal", "not_equal", "logical_and", "logical_or", "logical_not")
 
 
 class NumpyMath(ArrayMath):
@@ -248,7 +295,13 @@ class NumpyMath(ArrayMath):
                      "divide": np.divide, "power": np.power, "maximum": np.maximum, "minimum": np.minimum,
                      "exp": np.exp, "expm1": np.expm1, "log": np.log, "sqrt": np.sqrt, "tanh": np.tanh,
                      "abs": np.abs, "erf": scipy.special.erf, "sigmoid": scipy.special.expit, "where": np.where,
-                     "greater": np.greater, "equal": np.equal,
+                     "log1p": np.log1p, "log2": np.log2, "log10": np.log10, "sin": np.sin, "cos": np.cos,
+                     "tan": np.tan, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan, "atan2": np.arctan2,
+                     "sinh": np.sinh, "cosh": np.cosh, "sign": np.sign, "floor": np.floor, "ceil": np.ceil,
+                     "round": np.rint, "trunc": np.trunc,  # rint: half to even, as torch.round
+                     "greater": np.greater, "greater_equal": np.greater_equal, "less": np.less,
+                     "less_equal": np.less_equal, "equal": np.equal, "not_equal": np.not_equal,
+                     "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_not": np.logical_not,
                      "rsqrt": lambda x: 1 / np.sqrt(x), "softplus": lambda x: np.logaddexp(0, x)}
         assert set(functions) == set(self.FUNCTIONS)
         self.__dict__.update(functions)
@@ -304,6 +357,34 @@ _UNARY: dict[str, tuple[str, Callable, Callable]] = {
              _gelu_derivative),
     "silu": ("x * sigmoid(x)", lambda m, x: x * m.sigmoid(x), _silu_derivative),
     "softplus": ("log(1 + exp(x))", lambda m, x: m.softplus(x), lambda b, v, x: b.unary("sigmoid", x)),
+    "sin": ("sin(x) (radians)", lambda m, x: m.sin(x), lambda b, v, x: b.unary("cos", x)),
+    "cos": ("cos(x) (radians)", lambda m, x: m.cos(x), lambda b, v, x: b.neg(b.unary("sin", x))),
+    "tan": ("tan(x) (radians)", lambda m, x: m.tan(x), lambda b, v, x: b.add(1.0, b.mul(v, v))),
+    # d asin = 1 / sqrt(1 - x^2), d acos = -1 / sqrt(1 - x^2), d atan = 1 / (1 + x^2)
+    "asin": ("arcsine, in [-pi/2, pi/2] (NaN outside [-1, 1])", lambda m, x: m.asin(x),
+             lambda b, v, x: b.unary("rsqrt", b.sub(1.0, b.mul(x, x)))),
+    "acos": ("arccosine, in [0, pi] (NaN outside [-1, 1])", lambda m, x: m.acos(x),
+             lambda b, v, x: b.neg(b.unary("rsqrt", b.sub(1.0, b.mul(x, x))))),
+    "atan": ("arctangent, in (-pi/2, pi/2)", lambda m, x: m.atan(x),
+             lambda b, v, x: b.div(1.0, b.add(1.0, b.mul(x, x)))),
+    "sinh": ("hyperbolic sine", lambda m, x: m.sinh(x), lambda b, v, x: b.unary("cosh", x)),
+    "cosh": ("hyperbolic cosine", lambda m, x: m.cosh(x), lambda b, v, x: b.unary("sinh", x)),
+    "log1p": ("log(1 + x), accurate for small x", lambda m, x: m.log1p(x), lambda b, v, x: b.div(1.0, b.add(1.0, x))),
+    "expm1": ("exp(x) - 1, accurate for small x", lambda m, x: m.expm1(x), lambda b, v, x: b.add(v, 1.0)),
+    "log2": ("base-2 log", lambda m, x: m.log2(x), lambda b, v, x: b.div(1.0 / math.log(2.0), x)),
+    "log10": ("base-10 log", lambda m, x: m.log10(x), lambda b, v, x: b.div(1.0 / math.log(10.0), x)),
+    "erf": ("the error function 2/sqrt(pi) * integral of exp(-t^2) from 0 to x", lambda m, x: m.erf(x),
+            lambda b, v, x: b.mul(b.unary("exp", b.mul(b.mul(x, x), -1.0)), 2.0 / math.sqrt(math.pi))),
+}
+# Piecewise-constant functions: their derivative is 0 wherever it exists, so they carry no gradient
+# (the values they feed are constants to autodiff: a zero gradient, as torch's backward gives).
+PIECEWISE_CONSTANT = "piecewise constant: zero gradient (as torch's backward gives)"
+_UNARY_CONSTANT: dict[str, tuple[str, Callable]] = {
+    "sign": ("-1, 0 or 1 by the sign of x (0 at 0, as torch.sign)", lambda m, x: m.sign(x)),
+    "floor": ("the largest integer <= x", lambda m, x: m.floor(x)),
+    "ceil": ("the smallest integer >= x", lambda m, x: m.ceil(x)),
+    "round": ("the nearest integer, halves to even (as torch.round)", lambda m, x: m.round(x)),
+    "trunc": ("x rounded towards 0", lambda m, x: m.trunc(x)),
 }
 _UNARY_WITH_ATTR: dict[str, tuple[str, str, Callable, Callable]] = {
     "leaky_relu": ("slope", "x if x > 0 else slope * x", _leaky_relu,
@@ -329,6 +410,12 @@ def _pow_vjp(b, v, g, needed):
     return [gx, gy]
 
 
+def _atan2_vjp(b, v, g, needed):
+    y, x = v.operands                           # d atan2(y, x) = (x dy - y dx) / (x^2 + y^2)
+    scale = b.div(g, b.add(b.mul(x, x), b.mul(y, y)))
+    return [b.mul(scale, x) if needed[0] else None, b.neg(b.mul(scale, y)) if needed[1] else None]
+
+
 def _extremum_vjp(b, v, g, needed):
     x, y = v.operands                           # ties split in half (as torch)
     tie = b.mul(b.eq(x, y), 0.5)
@@ -352,9 +439,26 @@ _BINARY: dict[str, tuple[str, Callable, Callable, tuple[tuple[int, float], ...]]
     "pow": ("a ** b", lambda m, a, b: m.power(a, b), _pow_vjp, ((1, 1.0),)),
     "maximum": ("elementwise max", lambda m, a, b: m.maximum(a, b), _extremum_vjp, ()),
     "minimum": ("elementwise min", lambda m, a, b: m.minimum(a, b), _extremum_vjp, ()),
+    "atan2": ("atan2(a, b): the angle of the point (b, a) in radians, in [-pi, pi] (as torch.atan2)",
+              lambda m, a, b: m.atan2(a, b), _atan2_vjp, ()),
 }
 
-OPERATOR_SYMBOLS = {"add": "'+'", "sub": "'-'", "mul": "'*'", "div": "'/'", "pow": "'**'", "neg": "'-'"}
+# name: (source spelling, symbol in messages, compute) of the comparisons; each gives a float mask.
+COMPARISONS: dict[str, tuple[str, Callable]] = {
+    "lt": ("<", lambda m, a, b: m.less(a, b)), "le": ("<=", lambda m, a, b: m.less_equal(a, b)),
+    "gt": (">", lambda m, a, b: m.greater(a, b)), "ge": (">=", lambda m, a, b: m.greater_equal(a, b)),
+    "eq": ("==", lambda m, a, b: m.equal(a, b)), "ne": ("!=", lambda m, a, b: m.not_equal(a, b)),
+}
+# name: (source spelling, compute) of the logical operators on masks (nonzero is true).
+LOGICAL: dict[str, tuple[str, Callable]] = {
+    "logical_and": ("&", lambda m, a, b: m.logical_and(a, b)),
+    "logical_or": ("|", lambda m, a, b: m.logical_or(a, b)),
+    "logical_not": ("not", lambda m, x: m.logical_not(x)),
+}
+
+OPERATOR_SYMBOLS = {"add": "'+'", "sub": "'-'", "mul": "'*'", "div": "'/'", "pow": "'**'", "neg": "'-'",
+                    **{name: f"'{spec[0]}'" for name, spec in COMPARISONS.items()},
+                    **{name: f"'{spec[0]}'" for name, spec in LOGICAL.items()}}
 ELEMENTWISE = (Trait.ELEMENTWISE, Trait.ROW_WISE)
 
 
@@ -397,8 +501,82 @@ op("dropout", 1, {"p": float}, traits=ELEMENTWISE, effect=Effect.RANDOM,
        "dropout", "identity at inference; in training, zero with probability p and scale by 1/(1-p)"))
 for _name, (_contract, _compute, _vjp, _identities) in _BINARY.items():
     op(_name, 2, traits=ELEMENTWISE, compute=_compute, vjp=_vjp, identities=_identities)(_binary_rule(_name, _contract))
+for _name, (_contract, _compute) in _UNARY_CONSTANT.items():
+    op(_name, 1, traits=ELEMENTWISE, compute=_compute, no_gradient=PIECEWISE_CONSTANT)(_unary_rule(_name, _contract))
 
-UNARY_OPS = ("neg",) + tuple(_UNARY)  # the source language's unary functions (and '-')
+
+def _clamp_vjp(b, v, g, needed):
+    x = v.operands[0]                           # 1 where lo <= x <= hi, bounds included (as torch.clamp)
+    inside = b.mul(b.binary("ge", x, v.attr["lo"]), b.binary("le", x, v.attr["hi"]))
+    return [b.mul(g, inside)]
+
+
+@op("clamp", 1, {"lo": float, "hi": float}, traits=ELEMENTWISE,
+    compute=lambda m, x, lo, hi: m.minimum(m.maximum(x, lo), hi), vjp=_clamp_vjp)
+def _clamp(types, attrs, declared):
+    """Elementwise min(max(x, lo), hi) with constant bounds lo <= hi (either may be infinite: a
+    one-sided clamp); type preserved. The gradient passes where lo <= x <= hi (as torch.clamp)."""
+    _require_float(types[0], "clamp")
+    if not attrs["lo"] <= attrs["hi"]:
+        raise TypeRuleError(f"clamp needs lo <= hi, got lo={attrs['lo']!r}, hi={attrs['hi']!r}",
+                            "clamp(x, lo, hi) keeps x within [lo, hi]")
+    return types[0]
+
+
+# ---- comparisons, logic and selection ----------------------------------------------------
+#
+# A comparison gives a mask: a float value (the dtype of its operands) holding 1.0 where it holds
+# and 0.0 elsewhere, so that masks multiply, sum and select like any value. The logical operators
+# read a nonzero element as true; ``where`` selects where its condition is nonzero.
+
+
+def _comparison_rule(name: str, symbol: str):
+    def rule(types, attrs, declared):
+        for i, t in enumerate(types):
+            if not t.is_float:
+                raise TypeRuleError(f"'{symbol}' compares float values, got {t}",
+                                    "ids compare through one_hot: one_hot(etype, R)[k] is 1.0 where etype == k", i)
+        return _broadcast_float_type(types, f"'{symbol}'")
+
+    rule.__doc__ = (f"Elementwise comparison a {symbol} b: a float mask, 1.0 where it holds and 0.0 elsewhere "
+                    "(NaN compares false, except !=), with the broadcasting of binary ops. Piecewise constant: "
+                    "no gradient.")
+    return rule
+
+
+def _logical_rule(name: str, symbol: str, contract: str):
+    def rule(types, attrs, declared):
+        return _broadcast_float_type(types, f"'{symbol}'")
+
+    rule.__doc__ = (f"Elementwise {contract} of masks (a nonzero element is true): 1.0 or 0.0, with the "
+                    "broadcasting of binary ops. No gradient.")
+    return rule
+
+
+for _name, (_symbol, _compute) in COMPARISONS.items():
+    op(_name, 2, traits=ELEMENTWISE, compute=_compute, no_gradient=PIECEWISE_CONSTANT)(
+        _comparison_rule(_name, _symbol))
+for _name, (_symbol, _compute) in LOGICAL.items():
+    op(_name, 1 if _name == "logical_not" else 2, traits=ELEMENTWISE, compute=_compute,
+       no_gradient="a function of masks (piecewise constant)")(_logical_rule(
+           _name, _symbol, {"logical_and": "a and b", "logical_or": "a or b", "logical_not": "not x"}[_name]))
+
+
+def _where_vjp(b, v, g, needed):
+    cond = v.operands[0]                        # the cotangent goes where each side was selected (as torch)
+    return [None, b.emit("where", [cond, g, b.c(0.0)]) if needed[1] else None,
+            b.emit("where", [cond, b.c(0.0), g]) if needed[2] else None]
+
+
+@op("where", 3, traits=ELEMENTWISE, compute=lambda m, c, a, b: m.where(m.not_equal(c, 0), a, b), vjp=_where_vjp)
+def _where(types, attrs, declared):
+    """Elementwise selection: a where cond is nonzero (a mask from a comparison, say), else b; the three
+    operands broadcast as binary ops do. The gradient goes to a where cond holds and to b elsewhere
+    (none to cond)."""
+    return _broadcast_float_type(types, "'where'")
+
+
+UNARY_OPS = ("neg",) + tuple(_UNARY) + tuple(_UNARY_CONSTANT)  # the source language's unary functions (and '-')
 UNARY_OPS_WITH_ATTR = {name: spec[0] for name, spec in _UNARY_WITH_ATTR.items()} | {"dropout": "p"}
 BINARY_OPS = tuple(_BINARY)
 
@@ -1035,21 +1213,6 @@ def _typed_linear(types, attrs, declared):
 
 
 # ---- ops used by gradient programs (mpdsl.autodiff); not spelled in the source language ------------
-
-
-def _comparison_rule(name: str, symbol: str):
-    def rule(types, attrs, declared):
-        return _broadcast_float_type(types, f"'{name}'")
-
-    rule.__doc__ = (f"Elementwise comparison: 1.0 where a {symbol} b, else 0.0 (float), with the broadcasting "
-                    "of binary ops. Piecewise constant: no gradient.")
-    return rule
-
-
-op("gt", 2, traits=ELEMENTWISE, compute=lambda m, a, b: m.greater(a, b),
-   no_gradient="piecewise constant (zero gradient almost everywhere)")(_comparison_rule("gt", ">"))
-op("eq", 2, traits=ELEMENTWISE, compute=lambda m, a, b: m.equal(a, b),
-   no_gradient="piecewise constant (zero gradient almost everywhere)")(_comparison_rule("eq", "=="))
 
 
 @op("contract_rows", None, {"spec": str})

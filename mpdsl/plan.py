@@ -366,6 +366,7 @@ def graph_pairs(graph: Graph) -> int:
 # same-graph node pairs.
 FLOP_RULES = {
     "input": _no_flops, "param": _no_flops, "const": _no_flops, "degree": _no_flops,
+    "arange": _per_element_flops, "linspace": _per_element_flops,  # one multiply-add per element
     "gather": _no_flops, "select": _no_flops, "reshape": _no_flops, "take": _no_flops, "one_hot": _no_flops,
     "matmul": _matmul_flops,
     "gspmm": lambda v, count, edges, width, dims: (2 if len(v.operands) == 2 else 1) * edges * width,

@@ -498,11 +498,12 @@ class CompiledModel:
             return
         env = {k: dims[k] for k in run_time if k in dims}
         for v in self.ir.values:
+            rule = OPS[v.op]
             operand_types = [o.type.substitute(env) for o in v.operands]
-            involved = sorted({s for o in v.operands for d in o.type.shape for s in d.symbols} & set(env))
+            read = [o.type for o in v.operands] + ([v.type] if rule.declared else [])  # linspace(0, 1, D): D >= 1
+            involved = sorted({s for t in read for d in t.shape for s in d.symbols} & set(env))
             if not involved:
                 continue
-            rule = OPS[v.op]
             try:
                 rule.infer(operand_types, v.attr, v.type.substitute(env) if rule.declared else None)
             except TypeRuleError as err:

@@ -25,7 +25,10 @@ _TOKEN_NAMES = {
     "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "NAME": "a name",
     "NUMBER": "a number", "INT": "an integer", "DOMAIN": "a domain (node, edge, graph, param, any)",
     "DTYPE": "'int' or 'float'", "STRING": "a string", "RETURN": "'return'", "__ANON_0": "'->'", "$END": "end of file",
+    "COMPARE_OP": "a comparison (< <= > >= == !=)", "AMPERSAND": "'&'", "VBAR": "'|'", "NOT": "'not'",
 }
+# The IR op of each comparison operator.
+_COMPARISONS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,8 +55,8 @@ def _describe(token_type: str) -> str:
 # Rules of the parse tree that nest: entering one is one level deeper (limits.MAX_NESTING), as
 # the checker counts it; a left-associative operator adds a level for its right operand only
 # (a + b + c is one level).
-_NESTING = {"pow", "neg", "index", "call", "for_stmt"}
-_LEFT_CHAIN = {"add", "sub", "mul", "div", "matmul"}
+_NESTING = {"pow", "neg", "logical_not", "compare", "index", "call", "for_stmt"}
+_LEFT_CHAIN = {"add", "sub", "mul", "div", "matmul", "logical_and", "logical_or"}
 
 
 def _check_nesting(tree: Tree, source: Source) -> None:
@@ -230,9 +233,24 @@ class _Builder:
     div = _binop("div")
     matmul = _binop("matmul")
     pow = _binop("pow")
+    logical_and = _binop("logical_and")
+    logical_or = _binop("logical_or")
 
     def neg(self, meta, children):
         return ast.Neg(self._span(meta), children[0])
+
+    def logical_not(self, meta, children):
+        return ast.Not(self._span(meta), children[0])
+
+    def compare(self, meta, children):
+        """``a < b``; comparisons do not chain (``a < b < c`` would read as Python's
+        ``a < b and b < c`` to some and as ``(a < b) < c`` to others): refused at the second operator."""
+        if len(children) > 3:
+            first, second = children[1], children[3]
+            raise CompileError(f"comparisons do not chain: '{first}' and then '{second}'", self._tok_span(second),
+                               f"combine two comparisons with &, e.g. (a {first} b) & (b {second} c)")
+        lhs, op, rhs = children
+        return ast.BinOp(self._span(meta), _COMPARISONS[str(op)], lhs, rhs)
 
     def index(self, meta, children):
         base, idx = children
@@ -311,7 +329,8 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
         pos = err.pos_in_stream
         char = text[pos] if pos is not None and pos < len(text) else "?"
         raise CompileError(f"syntax error: unexpected character {char!r}", span,
-                           "identifiers, numbers and the operators + - * / @ ** are allowed here") from None
+                           "identifiers, numbers and the operators + - * / @ ** < <= > >= == != & | are "
+                           "allowed here") from None
     except lark.UnexpectedToken as err:
         tok = err.token
         if tok.type == "$END":

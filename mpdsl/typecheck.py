@@ -44,7 +44,7 @@ ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: '
 # A layer's environment: dims bound so far by name (Dim), and under ANY the domain that 'any' stands for.
 Env = dict[str, Any]
 BUILTIN_INDICES = ("src", "dst", "batch")
-LEFT_ASSOCIATIVE = ("add", "sub", "mul", "div", "matmul")  # a + b + c == (a + b) + c
+LEFT_ASSOCIATIVE = ("add", "sub", "mul", "div", "matmul", "logical_and", "logical_or")  # a + b + c == (a + b) + c
 # Hints for the type rules that give none themselves.
 OP_HINTS = {
     "one_hot": "one_hot(etype, R) encodes ids 0..R-1 with R >= 1",
@@ -57,6 +57,16 @@ OP_HINTS = {
 @dataclass(frozen=True)
 class LoopCounter:
     value: int
+
+
+class _SymbolicDim(Exception):
+    """A compile-time number read a dim only known at run time while a layer is checked with its
+    signature dims as symbols (``Checker.generic_depth``): the value is left to each call's check."""
+
+
+# Named constants of the language (a name bound in the program, or a dim, takes precedence).
+CONSTANTS = {"pi": math.pi}
+_CONSTANT_CHAIN = ("add", "sub", "mul", "div")  # left-associative operators of constant expressions
 
 
 class _Builder:
@@ -611,7 +621,7 @@ class Checker:
                 raise self.error(f"layer '{e.func}' returns {len(values)} values; it cannot be used in an expression",
                                  e.span, f"assign them: a, b = {e.func}(...)")
             return values[0]
-        if isinstance(e, (ast.Neg, ast.BinOp, ast.Index, ast.Call)):
+        if isinstance(e, (ast.Neg, ast.Not, ast.BinOp, ast.Index, ast.Call)):
             with self.nested(e.span):
                 return self.nested_expr(e, scope, env)
         if isinstance(e, ast.String):
@@ -643,7 +653,10 @@ class Checker:
                 return self.const(-e.operand.value, e.span)
             x = self.expr(e.operand, scope, env)
             return self.emit("neg", [x], {}, e.span, [e.operand.span])
-        if isinstance(e, ast.BinOp):  # ** (right-associative)
+        if isinstance(e, ast.Not):
+            x = self.expr(e.operand, scope, env)
+            return self.emit("logical_not", [x], {}, e.span, [e.operand.span])
+        if isinstance(e, ast.BinOp):  # ** (right-associative) and the comparisons (non-associative)
             lhs = self.expr(e.lhs, scope, env)
             rhs = self.expr(e.rhs, scope, env)
             return self.emit(e.op, [lhs, rhs], {}, e.span, [e.lhs.span, e.rhs.span])
@@ -671,7 +684,9 @@ class Checker:
                              e.span, f"declare it with `dim {e.id} = ...`")
         if e.id in self.layers:
             raise self.error(f"layer '{e.id}' used as a value", e.span, f"call it: {e.id}(...)")
-        close = _close(e.id, scope.visible())
+        if e.id in CONSTANTS:
+            return self.const(CONSTANTS[e.id], e.span)
+        close = _close(e.id, scope.visible() | set(CONSTANTS))
         raise self.error(f"unknown name '{e.id}'", e.span,
                          f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument")
 
@@ -771,6 +786,70 @@ class Checker:
             raise self.error(f"{what} {abbreviate(text)} is too large", node.span,
                              f"integers go up to 2**63 - 1 = {MAX_INT}")
         return node.int_value
+
+    def constant(self, e: ast.Expr, scope: _Scope, env: Env, what: str) -> int | float:
+        """The value of a compile-time number: a literal, ``pi``, a loop counter, a dim known at
+        compile time, or + - * / ** of those (an int while only ints are added, subtracted,
+        multiplied and raised to non-negative int powers). ``_SymbolicDim`` for a dim known only at run
+        time in a layer checked with symbolic dims (each call checks it again with the real ones)."""
+        links = []
+        node: ast.Expr = e
+        while isinstance(node, ast.BinOp) and node.op in _CONSTANT_CHAIN:  # left spines without recursion
+            links.append(node)
+            node = node.lhs
+        value = self.constant_atom(node, scope, env, what)
+        for link in reversed(links):
+            value = self.constant_op(link, value, self.constant(link.rhs, scope, env, what), what)
+        return value
+
+    def constant_atom(self, e: ast.Expr, scope: _Scope, env: Env, what: str) -> int | float:
+        if isinstance(e, ast.Number):
+            return self.int_literal(e, what) if e.is_int else e.value
+        if isinstance(e, ast.Neg):
+            return -self.constant(e.operand, scope, env, what)
+        if isinstance(e, ast.BinOp) and e.op == "pow":
+            return self.constant_op(e, self.constant(e.lhs, scope, env, what), self.constant(e.rhs, scope, env, what),
+                                    what)
+        if isinstance(e, ast.Name):
+            bound = scope.lookup(e.id)
+            if isinstance(bound, LoopCounter):
+                return bound.value
+            if bound is None and isinstance(env.get(e.id), Dim):
+                dim = env[e.id]
+                if dim.is_static:
+                    return dim.value
+                if self.generic_depth:
+                    raise _SymbolicDim
+                raise self.error(f"dimension '{e.id}' is only known at run time, but {what} is needed at compile time",
+                                 e.span, f"declare it with `dim {e.id} = ...`")
+            if bound is None and e.id in CONSTANTS:
+                return CONSTANTS[e.id]
+            if bound is None:
+                self.name(e, scope, env)  # an unknown name (or an index, a layer): its own error
+        raise self.error(f"{what} must be a constant number", e.span,
+                         "write a number, pi, a dim or a loop counter, or + - * / ** of them")
+
+    def constant_op(self, e: ast.BinOp, a: int | float, b: int | float, what: str) -> int | float:
+        value: int | float | complex
+        if e.op == "div" and b == 0:
+            raise self.error(f"{what}: division by zero", e.span, "the constant expression has no value")
+        if e.op == "pow" and isinstance(a, int) and isinstance(b, int) and b >= 0:
+            value = a ** b if b <= 64 or abs(a) <= 1 else MAX_INT + 1  # past 64 bits either way
+        elif e.op == "pow":
+            try:
+                value = float(a) ** float(b)
+            except (OverflowError, ZeroDivisionError):
+                value = float("inf")
+        else:
+            value = {"add": a + b, "sub": a - b, "mul": a * b}[e.op] if e.op != "div" else a / b
+        if isinstance(value, int):
+            if abs(value) > MAX_INT:
+                raise self.error(f"{what} is larger than 2**63 - 1", e.span, "integers go up to 2**63 - 1")
+            return value
+        if isinstance(value, complex) or not math.isfinite(value):
+            raise self.error(f"{what} is not a finite real number", e.span,
+                             "the constant expression overflows or has no real value")
+        return value
 
     def static_option(self, e: ast.Call, position: int, keyword: str, default, integer: bool, scope: _Scope):
         for kw in e.keywords:
@@ -927,6 +1006,140 @@ def _batch_norm(ch: Checker, e: ast.Call, scope, env) -> Value:
                    e.span, [a.span for a in e.args[:5]])
 
 
+def _where(ch: Checker, e: ast.Call, scope, env) -> Value:
+    ch.args_exactly(e, 3)
+    values = [ch.expr(a, scope, env) for a in e.args]
+    return ch.emit("where", values, {}, e.span, [a.span for a in e.args])
+
+
+def _clamp(ch: Checker, e: ast.Call, scope, env) -> Value:
+    """clamp(x, lo, hi), or one bound by keyword (torch's names): clamp(x, min=lo), clamp(x, max=hi)."""
+    bounds: dict[str, ast.Expr] = dict(zip(("min", "max"), e.args[1:]))
+    for kw in e.keywords:
+        if kw.name not in ("min", "max"):
+            raise ch.error(f"'clamp' has no keyword argument '{kw.name}'", kw.span, SIGNATURES["clamp"])
+        if kw.name in bounds:
+            raise ch.error(f"clamp's {kw.name} is given twice", kw.span, SIGNATURES["clamp"])
+        bounds[kw.name] = kw.value
+    if not 1 <= len(e.args) <= 3 or not bounds:
+        raise ch.error(f"'clamp' takes x and one or two bounds, got {len(e.args) + len(e.keywords)} argument(s)",
+                       e.span, SIGNATURES["clamp"])
+    limits = {"min": -math.inf, "max": math.inf}
+    for name, expr in bounds.items():
+        try:
+            limits[name] = float(ch.constant(expr, scope, env, f"the {name} of clamp"))
+        except _SymbolicDim:  # a layer's dim: checked at each call
+            limits = {"min": -math.inf, "max": math.inf}
+            break
+    x = ch.expr(e.args[0], scope, env)
+    return ch.emit("clamp", [x], {"lo": limits["min"], "hi": limits["max"]}, e.span, [e.args[0].span])
+
+
+def _param_sequence(ch: Checker, op: str, attrs: dict, count: Dim, e: ast.Call) -> Value:
+    return ch.emit(op, [], attrs, e.span, declared=TensorType(Domain.PARAM, (count,), ch.float_dtype))
+
+
+def _run_time_dim(e: ast.Expr, scope, env) -> tuple[str, Dim] | None:
+    """(name, dim) when ``e`` names a dim only known at run time (else None)."""
+    if isinstance(e, ast.Name) and scope.lookup(e.id) is None and isinstance(env.get(e.id), Dim) \
+            and not env[e.id].is_static:
+        return e.id, env[e.id]
+    return None
+
+
+def _number_text(x: int | float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _arange(ch: Checker, e: ast.Call, scope, env) -> Value:
+    """arange(stop), arange(start, stop) or arange(start, stop, step), as torch.arange: start,
+    start + step, ... up to stop excluded, as the program's float dtype."""
+    ch.args_exactly(e, len(e.args) if 1 <= len(e.args) <= 3 else 3)
+    stop_expr = e.args[0] if len(e.args) == 1 else e.args[1]
+    names = ("the stop of arange",) if len(e.args) == 1 else ("the start of arange", "the stop of arange",
+                                                             "the step of arange")
+    stand_in = make_value("arange", [], {"start": 0.0, "step": 1.0}, TensorType(Domain.PARAM, (Dim(1),),
+                                                                                ch.float_dtype), e.span)
+    named = _run_time_dim(stop_expr, scope, env)
+    if named is not None:  # arange(D) (or arange(0, D, 1)): D elements, whatever D is
+        name, dim = named
+        try:
+            plain = [ch.constant(a, scope, env, what) for a, what in zip(e.args, names)
+                     if a is not stop_expr] in ([], [0], [0, 1])
+        except _SymbolicDim:
+            plain = False
+        if plain:
+            return _param_sequence(ch, "arange", {"start": 0.0, "step": 1.0}, dim, e)
+        if ch.generic_depth:  # a layer's dim, static at some calls: each call checks it
+            return ch.add(stand_in)
+        raise ch.error(f"the length of this arange depends on '{name}', which is only known at run time", e.span,
+                       f"arange({name}) has {name} elements 0, 1, ...: scale and shift it "
+                       f"(arange({name}) * step + start), or declare `dim {name} = ...`")
+    try:
+        values = [ch.constant(a, scope, env, what) for a, what in zip(e.args, names)]
+    except _SymbolicDim:  # a layer checked with symbolic dims: a stand-in, checked again at each call
+        return ch.add(stand_in)
+    start, stop, step = ([0] + values + [1])[-3:] if len(values) == 1 else (values + [1])[:3]
+    shown = f"arange({', '.join(_number_text(v) for v in values)})"
+    if step == 0:
+        raise ch.error(f"{shown}: the step is 0", e.args[2].span, "the step of arange is a nonzero number")
+    if isinstance(start, int) and isinstance(stop, int) and isinstance(step, int):
+        count = -((start - stop) // step)  # ceil((stop - start) / step), exactly
+    else:
+        ratio = (stop - start) / step
+        count = round(ratio)
+        if abs(ratio - count) > 1e-9 * max(1.0, abs(ratio)):
+            raise ch.error(f"{shown} has a non-integer number of steps: (stop - start) / step = {ratio:.6g}", e.span,
+                           "a fractional arange's length would depend on rounding: make (stop - start) / step a "
+                           "whole number, or use linspace(start, stop, count)")
+    if count < 1:
+        raise ch.error(f"{shown} is empty: stop is not beyond start in the direction of the step", e.span,
+                       "arange(start, stop, step) counts from start towards stop, which it excludes")
+    return _param_sequence(ch, "arange", {"start": float(start), "step": float(step)}, Dim(count), e)
+
+
+def _linspace(ch: Checker, e: ast.Call, scope, env) -> Value:
+    """linspace(start, stop, count), as torch.linspace: count values from start to stop, both included."""
+    ch.args_exactly(e, 3)
+    count_expr = e.args[2]
+    named = _run_time_dim(count_expr, scope, env)
+    dim = named[1] if named is not None else None
+    try:
+        start, stop = (float(ch.constant(a, scope, env, what))
+                       for a, what in zip(e.args, ("the start of linspace", "the stop of linspace")))
+    except _SymbolicDim:  # a layer checked with symbolic dims: checked again at each call
+        start, stop = 0.0, 1.0
+    if dim is None:
+        try:
+            count = ch.constant(count_expr, scope, env, "the count of linspace")
+        except _SymbolicDim:
+            count = 1
+        if not isinstance(count, int):
+            raise ch.error(f"the count of linspace must be a whole number, got {_number_text(count)}",
+                           count_expr.span, "linspace(start, stop, count) has count elements")
+        if count < 1:
+            raise ch.error(f"linspace(..., {count}) has no elements", count_expr.span,
+                           "linspace(start, stop, count) needs count >= 1 (1 gives [start])")
+        dim = Dim(count)
+    return _param_sequence(ch, "linspace", {"start": start, "stop": stop}, dim, e)
+
+
+def _full(ch: Checker, e: ast.Call, scope, env) -> Value:
+    """full([dims], value): a constant param value of that shape (a scalar constant broadcast)."""
+    ch.args_exactly(e, 2)
+    shape_expr = e.args[0]
+    if not isinstance(shape_expr, ast.ShapeLiteral):
+        raise ch.error("the shape of full must be a literal like [H, C]", shape_expr.span,
+                       "full([H, C], 0.5) with dims and integers")
+    shape = tuple(ch.eval_dim(d, env, "full") for d in shape_expr.dims)
+    try:
+        value = float(ch.constant(e.args[1], scope, env, "the value of full"))
+    except _SymbolicDim:  # a layer checked with symbolic dims: checked again at each call
+        value = 1.0
+    scalar = ch.const(value, e.args[1].span)
+    return ch.emit("broadcast", [scalar], {}, e.span, declared=TensorType(Domain.PARAM, shape, ch.float_dtype))
+
+
 BUILTINS: dict[str, Callable] = {name: _unary(name) for name in UNARY_OPS if name != "neg"}
 BUILTINS.update({
     "leaky_relu": _unary_with("leaky_relu", "slope", 0.01),
@@ -934,6 +1147,12 @@ BUILTINS.update({
     "dropout": _unary_with("dropout", "p", 0.5),
     "maximum": _binary("maximum"),
     "minimum": _binary("minimum"),
+    "atan2": _binary("atan2"),
+    "where": _where,
+    "clamp": _clamp,
+    "arange": _arange,
+    "linspace": _linspace,
+    "full": _full,
     "in_degree": _degree("in"),
     "out_degree": _degree("out"),
     "concat": _concat,
@@ -951,7 +1170,10 @@ TAKES_BY = REDUCING | {"global_attention"}
 
 SIGNATURES = {
     "leaky_relu": "leaky_relu(x, slope=0.01)", "elu": "elu(x, alpha=1.0)", "dropout": "dropout(x, p=0.5)",
-    "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "in_degree": "in_degree()",
+    "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "atan2": "atan2(y, x)",
+    "where": "where(cond, a, b)", "clamp": "clamp(x, lo, hi) or clamp(x, min=lo) or clamp(x, max=hi)",
+    "arange": "arange(stop), arange(start, stop) or arange(start, stop, step)",
+    "linspace": "linspace(start, stop, count)", "full": "full([H, C], value)", "in_degree": "in_degree()",
     "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])",
     "one_hot": "one_hot(etype, R)", "einsum": 'einsum("hd,hde->he", a, b)',
     "batch_norm": "batch_norm(x, running_mean, running_var, gamma, beta, eps=1e-5, momentum=0.1)",

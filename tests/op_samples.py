@@ -43,9 +43,12 @@ SAMPLES = {
     "const": lambda attrs: ([], t(PARAM)),
     "degree": lambda attrs: ([], t(NODE)),
     **{name: _unary for name, d in OPS.items() if d.arity == 1 and d.compute is not None or name == "dropout"},
-    **{name: _binary for name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum")},
-    "gt": lambda attrs: ([t(NODE, 3), t(NODE, 3)], None),
-    "eq": lambda attrs: ([t(NODE, 3), t(NODE, 3)], None),
+    "arange": lambda attrs: ([], t(PARAM, 4)),
+    "linspace": lambda attrs: ([], t(PARAM, 5)),
+    **{name: _binary for name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "atan2")},
+    **{name: (lambda attrs: ([t(NODE, 3), t(NODE, 3)], None))
+       for name in ("lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or")},
+    "where": lambda attrs: ([t(NODE, 2, 3), t(NODE, 2, 3), t(PARAM, 2)], None),
     "matmul": lambda attrs: ([t(EDGE, 2, 3), t(PARAM, 3, 2)], None),
     "reduce": lambda attrs: ([t(NODE, 2, 3)], None),
     "axis_softmax": lambda attrs: ([t(NODE, 2, 3)], None),
@@ -78,7 +81,8 @@ SAMPLES = {
 
 # A value for each open (typed) attribute, per op.
 OPEN_ATTRS = {
-    "const": {"value": 0.5},
+    "const": {"value": 0.5}, "arange": {"start": 0.5, "step": 0.25}, "linspace": {"start": -1.0, "stop": 2.0},
+    "clamp": {"lo": 0.8, "hi": 1.2},
     "leaky_relu": {"slope": 0.2}, "elu": {"alpha": 1.0}, "dropout": {"p": 0.5},
     "reduce": {"axis": -1}, "axis_softmax": {"axis": 0}, "concat": {"axis": -1},
     "einsum": {"spec": "hd,hde->he"}, "one_hot": {"classes": 3},
@@ -88,6 +92,32 @@ OPEN_ATTRS = {
                                           "global_attention_key_grad")},
     "slice": {"axis": 0, "start": 1, "stop": 3}, "pad": {"axis": 0, "before": 1, "after": 2},
 }
+
+
+# Where an op's sample operands are drawn from, by operand position, when the default uniform [0.5, 1.5]
+# does not suit it: (low, high) for a range inside the op's domain, "mask" for 0.0 / 1.0 values, "grid" for
+# values of {0.5, 1.0, 1.5} (ties, where comparisons differ).
+SAMPLE_VALUES: dict[str, dict[int, tuple[float, float] | str]] = {
+    "asin": {0: (-0.9, 0.9)}, "acos": {0: (-0.9, 0.9)}, "atan": {0: (-2.0, 2.0)}, "sin": {0: (-3.0, 3.0)},
+    "cos": {0: (-3.0, 3.0)}, "sinh": {0: (-2.0, 2.0)}, "cosh": {0: (-2.0, 2.0)}, "erf": {0: (-2.0, 2.0)},
+    "log1p": {0: (-0.5, 1.5)}, "expm1": {0: (-1.0, 1.0)}, "sign": {0: (-1.0, 1.0)},
+    "floor": {0: (-2.2, 2.2)}, "ceil": {0: (-2.2, 2.2)}, "round": {0: (-2.2, 2.2)}, "trunc": {0: (-2.2, 2.2)},
+    "clamp": {0: (0.5, 1.5)}, "atan2": {0: (-1.5, 1.5), 1: (-1.5, 1.5)},
+    **{name: {0: "grid", 1: "grid"} for name in ("lt", "le", "gt", "ge", "eq", "ne")},
+    "logical_and": {0: "mask", 1: "mask"}, "logical_or": {0: "mask", 1: "mask"}, "logical_not": {0: "mask"},
+    "where": {0: "mask", 1: (-1.0, 1.0), 2: (-1.0, 1.0)},
+}
+
+
+def sample_values(op: str, position: int, shape: tuple[int, ...], rng):
+    """Operand ``position``'s sample values of op (``SAMPLE_VALUES``; default uniform [0.5, 1.5])."""
+    kind = SAMPLE_VALUES.get(op, {}).get(position, (0.5, 1.5))
+    if kind == "mask":
+        return rng.integers(0, 2, shape).astype(float)
+    if kind == "grid":
+        return rng.integers(1, 4, shape) * 0.5
+    low, high = kind
+    return rng.uniform(low, high, shape)
 
 
 def attr_cases(op: str) -> list[dict]:

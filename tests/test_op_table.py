@@ -35,7 +35,7 @@ from mpdsl.ops import (ELEMENTWISE, OPS, Effect, MissingRule, NUMPY_MATH, ArrayM
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.plan import op_cost  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
-from op_samples import IDS, RELATIONS, SAMPLES, attr_cases, missing_samples  # noqa: E402
+from op_samples import IDS, RELATIONS, SAMPLES, attr_cases, missing_samples, sample_values  # noqa: E402
 from test_passes import random_graph  # noqa: E402
 
 GRAPH = random_graph(3, nodes=9, edges=24, self_loops=True)
@@ -64,17 +64,21 @@ def sample_program(name: str, attrs: dict) -> Program:
 
 def sample_data(program: Program, seed: int = 0) -> tuple[dict, dict]:
     """Inputs and params for a sample program: floats in [0.5, 1.5] (positive, so that log, sqrt and
-    pow are smooth; running variances are positive), ids below every sample's class count."""
+    pow are smooth; running variances are positive) unless ``op_samples.SAMPLE_VALUES`` gives the
+    operand other values, ids below every sample's class count."""
     rng = np.random.default_rng(seed)
+    op = program.outputs[0][1].op
     inputs, params = {}, {}
     for v in program.inputs:
         rows = GRAPH.num_rows(v.type.domain)
         if v.type.is_float:
-            inputs[v.attr["name"]] = rng.uniform(0.5, 1.5, (rows,) + tuple(d.value for d in v.type.shape))
+            position = int(v.attr["name"][1:])  # x<i>: operand i
+            inputs[v.attr["name"]] = sample_values(op, position, (rows,) + tuple(d.value for d in v.type.shape), rng)
         else:
             inputs[v.attr["name"]] = rng.integers(0, min(3, RELATIONS), rows)
     for v in program.params:
-        params[v.attr["name"]] = rng.uniform(0.5, 1.5, tuple(d.value for d in v.type.shape))
+        position = int(v.attr["name"][1:])  # p<i>: operand i
+        params[v.attr["name"]] = sample_values(op, position, tuple(d.value for d in v.type.shape), rng)
     return inputs, params
 
 
@@ -199,10 +203,12 @@ def test_array_namespaces_have_every_function():
     _runtime(True)
     x = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)
     for f in ArrayMath.FUNCTIONS:
-        args = {"where": (x > 1.0, x, 0.0)}.get(f) or ((x,) if f in ("negative", "exp", "expm1", "log", "sqrt", "rsqrt",
-                                                                      "tanh", "abs", "erf", "sigmoid", "softplus")
-                                                      else (x, x.flip(0)))
-        want = getattr(NUMPY_MATH, f)(*(a.numpy() if isinstance(a, torch.Tensor) else a for a in args))
+        unary = ("negative", "exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "tanh", "abs", "erf",
+                 "sigmoid", "softplus", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "sign", "floor",
+                 "ceil", "round", "trunc", "logical_not")
+        args = {"where": (x > 1.0, x, 0.0)}.get(f) or ((x - 1.0,) if f in unary else (x, x.flip(0) - 1.0))
+        with np.errstate(all="ignore"):  # log, sqrt, asin, ... of negatives: NaN in both namespaces
+            want = getattr(NUMPY_MATH, f)(*(a.numpy() if isinstance(a, torch.Tensor) else a for a in args))
         np.testing.assert_allclose(getattr(TORCH_MATH, f)(*args).numpy(), want, rtol=1e-12, err_msg=f)
 
 

@@ -11,6 +11,7 @@ from mpdsl.ir import Program, Value
 from mpdsl.ops import NUMPY_MATH, OPS, Trait, is_pure, parse_subscripts
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite
+from mpdsl.types import Domain
 
 
 @register
@@ -57,15 +58,20 @@ class CommonSubexpressionElimination(Pass):
 
 
 def _const_value(v: Value) -> float | None:
-    return v.attr["value"] if v.op == "const" else None
+    """The value of a scalar constant, or of one broadcast to a param shape (``full([H], c)``)."""
+    if v.op == "const":
+        return v.attr["value"]
+    if v.op == "broadcast" and v.type.domain is Domain.PARAM and v.operands[0].op == "const":
+        return v.operands[0].attr["value"]
+    return None
 
 
 @register
 class ConstantFolding(Pass):
-    """Evaluate pure elementwise ops on scalar constants at compile time with the op's own ``compute``
-    rule (in float64, NumPy: the reference semantics), keeping non-finite results for run time, and
-    drop the identities each op declares (x + 0, x * 1, x / 1, x ** 1) when they do not change the
-    type."""
+    """Evaluate pure elementwise ops on scalar constants (and on constants broadcast to a param
+    shape, ``full``) at compile time with the op's own ``compute`` rule (in float64, NumPy: the
+    reference semantics), keeping non-finite results for run time, and drop the identities each op
+    declares (x + 0, x * 1, x / 1, x ** 1) when they do not change the type."""
 
     name = "constant_folding"
 
@@ -84,7 +90,8 @@ class ConstantFolding(Pass):
                 if not math.isfinite(value):
                     return None
                 folded += 1
-                return rw.const(value, v.type.dtype, like=v)
+                scalar = rw.const(value, v.type.dtype, like=v)
+                return scalar if scalar.type == v.type else rw.emit("broadcast", [scalar], like=v, declared=v.type)
             for pos, c in enumerate(consts):
                 if c is not None and (pos, c) in opdef.identities:
                     other = v.operands[1 - pos]
