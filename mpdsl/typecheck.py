@@ -136,6 +136,7 @@ class Checker:
         self.imports = imports
         # The `dim` constants each layer sees: those of its file and of the files that file imports.
         self.layer_dims: dict[str, frozenset[str]] = {}
+        self.dim_defs: dict[str, ast.DimDef] = {}
         self.float_dtype = float_dtype
         self.overrides = dict(dims or {})
         self.layers: dict[str, ast.FuncDef] = {}
@@ -268,6 +269,7 @@ class Checker:
             seen[name] = item
             if isinstance(item, ast.DimDef):
                 self.global_dims[name] = item.value
+                self.dim_defs[name] = item
             elif item.kind == "layer":
                 self.layers[name] = item
                 self.layer_dims[name] = scopes[module_of[id(item)]]
@@ -296,6 +298,15 @@ class Checker:
                         stack.extend(self.imports.get(id(m), ()))
             scopes[id(mod)] = prelude | {d.name for m in reached for d in m.dims}
         return scopes
+
+    def invisible_dim_hint(self, name: str, env: Env) -> str | None:
+        """A hint for a name not in ``env`` that is a `dim` of a file this code does not see (a
+        layer of an imported file using a dim of the file importing it), else None."""
+        item = self.dim_defs.get(name)
+        if item is None or name in env:
+            return None
+        return (f"`dim {name}` is declared in {item.span.source.name} (line {item.span.line}), which this "
+                "file does not import: a layer sees the dims of its own file and of the files it imports")
 
     def file_dims(self, layer: str) -> Env:
         """The environment a layer's body and signature start from: the `dim` constants it sees."""
@@ -340,7 +351,8 @@ class Checker:
             name = str(expr.value)
             if name not in env:
                 raise self.error(f"unbound dimension '{name}' in {what}", expr.span,
-                                 f"declare it with `dim {name} = ...` or use it in an input's type so it is "
+                                 self.invisible_dim_hint(name, env)
+                                 or f"declare it with `dim {name} = ...` or use it in an input's type so it is "
                                  "bound from data")
             return env[name]
         parts = [self._dim_value(d, env, what) for d in expr.operands]
@@ -703,7 +715,7 @@ class Checker:
             if b in env and env[b].is_static:
                 return env[b].value
             raise self.error(f"loop bound '{b}' is not a known integer", stmt.span,
-                             f"declare it with `dim {b} = ...`")
+                             self.invisible_dim_hint(b, env) or f"declare it with `dim {b} = ...`")
 
         start, stop = bound(stmt.start), bound(stmt.stop)
         if stmt.var in RESERVED or scope.lookup(stmt.var) is not None:
@@ -797,8 +809,8 @@ class Checker:
         if e.id in self.layers:
             raise self.error(f"layer '{e.id}' used as a value", e.span, f"call it: {e.id}(...)")
         close = _close(e.id, scope.visible())
-        raise self.error(f"unknown name '{e.id}'", e.span,
-                         f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument")
+        raise self.error(f"unknown name '{e.id}'", e.span, self.invisible_dim_hint(e.id, env) or (
+            f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument"))
 
     def index(self, e: ast.Index, scope: _Scope, env: Env) -> Value:
         idx = e.index

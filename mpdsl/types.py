@@ -242,8 +242,8 @@ def solve_dim(dim: Dim, symbol: str, target: Dim) -> Dim:
     others = [s for s in dim.symbols if s != symbol]
     if dim.degree(symbol) > 1:
         if others or not target.is_static or not dim.is_positive:
-            raise DimSolveError(f"appears in {dim} to a power, which is solved only against a number "
-                                "with no other unknown")
+            raise DimSolveError("= a root of a polynomial, which is solved only against a number with no "
+                                "other unknown")
         want = target.value
         lo, hi = 0, max(want, 1)
         while lo < hi:
@@ -253,7 +253,9 @@ def solve_dim(dim: Dim, symbol: str, target: Dim) -> Dim:
             else:
                 hi = mid
         if dim.substitute({symbol: lo}).value != want:
-            raise DimSolveError(f"would lie between {lo - 1} and {lo}: no integer gives {want}")
+            if lo == 0:
+                raise DimSolveError("= a negative number, which is not positive")
+            raise DimSolveError(f"= a number between {lo - 1} and {lo}, which is not an integer")
         solution = Dim(lo)
     else:
         a, b = dim.split(symbol)
