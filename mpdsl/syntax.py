@@ -208,7 +208,8 @@ class _Builder:
         return ast.DimExpr(self._span(meta), "int", self._int(children[0], "dimension"))
 
     def _dim_combination(self, kind: str, meta, children) -> ast.DimExpr:
-        """A sum or product of dims, flattened (``F + G + H`` is one sum of three)."""
+        """A sum or product of dims (the grammar gives a chain's terms flat), a parenthesised one of
+        the same kind spliced in (``F + (G + H)`` is one sum of three)."""
         operands = tuple(o for c in children for o in (c.operands if c.kind == kind else (c,)))
         span = self._span(meta)
         depth = 1 + max(o.depth for o in operands)
@@ -224,15 +225,12 @@ class _Builder:
     def dim_mul(self, meta, children):
         return self._dim_combination("product", meta, children)
 
-    def dim_sub(self, meta, children):
-        lhs, rhs = children
-        start, end = lhs.span, rhs.span
-        line, col = start.end_line, start.end_col
-        text = self.source.line(line)
-        minus = text.find("-", col - 1) if line == end.line else -1
-        if minus >= 0:
-            line, col = line, minus + 1
-        raise CompileError("subtraction is not supported in dimensions", Span(self.source, line, col, line, col + 1),
+    def dim_plus(self, meta, children):
+        return children[0]
+
+    def dim_minus(self, meta, children):
+        raise CompileError("subtraction is not supported in dimensions",
+                           Span(self.source, meta.line, meta.column, meta.line, meta.column + 1),
                            "dims are sums and products of names and integers (2 * D + FE): name the smaller "
                            "dim and write the larger one as a sum")
 

@@ -221,8 +221,8 @@ class Dim:
 
 
 class DimSolveError(Exception):
-    """A dim that cannot be solved for a symbol; ``reason`` completes "D ..." (e.g. "= 31/2, not
-    an integer")."""
+    """A dim that cannot be solved for a symbol; ``reason`` completes a sentence that names the
+    symbol ("D " + "= 31/2, which is not an integer")."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
