@@ -946,14 +946,16 @@ def _slice(types, attrs, declared):
 
 @op("pad", 1, {"axis": int, "before": int, "after": int}, traits=(Trait.ROW_WISE,))
 def _pad(types, attrs, declared):
-    """Zero-pad one feature axis (of static size) with ``before`` and ``after`` elements (the
-    transpose of slice)."""
+    """Zero-pad one feature axis with ``before`` and ``after`` elements (the transpose of slice);
+    the axis grows by their sum (a symbolic size too: F + 3)."""
     (t,) = types
     _require_float(t, "pad")
-    axis, size = _static_axis(t, attrs["axis"], "pad")
+    if t.rank < 1:
+        raise TypeRuleError(f"pad needs a feature axis, got {t}")
+    axis = _normalize_axis(attrs["axis"], t.rank, "pad")
     if attrs["before"] < 0 or attrs["after"] < 0:
         raise TypeRuleError("pad widths are not negative")
-    return t.with_(shape=t.shape[:axis] + (Dim(size + attrs["before"] + attrs["after"]),) + t.shape[axis + 1:])
+    return t.with_(shape=t.shape[:axis] + (t.shape[axis] + attrs["before"] + attrs["after"],) + t.shape[axis + 1:])
 
 
 # The ops whose math is declared here (``compute``): the backends run them through one generic rule.

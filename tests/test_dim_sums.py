@@ -338,3 +338,14 @@ def test_a_long_flat_sum_is_one_level_and_deep_nesting_is_refused():
     # Each wrap adds a sum and a product: the 51st sum from inside is level 101, inside 9 more wraps
     # (the shape starts at column 30; that sum after the 10 parentheses of its own and the outer wraps).
     assert (info.value.line, info.value.col) == (1, 30 + 10)
+
+
+def test_the_rules_that_add_dims_add_symbolic_ones():
+    """concat and pad (autodiff's transpose of slice) grow an axis by a sum, symbolic or not."""
+    from mpdsl.ops import OPS
+    from mpdsl.types import Domain, TensorType
+
+    node = TensorType(Domain.NODE, (H, F), "f32")
+    assert OPS["pad"].infer([node], {"axis": -1, "before": 1, "after": 2}, None).shape == (H, F + 3)
+    edge = [TensorType(Domain.EDGE, (d,), "f32") for d in (FE, D, D)]
+    assert OPS["concat"].infer(edge, {"axis": 0}, None).shape == (D * 2 + FE,)
