@@ -434,9 +434,9 @@ model pna_conv_edge(x: node[F], edge_attr: edge[FE], delta: param[], W_enc: para
 
 PNA_PLAIN_SOURCE = importing("pna.mp", f"""
 dim K = {K}
-# b_pre is declared before W_pre: load_weights binds dims one weight and one axis at a time,
-# so param[2 * F, F] alone cannot bind F (see the report on load_weights).
-model pna_conv_plain(x: node[F], delta: param[], b_pre: param[F], W_pre: param[2 * F, F],
+# W_pre's 2 * F is solved for F, or checked against the F of b_pre or of its own second axis,
+# whatever the order of the weights.
+model pna_conv_plain(x: node[F], delta: param[], W_pre: param[2 * F, F], b_pre: param[F],
                      W_post: param[13 * F, K], b_post: param[K], W_lin: param[K, K], b_lin: param[K]) -> node[K] {{
     m = concat(x[dst], x[src]) @ W_pre + b_pre
     return pna_update(x, m, delta, W_post, b_post, W_lin, b_lin)
