@@ -64,10 +64,10 @@ def lower(text: str, name: str = "<string>", *, model: str | None = None, dtype:
             raise CompileError(f"dimension override {key}={value!r} is not a non-negative integer", None)
     module = syntax.parse(text, name)
     base_dir = Path(name).parent if name != "<string>" else Path.cwd()
-    imported = syntax.resolve_imports(module, base_dir, import_paths)
+    imports = syntax.resolve_import_graph(module, base_dir, import_paths)
     prelude = syntax.prelude()
-    _check_dim_names(dims or {}, module, [*imported, prelude], model)
-    return module, typecheck.check(module, model, DTYPES[dtype], dims, imported, prelude)
+    _check_dim_names(dims or {}, module, [*imports.modules, prelude], model)
+    return module, typecheck.check(module, model, DTYPES[dtype], dims, imports.modules, prelude, imports.direct)
 
 
 def _check_dim_names(dims: Mapping[str, int], module: mp_ast.Module, others: list[mp_ast.Module],
@@ -79,7 +79,7 @@ def _check_dim_names(dims: Mapping[str, int], module: mp_ast.Module, others: lis
     models = [i for i in module.items if isinstance(i, mp_ast.FuncDef) and i.kind == "model"]
     chosen = [m for m in models if m.name == model] if model is not None else models
     for item in chosen or models:
-        known |= {f for arg in item.args for d in arg.type.dims for f in d.factors if isinstance(f, str)}
+        known |= {name for arg in item.args for d in arg.type.dims for name in d.names()}
     unknown = [key for key in dims if key not in known]
     if unknown:
         key = unknown[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpdsl.diagnostics import Span
@@ -17,12 +18,45 @@ class Node:
 
 @dataclass(frozen=True)
 class DimExpr(Node):
-    """A product of dimension factors: names (symbolic) and integer literals."""
+    """A dimension as written: a name (``kind`` "name", ``value`` the name), an integer literal
+    ("int"), or a sum or product of dimensions ("sum", "product": ``operands``, flattened, so
+    ``F + G + H`` is one sum; parentheses nest a sum in a product). ``depth``: the nesting of sums
+    and products (at most ``limits.MAX_NESTING``, checked by the parser)."""
 
-    factors: tuple[str | int, ...]
+    kind: str
+    value: str | int | None = None
+    operands: tuple[DimExpr, ...] = ()
+    depth: int = field(default=0, compare=False, repr=False)
+
+    @property
+    def plain_name(self) -> str | None:
+        """The name when the dimension is a single name (``F``), else None."""
+        return self.value if self.kind == "name" and isinstance(self.value, str) else None
+
+    def names(self) -> tuple[str, ...]:
+        """The names it uses, each once, in the order written."""
+        found: dict[str, None] = {}
+        stack: list[DimExpr] = [self]
+        while stack:
+            d = stack.pop()
+            if d.kind == "name":
+                found.setdefault(str(d.value))
+            stack.extend(reversed(d.operands))
+        return tuple(found)
+
+    def render(self, name_text: Callable[[str], str] = str) -> str:
+        """The text (``2*D + FE``, ``2*(F + 1)``), each name shown as ``name_text`` gives it."""
+        if self.kind == "name":
+            return name_text(str(self.value))
+        if self.kind == "int":
+            return str(self.value)
+        if self.kind == "sum":
+            return " + ".join(d.render(name_text) for d in self.operands)
+        return "*".join(f"({d.render(name_text)})" if d.kind == "sum" else d.render(name_text)
+                        for d in self.operands)
 
     def __str__(self) -> str:
-        return "*".join(str(f) for f in self.factors)
+        return self.render()
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ def _literal(tree: lark.Tree) -> Any:
 
 def _type(tree: lark.Tree) -> TensorType:
     domain, *dims, dtype = tree.children
-    shape = tuple(Dim.parse(str(d.children[0])) for d in dims if d is not None)
+    shape = tuple(Dim.parse(" + ".join(str(t) for t in _tree(d).children)) for d in dims if d is not None)
     if str(dtype) not in FLOAT_DTYPES + (INT_DTYPE,):
         raise IRParseError(f"unknown dtype {str(dtype)!r} (one of {', '.join(FLOAT_DTYPES + (INT_DTYPE,))})")
     return TensorType(Domain(str(domain)), shape, str(dtype))

@@ -628,7 +628,9 @@ def _axis_softmax(types, attrs, declared):
 
 @op("concat", None, {"axis": int}, traits=(Trait.ROW_WISE,))
 def _concat(types, attrs, declared):
-    """Concatenate along a feature axis; all operands share domain, rank and the other dims."""
+    """Concatenate along a feature axis; all operands share domain, rank and the other dims. The
+    result's axis is the sum of theirs (symbolic dims too: ``edge[FE]`` and ``edge[D]`` twice give
+    ``edge[2*D + FE]``)."""
     domains = {t.domain for t in types}
     if len(domains) > 1:
         raise TypeRuleError(f"concat of values of different domains ({', '.join(sorted(map(str, domains)))})",
@@ -643,19 +645,8 @@ def _concat(types, attrs, declared):
         if t.rank != rank or t.shape[:axis] + t.shape[axis + 1:] != types[0].shape[:axis] + types[0].shape[axis + 1:]:
             raise TypeRuleError(f"concat: {t} does not match {types[0]} outside axis {axis}",
                                 "all operands need the same feature shape except along the concat axis", i)
-        total = _add_dims(total, t.shape[axis])
+        total = total + t.shape[axis]
     return types[0].with_(shape=types[0].shape[:axis] + (total,) + types[0].shape[axis + 1:])
-
-
-def _add_dims(a: Dim, b: Dim) -> Dim:
-    if a.is_static and b.is_static:
-        return Dim(a.value + b.value)
-    if a == Dim(0):
-        return b
-    if a.symbols == b.symbols:
-        return Dim(a.coeff + b.coeff, a.symbols)
-    raise TypeRuleError(f"concat along an axis of dims {a} and {b} needs their sum, which is not a product of dims",
-                        "bind the dims to integers with `dim NAME = value`")
 
 
 def parse_subscripts(spec: str) -> tuple[list[str], str]:
@@ -1267,14 +1258,16 @@ def _slice(types, attrs, declared):
 
 @op("pad", 1, {"axis": int, "before": int, "after": int}, traits=(Trait.ROW_WISE,))
 def _pad(types, attrs, declared):
-    """Zero-pad one feature axis (of static size) with ``before`` and ``after`` elements (the
-    transpose of slice)."""
+    """Zero-pad one feature axis with ``before`` and ``after`` elements (the transpose of slice);
+    the axis grows by their sum (a symbolic size too: F + 3)."""
     (t,) = types
     _require_float(t, "pad")
-    axis, size = _static_axis(t, attrs["axis"], "pad")
+    if t.rank < 1:
+        raise TypeRuleError(f"pad needs a feature axis, got {t}")
+    axis = _normalize_axis(attrs["axis"], t.rank, "pad")
     if attrs["before"] < 0 or attrs["after"] < 0:
         raise TypeRuleError("pad widths are not negative")
-    return t.with_(shape=t.shape[:axis] + (Dim(size + attrs["before"] + attrs["after"]),) + t.shape[axis + 1:])
+    return t.with_(shape=t.shape[:axis] + (t.shape[axis] + attrs["before"] + attrs["after"],) + t.shape[axis + 1:])
 
 
 # The ops whose math is declared here (``compute``): the backends run them through one generic rule.

@@ -24,7 +24,7 @@ from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS, choose
 from mpdsl.passes import PassContext
 from mpdsl.plan import GraphLayout, runs_a_kernel
-from mpdsl.types import INT_DTYPE, ITEMSIZE, Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import INT_DTYPE, ITEMSIZE, Dim, DimSolveError, Domain, TensorType, TypeRuleError, solve_dim
 
 # Host arrays of each IR dtype (bfloat16, which NumPy lacks, is held in float32 on the host).
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": np.float32, "i64": np.int64}
@@ -276,7 +276,9 @@ class CompiledModel:
 
     def load_weights(self, weights: str | Path | Mapping[str, Any]) -> CompiledModel:
         """Load parameters from an .npz file or a mapping name -> array (all of them, exactly).
-        Dims bound from the data are bound from the weights' shapes (``param[2 * F, H]`` too)."""
+        Dims bound from the data are bound from the weights' shapes (``param[2 * F, H]`` too); a dim
+        the weights leave open (``param[2 * D + FE, H]`` alone) keeps its value with the current
+        parameters (bound from a graph by ``init(seed, graph=g)`` or the first run)."""
         given_file = isinstance(weights, (str, Path))
         place = f"the weights file {weights}" if given_file else "the weights given to load_weights"
         if isinstance(weights, (str, Path)):
@@ -301,8 +303,9 @@ class CompiledModel:
         dims = dict(self.static_dims)
         sources: dict[str, str] = {}
         origins: dict[str, str] = {}
+        earlier = {k: v for k, v in self.dims.items() if k not in self.static_dims}
         self._bind_shapes([_Array("weight", n, place, t, arrays[n].shape) for n, t in declared.items()], dims,
-                          WeightsError, sources, origins)
+                          WeightsError, sources, origins, earlier)
         params = {k: _cast_checked(f"weight {k}", arrays[k], self.float_dtype, WeightsError) for k in declared}
         self.dims = dims
         self.params = params
@@ -326,11 +329,13 @@ class CompiledModel:
                           origins=dict(self._dim_origins))
 
     def _bind_shapes(self, items: list[_Array], dims: dict[str, int], error, sources: dict[str, str] | None = None,
-                     origins: dict[str, str] | None = None) -> None:
+                     origins: dict[str, str] | None = None, earlier: Mapping[str, int] | None = None) -> None:
         """Check each array's shape against its declared type and bind the dims the shapes
         determine, into ``dims`` (and ``sources``: dim -> what bound it; ``origins``: the same told
-        in full, for messages). Plain dims (``F``) are bound first; then a product with one unknown
-        factor (``2 * F``, ``H * C`` with H known) is solved for it; a dim that no shape determines
+        in full, for messages). Plain dims (``F``) are bound first; then, in any order, a dim with one
+        unknown symbol (``2*D + FE`` with FE known, ``H*C`` with H known) is solved for it
+        (``types.solve_dim``: a positive integer, else an error); a dim that no shape determines
+        takes its value from ``earlier`` (the dims of the current parameters) if it is there, else
         is an error."""
         origins = {} if origins is None else origins
         pending = []
@@ -350,15 +355,16 @@ class CompiledModel:
                 if resolved.value != size:
                     raise error(*self._mismatch(item, axis, size, resolved.value, dims, origins))
                 return "checked"
-            unknown = sorted(set(resolved.symbols))
-            if len(unknown) != 1 or (plain_only and resolved != Dim.of(unknown[0])):
+            unknown = resolved.symbols
+            if len(unknown) != 1 or (plain_only and resolved.name is None):
                 return "open"
-            value = _solve_dim(size, resolved.coeff, len(resolved.symbols))
-            if value is None:
-                raise error(f"{what} has size {size} on axis {axis}, which {dim} (declared {_shape_text(t)}) "
-                            f"cannot be for any integer {unknown[0]}",
-                            "; ".join(["make the data and the declaration agree"]
-                                      + self._declaration_notes(item, [], dims, origins)))
+            if resolved.name is not None:
+                value = size
+            else:
+                try:
+                    value = solve_dim(resolved, unknown[0], Dim(size)).value
+                except DimSolveError as err:
+                    raise error(*self._unsolvable(item, axis, size, unknown[0], err.reason, dims, origins)) from None
             dims[unknown[0]] = value
             if sources is not None:
                 sources[unknown[0]] = what
@@ -373,12 +379,28 @@ class CompiledModel:
                 if progress or not pending:
                     break
             else:
+                # Every symbol left open keeps its earlier value at once (then the shapes check it),
+                # whatever the order of the arrays.
+                stuck = {s for item, axis, _ in pending for s in item.type.shape[axis].substitute(dims).symbols}
+                kept = sorted(stuck & set(earlier or {}))
+                for sym in kept:
+                    dims[sym] = (earlier or {})[sym]
+                    if sources is not None:
+                        sources[sym] = self._dim_sources.get(sym, "the data bound before")
+                    origins[sym] = self._dim_origins.get(sym, "the data bound before")
+                if kept:
+                    continue
                 item, axis, size = pending[0]
                 dim = item.type.shape[axis]
-                unknown = sorted(set(dim.substitute(dims).symbols))
-                raise error(f"{item.what}: cannot bind {dim} from a size of {size}: {' and '.join(unknown)} "
-                            f"{'is' if len(unknown) == 1 else 'are'} bound by no other array",
-                            f"declare {unknown[0]} with `dim {unknown[0]} = value` (or --dim {unknown[0]}=INT)")
+                unknown = dim.substitute(dims).symbols
+                text, declaration = self._written(item, axis)
+                raise error(f"{item.what}: cannot bind {' and '.join(unknown)} from {item.name}.shape"
+                            f"[{axis + item.row_axis}] = {size} (declared{declaration}): {text} has "
+                            f"{len(unknown)} unknowns and no other array binds them",
+                            "; ".join([f"bind {unknown[0]} from an array that has it alone as a dim: run the model "
+                                       f"on a graph first, or init(seed, graph=g); or fix it: `dim {unknown[0]} = "
+                                       f"value`, --dim {unknown[0]}=INT"]
+                                      + self._declaration_notes(item, [], dims, origins)))
 
     # ---- messages about sizes that do not fit their declaration --------------------------------
 
@@ -424,20 +446,47 @@ class CompiledModel:
         """Message and hint for axis ``axis`` of ``item`` (``size``) where its declaration needs
         ``expected``: the axis as the user numbers it (an input's row axis is axis 0), the dim as
         written, where each of its names got its value and where the array is declared."""
-        arg = self._declared_arg(item.name)
-        written = arg.type.dims[axis] if arg is not None and axis < len(arg.type.dims) else None
-        if written is not None:
-            symbols = list(dict.fromkeys(f for f in written.factors if isinstance(f, str)))
-            text = str(written)
-        else:
-            symbols = list(dict.fromkeys(item.type.shape[axis].symbols))
-            text = str(item.type.shape[axis])
-        declaration = f" {item.name}: {arg.type}" if arg is not None else f" {_shape_text(item.type)}"
-        need = f"{text} = {expected}" if symbols else f"{expected}"
+        symbols = self._written_symbols(item, axis)
+        text, declaration = self._written(item, axis)
+        shown = self._written(item, axis, dims)[0]
+        need = f"{expected}" if not symbols else f"{text} = {expected}" if shown in (text, str(expected)) \
+            else f"{text} = {shown} = {expected}"
         message = (f"{item.what} has {item.name}.shape[{axis + item.row_axis}] = {size} but its "
                    f"declaration{declaration} needs {need}")
         notes = self._declaration_notes(item, symbols, dims, origins)
         return message, "; ".join(notes) or "make the data and the declaration agree"
+
+    def _unsolvable(self, item: _Array, axis: int, size: int, symbol: str, reason: str, dims: Mapping[str, int],
+                    origins: Mapping[str, str]) -> tuple[str, str]:
+        """Message and hint for axis ``axis`` of ``item`` whose size gives its one unknown
+        ``symbol`` no positive integer value (``reason``, from ``types.solve_dim``)."""
+        text, declaration = self._written(item, axis)
+        known = [s for s in self._written_symbols(item, axis) if s != symbol and s in dims]
+        given = f" with {', '.join(f'{s} = {dims[s]}' for s in known)}" if known else ""
+        message = (f"{item.what} has {item.name}.shape[{axis + item.row_axis}] = {size}, which its "
+                   f"declaration{declaration} cannot fit: {text} = {size}{given} gives {symbol} {reason}")
+        notes = self._declaration_notes(item, known, dims, origins)
+        return message, "; ".join(["make the data and the declaration agree"] + notes)
+
+    def _written(self, item: _Array, axis: int, values: Mapping[str, int] | None = None) -> tuple[str, str]:
+        """(the dim of ``item``'s axis as written, `` NAME: TYPE`` as declared); with ``values``, the
+        names that have one shown as numbers (``2*16 + 4``)."""
+        arg = self._declared_arg(item.name)
+        written = arg.type.dims[axis] if arg is not None and axis < len(arg.type.dims) else None
+        values = values or {}
+        if written is not None:
+            text = written.render(lambda name: str(values[name]) if name in values else name)
+        else:
+            text = item.type.shape[axis].render(values)
+        declaration = f" {item.name}: {arg.type}" if arg is not None else f" {_shape_text(item.type)}"
+        return text, declaration
+
+    def _written_symbols(self, item: _Array, axis: int) -> list[str]:
+        """The names the dim of ``item``'s axis is written with, each once."""
+        arg = self._declared_arg(item.name)
+        if arg is not None and axis < len(arg.type.dims):
+            return list(arg.type.dims[axis].names())
+        return list(item.type.shape[axis].symbols)
 
     def bind(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """Find, check and convert every model input; returns the arrays and the bound dims (with
@@ -770,18 +819,6 @@ def _cast_checked(what: str, arr: np.ndarray, dtype: np.dtype, error) -> np.ndar
                         f"(largest {np.finfo(dtype).max:.4g}): it would become infinite",
                         "scale the values, or run in float64 (--dtype float64, dtype='float64')")
     return cast
-
-
-def _solve_dim(size: int, coeff: int, power: int) -> int | None:
-    """The non-negative integer v with coeff * v**power == size, or None."""
-    if coeff <= 0 or size % coeff:
-        return None
-    target = size // coeff
-    root = round(target ** (1.0 / power)) if power > 1 else target
-    for candidate in (root - 1, root, root + 1):
-        if candidate >= 0 and candidate ** power == target:
-            return candidate
-    return None
 
 
 def _describe_value(v: Value, program: Program, dims: Mapping[str, int], graph: Graph | GraphSizes) -> str:

@@ -11,6 +11,7 @@ import stat
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import lark
 from lark import Token, Tree
@@ -203,14 +204,44 @@ class _Builder:
     def dim_list(self, meta, children):
         return list(children)
 
-    def dim_expr(self, meta, children):
-        return ast.DimExpr(self._span(meta), tuple(children))
-
     def dim_name(self, meta, children):
-        return str(children[0])
+        return ast.DimExpr(self._span(meta), "name", str(children[0]))
 
     def dim_int(self, meta, children):
-        return self._int(children[0], "dimension")
+        return ast.DimExpr(self._span(meta), "int", self._int(children[0], "dimension"))
+
+    def _dim_combination(self, kind: str, meta, children) -> ast.DimExpr:
+        """A sum or product of dims (the grammar gives a chain's terms flat), a parenthesised one of
+        the same kind spliced in (``F + (G + H)`` is one sum of three)."""
+        operands = tuple(o for c in children for o in (c.operands if c.kind == kind else (c,)))
+        span = self._span(meta)
+        depth = 1 + max(o.depth for o in operands)
+        if depth > MAX_NESTING:
+            raise CompileError(f"dimension nested more than {MAX_NESTING} levels deep", span,
+                               "write the dimension with fewer parentheses, or declare parts of it with "
+                               "`dim NAME = ...`")
+        return ast.DimExpr(span, kind, None, operands, depth)
+
+    def dim_add(self, meta, children):
+        return self._dim_combination("sum", meta, children)
+
+    def dim_mul(self, meta, children):
+        return self._dim_combination("product", meta, children)
+
+    def dim_plus(self, meta, children):
+        return children[0]
+
+    def dim_minus(self, meta, children):
+        raise CompileError("subtraction is not supported in dimensions",
+                           Span(self.source, meta.line, meta.column, meta.line, meta.column + 1),
+                           "dims are sums and products of names and integers (2 * D + FE): name the smaller "
+                           "dim and write the larger one as a sum")
+
+    def bound_name(self, meta, children):
+        return str(children[0])
+
+    def bound_int(self, meta, children):
+        return self._int(children[0], "loop bound")
 
     def block(self, meta, children):
         return tuple(children)
@@ -450,10 +481,26 @@ def import_roots(base_dir: str | Path, import_paths: Iterable[str | Path] = ()) 
     return os.path.realpath(os.fspath(base_dir)), extra
 
 
+class Imports(NamedTuple):
+    """What a program imports: ``modules``, transitively, each once, in dependency order (the
+    program itself excluded), and ``direct``: by ``id`` of a module (the program's included), the
+    modules its own imports name (a file's layers see the dims of the files it imports)."""
+
+    modules: list[ast.Module]
+    direct: dict[int, list[ast.Module]]
+
+
 def resolve_imports(module: ast.Module, base_dir: str | Path,
                     import_paths: Iterable[str | Path] = ()) -> list[ast.Module]:
+    """The modules ``module`` imports, transitively, each once, in dependency order (see
+    ``resolve_import_graph``)."""
+    return resolve_import_graph(module, base_dir, import_paths).modules
+
+
+def resolve_import_graph(module: ast.Module, base_dir: str | Path,
+                         import_paths: Iterable[str | Path] = ()) -> Imports:
     """The modules ``module`` imports, transitively, each once, in dependency order (the module
-    itself excluded), under the import policy (README, Imports):
+    itself excluded), and which module imports which, under the import policy (README, Imports):
 
     - an import names a ``.mp`` file by a relative path, looked up first from the importing file's
       folder, then from each of ``import_paths`` in order;
@@ -467,7 +514,9 @@ def resolve_imports(module: ast.Module, base_dir: str | Path,
     roots = [program_root] + extra_roots
     main_name = module.span.source.name
     seen: set[str] = {os.path.realpath(main_name)} if main_name != "<string>" else set()
+    by_path: dict[str, ast.Module] = {path: module for path in seen}
     ordered: list[ast.Module] = []
+    direct: dict[int, list[ast.Module]] = {}
 
     def refuse(imp: ast.Import, reason: str, hint: str) -> CompileError:
         return CompileError(f"cannot import {shown(imp.path, quote=True)}: {reason}", imp.span, hint)
@@ -508,12 +557,15 @@ def resolve_imports(module: ast.Module, base_dir: str | Path,
                      if not extra_roots else f"searched: {searched}")
 
     def visit(mod: ast.Module, directory: str, depth: int) -> None:
+        names = direct.setdefault(id(mod), [])
         for imp in mod.imports:
             if depth >= MAX_IMPORT_DEPTH:
                 raise refuse(imp, f"imports nest more than {MAX_IMPORT_DEPTH} files deep",
                              "import the shared files from fewer levels")
             path = locate(imp, directory)
             if path in seen:
+                if path in by_path and by_path[path] not in names:
+                    names.append(by_path[path])
                 continue
             seen.add(path)
             try:
@@ -523,8 +575,10 @@ def resolve_imports(module: ast.Module, base_dir: str | Path,
                              f"{MAX_SOURCE_SIZE}") from None
             name = imp.path if not os.path.isabs(imp.path) else path
             imported = parse(decode_source(data, name), name)
+            by_path[path] = imported
+            names.append(imported)
             visit(imported, os.path.dirname(path), depth + 1)
             ordered.append(imported)
 
     visit(module, program_root, 0)
-    return ordered
+    return Imports(ordered, direct)

@@ -8,16 +8,17 @@ disagree with the IR. Every user error is a ``CompileError`` at the offending te
 Scoping: a name is bound to the value of its latest assignment in its block (``h = relu(h)``:
 every assignment is a new IR value, so rebinding is SSA renaming; arguments may be rebound too).
 A ``for`` body may assign names of the enclosing scopes (loop-carried state, e.g. ``h = step(h)``,
-keeping their type); names first defined in the body are local to one iteration. Layers see only
-their arguments; the dims in a layer's signature are local to it and bound at each call from the
-argument types.
+keeping their type); names first defined in the body are local to one iteration. Layers see their
+arguments and the `dim` constants of their own file and of the files it imports; the other dims in a
+layer's signature are local to it and bound at each call from the argument types (a dim written as
+a sum or product, ``param[2 * D + FE, H]``, is solved for its one name not bound otherwise).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ from mpdsl.ops import (
     global_attention_sizes,
     running_statistic,
 )
-from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import INT_DTYPE, Dim, DimSolveError, Domain, TensorType, TypeRuleError, solve_dim
 
 RESERVED = {"src", "dst", "batch", "graph"}
 ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
@@ -111,6 +112,33 @@ class _Scope:
         return names
 
 
+@dataclass(frozen=True)
+class _Mismatch:
+    """The error of an argument whose type does not fit its declaration (a detail in parentheses)."""
+
+    checker: Checker
+    declared: ast.TypeExpr
+    actual: TensorType
+    span: Span
+    what: str
+
+    def __call__(self, detail: str) -> CompileError:
+        return self.error(f"{self.what}: expected {self.declared}, got {self.actual} ({detail})",
+                          "pass a value of the declared domain and shape, or change the declaration")
+
+    def error(self, message: str, hint: str) -> CompileError:
+        return self.checker.error(message, self.span, hint)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A declared dim of a layer argument (as written) and the dim of the value passed."""
+
+    dim: ast.DimExpr
+    actual: Dim
+    mismatch: _Mismatch
+
+
 def _close(name: str, candidates) -> str | None:
     match = difflib.get_close_matches(name, sorted(candidates), n=1)
     return match[0] if match else None
@@ -121,10 +149,14 @@ class Checker:
 
     def __init__(self, module: ast.Module, float_dtype: str = "f32",
                  dims: dict[str, int] | None = None, imported: list[ast.Module] | None = None,
-                 prelude: ast.Module | None = None):
+                 prelude: ast.Module | None = None, imports: Mapping[int, Sequence[ast.Module]] | None = None):
         self.module = module
         self.imported = list(imported or [])
         self.prelude = prelude
+        self.imports = imports
+        # The `dim` constants each layer sees: those of its file and of the files that file imports.
+        self.layer_dims: dict[str, frozenset[str]] = {}
+        self.dim_defs: dict[str, ast.DimDef] = {}
         self.float_dtype = float_dtype
         self.overrides = dict(dims or {})
         self.layers: dict[str, ast.FuncDef] = {}
@@ -228,10 +260,10 @@ class Checker:
         """Static dims and per-row sizes fit int64 (``MAX_INT``)."""
         size = 1
         for d in shape:
-            if d.coeff > MAX_INT:
+            if d.at_ones() > MAX_INT:
                 raise self.error(f"dimension {d} of {what} is larger than 2**63 - 1", span,
                                  "dimensions go up to 2**63 - 1")
-            size *= d.coeff
+            size *= d.at_ones()
         if size > MAX_INT:
             raise self.error(f"{what} has more than 2**63 - 1 elements per row ({' * '.join(map(str, shape))})",
                              span, "use smaller dimensions")
@@ -251,6 +283,9 @@ class Checker:
         user_names = {i.name for i in user_items}
         items = [i for i in prelude_items if i.name not in user_names] + user_items
         own = {id(i) for i in self.module.items}
+        scopes = self.dim_scopes()
+        module_of = {id(i): id(m) for m in self.imported + [self.module] + ([self.prelude] if self.prelude else [])
+                     for i in m.items}
         for item in items:
             if isinstance(item, ast.FuncDef) and item.kind == "model" and id(item) not in own:
                 continue  # only the compiled file's models are entry points
@@ -266,13 +301,48 @@ class Checker:
             seen[name] = item
             if isinstance(item, ast.DimDef):
                 self.global_dims[name] = item.value
+                self.dim_defs[name] = item
             elif item.kind == "layer":
                 self.layers[name] = item
+                self.layer_dims[name] = scopes[module_of[id(item)]]
         for key, value in self.overrides.items():
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
                 raise CompileError(f"dimension override {key}={value!r} is not an integer from 0 to 2**63 - 1",
                                    None, "pass dims as NAME=INT (--dim H=32, dims={'H': 32})")
             self.global_dims[key] = value
+
+    def dim_scopes(self) -> dict[int, frozenset[str]]:
+        """By ``id`` of each module: the names of the `dim` constants its layers see, its own and
+        those of the modules it imports, transitively (``imports``; without it, in the dependency
+        order of ``imported``, those listed before it), and the prelude's."""
+        modules = self.imported + [self.module]
+        prelude = frozenset(d.name for d in self.prelude.dims) if self.prelude is not None else frozenset()
+        scopes = {id(self.prelude): prelude} if self.prelude is not None else {}
+        for i, mod in enumerate(modules):
+            if self.imports is None:
+                reached = modules[:i + 1]
+            else:
+                reached, stack = [], [mod]
+                while stack:
+                    m = stack.pop()
+                    if all(m is not r for r in reached):
+                        reached.append(m)
+                        stack.extend(self.imports.get(id(m), ()))
+            scopes[id(mod)] = prelude | {d.name for m in reached for d in m.dims}
+        return scopes
+
+    def invisible_dim_hint(self, name: str, env: Env) -> str | None:
+        """A hint for a name not in ``env`` that is a `dim` of a file this code does not see (a
+        layer of an imported file using a dim of the file importing it), else None."""
+        item = self.dim_defs.get(name)
+        if item is None or name in env:
+            return None
+        return (f"`dim {name}` is declared in {item.span.source.name} (line {item.span.line}), which this "
+                "file does not import: a layer sees the dims of its own file and of the files it imports")
+
+    def file_dims(self, layer: str) -> Env:
+        """The environment a layer's body and signature start from: the `dim` constants it sees."""
+        return {k: Dim(self.global_dims[k]) for k in self.layer_dims[layer] if k in self.global_dims}
 
     def pick_model(self, name: str | None) -> ast.FuncDef:
         models = {m.name: m for m in self.module.models}
@@ -300,19 +370,27 @@ class Checker:
     # ---- types ---------------------------------------------------------------------------
 
     def eval_dim(self, expr: ast.DimExpr, env: Env, what: str) -> Dim:
-        result = Dim(1)
-        for factor in expr.factors:
-            if isinstance(factor, int):
-                result = result * Dim(factor)
-            elif factor in env:
-                result = result * env[factor]
-            else:
-                raise self.error(f"unbound dimension '{factor}' in {what}", expr.span,
-                                 f"declare it with `dim {factor} = ...` or use it in an input's type so it is "
-                                 "bound from data")
-        if result.coeff > MAX_INT:
+        result = self._dim_value(expr, env, what)
+        if result.at_ones() > MAX_INT:
             raise self.error(f"dimension {expr} = {result} in {what} is larger than 2**63 - 1", expr.span,
                              "dimensions go up to 2**63 - 1")
+        return result
+
+    def _dim_value(self, expr: ast.DimExpr, env: Env, what: str) -> Dim:
+        if expr.kind == "int":
+            return Dim(int(expr.value or 0))
+        if expr.kind == "name":
+            name = str(expr.value)
+            if name not in env:
+                raise self.error(f"unbound dimension '{name}' in {what}", expr.span,
+                                 self.invisible_dim_hint(name, env)
+                                 or f"declare it with `dim {name} = ...` or use it in an input's type so it is "
+                                 "bound from data")
+            return env[name]
+        parts = [self._dim_value(d, env, what) for d in expr.operands]
+        result = parts[0]
+        for part in parts[1:]:
+            result = result + part if expr.kind == "sum" else result * part
         return result
 
     def eval_type(self, texpr: ast.TypeExpr, env: Env, what: str) -> TensorType:
@@ -341,12 +419,11 @@ class Checker:
             raise self.error("an 'any' argument is float", t.span, "declare int ids with a concrete domain")
 
     def bind_pattern(self, texpr: ast.TypeExpr, actual: TensorType, env: Env,
-                     span: Span, what: str) -> None:
-        """Unify a declared argument type with an actual one, binding the declared dims in ``env``."""
-
-        def mismatch(detail: str) -> CompileError:
-            return self.error(f"{what}: expected {texpr}, got {actual} ({detail})", span,
-                              "pass a value of the declared domain and shape, or change the declaration")
+                     span: Span, what: str) -> list[_Pending]:
+        """Unify a declared argument type with an actual one, binding the declared dims in ``env``:
+        a plain name at once, a dim whose names are bound is checked; the dims with names still
+        unbound are returned, for ``bind_pending`` once every argument is seen."""
+        mismatch = _Mismatch(self, texpr, actual, span, what)
 
         if texpr.domain == ANY:
             if actual.domain is Domain.PARAM:
@@ -360,16 +437,89 @@ class Checker:
             raise mismatch("dtype differs")
         if len(texpr.dims) != actual.rank:
             raise mismatch(f"{actual.rank} feature axes, not {len(texpr.dims)}")
-        pending = []
+        later = []
         for dexpr, dim in zip(texpr.dims, actual.shape):
-            if len(dexpr.factors) == 1 and isinstance(dexpr.factors[0], str) and dexpr.factors[0] not in env:
-                env[dexpr.factors[0]] = dim
+            if dexpr.plain_name is not None and dexpr.plain_name not in env:
+                env[dexpr.plain_name] = dim
             else:
-                pending.append((dexpr, dim))
-        for dexpr, dim in pending:
-            expected = self.eval_dim(dexpr, env, what)
-            if expected != dim:
-                raise mismatch(f"dim {dexpr} = {expected} but got {dim}")
+                later.append(_Pending(dexpr, dim, mismatch))
+        pending = []
+        for entry in later:
+            if any(name not in env for name in entry.dim.names()):
+                pending.append(entry)
+                continue
+            self.check_dim(entry, env)
+        return pending
+
+    def bind_pending(self, pending: list[_Pending], env: Env) -> None:
+        """Bind the names of the dims ``bind_pattern`` left: a dim with one unbound name is solved
+        for it (``2*D + FE`` against 36 with FE = 4: D = 16), in any order, until all are bound; a
+        dim left with several unbound names is an error."""
+        while pending:
+            progress = False
+            waiting = []
+            for entry in pending:
+                free = [name for name in entry.dim.names() if name not in env]
+                if len(free) > 1:
+                    waiting.append(entry)
+                    continue
+                progress = True
+                if free:
+                    env[free[0]] = self.solve_dim(entry, free[0], env)
+                self.check_dim(entry, env)
+            if not progress:
+                entry = waiting[0]
+                free = [name for name in entry.dim.names() if name not in env]
+                names = " and ".join(free)
+                raise entry.mismatch.error(
+                    f"{entry.mismatch.what}: cannot bind {names} from {entry.dim} = {entry.actual}: "
+                    "no other argument binds them",
+                    f"give {free[0]} alone as the dim of another argument (e.g. `x: node[{free[0]}]`), or "
+                    f"declare it with `dim {free[0]} = ...`")
+            pending = waiting
+
+    def check_dim(self, entry: _Pending, env: Env) -> None:
+        """The declared dim, its names bound, equals the actual one (else an error showing the dim
+        with the numbers its names stand for: ``2*D + FE = 2*16 + 4 = 36 but got 35``)."""
+        expected = self.eval_dim(entry.dim, env, entry.mismatch.what)
+        if expected == entry.actual:
+            return
+        shown = entry.dim.render(lambda name: str(env[name].value) if env[name].is_static else name)
+        value = f"{shown} = {expected}" if entry.dim.plain_name is None and shown != str(expected) else f"{expected}"
+        raise entry.mismatch(f"dim {entry.dim} = {value} but got {entry.actual}")
+
+    def check_bindable(self, dims: Sequence[ast.DimExpr], known: set[str], source: str, one_source: str) -> None:
+        """Every name of ``dims`` not in ``known`` can be bound from the values that ``source``
+        names (``one_source``: one of them, with its article): it is some dim alone, or the one name
+        left in a dim once the others are bound (``bind_pending`` and the run-time binding follow
+        the same order). Else an error at the first dim that leaves several names unbound."""
+        bound = set(known) | {d.plain_name for d in dims if d.plain_name is not None}
+        progress = True
+        while progress:
+            progress = False
+            for d in dims:
+                free = [name for name in d.names() if name not in bound]
+                if len(free) == 1:
+                    bound.add(free[0])
+                    progress = True
+        for d in dims:
+            free = [name for name in d.names() if name not in bound]
+            if free:
+                raise self.error(f"cannot bind {' and '.join(free)} in dimension {d}: no {source} has "
+                                 f"{'it' if len(free) == 1 else 'any of them'} alone, and a dim is solved for "
+                                 "one unknown only", d.span,
+                                 f"give {free[0]} alone as the dim of {one_source} (node[{free[0]}]), or declare "
+                                 f"it with `dim {free[0]} = ...`")
+
+    def solve_dim(self, entry: _Pending, name: str, env: Env) -> Dim:
+        """The value of ``name``, the one unbound name of ``entry``'s dim, from the actual dim."""
+        placeholder = f"?{name}"  # not a name: cannot clash with a symbol of the actual dims
+        dim = self.eval_dim(entry.dim, {**env, name: Dim(1, (placeholder,))}, entry.mismatch.what)
+        try:
+            return solve_dim(dim, placeholder, entry.actual)
+        except DimSolveError as err:
+            reason = err.reason.replace(placeholder, name)
+            raise entry.mismatch(f"{entry.dim} = {entry.actual} gives {name} {reason}") from None
 
     # ---- layers and models ---------------------------------------------------------------
 
@@ -379,12 +529,16 @@ class Checker:
         if any(arg.type.domain == ANY for arg in layer.args):
             env[ANY] = Domain.NODE  # 'any' is checked with node as its stand-in
         args = []
+        env.update(self.file_dims(layer.name))
+        known = set(env)
         for arg in layer.args:
             self.check_arg_type(arg)
             for d in arg.type.dims:
-                for f in d.factors:
-                    if isinstance(f, str) and f not in env:
-                        env[f] = Dim(1, (f,))
+                for name in d.names():
+                    if name not in env:
+                        env[name] = Dim(1, (name,))
+        self.check_bindable([d for arg in layer.args for d in arg.type.dims], known, "other argument",
+                            "another argument")
         self.check_unique_args(layer)
         saved, self.builder = self.builder, _Builder()
         budget = self.fresh_budget()
@@ -423,7 +577,7 @@ class Checker:
         self.check_unique_args(model)
         env: Env = {k: Dim(v) for k, v in self.global_dims.items()}
         run_time_dims: list[str] = []
-        # Input types bind their dims from data: a plain name not yet defined becomes a run-time symbol.
+        # Input types bind their dims from data: a name not yet defined becomes a run-time symbol.
         for arg in model.args:
             self.check_arg_type(arg)
             if arg.type.domain == ANY:
@@ -432,9 +586,14 @@ class Checker:
             if arg.type.domain == "param":
                 continue
             for d in arg.type.dims:
-                if len(d.factors) == 1 and isinstance(d.factors[0], str) and d.factors[0] not in env:
-                    env[d.factors[0]] = Dim(1, (d.factors[0],))
-                    run_time_dims.append(d.factors[0])
+                for name in d.names():
+                    if name not in env:
+                        env[name] = Dim(1, (name,))
+                        run_time_dims.append(name)
+        # Only the run-time symbols are checked: a name only parameters use is an unbound dim below.
+        written = [d for arg in model.args for d in arg.type.dims]
+        self.check_bindable(written, {n for d in written for n in d.names()} - set(run_time_dims),
+                            "input or parameter", "an input or parameter")
         args: list[Value] = []
         for arg in model.args:
             t = self.eval_type(arg.type, env, f"the type of '{arg.name}'")
@@ -588,7 +747,7 @@ class Checker:
             if b in env and env[b].is_static:
                 return env[b].value
             raise self.error(f"loop bound '{b}' is not a known integer", stmt.span,
-                             f"declare it with `dim {b} = ...`")
+                             self.invisible_dim_hint(b, env) or f"declare it with `dim {b} = ...`")
 
         start, stop = bound(stmt.start), bound(stmt.stop)
         if stmt.var in RESERVED or scope.lookup(stmt.var) is not None:
@@ -687,8 +846,8 @@ class Checker:
         if e.id in CONSTANTS:
             return self.const(CONSTANTS[e.id], e.span)
         close = _close(e.id, scope.visible() | set(CONSTANTS))
-        raise self.error(f"unknown name '{e.id}'", e.span,
-                         f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument")
+        raise self.error(f"unknown name '{e.id}'", e.span, self.invisible_dim_hint(e.id, env) or (
+            f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument"))
 
     def index(self, e: ast.Index, scope: _Scope, env: Env) -> Value:
         idx = e.index
@@ -725,10 +884,12 @@ class Checker:
                              "layers cannot recurse; repeat with `for t in 0..T { ... }`")
         with self.nested(e.span):
             values = [self.expr(a, scope, env) for a in e.args]
-            layer_env: Env = {}
+            layer_env: Env = self.file_dims(e.func)
+            pending: list[_Pending] = []
             for i, (arg, value, aexpr) in enumerate(zip(layer.args, values, e.args)):
-                self.bind_pattern(arg.type, value.type, layer_env, aexpr.span,
-                                  f"argument {i + 1} ('{arg.name}') of layer '{e.func}'")
+                pending += self.bind_pattern(arg.type, value.type, layer_env, aexpr.span,
+                                             f"argument {i + 1} ('{arg.name}') of layer '{e.func}'")
+            self.bind_pending(pending, layer_env)
             self.step(e.span)
             if not self.generic_depth:
                 self.record_layer_inits(layer, values)
@@ -1186,7 +1347,9 @@ SIGNATURES = {
 
 def check(module: ast.Module, model: str | None = None, float_dtype: str = "f32",
           dims: dict[str, int] | None = None, imported: list[ast.Module] | None = None,
-          prelude: ast.Module | None = None) -> Program:
+          prelude: ast.Module | None = None, imports: Mapping[int, Sequence[ast.Module]] | None = None) -> Program:
     """Type-check ``module`` and lower its model (the only one, or ``model``) to verified IR.
-    ``imported`` modules and the ``prelude`` contribute dims and layers."""
-    return Checker(module, float_dtype, dims, imported, prelude).check(model)
+    ``imported`` modules and the ``prelude`` contribute dims and layers; ``imports`` (by ``id`` of a
+    module, the modules it imports: ``syntax.Imports.direct``) says which files' dims each file's
+    layers see."""
+    return Checker(module, float_dtype, dims, imported, prelude, imports).check(model)

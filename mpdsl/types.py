@@ -1,5 +1,9 @@
 """Types of mpdsl values: a domain, a feature shape of (possibly symbolic) dimensions and a dtype.
 
+A dimension (``Dim``) is a sum of products of symbols with integer coefficients (``16``, ``H*C``,
+``2*F + FE``), normalised so that equal dims are equal values; ``solve_dim`` finds the value of a
+symbol from a dim and its size (binding dims from data and from a layer's arguments).
+
 A value of domain node / edge / graph has one row per node / edge / graph; its ``shape`` is
 the per-row feature shape (the row axis is implicit). A ``param`` value has no row axis.
 
@@ -12,7 +16,8 @@ a bias ``param[C]`` adds to ``node[C]``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -35,12 +40,35 @@ DTYPE_NAMES = {"f32": "float32", "f64": "float64", "f16": "float16", "bf16": "bf
 """Each IR dtype by its NumPy / torch name."""
 
 
-@dataclass(frozen=True, order=True)
-class Dim:
-    """A dimension: ``coeff`` times a product of symbols (sorted, repeated for powers)."""
+Monomial = tuple[str, ...]
+"""A product of symbols, sorted, a symbol repeated for its powers (() is the constant 1)."""
 
-    coeff: int
-    symbols: tuple[str, ...] = ()
+
+def _term_order(term: tuple[Monomial, int]) -> tuple[int, Monomial]:
+    """Terms print highest degree first, then by their symbols; the constant last."""
+    return -len(term[0]), term[0]
+
+
+@dataclass(frozen=True, init=False)
+class Dim:
+    """A dimension: a polynomial in symbols with integer coefficients, such as ``16``, ``H*C`` or
+    ``2*F + FE``. ``Dim(coeff, symbols)`` is one term (``coeff`` times the product of ``symbols``);
+    sums and products of dims are dims. The terms are normalised (one per monomial, no zero
+    coefficient, in a fixed order), so equal dims compare equal, hash equal and print the same.
+
+    The language writes no subtraction, so the dims of types have positive coefficients; a
+    difference of dims (``Dim.__sub__``) only arises while solving a dim for a symbol."""
+
+    terms: tuple[tuple[Monomial, int], ...]
+
+    def __init__(self, coeff: int = 0, symbols: Iterable[str] = ()):
+        object.__setattr__(self, "terms", ((tuple(sorted(symbols)), coeff),) if coeff else ())
+
+    @staticmethod
+    def _of_terms(terms: Mapping[Monomial, int]) -> Dim:
+        dim = Dim()
+        object.__setattr__(dim, "terms", tuple(sorted(((m, c) for m, c in terms.items() if c), key=_term_order)))
+        return dim
 
     @staticmethod
     def of(value: int | str | Dim) -> Dim:
@@ -52,40 +80,202 @@ class Dim:
 
     @staticmethod
     def parse(text: str) -> Dim:
-        result = Dim(1)
-        for factor in text.split("*"):
-            factor = factor.strip()
-            result = result * Dim.of(int(factor) if factor.isdigit() else factor)
+        """A dim from its printed form (``2*F + FE``; the IR's text format)."""
+        result = Dim(0)
+        for term in text.split("+"):
+            product = Dim(1)
+            for factor in term.split("*"):
+                factor = factor.strip()
+                product = product * Dim.of(int(factor) if factor.isdigit() else factor)
+            result = result + product
         return result
+
+    # ---- what it is ------------------------------------------------------------------------
 
     @property
     def is_static(self) -> bool:
-        return not self.symbols
+        return all(not m for m, _ in self.terms)
 
     @property
     def value(self) -> int:
-        if self.symbols:
+        if not self.is_static:
             raise ValueError(f"dimension {self} is symbolic")
-        return self.coeff
+        return self.terms[0][1] if self.terms else 0
 
-    def __mul__(self, other: Dim) -> Dim:
-        other = Dim.of(other)
-        return Dim(self.coeff * other.coeff, tuple(sorted(self.symbols + other.symbols)))
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The symbols it depends on, each once, sorted."""
+        return tuple(sorted({s for m, _ in self.terms for s in m}))
+
+    @property
+    def name(self) -> str | None:
+        """The symbol when the dim is one plain symbol (``F``), else None."""
+        if len(self.terms) == 1 and self.terms[0][1] == 1 and len(self.terms[0][0]) == 1:
+            return self.terms[0][0][0]
+        return None
+
+    @property
+    def is_positive(self) -> bool:
+        """Whether it is nonzero with positive coefficients only (so at least 1 wherever its symbols
+        are): what a solved dim must be."""
+        return bool(self.terms) and all(c > 0 for _, c in self.terms)
+
+    def at_ones(self) -> int:
+        """Its value with every symbol 1 (the least a dim of positive coefficients is when its
+        symbols are at least 1; a static dim's value)."""
+        return sum(c for _, c in self.terms)
+
+    def degree(self, symbol: str) -> int:
+        return max((m.count(symbol) for m, _ in self.terms), default=0)
+
+    # ---- arithmetic ------------------------------------------------------------------------
+
+    def _combine(self, other: Dim, sign: int) -> Dim:
+        terms = dict(self.terms)
+        for m, c in Dim.of(other).terms:
+            terms[m] = terms.get(m, 0) + sign * c
+        return Dim._of_terms(terms)
+
+    def __add__(self, other: Dim | int) -> Dim:
+        return self._combine(Dim.of(other), 1)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Dim | int) -> Dim:
+        return self._combine(Dim.of(other), -1)
+
+    def __mul__(self, other: Dim | int) -> Dim:
+        terms: dict[Monomial, int] = {}
+        for m1, c1 in self.terms:
+            for m2, c2 in Dim.of(other).terms:
+                m = tuple(sorted(m1 + m2))
+                terms[m] = terms.get(m, 0) + c1 * c2
+        return Dim._of_terms(terms)
+
+    __rmul__ = __mul__
 
     def substitute(self, env: Mapping[str, Dim | int]) -> Dim:
-        result = Dim(self.coeff)
-        for sym in self.symbols:
-            result = result * (Dim.of(env[sym]) if sym in env else Dim(1, (sym,)))
+        if not any(s in env for s in self.symbols):
+            return self
+        result = Dim(0)
+        for m, c in self.terms:
+            term = Dim(c)
+            for sym in m:
+                term = term * (Dim.of(env[sym]) if sym in env else Dim(1, (sym,)))
+            result = result + term
         return result
 
+    def split(self, symbol: str) -> tuple[Dim, Dim]:
+        """(a, b) with self = a * symbol + b, for a dim at most linear in ``symbol``."""
+        a: dict[Monomial, int] = {}
+        b: dict[Monomial, int] = {}
+        for m, c in self.terms:
+            if symbol in m:
+                rest = list(m)
+                rest.remove(symbol)
+                a[tuple(rest)] = c
+            else:
+                b[m] = c
+        return Dim._of_terms(a), Dim._of_terms(b)
+
+    def divide(self, divisor: Dim) -> Dim | None:
+        """The exact quotient by a one-term ``divisor`` (``2``, ``H``, ``2*H``), or None when some
+        term does not divide (or the divisor has several terms)."""
+        if len(divisor.terms) != 1:
+            return None
+        (dm, dc), = divisor.terms
+        terms: dict[Monomial, int] = {}
+        for m, c in self.terms:
+            rest = list(m)
+            for sym in dm:
+                if sym not in rest:
+                    return None
+                rest.remove(sym)
+            if c % dc:
+                return None
+            terms[tuple(rest)] = c // dc
+        return Dim._of_terms(terms)
+
+    # ---- text ------------------------------------------------------------------------------
+
+    def render(self, values: Mapping[str, int] | None = None) -> str:
+        """The printed form (``2*F + FE``); with ``values``, each symbol that has one shown as its
+        number, the arithmetic left undone (``2*16 + 4``)."""
+        values = values or {}
+        if not self.terms:
+            return "0"
+        parts = []
+        for m, c in self.terms:
+            factors = [str(values[s]) if s in values else s for s in m]
+            parts.append("*".join(([str(abs(c))] if abs(c) != 1 or not m else []) + factors))
+        text = ("-" if self.terms[0][1] < 0 else "") + parts[0]
+        for (_, c), part in zip(self.terms[1:], parts[1:]):
+            text += f" {'-' if c < 0 else '+'} {part}"
+        return text
+
     def __str__(self) -> str:
-        if not self.symbols:
-            return str(self.coeff)
-        parts = ([str(self.coeff)] if self.coeff != 1 else []) + list(self.symbols)
-        return "*".join(parts)
+        return self.render()
 
     def __repr__(self) -> str:
         return f"Dim({self})"
+
+
+class DimSolveError(Exception):
+    """A dim that cannot be solved for a symbol; ``reason`` completes a sentence that names the
+    symbol ("D " + "= 31/2, which is not an integer")."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _grouped(dim: Dim) -> str:
+    return f"({dim})" if len(dim.terms) > 1 else str(dim)
+
+
+def solve_dim(dim: Dim, symbol: str, target: Dim) -> Dim:
+    """The value of ``symbol`` that makes ``dim`` equal ``target``: a positive integer (a
+    positive dim when ``target`` is symbolic). ``dim`` may hold other symbols, taken as known (as
+    ``target`` does). Linear in ``symbol`` (``2*D + FE``): solved exactly; of higher degree in
+    ``symbol`` alone with a static target (``F*F``): found by bisection (the dim increases with
+    the symbol, its coefficients being positive). Raises ``DimSolveError`` otherwise."""
+    others = [s for s in dim.symbols if s != symbol]
+    if dim.degree(symbol) > 1:
+        if others or not target.is_static or not dim.is_positive:
+            raise DimSolveError("= a root of a polynomial, which is solved only against a number with no "
+                                "other unknown")
+        want = target.value
+        lo, hi = 0, max(want, 1)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if dim.substitute({symbol: mid}).value < want:
+                lo = mid + 1
+            else:
+                hi = mid
+        if dim.substitute({symbol: lo}).value != want:
+            if lo == 0:
+                raise DimSolveError("= a negative number, which is not positive")
+            raise DimSolveError(f"= a number between {lo - 1} and {lo}, which is not an integer")
+        solution = Dim(lo)
+    else:
+        a, b = dim.split(symbol)
+        if not a.terms:
+            raise DimSolveError(f"does not appear in {dim}")
+        rest = target - b
+        if a.is_static and rest.is_static:
+            numerator, denominator = rest.value, a.value
+            if numerator % denominator:
+                g = math.gcd(numerator, denominator)
+                raise DimSolveError(f"= {numerator // g}/{denominator // g}, which is not an integer")
+            solution = Dim(numerator // denominator)
+        else:
+            quotient = rest.divide(a)
+            if quotient is None:
+                raise DimSolveError(f"= {_grouped(rest)}/{_grouped(a)}, which is not a sum of products of dims")
+            solution = quotient
+    if not solution.is_positive:
+        raise DimSolveError(f"= {solution}, which is not positive")
+    return solution
 
 
 Shape = tuple[Dim, ...]

@@ -76,6 +76,27 @@ CASES = [
      2, 16, 'sum by graph reduces node values to their graphs, got an edge value'),
     ('slope_nonliteral', 'model m(x: node[F]) -> node[F] {\n    return leaky_relu(x, x)\n}\n',
      2, 26, 'slope must be a number literal'),
+    ('dim_trailing_plus', 'model m(x: node[F], W: param[F + , 3]) -> node[3] {\n    return x @ W\n}\n',
+     1, 34, "syntax error: unexpected ','"),
+    ('dim_subtraction', 'model m(x: node[F], y: node[G], W: param[F - G, 3]) -> node[3] {\n    return x @ W\n}\n',
+     1, 44, 'subtraction is not supported in dimensions'),
+    ('dim_unbindable', 'model m(x: node[F + G]) -> node[F + G] {\n    return x\n}\n',
+     1, 17, 'cannot bind F and G in dimension F + G: no input or parameter has any of them alone, and a dim is '
+            'solved for one unknown only'),
+    ('layer_dim_unbindable', 'layer l(x: node[D + E]) -> node[D + E] {\n    return x\n}\n'
+     'model m(x: node[F]) -> node[F] {\n    return x\n}\n',
+     1, 17, 'cannot bind D and E in dimension D + E: no other argument has any of them alone, and a dim is '
+            'solved for one unknown only'),
+    ('dim_not_integer', 'layer l(x: node[2 * D]) -> node[D] {\n    return sum(reshape(x, [2, D]), 0)\n}\n'
+     'model m(x: node[F], W: param[F, 7]) -> node[F] {\n    return l(x @ W)\n}\n',
+     5, 14, "argument 1 ('x') of layer 'l': expected node[2*D], got node[7] f32 (2*D = 7 gives D = 7/2, which "
+            "is not an integer)"),
+    ('dim_sum_mismatch', 'dim D = 16\ndim FE = 4\n'
+     'layer l(e: edge[FE], h: node[D], W: param[2 * D + FE, H]) -> edge[H] {\n'
+     '    return concat(h[dst], h[src], e) @ W\n}\n'
+     'model m(x: node[D], e: edge[FE], W: param[35, 3]) -> edge[3] {\n    return l(e, x, W)\n}\n',
+     7, 20, "argument 3 ('W') of layer 'l': expected param[2*D + FE, H], got param[35, 3] f32 "
+            "(dim 2*D + FE = 2*16 + 4 = 36 but got 35)"),
 ]
 
 @pytest.mark.parametrize("name,source,line,col,message", CASES, ids=[c[0] for c in CASES])

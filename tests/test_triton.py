@@ -78,8 +78,8 @@ def to_coo(program):
 def compile_f16(path: Path, backend) -> CompiledModel:
     """A float16 program (the public API offers float32/float64; the IR and the runtime take f16)."""
     module = syntax.parse(path.read_text(), str(path))
-    imported = syntax.resolve_imports(module, path.parent)
-    program = typecheck.check(module, None, "f16", None, imported, syntax.prelude())
+    imports = syntax.resolve_import_graph(module, path.parent)
+    program = typecheck.check(module, None, "f16", None, imports.modules, syntax.prelude(), imports.direct)
     return CompiledModel(program, backend, source_name=str(path))
 
 

@@ -6,7 +6,10 @@ Examples (``examples/*.mp``) and what they are compared with:
   GatedGCN written here from the equations (``torch.nn.Linear``, ``BatchNorm1d`` in eval mode with
   seeded running statistics); its gating core (layers ``node_gate_logits`` and
   ``gated_messages``) against PyG ``ResGatedGraphConv`` without edge features.
-* ``meshgraphnets.mp`` (encode-process-decode) against a plain-torch MeshGraphNets written here.
+* ``meshgraphnets.mp`` (encode-process-decode) against a plain-torch MeshGraphNets written here; its
+  processor layers ``edge_block`` and ``node_block`` at the data's widths (``mgn_blocks``: each MLP's
+  first weight one matrix over a concatenation of different widths, ``param[FE + 2 * D, K]``); for
+  both, the gradients through the torch module, and the Triton backend against NumPy.
 * ``pna.mp``: the layer ``pna_conv`` against PyG ``PNAConv(edge_dim=...)``, ``pna_update`` with a
   two-input pre-NN against ``PNAConv`` without ``edge_dim`` (both towers=1, pre_layers=1,
   post_layers=1, aggregators mean/max/min/std, scalers identity/amplification/attenuation), and the
@@ -223,13 +226,14 @@ def _mlp_weights(mlp: nn.Sequential, prefix: str) -> dict[str, np.ndarray]:
 
 class MeshGraphNetsRef(nn.Module):
     """examples/meshgraphnets.mp: encoder MLPs (+LayerNorm), T blocks
-    e' = e + MLP_e([e, h_src, h_dst]), h' = h + MLP_v([h, sum_dst e']), decoder MLP."""
+    e' = e + MLP_e([e, h_src, h_dst]), h' = h + MLP_v([h, sum_dst e']), decoder MLP; node latents of
+    width ``lat``, edge latents of width ``lat_e``, each MLP's first Linear over the whole concatenation."""
 
-    def __init__(self, f: int, fe: int, lat: int = 16, blocks: int = 3, c: int = 3):
+    def __init__(self, f: int, fe: int, lat: int = 16, lat_e: int = 8, blocks: int = 3, c: int = 3):
         super().__init__()
-        self.enc_v, self.enc_e = _mlp(f, lat, lat, True), _mlp(fe, lat, lat, True)
-        self.proc_e = nn.ModuleList(_mlp(3 * lat, lat, lat, True) for _ in range(blocks))
-        self.proc_v = nn.ModuleList(_mlp(2 * lat, lat, lat, True) for _ in range(blocks))
+        self.enc_v, self.enc_e = _mlp(f, lat, lat, True), _mlp(fe, lat_e, lat_e, True)
+        self.proc_e = nn.ModuleList(_mlp(lat_e + 2 * lat, lat_e, lat_e, True) for _ in range(blocks))
+        self.proc_v = nn.ModuleList(_mlp(lat + lat_e, lat, lat, True) for _ in range(blocks))
         self.dec = _mlp(lat, lat, c, False)
 
     def forward(self, x, edge_index, edge_attr):
@@ -247,6 +251,26 @@ class MeshGraphNetsRef(nn.Module):
             per_block = [_mlp_weights(m, name) for m in mlps]
             w.update({k: stack(b[k] for b in per_block) for k in per_block[0]})
         return w
+
+
+class MeshGraphNetsBlocks(nn.Module):
+    """meshgraphnets.mp's layers edge_block then node_block on the raw features (node width f, edge
+    width fe, hidden width ``hid``): e' = e + MLP_e([e, x_src, x_dst]), h = x + MLP_v([x, sum_dst e']),
+    each MLP's first Linear one weight over the whole concatenation of different widths."""
+
+    def __init__(self, f: int, fe: int, hid: int):
+        super().__init__()
+        self.mlp_e = _mlp(fe + 2 * f, hid, fe, True)
+        self.mlp_v = _mlp(f + fe, hid, f, True)
+
+    def forward(self, x, edge_index, edge_attr):
+        src, dst = edge_index
+        e = edge_attr + self.mlp_e(torch.cat([edge_attr, x[src], x[dst]], dim=-1))
+        h = x + self.mlp_v(torch.cat([x, scatter_sum(e, dst, x.shape[0])], dim=-1))
+        return {"h": h, "e": e}
+
+    def mpdsl_weights(self):
+        return {**_mlp_weights(self.mlp_e, "e_"), **_mlp_weights(self.mlp_v, "v_")}
 
 
 AGGREGATORS = ["mean", "max", "min", "std"]
@@ -410,9 +434,9 @@ model pna_conv_edge(x: node[F], edge_attr: edge[FE], delta: param[], W_enc: para
 
 PNA_PLAIN_SOURCE = importing("pna.mp", f"""
 dim K = {K}
-# b_pre is declared before W_pre: load_weights binds dims one weight and one axis at a time,
-# so param[2 * F, F] alone cannot bind F (see the report on load_weights).
-model pna_conv_plain(x: node[F], delta: param[], b_pre: param[F], W_pre: param[2 * F, F],
+# W_pre's 2 * F is solved for F, or checked against the F of b_pre or of its own second axis,
+# whatever the order of the weights.
+model pna_conv_plain(x: node[F], delta: param[], W_pre: param[2 * F, F], b_pre: param[F],
                      W_post: param[13 * F, K], b_post: param[K], W_lin: param[K, K], b_lin: param[K]) -> node[K] {{
     m = concat(x[dst], x[src]) @ W_pre + b_pre
     return pna_update(x, m, delta, W_post, b_post, W_lin, b_lin)
@@ -426,6 +450,22 @@ model transformer_conv_layer(x: node[F], edge_attr: edge[FE], Wq: param[F, H, C]
                              Wk: param[F, H, C], bk: param[H, C], Wv: param[F, H, C], bv: param[H, C],
                              We: param[FE, H, C], W_skip: param[F, H * C], b_skip: param[H * C]) -> node[H * C] {{
     return transformer_conv(x, edge_attr, Wq, bq, Wk, bk, Wv, bv, We, W_skip, b_skip, sqrt(C))
+}}
+""")
+
+
+# The blocks at the widths of the data (D, FE bound at run time, both unlike the hidden K): the weight
+# over [e, h_src, h_dst] is param[FE + 2 * D, K], the one over [h, sum e] param[D + FE, K].
+MGN_BLOCKS_SOURCE = importing("meshgraphnets.mp", f"""
+dim K = {K}
+model mgn_blocks(x: node[D], edge_attr: edge[FE],
+                 e_W1: param[FE + 2 * D, K], e_b1: param[K], e_W2: param[K, K], e_b2: param[K],
+                 e_W3: param[K, FE], e_b3: param[FE], e_gamma: param[FE], e_beta: param[FE],
+                 v_W1: param[D + FE, K], v_b1: param[K], v_W2: param[K, K], v_b2: param[K],
+                 v_W3: param[K, D], v_b3: param[D], v_gamma: param[D], v_beta: param[D]
+                ) -> (h: node[D], e: edge[FE]) {{
+    e = edge_block(edge_attr, x, e_W1, e_b1, e_W2, e_b2, e_W3, e_b3, e_gamma, e_beta)
+    return node_block(x, e, v_W1, v_b1, v_W2, v_b2, v_W3, v_b3, v_gamma, v_beta), e
 }}
 """)
 
@@ -456,6 +496,7 @@ class Spec:
 SPECS = {
     "gated_gcn": Spec(EXAMPLES / "gated_gcn.mp", lambda f, fe: GatedGCNRef(f, fe)),
     "meshgraphnets": Spec(EXAMPLES / "meshgraphnets.mp", lambda f, fe: MeshGraphNetsRef(f, fe)),
+    "mgn_blocks": Spec(MGN_BLOCKS_SOURCE, lambda f, fe: MeshGraphNetsBlocks(f, fe, K)),
     "pna": Spec(EXAMPLES / "pna.mp", lambda f, fe: PNAStack(f, fe)),
     "graph_transformer": Spec(EXAMPLES / "graph_transformer.mp", lambda f, fe: GraphTransformerRef(f, fe)),
     "res_gated_conv": Spec(RES_GATED_SOURCE, lambda f, fe: PyGLayer(
@@ -524,6 +565,53 @@ def test_matches_reference_on_random_graphs(name, g, seed):
     want = run_reference(module, x, torch.from_numpy(np.array(g.edge_index)), torch.from_numpy(edge_attr))
     model = compiled(name, dtype).load_weights(weights)
     assert_close(as_outputs(model(g)), want, dtype, f"{name} on {g!r}")
+
+
+@pytest.mark.parametrize("name", ["meshgraphnets", "mgn_blocks"])
+def test_meshgraphnets_gradients_through_the_torch_module(name):
+    """The gradients of every parameter, the unsplit processor weights included, through the torch
+    module (``to_torch``) against plain torch with the same weights (float64, rtol 1e-8)."""
+    dtype, c = "float64", case("multigraph")
+    ref = build(lambda: SPECS[name].reference(F_IN, FE_IN), dtype, seed=sum(map(ord, name)))
+    model = mpdsl.compile(SPECS[name].source, dtype=dtype, import_paths=[EXAMPLES]).load_weights(ref.mpdsl_weights())
+    graph = c.graph(dtype)
+    module = model.to_torch(graph)
+    got, want = as_outputs(module(graph)), ref(*c.torch_inputs(dtype))
+    rng = np.random.default_rng(7)
+    projections = {k: torch.from_numpy(rng.standard_normal(tuple(v.shape))) for k, v in want.items()}
+    sum((got[k] * w).sum() for k, w in projections.items()).backward()
+    sum((want[k] * w).sum() for k, w in projections.items()).backward()
+    for k in want:
+        assert_close(got[k].detach().numpy(), want[k].detach().numpy(), dtype, f"{name}/{k}")
+    with torch.no_grad():  # the reference's gradients, in mpdsl's names and layouts
+        for p in ref.parameters():
+            p.copy_(p.grad)
+    want_grads = ref.mpdsl_weights()
+    got_grads = {n: p.grad.numpy() for n, p in module.named_parameters()}
+    assert set(got_grads) == set(want_grads)
+    for n, g in want_grads.items():
+        assert np.abs(g).max() > 1e-6, f"{name}: d {n} is trivially zero"
+        np.testing.assert_allclose(got_grads[n], g, rtol=1e-8, atol=1e-10 * max(1.0, np.abs(g).max()),
+                                   err_msg=f"{name}: d {n}")
+
+
+@pytest.mark.parametrize("name", ["meshgraphnets", "mgn_blocks"])
+def test_meshgraphnets_on_triton_matches_numpy(name):
+    """The Triton backend (its interpreter) equals NumPy on the blocks with unsplit weights."""
+    pytest.importorskip("triton")
+    from mpdsl.backends.triton_backend import TritonBackend
+    from mpdsl.runtime import CompiledModel
+
+    dtype, c = "float32", case("multigraph")
+    _, weights = reference(name, dtype, F_IN, FE_IN)
+    model = compiled(name, dtype).load_weights(weights)
+    twin = CompiledModel(model.ir, TritonBackend(interpret=True, device="cpu", poison=True),
+                         source_name=model.source_name).load_weights(weights)
+    want, got = as_outputs(model(c.graph(dtype))), as_outputs(twin(c.graph(dtype)))
+    assert twin.backend.last_launches, "the graph ops ran as Triton kernels"
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want[k]).max()),
+                                   err_msg=f"{name}/{k}")
 
 
 # ------------------------------------------------------------------------------------------------
