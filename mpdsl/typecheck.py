@@ -1087,14 +1087,18 @@ def _concat(ch: Checker, e: ast.Call, scope, env) -> Value:
     return ch.emit("concat", values, {"axis": axis}, e.span, [a.span for a in e.args])
 
 
+def _shape_literal(ch: Checker, expr: ast.Expr, env, what: str, like: str, usage: str) -> tuple[Dim, ...]:
+    """The dims of a shape argument, which must be written as a literal (``[H, C]``)."""
+    if not isinstance(expr, ast.ShapeLiteral):
+        raise ch.error(f"the shape of {what} must be a literal like {like}", expr.span,
+                       f"{usage} with dims and integers")
+    return tuple(ch.eval_dim(d, env, what) for d in expr.dims)
+
+
 def _reshape(ch: Checker, e: ast.Call, scope, env) -> Value:
     ch.args_exactly(e, 2)
-    shape_expr = e.args[1]
-    if not isinstance(shape_expr, ast.ShapeLiteral):
-        raise ch.error("the shape of reshape must be a literal like [H * C]", shape_expr.span,
-                       "reshape(x, [H * C]) with dims and integers")
+    shape = _shape_literal(ch, e.args[1], env, "reshape", "[H * C]", "reshape(x, [H * C])")
     x = ch.expr(e.args[0], scope, env)
-    shape = tuple(ch.eval_dim(d, env, "reshape") for d in shape_expr.dims)
     return ch.emit("reshape", [x], {}, e.span, [e.args[0].span], declared=x.type.with_(shape=shape))
 
 
@@ -1288,11 +1292,7 @@ def _linspace(ch: Checker, e: ast.Call, scope, env) -> Value:
 def _full(ch: Checker, e: ast.Call, scope, env) -> Value:
     """full([dims], value): a constant param value of that shape (a scalar constant broadcast)."""
     ch.args_exactly(e, 2)
-    shape_expr = e.args[0]
-    if not isinstance(shape_expr, ast.ShapeLiteral):
-        raise ch.error("the shape of full must be a literal like [H, C]", shape_expr.span,
-                       "full([H, C], 0.5) with dims and integers")
-    shape = tuple(ch.eval_dim(d, env, "full") for d in shape_expr.dims)
+    shape = _shape_literal(ch, e.args[0], env, "full", "[H, C]", "full([H, C], 0.5)")
     try:
         value = float(ch.constant(e.args[1], scope, env, "the value of full"))
     except _SymbolicDim:  # a layer checked with symbolic dims: checked again at each call
