@@ -494,7 +494,7 @@ def _kernel_table(program: Program, costs: list[OpCost], marks: Mapping[int, str
         layout = v.attr.get("layout", f"csr_{v.attr['by']}" if v.attr.get("by") in ("src", "dst")
                             and OPS[v.op].has(Trait.GRAPH) else "-")
         if v.attr.get("edges"):  # the edge set a graph op runs over (the graph's own edges: not named)
-            layout += f" ({v.attr['edges']})"
+            layout = f"({v.attr['edges']})" if layout == "-" else f"{layout} ({v.attr['edges']})"
         mark = f"  {marks[id(v)]}" if marks and id(v) in marks else ""
         lines.append(f"{kernel:<8} {v.op:<14} {names[v] + ' ' + str(v.type):<24} {layout:<9} "
                      f"{_fmt_bytes(c.bytes_out):>11} {_fmt_flops(c.flops):>15}{mark}")
