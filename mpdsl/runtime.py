@@ -620,7 +620,7 @@ class CompiledModel:
         if allowed.limit is None:
             return
         planned = self.planned_bytes(program, graph, dims)
-        total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph)
+        total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph) + edge_set_bytes(program, graph)
         # Arrays the backend keeps from earlier runs are reused, but count as used in the available memory.
         reusable = getattr(getattr(self.backend, "pool", None), "held_bytes", 0) \
             if allowed.source in memory.DEFAULT_SOURCES else 0
@@ -710,6 +710,20 @@ def check_edge_sets(program: Program, graph: Graph) -> None:
 def graph_index_bytes(graph: Graph | GraphSizes) -> int:
     """Bytes of a graph's CSR index arrays by destination and by source (indptr and perm each)."""
     return 2 * 8 * (graph.num_nodes + 1 + graph.num_edges)
+
+
+def edge_set_bytes(program: Program, graph: Graph | GraphSizes) -> int:
+    """Bytes of the structures of ``program``'s edge sets besides the graph's edges: each set's CSR
+    indices (as ``graph_index_bytes``), and a derived set's own edge index and carry table (int64 per
+    edge: the index's two rows and five per-edge tables)."""
+    if not program.edge_sets:
+        return 0
+    rows = space_rows(program, graph)
+    total = 0
+    for s in program.edge_sets:
+        edges = rows[Space(Domain.EDGE, s.name)]
+        total += 2 * 8 * (graph.num_nodes + 1 + edges) + (0 if s.kind == "input" else 7 * 8 * edges)
+    return total
 
 
 def check_graph_index_memory(graph: Graph, memory_limit: memory.Limit = None) -> None:

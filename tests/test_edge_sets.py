@@ -676,3 +676,23 @@ def test_torch_compile_and_export_with_edge_sets():
     np.testing.assert_allclose(expected.numpy(), model(graph, pairs_index=pairs.numpy()), rtol=1e-12)
     exported = torch.export.export(module, (), kwargs)
     torch.testing.assert_close(exported.module()(**kwargs), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_memory_budget_counts_the_edge_sets_structures():
+    from mpdsl.runtime import edge_set_bytes, graph_index_bytes
+
+    graph = raw_graph().with_data(pairs_index=np.zeros((2, 5), np.int64))
+    model = mpdsl.compile(EXAMPLES / "link_pairs.mp")
+    looped = graph.derived("remaining_self_loops").num_edges
+    n = graph.num_nodes
+    assert edge_set_bytes(model.ir, graph) == 16 * (n + 1 + 5) + 16 * (n + 1 + looped) + 56 * looped
+    assert edge_set_bytes(mpdsl.compile(EXAMPLES / "gcn.mp").ir, graph) == 0
+    model.init(0, graph=graph)
+    program = model.program_for(model.bind(graph, {})[1])
+    planned = sum(b for _, b in model.planned_bytes(program, graph, model.dims))
+    need = planned + graph_index_bytes(graph)
+    model.memory_limit = need + edge_set_bytes(model.ir, graph) // 2  # enough without the edge sets only
+    with pytest.raises(InputError, match="over the memory budget"):
+        model(graph)
+    model.memory_limit = None
+    assert model(graph).shape == (5,)
