@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol, cast
 import numpy as np
 
 from mpdsl.diagnostics import InputError, MpdslError
-from mpdsl.ops import OPS, choose, running_statistic
+from mpdsl.ops import OPS, MissingRule, choose, running_statistic
 from mpdsl.types import DTYPE_NAMES, FLOAT_DTYPES, HALF_DTYPES, Domain, TensorType
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
@@ -132,8 +132,39 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
+def edge_graph(graph, program, name: str):
+    """The graph seen through the program's edge set ``name`` ("": ``graph`` itself): an input set the
+    graph carries (``Graph.edge_set``) or a set derived from its base (``Graph.derived``), each built
+    once per graph (its CSR orders cached on it)."""
+    if not name:
+        return graph
+    definition = program.edge_set(name)
+    if definition is None:
+        raise MissingRule(f"the program has no edge set {name!r} (the verifier checks every one it names)")
+    if definition.kind == "input":
+        return graph.edge_set(name)
+    return edge_graph(graph, program, definition.base).derived(definition.kind)
+
+
+def carry_table(graph):
+    """The ``mpdsl.graph.CarryTable`` of a derived edge set's graph (``Graph.derived``): how its edges
+    come from its base's."""
+    table = graph.cached_only("carry")
+    if table is None:
+        raise MissingRule("carry needs a derived edge set (made by Graph.derived); the verifier checks that")
+    return table
+
+
+def space_rows(graph, program, space) -> int:
+    """The row count of values on ``space`` (a domain and edge set) on ``graph``."""
+    if space.domain is Domain.EDGE:
+        return edge_graph(graph, program, space.name).num_edges
+    return graph.num_rows(space.domain)
+
+
 def gather_index(graph, index: str):
-    """The per-row node (or graph) ids a gather by ``index`` reads: an edge's src or dst, a node's batch."""
+    """The per-row node (or graph) ids a gather by ``index`` reads: an edge's src or dst, a node's batch
+    (``graph`` is the graph seen through the gather's edge set: ``edge_graph``)."""
     table = {"src": lambda: graph.src, "dst": lambda: graph.dst, "batch": lambda: graph.batch}
     return choose(table, "gather", "index", index, "the backends' gather indices (mpdsl.backends.gather_index)")()
 

@@ -39,18 +39,21 @@ from mpdsl.backends import (
     array_axis,
     batch_norm_statistics,
     batch_norm_training,
+    carry_table,
     check_value_ids,
+    edge_graph,
     expand_operand,
     feature_width,
     gather_index,
     graph_blocks,
     register_backend,
     rule,
+    space_rows,
 )
 from mpdsl.backends.row_fusion import RowGroup, fuse_rows
 from mpdsl.ir import Program, Value
 from mpdsl.ops import COMPUTED_OPS, NUMPY_MATH, OPS, ArrayMath, MissingRule, choose, sequence_values
-from mpdsl.types import Domain, TensorType
+from mpdsl.types import Domain, Space, TensorType
 
 if TYPE_CHECKING:
     from mpdsl.graph import Graph
@@ -635,6 +638,7 @@ class GraphBlocks:
 @dataclass
 class ExecContext:
     graph: Graph
+    program: Program
     inputs: dict[str, np.ndarray]
     params: dict[str, np.ndarray]
     dims: dict[str, int]
@@ -670,9 +674,14 @@ class ExecContext:
         self.pool.lend(lent)
         self.allocated.clear()
 
-    def segments_by(self, by: str) -> Segments:
-        """The graph's rows grouped by dst, src or graph (cached on the graph, like ``pull``)."""
-        g = self.graph
+    def edges(self, name: str) -> Graph:
+        """The graph seen through the program's edge set ``name`` ("": the graph's own edges)."""
+        return edge_graph(self.graph, self.program, name)
+
+    def segments_by(self, by: str, edges: str = "") -> Segments:
+        """The rows of the edge set ``edges`` grouped by dst or src, or the nodes by graph (cached on
+        the graph, like ``pull``)."""
+        g = self.edges(edges)
 
         builders = {"dst": lambda: Segments(g.dst, *g.csr_by_dst()), "src": lambda: Segments(g.src, *g.csr_by_src()),
                     "graph": lambda: Segments(g.batch, *g.segments_by_graph())}
@@ -685,16 +694,17 @@ class ExecContext:
         g = self.graph
         return g.cached("numpy.graph_blocks", lambda: GraphBlocks(*g.segments_by_graph()))
 
-    def pull(self, by: str) -> PullCSR:
-        g = self.graph
+    def pull(self, by: str, edges: str = "") -> PullCSR:
+        g = self.edges(edges)
         if by == "dst":
             return g.cached("numpy.pull_dst", lambda: PullCSR(*g.csr_by_dst(), g.src, g.num_nodes))
         if by == "src":
             return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_nodes))
         raise MissingRule(f"the numpy backend has no pull CSR by {by!r}")
 
-    def rows(self, domain: Domain) -> int:
-        return self.graph.num_rows(domain)
+    def rows(self, space: Space) -> int:
+        """The row count of values on ``space`` (a domain and edge set)."""
+        return space_rows(self.graph, self.program, space)
 
     def concrete_shape(self, t: TensorType) -> tuple[int, ...]:
         return tuple(d.substitute(self.dims).value for d in t.shape)
@@ -706,7 +716,7 @@ def _numpy_dtype(ctx: ExecContext, v: Value) -> np.dtype:
 
 
 def _gather_index(ctx: ExecContext, v: Value) -> np.ndarray:
-    return gather_index(ctx.graph, v.attr["index"])
+    return gather_index(ctx.edges(v.attr["edges"]), v.attr["index"])
 
 
 def _rows_of(ctx: ExecContext, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -805,6 +815,51 @@ def _ufunc_args(template: tuple, xs) -> list:
     return [xs[a.i] if isinstance(a, _Operand) else a for a in template]
 
 
+def _per_node(table, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The sum per node (``table.nonloop_count`` nodes) of ``values`` at the nodes ``rows`` (a SciPy
+    incidence product, not an unbuffered scatter)."""
+    nodes = len(table.nonloop_count)
+    flat = values.reshape(len(values), feature_width(values.shape[1:]))
+    incidence = sp.csr_matrix((np.ones(len(rows), dtype=values.dtype), (rows, np.arange(len(rows)))),
+                              shape=(nodes, len(rows)))
+    return np.asarray(incidence @ flat).reshape((nodes,) + values.shape[1:])
+
+
+def _loop_divisor(table, like: np.ndarray) -> np.ndarray:
+    """max(non-loop in-degree, 1) per node, shaped to divide per-node rows like ``like``."""
+    return np.maximum(table.nonloop_count, 1).astype(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def carry_values(table, x: np.ndarray, fill: str, value: float, empty=np.empty) -> np.ndarray:
+    """``carry``: the rows of x at each derived edge's origin; the loops the set adds filled with
+    ``value`` or with the mean / sum of x over the node's non-loop in-edges (0 for none)."""
+    out = empty((len(table.origin),) + x.shape[1:], x.dtype)
+    out[table.kept] = np.take(x, table.origin[table.kept], axis=0)
+    if fill == "constant":
+        out[table.added] = value
+        return out
+    totals = _per_node(table, table.nonloop_dst, np.take(x, table.nonloop, axis=0))
+    if fill == "mean":
+        totals /= _loop_divisor(table, totals)
+    out[table.added] = np.take(totals, table.added_nodes, axis=0)
+    return out
+
+
+def carry_transpose(table, g: np.ndarray, fill: str, zeros=np.zeros) -> np.ndarray:
+    """``carry_grad``, the transpose of ``carry_values``: g's row of each derived edge back at its
+    origin, and with a mean / sum fill each added loop's row spread over the node's non-loop in-edges."""
+    out = zeros((table.base_edges,) + g.shape[1:], g.dtype)
+    out[table.origin[table.kept]] = np.take(g, table.kept, axis=0)
+    if fill == "constant" or not len(table.added):
+        return out
+    loops = np.zeros((len(table.nonloop_count),) + g.shape[1:], g.dtype)
+    loops[table.added_nodes] = np.take(g, table.added, axis=0)
+    if fill == "mean":
+        loops /= _loop_divisor(table, loops)
+    out[table.nonloop] += np.take(loops, table.nonloop_dst, axis=0)
+    return out
+
+
 def _segment_mean(seg: Segments, x: np.ndarray) -> np.ndarray:
     return seg.sum(x) / _segment_sizes(seg, x)
 
@@ -886,7 +941,7 @@ class NumpyBackend(Backend):
         """Run a row group block by block over the pool's workers (op by op when small). Exports
         are written straight into their full arrays; each worker keeps one block-sized buffer per
         other member, so ops with an ``out=`` form (``_compute_into``) allocate nothing per block."""
-        rows = ctx.rows(group.domain)
+        rows = ctx.rows(group.space)
         if rows < self.fuse_min_rows:
             for v in group.members:
                 env[id(v)] = self.rules[v.op](self, ctx, v, *[env[id(o)] for o in v.operands])
@@ -909,7 +964,7 @@ class NumpyBackend(Backend):
                     for o in v.operands:
                         if id(o) in member_ids:
                             args.append(local[id(o)])
-                        elif o.type.domain is group.domain:
+                        elif o.type.space == group.space:
                             args.append(env[id(o)][start:stop])
                         else:
                             args.append(env[id(o)])
@@ -966,7 +1021,7 @@ class NumpyBackend(Backend):
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
         self.check_dtype(program.float_dtype)
         float_dtype = np.dtype(RUN_DTYPES[program.float_dtype])
-        ctx = ExecContext(graph, inputs, params, dims, float_dtype, training,
+        ctx = ExecContext(graph, program, inputs, params, dims, float_dtype, training,
                           np.random.default_rng(seed), self.pool)
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}
@@ -976,7 +1031,7 @@ class NumpyBackend(Backend):
                 start = time.perf_counter()
                 if isinstance(step, RowGroup):
                     self._run_group(ctx, step, env)
-                    key = f"fused {step.domain.value} ops"
+                    key = f"fused {step.space} ops"
                 else:
                     env[id(step)] = self.rules[step.op](self, ctx, step, *[env[id(o)] for o in step.operands])
                     key = step.op
@@ -999,7 +1054,7 @@ class NumpyBackend(Backend):
 
     @rule("degree")
     def _degree(self, ctx, v):
-        g = ctx.graph
+        g = ctx.edges(v.attr["edges"])
         counts = g.in_degree() if v.attr["dir"] == "in" else g.out_degree()
         return counts.astype(ctx.float_dtype)
 
@@ -1112,13 +1167,13 @@ class NumpyBackend(Backend):
 
     @rule("aggregate")
     def _aggregate(self, ctx, v, x):
-        seg = ctx.segments_by(v.attr["by"])
+        seg = ctx.segments_by(v.attr["by"], v.attr["edges"])
         rule = choose(_SEGMENT_REDUCTIONS, v.op, "reduce", v.attr["reduce"], "the numpy backend's segment reductions")
         return rule(seg, x)
 
     @rule("softmax")
     def _softmax(self, ctx, v, x):
-        seg = ctx.segments_by(v.attr["by"])
+        seg = ctx.segments_by(v.attr["by"], v.attr["edges"])
         shifted = np.exp(x - seg.broadcast(seg.extreme(x, np.maximum)))
         return shifted / seg.broadcast(seg.sum(shifted))
 
@@ -1126,7 +1181,7 @@ class NumpyBackend(Backend):
 
     @rule("gspmm")
     def _gspmm(self, ctx, v, x, w=None):
-        csr = ctx.pull(v.attr["by"])
+        csr = ctx.pull(v.attr["by"], v.attr["edges"])
         kind = choose(_GSPMM_KINDS, v.op, "reduce", v.attr["reduce"], "the numpy backend's g-SpMM kernels")
         weights = None if w is None else csr.ordered(w)
         if isinstance(kind, np.ufunc):
@@ -1135,7 +1190,7 @@ class NumpyBackend(Backend):
 
     @rule("match_gspmm")
     def _match_gspmm(self, ctx, v, a, b, x=None):
-        csr = ctx.pull(v.attr["by"])
+        csr = ctx.pull(v.attr["by"], v.attr["edges"])
         # a is read at each edge's source, b at its destination: the columns of the CSR by dst are
         # sources, those of the CSR by src destinations.
         columns, rows = (a, b) if v.attr["by"] == "dst" else (b, a)
@@ -1143,22 +1198,22 @@ class NumpyBackend(Backend):
 
     @rule("attention")
     def _attention(self, ctx, v, s, x):
-        csr = ctx.pull(v.attr["by"])
+        csr = ctx.pull(v.attr["by"], v.attr["edges"])
         return csr.attention(csr.ordered(s), x, empty=ctx.empty)
 
     @rule("segment_logsumexp")
     def _segment_logsumexp(self, ctx, v, s):
-        csr = ctx.pull(v.attr["by"])
+        csr = ctx.pull(v.attr["by"], v.attr["edges"])
         return csr.logsumexp(csr.ordered(s), empty=ctx.empty)
 
     @rule("attention_score_grad")
     def _attention_score_grad(self, ctx, v, s, lse, x, g, delta):
-        csr = ctx.pull(v.attr["by"])
+        csr = ctx.pull(v.attr["by"], v.attr["edges"])
         return csr.unordered(csr.attention_score_grad(s, lse, x, g, delta, empty=ctx.empty))
 
     @rule("attention_value_grad")
     def _attention_value_grad(self, ctx, v, s, lse, g):
-        csr = ctx.pull(v.attr["by"])
+        csr = ctx.pull(v.attr["by"], v.attr["edges"])
         return csr.attention_value_grad(s, lse, g, empty=ctx.empty)
 
     @rule("global_attention")
@@ -1187,7 +1242,7 @@ class NumpyBackend(Backend):
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):
-        g = ctx.graph
+        g = ctx.edges(v.attr["edges"])
         nodes = gather_index(g, v.attr["index"])
         relations = w.shape[0]
         check_value_ids(v, types, lambda k: relations)
@@ -1206,6 +1261,18 @@ class NumpyBackend(Backend):
                            @ w[r].reshape(k, feature_width(w.shape[2:])))
                 compact[rows] = product.reshape((len(rows),) + out_shape)
         return compact[inverse]
+
+    # ---- edge values carried onto a derived edge set ---------------------------------------
+
+    @rule("carry")
+    def _carry(self, ctx, v, x):
+        table = carry_table(ctx.edges(v.attr["edges"]))
+        return carry_values(table, x, v.attr["fill"], v.attr["value"], np.empty)
+
+    @rule("carry_grad")
+    def _carry_grad(self, ctx, v, g):
+        table = carry_table(ctx.edges(v.attr["edges"]))
+        return carry_transpose(table, g, v.attr["fill"], np.zeros)
 
     # ---- ops of gradient programs --------------------------------------------------------
 
@@ -1254,7 +1321,7 @@ class NumpyBackend(Backend):
         if v.type.domain is Domain.PARAM:
             full, arr = shape, x.reshape(x.shape + (1,) * (len(shape) - x.ndim))
         else:
-            full = (ctx.rows(v.type.domain),) + shape
+            full = (ctx.rows(v.type.space),) + shape
             arr = expand_operand(x, v.operands[0].type, v.type)
         return np.array(np.broadcast_to(arr, full), dtype=ctx.float_dtype)
 

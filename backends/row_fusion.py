@@ -19,33 +19,37 @@ from dataclasses import dataclass
 
 from mpdsl.ir import Program, Value, value_names
 from mpdsl.ops import OPS, Trait, is_pure
-from mpdsl.types import Domain
+from mpdsl.types import Domain, Space
 
 ROW_DOMAINS = (Domain.NODE, Domain.EDGE)
 
 
 @dataclass(frozen=True)
 class RowGroup:
-    """Values of one row domain run together, block by block. ``exports`` are the members used
-    after the group (or returned by the program); the others live one block at a time."""
+    """Values of one row space (a domain, and for edges one edge set) run together, block by block.
+    ``exports`` are the members used after the group (or returned by the program); the others live
+    one block at a time."""
 
-    domain: Domain
+    space: Space
     members: tuple[Value, ...]
     exports: tuple[Value, ...]
+
+    @property
+    def domain(self) -> Domain:
+        return self.space.domain
 
 
 def is_row_wise(v: Value) -> bool:
     """Whether ``v`` may run block by block: a pure op with ``Trait.ROW_WISE`` whose operands are of its
     row domain or params (random ops stay whole: one draw per run, in row order), or a gather of node
     rows onto edges (row-wise in the edge rows; the backend gathers each block)."""
-    domain = v.type.domain
-    if domain not in ROW_DOMAINS:
+    if v.type.domain not in ROW_DOMAINS:
         return False
     if v.op == "gather":
         return v.attr["index"] in ("src", "dst") and v.type.is_float
     if not OPS[v.op].has(Trait.ROW_WISE) or not is_pure(v):
         return False
-    return all(o.type.domain in (domain, Domain.PARAM) for o in v.operands)
+    return all(o.type.space == v.type.space or o.type.domain is Domain.PARAM for o in v.operands)
 
 
 def fuse_rows(program: Program) -> list[Value | RowGroup]:
@@ -68,7 +72,7 @@ def fuse_rows(program: Program) -> list[Value | RowGroup]:
             last = position[id(members[-1])]
             exports = tuple(m for m in members if last_use.get(id(m), -1) > last or id(m) in outputs)
             schedule.extend(ahead)
-            schedule.append(RowGroup(members[0].type.domain, tuple(members), exports))
+            schedule.append(RowGroup(members[0].type.space, tuple(members), exports))
         else:
             schedule.extend(ahead)
             schedule.extend(members)
@@ -82,7 +86,7 @@ def fuse_rows(program: Program) -> list[Value | RowGroup]:
 
     for v in program.values:
         depends = any(id(o) in in_group for o in v.operands)
-        if is_row_wise(v) and (not members or v.type.domain is members[0].type.domain):
+        if is_row_wise(v) and (not members or v.type.space == members[0].type.space):
             join(v)
         elif members and not depends:
             ahead.append(v)
@@ -105,6 +109,6 @@ def describe(program: Program, schedule: list[Value | RowGroup], min_rows: int) 
         if isinstance(step, RowGroup):
             members = ", ".join(f"{names[m]} {m.op}" for m in step.members)
             kept = ", ".join(names[m] for m in step.exports) or "nothing"
-            lines.append(f"{step.domain.value} row group [{members}] runs block by block over the {step.domain.value} "
+            lines.append(f"{step.space} row group [{members}] runs block by block over the {step.space} "
                          f"rows (numpy backend, from {min_rows} rows); materialised in full: {kept}")
     return lines

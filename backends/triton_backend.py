@@ -47,13 +47,16 @@ from mpdsl.backends import (
     array_axis,
     batch_norm_statistics,
     batch_norm_training,
+    carry_table,
     check_value_ids,
+    edge_graph,
     expand_operand,
     feature_width,
     gather_index,
     graph_blocks,
     register_backend,
     rule,
+    space_rows,
 )
 from mpdsl.backends.triton_kernels import (
     KERNELS,
@@ -187,6 +190,7 @@ def _graph_index(graph, name: str, device):
 @dataclass
 class TritonContext:
     graph: Any
+    program: Program
     device: Any
     dtype: Any           # torch float dtype of the program's values
     dtype_name: str      # f32 f16 f64
@@ -199,11 +203,30 @@ class TritonContext:
     launches: list[str] = field(default_factory=list)
     state_updates: dict[str, Any] = field(default_factory=dict)  # param name -> new value (batch_norm)
 
-    def segments(self, by: str) -> Segments:
-        return _segments(self.graph, by, self.device)
+    def edges(self, name: str):
+        """The graph seen through the program's edge set ``name`` ("": the graph's own edges)."""
+        return edge_graph(self.graph, self.program, name)
 
-    def index(self, name: str):
-        return _graph_index(self.graph, name, self.device)
+    def segments(self, by: str, edges: str = "") -> Segments:
+        return _segments(self.edges(edges), by, self.device)
+
+    def index(self, name: str, edges: str = ""):
+        return _graph_index(self.edges(edges), name, self.device)
+
+    def carry_table(self, edges: str) -> dict[str, Any]:
+        """The derived edge set's ``CarryTable`` as device tensors (made once per graph and device)."""
+        graph = self.edges(edges)
+
+        def build() -> dict[str, Any]:
+            table = carry_table(graph)
+            tensors = {name: torch.from_numpy(np.array(getattr(table, name))).to(self.device)
+                       for name in ("origin", "kept", "added", "added_nodes", "nonloop", "nonloop_dst",
+                                    "nonloop_count")}
+            tensors["kept_origin"] = tensors["origin"].index_select(0, tensors["kept"])
+            tensors["base_edges"] = table.base_edges
+            return tensors
+
+        return graph.cached(("triton.carry", str(self.device)), build)
 
 
 class TorchMath(ArrayMath):
@@ -329,7 +352,7 @@ class TritonBackend(Backend):
         if seed is None:  # a SeedSequence made without entropy draws a fresh int
             seed = int(cast(int, np.random.SeedSequence().entropy) % 2 ** 63)
         generator.manual_seed(seed)
-        ctx = TritonContext(graph, device, dtype, dtype_name, training, interpreting, generator, dims,
+        ctx = TritonContext(graph, program, device, dtype, dtype_name, training, interpreting, generator, dims,
                             {k: self._tensor(a, device, dtype) for k, a in inputs.items()},
                             {k: self._tensor(a, device, dtype) for k, a in params.items()})
         env: dict[int, Any] = {}
@@ -410,7 +433,7 @@ class TritonBackend(Backend):
     @rule("degree")
     def _degree(self, ctx, v):
         by = "dst" if v.attr["dir"] == "in" else "src"
-        return ctx.segments(by).counts.to(ctx.dtype)
+        return ctx.segments(by, v.attr["edges"]).counts.to(ctx.dtype)
 
     @rule("arange", "linspace")
     def _sequence(self, ctx, v):
@@ -502,8 +525,7 @@ class TritonBackend(Backend):
     def _broadcast(self, ctx, v, x):
         shape = tuple(d.substitute(ctx.dims).value for d in v.type.shape)
         if v.type.domain is not Domain.PARAM:
-            g = ctx.graph
-            shape = (g.num_rows(v.type.domain),) + shape
+            shape = (space_rows(ctx.graph, ctx.program, v.type.space),) + shape
         return expand_operand(x, v.operands[0].type, v.type).expand(shape).contiguous()
 
     @rule("slice")
@@ -526,7 +548,51 @@ class TritonBackend(Backend):
 
     @rule("gather")
     def _gather(self, ctx, v, x):
-        return x.index_select(0, ctx.index(v.attr["index"]))
+        return x.index_select(0, ctx.index(v.attr["index"], v.attr["edges"]))
+
+    @rule("carry")
+    def _carry(self, ctx, v, x):
+        """Edge values carried onto a derived edge set (the NumPy backend's ``carry_values``, in torch)."""
+        t = ctx.carry_table(v.attr["edges"])
+        out = x.new_empty((len(t["origin"]),) + tuple(x.shape[1:]))
+        out[t["kept"]] = x.index_select(0, t["kept_origin"])
+        if v.attr["fill"] == "constant":
+            out[t["added"]] = v.attr["value"]
+            return out
+        totals = self._loop_totals(x.index_select(0, t["nonloop"]), t, v.attr["fill"], accumulate=True)
+        out[t["added"]] = totals.index_select(0, t["added_nodes"])
+        return out
+
+    @rule("carry_grad")
+    def _carry_grad(self, ctx, v, g):
+        """The transpose of ``carry``: each derived edge's row back at its origin, and with a mean / sum
+        fill each added loop's row spread over the node's non-loop in-edges."""
+        t = ctx.carry_table(v.attr["edges"])
+        out = g.new_zeros((t["base_edges"],) + tuple(g.shape[1:]))
+        out[t["kept_origin"]] = g.index_select(0, t["kept"])
+        if v.attr["fill"] == "constant" or not len(t["added"]):
+            return out
+        loops = g.new_zeros((len(t["nonloop_count"]),) + tuple(g.shape[1:]))
+        loops[t["added_nodes"]] = g.index_select(0, t["added"])
+        loops = self._loop_totals(loops, t, v.attr["fill"], accumulate=False)
+        out[t["nonloop"]] += loops.index_select(0, t["nonloop_dst"])
+        return out
+
+    @staticmethod
+    def _loop_totals(values, t: dict[str, Any], fill: str, accumulate: bool):
+        """Per node: the sum of ``values`` (one row per non-loop edge) over its non-loop in-edges
+        (``accumulate``) or ``values`` as they are (one row per node), divided by the count for "mean"."""
+        if accumulate:
+            nodes = len(t["nonloop_count"])
+            acc_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+            totals = values.new_zeros((nodes,) + tuple(values.shape[1:]), dtype=acc_dtype)
+            totals.index_add_(0, t["nonloop_dst"], values.to(acc_dtype))
+        else:
+            totals = values
+        if fill == "mean":
+            divisor = t["nonloop_count"].clamp_min(1).to(totals.dtype)
+            totals = totals / divisor.reshape((-1,) + (1,) * (totals.ndim - 1))
+        return totals.to(values.dtype)
 
     @rule("take")
     def _take(self, ctx, v, w, index):
@@ -543,7 +609,7 @@ class TritonBackend(Backend):
 
     @rule("aggregate")
     def _aggregate(self, ctx, v, x):
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(x.shape[1:])
         spec = SegmentReduce("aggregate", choose_reduce(v), False, width, 0, ctx.dtype_name)
         out = self._output(ctx, (seg.num_segments,) + tuple(x.shape[1:]))
@@ -551,7 +617,7 @@ class TritonBackend(Backend):
 
     @rule("softmax")
     def _softmax(self, ctx, v, x):
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(x.shape[1:])
         out = self._output(ctx, tuple(x.shape))
         return self._segment_launch(ctx, SegmentSoftmax(width, ctx.dtype_name), seg, [seg.perm, x.contiguous()],
@@ -559,7 +625,7 @@ class TritonBackend(Backend):
 
     @rule("gspmm")
     def _gspmm(self, ctx, v, x, w=None):
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(x.shape[1:])
         groups = 0 if w is None else max(1, feature_width(w.shape[1:]))
         out = self._output(ctx, tuple(x.shape))
@@ -574,7 +640,7 @@ class TritonBackend(Backend):
     def _match_gspmm(self, ctx, v, a, b, x=None):
         """Over the CSR by ``by`` whatever the layout override (the kernel compares both endpoints of
         an edge, which a COO scatter would read the same way): a is read at sources, b at destinations."""
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(a.shape[1:])
         out = self._output(ctx, tuple(a.shape))
         columns, rows = (a, b) if v.attr["by"] == "dst" else (b, a)
@@ -585,7 +651,7 @@ class TritonBackend(Backend):
 
     @rule("attention")
     def _attention(self, ctx, v, s, x):
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(x.shape[1:])
         groups = max(1, feature_width(s.shape[1:]))
         out = self._output(ctx, tuple(x.shape))
@@ -597,7 +663,7 @@ class TritonBackend(Backend):
 
     @rule("segment_logsumexp")
     def _segment_logsumexp(self, ctx, v, s):
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         groups = _score_groups(feature_width(s.shape[1:]))
         out = self._output(ctx, (seg.num_segments,) + tuple(s.shape[1:]))
         return self._segment_launch(ctx, SegmentLogSumExp(groups, ctx.dtype_name), seg, [seg.perm, s.contiguous()],
@@ -605,7 +671,7 @@ class TritonBackend(Backend):
 
     @rule("attention_score_grad")
     def _attention_score_grad(self, ctx, v, s, lse, x, g, delta):
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width, groups = feature_width(x.shape[1:]), _score_groups(feature_width(s.shape[1:]))
         out = self._output(ctx, tuple(s.shape))
         if out.numel() == 0:
@@ -620,7 +686,7 @@ class TritonBackend(Backend):
 
     @rule("attention_value_grad")
     def _attention_value_grad(self, ctx, v, s, lse, g):
-        seg = ctx.segments(v.attr["by"])
+        seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width, groups = feature_width(g.shape[1:]), _score_groups(feature_width(s.shape[1:]))
         out = self._output(ctx, (seg.num_segments,) + tuple(g.shape[1:]))
         spec = AttentionValueGrad(width, groups, ctx.dtype_name)
@@ -706,7 +772,7 @@ class TritonBackend(Backend):
 
     @rule("typed_linear")
     def _typed_linear(self, ctx, v, h, w, types):
-        nodes = ctx.index(v.attr["index"])
+        nodes = ctx.index(v.attr["index"], v.attr["edges"])
         relations = w.shape[0]
         check_value_ids(v, types, lambda k: relations)
         lead = tuple(h.shape[1:-1])                     # leading feature axes of h: one product each
@@ -715,8 +781,8 @@ class TritonBackend(Backend):
         out_shape = lead + tuple(w.shape[2:])
         # Compact materialisation: one product per distinct (node, relation) pair, gathered to the edges.
         block_m = self.block_m or (128 if ctx.interpret else 64)
-        count, inverse, rows_in, rows_out, table = _typed_rows(ctx, v.attr["index"], nodes, types, relations, a,
-                                                               block_m)
+        count, inverse, rows_in, rows_out, table = _typed_rows(ctx, v.attr["index"], v.attr["edges"], nodes, types,
+                                                               relations, a, block_m)
         compact = self._output(ctx, (count,) + out_shape)
         if count and width:
             tiles = table.shape[1]
@@ -743,13 +809,13 @@ def _graph_blocks(ctx: TritonContext, block: int) -> tuple:
     return ctx.graph.cached(("triton.graph_blocks", block, str(ctx.device)), build)
 
 
-def _typed_rows(ctx: TritonContext, index: str, nodes, types, relations: int, lanes: int, block_m: int):
+def _typed_rows(ctx: TritonContext, index: str, edges: str, nodes, types, relations: int, lanes: int, block_m: int):
     """The compaction of a typed_linear: (count of distinct (node, relation) pairs, each edge's pair,
     the rows read and written by each pair and lane sorted by relation, the tile table (relation, first
     row, end row) of at most ``block_m`` rows each). Built once per graph and type ids (the same tensor
     unchanged, or equal contents): the tile table is sized on the host."""
     key = ("triton.typed_rows", index, relations, lanes, block_m, str(ctx.device))
-    known = ctx.graph.cached(key, dict)
+    known = ctx.edges(edges).cached(key, dict)
     if known and ((known["original"] is types and known["version"] == types._version)
                   or (known["copy"].shape == types.shape and torch.equal(known["copy"], types))):
         return known["rows"]

@@ -64,11 +64,14 @@ class TypeExpr(Node):
     domain: str  # node | edge | graph | param
     dims: tuple[DimExpr, ...]
     dtype: str  # float | int
+    rowset: str | None = None  # edge<pairs>: the edge set named in angle brackets
+    rowset_span: Span | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         dims = ", ".join(str(d) for d in self.dims)
         suffix = " int" if self.dtype == "int" else ""
-        return f"{self.domain}[{dims}]{suffix}"
+        rows = f"<{self.rowset}>" if self.rowset else ""
+        return f"{self.domain}{rows}[{dims}]{suffix}"
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,17 @@ class Index(Expr):
 
 
 @dataclass(frozen=True)
+class Member(Expr):
+    """``looped.src``: an endpoint (``src`` / ``dst``) of the edge set ``set``, used as an index
+    (``h[looped.src]``)."""
+
+    set: str
+    attr: str
+    set_span: Span = field(repr=False, compare=False)
+    attr_span: Span = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class String(Expr):
     """A string literal (einsum's subscripts)."""
 
@@ -162,6 +176,8 @@ class Call(Expr):
     by: str | None
     callee_span: Span = field(repr=False, compare=False)
     by_span: Span | None = field(repr=False, compare=False)
+    by_set: str | None = None  # `by looped.dst`: the edge set named with the axis
+    by_set_span: Span | None = field(default=None, repr=False, compare=False)
 
 
 # ---- statements and definitions ----------------------------------------------------------
@@ -195,6 +211,20 @@ class DimDef(Node):
 
 
 @dataclass(frozen=True)
+class EdgesDef(Node):
+    """``edges pairs`` (an input edge set, given with the graph as ``pairs_index``) or ``edges looped =
+    self_loops(edge)`` (derived: ``kind`` the derivation, ``base`` the set it derives from, "edge" for
+    the graph's own edges)."""
+
+    name: str
+    name_span: Span = field(repr=False, compare=False)
+    kind: str | None = None
+    base: str | None = None
+    kind_span: Span | None = field(default=None, repr=False, compare=False)
+    base_span: Span | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class Import(Node):
     """``import "path.mp"``: the dims and layers of another file (path relative to this one)."""
 
@@ -216,7 +246,7 @@ class FuncDef(Node):
 
 @dataclass(frozen=True)
 class Module(Node):
-    items: tuple[Import | DimDef | FuncDef, ...]
+    items: tuple[Import | DimDef | EdgesDef | FuncDef, ...]
 
     @property
     def imports(self) -> tuple[Import, ...]:
@@ -225,6 +255,10 @@ class Module(Node):
     @property
     def dims(self) -> tuple[DimDef, ...]:
         return tuple(i for i in self.items if isinstance(i, DimDef))
+
+    @property
+    def edge_sets(self) -> tuple[EdgesDef, ...]:
+        return tuple(i for i in self.items if isinstance(i, EdgesDef))
 
     @property
     def layers(self) -> tuple[FuncDef, ...]:

@@ -156,21 +156,25 @@ class GradBuilder(Rewriter):
             return x
         return self.emit("broadcast", [x], declared=t)
 
-    def gather(self, x: Value, index: str) -> Value:
-        if self._made(x, "broadcast") and x.operands[0].type.domain is x.type.domain:  # gather the narrow source
-            moved = self.emit("gather", [x.operands[0]], {"index": index})
-            return self.broadcast(moved, OPS["gather"].infer([x.type], {"index": index}))
-        return self.emit("gather", [x], {"index": index})
+    def gather(self, x: Value, index: str, edges: str = "") -> Value:
+        """x[index] onto the edge set ``edges`` ("": the graph's own edges; none for batch)."""
+        attrs = {"index": index, "edges": edges}
+        if self._made(x, "broadcast") and x.operands[0].type.space == x.type.space:  # gather the narrow source
+            moved = self.emit("gather", [x.operands[0]], attrs)
+            return self.broadcast(moved, OPS["gather"].infer([x.type], attrs))
+        return self.emit("gather", [x], attrs)
 
     def aggregate(self, x: Value, reduce: str, by: str) -> Value:
+        """reduce(x) by ``by``, over the edge set x lives on."""
+        attrs = {"reduce": reduce, "by": by, "edges": x.type.rowset if by != "graph" else ""}
         if reduce in ("sum", "mean") and self._made(x, "mul"):
-            want = OPS["aggregate"].infer([x.type], {"reduce": reduce, "by": by})
+            want = OPS["aggregate"].infer([x.type], attrs)
             for factor, rest in (x.operands, x.operands[::-1]):
-                if factor.type.domain is Domain.PARAM and rest.type.domain is x.type.domain:
+                if factor.type.domain is Domain.PARAM and rest.type.space == x.type.space:
                     inner = rest.type.with_(domain=want.domain)
                     if OPS["mul"].infer([inner, factor.type], {}) == want:
                         return self.mul(self.aggregate(rest, reduce, by), factor)
-        return self.emit("aggregate", [x], {"reduce": reduce, "by": by})
+        return self.emit("aggregate", [x], attrs)
 
     def reduce_sum(self, x: Value, axis: int) -> Value:
         return self.emit("reduce", [x], {"reduce": "sum", "axis": axis})
@@ -196,7 +200,8 @@ class GradBuilder(Rewriter):
         reduced = "".join(ch for ch in target if ch in present)
         rows = any(o.type.domain is not Domain.PARAM for o in operands)
         spec = f"{','.join(terms)}->{reduced}"
-        if len(operands) == 1 and terms[0] == reduced and operands[0].type.domain in (out.domain, Domain.PARAM):
+        if len(operands) == 1 and terms[0] == reduced and (operands[0].type.space == out.space
+                                                             or operands[0].type.domain is Domain.PARAM):
             result = operands[0]
         elif out.domain is Domain.PARAM and rows:
             result = self.emit("contract_rows", operands, {"spec": spec})
@@ -217,7 +222,8 @@ class GradBuilder(Rewriter):
             return letter
 
         def aligned(o: Value, outer: Value) -> bool:  # broadcast to outer by size-1 / missing trailing axes
-            return (o.type.domain in (outer.type.domain, Domain.PARAM) and o.type.rank <= outer.type.rank
+            return ((o.type.space == outer.type.space or o.type.domain is Domain.PARAM)
+                    and o.type.rank <= outer.type.rank
                     and all(d == e or d == Dim(1) for d, e in zip(o.type.shape, outer.type.shape)))
 
         def letters_of(o: Value, outer: Value, term: str) -> str:
@@ -237,7 +243,7 @@ class GradBuilder(Rewriter):
                 pending[:0] = [(x, "".join(names[c] for c in t)) for x, t in zip(o.operands, inner_terms)]
             elif self._made(o, "mul") and all(aligned(x, o) for x in o.operands):
                 pending[:0] = [(x, letters_of(x, o, term)) for x in o.operands]
-            elif self._made(o, "broadcast") and o.operands[0].type.domain is o.type.domain:
+            elif self._made(o, "broadcast") and o.operands[0].type.space == o.type.space:
                 (x,) = o.operands
                 pending.insert(0, (x, letters_of(x, o, term)))
             elif (self._made(o, "reshape")
@@ -249,7 +255,8 @@ class GradBuilder(Rewriter):
                 w, index = o.operands
                 r = fresh()
                 one_hot = self.emit("one_hot", [index], {"classes": w.type.shape[0].value},
-                                    declared=TensorType(index.type.domain, (w.type.shape[0],), self.dtype))
+                                    declared=TensorType(index.type.domain, (w.type.shape[0],), self.dtype,
+                                                        index.type.rowset))
                 merged_ops += [one_hot, w]
                 merged_terms += [r, r + term]
             else:
@@ -291,7 +298,8 @@ class GradBuilder(Rewriter):
         letters = LETTERS[:g.type.rank]
         target = "".join(letters[i] for i in range(t.rank))
         kept = "".join(letters[i] for i in range(t.rank) if t.shape[i] == g.type.shape[i])
-        reduced_type = TensorType(t.domain, tuple(d for d, ch in zip(t.shape, target) if ch in kept), t.dtype)
+        reduced_type = TensorType(t.domain, tuple(d for d, ch in zip(t.shape, target) if ch in kept), t.dtype,
+                                  t.rowset)
         result = self.contract([g], [letters], kept, reduced_type)
         return self.reshape(result, t.shape)
 
@@ -472,7 +480,7 @@ def _take_adjoint(v, g, b, needed):
     w, index = v.operands
     r = _static(w.type.shape[0], v, f"W[ids] with {w.type.shape[0]} entries")
     one_hot = b.emit("one_hot", [index], {"classes": r},
-                     declared=TensorType(index.type.domain, (Dim(r),), b.dtype))
+                     declared=TensorType(index.type.domain, (Dim(r),), b.dtype, index.type.rowset))
     letters = LETTERS[1:1 + g.type.rank]
     return [b.contract([one_hot, g], ["a", letters], "a" + letters, w.type), None]
 
@@ -505,7 +513,7 @@ def _batch_norm_adjoint(v, g, b, needed):
     # The training form: the batch statistics depend on x (torch's BatchNorm backward); the running
     # statistics do not enter the output. With xhat = (x - mu) r, r = (var + eps)^-1/2 over N rows:
     # dx = gamma r (g - sum(g) / N - xhat sum(g xhat) / N), dgamma = sum(g xhat), dbeta = sum(g).
-    ones = b.broadcast(b.c(1.0), TensorType(x.type.domain, (), b.dtype))
+    ones = b.broadcast(b.c(1.0), TensorType(x.type.domain, (), b.dtype, x.type.rowset))
     count = b.contract([ones], [""], "", TensorType(Domain.PARAM, (), b.dtype))
     centred = b.sub(x, b.div(row_sum(x), count))
     r = b.unary("rsqrt", b.add(b.div(row_sum(centred, centred), count), v.attr["eps"]))
@@ -527,36 +535,37 @@ def _gather_adjoint(v, g, b, needed):
     return [b.aggregate(g, "sum", AGGREGATE_FOR[v.attr["index"]])]
 
 
-def _group_count(b: GradBuilder, by: str) -> Value:
-    """Rows per group of an aggregation ``by`` (node[] for src / dst, graph[] for graph)."""
+def _group_count(b: GradBuilder, by: str, edges: str) -> Value:
+    """Rows per group of an aggregation ``by`` (node[] for src / dst over the edge set ``edges``,
+    graph[] for graph)."""
     if by == "graph":
         ones = b.broadcast(b.c(1.0), TensorType(Domain.NODE, (), b.dtype))
         return b.aggregate(ones, "sum", "graph")
-    return b.emit("degree", [], {"dir": "in" if by == "dst" else "out"},
+    return b.emit("degree", [], {"dir": "in" if by == "dst" else "out", "edges": edges},
                   declared=TensorType(Domain.NODE, (), b.dtype))
 
 
 @adjoint("aggregate")
 def _aggregate_adjoint(v, g, b, needed):
     (x,) = v.operands
-    by, kind = v.attr["by"], v.attr["reduce"]
+    by, kind, edges = v.attr["by"], v.attr["reduce"], v.attr["edges"]
     index = GATHER_FOR[by]
     if kind == "sum":
-        return [b.gather(g, index)]
+        return [b.gather(g, index, edges)]
     if kind == "mean":
-        return [b.gather(b.div(g, b.maximum(_group_count(b, by), 1.0)), index)]
+        return [b.gather(b.div(g, b.maximum(_group_count(b, by, edges), 1.0)), index, edges)]
     if kind in ("max", "min"):
         # Route to the rows equal to the result (the arg-extremes), split evenly among ties.
-        mask = b.eq(x, b.gather(v, index))
+        mask = b.eq(x, b.gather(v, index, edges))
         count = b.aggregate(mask, "sum", by)
-        return [b.mul(mask, b.gather(b.div(g, b.maximum(count, 1.0)), index))]
+        return [b.mul(mask, b.gather(b.div(g, b.maximum(count, 1.0)), index, edges))]
     if kind == "std":
         # d std / dx_e = (x_e - mean) / (n std); a zero std (all rows equal) gets 0.
-        count = b.maximum(_group_count(b, by), 1.0)
-        centred = b.sub(x, b.gather(b.aggregate(x, "mean", by), index))
+        count = b.maximum(_group_count(b, by, edges), 1.0)
+        centred = b.sub(x, b.gather(b.aggregate(x, "mean", by), index, edges))
         denominator = b.mul(v, count)
         scale = b.div(g, b.add(denominator, b.eq(denominator, 0.0)))
-        return [b.mul(centred, b.gather(scale, index))]
+        return [b.mul(centred, b.gather(scale, index, edges))]
     raise MissingRule(f"autodiff has no adjoint for aggregate(reduce={kind!r})")
 
 
@@ -564,7 +573,20 @@ def _aggregate_adjoint(v, g, b, needed):
 def _softmax_adjoint(v, g, b, needed):
     by = v.attr["by"]
     total = b.aggregate(b.mul(v, g), "sum", by)
-    return [b.mul(v, b.sub(g, b.gather(total, GATHER_FOR[by])))]
+    return [b.mul(v, b.sub(g, b.gather(total, GATHER_FOR[by], v.attr["edges"])))]
+
+
+@adjoint("carry")
+def _carry_adjoint(v, g, b, needed):
+    """carry is linear (affine with a constant fill): its transpose, carry_grad."""
+    return [b.emit("carry_grad", [g], {"edges": v.attr["edges"], "base": v.operands[0].type.rowset,
+                                       "fill": v.attr["fill"]})]
+
+
+@adjoint("carry_grad")
+def _carry_grad_adjoint(v, g, b, needed):
+    """carry_grad is linear: its transpose is carry with the same fill, without the constant."""
+    return [b.emit("carry", [g], {"edges": v.attr["edges"], "fill": v.attr["fill"], "value": 0.0})]
 
 
 # ---- fused ops ------------------------------------------------------------------------------------
@@ -600,16 +622,16 @@ def _attention_adjoint(v, g, b, needed):
     pass and d x_j = sum_{e: j->i} a_e g_i a source pass; neither builds an E x S tensor (by src,
     the two ends swap roles)."""
     s, x = v.operands
-    by = v.attr["by"]
-    lse = b.emit("segment_logsumexp", [s], {"by": by})
+    by, edges = v.attr["by"], v.attr["edges"]
+    lse = b.emit("segment_logsumexp", [s], {"by": by, "edges": edges})
     ds = dx = None
     if needed[0]:
         letters = LETTERS[:x.type.rank]
         delta = b.contract([g, v], [letters, letters], letters[:s.type.rank],
                            TensorType(Domain.NODE, s.type.shape, s.type.dtype))
-        ds = b.emit("attention_score_grad", [s, lse, x, g, delta], {"by": by})
+        ds = b.emit("attention_score_grad", [s, lse, x, g, delta], {"by": by, "edges": edges})
     if needed[1]:
-        dx = b.emit("attention_value_grad", [s, lse, g], {"by": OPPOSITE[by]})
+        dx = b.emit("attention_value_grad", [s, lse, g], {"by": OPPOSITE[by], "edges": edges})
     return [ds, dx]
 
 
@@ -775,7 +797,7 @@ def grad_program(program: Program, wrt: Sequence[str] | None = None, outputs: Se
             raise CompileError(f"output name(s) {', '.join(clash)} clash with gradient names", None)
         results += list(program.outputs)
     values = tuple(program.values) + tuple(b.values)
-    return verify(prune(Program(f"{program.name}_grad", program.dims, values, tuple(results))))
+    return verify(prune(program.rebuilt(values, tuple(results), name=f"{program.name}_grad")))
 
 
 def split_program(program: Program, forward_outputs: Sequence[str], cotangents: Sequence[str],
@@ -840,9 +862,8 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
     forward_values = tuple(v for v in program.values if id(v) not in late)
     by_id = {id(v): v for v in forward_values}
     residual_outputs = [(name, by_id[key]) for key, name in zip(residuals, residual_names)]  # creation order
-    forward = Program(program.name, program.dims, forward_values,
-                      tuple((n, out_map[n]) for n in forward_outputs) + tuple(residual_outputs))
-    backward = Program(program.name, program.dims, tuple(back_values), tuple(back_outputs))
+    forward = program.rebuilt(forward_values, tuple((n, out_map[n]) for n in forward_outputs) + tuple(residual_outputs))
+    backward = program.rebuilt(tuple(back_values), tuple(back_outputs))
     return verify(prune(forward)), verify(prune(backward)), residual_names
 
 
@@ -952,8 +973,7 @@ def retype(program: Program, dtype: str) -> Program:
         nv = Value(v.op, tuple(mapping[id(o)] for o in v.operands), v.attrs, t, v.span)
         mapping[id(v)] = nv
         values.append(nv)
-    return Program(program.name, program.dims, tuple(values),
-                   tuple((n, mapping[id(v)]) for n, v in program.outputs))
+    return program.rebuilt(tuple(values), tuple((n, mapping[id(v)]) for n, v in program.outputs))
 
 
 __all__ = ["ADJOINTS", "NOT_DIFFERENTIABLE", "GradBuilder", "batch_norm_statistics", "grad_program",

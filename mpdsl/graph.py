@@ -7,6 +7,14 @@ edge j -> i, as in PyTorch Geometric) plus named numpy arrays of three kinds:
 * edge arrays, one row per edge (``edge_attr``, ``edge_type``, ``edge_weight``, ...);
 * graph arrays, one row per graph of a batch (``graph_*``, graph-level ``y``).
 
+Beside its edges a graph may carry further **edge sets** over the same nodes (candidate pairs for
+link prediction, a k-hop edge list, ...): set ``S`` has an index ``S_index`` (int [2, K], the same
+conventions as ``edge_index``) and its own arrays, one row per edge of the set (in a flat mapping,
+the arrays called ``S`` or ``S_*``: PyG's ``edge_label_index`` and ``edge_label``). ``edge_set(S)``
+is the graph seen through set S (its edges are S's, the node and graph arrays are shared), and
+``derived(kind)`` the edge set derived from the graph's edges by PyG's self-loop utilities
+(``mpdsl.ops.DERIVED_EDGE_SETS``), built once per graph with its CSR orders.
+
 Every problem with user-supplied arrays or files is a ``GraphError`` that names the array and
 the first offending position. Arrays are stored read-only and derived layouts (CSR orderings,
 degrees) are computed once and cached, so a ``Graph`` can be shared freely.
@@ -21,6 +29,7 @@ import operator
 import os
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +37,7 @@ import numpy as np
 from .diagnostics import GraphError
 from .types import Domain
 
-__all__ = ["Graph"]
+__all__ = ["CarryTable", "Graph", "derive_edges", "resolve_edge_sets"]
 
 INDEX_ARRAYS = {"batch": "node", "node_type": "node", "edge_type": "edge"}
 """Arrays holding non-negative integer ids (1-D), with the kind each must be."""
@@ -37,6 +46,7 @@ NAMED_FEATURES = frozenset({"x", "pos", "edge_attr", "edge_weight"})
 """Value arrays that must be numbers proper; other value arrays may also be boolean masks."""
 
 RESERVED_NAMES = frozenset({"edge_index", "num_nodes"})
+EDGE_SET_SUFFIX = "_index"  # edge set S is stored as S_index [2, K]
 
 _KIND_PLURAL = {"node": "nodes", "edge": "edges", "graph": "graphs"}
 _INT64_MAX = np.iinfo(np.int64).max
@@ -57,6 +67,23 @@ def classify_name(name: str, leading_dim: int | None, num_nodes: int) -> str:
     if name == "y":
         return "node" if leading_dim == num_nodes else "graph"
     return "node"
+
+
+def edge_set_of_name(name: str, array: np.ndarray | None = None) -> str | None:
+    """The edge set ``S`` whose index an array called ``name`` is (``S_index``, integer [2, K]), else None."""
+    if not name.endswith(EDGE_SET_SUFFIX) or name == "edge_index":
+        return None
+    if array is not None and (array.ndim != 2 or array.shape[0] != 2 or array.dtype.kind not in "iu"):
+        return None
+    set_name = name[:-len(EDGE_SET_SUFFIX)]
+    return set_name if set_name.isidentifier() else None
+
+
+def edge_set_member(name: str, sets: Iterable[str]) -> str | None:
+    """The edge set (of ``sets``) an array called ``name`` belongs to: ``S`` itself or ``S_*`` (the
+    longest such S), else None."""
+    owners = [s for s in sets if name == s or (name.startswith(s + "_") and name != s + EDGE_SET_SUFFIX)]
+    return max(owners, key=len) if owners else None
 
 
 def position_text(index: tuple[int, ...]) -> str:
@@ -103,44 +130,44 @@ def _to_num_nodes(value: Any) -> int:
     return count
 
 
-def _coerce_edge_index(value: Any) -> np.ndarray:
+def _coerce_edge_index(value: Any, name: str = "edge_index") -> np.ndarray:
     """``value`` as an integer [2, E] array (dtype not yet converted); range not yet checked."""
-    edge_index = _as_numpy("edge_index", value)
+    edge_index = _as_numpy(name, value)
     no_edges = edge_index.size == 0 and edge_index.shape in ((0,), (2, 0))
     if no_edges and edge_index.dtype.kind in "biuf":  # `[]` converts to float64
         return np.zeros((2, 0), dtype=np.int64)
     if edge_index.dtype.kind not in "iu":
         hint = ("cast it with .astype(np.int64)" if edge_index.dtype.kind == "f"
-                else "edge_index holds integer node indices")
-        raise GraphError(f"edge_index must hold integers, got dtype {edge_index.dtype}", hint=hint)
+                else f"{name} holds integer node indices")
+        raise GraphError(f"{name} must hold integers, got dtype {edge_index.dtype}", hint=hint)
     if edge_index.ndim != 2 or edge_index.shape[0] != 2:
-        hint = ("an edge list of shape [E, 2] must be transposed: edge_index.T"
+        hint = (f"an edge list of shape [E, 2] must be transposed: {name}.T"
                 if edge_index.ndim == 2 and edge_index.shape[1] == 2
                 else "row 0 holds sources, row 1 destinations")
-        raise GraphError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}",
+        raise GraphError(f"{name} must have shape [2, E], got {tuple(edge_index.shape)}",
                          hint=hint)
     if edge_index.dtype.kind == "u" and edge_index.size and edge_index.max() > _INT64_MAX:
         pos = first_true(edge_index > _INT64_MAX)
-        raise GraphError(f"edge_index{position_text(pos)} = {edge_index[pos]} is too large",
+        raise GraphError(f"{name}{position_text(pos)} = {edge_index[pos]} is too large",
                          hint="node indices run from 0 to num_nodes - 1")
     return edge_index
 
 
-def _check_edge_range(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
+def _check_edge_range(edge_index: np.ndarray, num_nodes: int, name: str = "edge_index") -> np.ndarray:
     """The int64, C-contiguous ``edge_index`` after checking every index is in [0, num_nodes)."""
     if edge_index.dtype.kind == "i":
         negative = edge_index < 0
         if negative.any():
             pos = first_true(negative)
             raise GraphError(
-                f"edge_index{position_text(pos)} = {edge_index[pos]} is negative",
+                f"{name}{position_text(pos)} = {edge_index[pos]} is negative",
                 hint="node indices run from 0 to num_nodes - 1",
             )
     too_large = edge_index >= num_nodes
     if too_large.any():
         pos = first_true(too_large)
         raise GraphError(
-            f"edge_index{position_text(pos)} = {edge_index[pos]} is out of range for "
+            f"{name}{position_text(pos)} = {edge_index[pos]} is out of range for "
             f"num_nodes={num_nodes}",
             hint="node indices run from 0 to num_nodes - 1; pass a larger num_nodes if the "
                  "graph has more nodes than its arrays show",
@@ -207,6 +234,64 @@ def _segments(ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     return _read_only(indptr), _read_only(perm)
 
 
+@dataclass(frozen=True)
+class CarryTable:
+    """How the edges of a derived edge set (``derive_edges``) come from its base set's edges, for
+    ``carry`` (edge values carried onto the set) and its transpose. ``origin[k]`` is the base edge
+    that derived edge k is (-1 for a loop the set adds); ``added`` lists the added loops' positions and
+    ``added_nodes`` their nodes; ``nonloop`` the base's non-loop edges (positions) and ``nonloop_dst``
+    their destinations; ``nonloop_count`` the non-loop in-edges of each node; ``base_edges`` the
+    base's edge count."""
+
+    origin: np.ndarray
+    kept: np.ndarray
+    added: np.ndarray
+    added_nodes: np.ndarray
+    nonloop: np.ndarray
+    nonloop_dst: np.ndarray
+    nonloop_count: np.ndarray
+    base_edges: int
+
+
+def derive_edges(base: Graph, kind: str) -> tuple[np.ndarray, CarryTable]:
+    """The edge index of the edge set ``kind`` derived from ``base``'s edges, and its ``CarryTable``,
+    as PyTorch Geometric's utilities make it: both kinds are the base's non-loop edges in their order,
+    then one loop (i, i) per node in node order; "self_loops" (remove_self_loops + add_self_loops)
+    adds every loop, "remaining_self_loops" (add_remaining_self_loops) keeps a node's own loop in that
+    place (its origin is the node's last loop in edge order, whose values the loop carries)."""
+    if kind not in ("self_loops", "remaining_self_loops"):
+        raise GraphError(f"unknown edge set derivation {kind!r}", hint="self_loops or remaining_self_loops")
+    n = base.num_nodes
+    src, dst = base.src, base.dst
+    is_loop = src == dst
+    nonloop = np.flatnonzero(~is_loop).astype(np.int64)
+    nodes = np.arange(n, dtype=np.int64)
+    edge_index = np.concatenate([base.edge_index[:, nonloop], np.stack([nodes, nodes])], axis=1)
+    loop_origin = np.full(n, -1, dtype=np.int64)
+    if kind == "remaining_self_loops":
+        loops = np.flatnonzero(is_loop)[::-1]  # the last loop of a node first: np.unique keeps it
+        loop_nodes, first = np.unique(src[loops], return_index=True)
+        loop_origin[loop_nodes] = loops[first]
+    origin = np.concatenate([nonloop, loop_origin])
+    added = np.flatnonzero(origin < 0).astype(np.int64)
+    nonloop_dst = dst[nonloop]
+    table = CarryTable(_read_only(origin), _read_only(np.flatnonzero(origin >= 0).astype(np.int64)),
+                       _read_only(added), _read_only(added - len(nonloop)), _read_only(nonloop),
+                       _read_only(nonloop_dst), _read_only(np.bincount(nonloop_dst, minlength=n).astype(np.int64)),
+                       base.num_edges)
+    return np.ascontiguousarray(edge_index), table
+
+
+def resolve_edge_sets(graph: Graph, definitions: Iterable[Any]) -> dict[str, Graph]:
+    """The graph seen through each edge set of a program (``definitions``: its ``EdgeSetDef``s, bases
+    first): "" is ``graph``; an input set is ``graph.edge_set(name)``; a derived set is derived from
+    its base's view (each built once per graph)."""
+    views: dict[str, Graph] = {"": graph}
+    for d in definitions:
+        views[d.name] = graph.edge_set(d.name) if d.kind == "input" else views[d.base].derived(d.kind)
+    return views
+
+
 class _ClassOrInstance:
     """``Graph.batch(graphs)`` on the class concatenates graphs; ``graph.batch`` on an instance
     is that graph's batch vector. One name serves both, as the public API requires."""
@@ -230,6 +315,7 @@ class Graph:
         "_cache",
         "_edge_data",
         "_edge_index",
+        "_edge_sets",
         "_graph_data",
         "_node_data",
         "_num_graphs",
@@ -245,11 +331,25 @@ class Graph:
         node_data: Mapping[str, Any] | None = None,
         edge_data: Mapping[str, Any] | None = None,
         graph_data: Mapping[str, Any] | None = None,
+        edge_sets: Mapping[str, Any] | None = None,
+        edge_set_data: Mapping[str, Mapping[str, Any]] | None = None,
     ):
+        """``edge_sets`` maps each further edge set's name to its index (int [2, K]); ``edge_set_data``
+        maps a set's name to its arrays (one row per edge of the set)."""
         groups = {"node": dict(node_data or {}), "edge": dict(edge_data or {}),
                   "graph": dict(graph_data or {})}
-        seen: dict[str, str] = {}
-        for kind, arrays in groups.items():
+        set_indices = dict(edge_sets or {})
+        set_groups = {s: dict(arrays) for s, arrays in (edge_set_data or {}).items()}
+        for set_name in list(set_indices) + list(set_groups):
+            if not isinstance(set_name, str) or not set_name.isidentifier() or set_name == "edge":
+                raise GraphError(f"edge set names are identifiers other than 'edge', got {set_name!r}",
+                                 hint="name it like a variable, e.g. 'pairs'")
+        for set_name in set_groups:
+            if set_name not in set_indices:
+                raise GraphError(f"arrays are given for the edge set {set_name} but not its index",
+                                 hint=f"pass edge_sets={{{set_name!r}: index}} with its [2, K] index")
+        seen: dict[str, str] = {f"{s}{EDGE_SET_SUFFIX}": f"edge set {s}'s index" for s in set_indices}
+        for kind, arrays in [*groups.items(), *((f"edge set {s}", a) for s, a in set_groups.items())]:
             for name in arrays:
                 if not isinstance(name, str) or not name:
                     raise GraphError(f"array names must be non-empty strings, got {name!r}")
@@ -259,11 +359,12 @@ class Graph:
                 if name in seen:
                     raise GraphError(f"{name} is given as both a {seen[name]} and a {kind} array",
                                      hint="every array name must be unique")
-                if INDEX_ARRAYS.get(name, kind) != kind:
+                if INDEX_ARRAYS.get(name, kind) != kind and not (kind.startswith("edge set")
+                                                                 and INDEX_ARRAYS[name] == "edge"):
                     raise GraphError(f"{name} must be a {INDEX_ARRAYS[name]} array, not a {kind} "
                                      "array")
                 seen[name] = kind
-                arrays[name] = _coerce_array(name, arrays[name], kind)
+                arrays[name] = _coerce_array(name, arrays[name], "edge" if kind.startswith("edge set") else kind)
 
         raw_edge_index = _coerce_edge_index(edge_index)
         if num_nodes is not None:
@@ -276,6 +377,17 @@ class Graph:
             count = 0
         self._num_nodes = count
         self._edge_index = _read_only(_check_edge_range(raw_edge_index, count))
+        self._edge_sets = {}
+        for set_name, index in set_indices.items():
+            where = f"{set_name}{EDGE_SET_SUFFIX}"
+            checked = _read_only(_check_edge_range(_coerce_edge_index(index, where), count, where))
+            arrays = {k: _read_only(v) for k, v in set_groups.get(set_name, {}).items()}
+            for name, array in arrays.items():
+                if array.shape[0] != checked.shape[1]:
+                    raise GraphError(f"{name} has {array.shape[0]} rows but the edge set {set_name} has "
+                                     f"{checked.shape[1]} edges", hint=f"arrays of {set_name} need one row per edge "
+                                     f"of {where}")
+            self._edge_sets[set_name] = (checked, arrays)
 
         for name, array in groups["node"].items():
             _check_rows(name, array, "node", count)
@@ -311,6 +423,7 @@ class Graph:
         graph._node_data = {k: _read_only(v) for k, v in groups["node"].items()}
         graph._edge_data = {k: _read_only(v) for k, v in groups["edge"].items()}
         graph._graph_data = {k: _read_only(v) for k, v in groups["graph"].items()}
+        graph._edge_sets = {}
         graph._cache = dict(cache)
         graph._source = source
         return graph
@@ -350,6 +463,17 @@ class Graph:
     @classmethod
     def _from_flat(cls, edge_index: Any, num_nodes: Any, arrays: Mapping[str, Any]) -> Graph:
         arrays = {name: _as_numpy(name, value) for name, value in arrays.items()}
+        # Edge sets first: S_index (integer [2, K]) is set S; the arrays called S or S_* are its arrays.
+        set_indices = {}
+        for name, array in list(arrays.items()):
+            set_name = edge_set_of_name(name, array)
+            if set_name is not None:
+                set_indices[set_name] = arrays.pop(name)
+        set_groups: dict[str, dict[str, np.ndarray]] = {}
+        for name in list(arrays):
+            owner = edge_set_member(name, set_indices)
+            if owner is not None:
+                set_groups.setdefault(owner, {})[name] = arrays.pop(name)
         if num_nodes is None:
             # Resolve num_nodes as the constructor would, so that `y` is classified against it.
             node_arrays = [a for n, a in arrays.items()
@@ -365,22 +489,33 @@ class Graph:
             leading = array.shape[0] if array.ndim else None
             groups[classify_name(name, leading, count)][name] = array
         return cls(edge_index, count, node_data=groups["node"], edge_data=groups["edge"],
-                   graph_data=groups["graph"])
+                   graph_data=groups["graph"], edge_sets=set_indices, edge_set_data=set_groups)
 
     def with_data(self, **arrays: Any) -> Graph:
         """A new graph with ``arrays`` added; a name already present keeps its kind and is
         replaced, a new name is classified by ``classify_name``."""
         groups = {"node": dict(self._node_data), "edge": dict(self._edge_data),
                   "graph": dict(self._graph_data)}
+        set_indices = {s: index for s, (index, _) in self._edge_sets.items()}
+        set_groups = {s: dict(data) for s, (_, data) in self._edge_sets.items()}
         for name, value in arrays.items():
+            array = _as_numpy(name, value)
+            set_name = edge_set_of_name(name, array)
+            if set_name is not None:
+                set_indices[set_name] = array
+                continue
+            owner = self._set_of(name) or edge_set_member(name, set_indices)
+            if owner is not None:
+                set_groups.setdefault(owner, {})[name] = value
+                continue
             kind = self._kind_of(name)
             if kind is None:
-                array = _as_numpy(name, value)
                 kind = classify_name(name, array.shape[0] if array.ndim else None,
                                      self._num_nodes)
             groups[kind][name] = value
         return type(self)(self._edge_index, self._num_nodes, node_data=groups["node"],
-                          edge_data=groups["edge"], graph_data=groups["graph"])
+                          edge_data=groups["edge"], graph_data=groups["graph"], edge_sets=set_indices,
+                          edge_set_data=set_groups)
 
     # ----------------------------------------------------------------------------------------
     # Sizes and arrays
@@ -394,7 +529,7 @@ class Graph:
         return self._edge_index.shape[1]
 
     def num_rows(self, domain: Domain) -> int:
-        """The row count of a node, edge or graph value on this graph."""
+        """The row count of a node, edge or graph value on this graph (edges: its own edges)."""
         return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
 
     @property
@@ -429,6 +564,65 @@ class Graph:
     def graph_data(self) -> dict[str, np.ndarray]:
         return dict(self._graph_data)
 
+    # ----------------------------------------------------------------------------------------
+    # Edge sets besides the graph's edges
+
+    @property
+    def edge_sets(self) -> dict[str, np.ndarray]:
+        """The further edge sets this graph carries: name -> index (int64 [2, K], read-only)."""
+        return {name: index for name, (index, _) in self._edge_sets.items()}
+
+    @property
+    def edge_set_data(self) -> dict[str, dict[str, np.ndarray]]:
+        """The arrays of each further edge set: set name -> {array name: array}."""
+        return {name: dict(data) for name, (_, data) in self._edge_sets.items()}
+
+    def _set_of(self, name: str) -> str | None:
+        return next((s for s, (_, data) in self._edge_sets.items() if name in data), None)
+
+    def edge_set(self, name: str) -> Graph:
+        """This graph seen through its edge set ``name`` (built once): a graph with the same nodes,
+        node and graph arrays, whose edges are the set's (in its order) and whose edge arrays are the
+        set's arrays; its CSR orders are cached on it. ``""`` is this graph itself."""
+        if not name:
+            return self
+        if name not in self._edge_sets:
+            have = ", ".join(self._edge_sets) or "none besides edge_index"
+            raise GraphError(f"the graph carries no edge set {name!r} (its edge sets: {have})",
+                             hint=f"add it as {name}{EDGE_SET_SUFFIX} [2, K] (Graph(..., edge_sets={{{name!r}: "
+                                  "index}), or an array of that name in the .npz / PyG Data)")
+
+        def build() -> Graph:
+            index, data = self._edge_sets[name]
+            return self._view(index, data, {})
+
+        return self.cached(("edge_set", name), build)
+
+    def derived(self, kind: str) -> Graph:
+        """The edge set derived from this graph's edges by ``kind`` (``mpdsl.ops.DERIVED_EDGE_SETS``), as
+        a graph with the same nodes (built once, with its CSR orders; see ``derive_edges``)."""
+        def build() -> Graph:
+            index, table = derive_edges(self, kind)
+            return self._view(index, {}, {"carry": table})
+
+        return self.cached(("derived", kind), build)
+
+    def _view(self, edge_index: np.ndarray, edge_data: Mapping[str, np.ndarray], cache: Mapping[str, Any]) -> Graph:
+        """A graph with this one's nodes, node and graph arrays and ``edge_index`` as its edges."""
+        view = type(self).__new__(type(self))
+        view._num_nodes = self._num_nodes
+        view._num_graphs = self._num_graphs
+        view._edge_index = _read_only(edge_index)
+        view._node_data = self._node_data
+        view._edge_data = dict(edge_data)
+        view._graph_data = self._graph_data
+        view._edge_sets = {}
+        view._cache = dict(cache)
+        if "segments_graph" in self._cache:
+            view._cache["segments_graph"] = self._cache["segments_graph"]
+        view._source = None
+        return view
+
     batch = _ClassOrInstance()
 
     def _batch_vector(self) -> np.ndarray:
@@ -446,15 +640,20 @@ class Graph:
         return None
 
     def __getitem__(self, name: str) -> np.ndarray:
-        """The node, edge or graph array called ``name`` (looked up in that order)."""
+        """The node, edge or graph array called ``name`` (looked up in that order), else the array of
+        that name of an edge set."""
         for arrays in (self._node_data, self._edge_data, self._graph_data):
             if name in arrays:
                 return arrays[name]
+        for _, data in self._edge_sets.values():
+            if name in data:
+                return data[name]
         raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
         return any(name in arrays for arrays in (self._node_data, self._edge_data,
-                                                  self._graph_data))
+                                                  self._graph_data)) \
+            or any(name in data for _, data in self._edge_sets.values())
 
     def keys(self) -> list[str]:
         """Names of all node, edge and graph arrays, in that order (``edge_index`` excluded)."""
@@ -463,6 +662,9 @@ class Graph:
     def __repr__(self) -> str:
         parts = [f"num_nodes={self._num_nodes}", f"num_edges={self.num_edges}"]
         parts += [f"{name}={list(self[name].shape)}" for name in self.keys()]
+        for set_name, (index, data) in self._edge_sets.items():
+            parts.append(f"{set_name}{EDGE_SET_SUFFIX}={list(index.shape)}")
+            parts += [f"{name}={list(array.shape)}" for name, array in data.items()]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     # ----------------------------------------------------------------------------------------
@@ -517,6 +719,16 @@ class Graph:
                 raise GraphError(f"graph {index} is a {type(graph).__name__}, not a Graph")
         first = graphs[0]
         for index, graph in enumerate(graphs[1:], start=1):
+            for set_name in sorted(graph._edge_sets.keys() ^ first._edge_sets.keys()):
+                has, lacks = (index, 0) if set_name in graph._edge_sets else (0, index)
+                raise GraphError(f"graph {has} has the edge set {set_name} but graph {lacks} does not",
+                                 hint="every graph in a batch needs the same edge sets")
+            for set_name, (_, data) in graph._edge_sets.items():
+                theirs_data = first._edge_sets[set_name][1]
+                for name in sorted(data.keys() ^ theirs_data.keys()):
+                    has, lacks = (index, 0) if name in data else (0, index)
+                    raise GraphError(f"graph {has} has the {set_name} array {name} but graph {lacks} does not",
+                                     hint="every graph in a batch needs the same arrays")
             for kind in ("node", "edge", "graph"):
                 mine = {n: a for n, a in getattr(graph, f"_{kind}_data").items() if n != "batch"}
                 theirs = {n: a for n, a in getattr(first, f"_{kind}_data").items()
@@ -553,8 +765,13 @@ class Graph:
             for name in getattr(first, f"_{kind}_data"):
                 if name != "batch":
                     arrays[name] = np.concatenate([g[name] for g in graphs])
+        set_indices = {s: np.concatenate([g._edge_sets[s][0] + offset for g, offset in zip(graphs, node_offsets)],
+                                         axis=1) for s in first._edge_sets}
+        set_groups = {s: {name: np.concatenate([g._edge_sets[s][1][name] for g in graphs]) for name in data}
+                      for s, (_, data) in first._edge_sets.items()}
         return cls(edge_index, int(node_offsets[-1]), node_data=groups["node"],
-                   edge_data=groups["edge"], graph_data=groups["graph"])
+                   edge_data=groups["edge"], graph_data=groups["graph"], edge_sets=set_indices,
+                   edge_set_data=set_groups)
 
     def select_graphs(self, indices: Any) -> Graph:
         """Graphs ``indices`` of this batch as a new batch, in that order: graph k of the result
@@ -595,14 +812,26 @@ class Graph:
         nodes = perm[np.repeat(indptr[index] - starts, sizes) + np.arange(total, dtype=np.int64)]
         new_id = np.full(self._num_nodes, -1, dtype=np.int64)
         new_id[nodes] = np.arange(total, dtype=np.int64)
-        src, dst = new_id[self.src], new_id[self.dst]
-        edges = np.flatnonzero((src >= 0) & (dst >= 0))
-        edges = edges[np.argsort(position[self._batch_vector()[self.dst[edges]]], kind="stable")]
+        batch_vector = self._batch_vector()
+
+        def kept_edges(edge_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(the positions of the edges kept, in the order of their destinations' graphs; their index)"""
+            src, dst = new_id[edge_index[0]], new_id[edge_index[1]]
+            edges = np.flatnonzero((src >= 0) & (dst >= 0))
+            edges = edges[np.argsort(position[batch_vector[edge_index[1][edges]]], kind="stable")]
+            return edges, np.stack([src[edges], dst[edges]])
+
+        edges, edge_index = kept_edges(self._edge_index)
+        set_indices, set_groups = {}, {}
+        for set_name, (set_index, data) in self._edge_sets.items():
+            kept, set_indices[set_name] = kept_edges(set_index)
+            set_groups[set_name] = {name: array[kept] for name, array in data.items()}
         node_data = {name: array[nodes] for name, array in self._node_data.items() if name != "batch"}
         node_data["batch"] = np.repeat(np.arange(index.size, dtype=np.int64), sizes)
-        selected = type(self)(np.stack([src[edges], dst[edges]]), total, node_data=node_data,
+        selected = type(self)(edge_index, total, node_data=node_data,
                               edge_data={name: array[edges] for name, array in self._edge_data.items()},
-                              graph_data={name: array[index] for name, array in self._graph_data.items()})
+                              graph_data={name: array[index] for name, array in self._graph_data.items()},
+                              edge_sets=set_indices, edge_set_data=set_groups)
         # The nodes come graph by graph: their grouping by graph is known without sorting.
         graph_indptr = np.zeros(index.size + 1, dtype=np.int64)
         np.cumsum(sizes, out=graph_indptr[1:])
@@ -683,6 +912,9 @@ class Graph:
         for name in self.keys():
             kind = self._kind_of(name)
             array = self[name]
+            if edge_set_member(name, self._edge_sets) is not None:
+                raise GraphError(f"{kind} array {name} would be read back as an array of the edge set "
+                                 f"{edge_set_member(name, self._edge_sets)}", hint="rename it before saving")
             if classify_name(name, array.shape[0], self._num_nodes) != kind:
                 raise GraphError(
                     f"{kind} array {name} would be read back as a "
@@ -690,6 +922,13 @@ class Graph:
                     hint=f"rename it to {kind}_{name} before saving",
                 )
             arrays[name] = array
+        for set_name, (index, data) in self._edge_sets.items():
+            arrays[f"{set_name}{EDGE_SET_SUFFIX}"] = index
+            for name, array in data.items():
+                if edge_set_member(name, self._edge_sets) != set_name:
+                    raise GraphError(f"array {name} of the edge set {set_name} would not be read back as one",
+                                     hint=f"name the arrays of {set_name} {set_name} or {set_name}_* before saving")
+                arrays[name] = array
         from .npz import check_writable
 
         name = check_writable(path, GraphError, "graph")
@@ -855,6 +1094,9 @@ class Graph:
         import torch
 
         tensors = {name: torch.from_numpy(np.array(self[name])) for name in self.keys()}
+        for set_name, (index, data) in self._edge_sets.items():
+            tensors[f"{set_name}{EDGE_SET_SUFFIX}"] = torch.from_numpy(np.array(index))
+            tensors.update({name: torch.from_numpy(np.array(array)) for name, array in data.items()})
         return Data(edge_index=torch.from_numpy(np.array(self._edge_index)),
                     num_nodes=self._num_nodes, **tensors)
 

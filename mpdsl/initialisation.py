@@ -264,11 +264,11 @@ USE_RULES: dict[str, UseRule] = {
     "axis_softmax": _none, "softmax": _none, "one_hot": _none, "batch_norm": _batch_norm,
     "concat": _any_linear, "reshape": _linear, "gather": _linear, "broadcast": _linear, "slice": _linear,
     "pad": _linear, "select": _index, "take": _index,
-    "gspmm": _linear, "attention": _attention, "global_attention": _global_attention,
+    "gspmm": _linear, "attention": _attention, "global_attention": _global_attention, "carry": _linear,
     "contract_rows": _none,  # gradient programs only: its param-domain result is not initialised
     # gradient programs only (the fused backward of attention and of max / min aggregations)
     "segment_logsumexp": _none, "attention_score_grad": _none, "attention_value_grad": _none, "match_gspmm": _none,
-    "global_attention_query_grad": _none, "global_attention_key_grad": _none,
+    "global_attention_query_grad": _none, "global_attention_key_grad": _none, "carry_grad": _none,
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import lark
 
 from mpdsl.diagnostics import Source, Span
-from mpdsl.ops import OPS, Effect, Trait
+from mpdsl.ops import DERIVED_EDGE_SETS, EDGE_SET_KINDS, OPS, Effect, Trait, edge_set_label
 from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 
@@ -48,7 +48,25 @@ class Value:
 
 def make_value(op: str, operands: Iterable[Value], attrs: Mapping[str, Any], type: TensorType,
                span: Span | None = None) -> Value:
-    return Value(op, tuple(operands), tuple(sorted(attrs.items())), type, span)
+    """A new value; attributes the op defaults (``OpDef.defaults``) may be left out."""
+    opdef = OPS.get(op)
+    full = opdef.complete(attrs) if opdef is not None else attrs
+    return Value(op, tuple(operands), tuple(sorted(full.items())), type, span)
+
+
+@dataclass(frozen=True)
+class EdgeSetDef:
+    """An edge set of a program besides the graph's own edges: ``kind`` "input" (read from the graph,
+    which carries it by ``name``) or a derivation (``mpdsl.ops.DERIVED_EDGE_SETS``) of the set ``base``
+    ("": the graph's own edges). Values on it have types ``edge<name>[...]``."""
+
+    name: str
+    kind: str
+    base: str = ""
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.name if self.kind == "input" else f"{self.name}={self.kind}({edge_set_label(self.base)})"
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,17 @@ class Program:
     dims: tuple[tuple[str, int | None], ...]  # symbol -> bound value, None = bound from inputs at run time
     values: tuple[Value, ...]
     outputs: tuple[tuple[str, Value], ...]
+    edge_sets: tuple[EdgeSetDef, ...] = ()  # the program's edge sets besides the graph's own, bases first
+
+    def edge_set(self, name: str) -> EdgeSetDef | None:
+        """The definition of edge set ``name`` (None for "", the graph's own edges)."""
+        return next((s for s in self.edge_sets if s.name == name), None) if name else None
+
+    def rebuilt(self, values: tuple[Value, ...], outputs: tuple[tuple[str, Value], ...], name: str | None = None,
+                dims: tuple[tuple[str, int | None], ...] | None = None) -> Program:
+        """A program of new values and outputs with this one's name, dims and edge sets (unless given)."""
+        return Program(self.name if name is None else name, self.dims if dims is None else dims, values, outputs,
+                       self.edge_sets)
 
     @property
     def inputs(self) -> tuple[Value, ...]:
@@ -106,7 +135,7 @@ def prune(program: Program) -> Program:
             live.add(id(v))
             stack.extend(v.operands)
     values = tuple(v for v in program.values if id(v) in live or OPS[v.op].has(Trait.INTERFACE))
-    return Program(program.name, program.dims, values, program.outputs)
+    return program.rebuilt(values, program.outputs)
 
 
 def value_names(program: Program) -> dict[Value, str]:
@@ -125,12 +154,15 @@ def value_names(program: Program) -> dict[Value, str]:
 def print_program(program: Program, locations: bool = False) -> str:
     names = value_names(program)
     dims = ", ".join(k if v is None else f"{k}={v}" for k, v in program.dims)
-    lines = [f"program @{program.name} dims({dims}) {{"]
+    edge_sets = f" edges({', '.join(map(str, program.edge_sets))})" if program.edge_sets else ""
+    lines = [f"program @{program.name} dims({dims}){edge_sets} {{"]
     for v in program.values:
         text = f"  {names[v]} = {v.op}"
         if v.operands:
             text += " " + ", ".join(names[o] for o in v.operands)
-        attrs = [(k, x) for k, x in v.attrs if not (v.op in ("input", "param") and k == "name")]
+        defaults = OPS[v.op].defaults if v.op in OPS else {}
+        attrs = [(k, x) for k, x in v.attrs if not (v.op in ("input", "param") and k == "name")
+                 and not (k in defaults and defaults[k] == x)]
         if attrs:
             text += " {" + ", ".join(f"{k}={_format_literal(x)}" for k, x in attrs) + "}"
         text += f" : {v.type}"
@@ -164,6 +196,7 @@ def parse_program(text: str) -> Program:
         raise IRParseError(str(err)) from None
     name_tok, *rest = tree.children
     dims: list[tuple[str, int | None]] = []
+    edge_sets: list[EdgeSetDef] = []
     env: dict[str, Value] = {}
     values: list[Value] = []
     sources: dict[str, Source] = {}
@@ -175,6 +208,13 @@ def parse_program(text: str) -> Program:
         if node.data == "dim_binding":
             key, bound = node.children
             dims.append((str(key), int(str(bound)) if bound is not None else None))
+        elif node.data == "edge_sets":
+            for item in node.children:
+                set_name, kind, base = _tree(item).children
+                if kind is None:
+                    edge_sets.append(EdgeSetDef(str(set_name), "input"))
+                else:
+                    edge_sets.append(EdgeSetDef(str(set_name), str(kind), "" if str(base) == "edge" else str(base)))
         elif node.data == "value":
             vname, opname, operands, attrs, typ, loc = node.children
             if str(vname) in env:
@@ -209,7 +249,7 @@ def parse_program(text: str) -> Program:
                 if str(vname) not in env:
                     raise IRParseError(f"return of undefined {vname}")
                 outputs.append((str(out), env[str(vname)]))
-    return Program(str(name_tok), tuple(dims), tuple(values), tuple(outputs))
+    return Program(str(name_tok), tuple(dims), tuple(values), tuple(outputs), tuple(edge_sets))
 
 
 def _tree(node: lark.Tree[lark.Token] | lark.Token) -> lark.Tree[lark.Token]:
@@ -233,11 +273,15 @@ def _literal(tree: lark.Tree) -> Any:
 
 
 def _type(tree: lark.Tree) -> TensorType:
-    domain, *dims, dtype = tree.children
+    domain, rowset, *dims, dtype = tree.children
     shape = tuple(Dim.parse(" + ".join(str(t) for t in _tree(d).children)) for d in dims if d is not None)
     if str(dtype) not in FLOAT_DTYPES + (INT_DTYPE,):
         raise IRParseError(f"unknown dtype {str(dtype)!r} (one of {', '.join(FLOAT_DTYPES + (INT_DTYPE,))})")
-    return TensorType(Domain(str(domain)), shape, str(dtype))
+    try:
+        kind = Domain(str(domain))
+    except ValueError:
+        raise IRParseError(f"unknown domain {str(domain)!r}") from None
+    return TensorType(kind, shape, str(dtype), "" if rowset is None else str(_tree(rowset).children[0]))
 
 
 # ---- verification ------------------------------------------------------------------------
@@ -253,6 +297,7 @@ def verify(program: Program) -> Program:
     seen: set[int] = set()
     names: dict[tuple[str, str], Value] = {}
     known_dims = {k for k, _ in program.dims}
+    edge_sets = _verify_edge_sets(program)
     for index, v in enumerate(program.values):
         where = f"value #{index} ({v.op})"
         if id(v) in seen:
@@ -269,6 +314,7 @@ def verify(program: Program) -> Program:
             raise VerificationError(f"{where}: {err.message}") from None
         if inferred != v.type:
             raise VerificationError(f"{where}: stored type {v.type} but the op's rule gives {inferred}")
+        _verify_value_edge_sets(v, where, edge_sets)
         for d in v.type.shape:
             missing = set(d.symbols) - known_dims
             if missing:
@@ -285,3 +331,36 @@ def verify(program: Program) -> Program:
         if id(v) not in seen:
             raise VerificationError(f"output {out_name!r} is not a value of the program")
     return program
+
+
+def _verify_edge_sets(program: Program) -> dict[str, EdgeSetDef]:
+    """The program's edge sets by name, after checking each: a unique name, a known kind, and a base
+    ("" or a set defined before it) for a derived one."""
+    known: dict[str, EdgeSetDef] = {}
+    for s in program.edge_sets:
+        if not s.name or s.name == "edge" or s.name in known:
+            what = "defined twice" if s.name in known else "not a set name"
+            raise VerificationError(f"edge set {s.name!r} is {what}")
+        if s.kind not in EDGE_SET_KINDS:
+            raise VerificationError(f"edge set {s.name!r} has unknown kind {s.kind!r} (one of {EDGE_SET_KINDS})")
+        if s.kind == "input" and s.base:
+            raise VerificationError(f"input edge set {s.name!r} has a base ({s.base!r})")
+        if s.kind in DERIVED_EDGE_SETS and s.base and s.base not in known:
+            raise VerificationError(f"edge set {s.name!r} is derived from {s.base!r}, which is not defined before it")
+        known[s.name] = s
+    return known
+
+
+def _verify_value_edge_sets(v: Value, where: str, edge_sets: Mapping[str, EdgeSetDef]) -> None:
+    """The edge sets ``v`` names (its type's, its ``edges`` attribute's) are the program's; a carry
+    moves values from the base of a derived set onto it."""
+    if v.type.rowset and (v.type.domain is not Domain.EDGE or v.type.rowset not in edge_sets):
+        raise VerificationError(f"{where}: its type {v.type} names an edge set the program does not define")
+    named = v.attr.get("edges", "")
+    if named and named not in edge_sets:
+        raise VerificationError(f"{where}: edge set {named!r} is not defined by the program")
+    if v.op in ("carry", "carry_grad"):
+        target = edge_sets.get(named)
+        base = v.operands[0].type.rowset if v.op == "carry" else v.attr["base"]
+        if target is None or target.kind not in DERIVED_EDGE_SETS or target.base != base:
+            raise VerificationError(f"{where}: {edge_set_label(named)} is not derived from {edge_set_label(base)}")

@@ -29,6 +29,7 @@ def reference() -> str:
         d = OPS[name]
         arity = "1+" if d.arity is None else str(d.arity)
         attrs = ", ".join(f"`{k}` " + ("{" + ", ".join(map(str, v)) + "}" if isinstance(v, tuple) else v.__name__)
+                          + (f" (default {d.defaults[k]!r}, not printed)" if k in d.defaults else "")
                           for k, v in d.attrs.items()) or "none"
         traits = ", ".join(sorted(t.value for t in d.traits)) or "none"
         gradient = f"none ({d.no_gradient})" if d.no_gradient else ("declared vjp" if d.vjp else "adjoint rule")

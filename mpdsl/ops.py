@@ -38,12 +38,36 @@ from typing import Any, TypeVar
 import numpy as np
 import scipy.special
 
-from mpdsl.types import INT_DTYPE, Dim, Domain, TensorType, TypeRuleError, broadcast_shapes, join_domains, shape_str
+from mpdsl.types import (
+    INT_DTYPE,
+    Dim,
+    Domain,
+    Space,
+    TensorType,
+    TypeRuleError,
+    broadcast_shapes,
+    join_domains,
+    join_spaces,
+    shape_str,
+)
 
 Attrs = dict[str, Any]
 TypeRule = Callable[[list[TensorType], Attrs, "TensorType | None"], TensorType]
 
 AGGREGATIONS = ("sum", "mean", "max", "min", "std")
+# How a program's edge sets are made (``Program.edge_sets``): "input" is read from the graph (an edge
+# set it carries beside its edges); the others derive a set from another one, as PyTorch Geometric's
+# utilities do: "self_loops" = remove_self_loops then add_self_loops (one loop per node, GATConv's
+# add_self_loops=True), "remaining_self_loops" = add_remaining_self_loops (gcn_norm's: a node's existing
+# loop is kept, with its edge values, one is added to a node without). Both give the base set's non-loop
+# edges in their order, then one loop per node in node order.
+EDGE_SET_KINDS = ("input", "self_loops", "remaining_self_loops")
+DERIVED_EDGE_SETS = EDGE_SET_KINDS[1:]
+# How ``carry`` fills the edge values of the loops a derived set adds: a constant (PyG's fill_value
+# number), or the mean / sum of the values of the node's non-loop in-edges in the base set (PyG's
+# fill_value "mean" / "add").
+CARRY_FILLS = ("constant", "mean", "sum")
+DEFAULT_EDGES = {"edges": ""}  # the ``defaults`` of an op's edge set attribute: the graph's own edges
 AXIS_REDUCTIONS = ("sum", "mean", "max", "min")
 REDUCE_AXES = ("src", "dst", "graph")
 GATHER_INDICES = ("src", "dst", "batch")
@@ -107,6 +131,10 @@ class OpDef:
     identities: tuple[tuple[int, float], ...] = ()  # (operand position, constant c): x op c == x
     no_gradient: str | None = None  # why the op carries no gradient (None: it has an adjoint rule)
     unfused: Callable[..., Any] | None = field(default=None, repr=False)  # fused ops: unfused(b, v) -> root value
+    # Attributes that may be left out, with the value they then take (``complete``); the IR text omits
+    # an attribute at its default. ``edges`` (the edge set an op moves values along) defaults to the
+    # graph's own edges, so a program on one edge set reads as before edge sets existed.
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def has(self, trait: Trait) -> bool:
         return trait in self.traits
@@ -118,6 +146,12 @@ class OpDef:
     def closed_attrs(self) -> dict[str, tuple]:
         """The attributes that take values from a closed enumeration, with their values."""
         return {k: v for k, v in self.attrs.items() if isinstance(v, tuple)}
+
+    def complete(self, attrs: Mapping[str, Any]) -> Attrs:
+        """``attrs`` with the defaulted attributes it leaves out (``defaults``) filled in."""
+        if all(k in attrs for k in self.defaults):
+            return dict(attrs)
+        return {**self.defaults, **attrs}
 
     def check_attrs(self, attrs: Attrs) -> None:
         if set(attrs) != set(self.attrs):
@@ -133,6 +167,7 @@ class OpDef:
             raise TypeRuleError(f"{self.name} takes {self.arity} operand(s), got {len(types)}")
         if self.arity is None and not types:
             raise TypeRuleError(f"{self.name} takes at least one operand")
+        attrs = self.complete(attrs)
         self.check_attrs(attrs)
         return self.rule(types, attrs, declared)
 
@@ -156,6 +191,7 @@ def op(name: str, arity: int | None, attrs: dict[str, Any] | None = None, *, sou
         all_traits = frozenset(traits) | ({Trait.SOURCE} if source else set())
         OPS[name] = OpDef(name, arity, attrs or {}, rule, (rule.__doc__ or "").strip(), source or declared,
                           all_traits, **facts)
+        assert set(OPS[name].defaults) <= set(OPS[name].attrs), name
         return rule
 
     return register
@@ -213,9 +249,11 @@ def _const(types, attrs, declared):
     return t
 
 
-@op("degree", 0, {"dir": ("in", "out")}, source=True, no_gradient="depends on the graph only")
+@op("degree", 0, {"dir": ("in", "out"), "edges": str}, source=True, no_gradient="depends on the graph only",
+    defaults=DEFAULT_EDGES)
 def _degree(types, attrs, declared):
-    """Per-node edge count as float: ``in`` counts edges j->i at i, ``out`` at j (multi-edges count)."""
+    """Per-node edge count as float: ``in`` counts edges j->i at i, ``out`` at j (multi-edges count),
+    of the edge set ``edges`` ("": the graph's own edges)."""
     t = _require_declared(declared, "degree")
     if t.domain is not Domain.NODE or t.shape or not t.is_float:
         raise TypeRuleError("a degree is a float node[] value")
@@ -471,10 +509,11 @@ def _unary_rule(name: str, contract: str):
 
 
 def _broadcast_float_type(types: list[TensorType], shown: str) -> TensorType:
-    """The type of an elementwise op over float operands: joined domain, broadcast shape."""
+    """The type of an elementwise op over float operands: joined rows (domain and edge set), broadcast shape."""
     for i, t in enumerate(types):
         _require_float(t, shown, i)
-    return TensorType(join_domains(types, shown), broadcast_shapes([t.shape for t in types], shown), types[0].dtype)
+    space = join_spaces(types, shown)
+    return TensorType(space.domain, broadcast_shapes([t.shape for t in types], shown), types[0].dtype, space.name)
 
 
 def _binary_rule(name: str, contract: str):
@@ -604,8 +643,8 @@ def _matmul(types, attrs, declared):
             f"matmul shape mismatch: {shape_str(a.shape)} @ {shape_str(b.shape)} "
             f"(inner dims {a.shape[-1]} and {b.shape[0]} differ)",
             "the last feature dim of the left operand must equal the first dim of the right one")
-    domain = join_domains(types, "matmul")
-    return TensorType(domain, a.shape[:-1] + b.shape[1:], a.dtype)
+    space = join_spaces(types, "matmul")
+    return TensorType(space.domain, a.shape[:-1] + b.shape[1:], a.dtype, space.name)
 
 
 @op("reduce", 1, {"reduce": AXIS_REDUCTIONS, "axis": int}, traits=(Trait.ROW_WISE,))
@@ -628,13 +667,14 @@ def _axis_softmax(types, attrs, declared):
 
 @op("concat", None, {"axis": int}, traits=(Trait.ROW_WISE,))
 def _concat(types, attrs, declared):
-    """Concatenate along a feature axis; all operands share domain, rank and the other dims. The
-    result's axis is the sum of theirs (symbolic dims too: ``edge[FE]`` and ``edge[D]`` twice give
-    ``edge[2*D + FE]``)."""
-    domains = {t.domain for t in types}
-    if len(domains) > 1:
-        raise TypeRuleError(f"concat of values of different domains ({', '.join(sorted(map(str, domains)))})",
-                            "gather or reduce to one domain first", 1)
+    """Concatenate along a feature axis; all operands share domain (and edge set), rank and the other
+    dims. The result's axis is the sum of theirs (symbolic dims too: ``edge[FE]`` and ``edge[D]`` twice
+    give ``edge[2*D + FE]``)."""
+    spaces = {t.space for t in types}
+    if len(spaces) > 1:
+        what = "domains" if len({s.domain for s in spaces}) > 1 else "edge sets"
+        raise TypeRuleError(f"concat of values of different {what} ({', '.join(sorted(map(str, spaces)))})",
+                            "gather or reduce to one domain (and edge set) first", 1)
     rank = types[0].rank
     if rank == 0:
         raise TypeRuleError("concat needs values with a feature axis", "reshape scalars with reshape(x, [1])", 0)
@@ -691,8 +731,8 @@ def _einsum(types, attrs, declared):
     """Einstein summation over feature axes, e.g. "hd,hde->he" (per-head matmul); the row axis is
     implicit and shared by all non-param operands; letters absent from the output are summed."""
     sizes, out = _subscript_sizes(types, attrs["spec"], "einsum")
-    domain = join_domains(types, "einsum")
-    return TensorType(domain, tuple(sizes[c] for c in out), types[0].dtype)
+    space = join_spaces(types, "einsum")
+    return TensorType(space.domain, tuple(sizes[c] for c in out), types[0].dtype, space.name)
 
 
 def shape_size(shape) -> Dim:
@@ -726,8 +766,8 @@ def _one_hot(types, attrs, declared):
                             "declare the ids as, e.g., etype: edge int", 0)
     if attrs["classes"] < 1:
         raise TypeRuleError("one_hot needs at least one class")
-    if not target.is_float or target.domain is not t.domain or target.shape != (Dim(attrs["classes"]),):
-        raise TypeRuleError(f"one_hot of {t} with {attrs['classes']} classes is {t.domain}[{attrs['classes']}] float")
+    if not target.is_float or target.space != t.space or target.shape != (Dim(attrs["classes"]),):
+        raise TypeRuleError(f"one_hot of {t} with {attrs['classes']} classes is {t.space}[{attrs['classes']}] float")
     return target
 
 
@@ -779,11 +819,30 @@ def running_statistic(value) -> tuple[str, tuple[int, ...]] | None:
 # ---- graph movement ----------------------------------------------------------------------
 
 
-@op("gather", 1, {"index": GATHER_INDICES}, traits=(Trait.GRAPH,))
+def edge_set_label(name: str) -> str:
+    """An edge set as the source language names it: its name, ``edge`` for the graph's own edges."""
+    return name or "edge"
+
+
+def _edge_space(attrs: Attrs) -> Space:
+    """The rows of the edge set an op's ``edges`` attribute names."""
+    return Space(Domain.EDGE, attrs["edges"])
+
+
+def _no_edge_set(attrs: Attrs, what: str) -> None:
+    if attrs["edges"]:
+        raise TypeRuleError(f"{what} does not move values along edges, so it takes no edge set "
+                            f"(got {attrs['edges']!r})")
+
+
+@op("gather", 1, {"index": GATHER_INDICES, "edges": str}, traits=(Trait.GRAPH,), defaults=DEFAULT_EDGES)
 def _gather(types, attrs, declared):
-    """Move values along the graph: node -> edge by ``src`` or ``dst`` endpoint; graph -> node by ``batch``."""
+    """Move values along the graph: node -> edge by ``src`` or ``dst`` endpoint of the edges of the
+    edge set ``edges`` (its rows); graph -> node by ``batch``."""
     (t,) = types
     index = attrs["index"]
+    if index == "batch":
+        _no_edge_set(attrs, "a gather by batch")
     needed = Domain.GRAPH if index == "batch" else Domain.NODE
     if t.domain is not needed:
         if index == "batch":
@@ -793,7 +852,7 @@ def _gather(types, attrs, declared):
         else:
             hint = f"x[{index}] reads node values at each edge's {'source' if index == 'src' else 'destination'}"
         raise TypeRuleError(f"cannot gather {_a(t.domain)} value by {index}: [{index}] reads {needed} values", hint, 0)
-    return t.with_(domain=Domain.NODE if index == "batch" else Domain.EDGE)
+    return t.on(Space(Domain.NODE) if index == "batch" else _edge_space(attrs))
 
 
 @op("take", 2, traits=(Trait.ROW_WISE,))
@@ -806,7 +865,7 @@ def _take(types, attrs, declared):
     if idx.dtype != INT_DTYPE or idx.domain is Domain.PARAM or idx.rank != 0:
         raise TypeRuleError(f"a parameter index must be an int node, edge or graph value, got {idx}",
                             "declare the input as, e.g., etype: edge int", 1)
-    return TensorType(idx.domain, w.shape[1:], w.dtype)
+    return TensorType(idx.domain, w.shape[1:], w.dtype, idx.rowset)
 
 
 @op("select", 1, {"index": int}, traits=(Trait.ROW_WISE,))
@@ -825,35 +884,48 @@ def _a(domain: Domain) -> str:
     return f"an {domain}" if domain is Domain.EDGE else f"a {domain}"
 
 
-def _reduced_domain(t: TensorType, by: str, what: str) -> Domain:
+def _reduced_domain(t: TensorType, attrs: Attrs, what: str) -> Domain:
+    by = attrs["by"]
     if by == "graph":
+        _no_edge_set(attrs, f"{what} by graph")
         if t.domain is not Domain.NODE:
-            raise TypeRuleError(f"{what} by graph reduces node values to their graphs, got {_a(t.domain)} value",
-                                "reduce edges to nodes first (sum(...) by dst)", 0)
+            where = f" (edge set {t.rowset})" if t.rowset else ""
+            raise TypeRuleError(f"{what} by graph reduces node values to their graphs, got {_a(t.domain)} "
+                                f"value{where}", "reduce edges to nodes first (sum(...) by dst)", 0)
         return Domain.GRAPH
     if t.domain is not Domain.EDGE:
         hint = (f"gather node values onto edges first: {what}(h[src]) by {by}" if t.domain is Domain.NODE
                 else f"{what} by {by} reduces edge values onto nodes")
         raise TypeRuleError(f"{what} by {by} reduces edge values to nodes, got {_a(t.domain)} value", hint, 0)
+    _on_edge_set(t, attrs, f"{what} by {by}", 0)
     return Domain.NODE
 
 
-@op("aggregate", 1, {"reduce": AGGREGATIONS, "by": REDUCE_AXES}, traits=(Trait.GRAPH,))
+def _on_edge_set(t: TensorType, attrs: Attrs, what: str, operand: int) -> None:
+    """An edge operand of an op over the edge set ``attrs["edges"]`` lives on that set."""
+    if t.domain is Domain.EDGE and t.rowset != attrs["edges"]:
+        raise TypeRuleError(f"{what} runs over the edges of {edge_set_label(attrs['edges'])}, but its operand "
+                            f"lives on {t.space}", "reduce a value over the edge set it lives on", operand)
+
+
+@op("aggregate", 1, {"reduce": AGGREGATIONS, "by": REDUCE_AXES, "edges": str}, traits=(Trait.GRAPH,),
+    defaults=DEFAULT_EDGES)
 def _aggregate(types, attrs, declared):
-    """Reduce edge rows onto nodes (by dst: over in-edges; by src: over out-edges) or node rows onto
-    graphs (by graph). sum, mean, max, min, std (population); an empty group gives 0."""
+    """Reduce edge rows onto nodes (by dst: over in-edges; by src: over out-edges; the edges of the
+    edge set ``edges``, which the operand lives on) or node rows onto graphs (by graph). sum, mean,
+    max, min, std (population); an empty group gives 0."""
     (t,) = types
     _require_float(t, attrs["reduce"])
-    return t.with_(domain=_reduced_domain(t, attrs["by"], attrs["reduce"]))
+    return t.with_(domain=_reduced_domain(t, attrs, attrs["reduce"]))
 
 
-@op("softmax", 1, {"by": REDUCE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER))
+@op("softmax", 1, {"by": REDUCE_AXES, "edges": str}, traits=(Trait.GRAPH, Trait.EDGE_ORDER), defaults=DEFAULT_EDGES)
 def _softmax(types, attrs, declared):
-    """Segment softmax: normalise each edge row over the edges sharing its dst (or src) node, or each
-    node row over the nodes of its graph; per feature element, max-subtracted."""
+    """Segment softmax: normalise each edge row over the edges (of the edge set ``edges``) sharing its
+    dst (or src) node, or each node row over the nodes of its graph; per feature element, max-subtracted."""
     (t,) = types
     _require_float(t, "softmax")
-    _reduced_domain(t, attrs["by"], "softmax")
+    _reduced_domain(t, attrs, "softmax")
     return t
 
 
@@ -870,19 +942,22 @@ def is_prefix(prefix, shape) -> bool:
     return len(prefix) <= len(shape) and tuple(shape[:len(prefix)]) == tuple(prefix)
 
 
-def _edge_weights(w: TensorType, x: TensorType, what: str) -> None:
+def _edge_weights(w: TensorType, x: TensorType, what: str, attrs: Attrs) -> None:
     if w.domain is not Domain.EDGE or not w.is_float:
         raise TypeRuleError(f"{what}: weights must be float edge values, got {w}", operand=1)
+    _on_edge_set(w, attrs, what, 1)
     if not is_prefix(w.shape, x.shape):
         raise TypeRuleError(f"{what}: weight shape {shape_str(w.shape)} is not a prefix of {shape_str(x.shape)}",
                             operand=1)
 
 
-def _scores(s: TensorType, x: TensorType, what: str, operand: int = 0) -> None:
-    """Attention scores: float edge values whose shape is a prefix of the aggregated values' ``x``."""
+def _scores(s: TensorType, x: TensorType, what: str, attrs: Attrs, operand: int = 0) -> None:
+    """Attention scores: float edge values (of the op's edge set) whose shape is a prefix of the
+    aggregated values' ``x``."""
     if s.domain is not Domain.EDGE or not s.is_float or not is_prefix(s.shape, x.shape):
         raise TypeRuleError(f"{what} scores must be edge values with a prefix shape of {shape_str(x.shape)}, "
                             f"got {s}", operand=operand)
+    _on_edge_set(s, attrs, what, operand)
 
 
 def _node_values(t: TensorType, shape, what: str, operand: int) -> None:
@@ -893,44 +968,47 @@ def _node_values(t: TensorType, shape, what: str, operand: int) -> None:
 
 def _gspmm_unfused(b, v):
     by = v.attr["by"]
-    message = b.gather(v.operands[0], OTHER_END[by])
+    message = b.gather(v.operands[0], OTHER_END[by], v.attr["edges"])
     if len(v.operands) == 2:
         message = b.mul(message, v.operands[1])
     return b.aggregate(message, v.attr["reduce"], by)
 
 
-@op("gspmm", None, {"reduce": GRAPH_REDUCTIONS, "by": EDGE_AXES, "layout": LAYOUTS},
-    traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED), unfused=_gspmm_unfused)
+@op("gspmm", None, {"reduce": GRAPH_REDUCTIONS, "by": EDGE_AXES, "layout": LAYOUTS, "edges": str},
+    traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED), unfused=_gspmm_unfused, defaults=DEFAULT_EDGES)
 def _gspmm(types, attrs, declared):
     """Fused gather -> weight -> reduce (g-SpMM): by dst, out_i = reduce over edges j->i of w_e * x_j
-    (by src, over edges j->i into j, of w_e * x_i). Operands: x node[S], optionally w edge[P] with P a
-    prefix of S (scalar or per-head weights). Never materialises an E x S tensor."""
+    (by src, over edges j->i into j, of w_e * x_i), the edges of the edge set ``edges``. Operands: x
+    node[S], optionally w edge[P] (on that set) with P a prefix of S (scalar or per-head weights).
+    Never materialises an E x S tensor."""
     if len(types) not in (1, 2):
         raise TypeRuleError("gspmm takes x and optional edge weights")
     x = types[0]
     if x.domain is not Domain.NODE or not x.is_float:
         raise TypeRuleError(f"gspmm reads float node values, got {x}", operand=0)
     if len(types) == 2:
-        _edge_weights(types[1], x, "gspmm")
+        _edge_weights(types[1], x, "gspmm", attrs)
     return x
 
 
 def _match_gspmm_unfused(b, v):
     by = v.attr["by"]
     a, b_, *weighted = v.operands
-    weight = b.eq(b.gather(a, "src"), b.gather(b_, "dst"))
+    edges = v.attr["edges"]
+    weight = b.eq(b.gather(a, "src", edges), b.gather(b_, "dst", edges))
     if weighted:
-        weight = b.mul(weight, b.gather(weighted[0], OTHER_END[by]))
+        weight = b.mul(weight, b.gather(weighted[0], OTHER_END[by], edges))
     return b.aggregate(weight, "sum", by)
 
 
-@op("match_gspmm", None, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.FUSED),
-    unfused=_match_gspmm_unfused)
+@op("match_gspmm", None, {"by": EDGE_AXES, "layout": LAYOUTS, "edges": str}, traits=(Trait.GRAPH, Trait.FUSED),
+    unfused=_match_gspmm_unfused, defaults=DEFAULT_EDGES)
 def _match_gspmm(types, attrs, declared):
     """Fused sum over the edges whose endpoint values match, per feature element: with m_e = [a_j == b_i]
     for an edge e = j->i (a read at its source, b at its destination), by dst, out_i = sum over edges
     j->i of m_e * x_j; by src, out_j = sum over edges j->i of m_e * x_i; x = 1 when absent (the
-    number of matching edges). Operands a, b and optionally x: float node[S]. The backward of a max /
+    number of matching edges), the edges of the edge set ``edges``. Operands a, b and optionally x:
+    float node[S]. The backward of a max /
     min aggregation of gathered node values runs as two of them (the tie counts by the reducing
     endpoint, then the cotangent routed back over the other CSR); no E x S mask is materialised."""
     if len(types) not in (2, 3):
@@ -945,22 +1023,23 @@ def _match_gspmm(types, attrs, declared):
 def _attention_unfused(b, v):
     by = v.attr["by"]
     s, x = v.operands
-    alpha = b.emit("softmax", [s], {"by": by})
-    return b.aggregate(b.mul(alpha, b.gather(x, OTHER_END[by])), "sum", by)
+    alpha = b.emit("softmax", [s], {"by": by, "edges": v.attr["edges"]})
+    return b.aggregate(b.mul(alpha, b.gather(x, OTHER_END[by], v.attr["edges"])), "sum", by)
 
 
-@op("attention", 2, {"by": EDGE_AXES, "layout": LAYOUTS}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
-    unfused=_attention_unfused)
+@op("attention", 2, {"by": EDGE_AXES, "layout": LAYOUTS, "edges": str},
+    traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED), unfused=_attention_unfused, defaults=DEFAULT_EDGES)
 def _attention(types, attrs, declared):
     """Fused edge softmax and weighted aggregation: by dst, out_i = sum over edges j->i of
-    softmax_i(s)_e * x_j, the softmax over each node's in-edges per score element (online softmax:
-    no normalised E x S tensor). s edge[P], x node[S], P a prefix of S. Its gradient is a destination
-    pass (``attention_score_grad``) and a source pass (``attention_value_grad``) that read the
-    per-node log-sum-exp of the scores (``segment_logsumexp``): no E x S tensor either."""
+    softmax_i(s)_e * x_j, the softmax over each node's in-edges (of the edge set ``edges``) per score
+    element (online softmax: no normalised E x S tensor). s edge[P] (on that set), x node[S], P a
+    prefix of S. Its gradient is a destination pass (``attention_score_grad``) and a source pass
+    (``attention_value_grad``) that read the per-node log-sum-exp of the scores (``segment_logsumexp``):
+    no E x S tensor either."""
     s, x = types
     if x.domain is not Domain.NODE or not x.is_float:
         raise TypeRuleError(f"attention aggregates float node values, got {x}", operand=1)
-    _scores(s, x, "attention")
+    _scores(s, x, "attention", attrs)
     return x
 
 
@@ -968,35 +1047,38 @@ def _segment_logsumexp_unfused(b, v):
     by = v.attr["by"]
     (s,) = v.operands
     peak = b.aggregate(s, "max", by)  # 0 for a node without edges
-    total = b.aggregate(b.unary("exp", b.sub(s, b.gather(peak, by))), "sum", by)
+    total = b.aggregate(b.unary("exp", b.sub(s, b.gather(peak, by, v.attr["edges"]))), "sum", by)
     return b.add(b.unary("log", b.add(total, b.eq(total, 0.0))), peak)
 
 
-@op("segment_logsumexp", 1, {"by": EDGE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
-    unfused=_segment_logsumexp_unfused)
+@op("segment_logsumexp", 1, {"by": EDGE_AXES, "edges": str}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
+    unfused=_segment_logsumexp_unfused, defaults=DEFAULT_EDGES)
 def _segment_logsumexp(types, attrs, declared):
     """Per-node log-sum-exp of edge scores: by dst, lse_i = log sum over edges j->i of exp(s_e)
-    (max-shifted), per score element; 0 for a node without edges. s edge[P] -> node[P]: the softmax
+    (max-shifted), per score element; 0 for a node without edges; the edges of the edge set ``edges``,
+    which s lives on. s edge[P] -> node[P]: the softmax
     statistics (max and sum) the attention backward passes read, so that softmax_i(s)_e =
     exp(s_e - lse_i) is recomputed per edge instead of stored."""
     (s,) = types
     if s.domain is not Domain.EDGE or not s.is_float:
         raise TypeRuleError(f"segment_logsumexp reduces float edge scores, got {s}", operand=0)
+    _on_edge_set(s, attrs, "segment_logsumexp", 0)
     return s.with_(domain=Domain.NODE)
 
 
 def _attention_score_grad_unfused(b, v):
     by = v.attr["by"]
     s, lse, x, g, delta = v.operands
-    alpha = b.unary("exp", b.sub(s, b.gather(lse, by)))
+    edges = v.attr["edges"]
+    alpha = b.unary("exp", b.sub(s, b.gather(lse, by, edges)))
     letters = "abcdefghijklmnopqrstuvwxyz"[:x.type.rank]
-    dot = b.contract([b.gather(g, by), b.gather(x, OTHER_END[by])], [letters, letters], letters[:s.type.rank],
-                     s.type)
-    return b.mul(alpha, b.sub(dot, b.gather(delta, by)))
+    dot = b.contract([b.gather(g, by, edges), b.gather(x, OTHER_END[by], edges)], [letters, letters],
+                     letters[:s.type.rank], s.type)
+    return b.mul(alpha, b.sub(dot, b.gather(delta, by, edges)))
 
 
-@op("attention_score_grad", 5, {"by": EDGE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
-    unfused=_attention_score_grad_unfused)
+@op("attention_score_grad", 5, {"by": EDGE_AXES, "edges": str}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
+    unfused=_attention_score_grad_unfused, defaults=DEFAULT_EDGES)
 def _attention_score_grad(types, attrs, declared):
     """The destination pass of the attention backward (by dst: over each node's in-edges): the
     cotangent of the scores, d s_e = a_e * (<g_i, x_j> - delta_i) for the edge e = j->i, with
@@ -1007,7 +1089,7 @@ def _attention_score_grad(types, attrs, declared):
     s, lse, x, g, delta = types
     if x.domain is not Domain.NODE or not x.is_float:
         raise TypeRuleError(f"attention_score_grad reads float node values, got {x}", operand=2)
-    _scores(s, x, "attention_score_grad")
+    _scores(s, x, "attention_score_grad", attrs)
     _node_values(lse, s.shape, "attention_score_grad: the log-sum-exp", 1)
     _node_values(g, x.shape, "attention_score_grad: the cotangent", 3)
     _node_values(delta, s.shape, "attention_score_grad: delta", 4)
@@ -1017,12 +1099,13 @@ def _attention_score_grad(types, attrs, declared):
 def _attention_value_grad_unfused(b, v):
     by = v.attr["by"]
     s, lse, g = v.operands
-    alpha = b.unary("exp", b.sub(s, b.gather(lse, OTHER_END[by])))
-    return b.aggregate(b.mul(alpha, b.gather(g, OTHER_END[by])), "sum", by)
+    edges = v.attr["edges"]
+    alpha = b.unary("exp", b.sub(s, b.gather(lse, OTHER_END[by], edges)))
+    return b.aggregate(b.mul(alpha, b.gather(g, OTHER_END[by], edges)), "sum", by)
 
 
-@op("attention_value_grad", 3, {"by": EDGE_AXES}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
-    unfused=_attention_value_grad_unfused)
+@op("attention_value_grad", 3, {"by": EDGE_AXES, "edges": str}, traits=(Trait.GRAPH, Trait.EDGE_ORDER, Trait.FUSED),
+    unfused=_attention_value_grad_unfused, defaults=DEFAULT_EDGES)
 def _attention_value_grad(types, attrs, declared):
     """The source pass of the attention backward, the transpose of attention by the other axis:
     by src, out_j = sum over edges e = j->i of exp(s_e - lse_i) * g_i (a softmax-weighted g-SpMM
@@ -1032,7 +1115,7 @@ def _attention_value_grad(types, attrs, declared):
     s, lse, g = types
     if g.domain is not Domain.NODE or not g.is_float:
         raise TypeRuleError(f"attention_value_grad reads float node values, got {g}", operand=2)
-    _scores(s, g, "attention_value_grad")
+    _scores(s, g, "attention_value_grad", attrs)
     _node_values(lse, s.shape, "attention_value_grad: the log-sum-exp", 1)
     return g
 
@@ -1186,21 +1269,64 @@ def _global_attention_key_grad(types, attrs, declared):
 
 def _typed_linear_unfused(b, v):
     h, w, t = v.operands
-    return b.emit("matmul", [b.gather(h, v.attr["index"]), b.emit("take", [w, t])])
+    return b.emit("matmul", [b.gather(h, v.attr["index"], v.attr["edges"]), b.emit("take", [w, t])])
 
 
-@op("typed_linear", 3, {"index": EDGE_AXES}, traits=(Trait.GRAPH, Trait.FUSED), unfused=_typed_linear_unfused)
+@op("typed_linear", 3, {"index": EDGE_AXES, "edges": str}, traits=(Trait.GRAPH, Trait.FUSED),
+    unfused=_typed_linear_unfused, defaults=DEFAULT_EDGES)
 def _typed_linear(types, attrs, declared):
     """Relation-typed matmul with compact materialisation: out_e = h[index_e] @ W[t_e], computed once
-    per distinct (node, type) pair and gathered to the edges. h node[..., D], W param[R, D, ...], t edge int."""
+    per distinct (node, type) pair and gathered to the edges (of the edge set ``edges``). h node[..., D],
+    W param[R, D, ...], t edge int (on that set)."""
     h, w, t = types
     if h.domain is not Domain.NODE or w.domain is not Domain.PARAM or w.rank < 2:
         raise TypeRuleError(f"typed_linear takes node values and a param[R, D, ...], got {h} and {w}")
     if t.domain is not Domain.EDGE or t.dtype != INT_DTYPE or t.rank != 0:
         raise TypeRuleError(f"typed_linear indexes by an int edge value, got {t}", operand=2)
+    _on_edge_set(t, attrs, "typed_linear", 2)
     if h.rank < 1 or h.shape[-1] != w.shape[1]:
         raise TypeRuleError(f"typed_linear shape mismatch: {shape_str(h.shape)} @ {shape_str(w.shape[1:])}")
-    return TensorType(Domain.EDGE, h.shape[:-1] + w.shape[2:], h.dtype)
+    return TensorType(Domain.EDGE, h.shape[:-1] + w.shape[2:], h.dtype, attrs["edges"])
+
+
+# ---- edge values carried onto a derived edge set ------------------------------------------------
+
+
+def _carried(t: TensorType, what: str) -> None:
+    if t.domain is not Domain.EDGE or not t.is_float:
+        raise TypeRuleError(f"{what} carries float edge values, got {t}",
+                            "carry(x, looped, fill) takes an edge value of the set `looped` is derived from", 0)
+
+
+@op("carry", 1, {"edges": str, "fill": CARRY_FILLS, "value": float}, traits=(Trait.GRAPH,))
+def _carry(types, attrs, declared):
+    """Edge values carried onto the derived edge set ``edges`` (``self_loops`` or
+    ``remaining_self_loops`` of the set x lives on), as PyTorch Geometric's add_self_loops /
+    add_remaining_self_loops carry ``edge_attr`` with their ``fill_value``: an edge of the derived set
+    that comes from an edge of the base set (its non-loop edges; with remaining_self_loops also a
+    node's own loop, the last of them in edge order when there are several) takes that edge's row; a
+    loop the set adds takes the fill, ``value`` (fill "constant") or the mean / sum of the rows of the
+    node's non-loop in-edges in the base set (fill "mean" / "sum"; 0 for a node without one).
+    x edge<base>[S] -> edge<edges>[S]; linear in x (affine with a constant fill)."""
+    (t,) = types
+    _carried(t, "carry")
+    if not attrs["edges"]:
+        raise TypeRuleError("carry moves edge values onto a derived edge set, not onto the graph's own edges")
+    return t.with_(rowset=attrs["edges"])
+
+
+@op("carry_grad", 1, {"edges": str, "base": str, "fill": CARRY_FILLS}, traits=(Trait.GRAPH,))
+def _carry_grad(types, attrs, declared):
+    """The transpose of ``carry`` (its backward): the cotangent g of a carry onto the derived set
+    ``edges`` from the set ``base``, back on the base set: each base edge gets the row of the derived
+    edge it became (0 for a loop that self_loops dropped, or an extra loop of remaining_self_loops),
+    and with fill "mean" / "sum" each non-loop edge j -> i also gets the row of the loop the set added
+    at i (divided by i's count of non-loop in-edges for "mean"). g edge<edges>[S] -> edge<base>[S]."""
+    (t,) = types
+    _carried(t, "carry_grad")
+    if t.rowset != attrs["edges"] or not attrs["edges"]:
+        raise TypeRuleError(f"carry_grad reads a cotangent on {edge_set_label(attrs['edges'])}, got {t}")
+    return t.with_(rowset=attrs["base"])
 
 
 # ---- ops used by gradient programs (mpdsl.autodiff); not spelled in the source language ------------
@@ -1226,7 +1352,7 @@ def _broadcast(types, attrs, declared):
     (t,) = types
     declared = _require_declared(declared, "broadcast")
     _require_float(t, "broadcast")
-    if t.domain is not declared.domain and t.domain is not Domain.PARAM:
+    if t.space != declared.space and t.domain is not Domain.PARAM:
         raise TypeRuleError(f"cannot broadcast {t} to {declared}: different rows")
     if t.rank > declared.rank or broadcast_shapes([t.shape, declared.shape], "broadcast") != declared.shape:
         raise TypeRuleError(f"cannot broadcast {t} to {declared}")

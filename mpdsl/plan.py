@@ -12,7 +12,7 @@ import numpy as np
 from mpdsl.graph import Graph
 from mpdsl.ir import Program, Value, value_names
 from mpdsl.ops import OPS, MissingRule, Trait
-from mpdsl.types import ITEMSIZE, Domain, TensorType
+from mpdsl.types import ITEMSIZE, Domain, Space, TensorType
 
 LAYOUT_MODES = ("auto", "reorder", "none")
 REORDER_MIN_NODES = 50_000  # below this the node features fit in the last-level cache anyway
@@ -72,7 +72,7 @@ class GraphLayout:
                 array = laid_out[name].astype(array.dtype, copy=False)
             elif domain is Domain.NODE and self.nodes is not None:
                 array = take_rows(array, self.nodes.perm)
-            elif domain is Domain.EDGE and self.edge_perm is not None:
+            elif domain is Domain.EDGE and not input_types[name].rowset and self.edge_perm is not None:
                 array = take_rows(array, self.edge_perm)
             moved[name] = array
         return laid_out, moved
@@ -87,7 +87,7 @@ class GraphLayout:
             domain = types[name].domain
             if domain is Domain.NODE and self.nodes is not None:
                 array = put_rows(array, self.nodes.perm)
-            elif domain is Domain.EDGE and self.edge_perm is not None:
+            elif domain is Domain.EDGE and not types[name].rowset and self.edge_perm is not None:
                 array = put_rows(array, self.edge_perm)
             restored[name] = array
         return restored
@@ -258,9 +258,22 @@ def decide_node_order(graph: Graph, mode: str, sample: int = SAMPLE_EDGES) -> La
                           ordering)
 
 
+def fixed_order_reason(program: Program) -> str | None:
+    """Why ``program`` runs its graph in the given order whatever the layout mode (None: it need not):
+    a program with edge sets besides the graph's edges (their values, and the loops a derived set
+    adds in node order, are not relabelled)."""
+    if not program.edge_sets:
+        return None
+    names = ", ".join(s.name for s in program.edge_sets)
+    return (f"the program reads edge sets besides the graph's edges ({names}): the graph runs in its given "
+            "order (no node reordering, no edge sorting)")
+
+
 def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | None:
     """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph."""
     if not any(OPS[v.op].has(Trait.GRAPH) for v in program.values) or graph.num_nodes == 0:
+        return None
+    if fixed_order_reason(program) is not None:
         return None
     per_edge_by_dst = any(OPS[v.op].has(Trait.EDGE_ORDER) and v.attr["by"] == "dst"
                           and any(o.type.domain is Domain.EDGE for o in v.operands) for v in program.values)
@@ -347,10 +360,10 @@ def _pair_flops(per_pair):
     return rule
 
 
-def node_pairs(rows: Mapping[Domain, int]) -> int:
-    """The same-graph node pairs of a batch known by its row counts only: N^2 / G, exact for graphs of
-    one size (a batch of unequal sizes has more: ``graph_pairs``)."""
-    return rows[Domain.NODE] ** 2 // max(1, rows[Domain.GRAPH])
+def node_pairs(rows: Mapping) -> int:
+    """The same-graph node pairs of a batch known by its row counts only (``rows_on``): N^2 / G, exact
+    for graphs of one size (a batch of unequal sizes has more: ``graph_pairs``)."""
+    return rows_on(rows, Space(Domain.NODE)) ** 2 // max(1, rows_on(rows, Space(Domain.GRAPH)))
 
 
 def graph_pairs(graph: Graph) -> int:
@@ -387,6 +400,9 @@ FLOP_RULES = {
     "global_attention_query_grad": _pair_flops(lambda k, d: 4 * k + 2 * d + 4),
     # as the query pass, and dv += p g_i (2D)
     "global_attention_key_grad": _pair_flops(lambda k, d: 4 * k + 4 * d + 4),
+    # a mean / sum fill sums the rows of the base set's edges per node (counted on the derived set's edges)
+    "carry": lambda v, count, edges, width, dims: 0 if v.attr["fill"] == "constant" else edges * width,
+    "carry_grad": lambda v, count, edges, width, dims: 0 if v.attr["fill"] == "constant" else edges * width,
     "aggregate": lambda v, count, edges, width, dims: edges * width,
     "softmax": _per_element_flops, "batch_norm": _per_element_flops, "contract_rows": _per_element_flops,
     "broadcast": _per_element_flops,
@@ -408,23 +424,43 @@ def runs_a_kernel(v: Value) -> bool:
     return not (OPS[v.op].has(Trait.INTERFACE) or v.op == "const")
 
 
-def op_cost(v: Value, rows: Mapping[Domain, int], dims: Mapping[str, int], itemsize: int,
+def rows_on(rows: Mapping, space: Space) -> int:
+    """The rows of ``space`` in a row count table keyed by ``Space`` (``space_rows``), or by ``Domain``
+    for the graph's own rows."""
+    if space in rows:
+        return rows[space]
+    if space.name:
+        raise MissingRule(f"the row counts have no entry for {space}")
+    return rows[space.domain]
+
+
+def op_edges(v: Value) -> Space:
+    """The edges an op's cost is counted over: an aggregation's operand rows, else its edge set."""
+    if v.op == "aggregate":
+        return v.operands[0].type.space
+    if v.op in ("carry", "carry_grad"):
+        return v.type.space
+    return Space(Domain.EDGE, v.attr.get("edges", ""))
+
+
+def op_cost(v: Value, rows: Mapping, dims: Mapping[str, int], itemsize: int,
             pairs: int | None = None) -> OpCost:
-    """Bytes the op materialises (its result) and its floating-point operations; ``pairs``: the
-    batch's same-graph node pairs (``graph_pairs``; None: ``node_pairs`` of the row counts)."""
+    """Bytes the op materialises (its result) and its floating-point operations; ``rows``: the rows of
+    each space (``space_rows``; for a program on the graph's own edges, keys by ``Domain`` do);
+    ``pairs``: the batch's same-graph node pairs (``graph_pairs``; None: ``node_pairs`` of the rows)."""
     if not runs_a_kernel(v):
         return OpCost(v, 0, 0)
     width = _size(v.type, dims)
-    count = rows[v.type.domain] * width
+    count = rows_on(rows, v.type.space) * width
     if OPS[v.op].has(Trait.GRAPH_PAIRS):
         edges = node_pairs(rows) if pairs is None else pairs
     else:
-        edges = rows[v.operands[0].type.domain] if v.op == "aggregate" else rows[Domain.EDGE]
+        edges = rows_on(rows, op_edges(v))
     flops = flop_rule(v.op)(v, count, edges, width, dims)
     return OpCost(v, count * (8 if v.type.dtype == "i64" else itemsize), flops)
 
 
-def program_costs(program: Program, rows: Mapping[Domain, int], dims: Mapping[str, int],
+def program_costs(program: Program, rows: Mapping, dims: Mapping[str, int],
                   pairs: int | None = None) -> list[OpCost]:
     itemsize = ITEMSIZE[program.float_dtype]
     return [op_cost(v, rows, dims, itemsize, pairs) for v in program.values]
@@ -443,17 +479,43 @@ def _fmt_flops(n: int) -> str:
     return f"{n / 1e9:.3f} GFLOP" if n >= 1e7 else f"{n / 1e6:.3f} MFLOP"
 
 
-def _plan_rows(graph: Graph | None) -> tuple[dict[Domain, int], int, str]:
-    """Rows per domain the plan is sized for, the same-graph node pairs (``graph_pairs``) and the line
+ASSUMED_NODES, ASSUMED_EDGES = 100_000, 1_000_000  # the plan's sizes when no graph is given
+
+
+def space_rows(program: Program, graph=None) -> dict[Space, int]:
+    """The rows of every space ``program``'s values live on: a ``Graph``'s (edge sets resolved and
+    derived sets built, once per graph), a graph of given sizes (``num_nodes``, ``num_edges``,
+    ``num_graphs`` and ``edge_set_rows``: the rows of each edge set by name), or without a graph the
+    plan's assumed sizes (an input edge set as many edges as the graph, a derived set its base's
+    plus one loop per node)."""
+    from mpdsl.backends import edge_graph
+
+    if graph is None:
+        rows = {Space(Domain.NODE): ASSUMED_NODES, Space(Domain.EDGE): ASSUMED_EDGES, Space(Domain.GRAPH): 1}
+        for s in program.edge_sets:
+            rows[Space(Domain.EDGE, s.name)] = (ASSUMED_EDGES if s.kind == "input"
+                                                else rows[Space(Domain.EDGE, s.base)] + ASSUMED_NODES)
+    else:
+        rows = {Space(Domain.NODE): graph.num_nodes, Space(Domain.EDGE): graph.num_edges,
+                Space(Domain.GRAPH): graph.num_graphs}
+        for s in program.edge_sets:
+            rows[Space(Domain.EDGE, s.name)] = (edge_graph(graph, program, s.name).num_edges
+                                                if isinstance(graph, Graph) else graph.edge_set_rows[s.name])
+    rows[Space(Domain.PARAM)] = 1
+    return rows
+
+
+def _plan_rows(program: Program, graph: Graph | None) -> tuple[dict[Space, int], int, str]:
+    """Rows per space the plan is sized for, the same-graph node pairs (``graph_pairs``) and the line
     saying so."""
+    rows = space_rows(program, graph)
+    pairs = node_pairs(rows) if graph is None else graph_pairs(graph)
+    sets = "".join(f", {rows[Space(Domain.EDGE, s.name)]} edges of {s.name}" for s in program.edge_sets)
     if graph is not None:
-        rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs,
-                Domain.PARAM: 1}
-        return rows, graph_pairs(graph), (f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, "
-                                          f"{graph.num_graphs} graph(s)")
-    rows = {Domain.NODE: 100_000, Domain.EDGE: 1_000_000, Domain.GRAPH: 1, Domain.PARAM: 1}
-    return rows, node_pairs(rows), ("graph: none given; figures for 100000 nodes, 1000000 edges, 1 graph (pass "
-                                    "--graph for real ones)")
+        return rows, pairs, (f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_graphs} graph(s)"
+                      + sets)
+    return rows, pairs, (f"graph: none given; figures for {ASSUMED_NODES} nodes, {ASSUMED_EDGES} edges, 1 graph{sets} "
+                  "(pass --graph for real ones)")
 
 
 def _kernel_table(program: Program, costs: list[OpCost], marks: Mapping[int, str] | None = None) -> list[str]:
@@ -469,6 +531,8 @@ def _kernel_table(program: Program, costs: list[OpCost], marks: Mapping[int, str
         kernel += 1
         layout = v.attr.get("layout", f"csr_{v.attr['by']}" if v.attr.get("by") in ("src", "dst")
                             and OPS[v.op].has(Trait.GRAPH) else "-")
+        if v.attr.get("edges"):  # the edge set a graph op runs over (the graph's own edges: not named)
+            layout = f"({v.attr['edges']})" if layout == "-" else f"{layout} ({v.attr['edges']})"
         mark = f"  {marks[id(v)]}" if marks and id(v) in marks else ""
         lines.append(f"{kernel:<8} {v.op:<14} {names[v] + ' ' + str(v.type):<24} {layout:<9} "
                      f"{_fmt_bytes(c.bytes_out):>11} {_fmt_flops(c.flops):>15}{mark}")
@@ -495,7 +559,7 @@ def _totals_table(reference: tuple[int, int, int, int], optimized: tuple[int, in
 def report(reference: Program, optimized: Program, notes: list[tuple[str, str]], dims: Mapping[str, int],
            graph: Graph | None, layout_reasons: list[str]) -> str:
     """The text of ``--emit plan``."""
-    rows, pairs, sizes = _plan_rows(graph)
+    rows, pairs, sizes = _plan_rows(optimized, graph)
     dims_text = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
     lines = [f"plan for @{optimized.name} ({dims_text})", sizes, ""]
     costs = program_costs(optimized, rows, dims, pairs)
@@ -515,7 +579,7 @@ def training_report(gradient: Program, train_forward: Program, backward: Program
     program (the outputs, and the residuals the backward reads, marked as such) and of the backward
     program (``d_<param>`` for ``wrt``), and their totals against ``gradient``, the unoptimized
     gradient program computing the same (forward values included)."""
-    rows, pairs, sizes = _plan_rows(graph)
+    rows, pairs, sizes = _plan_rows(train_forward, graph)
     residual_values = {id(v): f"-> {name}" for name, v in train_forward.outputs if name in set(residuals)}
     forward_costs = program_costs(train_forward, rows, dims, pairs)
     backward_costs = program_costs(backward, rows, dims, pairs)

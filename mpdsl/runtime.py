@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import numpy as np
 
 from mpdsl import memory
-from mpdsl.backends import check_input_ids
+from mpdsl.backends import check_input_ids, edge_graph
 from mpdsl.context import CompileContext
 from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
 from mpdsl.graph import Graph, first_true, position_text
@@ -23,8 +23,8 @@ from mpdsl.ir import Program, Value, print_program, value_names
 from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS, choose
 from mpdsl.passes import PassContext
-from mpdsl.plan import GraphLayout, runs_a_kernel
-from mpdsl.types import INT_DTYPE, ITEMSIZE, Dim, DimSolveError, Domain, TensorType, TypeRuleError, solve_dim
+from mpdsl.plan import GraphLayout, runs_a_kernel, space_rows
+from mpdsl.types import INT_DTYPE, ITEMSIZE, Dim, DimSolveError, Domain, Space, TensorType, TypeRuleError, solve_dim
 
 # Host arrays of each IR dtype (bfloat16, which NumPy lacks, is held in float32 on the host).
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": np.float32, "i64": np.int64}
@@ -237,7 +237,8 @@ class CompiledModel:
         sources = {k: f"init({k}={v})" for k, v in dims.items()}
         origins = {k: f"init(..., {k}={v})" for k, v in dims.items()}
         if graph is not None:
-            _, bound, graph_sources, graph_origins = self._bind(graph, {}, dict(self.static_dims), {}, {})
+            _, bound, graph_sources, graph_origins = self._bind(graph, {}, dict(self.static_dims), {}, {},
+                                                                check_sets=False)
             dims, sources = {**bound, **dims}, {**graph_sources, **sources}
             origins = {**{k: f"{v}, given to init" for k, v in graph_origins.items()}, **origins}
         return self._initialise(seed, dims, sources, origins)
@@ -491,20 +492,39 @@ class CompiledModel:
     def bind(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """Find, check and convert every model input; returns the arrays and the bound dims (with
         those of the current parameters). The program's static shape rules (``x[7]`` on a feature
-        axis F) are checked with the dims bound here."""
+        axis F) are checked with the dims bound here. ``inputs`` may give the index of an input edge
+        set as ``<name>_index`` (as ``run``)."""
+        graph, inputs = self.with_edge_set_inputs(graph, inputs)
         return self._bind(graph, inputs, dict(self.dims), self._dim_sources, self._dim_origins)[:2]
 
+    def with_edge_set_inputs(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[Graph, dict[str, Any]]:
+        """(the graph with the edge set indices given among ``inputs`` as ``<name>_index`` for the
+        model's input edge sets, the other inputs): a given index replaces the graph's."""
+        names = {f"{s.name}_index": s.name for s in self.ir.edge_sets if s.kind == "input"}
+        given = {k: v for k, v in inputs.items() if k in names}
+        if not given:
+            return graph, dict(inputs)
+        try:
+            graph = graph.with_data(**{k: _to_numpy(v) for k, v in given.items()})
+        except GraphError as err:
+            raise InputError(err.message, err.hint) from None
+        return graph, {k: v for k, v in inputs.items() if k not in names}
+
     def _bind(self, graph: Graph, inputs: Mapping[str, Any], dims: dict[str, int], known_sources: Mapping[str, str],
-              known_origins: Mapping[str, str]
+              known_origins: Mapping[str, str], check_sets: bool = True
               ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str], dict[str, str]]:
         """``bind`` from the given ``dims`` (bound by what ``known_sources`` says, told in full by
-        ``known_origins``); also returns what bound each run-time dim, briefly and in full."""
+        ``known_origins``); also returns what bound each run-time dim, briefly and in full. With
+        ``check_sets``, the graph must carry every input edge set of the program (not to bind dims:
+        ``init``)."""
         unknown = sorted(set(inputs) - set(self.input_types))
         if unknown:
             raise InputError(f"'{self.name}' has no input named {', '.join(unknown)}",
                              f"its inputs are: {', '.join(self.input_types) or 'none'}")
         arrays: dict[str, np.ndarray] = {}
         shapes: list[_Array] = []
+        if check_sets:
+            check_edge_sets(self.ir, graph)
         for name, t in self.input_types.items():
             given = name in inputs
             if given:
@@ -514,7 +534,8 @@ class CompiledModel:
             else:
                 raise InputError(f"model input '{name}' ({t}) is not given",
                                  f"pass {name}=... or add an array '{name}' to the graph")
-            check_input_rows(name, t, arr.shape, graph.num_rows(t.domain))
+            check_input_rows(name, t, arr.shape, graph.num_rows(t.domain) if not t.rowset
+                             else edge_graph(graph, self.ir, t.rowset).num_edges)
             if t.dtype == INT_DTYPE:
                 if arr.dtype.kind not in "iu":
                     raise InputError(f"input '{name}' has dtype {arr.dtype} but is declared int",
@@ -568,7 +589,9 @@ class CompiledModel:
         return outputs["out"] if list(outputs) == ["out"] else outputs
 
     def run(self, graph: Graph | str | Path | Any, **inputs: Any) -> dict[str, np.ndarray]:
-        graph = as_graph(graph, self.memory_limit)
+        """Run on ``graph``; ``inputs`` by name override the graph's arrays, and ``<name>_index`` the
+        index of the model's input edge set ``name``."""
+        graph, inputs = self.with_edge_set_inputs(as_graph(graph, self.memory_limit), inputs)
         arrays, dims, sources, origins = self._bind(graph, inputs, dict(self.dims), self._dim_sources,
                                                     self._dim_origins)
         missing_params = set(self.param_types) - set(self.params)
@@ -600,24 +623,23 @@ class CompiledModel:
         """(value, bytes) for each value a run of ``program`` on ``graph`` materialises in full: the
         plan's bytes materialised (``--emit plan``), less the values the backend computes one
         block of rows at a time (row groups). The NumPy backend keeps them all until the run ends."""
-        rows = {Domain.NODE: graph.num_nodes, Domain.EDGE: graph.num_edges, Domain.GRAPH: graph.num_graphs,
-                Domain.PARAM: 1}
-        key = (id(program), tuple(rows.values()), tuple(sorted(dims.items())))
+        rows = space_rows(program, graph)
+        key = (id(program), tuple(rows.items()), tuple(sorted(dims.items())))
         if self._planned is not None and self._planned[0] == key and self._planned[1] is program:
             return self._planned[2]  # the same program on a graph of the same sizes: every run of a full batch
         min_rows = getattr(self.backend, "fuse_min_rows", None)
-        blocked = tuple(min_rows is not None and rows[d] >= min_rows for d in _ROW_DOMAINS)
+        blocked = frozenset(s for s, n in rows.items() if min_rows is not None and n >= min_rows)
         per_row = self._bytes_per_row(program, dims, blocked)
-        planned = [(v, rows[domain] * nbytes) for v, domain, nbytes in per_row]
+        planned = [(v, rows[space] * nbytes) for v, space, nbytes in per_row]
         self._planned = (key, program, planned)
         return planned
 
     def _bytes_per_row(self, program: Program, dims: Mapping[str, int],
-                       blocked: tuple[bool, ...]) -> list[tuple[Value, Domain, int]]:
-        """(value, domain, bytes per row) of each value ``planned_bytes`` counts, for the row groups
-        that run block by block (``blocked``: for each of ``_ROW_DOMAINS``, whether its rows reach
-        the backend's ``fuse_min_rows``): the same for every graph of the same blocking, so kept per (program,
-        dims, blocking) while the program lives (batches of changing sizes share it)."""
+                       blocked: frozenset[Space]) -> list[tuple[Value, Space, int]]:
+        """(value, space, bytes per row) of each value ``planned_bytes`` counts, for the row groups
+        that run block by block (``blocked``: the spaces whose rows reach the backend's
+        ``fuse_min_rows``): the same for every graph of the same blocking, so kept per (program, dims,
+        blocking) while the program lives (batches of changing sizes share it)."""
         key = (tuple(sorted(dims.items())), blocked)
         cached = self._row_bytes.get(id(program))
         if cached is None or cached[0] is not program:
@@ -630,14 +652,14 @@ class CompiledModel:
         if schedule is not None and getattr(self.backend, "fuse_min_rows", None) is not None:
             for step in schedule(program):
                 members, exports = getattr(step, "members", None), getattr(step, "exports", ())
-                if members is not None and blocked[_ROW_DOMAINS.index(step.domain)]:
+                if members is not None and step.space in blocked:
                     blockwise |= {id(v) for v in members} - {id(v) for v in exports}
         known = []
         for v in program.values:
             if not runs_a_kernel(v) or id(v) in blockwise:
                 continue
             shape = tuple(d.substitute(dims).value for d in v.type.shape)
-            known.append((v, v.type.domain, memory.array_bytes(shape, ITEMSIZE[v.type.dtype])))
+            known.append((v, v.type.space, memory.array_bytes(shape, ITEMSIZE[v.type.dtype])))
         cached[1][key] = known
         return known
 
@@ -648,7 +670,7 @@ class CompiledModel:
         if allowed.limit is None:
             return
         planned = self.planned_bytes(program, graph, dims)
-        total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph)
+        total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph) + edge_set_bytes(program, graph)
         # Arrays the backend keeps from earlier runs are reused, but count as used in the available memory.
         reusable = getattr(getattr(self.backend, "pool", None), "held_bytes", 0) \
             if allowed.source in memory.DEFAULT_SOURCES else 0
@@ -709,9 +731,6 @@ class CompiledModel:
         return print_program(self.ir, locations)
 
 
-_ROW_DOMAINS = (Domain.NODE, Domain.EDGE, Domain.GRAPH, Domain.PARAM)
-
-
 class GraphSizes(Protocol):
     """What the run memory check reads of a graph: its row counts (a Graph, or the sizes of a graph
     given as tensors)."""
@@ -725,9 +744,36 @@ class GraphSizes(Protocol):
     def num_rows(self, domain: Domain) -> int: ...
 
 
+def check_edge_sets(program: Program, graph: Graph) -> None:
+    """Refuse a graph that lacks an input edge set of ``program``, naming the set and where it is
+    declared."""
+    for s in program.edge_sets:
+        if s.kind == "input" and s.name not in graph.edge_sets:
+            have = ", ".join(graph.edge_sets) or "none besides edge_index"
+            raise InputError(f"the model reads the edge set '{s.name}'"
+                             + (f" (declared at {s.span.location})" if s.span is not None else "")
+                             + f", which the graph does not carry (its edge sets: {have})",
+                             f"give the graph {s.name}_index [2, K] (an array of that name in the .npz or PyG Data, "
+                             f"or Graph(..., edge_sets={{'{s.name}': index}}))")
+
+
 def graph_index_bytes(graph: Graph | GraphSizes) -> int:
     """Bytes of a graph's CSR index arrays by destination and by source (indptr and perm each)."""
     return 2 * 8 * (graph.num_nodes + 1 + graph.num_edges)
+
+
+def edge_set_bytes(program: Program, graph: Graph | GraphSizes) -> int:
+    """Bytes of the structures of ``program``'s edge sets besides the graph's edges: each set's CSR
+    indices (as ``graph_index_bytes``), and a derived set's own edge index and carry table (int64 per
+    edge: the index's two rows and five per-edge tables)."""
+    if not program.edge_sets:
+        return 0
+    rows = space_rows(program, graph)
+    total = 0
+    for s in program.edge_sets:
+        edges = rows[Space(Domain.EDGE, s.name)]
+        total += 2 * 8 * (graph.num_nodes + 1 + edges) + (0 if s.kind == "input" else 7 * 8 * edges)
+    return total
 
 
 def check_graph_index_memory(graph: Graph, memory_limit: memory.Limit = None) -> None:
@@ -757,11 +803,13 @@ def as_graph(graph: Any, memory_limit: memory.Limit = None) -> Graph:
 
 
 def check_input_rows(name: str, t: TensorType, shape: tuple, rows: int) -> None:
-    """Refuse an input whose leading axis is not one row per node / edge / graph of its domain."""
+    """Refuse an input whose leading axis is not one row per node / edge / graph of its domain (per
+    edge of its edge set)."""
     if len(shape) == 0 or shape[0] != rows:
         got = "a scalar" if len(shape) == 0 else f"{shape[0]} rows"
-        raise InputError(f"input '{name}' has {got} but the graph has {rows} {t.domain}s",
-                         f"{name} is declared {t}: one row per {t.domain}")
+        where = f" of the edge set {t.rowset}" if t.rowset else ""
+        raise InputError(f"input '{name}' has {got} but the graph has {rows} {t.domain}s{where}",
+                         f"{name} is declared {t}: one row per {t.domain}{where}")
 
 
 def negative_ids(name: str, ids: np.ndarray) -> InputError:
@@ -823,9 +871,9 @@ def _cast_checked(what: str, arr: np.ndarray, dtype: np.dtype, error) -> np.ndar
 
 def _describe_value(v: Value, program: Program, dims: Mapping[str, int], graph: Graph | GraphSizes) -> str:
     """A value for messages: its source text and location (else its IR name), type and shape."""
-    rows = graph.num_rows(v.type.domain) if v.type.domain is not Domain.PARAM else None
+    rows = space_rows(program, graph)[v.type.space] if v.type.domain is not Domain.PARAM else None
     shape = [d.substitute(dims).value for d in v.type.shape]
-    sized = f"{v.type.domain}{shape} {v.type.dtype}" + (f" on {rows} {v.type.domain}s" if rows is not None else "")
+    sized = f"{v.type.space}{shape} {v.type.dtype}" + (f" on {rows} {v.type.domain}s" if rows is not None else "")
     span = v.span
     if span is not None:
         line = span.source.line(span.line)

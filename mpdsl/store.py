@@ -463,6 +463,10 @@ def write_directory(graph: Graph, path: str | os.PathLike[str], *, overwrite: bo
     """Write ``graph`` as a graph directory at ``path`` (a new or empty folder; with ``overwrite``,
     an existing graph directory is replaced), arrays copied in chunks."""
     names = graph.keys()
+    if graph.edge_sets:
+        raise GraphError(f"a graph directory holds one edge set (edge_index), but this graph also carries "
+                         f"{', '.join(graph.edge_sets)}", hint="save it as an .npz file (Graph.save), which "
+                         "holds every edge set")
     for name in names:
         kind = graph._kind_of(name)
         read_back = classify_name(name, graph[name].shape[0], graph.num_nodes)

@@ -156,6 +156,13 @@ class _Builder:
         name, value = children
         return ast.DimDef(self._span(meta), str(name), self._int(value, "dimension"))
 
+    def edges_def(self, meta, children):
+        name, kind, base = children
+        return ast.EdgesDef(self._span(meta), str(name), self._tok_span(name),
+                            None if kind is None else str(kind), None if base is None else str(base),
+                            None if kind is None else self._tok_span(kind),
+                            None if base is None else self._tok_span(base))
+
     def _func(self, kind, meta, children):
         name, args, (results, parenthesised), body = children
         return ast.FuncDef(self._span(meta), kind, str(name), self._tok_span(name),
@@ -197,9 +204,13 @@ class _Builder:
         return ast.Result(self._span(meta), str(name) if name is not None else None, typ)
 
     def type(self, meta, children):
-        domain, dims, dtype = children
+        domain, rows, dims, dtype = children
+        rowset, rowset_span = (None, None) if rows is None else rows
         return ast.TypeExpr(self._span(meta), str(domain), tuple(dims or ()),
-                            str(dtype) if dtype is not None else "float")
+                            str(dtype) if dtype is not None else "float", rowset, rowset_span)
+
+    def type_set(self, meta, children):
+        return str(children[0]), self._tok_span(children[0])
 
     def dim_list(self, meta, children):
         return list(children)
@@ -297,6 +308,10 @@ class _Builder:
     def name(self, meta, children):
         return ast.Name(self._span(meta), str(children[0]))
 
+    def member(self, meta, children):
+        base, attr = children
+        return ast.Member(self._span(meta), str(base), str(attr), self._tok_span(base), self._tok_span(attr))
+
     def string(self, meta, children):
         return ast.String(self._span(meta), str(children[0])[1:-1])
 
@@ -308,9 +323,9 @@ class _Builder:
         args = args or []
         positional = tuple(a for a in args if not isinstance(a, ast.Keyword))
         keywords = tuple(a for a in args if isinstance(a, ast.Keyword))
-        by_name, by_span = (None, None) if by is None else by
+        by_name, by_span, by_set, by_set_span = (None, None, None, None) if by is None else by
         return ast.Call(self._span(meta), str(name), positional, keywords, by_name,
-                        self._tok_span(name), by_span)
+                        self._tok_span(name), by_span, by_set, by_set_span)
 
     def call_args(self, meta, children):
         return list(children)
@@ -320,8 +335,11 @@ class _Builder:
         return ast.Keyword(self._span(meta), str(name), value)
 
     def by_clause(self, meta, children):
+        if len(children) == 2:  # by looped.dst
+            set_tok, tok = children
+            return str(tok), self._tok_span(tok), str(set_tok), self._tok_span(set_tok)
         tok = children[0]
-        return str(tok), self._tok_span(tok)
+        return str(tok), self._tok_span(tok), None, None
 
 
 _BRACKETS = re.compile(r'#[^\n]*|"[^"\n]*"|[(\[]|[)\]]')

@@ -62,6 +62,7 @@ one needs mpdsl installed and ``import mpdsl.torch_module`` (which registers the
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import sys
@@ -79,9 +80,17 @@ from mpdsl.context import Programs, layout_for
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.graph import Graph
 from mpdsl.ir import Program, parse_program, print_program
-from mpdsl.plan import GraphLayout
-from mpdsl.runtime import CompiledModel, _Array, as_graph, check_input_rows, negative_ids, non_finite
-from mpdsl.types import INT_DTYPE, Domain, TensorType
+from mpdsl.plan import GraphLayout, space_rows
+from mpdsl.runtime import (
+    CompiledModel,
+    _Array,
+    as_graph,
+    check_edge_sets,
+    check_input_rows,
+    negative_ids,
+    non_finite,
+)
+from mpdsl.types import INT_DTYPE, Domain, Space, TensorType
 
 TORCH_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 DTYPES_OF = {name: dtype for dtype, name in TORCH_DTYPES.items()}
@@ -170,6 +179,11 @@ class RunSpec:
             "layout": self.layout, "target": self.target})
 
     @functools.cached_property
+    def input_sets(self) -> tuple[str, ...]:
+        """The input edge sets the programs read: their indices end the op's structure tensors."""
+        return tuple(s.name for s in self.forward.edge_sets if s.kind == "input")
+
+    @functools.cached_property
     def types(self) -> dict[str, TensorType]:
         """Type of every named input, param and output of both programs."""
         types = {}
@@ -215,8 +229,9 @@ class _KnownGraph:
 
     edge_index: torch.Tensor
     batch: torch.Tensor | None
-    versions: tuple[int, int]
+    versions: tuple[int, ...]
     held: Graph | weakref.ref
+    sets: tuple[torch.Tensor, ...] = ()  # the indices of the graph's edge sets a program reads, in its order
 
     @property
     def graph(self) -> Graph | None:
@@ -226,12 +241,24 @@ class _KnownGraph:
 _GRAPHS: collections.OrderedDict[tuple, list[_KnownGraph]] = collections.OrderedDict()
 
 
-def _graph_key(edge_index: torch.Tensor, batch: torch.Tensor | None, num_nodes: int) -> tuple:
-    return (str(edge_index.device), int(num_nodes), int(edge_index.shape[1]), batch is not None)
+def _graph_key(edge_index: torch.Tensor, batch: torch.Tensor | None, num_nodes: int,
+               sets: tuple[tuple[str, torch.Tensor], ...] = ()) -> tuple:
+    return (str(edge_index.device), int(num_nodes), int(edge_index.shape[1]), batch is not None,
+            tuple((name, int(index.shape[1])) for name, index in sets))
 
 
-def _versions(edge_index: torch.Tensor, batch: torch.Tensor | None) -> tuple[int, int]:
-    return edge_index._version, -1 if batch is None else batch._version
+def _versions(edge_index: torch.Tensor, batch: torch.Tensor | None,
+              sets: tuple[tuple[str, torch.Tensor], ...] = ()) -> tuple[int, ...]:
+    return (edge_index._version, -1 if batch is None else batch._version, *(index._version for _, index in sets))
+
+
+def _split_structure(structure: list[torch.Tensor], set_names: tuple[str, ...]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[tuple[str, torch.Tensor], ...]]:
+    """(edge_index, batch or None, the edge set indices by name) of a structure list [edge_index,
+    (batch,) set indices...]: the last ``len(set_names)`` tensors are the sets'."""
+    base = structure[:len(structure) - len(set_names)]
+    sets = tuple(zip(set_names, structure[len(base):]))
+    return base[0], base[1] if len(base) > 1 else None, sets
 
 
 def _remember(key: tuple, entry: _KnownGraph) -> None:
@@ -246,38 +273,49 @@ def _remember(key: tuple, entry: _KnownGraph) -> None:
         _GRAPHS.popitem(last=False)
 
 
-def remember_graph(graph: Graph, edge_index: torch.Tensor, batch: torch.Tensor | None) -> None:
+def remember_graph(graph: Graph, edge_index: torch.Tensor, batch: torch.Tensor | None,
+                   sets: tuple[tuple[str, torch.Tensor], ...] = ()) -> None:
     """Make ``graph`` the one found for these structure tensors (its own, cached per device)."""
-    key = _graph_key(edge_index, batch, graph.num_nodes)
-    if not any(e.edge_index is edge_index and e.batch is batch for e in _GRAPHS.get(key, [])):
-        _remember(key, _KnownGraph(edge_index, batch, _versions(edge_index, batch), weakref.ref(graph)))
+    key = _graph_key(edge_index, batch, graph.num_nodes, sets)
+    if not any(e.edge_index is edge_index and e.batch is batch and _same(e.sets, sets) for e in _GRAPHS.get(key, [])):
+        _remember(key, _KnownGraph(edge_index, batch, _versions(edge_index, batch, sets), weakref.ref(graph),
+                                   tuple(index for _, index in sets)))
 
 
-def graph_of(structure: list[torch.Tensor], num_nodes: int) -> Graph:
-    """The Graph of ``edge_index`` (and ``batch``): a remembered one (the same tensors unchanged, or
-    equal contents), else built from a host copy and remembered."""
-    edge_index = structure[0]
-    batch = structure[1] if len(structure) > 1 else None
-    key = _graph_key(edge_index, batch, num_nodes)
+def _same(known: tuple[torch.Tensor, ...], sets: tuple[tuple[str, torch.Tensor], ...]) -> bool:
+    return len(known) == len(sets) and all(a is b for a, (_, b) in zip(known, sets))
+
+
+def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None if b is None else (a is not None and a.dtype == b.dtype and torch.equal(a, b))
+
+
+def graph_of(structure: list[torch.Tensor], num_nodes: int, set_names: tuple[str, ...] = ()) -> Graph:
+    """The Graph of ``edge_index`` (and ``batch``, and the indices of the edge sets ``set_names``,
+    the last tensors of ``structure``): a remembered one (the same tensors unchanged, or equal
+    contents), else built from a host copy and remembered."""
+    edge_index, batch, sets = _split_structure(structure, set_names)
+    key = _graph_key(edge_index, batch, num_nodes, sets)
     entries = _GRAPHS.get(key, [])
-    versions = _versions(edge_index, batch)
+    versions = _versions(edge_index, batch, sets)
     entries[:] = [entry for entry in entries if entry.graph is not None]  # drop graphs the caller dropped
     for entry in entries:
         known = entry.graph
         if known is not None and entry.edge_index is edge_index and entry.batch is batch \
-                and entry.versions == versions:
+                and _same(entry.sets, sets) and entry.versions == versions:
             return known
     for entry in entries:
         known = entry.graph
-        if (known is not None and entry.edge_index.dtype == edge_index.dtype
-                and torch.equal(entry.edge_index, edge_index)
-                and (batch is None or (entry.batch is not None and entry.batch.dtype == batch.dtype
-                                       and torch.equal(entry.batch, batch)))):
+        if (known is not None and _equal(entry.edge_index, edge_index)
+                and (batch is None or _equal(entry.batch, batch))
+                and len(entry.sets) == len(sets) and all(_equal(a, b) for a, (_, b) in zip(entry.sets, sets))):
             return known
     host = edge_index.detach().cpu().numpy()
     node_data = {} if batch is None else {"batch": batch.detach().cpu().numpy()}
-    graph = Graph(host, num_nodes, node_data=node_data)
-    _remember(key, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph))
+    graph = Graph(host, num_nodes, node_data=node_data,
+                  edge_sets={name: index.detach().cpu().numpy() for name, index in sets})
+    _remember(key, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph,
+                               tuple(index.detach() for _, index in sets)))
     return graph
 
 
@@ -306,13 +344,19 @@ def _writable_view(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def _structure_tensors(graph: Graph, device: torch.device) -> list[torch.Tensor]:
-    """The graph's edge_index (and batch) on ``device``, remembered as that graph."""
+def _structure_tensors(graph: Graph, device: torch.device, set_names: tuple[str, ...] = ()) -> list[torch.Tensor]:
+    """The graph's edge_index (and batch, and the indices of its edge sets ``set_names``) on ``device``,
+    remembered as that graph."""
     edge_index = graph.cached(("torch.edge_index", str(device)),
                               lambda: torch.from_numpy(_writable_view(graph.edge_index)).to(device))
     batch = _device_array(graph, "batch", device, None) if "batch" in graph else None
-    remember_graph(graph, edge_index, batch)
-    return [edge_index] if batch is None else [edge_index, batch]
+    def index(name: str) -> torch.Tensor:
+        return graph.cached(("torch.edge_set", name, str(device)),
+                            lambda: torch.from_numpy(_writable_view(graph.edge_sets[name])).to(device))
+
+    sets = tuple((name, index(name)) for name in set_names)
+    remember_graph(graph, edge_index, batch, sets)
+    return ([edge_index] if batch is None else [edge_index, batch]) + [index for _, index in sets]
 
 
 # ---- running a spec --------------------------------------------------------------------------
@@ -407,19 +451,37 @@ def _distinct(tensors: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[t
 
 @dataclass(frozen=True)
 class _Sizes:
-    """Row counts of a graph given as tensors (what shapes and the run memory check need)."""
+    """Row counts of a graph (what shapes and the run memory check need): its nodes, edges and graphs,
+    and the edges of each edge set of the program (``edge_set_rows``, by name)."""
 
     num_nodes: Any  # int, or a SymInt while tracing
     num_edges: Any
     num_graphs: Any
+    edge_set_rows: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def num_rows(self, domain: Domain) -> int:
         return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
 
+    def rows(self, t: TensorType) -> Any:
+        """The rows of a value of type ``t``."""
+        return self.edge_set_rows[t.rowset] if t.rowset else self.num_rows(t.domain)
 
-def value_shape(t: TensorType, sizes, dims: Mapping[str, int]) -> tuple:
-    """The shape of a value of type ``t`` on a graph of ``sizes`` (a Graph or ``_Sizes``) with ``dims``."""
-    rows = () if t.domain is Domain.PARAM else (sizes.num_rows(t.domain),)
+
+def _sizes_of(program: Program, graph: Graph) -> _Sizes:
+    """The row counts of ``graph`` for ``program`` (its edge sets resolved, derived ones built once)."""
+    rows = space_rows(program, graph) if program.edge_sets else {}
+    return _Sizes(graph.num_nodes, graph.num_edges, graph.num_graphs,
+                  {s.name: rows[Space(Domain.EDGE, s.name)] for s in program.edge_sets})
+
+
+def _fake_sizes(spec: RunSpec, structure, num_nodes, num_graphs, set_rows) -> _Sizes:
+    return _Sizes(num_nodes, structure[0].shape[1], num_graphs,
+                  dict(zip((s.name for s in spec.forward.edge_sets), set_rows)))
+
+
+def value_shape(t: TensorType, sizes: _Sizes, dims: Mapping[str, int]) -> tuple:
+    """The shape of a value of type ``t`` on a graph of ``sizes`` with ``dims``."""
+    rows = () if t.domain is Domain.PARAM else (sizes.rows(t),)
     return rows + tuple(d.substitute(dims).value for d in t.shape)
 
 
@@ -434,12 +496,14 @@ def _forward_results(spec: RunSpec, named: dict[str, torch.Tensor], outputs: dic
 
 
 def run_forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
-                num_graphs: int) -> list[torch.Tensor]:
+                num_graphs: int, set_rows: list[int]) -> list[torch.Tensor]:
     """Run the forward program of ``spec`` on the graph ``structure`` ([edge_index] or [edge_index,
-    batch]) with ``tensors`` (named by ``spec.tensors``): its outputs, residuals and running statistics."""
+    batch], then the indices of the input edge sets ``spec.input_sets``) with ``tensors`` (named by
+    ``spec.tensors``): its outputs, residuals and running statistics. ``set_rows``: the edges of each
+    edge set of the program (for the shapes of the fake kernel)."""
     s = read_spec(spec)
     named = dict(zip(s.tensors, tensors))
-    graph = graph_of(structure, num_nodes)
+    graph = graph_of(structure, num_nodes, s.input_sets)
     _check_values(s, named)
     if graph.num_graphs != num_graphs and any(v.type.domain is Domain.GRAPH for v in s.forward.values):
         raise InputError(f"num_graphs is {num_graphs} but batch holds {graph.num_graphs} graphs",
@@ -451,7 +515,7 @@ def run_forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Te
 
 def run_backward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor],
                  cotangents: list[torch.Tensor], residuals: list[torch.Tensor], num_nodes: int,
-                 num_graphs: int) -> list[torch.Tensor]:
+                 num_graphs: int, set_rows: list[int]) -> list[torch.Tensor]:
     """Run the backward program of ``spec``: the gradients of ``spec.differentiated``, from the
     op's tensors, the cotangents of its float outputs (in order) and the forward call's residuals."""
     s = read_spec(spec)
@@ -460,7 +524,7 @@ def run_backward(spec: str, structure: list[torch.Tensor], tensors: list[torch.T
     floats = [n for n in s.outputs if s.types[n].is_float]
     named.update({f"d_{n}": c for n, c in zip(floats, cotangents)})
     named.update(dict(zip(s.residuals, residuals)))
-    graph = graph_of(structure, num_nodes)
+    graph = graph_of(structure, num_nodes, s.input_sets)
     with torch.autocast(structure[0].device.type, enabled=False):
         result = _run(s, s.backward, graph, named, frozenset(s.residuals),
                       frozenset(f"d_{n}" for n in s.differentiated if s.types[n].domain is not Domain.PARAM))
@@ -475,25 +539,25 @@ run_backward_op = torch.library.custom_op("mpdsl::run_backward", run_backward, m
 
 
 @run_op.register_fake
-def _run_fake(spec, structure, tensors, num_nodes, num_graphs):
+def _run_fake(spec, structure, tensors, num_nodes, num_graphs, set_rows):
     s = read_spec(spec)
-    sizes = _Sizes(num_nodes, structure[0].shape[1], num_graphs)
+    sizes = _fake_sizes(s, structure, num_nodes, num_graphs, set_rows)
     return [_empty(s.types[n], sizes, structure[0].device) for n in (*s.outputs, *s.residuals, *s.state)]
 
 
 @run_backward_op.register_fake
-def _run_backward_fake(spec, structure, tensors, cotangents, residuals, num_nodes, num_graphs):
+def _run_backward_fake(spec, structure, tensors, cotangents, residuals, num_nodes, num_graphs, set_rows):
     s = read_spec(spec)
     named = dict(zip(s.tensors, tensors))
     return [torch.empty_like(named[n]) for n in s.differentiated]
 
 
 def _setup_context(ctx, inputs, output):
-    spec, structure, tensors, num_nodes, num_graphs = inputs
+    spec, structure, tensors, num_nodes, num_graphs, set_rows = inputs
     s = read_spec(spec)
     outputs = output[:len(s.outputs)]
     residuals = output[len(s.outputs):len(s.outputs) + len(s.residuals)]
-    ctx.spec, ctx.sizes = spec, (num_nodes, num_graphs)
+    ctx.spec, ctx.sizes = spec, (num_nodes, num_graphs, list(set_rows))
     ctx.counts = (len(structure), len(tensors))
     ctx.outputs = [(o.shape, o.dtype, o.device) for o in outputs]
     ctx.save_for_backward(*structure, *tensors, *residuals)
@@ -522,7 +586,7 @@ def _gradients(ctx, grads, backward) -> tuple[list[torch.Tensor | None], list[to
 
 def _backward(ctx, grads):
     structure, tensors = _gradients(ctx, grads, run_backward_op)
-    return None, structure, tensors, None, None
+    return None, structure, tensors, None, None, [None] * len(ctx.sizes[2])  # set_rows: a list, like the input
 
 
 run_op.register_autograd(_backward, setup_context=_setup_context)
@@ -532,10 +596,11 @@ class _EagerRun(torch.autograd.Function):
     """``torch.ops.mpdsl.run`` for eager calls: the same forward, context and backward."""
 
     @staticmethod
-    def forward(ctx, spec: str, num_structure: int, num_nodes: int, num_graphs: int, *flat: torch.Tensor):
+    def forward(ctx, spec: str, num_structure: int, num_nodes: int, num_graphs: int, set_rows: list[int],
+                *flat: torch.Tensor):
         structure, tensors = list(flat[:num_structure]), list(flat[num_structure:])
-        results = run_forward(spec, structure, tensors, num_nodes, num_graphs)
-        _setup_context(ctx, (spec, structure, tensors, num_nodes, num_graphs), results)
+        results = run_forward(spec, structure, tensors, num_nodes, num_graphs, set_rows)
+        _setup_context(ctx, (spec, structure, tensors, num_nodes, num_graphs, set_rows), results)
         ctx.set_materialize_grads(False)  # unused outputs (the residuals) get None, not zero-filled tensors
         ctx.mark_non_differentiable(*(t for t in results if not t.is_floating_point()))
         return tuple(results)
@@ -543,15 +608,15 @@ class _EagerRun(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         structure, tensors = _gradients(ctx, grads, run_backward)
-        return (None, None, None, None, *structure, *tensors)
+        return (None, None, None, None, None, *structure, *tensors)
 
 
 def call_run(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
-             num_graphs: int) -> list[torch.Tensor]:
+             num_graphs: int, set_rows: list[int]) -> list[torch.Tensor]:
     """Run ``spec``: the registered op while torch.compile / torch.export trace, else ``_EagerRun``."""
     if torch.compiler.is_compiling():
-        return run_op(spec, structure, tensors, num_nodes, num_graphs)
-    return list(_EagerRun.apply(spec, len(structure), num_nodes, num_graphs, *structure, *tensors))
+        return run_op(spec, structure, tensors, num_nodes, num_graphs, set_rows)
+    return list(_EagerRun.apply(spec, len(structure), num_nodes, num_graphs, set_rows, *structure, *tensors))
 
 
 # ---- the module ------------------------------------------------------------------------------
@@ -602,6 +667,7 @@ class _Prepared:
     tensors: list[torch.Tensor]
     num_nodes: Any
     num_graphs: Any
+    set_rows: list[int]
 
 
 class MpdslModule(torch.nn.Module):
@@ -646,7 +712,7 @@ class MpdslModule(torch.nn.Module):
         if _PENDING and "torch._dynamo" in sys.modules:  # before torch.compile could trace _prepare
             disable_pending()
         call = self._prepare(graph, inputs)
-        results = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs)
+        results = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs, call.set_rows)
         spec = call.spec
         state = results[len(spec.outputs) + len(spec.residuals):]
         if state:
@@ -673,10 +739,14 @@ class MpdslModule(torch.nn.Module):
         num_nodes: Any = None
         num_graphs: Any = None
         source: Graph | None = None
+        input_sets = tuple(s.name for s in model.ir.edge_sets if s.kind == "input")
         if graph is None or (not isinstance(graph, (Graph, str)) and hasattr(graph, "edge_index")
                              and not hasattr(graph, "csr_by_dst")):
             if graph is not None:  # a PyG Data: its tensors, where they are
                 given = {**{n: graph[n] for n in model.input_types if n not in given and n in graph}, **given}
+                for name in input_sets:
+                    if f"{name}_index" in graph:
+                        given.setdefault(f"{name}_index", graph[f"{name}_index"])
                 given.setdefault("edge_index", graph.edge_index)
                 if getattr(graph, "batch", None) is not None:
                     given.setdefault("batch", graph.batch)
@@ -692,9 +762,11 @@ class MpdslModule(torch.nn.Module):
             structure = [edge_index]
             if batch_arg is not None:
                 structure.append(self._index_tensor("batch", batch_arg, device))
+            structure += [self._edge_set_tensor(name, given, device) for name in input_sets]
         else:
             source = as_graph(graph, model.memory_limit)
-            structure = _structure_tensors(source, device)
+            check_edge_sets(model.ir, source)
+            structure = _structure_tensors(source, device, input_sets)
             num_nodes, num_graphs = source.num_nodes, source.num_graphs
         tensors = self._input_tensors(given, source, device, dtype)
         if num_nodes is None:
@@ -702,14 +774,14 @@ class MpdslModule(torch.nn.Module):
             num_nodes = rows[0] if rows else (int(structure[0].max()) + 1 if structure[0].numel() else 0)
         num_nodes = num_nodes if isinstance(num_nodes, torch.SymInt) else int(num_nodes)
         if num_graphs is None:
-            if len(structure) > 1:
+            if len(structure) - len(input_sets) > 1:
                 if torch.compiler.is_exporting():
                     raise InputError("exporting needs the number of graphs of the batch",
                                      "pass num_graphs=... with the batch")
                 num_graphs = int(structure[1].max()) + 1 if structure[1].numel() else 0
             else:
                 num_graphs = 1
-        sizes = source if source is not None else _Sizes(num_nodes, structure[0].shape[1], num_graphs)
+        sizes = self._sizes(source, structure, num_nodes, num_graphs, input_sets)
         dims = self._bind(tensors, sizes)
         grad_inputs = tuple(n for n in model.input_types if n in given and isinstance(given[n], torch.Tensor)
                             and given[n].requires_grad and model.input_types[n].is_float)
@@ -732,7 +804,35 @@ class MpdslModule(torch.nn.Module):
         values += [tensors[n] for n in model.input_types]
         for _, t, p in programs.masks:
             values.append(self._mask(t, p, sizes, dims, dtype, device))
-        return _Prepared(spec, text, structure, values, num_nodes, num_graphs)
+        set_rows = [sizes.edge_set_rows[s.name] for s in model.ir.edge_sets]
+        return _Prepared(spec, text, structure, values, num_nodes, num_graphs, set_rows)
+
+    def _sizes(self, source: Graph | None, structure: list[torch.Tensor], num_nodes: Any, num_graphs: Any,
+               input_sets: tuple[str, ...]) -> _Sizes:
+        """The row counts of the call's graph: ``source`` (a Graph), or the graph of the structure
+        tensors; a derived edge set's edges are counted on the host graph (remembered for the run)."""
+        program = self.compiled.ir
+        if source is not None:
+            return _sizes_of(program, source)
+        if any(s.kind != "input" for s in program.edge_sets):
+            if torch.compiler.is_exporting():
+                raise InputError(f"'{self.compiled.name}' runs on a derived edge set, whose size depends on the "
+                                 "graph's values: torch.export cannot trace it",
+                                 "run the module eagerly or under torch.compile")
+            return _sizes_of(program, graph_of(structure, num_nodes, input_sets))
+        _, _, sets = _split_structure(structure, input_sets)
+        return _Sizes(num_nodes, structure[0].shape[1], num_graphs, {name: index.shape[1] for name, index in sets})
+
+    def _edge_set_tensor(self, name: str, given: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The index of the input edge set ``name`` given as the tensor ``<name>_index``."""
+        key = f"{name}_index"
+        if key not in given:
+            raise InputError(f"'{self.compiled.name}' reads the edge set '{name}': pass its index as {key}=...",
+                             f"e.g. module(x=x, edge_index=edge_index, {key}={key}) with {key} of shape [2, K]")
+        index = self._index_tensor(key, given.pop(key), device)
+        if index.ndim != 2 or index.shape[0] != 2:
+            raise InputError(f"{key} has shape {list(index.shape)}", "it needs shape [2, K]")
+        return index
 
     def _spec(self, key: tuple, programs: Programs, differentiable: bool, checked: tuple[str, ...],
               dims: dict[str, int]) -> tuple[RunSpec, str]:
@@ -795,7 +895,7 @@ class MpdslModule(torch.nn.Module):
         model = self.compiled
         for name, value in tensors.items():
             t = model.input_types[name]
-            check_input_rows(name, t, tuple(value.shape), sizes.num_rows(t.domain))
+            check_input_rows(name, t, tuple(value.shape), sizes.rows(t))
         shapes = (tuple((n, tuple(t.shape[1:])) for n, t in tensors.items()),
                   tuple(tuple(getattr(self, n).shape) for n in model.param_types),
                   tuple(sorted(model.dims.items())))

@@ -26,19 +26,22 @@ from typing import Any
 from mpdsl import ast
 from mpdsl.diagnostics import CompileError, Span, abbreviate
 from mpdsl.initialisation import UNWRITTEN
-from mpdsl.ir import Program, Value, make_value, prune, verify
+from mpdsl.ir import EdgeSetDef, Program, Value, make_value, prune, verify
 from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
 from mpdsl.ops import (
     AGGREGATIONS,
     AXIS_REDUCTIONS,
+    CARRY_FILLS,
+    DERIVED_EDGE_SETS,
     INITIALIZERS,
     OPS,
     REDUCE_AXES,
     UNARY_OPS,
+    edge_set_label,
     global_attention_sizes,
     running_statistic,
 )
-from mpdsl.types import INT_DTYPE, Dim, DimSolveError, Domain, TensorType, TypeRuleError, solve_dim
+from mpdsl.types import INT_DTYPE, Dim, DimSolveError, Domain, Space, TensorType, TypeRuleError, solve_dim
 
 RESERVED = {"src", "dst", "batch", "graph"}
 ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
@@ -161,6 +164,7 @@ class Checker:
         self.overrides = dict(dims or {})
         self.layers: dict[str, ast.FuncDef] = {}
         self.global_dims: dict[str, int] = {}
+        self.edge_sets: dict[str, ast.EdgesDef] = {}  # the declared edge sets, in declaration order
         self.call_stack: list[str] = []
         self.builder = _Builder()
         # > 0 while a layer is checked with its signature dims as symbols (its IR is thrown away):
@@ -290,7 +294,7 @@ class Checker:
             if isinstance(item, ast.FuncDef) and item.kind == "model" and id(item) not in own:
                 continue  # only the compiled file's models are entry points
             name = item.name
-            span = item.name_span if isinstance(item, ast.FuncDef) else item.span
+            span = item.name_span if isinstance(item, (ast.FuncDef, ast.EdgesDef)) else item.span
             if name in seen:
                 first = seen[name].span
                 where = f"line {first.line}" + ("" if first.source is span.source else f" of {first.source.name}")
@@ -302,6 +306,9 @@ class Checker:
             if isinstance(item, ast.DimDef):
                 self.global_dims[name] = item.value
                 self.dim_defs[name] = item
+            elif isinstance(item, ast.EdgesDef):
+                self.check_edges_def(item)
+                self.edge_sets[name] = item
             elif item.kind == "layer":
                 self.layers[name] = item
                 self.layer_dims[name] = scopes[module_of[id(item)]]
@@ -343,6 +350,52 @@ class Checker:
     def file_dims(self, layer: str) -> Env:
         """The environment a layer's body and signature start from: the `dim` constants it sees."""
         return {k: Dim(self.global_dims[k]) for k in self.layer_dims[layer] if k in self.global_dims}
+
+    def check_edges_def(self, item: ast.EdgesDef) -> None:
+        """An edge set declaration: an input set, or a derivation of a set declared before it."""
+        if item.kind is None:
+            return
+        if item.kind not in DERIVED_EDGE_SETS:
+            close = _close(item.kind, DERIVED_EDGE_SETS)
+            raise self.error(f"unknown edge set derivation '{item.kind}'", item.kind_span,
+                             f"did you mean '{close}'?" if close else
+                             f"derive an edge set with {' or '.join(f'{k}(edge)' for k in DERIVED_EDGE_SETS)}")
+        if item.base != "edge" and item.base not in self.edge_sets:
+            if item.base in ("node", "graph", "param", "any"):
+                raise self.error(f"{item.kind} derives an edge set from an edge set, not from '{item.base}'",
+                                 item.base_span, f"write {item.kind}(edge) for the graph's own edges")
+            known = ["edge", *self.edge_sets]
+            close = _close(item.base or "", known)
+            raise self.error(f"unknown edge set '{item.base}'", item.base_span,
+                             f"did you mean '{close}'?" if close else
+                             "derive from edge (the graph's edges) or from an edge set declared before this one")
+
+    def edge_set_name(self, name: str, span: Span | None) -> str:
+        """The declared edge set ``name`` ("" for ``edge``, the graph's own edges); an error otherwise."""
+        if name == "edge":
+            return ""
+        if name not in self.edge_sets:
+            close = _close(name, ["edge", *self.edge_sets])
+            raise self.error(f"unknown edge set '{name}'", span,
+                             f"did you mean '{close}'?" if close else
+                             "declare it at the top of the file: `edges NAME` (given with the graph) or "
+                             "`edges NAME = self_loops(edge)`")
+        return name
+
+    def program_edge_sets(self, values) -> tuple[EdgeSetDef, ...]:
+        """The definitions of the edge sets ``values`` use, with the sets they derive from (bases first)."""
+        used: set[str] = set()
+        for v in values:
+            used |= {v.type.rowset, v.attr.get("edges", ""), v.attr.get("base", "")}
+        used.discard("")
+        result = []
+        for name, item in reversed(list(self.edge_sets.items())):
+            if name in used:
+                result.append(EdgeSetDef(name, "input" if item.kind is None else item.kind,
+                                         "" if item.base in (None, "edge") else item.base, item.span))
+                if item.base not in (None, "edge"):
+                    used.add(item.base)
+        return tuple(reversed(result))
 
     def pick_model(self, name: str | None) -> ast.FuncDef:
         models = {m.name: m for m in self.module.models}
@@ -401,8 +454,21 @@ class Checker:
             if ANY not in env:
                 raise self.error(f"'any' in {what} is not bound by an argument", texpr.span,
                                  "give at least one argument an 'any' type so the domain is known")
-            return TensorType(env[ANY], shape, dtype)
-        return TensorType(Domain(texpr.domain), shape, dtype)
+            if texpr.rowset is not None:
+                raise self.error("'any' stands for a whole domain and takes no edge set", texpr.rowset_span,
+                                 f"write edge<{texpr.rowset}>[...] for values of that edge set")
+            space: Space = env[ANY]
+            return TensorType(space.domain, shape, dtype, space.name)
+        return TensorType(Domain(texpr.domain), shape, dtype, self.type_rowset(texpr))
+
+    def type_rowset(self, texpr: ast.TypeExpr) -> str:
+        """The edge set a type names (``edge<pairs>``): "" for none."""
+        if texpr.rowset is None:
+            return ""
+        if texpr.domain != "edge":
+            raise self.error(f"only edge values live on an edge set, not {texpr.domain} values", texpr.rowset_span,
+                             f"write edge<{texpr.rowset}>[...], or drop <{texpr.rowset}>")
+        return self.edge_set_name(texpr.rowset, texpr.rowset_span)
 
     def check_arg_type(self, arg: ast.Arg) -> None:
         t = arg.type
@@ -428,11 +494,14 @@ class Checker:
         if texpr.domain == ANY:
             if actual.domain is Domain.PARAM:
                 raise mismatch("'any' stands for a node, edge or graph value")
-            if ANY in env and env[ANY] != actual.domain:
+            if ANY in env and env[ANY] != actual.space:
                 raise mismatch(f"'any' is already {env[ANY]} in this call")
-            env[ANY] = actual.domain
+            env[ANY] = actual.space
         elif actual.domain.value != texpr.domain:
             raise mismatch(f"domain {actual.domain} is not {texpr.domain}")
+        elif actual.rowset != self.type_rowset(texpr):
+            raise mismatch(f"edge set {edge_set_label(actual.rowset)} is not "
+                           f"{edge_set_label(self.type_rowset(texpr))}")
         if (texpr.dtype == "int") != (actual.dtype == INT_DTYPE):
             raise mismatch("dtype differs")
         if len(texpr.dims) != actual.rank:
@@ -527,7 +596,7 @@ class Checker:
         """Check a layer once with its signature dims as symbols (errors found even if uncalled)."""
         env: Env = {}
         if any(arg.type.domain == ANY for arg in layer.args):
-            env[ANY] = Domain.NODE  # 'any' is checked with node as its stand-in
+            env[ANY] = Space(Domain.NODE)  # 'any' is checked with node as its stand-in
         args = []
         env.update(self.file_dims(layer.name))
         known = set(env)
@@ -567,8 +636,9 @@ class Checker:
             if arg.name in seen:
                 raise self.error(f"duplicate definition of argument '{arg.name}'", arg.span,
                                  "each argument needs its own name")
-            if arg.name in self.layers:
-                raise self.error(f"argument '{arg.name}' shadows the layer of the same name", arg.span,
+            if arg.name in self.layers or arg.name in self.edge_sets:
+                what = "layer" if arg.name in self.layers else "edge set"
+                raise self.error(f"argument '{arg.name}' shadows the {what} of the same name", arg.span,
                                  "rename the argument")
             seen[arg.name] = arg
 
@@ -608,8 +678,9 @@ class Checker:
         names = self.output_names(model)
         dims = tuple((k, v) for k, v in sorted(self.global_dims.items())) + tuple((k, None) for k in run_time_dims)
         values, outputs = self.with_layer_inits(self.builder.values, outputs)
-        program = Program(model.name, dims, values, tuple(zip(names, outputs)))
-        return verify(prune(program))
+        program = prune(Program(model.name, dims, values, tuple(zip(names, outputs))))
+        return verify(Program(program.name, program.dims, program.values, program.outputs,
+                              self.program_edge_sets(program.values)))
 
     def check_arg_init(self, arg: ast.Arg, t: TensorType) -> str:
         """The initializer of a param argument (``UNWRITTEN`` when none is written); other arguments
@@ -725,8 +796,8 @@ class Checker:
     def define(self, name: str, value: object, span: Span, scope: _Scope, env: Env) -> None:
         if name in RESERVED:
             raise self.error(f"'{name}' is a reserved name", span, "src, dst, batch and graph are built in")
-        if name in self.layers or name in env:
-            what = "layer" if name in self.layers else "dimension"
+        if name in self.layers or name in env or name in self.edge_sets:
+            what = "layer" if name in self.layers else "dimension" if name in env else "edge set"
             raise self.error(f"'{name}' shadows the {what} of the same name", span, "choose another name")
         owner = scope.owner(name)
         if owner is None or owner is scope:  # a new name, or a rebinding in this block (the IR is SSA already)
@@ -785,7 +856,11 @@ class Checker:
                 return self.nested_expr(e, scope, env)
         if isinstance(e, ast.String):
             raise self.error("a string is only allowed as the subscripts of einsum", e.span,
-                             'einsum("hd,hde->he", a, b)')
+                             'einsum("hd,hde->he", a, b) (and a fill of carry: carry(edge_attr, looped, "mean"))')
+        if isinstance(e, ast.Member):
+            self.endpoint(e)
+            raise self.error(f"'{e.set}.{e.attr}' is an index, not a value", e.span,
+                             f"use it in brackets: h[{e.set}.{e.attr}] reads node values at each edge of {e.set}")
         if isinstance(e, ast.ShapeLiteral):
             raise self.error("a shape literal is only allowed as the shape argument of reshape", e.span,
                              "reshape(x, [H * C])")
@@ -845,6 +920,10 @@ class Checker:
             raise self.error(f"layer '{e.id}' used as a value", e.span, f"call it: {e.id}(...)")
         if e.id in CONSTANTS:
             return self.const(CONSTANTS[e.id], e.span)
+        if e.id in self.edge_sets:
+            raise self.error(f"'{e.id}' is an edge set, not a value", e.span,
+                             f"gather onto it with h[{e.id}.src] or h[{e.id}.dst], and name it in types: "
+                             f"edge<{e.id}>[...]")
         close = _close(e.id, scope.visible() | set(CONSTANTS))
         raise self.error(f"unknown name '{e.id}'", e.span, self.invisible_dim_hint(e.id, env) or (
             f"did you mean '{close}'?" if close else "define it before use, or declare it as an argument"))
@@ -854,6 +933,10 @@ class Checker:
         if isinstance(idx, ast.Name) and idx.id in BUILTIN_INDICES and scope.lookup(idx.id) is None:
             base = self.expr(e.base, scope, env)
             return self.emit("gather", [base], {"index": idx.id}, e.span, [e.base.span])
+        if isinstance(idx, ast.Member):
+            edges, end = self.endpoint(idx)
+            base = self.expr(e.base, scope, env)
+            return self.emit("gather", [base], {"index": end, "edges": edges}, e.span, [e.base.span])
         static = None
         if isinstance(idx, ast.Number) and idx.is_int:
             static = self.int_literal(idx, "index")
@@ -867,6 +950,14 @@ class Checker:
             raise self.error(f"cannot index by a {index_value.type} value", idx.span,
                              "index with src, dst, batch, an int input (W[etype]) or a loop counter (W[t])")
         return self.emit("take", [base, index_value], {}, e.span, [e.base.span, idx.span])
+
+    def endpoint(self, m: ast.Member) -> tuple[str, str]:
+        """(edge set, end) of ``looped.src``: the set must be declared and the end src or dst."""
+        edges = self.edge_set_name(m.set, m.set_span)
+        if m.attr not in ("src", "dst"):
+            raise self.error(f"an edge set's endpoints are src and dst, not '{m.attr}'", m.attr_span,
+                             f"write {m.set}.src (the source of each edge) or {m.set}.dst (its destination)")
+        return edges, m.attr
 
     def call_layer(self, e: ast.Call, scope: _Scope, env: Env) -> list[Value]:
         layer = self.layers[e.func]
@@ -917,7 +1008,27 @@ class Checker:
             raise self.error(f"unknown reduction axis '{e.by}'", e.by_span,
                              "reduce by dst (over in-edges), by src (over out-edges) or by graph "
                              "(over a graph's nodes)")
+        if e.by_set is not None:
+            self.edge_set_name(e.by_set, e.by_set_span)
+            if e.by == "graph":
+                raise self.error("`by graph` reduces node values per graph and takes no edge set", e.by_set_span,
+                                 "write `by graph`, or `by {e.by_set}.dst` to reduce edges of that set onto nodes")
         return handler(self, e, scope, env)
+
+    def reduction_edges(self, e: ast.Call, x: Value) -> str:
+        """The edge set a reduction ``by src`` / ``by dst`` runs over: the one its operand lives on, which
+        an explicit ``by looped.dst`` must name."""
+        if e.by == "graph" or x.type.domain is not Domain.EDGE:
+            return ""
+        if e.by_set is not None:
+            named = self.edge_set_name(e.by_set, e.by_set_span)
+            if named != x.type.rowset:
+                raise self.error(f"{e.func}(...) by {e.by_set}.{e.by} reduces values of the edge set {e.by_set}, "
+                                 f"but its operand lives on {x.type.space}", e.by_set_span,
+                                 f"reduce it by {edge_set_label(x.type.rowset)}.{e.by} (or just by {e.by}: "
+                                 "the set is the operand's), or gather the operand onto "
+                                 f"{e.by_set}")
+        return x.type.rowset
 
     def args_exactly(self, e: ast.Call, n: int, keywords: tuple[str, ...] = ()) -> None:
         for kw in e.keywords:
@@ -927,6 +1038,15 @@ class Checker:
         if len(e.args) != n:
             raise self.error(f"'{e.func}' takes {n} argument(s), got {len(e.args)}", e.span,
                              f"call it as {SIGNATURES.get(e.func, e.func + '(...)')}")
+
+    def edge_set_argument(self, e: ast.Call, position: int) -> str:
+        """Argument ``position`` of ``e`` as an edge set name ("" for ``edge`` is not spellable: the
+        default is to leave the argument out)."""
+        arg = e.args[position]
+        if not isinstance(arg, ast.Name):
+            raise self.error(f"'{e.func}' takes an edge set here", arg.span,
+                             f"name a declared edge set, e.g. {SIGNATURES.get(e.func, e.func + '(...)')}")
+        return self.edge_set_name(arg.id, arg.span)
 
     def static_number(self, e: ast.Expr, what: str, integer: bool, scope: _Scope) -> float:
         node, sign = e, 1
@@ -1051,9 +1171,10 @@ def _reduction(name: str):
         if e.by is not None:
             ch.args_exactly(e, 1)
             x = ch.expr(e.args[0], scope, env)
+            edges = ch.reduction_edges(e, x)
             if name == "softmax":
-                return ch.emit("softmax", [x], {"by": e.by}, e.span, [e.args[0].span])
-            return ch.emit("aggregate", [x], {"reduce": name, "by": e.by}, e.span, [e.args[0].span])
+                return ch.emit("softmax", [x], {"by": e.by, "edges": edges}, e.span, [e.args[0].span])
+            return ch.emit("aggregate", [x], {"reduce": name, "by": e.by, "edges": edges}, e.span, [e.args[0].span])
         if len(e.args) == 1 and not e.keywords:
             raise ch.error(f"'{name}' needs `by dst`, `by src`, `by graph` or a feature axis", e.span,
                            f"{name}(m) by dst reduces messages onto nodes; {name}(x, -1) reduces the last feature axis")
@@ -1070,10 +1191,40 @@ def _reduction(name: str):
 
 def _degree(direction: str):
     def handler(ch: Checker, e: ast.Call, scope, env) -> Value:
-        ch.args_exactly(e, 0)
-        return ch.emit("degree", [], {"dir": direction}, e.span,
+        ch.args_exactly(e, min(len(e.args), 1))
+        edges = ch.edge_set_argument(e, 0) if e.args else ""
+        return ch.emit("degree", [], {"dir": direction, "edges": edges}, e.span,
                        declared=TensorType(Domain.NODE, (), ch.float_dtype))
     return handler
+
+
+def _carry(ch: Checker, e: ast.Call, scope, env) -> Value:
+    """carry(x, looped, fill): edge values of x carried onto the derived set looped, the loops it adds
+    filled with a number or with the mean / sum of the node's in-edge values ("mean", "sum")."""
+    keyword = next((kw.value for kw in e.keywords if kw.name == "fill"), None)
+    ch.args_exactly(e, 2 if keyword is not None else 3, ("fill",))
+    fill_expr = keyword if keyword is not None else e.args[2]
+    edges = ch.edge_set_argument(e, 1)
+    target = ch.edge_sets[edges] if edges else None
+    if target is None or target.kind is None:
+        raise ch.error(f"carry moves edge values onto a derived edge set, and {edge_set_label(edges)} is not one",
+                       e.args[1].span, "declare one with `edges looped = self_loops(edge)` (or "
+                       "remaining_self_loops) and carry onto it")
+    if isinstance(fill_expr, ast.String):
+        if fill_expr.value not in CARRY_FILLS[1:]:
+            raise ch.error(f"unknown fill {fill_expr.value!r}", fill_expr.span,
+                           'fill the loops with a number, "mean" or "sum" (of the node\'s in-edge values)')
+        fill, value = fill_expr.value, 0.0
+    else:
+        fill, value = "constant", float(ch.static_number(fill_expr, "fill", False, scope))
+    x = ch.expr(e.args[0], scope, env)
+    base = "" if target.base in (None, "edge") else target.base
+    if x.type.domain is not Domain.EDGE or x.type.rowset != base:
+        raise ch.error(f"carry onto {edges} takes values of the edge set it is derived from ({edge_set_label(base)}), "
+                       f"got {x.type}", e.args[0].span,
+                       f"{edges} = {target.kind}({target.base}): carry an edge<{target.base}> value"
+                       if base else f"{edges} = {target.kind}(edge): carry an edge value such as edge_weight")
+    return ch.emit("carry", [x], {"edges": edges, "fill": fill, "value": value}, e.span, [e.args[0].span])
 
 
 def _concat(ch: Checker, e: ast.Call, scope, env) -> Value:
@@ -1320,6 +1471,7 @@ BUILTINS.update({
     "reshape": _reshape,
     "one_hot": _one_hot,
     "einsum": _einsum,
+    "carry": _carry,
     "softmax": _reduction("softmax"),
     "batch_norm": _batch_norm,
     "global_attention": _global_attention,
@@ -1334,8 +1486,10 @@ SIGNATURES = {
     "maximum": "maximum(a, b)", "minimum": "minimum(a, b)", "atan2": "atan2(y, x)",
     "where": "where(cond, a, b)", "clamp": "clamp(x, lo, hi) or clamp(x, min=lo) or clamp(x, max=hi)",
     "arange": "arange(stop), arange(start, stop) or arange(start, stop, step)",
-    "linspace": "linspace(start, stop, count)", "full": "full([H, C], value)", "in_degree": "in_degree()",
-    "out_degree": "out_degree()", "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])",
+    "linspace": "linspace(start, stop, count)", "full": "full([H, C], value)",
+    "in_degree": "in_degree() or in_degree(looped)", "out_degree": "out_degree() or out_degree(looped)",
+    "carry": 'carry(x, looped, fill): fill 1.0, "mean" or "sum"',
+    "concat": "concat(a, b, ..., axis=-1)", "reshape": "reshape(x, [H * C])",
     "one_hot": "one_hot(etype, R)", "einsum": 'einsum("hd,hde->he", a, b)',
     "batch_norm": "batch_norm(x, running_mean, running_var, gamma, beta, eps=1e-5, momentum=0.1)",
     "global_attention": "global_attention(q, k, v, scale=1/sqrt(K)) by graph",

@@ -286,13 +286,34 @@ def shape_str(shape: Shape) -> str:
 
 
 @dataclass(frozen=True)
+class Space:
+    """The rows a value lives on: a domain and, within it, a named set of rows. ``name`` is "" for
+    the graph's own rows of the domain (its nodes, the edges of its ``edge_index``, its graphs); an
+    edge value may instead live on another edge set of the program (``edge<pairs>``: an edge set the
+    graph carries beside its edges, or one derived from another, such as ``self_loops(edge)``). Two
+    values combine row by row only when they live on the same space."""
+
+    domain: Domain
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.domain}<{self.name}>" if self.name else str(self.domain)
+
+
+@dataclass(frozen=True)
 class TensorType:
     domain: Domain
     shape: Shape
     dtype: str
+    rowset: str = ""  # the edge set of an edge value ("": the graph's own edges); see ``Space``
 
     def __str__(self) -> str:
-        return f"{self.domain}{shape_str(self.shape)} {self.dtype}"
+        return f"{self.space}{shape_str(self.shape)} {self.dtype}"
+
+    @property
+    def space(self) -> Space:
+        """The rows of the value (its domain and row set)."""
+        return Space(self.domain, self.rowset)
 
     @property
     def rank(self) -> int:
@@ -303,10 +324,18 @@ class TensorType:
         return self.dtype in FLOAT_DTYPES
 
     def with_(self, domain: Domain | None = None, shape: Shape | None = None,
-              dtype: str | None = None) -> TensorType:
+              dtype: str | None = None, rowset: str | None = None) -> TensorType:
+        """A copy with the given fields replaced; a new domain drops the row set unless ``rowset``
+        gives one (the rows of another domain are another space)."""
+        if rowset is None:
+            rowset = self.rowset if domain is None or domain is self.domain else ""
         return TensorType(self.domain if domain is None else domain,
                           self.shape if shape is None else tuple(shape),
-                          self.dtype if dtype is None else dtype)
+                          self.dtype if dtype is None else dtype, rowset)
+
+    def on(self, space: Space) -> TensorType:
+        """The same feature shape and dtype on the rows of ``space``."""
+        return TensorType(space.domain, self.shape, self.dtype, space.name)
 
     def substitute(self, env: Mapping[str, Dim | int]) -> TensorType:
         return self.with_(shape=tuple(d.substitute(env) for d in self.shape))
@@ -325,16 +354,31 @@ class TypeRuleError(Exception):
         self.operand = operand
 
 
-def join_domains(types: list[TensorType], what: str) -> Domain:
-    """The common row domain of operands combined elementwise (param is uniform)."""
-    domains = {t.domain for t in types if t.domain is not Domain.PARAM}
-    if len(domains) > 1:
-        kinds = " and ".join(sorted(str(d) for d in domains))
+def join_spaces(types: list[TensorType], what: str) -> Space:
+    """The common rows of operands combined row by row (param is uniform)."""
+    spaces = list(dict.fromkeys(t.space for t in types if t.domain is not Domain.PARAM))
+    if len(spaces) > 1:
+        kinds = " and ".join(sorted(str(s) for s in spaces))
+        if {s.domain for s in spaces} == {Domain.EDGE}:
+            named = next(s.name for s in spaces if s.name)
+            raise TypeRuleError(
+                f"{what} combines {kinds} values, which live on different edge sets",
+                f"values of two edge sets never combine row by row: gather node values onto one set "
+                f"(h[{named}.src]), carry edge values onto a derived set (carry(x, looped, fill)), or reduce "
+                "both to nodes first",
+                operand=next(i for i, t in enumerate(types) if t.domain is not Domain.PARAM
+                             and t.space != spaces[0]))
         raise TypeRuleError(
             f"{what} combines {kinds} values, which have different rows",
             "bring them to one domain first: gather node values onto edges with x[src] or x[dst], "
             "or reduce edges to nodes with sum(...) by dst")
-    return domains.pop() if domains else Domain.PARAM
+    return spaces[0] if spaces else Space(Domain.PARAM)
+
+
+def join_domains(types: list[TensorType], what: str) -> Domain:
+    """The common row domain of operands combined elementwise (param is uniform); its row set is
+    ``join_spaces``'."""
+    return join_spaces(types, what).domain
 
 
 def broadcast_shapes(shapes: list[Shape], what: str) -> Shape:

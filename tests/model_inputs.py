@@ -21,16 +21,44 @@ def index_bound(model, name: str) -> int:
     return min(bounds) if bounds else 1
 
 
+def synth_edge_sets(model, graph, rng: np.random.Generator) -> dict:
+    """Random indices (``<name>_index``, [2, K] with K half the graph's edges, at least one edge when
+    there are nodes) for the model's input edge sets that ``graph`` does not carry."""
+    sets = {}
+    for s in model.ir.edge_sets:
+        if s.kind == "input" and s.name not in graph.edge_sets:
+            count = max(1, graph.num_edges // 2) if graph.num_nodes else 0
+            sets[f"{s.name}_index"] = rng.integers(0, max(graph.num_nodes, 1), (2, count)).astype(np.int64)
+    return sets
+
+
+def with_edge_sets(model, graph, seed: int = 0):
+    """``graph`` carrying random indices (``synth_edge_sets``) for the model's input edge sets it lacks."""
+    sets = synth_edge_sets(model, graph, np.random.default_rng(seed))
+    return graph.with_data(**sets) if sets else graph
+
+
 def synth_inputs(model, graph, rng: np.random.Generator, keep_graph_features: bool = False) -> dict:
     """Random inputs for every input of ``model`` on ``graph``: ids within their bound, normal features
-    (dims bound from data get SYNTH_FEATURES). With ``keep_graph_features``, float inputs the graph
-    already holds are left to it."""
-    inputs = {}
+    (dims bound from data get SYNTH_FEATURES), and the indices of the model's input edge sets the
+    graph lacks (``synth_edge_sets``: given as ``<name>_index``, as ``CompiledModel.run`` takes them).
+    With ``keep_graph_features``, float inputs the graph already holds are left to it."""
+    inputs = synth_edge_sets(model, graph, rng)
+    if inputs:
+        graph = graph.with_data(**inputs)
     for name, t in model.input_types.items():
-        n = graph.num_rows(t.domain)
+        n = _rows(model, graph, t)
         if t.dtype == "i64":
             inputs[name] = rng.integers(0, index_bound(model, name), n)
         elif not (keep_graph_features and name in graph):
             shape = tuple(d.value if d.is_static else SYNTH_FEATURES for d in t.shape)
             inputs[name] = rng.normal(size=(n,) + shape)
     return inputs
+
+
+def _rows(model, graph, t) -> int:
+    """Rows of an input of type ``t``: the graph's, or those of the edge set it lives on."""
+    if not t.rowset:
+        return graph.num_rows(t.domain)
+    from mpdsl.backends import edge_graph
+    return edge_graph(graph, model.ir, t.rowset).num_edges

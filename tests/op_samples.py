@@ -24,6 +24,9 @@ def t(domain: Domain, *shape: int) -> TensorType:
 
 
 IDS = TensorType(EDGE, (), INT_DTYPE)
+# The edge set every sample program declares (``EdgeSetDef``s by name, kind, base): carry moves edge
+# values onto it from the graph's own edges.
+SAMPLE_EDGE_SETS = (("looped", "remaining_self_loops", ""),)
 
 
 def _unary(attrs):
@@ -73,6 +76,8 @@ SAMPLES = {
     **{name: (lambda attrs: ([t(NODE, 2, 3), t(NODE, 2, 3), t(NODE, 2, 4), t(NODE, 2), t(NODE, 2, 4), t(NODE, 2)],
                              None))
        for name in ("global_attention_query_grad", "global_attention_key_grad")},
+    "carry": lambda attrs: ([t(EDGE, 3)], None),
+    "carry_grad": lambda attrs: ([TensorType(EDGE, (Dim(3),), F64, "looped")], None),
     "contract_rows": lambda attrs: ([t(NODE, 3), t(NODE, 2)], None),
     "broadcast": lambda attrs: ([t(PARAM, 3)], t(NODE, 3, 2)),
     "slice": lambda attrs: ([t(NODE, 5)], None),
@@ -91,6 +96,7 @@ OPEN_ATTRS = {
     **{name: {"scale": 0.6} for name in ("global_attention", "global_attention_query_grad",
                                           "global_attention_key_grad")},
     "slice": {"axis": 0, "start": 1, "stop": 3}, "pad": {"axis": 0, "before": 1, "after": 2},
+    "carry": {"edges": "looped", "value": 0.5}, "carry_grad": {"edges": "looped", "base": ""},
 }
 
 
@@ -124,7 +130,7 @@ def attr_cases(op: str) -> list[dict]:
     """Every combination of op's closed attribute values, with ``OPEN_ATTRS`` for the open ones."""
     opdef = OPS[op]
     closed = opdef.closed_attrs()
-    fixed = {k: OPEN_ATTRS[op][k] for k in opdef.attrs if k not in closed}
+    fixed = {k: OPEN_ATTRS[op][k] for k in opdef.attrs if k not in closed and k not in opdef.defaults}
     keys = sorted(closed)
     return [dict(fixed, **dict(zip(keys, values))) for values in itertools.product(*(closed[k] for k in keys))]
 
@@ -137,6 +143,7 @@ def missing_samples() -> list[str]:
             missing.append(name)
             continue
         for key, allowed in opdef.attrs.items():
-            if not isinstance(allowed, tuple) and key not in OPEN_ATTRS.get(name, {}) and SAMPLES[name] is not None:
+            if not isinstance(allowed, tuple) and key not in OPEN_ATTRS.get(name, {}) and SAMPLES[name] is not None \
+                    and key not in opdef.defaults:
                 missing.append(f"{name}.{key}")
     return missing

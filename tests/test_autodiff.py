@@ -55,6 +55,7 @@ class Case:
         self.graph = random_graph(seed, nodes=12, edges=40)
         rng = np.random.default_rng(seed)
         inputs = synth_inputs(self.model, self.graph, rng)
+        self.graph, inputs = self.model.with_edge_set_inputs(self.graph, inputs)  # the input edge sets, if any
         self.model.run(self.graph, **inputs)  # binds the dims, creates the parameters
         self.params = {k: np.asarray(v + 0.1 * rng.normal(size=v.shape)) for k, v in self.model.params.items()}
         self.arrays, self.dims = self.model.bind(self.graph, inputs)

@@ -25,7 +25,7 @@ from mpdsl.backends.row_fusion import RowGroup, fuse_rows, is_row_wise  # noqa: 
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
-from model_inputs import synth_inputs  # noqa: E402
+from model_inputs import synth_inputs, with_edge_sets  # noqa: E402
 from strategies import batched_graphs  # noqa: E402
 from test_passes import EXAMPLES, assert_same, random_graph  # noqa: E402
 
@@ -65,7 +65,7 @@ def check_schedule(program, schedule):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_row_blocks_equal_op_by_op_on_every_example(path):
-    graph = random_graph()
+    graph = with_edge_sets(mpdsl.compile(path), random_graph())
     model, program, arrays, dims = optimized_program(path, graph)
     check_schedule(program, fuse_rows(program))
     want = run_with(OP_BY_OP, model, program, graph, arrays, dims)
@@ -78,6 +78,7 @@ def test_row_blocks_equal_op_by_op_on_every_example(path):
 @given(graph=batched_graphs(), which=st.sampled_from(EXAMPLES), seed=st.integers(0, 1000),
        block_rows=st.integers(1, 9))
 def test_row_blocks_on_random_graphs(graph, which, seed, block_rows):
+    graph = with_edge_sets(mpdsl.compile(which), graph, seed)
     model, program, arrays, dims = optimized_program(which, graph, seed)
     want = run_with(OP_BY_OP, model, program, graph, arrays, dims)
     got = run_with(NumpyBackend(fuse_min_rows=0, block_rows=block_rows), model, program, graph, arrays, dims)

@@ -29,7 +29,8 @@ from mpdsl.backends import get_backend  # noqa: E402
 from mpdsl.ir import Program, make_value, verify  # noqa: E402
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.types import Dim, Domain, TensorType  # noqa: E402
-from model_inputs import synth_inputs  # noqa: E402
+from model_inputs import synth_inputs, with_edge_sets  # noqa: E402
+from mpdsl.plan import space_rows  # noqa: E402
 from strategies import graphs  # noqa: E402
 from test_passes import EXAMPLES, random_graph  # noqa: E402
 
@@ -61,6 +62,7 @@ class TrainingCase:
         """The training programs run on ``backend`` (default: the model's, NumPy) against the
         unfused gradient program on the NumPy backend."""
         rng = np.random.default_rng(seed)
+        graph = with_edge_sets(self.model, graph, seed)  # the model's input edge sets, if any
         arrays, _ = self.model.bind(graph, synth_inputs(self.model, graph, rng))
         forward_types = dict(self.programs.train_forward.outputs)
         cotangents = {f"d_{n}": rng.normal(size=self._rows(graph, forward_types[n].type)) for n in self.outputs}
@@ -77,7 +79,7 @@ class TrainingCase:
 
     def _rows(self, graph: mpdsl.Graph, t: TensorType) -> tuple[int, ...]:
         shape = tuple(d.substitute(self.dims).value for d in t.shape)
-        return shape if t.domain is Domain.PARAM else (graph.num_rows(t.domain),) + shape
+        return shape if t.domain is Domain.PARAM else (space_rows(self.reference, graph)[t.space],) + shape
 
 
 @functools.cache

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mpdsl.autodiff import grad_program, missing_adjoints  # noqa: E402
 from mpdsl.backends import _BACKEND_MODULES, BACKENDS, get_backend  # noqa: E402
 from mpdsl.backends.row_fusion import is_row_wise  # noqa: E402
-from mpdsl.ir import Program, make_value, verify  # noqa: E402
+from mpdsl.ir import EdgeSetDef, Program, make_value, verify  # noqa: E402
 from mpdsl.ops import (ELEMENTWISE, OPS, Effect, MissingRule, NUMPY_MATH, ArrayMath, Trait, op)  # noqa: E402
 from mpdsl.passes import optimize  # noqa: E402
-from mpdsl.plan import op_cost  # noqa: E402
+from mpdsl.plan import op_cost, space_rows  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
-from op_samples import IDS, RELATIONS, SAMPLES, attr_cases, missing_samples, sample_values  # noqa: E402
+from op_samples import IDS, RELATIONS, SAMPLE_EDGE_SETS, SAMPLES, attr_cases, missing_samples, sample_values  # noqa: E402
 from test_passes import random_graph  # noqa: E402
 
 GRAPH = random_graph(3, nodes=9, edges=24, self_loops=True)
@@ -59,7 +59,13 @@ def sample_program(name: str, attrs: dict) -> Program:
             operands.append(make_value("input", [], {"name": "etype" if ty == IDS else f"x{i}"}, ty))
     result = OPS[name].infer([o.type for o in operands], attrs, declared)
     out = make_value(name, operands, attrs, result)
-    return verify(Program(f"sample_{name}", (), tuple(operands) + (out,), (("out", out),)))
+    return verify(Program(f"sample_{name}", (), tuple(operands) + (out,), (("out", out),),
+                          tuple(EdgeSetDef(*s) for s in SAMPLE_EDGE_SETS)))
+
+
+def rows_of(program: Program, t) -> int:
+    """The rows of a value of type ``t`` of ``program`` on GRAPH (its edge set's, for an edge value)."""
+    return space_rows(program, GRAPH)[t.space]
 
 
 def sample_data(program: Program, seed: int = 0) -> tuple[dict, dict]:
@@ -70,7 +76,7 @@ def sample_data(program: Program, seed: int = 0) -> tuple[dict, dict]:
     op = program.outputs[0][1].op
     inputs, params = {}, {}
     for v in program.inputs:
-        rows = GRAPH.num_rows(v.type.domain)
+        rows = rows_of(program, v.type)
         if v.type.is_float:
             position = int(v.attr["name"][1:])  # x<i>: operand i
             inputs[v.attr["name"]] = sample_values(op, position, (rows,) + tuple(d.value for d in v.type.shape), rng)
@@ -96,7 +102,7 @@ def test_numpy_backend_runs_every_op_and_attribute_value(case):
     program = sample_program(name, attrs)
     inputs, params = sample_data(program)
     out = run_numpy(program, inputs, params)
-    rows = GRAPH.num_rows(program.outputs[0][1].type.domain) if program.outputs[0][1].type.domain is not Domain.PARAM \
+    rows = rows_of(program, program.outputs[0][1].type) if program.outputs[0][1].type.domain is not Domain.PARAM \
         else None
     shape = tuple(d.value for d in program.outputs[0][1].type.shape)
     assert out.shape == ((rows,) if rows is not None else ()) + shape
@@ -109,8 +115,7 @@ def test_numpy_backend_runs_every_op_and_attribute_value(case):
 def test_planner_costs_every_op_and_attribute_value(case):
     name, attrs = case
     program = sample_program(name, attrs)
-    rows = {Domain.NODE: GRAPH.num_nodes, Domain.EDGE: GRAPH.num_edges, Domain.GRAPH: GRAPH.num_graphs,
-            Domain.PARAM: 1}
+    rows = space_rows(program, GRAPH)
     for v in program.values:
         cost = op_cost(v, rows, {}, 8)
         assert cost.bytes_out >= 0 and cost.flops >= 0

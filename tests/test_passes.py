@@ -47,6 +47,7 @@ def run_both(path: Path, graph: mpdsl.Graph, passes, seed: int = 0):
     optimized.load_weights(reference.params)
     _, dims = optimized.bind(graph, inputs)
     program, _ = optimize(specialize(optimized.ir, dims), passes, dims, verify_each=True)
+    graph, _ = optimized.with_edge_set_inputs(graph, inputs)  # the graph with the input edge sets given
     got = optimized.backend.run(program, graph, optimized.bind(graph, inputs)[0], optimized.params, dims)
     return expected, got
 

@@ -179,10 +179,14 @@ def example_graph(model: mpdsl.CompiledModel) -> mpdsl.Graph:
                                  rng.integers(0, nodes, (2, 24))], axis=1)
     base = mpdsl.Graph(edge_index, nodes, node_data={"batch": np.repeat([0, 1], nodes // 2)})
     kinds: dict[str, dict] = {"node": {"batch": base["batch"]}, "edge": {}, "graph": {}}
+    sets = {}
     for name, array in synth_inputs(model, base, rng).items():
+        if name not in model.input_types:  # an input edge set's index
+            sets[name[:-len("_index")]] = array
+            continue
         kinds[model.input_types[name].domain.value][name] = array
     return mpdsl.Graph(edge_index, nodes, node_data=kinds["node"], edge_data=kinds["edge"],
-                       graph_data=kinds["graph"])
+                       graph_data=kinds["graph"], edge_sets=sets)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

@@ -58,10 +58,14 @@ def graph_with_inputs(model: CompiledModel, seed: int = 0, **sizes) -> mpdsl.Gra
     base = random_graph(seed, **(sizes or dict(nodes=20, edges=60)), self_loops=True)
     inputs = synth_inputs(model, base, np.random.default_rng(seed))
     data: dict[str, dict] = {"node": {"batch": base["batch"]}, "edge": {}, "graph": {}}
+    sets = {}
     for name, value in inputs.items():
+        if name not in model.input_types:  # an input edge set's index
+            sets[name[:-len("_index")]] = value
+            continue
         data[str(model.input_types[name].domain)][name] = value
     return mpdsl.Graph(base.edge_index, base.num_nodes, node_data=data["node"], edge_data=data["edge"],
-                       graph_data=data["graph"])
+                       graph_data=data["graph"], edge_sets=sets)
 
 
 def projection_loss(out) -> torch.Tensor:

@@ -28,14 +28,14 @@ class HoistGathers(Pass):
             rows = [o for o in v.operands if o.type.domain is not Domain.PARAM]
             if not rows or any(o.op != "gather" for o in rows):
                 return None
-            indices = {o.attr["index"] for o in rows}
+            indices = {(o.attr["index"], o.attr["edges"]) for o in rows}
             if len(indices) != 1:
                 return None
-            index = indices.pop()
+            index, edges = indices.pop()
             operands = [o.operands[0] if o.op == "gather" else o for o in v.operands]
             declared = v.type.with_(domain=_GATHER_SOURCE[index]) if OPS[v.op].declared else None
             inner = rw.emit(v.op, operands, v.attr, like=v, declared=declared)
-            return rw.emit("gather", [inner], {"index": index}, like=v)
+            return rw.emit("gather", [inner], {"index": index, "edges": edges}, like=v)
 
         result, rounds = rewrite_to_fixpoint(program, rule)
         if rounds:
@@ -85,7 +85,8 @@ class ReorderLinear(Pass):
             for pos in ((0, 1) if m.op == "mul" else (1,)):
                 factor, rest = m.operands[pos], m.operands[1 - pos]
                 if (factor.op == "gather" and factor.attr["index"] == index
-                        and rest.type.domain is m.type.domain and rest.type.shape == m.type.shape):
+                        and factor.attr["edges"] == v.attr["edges"]
+                        and rest.type.space == m.type.space and rest.type.shape == m.type.shape):
                     decisions.append(f"pulled a factor constant per {index} out of "
                                      f"{v.attr['reduce']} by {v.attr['by']}")
                     reduced = rw.emit("aggregate", [rest], v.attr, like=v)

@@ -35,7 +35,7 @@ class TypedMatmul(Pass):
                 ctx.note(self.name, f"{a.attr['index']}-gathered {a.type} @ W[{relation}]: "
                                     "one product per distinct (node, type) pair")
                 return rw.emit("typed_linear", [a.operands[0], b.operands[0], b.operands[1]],
-                               {"index": a.attr["index"]}, like=v)
+                               {"index": a.attr["index"], "edges": a.attr["edges"]}, like=v)
             return None
 
         return rewrite(program, {"matmul": [rule]})[0]
@@ -56,12 +56,14 @@ class FuseAttention(Pass):
             m = v.operands[0]
             for pos in (0, 1):
                 alpha, msg = m.operands[pos], m.operands[1 - pos]
-                if (alpha.op == "softmax" and alpha.attr["by"] == by and msg.op == "gather"
-                        and msg.attr["index"] == OPPOSITE[by] and msg.type == m.type
-                        and is_prefix(alpha.type.shape, msg.type.shape)):
-                    ctx.note(self.name, f"softmax by {by} and weighted sum of {msg.operands[0].type} fused")
+                edges = v.attr["edges"]
+                if (alpha.op == "softmax" and alpha.attr["by"] == by and alpha.attr["edges"] == edges
+                        and msg.op == "gather" and msg.attr["index"] == OPPOSITE[by] and msg.attr["edges"] == edges
+                        and msg.type == m.type and is_prefix(alpha.type.shape, msg.type.shape)):
+                    ctx.note(self.name, f"softmax by {by} and weighted sum of {msg.operands[0].type} fused"
+                             + _on_set(edges))
                     return rw.emit("attention", [alpha.operands[0], msg.operands[0]],
-                                   {"by": by, "layout": "auto"}, like=v)
+                                   {"by": by, "layout": "auto", "edges": edges}, like=v)
             return None
 
         return rewrite(program, {"aggregate": [rule]})[0]
@@ -81,14 +83,15 @@ class FuseMessageAggregate(Pass):
             if by not in OPPOSITE or v.attr["reduce"] not in OPS["gspmm"].attrs["reduce"]:
                 return None
             factors = _mul_factors(v.operands[0])
+            edges = v.attr["edges"]
             wide = [f for f in factors if f.op == "gather" and f.attr["index"] == OPPOSITE[by]
-                    and f.type.shape == v.type.shape]
+                    and f.attr["edges"] == edges and f.type.shape == v.type.shape]
             if len(wide) != 1:
                 return None
             x = wide[0].operands[0]
             others = [f for f in factors if f is not wide[0]]
             params = [f for f in others if f.type.domain is Domain.PARAM]
-            weights = [f for f in others if f.type.domain is Domain.EDGE]
+            weights = [f for f in others if f.type.domain is Domain.EDGE and f.type.rowset == edges]
             if len(params) + len(weights) != len(others):
                 return None
             if any(not is_prefix(w.type.shape, x.type.shape) for w in weights):
@@ -106,20 +109,27 @@ class FuseMessageAggregate(Pass):
                     w = rw.emit("mul", [w, other], like=v)
                 operands.append(w)
             kind = "weighted " if weights else ""
-            ctx.note(self.name, f"{v.attr['reduce']} by {by} of {kind}{OPPOSITE[by]}-gathered {x.type} fused (g-SpMM)")
-            return rw.emit("gspmm", operands, {"reduce": v.attr["reduce"], "by": by, "layout": "auto"}, like=v)
+            ctx.note(self.name, f"{v.attr['reduce']} by {by} of {kind}{OPPOSITE[by]}-gathered {x.type} fused (g-SpMM)"
+                     + _on_set(edges))
+            return rw.emit("gspmm", operands, {"reduce": v.attr["reduce"], "by": by, "layout": "auto", "edges": edges},
+                           like=v)
 
         return rewrite(program, {"aggregate": [rule]})[0]
 
 
-def _endpoint_match(w: Value) -> tuple[Value, Value] | None:
+def _on_set(edges: str) -> str:
+    """The edge set a fusion note is about ("" for the graph's own edges)."""
+    return f" on the edge set {edges}" if edges else ""
+
+
+def _endpoint_match(w: Value, edges: str) -> tuple[Value, Value] | None:
     """(a, b) when ``w`` is the edge mask eq(a[src], b[dst]) (in either operand order) of two node
-    values of ``w``'s type, else None."""
+    values of ``w``'s type, gathered onto the edge set ``edges``, else None."""
     if w.op != "eq":
         return None
     for p, q in (w.operands, w.operands[::-1]):
         if (p.op == "gather" and p.attr["index"] == "src" and q.op == "gather" and q.attr["index"] == "dst"
-                and p.type == w.type and q.type == w.type):
+                and p.attr["edges"] == edges and q.attr["edges"] == edges and p.type == w.type and q.type == w.type):
             return p.operands[0], q.operands[0]
     return None
 
@@ -137,16 +147,17 @@ class FuseMatchAggregate(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         def fused(v: Value, rw: Rewriter, mask: Value, x: Value | None) -> Value | None:
-            match = _endpoint_match(mask)
+            edges = v.attr["edges"]
+            match = _endpoint_match(mask, edges)
             if match is None or v.attr["reduce"] != "sum" or v.attr["by"] not in OPPOSITE:
                 return None
             if x is not None and x.type != match[0].type:
                 return None
             what = "routed to the matching edges" if x is not None else "matching edges counted"
             ctx.note(self.name, f"sum by {v.attr['by']} over eq(a[src], b[dst]) of {match[0].type}: {what} "
-                                "in one pass (no E x F mask)")
+                                "in one pass (no E x F mask)" + _on_set(edges))
             return rw.emit("match_gspmm", list(match) + ([] if x is None else [x]),
-                           {"by": v.attr["by"], "layout": "auto"}, like=v)
+                           {"by": v.attr["by"], "layout": "auto", "edges": edges}, like=v)
 
         def count_rule(v: Value, rw: Rewriter) -> Value | None:
             return fused(v, rw, v.operands[0], None)

@@ -55,7 +55,7 @@ def rewrite(program: Program, rules: dict[str, list[Rule]] | Callable[[Value, Re
             rw.changed = True
             mapping[id(v)] = replacement
     outputs = tuple((name, mapping[id(v)]) for name, v in program.outputs)
-    return prune(Program(program.name, program.dims, tuple(rw.values), outputs)), rw.changed
+    return prune(program.rebuilt(tuple(rw.values), outputs)), rw.changed
 
 
 def rewrite_to_fixpoint(program: Program, rules, limit: int = 50) -> tuple[Program, int]:
@@ -81,4 +81,4 @@ def specialize(program: Program, dims: dict[str, int]) -> Program:
         mapping[id(v)] = nv
         values.append(nv)
     bound = tuple((k, dims.get(k, v)) for k, v in program.dims)
-    return Program(program.name, bound, tuple(values), tuple((n, mapping[id(v)]) for n, v in program.outputs))
+    return program.rebuilt(tuple(values), tuple((n, mapping[id(v)]) for n, v in program.outputs), dims=bound)

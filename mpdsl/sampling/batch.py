@@ -58,7 +58,9 @@ def make_batch(source: Graph, n_id: np.ndarray, local_edge_index: np.ndarray, e_
     whose edges are ``local_edge_index`` (int64 [2, m], indices into ``n_id``). Node and edge arrays
     of ``source`` are gathered by row (a memory-mapped array reads only those rows); ``node_extra``
     and ``edge_extra`` add arrays (one row per local node / edge). Graph arrays are kept when the
-    source holds one graph."""
+    source holds one graph. The source's further edge sets (``Graph.edge_sets``) come restricted to the
+    batch's nodes: the edges of a set with both ends among them, in the set's order, with their rows of
+    the set's arrays (a derived set, such as self loops, is derived from the batch graph itself)."""
     if "batch" in source.node_data:
         raise GraphError("sampling needs one graph, but this graph has a 'batch' vector",
                          hint="sample each graph separately, or train graph-level tasks with "
@@ -67,9 +69,26 @@ def make_batch(source: Graph, n_id: np.ndarray, local_edge_index: np.ndarray, e_
     edge_data = {name: _gather_rows(array, e_id) for name, array in source.edge_data.items()}
     node_data.update(node_extra or {})
     edge_data.update(edge_extra or {})
+    set_indices, set_data = _induced_edge_sets(source, n_id)
     graph = Graph(local_edge_index, int(n_id.shape[0]), node_data=node_data, edge_data=edge_data,
-                  graph_data=dict(source.graph_data))
+                  graph_data=dict(source.graph_data), edge_sets=set_indices, edge_set_data=set_data)
     return MiniBatch(graph, n_id, e_id, int(batch_size))
+
+
+def _induced_edge_sets(source: Graph, n_id: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """The source's edge sets among the nodes ``n_id`` (local indices), with their arrays' rows."""
+    sets = source.edge_sets
+    if not sets:
+        return {}, {}
+    local = np.full(source.num_nodes, -1, dtype=np.int64)
+    local[n_id] = np.arange(n_id.shape[0], dtype=np.int64)
+    indices, data = {}, {}
+    for name, index in sets.items():
+        ends = local[index]
+        kept = np.flatnonzero((ends[0] >= 0) & (ends[1] >= 0))
+        indices[name] = ends[:, kept]
+        data[name] = {k: _gather_rows(v, kept) for k, v in source.edge_set_data[name].items()}
+    return indices, data
 
 
 def _gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -11,8 +11,11 @@ feature shape), so most programs type-check and run: gathers ``h[src]`` / ``h[ds
 ``v[batch]``, reductions ``sum|mean|max|min|std(...) by dst|src|graph``, ``softmax(...) by dst``,
 feature-axis reductions, ``@`` with parameters (also per relation, ``W[etype]``), ``einsum``,
 ``concat``, ``reshape``, ``one_hot``, degrees, unary and binary functions, prelude layers
-(``mlp2``, ``layer_norm``, ``gru_cell``) and ``batch_norm``. A drawn graph spec gives the
-sizes of the data the worker synthesises.
+(``mlp2``, ``layer_norm``, ``gru_cell``) and ``batch_norm``; some programs declare a derived edge
+set ``looped`` (``self_loops`` or ``remaining_self_loops`` of the graph's edges) and move values
+onto it and back (``h[looped.src]``, ``sum(...) by dst`` of its values, ``softmax``,
+``in_degree(looped)``, ``carry(e, looped, fill)``). A drawn graph spec gives the sizes of the data
+the worker synthesises.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ AGGREGATE = AGGREGATIONS
 AXIS_REDUCE = ("sum", "mean", "max", "min")
 INITS = ("", "", "", " = zeros", " = ones", " = normal", " = uniform", " = 0.5", " = -1", " = glorot")
 NUMBERS = ("0.5", "2", "0.1", "3.0", "1", "0.001", "1e-3", "10", "0.25")
+CARRY_FILLS = ("1.0", "0.5", '"mean"', '"sum"', "fill=2", "-1")  # the fills of carry(e, looped, fill)
 
 # A dim is an int (static: a literal or a `dim` constant) or a str (a symbol: bound from data in a
 # model, bound per call in a layer). A type is (domain, shape).
@@ -64,6 +68,7 @@ class ProgramBuilder:
         self.has_etype = False
         self.relations = 2
         self.batch_graphs = True
+        self.looped: str | None = None  # the derivation of the edge set `looped`, when the program declares it
         self.slips = False  # some programs get a few subexpressions of a wrong type (user errors)
 
     # ---- drawing helpers -----------------------------------------------------------------
@@ -137,6 +142,8 @@ class ProgramBuilder:
             return f"{self.paren(self.reach('node', ctx))}[{self.choice(('src', 'dst'))}]"
         if dom == "graph":
             return f"{self.choice(('sum', 'mean', 'max'))}({self.reach('node', ctx)}) by graph"
+        if dom == "looped":
+            return f"{self.paren(self.reach('node', ctx))}[looped.{self.choice(('src', 'dst'))}]"
         if base_dom == "edge":
             return f"{self.choice(('sum', 'mean'))}({ctx.base}) by dst"
         return f"{ctx.base}[batch]"
@@ -201,6 +208,10 @@ class ProgramBuilder:
                     rules.append("batch_norm")
             if dom == "graph":
                 rules += ["readout", "readout"]
+            if dom == "node" and self.looped:
+                rules += ["aggregate_looped"] + (["degree_looped"] if not shape else [])
+            if dom == "looped":
+                rules += ["gather_looped", "gather_looped", "softmax_by", "carry"]
         if not ctx.in_layer and len(shape) == 1 and dom in ("node", "edge"):
             rules += ["layer", "layer"]
         return rules
@@ -322,6 +333,23 @@ class ProgramBuilder:
         x = self.expr(("edge", shape), ctx, depth)
         return f"{self.choice(AGGREGATE)}({x}) by {self.choice(('dst', 'dst', 'src'))}"
 
+    def r_gather_looped(self, t, ctx, depth):
+        x = self.expr(("node", t[1]), ctx, depth)
+        return f"{self.paren(x)}[looped.{self.choice(('src', 'dst'))}]"
+
+    def r_aggregate_looped(self, t, ctx, depth):
+        x = self.expr(("looped", t[1]), ctx, depth)
+        by = self.choice(("dst", "dst", "src", "looped.dst"))
+        return f"{self.choice(AGGREGATE)}({x}) by {by}"
+
+    def r_degree_looped(self, t, ctx, depth):
+        return f"{self.choice(('in_degree', 'out_degree'))}(looped)"
+
+    def r_carry(self, t, ctx, depth):
+        x = self.expr(("edge", t[1]), ctx, depth)
+        fill = self.choice(CARRY_FILLS)
+        return f"carry({x}, looped, {fill})"
+
     def r_readout(self, t, ctx, depth):
         shape = t[1]
         x = self.expr(("node", shape), ctx, depth)
@@ -426,6 +454,8 @@ def programs(draw) -> dict:
     for name in ("H", "C", "K2")[:draw(st.integers(0, 3))]:
         b.dims[name] = draw(st.sampled_from((1, 2, 3, 4, 4, 5, 0) if name == "K2" else (2, 3, 4)))
     b.has_etype = b.chance(0.3)
+    if b.chance(0.25):
+        b.looped = draw(st.sampled_from(("self_loops", "remaining_self_loops")))
     if b.has_etype:
         b.relations = draw(st.integers(1, 3))
         b.dims["R"] = b.relations
@@ -478,6 +508,8 @@ def programs(draw) -> dict:
     if b.chance(0.3):  # parameters first, inputs last
         args = b.params + inputs
     dims_text = "".join(f"dim {n} = {v}\n" for n, v in b.dims.items())
+    if b.looped:
+        dims_text += f"edges looped = {b.looped}(edge)\n"
     layers_text = "".join(layer.text + "\n" for layer in b.layers)
     model = (f"model m({', '.join(args)}) -> {result_text} {{\n" + "".join(line + "\n" for line in body)
              + f"    return {', '.join(returns)}\n}}\n")

@@ -173,12 +173,15 @@ def index_bound(model, name: str) -> int:
 
 def synth_inputs(model, graph, spec: dict, rng) -> dict:
     """Random inputs for every input of ``model``: ids within their bound, normal features with
-    the spec's sizes for the dims bound from data."""
+    the spec's sizes for the dims bound from data, and a random index (``<name>_index``) for each input
+    edge set of the model."""
     import numpy as np
 
     sizes = spec.get("sizes", {})
     dtype = np.float64 if spec.get("float64") else np.float32
-    inputs = {}
+    inputs = {f"{s.name}_index": rng.integers(0, max(graph.num_nodes, 1), (2, graph.num_edges // 2 if graph.num_nodes
+                                                                          else 0))
+              for s in model.ir.edge_sets if s.kind == "input"}
     for name, t in model.input_types.items():
         n = graph.num_rows(t.domain)
         if t.dtype == "i64":
