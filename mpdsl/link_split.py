@@ -21,7 +21,7 @@ import numpy as np
 from .diagnostics import GraphError
 from .graph import Graph
 
-__all__ = ["LinkSplit", "roc_auc", "split_edges"]
+__all__ = ["LinkSplit", "roc_auc", "sample_negatives", "split_edges"]
 
 _DRAW_ROUNDS = 64
 """Rounds of vectorised negative draws before a graph is judged too dense for the count asked."""
@@ -119,6 +119,18 @@ def split_edges(graph: Graph, *, val: float = 0.1, test: float = 0.1, negatives:
         splits.append(np.concatenate([positive, negative], axis=1))
         splits.append(np.concatenate([np.ones(positive.shape[1]), np.zeros(negative.shape[1])]))
     return LinkSplit(train_graph, *splits)
+
+
+def sample_negatives(graph: Graph, count: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """``count`` distinct node pairs ``u < v`` (int64 [2, count]) with no edge between them in
+    ``graph`` (either direction): fresh negatives for a training epoch, as PyG's
+    ``negative_sampling``, drawn uniformly without repeats."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise GraphError(f"count must be an integer >= 0 of negative pairs, got {count!r}")
+    n = graph.num_nodes
+    lo, hi = np.minimum(graph.src, graph.dst), np.maximum(graph.src, graph.dst)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return _draw_negatives(int(count), n, np.unique(lo * n + hi), rng)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
