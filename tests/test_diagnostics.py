@@ -1,11 +1,17 @@
 """Diagnostics: every user error names file:line:col, shows the source line with a caret and
 gives a one-line hint; the CLI reports them with exit code 1 and never a traceback."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 import mpdsl
 from mpdsl import syntax, typecheck
 from mpdsl.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from diagnostic_checks import assert_located  # noqa: E402
 
 CASES = [
     ('syntax', 'model m(x: node[F]) -> node[F] {\n    y = x +\n    return y\n}\n',
@@ -103,16 +109,7 @@ CASES = [
 def test_error_location_and_message(name, source, line, col, message):
     with pytest.raises(mpdsl.CompileError) as info:
         typecheck.check(syntax.parse(source, "t.mp"))
-    err = info.value
-    assert (err.line, err.col, err.message) == (line, col, message)
-    rendered = err.render().splitlines()
-    assert rendered[0] == f"t.mp:{line}:{col}: error: {message}"
-    source_line = source.splitlines()[line - 1]
-    assert rendered[1].endswith(source_line) and rendered[1].lstrip().startswith(f"{line} |")
-    caret_line = rendered[2]
-    gutter = rendered[1].index("|") + 2
-    assert caret_line.index("^") - gutter == col - 1, "the caret must sit under the reported column"
-    assert len(rendered) == 4 and rendered[3].startswith("  hint: ") and len(rendered[3]) > 10
+    assert_located(info.value, source, line, col, message)
 
 
 def test_at_least_fifteen_distinct_errors():

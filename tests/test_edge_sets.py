@@ -38,6 +38,7 @@ from mpdsl.ir import VerificationError, parse_program, print_program, verify  # 
 
 sys.path.insert(0, str(Path(__file__).parent))
 from comparison import a, assert_close, build, compare, lin_t  # noqa: E402
+from diagnostic_checks import assert_located  # noqa: E402
 from strategies import graphs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -518,10 +519,7 @@ def diagnose(source: str) -> CompileError:
      "argument 1 ('e') of layer 'f': expected edge<looped>[F], got edge[F] f32 (edge set edge is not looped)"),
 ])
 def test_misuse_is_a_located_error(source, line, col, message):
-    err = diagnose(source)
-    assert err.span is not None and (err.span.line, err.span.col) == (line, col), (err.span, err.message)
-    assert err.message == message
-    assert err.hint
+    assert_located(diagnose(source), source, line, col, message)
 
 
 def test_values_of_two_edge_sets_never_combine_even_in_a_layer():

@@ -32,6 +32,7 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from comparison import one_torch_thread  # noqa: E402, F401  (autouse: torch on one thread here)
+from diagnostic_checks import assert_located  # noqa: E402
 from test_passes import random_graph  # noqa: E402
 
 RTOL = 1e-10
@@ -412,11 +413,7 @@ MISUSE = [
 def test_misuse_is_located(name, source, line, col, message):
     with pytest.raises(CompileError) as err:
         mpdsl.compile(source)
-    e = err.value
-    assert (e.span.line, e.span.col, e.message) == (line, col, message)
-    assert e.hint and "\n" not in e.hint
-    rendered = e.render()
-    assert f"<string>:{line}:{col}" in rendered and "^" in rendered
+    assert_located(err.value, source, line, col, message)
 
 
 def test_a_count_bound_at_run_time_is_checked_when_bound():
