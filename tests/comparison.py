@@ -92,6 +92,11 @@ def lin_t(linear) -> np.ndarray:
     return a(linear.weight).T.copy()
 
 
+def heads_t(linear, heads: int) -> np.ndarray:
+    """A Linear(in, heads * c) weight as param[in, heads, c] (torch views the output as [.., H, C])."""
+    return lin_t(linear).reshape(lin_t(linear).shape[0], heads, -1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Comparison
 

@@ -51,7 +51,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from comparison import (  # noqa: E402
-    DTYPES, a, as_outputs, assert_close, build, compare, lin_t)
+    DTYPES, a, as_outputs, assert_close, build, compare, heads_t, lin_t)
 from strategies import graphs  # noqa: E402
 
 import mpdsl  # noqa: E402
@@ -142,11 +142,6 @@ GRAPHS = ("multigraph", "sparse", "karate")
 
 # ------------------------------------------------------------------------------------------------
 # Torch helpers
-
-
-def heads_t(linear, heads: int) -> np.ndarray:
-    """A Linear(in, heads * c) weight as param[in, heads, c] (torch views the output as [.., H, C])."""
-    return lin_t(linear).reshape(lin_t(linear).shape[0], heads, -1)
 
 
 def stack(values) -> np.ndarray:

@@ -306,3 +306,58 @@ def test_schnet_bessel_arange_is_a_constant_of_the_program():
     (sequence,) = [v for v in model.ir.values if v.op == "arange"]
     assert sequence.attr == {"start": 1.0, "step": 1.0} and str(sequence.type) == "param[8] f32"
     assert model.param_inits["F1"].role == "weight" and model.param_inits["f1"].role == "bias"
+
+
+def test_tgn_embedding_equals_pygs_time_encoder_and_transformer_conv():
+    """examples/tgn_embedding.mp against PyG's TGN embedding (TimeEncoder, then TransformerConv over
+    [time encoding || message], as PyG's TGN example), same weights: forward and gradients."""
+    from comparison import heads_t, lin_t
+    from torch_geometric.nn import TransformerConv
+
+    rng = np.random.default_rng(5)
+    n, e, f, fm = 9, 30, 5, 3
+    edge_index = rng.integers(0, n, (2, e))
+    edge_index[:, :3] = [[0, 0, 4], [2, 2, 4]]                 # a repeated edge and a self loop; node 8 isolated
+    edge_index[edge_index == 8] = 1
+    graph = mpdsl.Graph.from_arrays(edge_index, n, x=rng.normal(size=(n, f)), last_update=rng.uniform(0, 5, n))
+    edge_inputs = {"edge_time": rng.uniform(5, 10, e), "edge_msg": rng.normal(size=(e, fm))}
+    encoder = TimeEncoder(8).double()
+    conv = TransformerConv(f, 8, heads=2, concat=True, beta=False, dropout=0.0, edge_dim=8 + fm,
+                           root_weight=True).double().eval()
+    with torch.no_grad():
+        for p in [*encoder.parameters(), *conv.parameters()]:
+            p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape))))
+    h = conv.heads
+    weights = {"w_time": encoder.lin.weight.detach().numpy()[:, 0].copy(),
+               "b_time": encoder.lin.bias.detach().numpy().copy(),
+               "Wq": heads_t(conv.lin_query, h), "bq": conv.lin_query.bias.detach().numpy().reshape(h, -1),
+               "Wk": heads_t(conv.lin_key, h), "bk": conv.lin_key.bias.detach().numpy().reshape(h, -1),
+               "Wv": heads_t(conv.lin_value, h), "bv": conv.lin_value.bias.detach().numpy().reshape(h, -1),
+               "We": heads_t(conv.lin_edge, h), "W_skip": lin_t(conv.lin_skip),
+               "b_skip": conv.lin_skip.bias.detach().numpy()}
+    model = mpdsl.compile(ROOT / "examples" / "tgn_embedding.mp", dtype="float64").load_weights(
+        {k: np.ascontiguousarray(v) for k, v in weights.items()})
+
+    def reference(x, last_update, edge_time, edge_msg):
+        src = torch.from_numpy(edge_index[0])
+        rel_t = last_update[src] - edge_time
+        return conv(x, torch.from_numpy(edge_index), torch.cat([encoder(rel_t), edge_msg], dim=-1))
+
+    arrays = {"x": np.array(graph["x"]), "last_update": np.array(graph["last_update"]), **edge_inputs}
+    tensors = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in arrays.items()}
+    want = reference(**tensors)
+    assert_nontrivial(want.detach().numpy(), "tgn embedding")
+    np.testing.assert_allclose(model(graph, **edge_inputs), want.detach().numpy(), rtol=RTOL, atol=ATOL)
+    module = model.to_torch(graph)
+    given = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in arrays.items()}
+    got = module(graph, **given)
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=RTOL, atol=ATOL)
+    projection = torch.from_numpy(rng.normal(size=tuple(want.shape)))
+    (got * projection).sum().backward()
+    (want * projection).sum().backward()
+    np.testing.assert_allclose(module.w_time.grad.numpy(), encoder.lin.weight.grad.numpy()[:, 0], rtol=GRAD_RTOL)
+    np.testing.assert_allclose(module.We.grad.numpy().reshape(8 + fm, -1), conv.lin_edge.weight.grad.numpy().T,
+                               rtol=GRAD_RTOL)
+    for name in tensors:
+        np.testing.assert_allclose(given[name].grad.numpy(), tensors[name].grad.numpy(), rtol=GRAD_RTOL, atol=1e-12,
+                                   err_msg=f"d {name}")
