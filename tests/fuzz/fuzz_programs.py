@@ -14,8 +14,10 @@ feature-axis reductions, ``@`` with parameters (also per relation, ``W[etype]``)
 (``mlp2``, ``layer_norm``, ``gru_cell``) and ``batch_norm``; some programs declare a derived edge
 set ``looped`` (``self_loops`` or ``remaining_self_loops`` of the graph's edges) and move values
 onto it and back (``h[looped.src]``, ``sum(...) by dst`` of its values, ``softmax``,
-``in_degree(looped)``, ``carry(e, looped, fill)``). A drawn graph spec gives the sizes of the data
-the worker synthesises.
+``in_degree(looped)``, ``carry(e, looped, fill)``); comparisons, masks and ``where``, ``clamp``,
+constant tensors (``arange``, ``linspace``, ``full``), concatenations through one weight over a sum
+of widths (``param[F + 2 * 3, K]``) and ``global_attention(q, k, v) by graph`` over batches. A drawn
+graph spec gives the sizes of the data the worker synthesises.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ AGGREGATE = AGGREGATIONS
 AXIS_REDUCE = ("sum", "mean", "max", "min")
 INITS = ("", "", "", " = zeros", " = ones", " = normal", " = uniform", " = 0.5", " = -1", " = glorot")
 NUMBERS = ("0.5", "2", "0.1", "3.0", "1", "0.001", "1e-3", "10", "0.25")
+COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 CARRY_FILLS = ("1.0", "0.5", '"mean"', '"sum"', "fill=2", "-1")  # the fills of carry(e, looped, fill)
 
 # A dim is an int (static: a literal or a `dim` constant) or a str (a symbol: bound from data in a
@@ -190,7 +193,12 @@ class ProgramBuilder:
                 rules.append("reshape")
             if len(shape) == 1:
                 rules += ["prelude", "layer_norm"] if not ctx.in_layer else []
-        rules.append("select")
+        rules += ["select", "where", "clamp"]
+        if len(shape) == 1 and not ctx.in_layer:
+            rules += ["constant", "concat_sum"]
+        if (dom == "node" and self.batch_graphs and not ctx.in_layer and len(shape) == 2
+                and all(isinstance(d, int) and d > 0 for d in shape)):
+            rules.append("global_attention")
         if not ctx.domain_generic:
             if dom == "edge":
                 rules += ["gather", "gather", "softmax_by"]
@@ -315,6 +323,57 @@ class ProgramBuilder:
         x = self.expr((dom, (n,) + tuple(shape)), ctx, depth)
         # a dim bound from data (F) is known only at run time, where the index may be past it
         return f"{self.paren(x)}[{self.draw(st.integers(0, n - 1 if isinstance(n, int) else 3))}]"
+
+    def mask(self, t, ctx, depth) -> str:
+        """A comparison of two values of type ``t`` (a 0/1 mask), sometimes combined with another."""
+        a, b = self.expr(t, ctx, depth), self.expr(t, ctx, depth)
+        cmp = f"{self.paren(a)} {self.choice(COMPARISONS)} {self.paren(b)}"
+        if self.chance(0.2):
+            return f"not ({cmp})"
+        if self.chance(0.2):
+            other = f"{self.paren(self.expr(t, ctx, depth))} {self.choice(COMPARISONS)} {self.choice(NUMBERS)}"
+            return f"({cmp}) {self.choice(('&', '|'))} ({other})"
+        return cmp
+
+    def r_where(self, t, ctx, depth):
+        return f"where({self.mask(t, ctx, depth)}, {self.expr(t, ctx, depth)}, {self.expr(t, ctx, depth)})"
+
+    def r_clamp(self, t, ctx, depth):
+        bounds = self.choice(("-1, 1", "0, 2.5", "min=0", "max=1", "min=-0.5, max=0.5", "1, 1"))
+        return f"clamp({self.expr(t, ctx, depth)}, {bounds})"
+
+    def r_constant(self, t, ctx, depth):
+        """A constant tensor of the value's width beside it: arange, linspace or full."""
+        (k,) = t[1]
+        if k == 0:
+            return self.expr(t, ctx, depth)      # every constant tensor has at least one element
+        width = self.dim_text(k, ctx)
+        constant = self.choice((f"arange({width})", f"arange(1, {width} + 1)", f"linspace(0, 1, {width})",
+                                f"linspace(-pi, pi, {width})", f"full([{width}], 0.5)"))
+        if isinstance(k, str) and constant.startswith("arange(1"):
+            constant = f"arange({width})"        # a run-time dim is a length, not a compile-time bound
+        return f"{self.paren(self.expr(t, ctx, depth))} {self.choice(('+', '*', '-'))} {constant}"
+
+    def r_concat_sum(self, t, ctx, depth):
+        """A concatenation of two widths (one maybe bound from data) through one weight over the sum."""
+        dom, (k,) = t
+        a, b = self.width(ctx), self.width(ctx)
+        x = self.expr((dom, (a,)), ctx, depth)
+        y = self.expr((dom, (b,)), ctx, depth)
+        name = self.fresh("W")
+        rows = f"{self.dim_text(a, ctx)} + {self.choice(('', '2 * '))}{self.dim_text(b, ctx)}"
+        doubled = "2 * " in rows
+        self.params.append(f"{name}: param[{rows}, {self.dim_text(k, ctx)}]")
+        parts = f"{x}, {y}, {y}" if doubled else f"{x}, {y}"
+        return f"concat({parts}) @ {name}"
+
+    def r_global_attention(self, t, ctx, depth):
+        h, d = t[1]
+        c = self.choice((2, 3, d))
+        q, k = (self.expr(("node", (h, c)), ctx, depth) for _ in range(2))
+        v = self.expr(t, ctx, depth)
+        scale = self.choice(("", ", scale=0.5", ", scale=2"))
+        return f"global_attention({q}, {k}, {v}{scale}) by graph"
 
     def r_gather(self, t, ctx, depth):
         shape = t[1]
