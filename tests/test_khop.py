@@ -89,6 +89,9 @@ def test_two_hop_is_pyg_s(graph):
 @given(graph=graphs(max_nodes=12, max_edges=36), hops=st.sampled_from([1, 3, 4]))
 def test_k_hop_is_the_union_of_matrix_powers(graph, hops):
     np.testing.assert_array_equal(derive_k_hop(graph, hops), matrix_powers(graph, hops))
+    if hops == 4:  # two hops of the two-hop set: a pair joined by a walk of <= 4 edges is by a path
+        np.testing.assert_array_equal(graph.derived("k_hop", 2).derived("k_hop", 2).edge_index,
+                                      matrix_powers(graph, 4))
 
 
 def test_k_hop_on_edge_cases():
