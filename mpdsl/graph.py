@@ -21,7 +21,7 @@ the first offending position. Arrays are stored read-only and derived layouts (C
 degrees) are computed once and cached, so a ``Graph`` can be shared freely.
 
 Only numpy is imported here; scipy, networkx, torch and torch_geometric are imported inside
-the converters that need them.
+the converters (and, scipy, the k-hop derivation) that need them.
 """
 
 from __future__ import annotations
