@@ -143,7 +143,7 @@ def edge_graph(graph, program, name: str):
         raise MissingRule(f"the program has no edge set {name!r} (the verifier checks every one it names)")
     if definition.kind == "input":
         return graph.edge_set(name)
-    return edge_graph(graph, program, definition.base).derived(definition.kind)
+    return edge_graph(graph, program, definition.base).derived(definition.kind, definition.hops)
 
 
 def carry_table(graph):

@@ -214,7 +214,8 @@ class DimDef(Node):
 class EdgesDef(Node):
     """``edges pairs`` (an input edge set, given with the graph as ``pairs_index``) or ``edges looped =
     self_loops(edge)`` (derived: ``kind`` the derivation, ``base`` the set it derives from, "edge" for
-    the graph's own edges)."""
+    the graph's own edges; ``count`` the text of a hop count, ``k_hop(edge, 2)``, as written: the
+    checker reads it)."""
 
     name: str
     name_span: Span = field(repr=False, compare=False)
@@ -222,6 +223,8 @@ class EdgesDef(Node):
     base: str | None = None
     kind_span: Span | None = field(default=None, repr=False, compare=False)
     base_span: Span | None = field(default=None, repr=False, compare=False)
+    count: str | None = None
+    count_span: Span | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

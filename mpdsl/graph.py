@@ -12,15 +12,16 @@ link prediction, a k-hop edge list, ...): set ``S`` has an index ``S_index`` (in
 conventions as ``edge_index``) and its own arrays, one row per edge of the set (in a flat mapping,
 the arrays called ``S`` or ``S_*``: PyG's ``edge_label_index`` and ``edge_label``). ``edge_set(S)``
 is the graph seen through set S (its edges are S's, the node and graph arrays are shared), and
-``derived(kind)`` the edge set derived from the graph's edges by PyG's self-loop utilities
-(``mpdsl.ops.DERIVED_EDGE_SETS``), built once per graph with its CSR orders.
+``derived(kind)`` the edge set derived from the graph's edges by PyG's self-loop utilities or its
+TwoHop transform (``derived("k_hop", hops)``; ``mpdsl.ops.DERIVED_EDGE_SETS``), built once per graph
+with its CSR orders.
 
 Every problem with user-supplied arrays or files is a ``GraphError`` that names the array and
 the first offending position. Arrays are stored read-only and derived layouts (CSR orderings,
 degrees) are computed once and cached, so a ``Graph`` can be shared freely.
 
 Only numpy is imported here; scipy, networkx, torch and torch_geometric are imported inside
-the converters that need them.
+the converters (and, scipy, the k-hop derivation) that need them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from .diagnostics import GraphError
 from .types import Domain
 
-__all__ = ["CarryTable", "Graph", "derive_edges", "resolve_edge_sets"]
+__all__ = ["CarryTable", "Graph", "derive_edges", "derive_k_hop", "k_hop_bytes", "resolve_edge_sets"]
 
 INDEX_ARRAYS = {"batch": "node", "node_type": "node", "edge_type": "edge"}
 """Arrays holding non-negative integer ids (1-D), with the kind each must be."""
@@ -260,7 +261,8 @@ def derive_edges(base: Graph, kind: str) -> tuple[np.ndarray, CarryTable]:
     adds every loop, "remaining_self_loops" (add_remaining_self_loops) keeps a node's own loop in that
     place (its origin is the node's last loop in edge order, whose values the loop carries)."""
     if kind not in ("self_loops", "remaining_self_loops"):
-        raise GraphError(f"unknown edge set derivation {kind!r}", hint="self_loops or remaining_self_loops")
+        raise GraphError(f"unknown edge set derivation {kind!r}",
+                         hint="self_loops or remaining_self_loops (k_hop: Graph.derived('k_hop', k))")
     n = base.num_nodes
     src, dst = base.src, base.dst
     is_loop = src == dst
@@ -282,13 +284,95 @@ def derive_edges(base: Graph, kind: str) -> tuple[np.ndarray, CarryTable]:
     return np.ascontiguousarray(edge_index), table
 
 
-def resolve_edge_sets(graph: Graph, definitions: Iterable[Any]) -> dict[str, Graph]:
+def _pattern(base: Graph) -> Any:
+    """The base's edges as a boolean CSR matrix (row = source, column = destination), each pair once."""
+    from scipy import sparse
+
+    n = base.num_nodes
+    matrix = sparse.csr_array((np.ones(base.num_edges, dtype=bool), (base.src, base.dst)), shape=(n, n))
+    matrix.sum_duplicates()
+    return matrix
+
+
+def k_hop_bytes(base: Graph, hops: int, cap: int | None = None) -> tuple[int, int]:
+    """(a bound on the pairs of ``derive_k_hop(base, hops)``, a bound on the bytes building it takes),
+    from the base's degrees alone (no product is formed): a node's row of the t-th power has at most
+    ``min(n, sum of its out-neighbours' rows of the (t-1)-th)`` entries, its row of the union at most n.
+    The bytes count every live CSR matrix of a step at 8 bytes per column index and 1 per value (the
+    largest power twice, the union twice) and the set's edge index and CSR orders (48 bytes a pair).
+    The bound only grows with the hops: it stops as soon as its bytes pass ``cap``."""
+    from scipy import sparse
+
+    n = base.num_nodes
+    if n == 0 or base.num_edges == 0:
+        return 0, 0
+    matrix = _pattern(base)
+    adjacency = sparse.csr_array((np.ones(matrix.nnz), matrix.indices, matrix.indptr), shape=(n, n))
+    power = np.diff(matrix.indptr).astype(np.float64)  # float: sums of up to n * E stay exact enough
+    union = power.copy()
+    largest = float(power.sum())
+
+    def figures() -> tuple[int, int]:
+        pairs = int(union.sum())
+        return pairs, int(9 * (2 * largest + 2 * pairs) + 8 * (n + 1) * 4 + 48 * pairs)
+
+    for _ in range(2, hops + 1):
+        grown = np.minimum(adjacency @ power, n)
+        widened = np.minimum(union + grown, n)
+        largest = max(largest, float(grown.sum()))
+        if np.array_equal(widened, union) and np.array_equal(grown, power):
+            break  # a fixed point: no longer path widens the bound
+        power, union = grown, widened
+        if cap is not None and figures()[1] > cap:
+            break
+    return figures()
+
+
+def derive_k_hop(base: Graph, hops: int, memory_limit: Any = None) -> np.ndarray:
+    """The edge index of the k-hop set of ``base`` (``hops`` = k >= 1): the pairs (j, i) joined by a
+    path of 1 to k of its edges, as PyTorch Geometric's ``TwoHop`` transform makes them for k = 2: the
+    base's pattern (its own loops kept) united with those of its powers 2..k with their loops removed,
+    each pair once, sorted by (source, destination) as ``coalesce`` sorts. Built with scipy sparse
+    products, refused (``GraphError``) before it starts when ``k_hop_bytes`` is over the memory budget
+    (``memory_limit``, else the budget in force)."""
+    from . import memory
+
+    if hops < 1:
+        raise GraphError(f"a k-hop edge set needs a hop count >= 1, got {hops}", hint="k_hop(edge, 2): two hops")
+    n = base.num_nodes
+    allowed = memory.budget(memory_limit)
+    pairs, needed = k_hop_bytes(base, hops, allowed.limit)
+    if not allowed.allows(needed):
+        raise GraphError(f"the {hops}-hop edge set of this graph ({n} nodes, {base.num_edges} edges) may have up to "
+                         f"{pairs} pairs and needs about {memory.format_bytes(needed)} to build, over "
+                         f"{allowed.describe()}",
+                         hint="use fewer hops or a graph with fewer hubs (a node with d in-edges and d out-edges "
+                              f"joins d * d pairs), or {memory.RAISE}")
+    matrix = _pattern(base)
+    union, power = matrix, matrix
+    for _ in range(2, hops + 1):
+        power = power @ matrix
+        widened = union + power
+        if widened.nnz == union.nnz:
+            break  # no new pair: every longer path joins pairs already joined (union A^1..A^t is closed)
+        union = widened
+    union.sort_indices()
+    src = np.repeat(np.arange(n, dtype=np.int64), np.diff(union.indptr))
+    dst = union.indices.astype(np.int64)
+    base_loop = np.zeros(n, dtype=bool)
+    base_loop[base.src[base.src == base.dst]] = True
+    keep = (src != dst) | base_loop[src]  # loops of the powers go (remove_self_loops), the base's stay
+    return np.ascontiguousarray(np.stack([src[keep], dst[keep]]))
+
+
+def resolve_edge_sets(graph: Graph, definitions: Iterable[Any], memory_limit: Any = None) -> dict[str, Graph]:
     """The graph seen through each edge set of a program (``definitions``: its ``EdgeSetDef``s, bases
     first): "" is ``graph``; an input set is ``graph.edge_set(name)``; a derived set is derived from
-    its base's view (each built once per graph)."""
+    its base's view (each built once per graph; a k-hop set within ``memory_limit``)."""
     views: dict[str, Graph] = {"": graph}
     for d in definitions:
-        views[d.name] = graph.edge_set(d.name) if d.kind == "input" else views[d.base].derived(d.kind)
+        views[d.name] = (graph.edge_set(d.name) if d.kind == "input"
+                         else views[d.base].derived(d.kind, getattr(d, "hops", 0), memory_limit))
     return views
 
 
@@ -598,14 +682,19 @@ class Graph:
 
         return self.cached(("edge_set", name), build)
 
-    def derived(self, kind: str) -> Graph:
+    def derived(self, kind: str, hops: int = 0, memory_limit: Any = None) -> Graph:
         """The edge set derived from this graph's edges by ``kind`` (``mpdsl.ops.DERIVED_EDGE_SETS``), as
-        a graph with the same nodes (built once, with its CSR orders; see ``derive_edges``)."""
+        a graph with the same nodes (built once, with its CSR orders; see ``derive_edges``, and for
+        "k_hop" with its hop count ``hops`` ``derive_k_hop``, refused over ``memory_limit``)."""
         def build() -> Graph:
+            if kind == "k_hop":
+                return self._view(derive_k_hop(self, hops, memory_limit), {}, {})
+            if hops:
+                raise GraphError(f"the edge set derivation {kind!r} takes no hop count", hint="k_hop takes one")
             index, table = derive_edges(self, kind)
             return self._view(index, {}, {"carry": table})
 
-        return self.cached(("derived", kind), build)
+        return self.cached(("derived", kind, hops) if hops else ("derived", kind), build)
 
     def _view(self, edge_index: np.ndarray, edge_data: Mapping[str, np.ndarray], cache: Mapping[str, Any]) -> Graph:
         """A graph with this one's nodes, node and graph arrays and ``edge_index`` as its edges."""

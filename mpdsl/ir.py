@@ -19,7 +19,16 @@ from typing import Any
 import lark
 
 from mpdsl.diagnostics import Source, Span
-from mpdsl.ops import DERIVED_EDGE_SETS, EDGE_SET_KINDS, OPS, Effect, Trait, edge_set_label
+from mpdsl.ops import (
+    CARRIED_EDGE_SETS,
+    DERIVED_EDGE_SETS,
+    EDGE_SET_KINDS,
+    HOP_EDGE_SETS,
+    OPS,
+    Effect,
+    Trait,
+    edge_set_label,
+)
 from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
 
 
@@ -58,15 +67,20 @@ def make_value(op: str, operands: Iterable[Value], attrs: Mapping[str, Any], typ
 class EdgeSetDef:
     """An edge set of a program besides the graph's own edges: ``kind`` "input" (read from the graph,
     which carries it by ``name``) or a derivation (``mpdsl.ops.DERIVED_EDGE_SETS``) of the set ``base``
-    ("": the graph's own edges). Values on it have types ``edge<name>[...]``."""
+    ("": the graph's own edges); ``hops`` the hop count of a ``k_hop`` set (0 for the other kinds).
+    Values on it have types ``edge<name>[...]``."""
 
     name: str
     kind: str
     base: str = ""
     span: Span | None = field(default=None, compare=False, repr=False)
+    hops: int = 0
 
     def __str__(self) -> str:
-        return self.name if self.kind == "input" else f"{self.name}={self.kind}({edge_set_label(self.base)})"
+        if self.kind == "input":
+            return self.name
+        count = f", {self.hops}" if self.kind in HOP_EDGE_SETS else ""
+        return f"{self.name}={self.kind}({edge_set_label(self.base)}{count})"
 
 
 @dataclass(frozen=True)
@@ -210,11 +224,12 @@ def parse_program(text: str) -> Program:
             dims.append((str(key), int(str(bound)) if bound is not None else None))
         elif node.data == "edge_sets":
             for item in node.children:
-                set_name, kind, base = _tree(item).children
+                set_name, kind, base, hops = _tree(item).children
                 if kind is None:
                     edge_sets.append(EdgeSetDef(str(set_name), "input"))
                 else:
-                    edge_sets.append(EdgeSetDef(str(set_name), str(kind), "" if str(base) == "edge" else str(base)))
+                    edge_sets.append(EdgeSetDef(str(set_name), str(kind), "" if str(base) == "edge" else str(base),
+                                                hops=0 if hops is None else int(str(hops))))
         elif node.data == "value":
             vname, opname, operands, attrs, typ, loc = node.children
             if str(vname) in env:
@@ -345,6 +360,9 @@ def _verify_edge_sets(program: Program) -> dict[str, EdgeSetDef]:
             raise VerificationError(f"edge set {s.name!r} has unknown kind {s.kind!r} (one of {EDGE_SET_KINDS})")
         if s.kind == "input" and s.base:
             raise VerificationError(f"input edge set {s.name!r} has a base ({s.base!r})")
+        if (s.kind in HOP_EDGE_SETS) != (s.hops != 0) or s.hops < 0:
+            raise VerificationError(f"edge set {s.name!r} of kind {s.kind!r} has hop count {s.hops} "
+                                    f"(a set of {' or '.join(HOP_EDGE_SETS)} takes one >= 1, the other kinds none)")
         if s.kind in DERIVED_EDGE_SETS and s.base and s.base not in known:
             raise VerificationError(f"edge set {s.name!r} is derived from {s.base!r}, which is not defined before it")
         known[s.name] = s
@@ -364,3 +382,6 @@ def _verify_value_edge_sets(v: Value, where: str, edge_sets: Mapping[str, EdgeSe
         base = v.operands[0].type.rowset if v.op == "carry" else v.attr["base"]
         if target is None or target.kind not in DERIVED_EDGE_SETS or target.base != base:
             raise VerificationError(f"{where}: {edge_set_label(named)} is not derived from {edge_set_label(base)}")
+        if target.kind not in CARRIED_EDGE_SETS:
+            raise VerificationError(f"{where}: nothing carries onto {named} ({target.kind}: its edges come from "
+                                    "no single base edge)")

@@ -60,9 +60,14 @@ AGGREGATIONS = ("sum", "mean", "max", "min", "std")
 # utilities do: "self_loops" = remove_self_loops then add_self_loops (one loop per node, GATConv's
 # add_self_loops=True), "remaining_self_loops" = add_remaining_self_loops (gcn_norm's: a node's existing
 # loop is kept, with its edge values, one is added to a node without). Both give the base set's non-loop
-# edges in their order, then one loop per node in node order.
-EDGE_SET_KINDS = ("input", "self_loops", "remaining_self_loops")
+# edges in their order, then one loop per node in node order. "k_hop" (with a hop count k >= 1, PyG's
+# TwoHop transform for k = 2) is the pairs (j, i) joined by a path of 1..k base edges: the base's
+# pattern (its loops kept) and those of its powers 2..k without their loops, duplicates merged,
+# sorted by (source, destination); its edges come from no single base edge, so nothing carries onto it.
+EDGE_SET_KINDS = ("input", "self_loops", "remaining_self_loops", "k_hop")
 DERIVED_EDGE_SETS = EDGE_SET_KINDS[1:]
+HOP_EDGE_SETS = ("k_hop",)  # the derivations that take a hop count (EdgeSetDef.hops)
+CARRIED_EDGE_SETS = ("self_loops", "remaining_self_loops")  # the derived sets ``carry`` moves values onto
 # How ``carry`` fills the edge values of the loops a derived set adds: a constant (PyG's fill_value
 # number), or the mean / sum of the values of the node's non-loop in-edges in the base set (PyG's
 # fill_value "mean" / "add").

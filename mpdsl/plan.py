@@ -486,15 +486,17 @@ def space_rows(program: Program, graph=None) -> dict[Space, int]:
     """The rows of every space ``program``'s values live on: a ``Graph``'s (edge sets resolved and
     derived sets built, once per graph), a graph of given sizes (``num_nodes``, ``num_edges``,
     ``num_graphs`` and ``edge_set_rows``: the rows of each edge set by name), or without a graph the
-    plan's assumed sizes (an input edge set as many edges as the graph, a derived set its base's
-    plus one loop per node)."""
+    plan's assumed sizes (an input edge set as many edges as the graph, a self-loop set its base's
+    plus one loop per node, a k-hop set its base's times the hops, at most one per pair of nodes)."""
     from mpdsl.backends import edge_graph
 
     if graph is None:
         rows = {Space(Domain.NODE): ASSUMED_NODES, Space(Domain.EDGE): ASSUMED_EDGES, Space(Domain.GRAPH): 1}
         for s in program.edge_sets:
+            base = rows[Space(Domain.EDGE, s.base)]
             rows[Space(Domain.EDGE, s.name)] = (ASSUMED_EDGES if s.kind == "input"
-                                                else rows[Space(Domain.EDGE, s.base)] + ASSUMED_NODES)
+                                                else min(base * s.hops, ASSUMED_NODES ** 2) if s.kind == "k_hop"
+                                                else base + ASSUMED_NODES)
     else:
         rows = {Space(Domain.NODE): graph.num_nodes, Space(Domain.EDGE): graph.num_edges,
                 Space(Domain.GRAPH): graph.num_graphs}

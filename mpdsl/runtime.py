@@ -16,7 +16,7 @@ from mpdsl import memory
 from mpdsl.backends import check_input_ids, edge_graph
 from mpdsl.context import CompileContext
 from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
-from mpdsl.graph import Graph, first_true, position_text
+from mpdsl.graph import Graph, first_true, position_text, resolve_edge_sets
 from mpdsl.initialisation import ParamInit, check_default
 from mpdsl.initialisation import plan as initialisation_plan
 from mpdsl.ir import Program, Value, print_program, value_names
@@ -669,6 +669,8 @@ class CompiledModel:
         allowed = memory.budget(self.memory_limit)
         if allowed.limit is None:
             return
+        if isinstance(graph, Graph):  # the derived sets, each refused before it is built over the budget
+            resolve_edge_sets(graph, program.edge_sets, self.memory_limit)
         planned = self.planned_bytes(program, graph, dims)
         total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph) + edge_set_bytes(program, graph)
         # Arrays the backend keeps from earlier runs are reused, but count as used in the available memory.
@@ -765,14 +767,15 @@ def graph_index_bytes(graph: Graph | GraphSizes) -> int:
 def edge_set_bytes(program: Program, graph: Graph | GraphSizes) -> int:
     """Bytes of the structures of ``program``'s edge sets besides the graph's edges: each set's CSR
     indices (as ``graph_index_bytes``), and a derived set's own edge index and carry table (int64 per
-    edge: the index's two rows and five per-edge tables)."""
+    edge: the index's two rows and five per-edge tables; a k-hop set has no carry table)."""
     if not program.edge_sets:
         return 0
     rows = space_rows(program, graph)
     total = 0
     for s in program.edge_sets:
         edges = rows[Space(Domain.EDGE, s.name)]
-        total += 2 * 8 * (graph.num_nodes + 1 + edges) + (0 if s.kind == "input" else 7 * 8 * edges)
+        own = 0 if s.kind == "input" else 2 * 8 * edges if s.kind == "k_hop" else 7 * 8 * edges
+        total += 2 * 8 * (graph.num_nodes + 1 + edges) + own
     return total
 
 

@@ -157,11 +157,20 @@ class _Builder:
         return ast.DimDef(self._span(meta), str(name), self._int(value, "dimension"))
 
     def edges_def(self, meta, children):
-        name, kind, base = children
+        name, kind, base, count = children
         return ast.EdgesDef(self._span(meta), str(name), self._tok_span(name),
                             None if kind is None else str(kind), None if base is None else str(base),
                             None if kind is None else self._tok_span(kind),
-                            None if base is None else self._tok_span(base))
+                            None if base is None else self._tok_span(base),
+                            None if count is None else count[0], None if count is None else count[1])
+
+    def hop_number(self, meta, children):
+        """A hop count as written (``2``, ``-1``, ``2.5``), with its span: the checker reads it."""
+        written = self.source.text[meta.start_pos:meta.end_pos]  # the "-" is no token of the tree
+        return "".join(written.split()), self._span(meta)
+
+    def hop_name(self, meta, children):
+        return str(children[0]), self._span(meta)
 
     def _func(self, kind, meta, children):
         name, args, (results, parenthesised), body = children

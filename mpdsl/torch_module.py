@@ -78,7 +78,7 @@ from mpdsl.autodiff import batch_norm_statistics
 from mpdsl.backends import BackendError, check_input_ids, get_backend
 from mpdsl.context import Programs, layout_for
 from mpdsl.diagnostics import InputError, MpdslError
-from mpdsl.graph import Graph
+from mpdsl.graph import Graph, resolve_edge_sets
 from mpdsl.ir import Program, parse_program, print_program
 from mpdsl.plan import GraphLayout, space_rows
 from mpdsl.runtime import (
@@ -467,8 +467,11 @@ class _Sizes:
         return self.edge_set_rows[t.rowset] if t.rowset else self.num_rows(t.domain)
 
 
-def _sizes_of(program: Program, graph: Graph) -> _Sizes:
-    """The row counts of ``graph`` for ``program`` (its edge sets resolved, derived ones built once)."""
+def _sizes_of(program: Program, graph: Graph, memory_limit: Any = None) -> _Sizes:
+    """The row counts of ``graph`` for ``program`` (its edge sets resolved, derived ones built once, a
+    k-hop set refused over ``memory_limit`` before it is built)."""
+    if program.edge_sets:
+        resolve_edge_sets(graph, program.edge_sets, memory_limit)
     rows = space_rows(program, graph) if program.edge_sets else {}
     return _Sizes(graph.num_nodes, graph.num_edges, graph.num_graphs,
                   {s.name: rows[Space(Domain.EDGE, s.name)] for s in program.edge_sets})
@@ -813,13 +816,13 @@ class MpdslModule(torch.nn.Module):
         tensors; a derived edge set's edges are counted on the host graph (remembered for the run)."""
         program = self.compiled.ir
         if source is not None:
-            return _sizes_of(program, source)
+            return _sizes_of(program, source, self.compiled.memory_limit)
         if any(s.kind != "input" for s in program.edge_sets):
             if torch.compiler.is_exporting():
                 raise InputError(f"'{self.compiled.name}' runs on a derived edge set, whose size depends on the "
                                  "graph's values: torch.export cannot trace it",
                                  "run the module eagerly or under torch.compile")
-            return _sizes_of(program, graph_of(structure, num_nodes, input_sets))
+            return _sizes_of(program, graph_of(structure, num_nodes, input_sets), self.compiled.memory_limit)
         _, _, sets = _split_structure(structure, input_sets)
         return _Sizes(num_nodes, structure[0].shape[1], num_graphs, {name: index.shape[1] for name, index in sets})
 

@@ -31,8 +31,10 @@ from mpdsl.limits import MAX_INT, MAX_NESTING, MAX_STEPS
 from mpdsl.ops import (
     AGGREGATIONS,
     AXIS_REDUCTIONS,
+    CARRIED_EDGE_SETS,
     CARRY_FILLS,
     DERIVED_EDGE_SETS,
+    HOP_EDGE_SETS,
     INITIALIZERS,
     OPS,
     REDUCE_AXES,
@@ -42,6 +44,10 @@ from mpdsl.ops import (
     running_statistic,
 )
 from mpdsl.types import INT_DTYPE, Dim, DimSolveError, Domain, Space, TensorType, TypeRuleError, solve_dim
+
+# How each derivation of an edge set is written (hints).
+DERIVATION_FORMS = {"self_loops": "self_loops(edge)", "remaining_self_loops": "remaining_self_loops(edge)",
+                    "k_hop": "k_hop(edge, k)"}
 
 RESERVED = {"src", "dst", "batch", "graph"}
 ANY = "any"  # env key of a layer's domain variable (identifiers cannot clash: 'any' is a keyword)
@@ -357,9 +363,11 @@ class Checker:
             return
         if item.kind not in DERIVED_EDGE_SETS:
             close = _close(item.kind, DERIVED_EDGE_SETS)
+            forms = ", ".join(DERIVATION_FORMS[k] for k in DERIVED_EDGE_SETS)
             raise self.error(f"unknown edge set derivation '{item.kind}'", item.kind_span,
-                             f"did you mean '{close}'?" if close else
-                             f"derive an edge set with {' or '.join(f'{k}(edge)' for k in DERIVED_EDGE_SETS)}")
+                             "the two-hop set is k_hop(edge, 2)" if item.kind in ("two_hop", "TwoHop") else
+                             f"did you mean '{close}'?" if close else f"derive an edge set with one of {forms}")
+        self.hop_count(item)
         if item.base != "edge" and item.base not in self.edge_sets:
             if item.base in ("node", "graph", "param", "any"):
                 raise self.error(f"{item.kind} derives an edge set from an edge set, not from '{item.base}'",
@@ -369,6 +377,32 @@ class Checker:
             raise self.error(f"unknown edge set '{item.base}'", item.base_span,
                              f"did you mean '{close}'?" if close else
                              "derive from edge (the graph's edges) or from an edge set declared before this one")
+
+    def hop_count(self, item: ast.EdgesDef) -> int:
+        """The hop count of a derived set's declaration (``k_hop(edge, 2)``: 2; 0 for a kind without
+        one): an integer literal from 1 to ``MAX_INT`` where the kind takes one, none otherwise."""
+        form = DERIVATION_FORMS.get(item.kind or "", "")
+        if item.kind not in HOP_EDGE_SETS:
+            if item.count is not None:
+                raise self.error(f"{item.kind} takes no hop count", item.count_span, f"write {form}")
+            return 0
+        if item.count is None:
+            raise self.error(f"{item.kind} needs a hop count", item.kind_span,
+                             f"write {form}: the pairs joined by a path of 1 to k edges")
+        if not item.count.lstrip("-").isdigit():
+            what = "a name" if item.count[:1].isalpha() or item.count[:1] == "_" else "not an integer"
+            raise self.error(f"the hop count of {item.kind} must be an integer literal, and '{abbreviate(item.count)}' "
+                             f"is {what}", item.count_span, f"write {form}, e.g. {item.kind}({item.base}, 2)")
+        digits = item.count.lstrip("-").lstrip("0")
+        value = int(item.count) if len(digits) <= len(str(MAX_INT)) else (-1 if item.count[0] == "-" else MAX_INT + 1)
+        if value < 1:
+            raise self.error(f"the hop count of {item.kind} must be at least 1, got {abbreviate(item.count)}",
+                             item.count_span,
+                             f"{item.kind}({item.base}, 1) is the base set's pairs; 2 adds those two hops away")
+        if value > MAX_INT:
+            raise self.error(f"the hop count {abbreviate(item.count)} is too large", item.count_span,
+                             f"integers go up to 2**63 - 1 = {MAX_INT}")
+        return value
 
     def edge_set_name(self, name: str, span: Span | None) -> str:
         """The declared edge set ``name`` ("" for ``edge``, the graph's own edges); an error otherwise."""
@@ -392,7 +426,8 @@ class Checker:
         for name, item in reversed(list(self.edge_sets.items())):
             if name in used:
                 result.append(EdgeSetDef(name, "input" if item.kind is None else item.kind,
-                                         "" if item.base in (None, "edge") else item.base, item.span))
+                                         "" if item.base in (None, "edge") else item.base, item.span,
+                                         self.hop_count(item)))
                 if item.base not in (None, "edge"):
                     used.add(item.base)
         return tuple(reversed(result))
@@ -1210,6 +1245,11 @@ def _carry(ch: Checker, e: ast.Call, scope, env) -> Value:
         raise ch.error(f"carry moves edge values onto a derived edge set, and {edge_set_label(edges)} is not one",
                        e.args[1].span, "declare one with `edges looped = self_loops(edge)` (or "
                        "remaining_self_loops) and carry onto it")
+    if target.kind not in CARRIED_EDGE_SETS:
+        raise ch.error(f"nothing carries onto {edges} = {target.kind}({target.base}, {target.count}): its edges are "
+                       "pairs joined by paths, not edges of its base", e.args[1].span,
+                       f"reduce the edge values to nodes (sum(x) by dst) and gather them onto {edges} "
+                       f"(h[{edges}.src]), or carry onto a self-loop set")
     if isinstance(fill_expr, ast.String):
         if fill_expr.value not in CARRY_FILLS[1:]:
             raise ch.error(f"unknown fill {fill_expr.value!r}", fill_expr.span,
