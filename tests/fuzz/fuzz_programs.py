@@ -12,7 +12,7 @@ feature shape), so most programs type-check and run: gathers ``h[src]`` / ``h[ds
 feature-axis reductions, ``@`` with parameters (also per relation, ``W[etype]``), ``einsum``,
 ``concat``, ``reshape``, ``one_hot``, degrees, unary and binary functions, prelude layers
 (``mlp2``, ``layer_norm``, ``gru_cell``) and ``batch_norm``; some programs declare a derived edge
-set ``looped`` (``self_loops`` or ``remaining_self_loops`` of the graph's edges) and move values
+set ``looped`` (``self_loops``, ``remaining_self_loops`` or ``k_hop`` of the graph's edges) and move values
 onto it and back (``h[looped.src]``, ``sum(...) by dst`` of its values, ``softmax``,
 ``in_degree(looped)``, ``carry(e, looped, fill)``); comparisons, masks and ``where``, ``clamp``,
 constant tensors (``arange``, ``linspace``, ``full``), concatenations through one weight over a sum
@@ -219,7 +219,7 @@ class ProgramBuilder:
             if dom == "node" and self.looped:
                 rules += ["aggregate_looped"] + (["degree_looped"] if not shape else [])
             if dom == "looped":
-                rules += ["gather_looped", "gather_looped", "softmax_by", "carry"]
+                rules += ["gather_looped", "gather_looped", "softmax_by"] + (["carry"] if self.looped != "k_hop" else [])
         if not ctx.in_layer and len(shape) == 1 and dom in ("node", "edge"):
             rules += ["layer", "layer"]
         return rules
@@ -514,7 +514,7 @@ def programs(draw) -> dict:
         b.dims[name] = draw(st.sampled_from((1, 2, 3, 4, 4, 5, 0) if name == "K2" else (2, 3, 4)))
     b.has_etype = b.chance(0.3)
     if b.chance(0.25):
-        b.looped = draw(st.sampled_from(("self_loops", "remaining_self_loops")))
+        b.looped = draw(st.sampled_from(("self_loops", "remaining_self_loops", "k_hop")))
     if b.has_etype:
         b.relations = draw(st.integers(1, 3))
         b.dims["R"] = b.relations
@@ -568,7 +568,8 @@ def programs(draw) -> dict:
         args = b.params + inputs
     dims_text = "".join(f"dim {n} = {v}\n" for n, v in b.dims.items())
     if b.looped:
-        dims_text += f"edges looped = {b.looped}(edge)\n"
+        hops = f", {draw(st.integers(1, 3))}" if b.looped == "k_hop" else ""
+        dims_text += f"edges looped = {b.looped}(edge{hops})\n"
     layers_text = "".join(layer.text + "\n" for layer in b.layers)
     model = (f"model m({', '.join(args)}) -> {result_text} {{\n" + "".join(line + "\n" for line in body)
              + f"    return {', '.join(returns)}\n}}\n")
