@@ -16,7 +16,7 @@ import numpy as np
 
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.ops import OPS, MissingRule, choose, running_statistic
-from mpdsl.types import DTYPE_NAMES, FLOAT_DTYPES, HALF_DTYPES, Domain, TensorType
+from mpdsl.types import DTYPE_NAMES, FLOAT_DTYPES, HALF_DTYPES, Domain, TensorType, edge_set_relation
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
 BACKENDS: dict[str, type[Backend]] = {}
@@ -142,7 +142,7 @@ def edge_graph(graph, program, name: str):
     if definition is None:
         raise MissingRule(f"the program has no edge set {name!r} (the verifier checks every one it names)")
     if definition.kind == "input":
-        return graph.edge_set(name)
+        return graph.edge_set(edge_set_relation(name))
     return edge_graph(graph, program, definition.base).derived(definition.kind)
 
 
@@ -159,6 +159,8 @@ def space_rows(graph, program, space) -> int:
     """The row count of values on ``space`` (a domain and edge set) on ``graph``."""
     if space.domain is Domain.EDGE:
         return edge_graph(graph, program, space.name).num_edges
+    if space.domain is Domain.NODE and space.name:
+        return graph.num_type_nodes(space.name)
     return graph.num_rows(space.domain)
 
 

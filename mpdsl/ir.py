@@ -354,7 +354,10 @@ def _verify_edge_sets(program: Program) -> dict[str, EdgeSetDef]:
 def _verify_value_edge_sets(v: Value, where: str, edge_sets: Mapping[str, EdgeSetDef]) -> None:
     """The edge sets ``v`` names (its type's, its ``edges`` attribute's) are the program's; a carry
     moves values from the base of a derived set onto it."""
-    if v.type.rowset and (v.type.domain is not Domain.EDGE or v.type.rowset not in edge_sets):
+    if v.type.rowset and v.type.domain is Domain.NODE:
+        if not v.type.rowset.isidentifier():
+            raise VerificationError(f"{where}: its type {v.type} names a node type that is not an identifier")
+    elif v.type.rowset and (v.type.domain is not Domain.EDGE or v.type.rowset not in edge_sets):
         raise VerificationError(f"{where}: its type {v.type} names an edge set the program does not define")
     named = v.attr.get("edges", "")
     if named and named not in edge_sets:
