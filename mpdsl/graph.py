@@ -95,28 +95,29 @@ class _TypedParts:
     ends: dict[str, tuple[str, str]]
 
 
-def _typed_parts(arrays: dict[str, np.ndarray]) -> _TypedParts:
+def _typed_parts(arrays: dict[str, np.ndarray], known: Iterable[str] = ()) -> _TypedParts:
     """The node types and typed edge sets of flat arrays (an .npz), removed from ``arrays``: ``T__num_nodes``
     (scalar) declares node type T, ``T__<attr>`` are its arrays, ``SRC__S__DST_index`` is the typed edge set S
-    from SRC to DST (its arrays ``S_*`` as any edge set's)."""
+    from SRC to DST (its arrays ``S_*`` as any edge set's); ``known``: node types there already."""
     parts = _TypedParts({}, {}, {}, {}, {})
     for name in [n for n in arrays if n.endswith("__num_nodes")]:
         node_type = name[:-len("__num_nodes")]
         parts.counts[node_type] = _to_num_nodes(arrays.pop(name))
         parts.data[node_type] = {}
-    if not parts.counts:
+    types = set(parts.counts) | set(known)
+    if not types:
         return parts
     for name in list(arrays):
         if name.endswith(EDGE_SET_SUFFIX) and name.count("__") >= 2:
             pieces = name[:-len(EDGE_SET_SUFFIX)].split("__")
             src, dst, set_name = pieces[0], pieces[-1], "__".join(pieces[1:-1])
-            if src in parts.counts and dst in parts.counts:
+            if src in types and dst in types:
                 parts.set_indices[set_name] = arrays.pop(name)
                 parts.ends[set_name] = (src, dst)
                 continue
         node_type, _, attr = name.partition("__")
-        if attr and node_type in parts.counts:
-            parts.data[node_type][attr] = arrays.pop(name)
+        if attr and node_type in types:
+            parts.data.setdefault(node_type, {})[attr] = arrays.pop(name)
     for name in list(arrays):
         owner = edge_set_member(name, parts.set_indices)
         if owner is not None:
@@ -608,12 +609,19 @@ class Graph:
         set_indices = {s: index for s, (index, _) in self._edge_sets.items()}
         set_groups = {s: dict(data) for s, (_, data) in self._edge_sets.items()}
         type_data = self.node_type_data
+        type_counts = self.node_types
+        set_types = dict(self._set_types)
+        arrays = {name: _as_numpy(name, value) for name, value in arrays.items()}
+        typed = _typed_parts(arrays, set(type_counts))  # node types and typed sets in the .npz names
+        type_counts.update(typed.counts)
+        for node_type, data in typed.data.items():
+            type_data.setdefault(node_type, {}).update(data)
+        set_indices.update(typed.set_indices)
+        set_types.update(typed.ends)
+        for typed_set, data in typed.set_arrays.items():
+            set_groups.setdefault(typed_set, {}).update(data)
         for name, value in arrays.items():
             array = _as_numpy(name, value)
-            node_type, _, attr = name.partition("__")
-            if attr and node_type in type_data:
-                type_data[node_type][attr] = array
-                continue
             set_name = edge_set_of_name(name, array)
             if set_name is not None:
                 set_indices[set_name] = array
@@ -629,8 +637,8 @@ class Graph:
             groups[kind][name] = value
         return type(self)(self._edge_index, self._num_nodes, node_data=groups["node"],
                           edge_data=groups["edge"], graph_data=groups["graph"], edge_sets=set_indices,
-                          edge_set_data=set_groups, node_types=self.node_types, node_type_data=type_data,
-                          edge_set_types=self._set_types)
+                          edge_set_data=set_groups, node_types=type_counts, node_type_data=type_data,
+                          edge_set_types=set_types)
 
     # ----------------------------------------------------------------------------------------
     # Sizes and arrays

@@ -20,7 +20,7 @@ import lark
 
 from mpdsl.diagnostics import Source, Span
 from mpdsl.ops import DERIVED_EDGE_SETS, EDGE_SET_KINDS, OPS, Effect, Trait, edge_set_label
-from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError, edge_set_ends
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +80,13 @@ class Program:
     def edge_set(self, name: str) -> EdgeSetDef | None:
         """The definition of edge set ``name`` (None for "", the graph's own edges)."""
         return next((s for s in self.edge_sets if s.name == name), None) if name else None
+
+    @property
+    def node_types(self) -> tuple[str, ...]:
+        """The node types the program's values and edge sets live on (besides the graph's own nodes), sorted."""
+        found = {v.type.rowset for v in self.values if v.type.domain is Domain.NODE and v.type.rowset}
+        found |= {end for s in self.edge_sets for end in edge_set_ends(s.name) if end}
+        return tuple(sorted(found))
 
     def rebuilt(self, values: tuple[Value, ...], outputs: tuple[tuple[str, Value], ...], name: str | None = None,
                 dims: tuple[tuple[str, int | None], ...] | None = None) -> Program:

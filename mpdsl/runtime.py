@@ -511,16 +511,20 @@ class CompiledModel:
 
     def with_edge_set_inputs(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[Graph, dict[str, Any]]:
         """(the graph with the edge set indices given among ``inputs`` as ``<name>_index`` for the
-        model's input edge sets, the other inputs): a given index replaces the graph's."""
+        model's input edge sets, the other inputs): a given index replaces the graph's. A model with node
+        types also takes the parts of a typed graph by their .npz names (``paper__num_nodes``,
+        ``author__writes__paper_index``, ``paper__x``)."""
         names = {f"{edge_set_relation(s.name)}_index": s.name for s in self.ir.edge_sets if s.kind == "input"}
-        given = {k: v for k, v in inputs.items() if k in names}
+        typed = bool(self.ir.node_types)
+        given = {k: v for k, v in inputs.items()
+                 if k in names or (typed and k not in self.input_types and typed_graph_part(k))}
         if not given:
             return graph, dict(inputs)
         try:
             graph = graph.with_data(**{k: _to_numpy(v) for k, v in given.items()})
         except GraphError as err:
             raise InputError(err.message, err.hint) from None
-        return graph, {k: v for k, v in inputs.items() if k not in names}
+        return graph, {k: v for k, v in inputs.items() if k not in given}
 
     def _bind(self, graph: Graph, inputs: Mapping[str, Any], dims: dict[str, int], known_sources: Mapping[str, str],
               known_origins: Mapping[str, str], check_sets: bool = True
@@ -763,6 +767,12 @@ class GraphSizes(Protocol):
     @property
     def num_graphs(self) -> Any: ...
     def num_rows(self, domain: Domain) -> int: ...
+
+
+def typed_graph_part(name: str) -> bool:
+    """Whether ``name`` names a part of a typed graph in the .npz layout (``T__num_nodes``, ``T__<attr>``,
+    ``SRC__S__DST_index``), which ``run`` takes as a keyword as it takes ``S_index``."""
+    return "__" in name.strip("_")
 
 
 def space_rows_of(graph: Graph, program: Program, t: TensorType) -> int:
