@@ -520,7 +520,9 @@ def _plan_rows(program: Program, graph: Graph | None) -> tuple[dict[Space, int],
     saying so."""
     rows = space_rows(program, graph)
     pairs = node_pairs(rows) if graph is None else graph_pairs(graph)
-    sets = "".join(f", {rows[Space(Domain.EDGE, s.name)]} edges of {s.name}" for s in program.edge_sets)
+    sets = "".join(f", {rows[Space(Domain.NODE, t)]} nodes of type {t}" for t in program.node_types
+                   if Space(Domain.NODE, t) in rows)
+    sets += "".join(f", {rows[Space(Domain.EDGE, s.name)]} edges of {s.name}" for s in program.edge_sets)
     if graph is not None:
         return rows, pairs, (f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_graphs} graph(s)"
                       + sets)

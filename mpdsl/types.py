@@ -290,8 +290,10 @@ class Space:
     """The rows a value lives on: a domain and, within it, a named set of rows. ``name`` is "" for
     the graph's own rows of the domain (its nodes, the edges of its ``edge_index``, its graphs); an
     edge value may instead live on another edge set of the program (``edge<pairs>``: an edge set the
-    graph carries beside its edges, or one derived from another, such as ``self_loops(edge)``). Two
-    values combine row by row only when they live on the same space."""
+    graph carries beside its edges, or one derived from another, such as ``self_loops(edge)``), and a
+    node value on a node type of a typed graph (``node<paper>``; a typed edge set's name carries its
+    endpoint types, ``typed_edge_set``). Two values combine row by row only when they live on the same
+    space."""
 
     domain: Domain
     name: str = ""
