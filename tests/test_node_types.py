@@ -404,10 +404,26 @@ def test_typed_graphs_check_each_row_of_a_typed_set_against_its_type():
         Graph.batch([Graph.from_pyg(hetero(0)), Graph.from_pyg(hetero(1))])
 
 
-def test_a_typed_graph_is_refused_by_graph_directories(tmp_path):
+def test_degrees_of_a_typed_set_are_per_destination_and_per_source_type():
+    source = (HEAD + "model m(p: node<paper>[F], a: node<author>[F]) -> (i: node<paper>[], o: node<author>[]) {\n"
+              "  return in_degree(writes), out_degree(writes)\n}")
+    data = hetero(7)
+    graph = Graph.from_pyg(data)
+    out = mpdsl.compile(source, dtype=F64)(graph, p=graph.type_array("paper", "x"), a=graph.type_array("author", "x"))
+    index = data["author", "writes", "paper"].edge_index.numpy()
+    np.testing.assert_array_equal(out["i"], np.bincount(index[1], minlength=9))
+    np.testing.assert_array_equal(out["o"], np.bincount(index[0], minlength=5))
+
+
+def test_a_typed_graph_is_refused_by_graph_directories_and_the_samplers(tmp_path):
     typed = Graph(np.zeros((2, 0), np.int64), 0, node_types={"paper": 2})
     with pytest.raises(GraphError) as err:
         typed.save_directory(tmp_path / "g")
+    assert "node types paper" in err.value.message
+    from mpdsl.sampling.batch import make_batch
+
+    with pytest.raises(GraphError) as err:
+        make_batch(typed, np.zeros(0, np.int64), np.zeros((2, 0), np.int64), np.zeros(0, np.int64), 0)
     assert "node types paper" in err.value.message
 
 
