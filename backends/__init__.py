@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol, cast
 import numpy as np
 
 from mpdsl.diagnostics import InputError, MpdslError
+from mpdsl.graph import edge_set_view
 from mpdsl.ops import OPS, MissingRule, choose, running_statistic
 from mpdsl.types import DTYPE_NAMES, FLOAT_DTYPES, HALF_DTYPES, Domain, TensorType
 
@@ -141,9 +142,8 @@ def edge_graph(graph, program, name: str):
     definition = program.edge_set(name)
     if definition is None:
         raise MissingRule(f"the program has no edge set {name!r} (the verifier checks every one it names)")
-    if definition.kind == "input":
-        return graph.edge_set(name)
-    return edge_graph(graph, program, definition.base).derived(definition.kind, definition.hops)
+    base = graph if definition.kind == "input" else edge_graph(graph, program, definition.base)
+    return edge_set_view(graph, base, definition)
 
 
 def carry_table(graph):
@@ -159,6 +159,8 @@ def space_rows(graph, program, space) -> int:
     """The row count of values on ``space`` (a domain and edge set) on ``graph``."""
     if space.domain is Domain.EDGE:
         return edge_graph(graph, program, space.name).num_edges
+    if space.domain is Domain.NODE and space.name:
+        return graph.num_type_nodes(space.name)
     return graph.num_rows(space.domain)
 
 

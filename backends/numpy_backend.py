@@ -697,9 +697,9 @@ class ExecContext:
     def pull(self, by: str, edges: str = "") -> PullCSR:
         g = self.edges(edges)
         if by == "dst":
-            return g.cached("numpy.pull_dst", lambda: PullCSR(*g.csr_by_dst(), g.src, g.num_nodes))
+            return g.cached("numpy.pull_dst", lambda: PullCSR(*g.csr_by_dst(), g.src, g.num_dst_nodes))
         if by == "src":
-            return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_nodes))
+            return g.cached("numpy.pull_src", lambda: PullCSR(*g.csr_by_src(), g.dst, g.num_src_nodes))
         raise MissingRule(f"the numpy backend has no pull CSR by {by!r}")
 
     def rows(self, space: Space) -> int:

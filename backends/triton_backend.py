@@ -628,7 +628,7 @@ class TritonBackend(Backend):
         seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(x.shape[1:])
         groups = 0 if w is None else max(1, feature_width(w.shape[1:]))
-        out = self._output(ctx, tuple(x.shape))
+        out = self._output(ctx, (seg.num_segments,) + tuple(x.shape[1:]))
         weights = [] if w is None else [w.contiguous()]
         if self._layout(v) == "coo":
             spec = CooGspmm(choose_reduce(v), width, groups, ctx.dtype_name)
@@ -642,7 +642,7 @@ class TritonBackend(Backend):
         an edge, which a COO scatter would read the same way): a is read at sources, b at destinations."""
         seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(a.shape[1:])
-        out = self._output(ctx, tuple(a.shape))
+        out = self._output(ctx, (seg.num_segments,) + tuple(a.shape[1:]))
         columns, rows = (a, b) if v.attr["by"] == "dst" else (b, a)
         values = [] if x is None else [x.contiguous()]
         spec = MatchSegmentSum(width, x is not None, ctx.dtype_name)
@@ -654,7 +654,7 @@ class TritonBackend(Backend):
         seg = ctx.segments(v.attr["by"], v.attr["edges"])
         width = feature_width(x.shape[1:])
         groups = max(1, feature_width(s.shape[1:]))
-        out = self._output(ctx, tuple(x.shape))
+        out = self._output(ctx, (seg.num_segments,) + tuple(x.shape[1:]))
         if self._layout(v) == "coo":
             return self._coo_attention(ctx, CooAttention(width, groups, ctx.dtype_name), seg, s.contiguous(),
                                        x.contiguous(), width, groups, out)

@@ -225,6 +225,18 @@ class EdgesDef(Node):
     base_span: Span | None = field(default=None, repr=False, compare=False)
     count: str | None = None
     count_span: Span | None = field(default=None, repr=False, compare=False)
+    src: str | None = None  # a typed input set (``edges writes: author -> paper``): its node types
+    dst: str | None = None
+    src_span: Span | None = field(default=None, repr=False, compare=False)
+    dst_span: Span | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class NodesDef(Node):
+    """``nodes paper``: a node type besides the graph's own nodes (values ``node<paper>[F]``)."""
+
+    name: str
+    name_span: Span = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -249,7 +261,7 @@ class FuncDef(Node):
 
 @dataclass(frozen=True)
 class Module(Node):
-    items: tuple[Import | DimDef | EdgesDef | FuncDef, ...]
+    items: tuple[Import | DimDef | EdgesDef | NodesDef | FuncDef, ...]
 
     @property
     def imports(self) -> tuple[Import, ...]:
@@ -262,6 +274,10 @@ class Module(Node):
     @property
     def edge_sets(self) -> tuple[EdgesDef, ...]:
         return tuple(i for i in self.items if isinstance(i, EdgesDef))
+
+    @property
+    def node_types(self) -> tuple[NodesDef, ...]:
+        return tuple(i for i in self.items if isinstance(i, NodesDef))
 
     @property
     def layers(self) -> tuple[FuncDef, ...]:

@@ -628,7 +628,7 @@ def _attention_adjoint(v, g, b, needed):
     if needed[0]:
         letters = LETTERS[:x.type.rank]
         delta = b.contract([g, v], [letters, letters], letters[:s.type.rank],
-                           TensorType(Domain.NODE, s.type.shape, s.type.dtype))
+                           TensorType(Domain.NODE, s.type.shape, s.type.dtype, g.type.rowset))
         ds = b.emit("attention_score_grad", [s, lse, x, g, delta], {"by": by, "edges": edges})
     if needed[1]:
         dx = b.emit("attention_value_grad", [s, lse, g], {"by": OPPOSITE[by], "edges": edges})

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from .diagnostics import GraphError
-from .types import Domain
+from .types import Domain, edge_set_relation
 
-__all__ = ["CarryTable", "Graph", "derive_edges", "derive_k_hop", "k_hop_bytes", "resolve_edge_sets"]
+__all__ = ["CarryTable", "Graph", "derive_edges", "derive_k_hop", "edge_set_view", "k_hop_bytes", "resolve_edge_sets"]
 
 INDEX_ARRAYS = {"batch": "node", "node_type": "node", "edge_type": "edge"}
 """Arrays holding non-negative integer ids (1-D), with the kind each must be."""
@@ -85,6 +85,45 @@ def edge_set_member(name: str, sets: Iterable[str]) -> str | None:
     longest such S), else None."""
     owners = [s for s in sets if name == s or (name.startswith(s + "_") and name != s + EDGE_SET_SUFFIX)]
     return max(owners, key=len) if owners else None
+
+
+@dataclass
+class _TypedParts:
+    counts: dict[str, int]
+    data: dict[str, dict[str, np.ndarray]]
+    set_indices: dict[str, np.ndarray]
+    set_arrays: dict[str, dict[str, np.ndarray]]
+    ends: dict[str, tuple[str, str]]
+
+
+def _typed_parts(arrays: dict[str, np.ndarray], known: Iterable[str] = ()) -> _TypedParts:
+    """The node types and typed edge sets of flat arrays (an .npz), removed from ``arrays``: ``T__num_nodes``
+    (scalar) declares node type T, ``T__<attr>`` are its arrays, ``SRC__S__DST_index`` is the typed edge set S
+    from SRC to DST (its arrays ``S_*`` as any edge set's); ``known``: node types there already."""
+    parts = _TypedParts({}, {}, {}, {}, {})
+    for name in [n for n in arrays if n.endswith("__num_nodes")]:
+        node_type = name[:-len("__num_nodes")]
+        parts.counts[node_type] = _to_num_nodes(arrays.pop(name))
+        parts.data[node_type] = {}
+    types = set(parts.counts) | set(known)
+    if not types:
+        return parts
+    for name in list(arrays):
+        if name.endswith(EDGE_SET_SUFFIX) and name.count("__") >= 2:
+            pieces = name[:-len(EDGE_SET_SUFFIX)].split("__")
+            src, dst, set_name = pieces[0], pieces[-1], "__".join(pieces[1:-1])
+            if src in types and dst in types:
+                parts.set_indices[set_name] = arrays.pop(name)
+                parts.ends[set_name] = (src, dst)
+                continue
+        node_type, _, attr = name.partition("__")
+        if attr and node_type in types:
+            parts.data.setdefault(node_type, {})[attr] = arrays.pop(name)
+    for name in list(arrays):
+        owner = edge_set_member(name, parts.set_indices)
+        if owner is not None:
+            parts.set_arrays.setdefault(owner, {})[name] = arrays.pop(name)
+    return parts
 
 
 def position_text(index: tuple[int, ...]) -> str:
@@ -173,6 +212,22 @@ def _check_edge_range(edge_index: np.ndarray, num_nodes: int, name: str = "edge_
             hint="node indices run from 0 to num_nodes - 1; pass a larger num_nodes if the "
                  "graph has more nodes than its arrays show",
         )
+    return np.ascontiguousarray(edge_index, dtype=np.int64)
+
+
+def _check_typed_range(edge_index: np.ndarray, ends: tuple[str, str], counts: Mapping[str, int],
+                       name: str) -> np.ndarray:
+    """``_check_edge_range`` for a typed edge set: row 0 indexes nodes of type ``ends[0]``, row 1 of
+    type ``ends[1]``."""
+    for row, node_type in enumerate(ends):
+        ids = edge_index[row]
+        count = counts[node_type]
+        bad = (ids < 0) | (ids >= count) if ids.dtype.kind == "i" else ids >= count
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            what = "is negative" if ids[pos] < 0 else f"is out of range for the {count} nodes of type {node_type}"
+            raise GraphError(f"{name}[{row}, {pos}] = {ids[pos]} {what}",
+                             hint=f"row {row} of {name} indexes the nodes of type {node_type}, 0 to {count - 1}")
     return np.ascontiguousarray(edge_index, dtype=np.int64)
 
 
@@ -371,9 +426,17 @@ def resolve_edge_sets(graph: Graph, definitions: Iterable[Any], memory_limit: An
     its base's view (each built once per graph; a k-hop set within ``memory_limit``)."""
     views: dict[str, Graph] = {"": graph}
     for d in definitions:
-        views[d.name] = (graph.edge_set(d.name) if d.kind == "input"
-                         else views[d.base].derived(d.kind, getattr(d, "hops", 0), memory_limit))
+        views[d.name] = edge_set_view(graph, views[d.base], d, memory_limit)
     return views
+
+
+def edge_set_view(graph: Graph, base: Graph, definition: Any, memory_limit: Any = None) -> Graph:
+    """The graph seen through the edge set of ``definition`` (an ``EdgeSetDef``): an input set that
+    ``graph`` carries under its relation's name, or the set derived from ``base``, the view of its base
+    set (a k-hop set within ``memory_limit``)."""
+    if definition.kind == "input":
+        return graph.edge_set(edge_set_relation(definition.name))
+    return base.derived(definition.kind, definition.hops, memory_limit)
 
 
 class _ClassOrInstance:
@@ -400,10 +463,13 @@ class Graph:
         "_edge_data",
         "_edge_index",
         "_edge_sets",
+        "_ends",
         "_graph_data",
         "_node_data",
+        "_node_types",
         "_num_graphs",
         "_num_nodes",
+        "_set_types",
         "_source",
     )
 
@@ -417,9 +483,49 @@ class Graph:
         graph_data: Mapping[str, Any] | None = None,
         edge_sets: Mapping[str, Any] | None = None,
         edge_set_data: Mapping[str, Mapping[str, Any]] | None = None,
+        node_types: Mapping[str, int] | None = None,
+        node_type_data: Mapping[str, Mapping[str, Any]] | None = None,
+        edge_set_types: Mapping[str, tuple[str, str]] | None = None,
     ):
         """``edge_sets`` maps each further edge set's name to its index (int [2, K]); ``edge_set_data``
-        maps a set's name to its arrays (one row per edge of the set)."""
+        maps a set's name to its arrays (one row per edge of the set). A typed (heterogeneous) graph
+        has ``node_types`` (type name -> node count) with their arrays in ``node_type_data`` (type ->
+        {array name: array with one row per node of the type}), and ``edge_set_types`` gives an edge
+        set's (source type, destination type): its row 0 indexes nodes of the source type, row 1
+        nodes of the destination type."""
+        type_counts = {t: _to_num_nodes(n) for t, n in (node_types or {}).items()}
+        for node_type in list(type_counts) + list(node_type_data or {}):
+            if not isinstance(node_type, str) or not node_type.isidentifier() or "__" in node_type \
+                    or node_type == "node":
+                raise GraphError(f"node type names are identifiers other than 'node' without '__', got {node_type!r}",
+                                 hint="name it like a variable, e.g. 'paper'")
+            if node_type not in type_counts:
+                raise GraphError(f"arrays are given for the node type {node_type} but not its node count",
+                                 hint=f"pass node_types={{{node_type!r}: count}}")
+        set_types = {k: (str(v[0]), str(v[1])) for k, v in (edge_set_types or {}).items()}
+        for set_name, ends in set_types.items():
+            if set_name not in (edge_sets or {}):
+                raise GraphError(f"node types are given for the edge set {set_name} but not its index",
+                                 hint=f"pass edge_sets={{{set_name!r}: index}} with its [2, K] index")
+            for end in ends:
+                if end not in type_counts:
+                    raise GraphError(f"the edge set {set_name} joins the node type {end!r}, which the graph lacks",
+                                     hint=f"its node types: {', '.join(type_counts) or 'none'}")
+        type_arrays: dict[str, dict[str, np.ndarray]] = {}
+        for node_type, arrays in (node_type_data or {}).items():
+            type_checked = {}
+            for name, value in arrays.items():
+                where = f"{node_type}__{name}"
+                array = _coerce_array(where, value, "node")
+                if array.shape[0] != type_counts[node_type]:
+                    raise GraphError(f"{where} has {array.shape[0]} rows but the graph has "
+                                     f"{type_counts[node_type]} nodes of type {node_type}",
+                                     hint=f"arrays of the node type {node_type} need one row per node of it")
+                type_checked[name] = _read_only(array)
+            type_arrays[node_type] = type_checked
+        self._node_types = {t: (n, type_arrays.get(t, {})) for t, n in type_counts.items()}
+        self._set_types = set_types
+        self._ends: tuple[int, int] | None = None
         groups = {"node": dict(node_data or {}), "edge": dict(edge_data or {}),
                   "graph": dict(graph_data or {})}
         set_indices = dict(edge_sets or {})
@@ -464,7 +570,11 @@ class Graph:
         self._edge_sets = {}
         for set_name, index in set_indices.items():
             where = f"{set_name}{EDGE_SET_SUFFIX}"
-            checked = _read_only(_check_edge_range(_coerce_edge_index(index, where), count, where))
+            if set_name in set_types:
+                checked = _read_only(_check_typed_range(_coerce_edge_index(index, where), set_types[set_name],
+                                                        type_counts, where))
+            else:
+                checked = _read_only(_check_edge_range(_coerce_edge_index(index, where), count, where))
             arrays = {k: _read_only(v) for k, v in set_groups.get(set_name, {}).items()}
             for name, array in arrays.items():
                 if array.shape[0] != checked.shape[1]:
@@ -508,6 +618,9 @@ class Graph:
         graph._edge_data = {k: _read_only(v) for k, v in groups["edge"].items()}
         graph._graph_data = {k: _read_only(v) for k, v in groups["graph"].items()}
         graph._edge_sets = {}
+        graph._node_types = {}
+        graph._set_types = {}
+        graph._ends = None
         graph._cache = dict(cache)
         graph._source = source
         return graph
@@ -547,6 +660,7 @@ class Graph:
     @classmethod
     def _from_flat(cls, edge_index: Any, num_nodes: Any, arrays: Mapping[str, Any]) -> Graph:
         arrays = {name: _as_numpy(name, value) for name, value in arrays.items()}
+        typed = _typed_parts(arrays)
         # Edge sets first: S_index (integer [2, K]) is set S; the arrays called S or S_* are its arrays.
         set_indices = {}
         for name, array in list(arrays.items()):
@@ -572,8 +686,12 @@ class Graph:
         for name, array in arrays.items():
             leading = array.shape[0] if array.ndim else None
             groups[classify_name(name, leading, count)][name] = array
+        set_indices.update(typed.set_indices)
+        for set_name in typed.set_indices:
+            set_groups.setdefault(set_name, {}).update(typed.set_arrays.get(set_name, {}))
         return cls(edge_index, count, node_data=groups["node"], edge_data=groups["edge"],
-                   graph_data=groups["graph"], edge_sets=set_indices, edge_set_data=set_groups)
+                   graph_data=groups["graph"], edge_sets=set_indices, edge_set_data=set_groups,
+                   node_types=typed.counts, node_type_data=typed.data, edge_set_types=typed.ends)
 
     def with_data(self, **arrays: Any) -> Graph:
         """A new graph with ``arrays`` added; a name already present keeps its kind and is
@@ -582,6 +700,18 @@ class Graph:
                   "graph": dict(self._graph_data)}
         set_indices = {s: index for s, (index, _) in self._edge_sets.items()}
         set_groups = {s: dict(data) for s, (_, data) in self._edge_sets.items()}
+        type_data = self.node_type_data
+        type_counts = self.node_types
+        set_types = dict(self._set_types)
+        arrays = {name: _as_numpy(name, value) for name, value in arrays.items()}
+        typed = _typed_parts(arrays, set(type_counts))  # node types and typed sets in the .npz names
+        type_counts.update(typed.counts)
+        for node_type, data in typed.data.items():
+            type_data.setdefault(node_type, {}).update(data)
+        set_indices.update(typed.set_indices)
+        set_types.update(typed.ends)
+        for typed_set, data in typed.set_arrays.items():
+            set_groups.setdefault(typed_set, {}).update(data)
         for name, value in arrays.items():
             array = _as_numpy(name, value)
             set_name = edge_set_of_name(name, array)
@@ -599,7 +729,8 @@ class Graph:
             groups[kind][name] = value
         return type(self)(self._edge_index, self._num_nodes, node_data=groups["node"],
                           edge_data=groups["edge"], graph_data=groups["graph"], edge_sets=set_indices,
-                          edge_set_data=set_groups)
+                          edge_set_data=set_groups, node_types=type_counts, node_type_data=type_data,
+                          edge_set_types=set_types)
 
     # ----------------------------------------------------------------------------------------
     # Sizes and arrays
@@ -678,9 +809,62 @@ class Graph:
 
         def build() -> Graph:
             index, data = self._edge_sets[name]
-            return self._view(index, data, {})
+            view = self._view(index, data, {})
+            if name in self._set_types:
+                src, dst = self._set_types[name]
+                view._ends = (self._node_types[src][0], self._node_types[dst][0])
+            return view
 
         return self.cached(("edge_set", name), build)
+
+    # ----------------------------------------------------------------------------------------
+    # Node types (typed graphs)
+
+    @property
+    def node_types(self) -> dict[str, int]:
+        """The node types of a typed graph: name -> node count (empty for a graph of one node set)."""
+        return {t: n for t, (n, _) in self._node_types.items()}
+
+    @property
+    def node_type_data(self) -> dict[str, dict[str, np.ndarray]]:
+        """The arrays of each node type: type -> {array name: array}."""
+        return {t: dict(data) for t, (_, data) in self._node_types.items()}
+
+    @property
+    def edge_set_types(self) -> dict[str, tuple[str, str]]:
+        """The typed edge sets: name -> (source node type, destination node type)."""
+        return dict(self._set_types)
+
+    def num_type_nodes(self, node_type: str) -> int:
+        """The node count of ``node_type`` ("": the graph's own nodes)."""
+        if not node_type:
+            return self._num_nodes
+        if node_type not in self._node_types:
+            raise GraphError(f"the graph has no node type {node_type!r} (its node types: "
+                             f"{', '.join(self._node_types) or 'none'})",
+                             hint=f"give it with node_types={{{node_type!r}: count}} (PyG: HeteroData['{node_type}'])")
+        return self._node_types[node_type][0]
+
+    def type_array(self, node_type: str, name: str) -> np.ndarray | None:
+        """The array of ``node_type`` a model input called ``name`` reads: the type's array ``name``,
+        else, for ``name`` = ``<attr>_<type>`` (``x_paper``), the type's array ``attr``; None if neither."""
+        data = self._node_types[node_type][1] if node_type in self._node_types else {}
+        if name in data:
+            return data[name]
+        suffix = f"_{node_type}"
+        if name.endswith(suffix) and name[:-len(suffix)] in data:
+            return data[name[:-len(suffix)]]
+        return None
+
+    @property
+    def num_src_nodes(self) -> int:
+        """The node count its edges' sources index (a typed edge set's view: its source type's)."""
+        return self._num_nodes if self._ends is None else self._ends[0]
+
+    @property
+    def num_dst_nodes(self) -> int:
+        """The node count its edges' destinations index (a typed edge set's view: its destination type's)."""
+        return self._num_nodes if self._ends is None else self._ends[1]
 
     def derived(self, kind: str, hops: int = 0, memory_limit: Any = None) -> Graph:
         """The edge set derived from this graph's edges by ``kind`` (``mpdsl.ops.DERIVED_EDGE_SETS``), as
@@ -706,6 +890,9 @@ class Graph:
         view._edge_data = dict(edge_data)
         view._graph_data = self._graph_data
         view._edge_sets = {}
+        view._node_types = self._node_types
+        view._set_types = {}
+        view._ends = None
         view._cache = dict(cache)
         if "segments_graph" in self._cache:
             view._cache["segments_graph"] = self._cache["segments_graph"]
@@ -754,6 +941,9 @@ class Graph:
         for set_name, (index, data) in self._edge_sets.items():
             parts.append(f"{set_name}{EDGE_SET_SUFFIX}={list(index.shape)}")
             parts += [f"{name}={list(array.shape)}" for name, array in data.items()]
+        for node_type, (count, data) in self._node_types.items():
+            parts.append(f"{node_type}={count} nodes")
+            parts += [f"{node_type}__{name}={list(array.shape)}" for name, array in data.items()]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     # ----------------------------------------------------------------------------------------
@@ -772,12 +962,12 @@ class Graph:
     def csr_by_dst(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [N+1], perm [E]): ``perm[indptr[i]:indptr[i+1]]`` are the edges into node i,
         in their original order."""
-        return self.cached("csr_dst", lambda: _segments(self.dst, self._num_nodes))
+        return self.cached("csr_dst", lambda: _segments(self.dst, self.num_dst_nodes))
 
     def csr_by_src(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [N+1], perm [E]): ``perm[indptr[j]:indptr[j+1]]`` are the edges out of node j,
         in their original order."""
-        return self.cached("csr_src", lambda: _segments(self.src, self._num_nodes))
+        return self.cached("csr_src", lambda: _segments(self.src, self.num_src_nodes))
 
     def segments_by_graph(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [G+1], perm [N]): ``perm[indptr[g]:indptr[g+1]]`` are the nodes of graph g,
@@ -807,6 +997,8 @@ class Graph:
             if not isinstance(graph, Graph):
                 raise GraphError(f"graph {index} is a {type(graph).__name__}, not a Graph")
         first = graphs[0]
+        if any(g._node_types for g in graphs):
+            raise GraphError("graphs with node types cannot be batched", hint="run a typed graph on its own")
         for index, graph in enumerate(graphs[1:], start=1):
             for set_name in sorted(graph._edge_sets.keys() ^ first._edge_sets.keys()):
                 has, lacks = (index, 0) if set_name in graph._edge_sets else (0, index)
@@ -868,6 +1060,9 @@ class Graph:
         arrays taken with them, graph arrays taken by row and ``batch`` renumbered (the graph
         ``Graph.batch`` gives for the selected graphs one by one). An edge between two graphs is
         kept when both ends are selected, with its destination's graph."""
+        if self._node_types:
+            raise GraphError("select_graphs needs a batch of graphs of one node set; this graph has node types",
+                             hint="run a typed graph on its own")
         index = _as_numpy("indices", indices)
         if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
             raise GraphError(f"select_graphs needs a 1-D array of graph ids, got shape "
@@ -1011,8 +1206,15 @@ class Graph:
                     hint=f"rename it to {kind}_{name} before saving",
                 )
             arrays[name] = array
+        for node_type, (count, data) in self._node_types.items():
+            arrays[f"{node_type}__num_nodes"] = np.asarray(count, dtype=np.int64)
+            arrays.update({f"{node_type}__{name}": array for name, array in data.items()})
         for set_name, (index, data) in self._edge_sets.items():
-            arrays[f"{set_name}{EDGE_SET_SUFFIX}"] = index
+            if set_name in self._set_types:
+                src, dst = self._set_types[set_name]
+                arrays[f"{src}__{set_name}__{dst}{EDGE_SET_SUFFIX}"] = index
+            else:
+                arrays[f"{set_name}{EDGE_SET_SUFFIX}"] = index
             for name, array in data.items():
                 if edge_set_member(name, self._edge_sets) != set_name:
                     raise GraphError(f"array {name} of the edge set {set_name} would not be read back as one",
@@ -1131,9 +1333,12 @@ class Graph:
         with one row, named ``graph_<name>`` (``graph_*`` names kept). Other attributes (strings,
         lists, ...) are refused by name unless listed in ``exclude``, which leaves them out."""
         Data = _import_pyg_data()
+        from torch_geometric.data import HeteroData
+
+        if isinstance(data, HeteroData):
+            return cls._from_hetero(data, exclude)
         if not isinstance(data, Data):
-            raise GraphError(f"from_pyg needs a torch_geometric Data, got {type(data).__name__}",
-                             hint="heterogeneous graphs are not supported")
+            raise GraphError(f"from_pyg needs a torch_geometric Data or HeteroData, got {type(data).__name__}")
         excluded = {exclude} if isinstance(exclude, str) else set(exclude)
         arrays: dict[str, np.ndarray] = {}
         lost: list[str] = []
@@ -1177,8 +1382,67 @@ class Graph:
                                   "store it as a tensor")
         return cls._from_flat(edge_index, data.num_nodes, arrays)
 
+    @classmethod
+    def _from_hetero(cls, data: Any, exclude: str | Iterable[str]) -> Graph:
+        """A typed graph from a PyG ``HeteroData``: each node type is a node type (its ``num_nodes``
+        and tensor attributes, ``x`` as ``x``), each edge type (src, rel, dst) a typed edge set named
+        ``rel`` when no other edge type has that relation, else ``src__rel__dst``, with its tensor
+        attributes as the set's arrays (``edge_attr`` of ``writes`` as ``writes_edge_attr``)."""
+        excluded = {exclude} if isinstance(exclude, str) else set(exclude)
+
+        def numpy_of(where: str, value: Any) -> np.ndarray | None:
+            if hasattr(value, "detach"):
+                return value.detach().cpu().numpy()
+            if isinstance(value, np.ndarray):
+                return value
+            return None
+
+        counts: dict[str, int] = {}
+        type_data: dict[str, dict[str, np.ndarray]] = {}
+        for node_type in data.node_types:
+            store = data[node_type]
+            counts[node_type] = int(store.num_nodes or 0)
+            arrays = {}
+            for key in store.keys():  # noqa: SIM118
+                if key == "num_nodes" or key in excluded:
+                    continue
+                array = numpy_of(f"{node_type}.{key}", store[key])
+                if array is None:
+                    raise GraphError(f"the HeteroData's attribute {node_type}.{key} is not a tensor, so it would be "
+                                     "lost", hint=f"pass exclude=[{key!r}] to leave it out")
+                arrays[key] = array
+            type_data[node_type] = arrays
+        relations = [rel for _, rel, _ in data.edge_types]
+        set_indices: dict[str, np.ndarray] = {}
+        set_arrays: dict[str, dict[str, np.ndarray]] = {}
+        ends: dict[str, tuple[str, str]] = {}
+        for src, rel, dst in data.edge_types:
+            name = rel if relations.count(rel) == 1 else f"{src}__{rel}__{dst}"
+            store = data[src, rel, dst]
+            arrays = {}
+            for key in store.keys():  # noqa: SIM118
+                if key in excluded:
+                    continue
+                array = numpy_of(f"{src}__{rel}__{dst}.{key}", store[key])
+                if array is None:
+                    raise GraphError(f"the HeteroData's attribute {key} of ({src}, {rel}, {dst}) is not a tensor, "
+                                     "so it would be lost", hint=f"pass exclude=[{key!r}] to leave it out")
+                if key == "edge_index":
+                    set_indices[name] = array
+                else:
+                    arrays[f"{name}_{key}"] = array
+            if name not in set_indices:
+                set_indices[name] = np.zeros((2, 0), dtype=np.int64)
+            set_arrays[name] = arrays
+            ends[name] = (src, dst)
+        return cls(np.zeros((2, 0), dtype=np.int64), 0, edge_sets=set_indices, edge_set_data=set_arrays,
+                   node_types=counts, node_type_data=type_data, edge_set_types=ends)
+
     def to_pyg(self) -> Any:
         """This graph as a ``torch_geometric.data.Data`` (arrays copied into tensors)."""
+        if self._node_types:
+            raise GraphError("to_pyg converts a graph of one node set; this graph has node types",
+                             hint="read its arrays with graph.node_type_data and graph.edge_sets")
         Data = _import_pyg_data()
         import torch
 

@@ -29,7 +29,7 @@ from mpdsl.ops import (
     Trait,
     edge_set_label,
 )
-from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError, edge_set_ends
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +94,13 @@ class Program:
     def edge_set(self, name: str) -> EdgeSetDef | None:
         """The definition of edge set ``name`` (None for "", the graph's own edges)."""
         return next((s for s in self.edge_sets if s.name == name), None) if name else None
+
+    @property
+    def node_types(self) -> tuple[str, ...]:
+        """The node types the program's values and edge sets live on (besides the graph's own nodes), sorted."""
+        found = {v.type.rowset for v in self.values if v.type.domain is Domain.NODE and v.type.rowset}
+        found |= {end for s in self.edge_sets for end in edge_set_ends(s.name) if end}
+        return tuple(sorted(found))
 
     def rebuilt(self, values: tuple[Value, ...], outputs: tuple[tuple[str, Value], ...], name: str | None = None,
                 dims: tuple[tuple[str, int | None], ...] | None = None) -> Program:
@@ -372,7 +379,10 @@ def _verify_edge_sets(program: Program) -> dict[str, EdgeSetDef]:
 def _verify_value_edge_sets(v: Value, where: str, edge_sets: Mapping[str, EdgeSetDef]) -> None:
     """The edge sets ``v`` names (its type's, its ``edges`` attribute's) are the program's; a carry
     moves values from the base of a derived set onto it."""
-    if v.type.rowset and (v.type.domain is not Domain.EDGE or v.type.rowset not in edge_sets):
+    if v.type.rowset and v.type.domain is Domain.NODE:
+        if not v.type.rowset.isidentifier():
+            raise VerificationError(f"{where}: its type {v.type} names a node type that is not an identifier")
+    elif v.type.rowset and (v.type.domain is not Domain.EDGE or v.type.rowset not in edge_sets):
         raise VerificationError(f"{where}: its type {v.type} names an edge set the program does not define")
     named = v.attr.get("edges", "")
     if named and named not in edge_sets:

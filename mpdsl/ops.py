@@ -46,8 +46,11 @@ from mpdsl.types import (
     TensorType,
     TypeRuleError,
     broadcast_shapes,
+    edge_set_ends,
+    edge_set_relation,
     join_domains,
     join_spaces,
+    node_label,
     shape_str,
 )
 
@@ -262,7 +265,7 @@ def _degree(types, attrs, declared):
     t = _require_declared(declared, "degree")
     if t.domain is not Domain.NODE or t.shape or not t.is_float:
         raise TypeRuleError("a degree is a float node[] value")
-    return t
+    return t.on(_end_space(attrs, "dst" if attrs["dir"] == "in" else "src"))
 
 
 def _sequence_type(declared: TensorType | None, name: str) -> TensorType:
@@ -825,8 +828,28 @@ def running_statistic(value) -> tuple[str, tuple[int, ...]] | None:
 
 
 def edge_set_label(name: str) -> str:
-    """An edge set as the source language names it: its name, ``edge`` for the graph's own edges."""
-    return name or "edge"
+    """An edge set as the source language names it: its name, ``edge`` for the graph's own edges
+    (a typed set by its relation name: ``writes``)."""
+    return edge_set_relation(name) or "edge"
+
+
+def _end_space(attrs: Attrs, end: str) -> Space:
+    """The node rows at the ``end`` ("src" / "dst") of the edge set ``attrs["edges"]``: its node type's
+    (the graph's own nodes for an untyped set)."""
+    src, dst = edge_set_ends(attrs["edges"])
+    return Space(Domain.NODE, src if end == "src" else dst)
+
+
+def _at_end(t: TensorType, attrs: Attrs, end: str, what: str, operand: int) -> None:
+    """A node operand read at the ``end`` of the op's edge set lives on that end's node type."""
+    want = _end_space(attrs, end)
+    if t.domain is Domain.NODE and t.rowset != want.name:
+        label = edge_set_label(attrs["edges"])
+        where = "source" if end == "src" else "destination"
+        raise TypeRuleError(
+            f"{what} reads {node_label(want.name)} values at the {where}s of {label}, got {node_label(t.rowset)} "
+            "values", f"the edges of {label} run from {node_label(_end_space(attrs, 'src').name)} to "
+            f"{node_label(_end_space(attrs, 'dst').name)}: gather values of that type", operand)
 
 
 def _edge_space(attrs: Attrs) -> Space:
@@ -857,6 +880,8 @@ def _gather(types, attrs, declared):
         else:
             hint = f"x[{index}] reads node values at each edge's {'source' if index == 'src' else 'destination'}"
         raise TypeRuleError(f"cannot gather {_a(t.domain)} value by {index}: [{index}] reads {needed} values", hint, 0)
+    if index != "batch":
+        _at_end(t, attrs, index, f"x[{index}]", 0)
     return t.on(Space(Domain.NODE) if index == "batch" else _edge_space(attrs))
 
 
@@ -889,21 +914,24 @@ def _a(domain: Domain) -> str:
     return f"an {domain}" if domain is Domain.EDGE else f"a {domain}"
 
 
-def _reduced_domain(t: TensorType, attrs: Attrs, what: str) -> Domain:
+def _reduced_space(t: TensorType, attrs: Attrs, what: str) -> Space:
     by = attrs["by"]
     if by == "graph":
         _no_edge_set(attrs, f"{what} by graph")
         if t.domain is not Domain.NODE:
-            where = f" (edge set {t.rowset})" if t.rowset else ""
+            where = f" (edge set {edge_set_label(t.rowset)})" if t.rowset else ""
             raise TypeRuleError(f"{what} by graph reduces node values to their graphs, got {_a(t.domain)} "
                                 f"value{where}", "reduce edges to nodes first (sum(...) by dst)", 0)
-        return Domain.GRAPH
+        if t.rowset:
+            raise TypeRuleError(f"{what} by graph reduces the graph's own nodes, got {node_label(t.rowset)} values",
+                                "readouts by graph run on the graph's own nodes (node types have no batch vector)", 0)
+        return Space(Domain.GRAPH)
     if t.domain is not Domain.EDGE:
         hint = (f"gather node values onto edges first: {what}(h[src]) by {by}" if t.domain is Domain.NODE
                 else f"{what} by {by} reduces edge values onto nodes")
         raise TypeRuleError(f"{what} by {by} reduces edge values to nodes, got {_a(t.domain)} value", hint, 0)
     _on_edge_set(t, attrs, f"{what} by {by}", 0)
-    return Domain.NODE
+    return _end_space(attrs, by)
 
 
 def _on_edge_set(t: TensorType, attrs: Attrs, what: str, operand: int) -> None:
@@ -921,7 +949,7 @@ def _aggregate(types, attrs, declared):
     max, min, std (population); an empty group gives 0."""
     (t,) = types
     _require_float(t, attrs["reduce"])
-    return t.with_(domain=_reduced_domain(t, attrs, attrs["reduce"]))
+    return t.on(_reduced_space(t, attrs, attrs["reduce"]))
 
 
 @op("softmax", 1, {"by": REDUCE_AXES, "edges": str}, traits=(Trait.GRAPH, Trait.EDGE_ORDER), defaults=DEFAULT_EDGES)
@@ -930,7 +958,7 @@ def _softmax(types, attrs, declared):
     dst (or src) node, or each node row over the nodes of its graph; per feature element, max-subtracted."""
     (t,) = types
     _require_float(t, "softmax")
-    _reduced_domain(t, attrs, "softmax")
+    _reduced_space(t, attrs, "softmax")
     return t
 
 
@@ -991,9 +1019,10 @@ def _gspmm(types, attrs, declared):
     x = types[0]
     if x.domain is not Domain.NODE or not x.is_float:
         raise TypeRuleError(f"gspmm reads float node values, got {x}", operand=0)
+    _at_end(x, attrs, OTHER_END[attrs["by"]], "gspmm", 0)
     if len(types) == 2:
         _edge_weights(types[1], x, "gspmm", attrs)
-    return x
+    return x.on(_end_space(attrs, attrs["by"]))
 
 
 def _match_gspmm_unfused(b, v):
@@ -1022,7 +1051,12 @@ def _match_gspmm(types, attrs, declared):
         if t.domain is not Domain.NODE or not t.is_float or t.shape != types[0].shape or t.dtype != types[0].dtype:
             raise TypeRuleError(f"match_gspmm reads float node values of one type, got {t} and {types[0]}",
                                 operand=i)
-    return types[0]
+    by = attrs["by"]
+    _at_end(types[0], attrs, "src", "match_gspmm", 0)
+    _at_end(types[1], attrs, "dst", "match_gspmm", 1)
+    if len(types) == 3:
+        _at_end(types[2], attrs, OTHER_END[by], "match_gspmm", 2)
+    return types[0].on(_end_space(attrs, by))
 
 
 def _attention_unfused(b, v):
@@ -1045,7 +1079,8 @@ def _attention(types, attrs, declared):
     if x.domain is not Domain.NODE or not x.is_float:
         raise TypeRuleError(f"attention aggregates float node values, got {x}", operand=1)
     _scores(s, x, "attention", attrs)
-    return x
+    _at_end(x, attrs, OTHER_END[attrs["by"]], "attention", 1)
+    return x.on(_end_space(attrs, attrs["by"]))
 
 
 def _segment_logsumexp_unfused(b, v):
@@ -1068,7 +1103,7 @@ def _segment_logsumexp(types, attrs, declared):
     if s.domain is not Domain.EDGE or not s.is_float:
         raise TypeRuleError(f"segment_logsumexp reduces float edge scores, got {s}", operand=0)
     _on_edge_set(s, attrs, "segment_logsumexp", 0)
-    return s.with_(domain=Domain.NODE)
+    return s.on(_end_space(attrs, attrs["by"]))
 
 
 def _attention_score_grad_unfused(b, v):
@@ -1098,6 +1133,10 @@ def _attention_score_grad(types, attrs, declared):
     _node_values(lse, s.shape, "attention_score_grad: the log-sum-exp", 1)
     _node_values(g, x.shape, "attention_score_grad: the cotangent", 3)
     _node_values(delta, s.shape, "attention_score_grad: delta", 4)
+    by = attrs["by"]
+    _at_end(x, attrs, OTHER_END[by], "attention_score_grad", 2)
+    for operand, t in ((1, lse), (3, g), (4, delta)):
+        _at_end(t, attrs, by, "attention_score_grad", operand)
     return s
 
 
@@ -1122,7 +1161,10 @@ def _attention_value_grad(types, attrs, declared):
         raise TypeRuleError(f"attention_value_grad reads float node values, got {g}", operand=2)
     _scores(s, g, "attention_value_grad", attrs)
     _node_values(lse, s.shape, "attention_value_grad: the log-sum-exp", 1)
-    return g
+    by = attrs["by"]
+    _at_end(lse, attrs, OTHER_END[by], "attention_value_grad", 1)
+    _at_end(g, attrs, OTHER_END[by], "attention_value_grad", 2)
+    return g.on(_end_space(attrs, by))
 
 
 # ---- global attention: every pair of nodes of each graph (graph transformers, GPS) ------------------
@@ -1133,6 +1175,10 @@ def global_attention_sizes(types: list[TensorType], what: str, static: bool = Tr
     ``types``), after checking them; with ``static``, K and D must be static (the kernels and the
     packed results are sized by them: a layer checked alone, with symbolic sizes, checks the rest)."""
     q, k, v = types[:3]
+    for i, t in enumerate(types):
+        if t.domain is Domain.NODE and t.rowset:
+            raise TypeRuleError(f"{what} runs among the graph's own nodes, got {node_label(t.rowset)} values",
+                                "global attention needs a batch vector, which node types do not have", i)
     for i, (t, name) in enumerate(zip((q, k, v), ("queries", "keys", "values"))):
         if t.domain is not Domain.NODE or not t.is_float or t.rank != 2:
             hint = ("project and split the heads, e.g. q = h @ Wq with Wq: param[D, H, K] (one head: "
@@ -1289,6 +1335,7 @@ def _typed_linear(types, attrs, declared):
     if t.domain is not Domain.EDGE or t.dtype != INT_DTYPE or t.rank != 0:
         raise TypeRuleError(f"typed_linear indexes by an int edge value, got {t}", operand=2)
     _on_edge_set(t, attrs, "typed_linear", 2)
+    _at_end(h, attrs, attrs["index"], "typed_linear", 0)
     if h.rank < 1 or h.shape[-1] != w.shape[1]:
         raise TypeRuleError(f"typed_linear shape mismatch: {shape_str(h.shape)} @ {shape_str(w.shape[1:])}")
     return TensorType(Domain.EDGE, h.shape[:-1] + w.shape[2:], h.dtype, attrs["edges"])

@@ -262,6 +262,10 @@ def fixed_order_reason(program: Program) -> str | None:
     """Why ``program`` runs its graph in the given order whatever the layout mode (None: it need not):
     a program with edge sets besides the graph's edges (their values, and the loops a derived set
     adds in node order, are not relabelled)."""
+    typed = sorted({v.type.rowset for v in program.values if v.type.domain is Domain.NODE and v.type.rowset})
+    if typed:
+        return (f"the program reads node types ({', '.join(typed)}): the graph runs in its given order (no node "
+                "reordering, no edge sorting)")
     if not program.edge_sets:
         return None
     names = ", ".join(s.name for s in program.edge_sets)
@@ -271,9 +275,9 @@ def fixed_order_reason(program: Program) -> str | None:
 
 def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | None:
     """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph."""
-    if not any(OPS[v.op].has(Trait.GRAPH) for v in program.values) or graph.num_nodes == 0:
-        return None
     if fixed_order_reason(program) is not None:
+        return None
+    if not any(OPS[v.op].has(Trait.GRAPH) for v in program.values) or graph.num_nodes == 0:
         return None
     per_edge_by_dst = any(OPS[v.op].has(Trait.EDGE_ORDER) and v.attr["by"] == "dst"
                           and any(o.type.domain is Domain.EDGE for o in v.operands) for v in program.values)
@@ -503,6 +507,12 @@ def space_rows(program: Program, graph=None) -> dict[Space, int]:
         for s in program.edge_sets:
             rows[Space(Domain.EDGE, s.name)] = (edge_graph(graph, program, s.name).num_edges
                                                 if isinstance(graph, Graph) else graph.edge_set_rows[s.name])
+    for v in program.values:
+        if v.type.domain is Domain.NODE and v.type.rowset:
+            space = v.type.space
+            if space not in rows:
+                rows[space] = (ASSUMED_NODES if graph is None or not hasattr(graph, "num_type_nodes")
+                               else graph.num_type_nodes(space.name))
     rows[Space(Domain.PARAM)] = 1
     return rows
 
@@ -512,7 +522,9 @@ def _plan_rows(program: Program, graph: Graph | None) -> tuple[dict[Space, int],
     saying so."""
     rows = space_rows(program, graph)
     pairs = node_pairs(rows) if graph is None else graph_pairs(graph)
-    sets = "".join(f", {rows[Space(Domain.EDGE, s.name)]} edges of {s.name}" for s in program.edge_sets)
+    sets = "".join(f", {rows[Space(Domain.NODE, t)]} nodes of type {t}" for t in program.node_types
+                   if Space(Domain.NODE, t) in rows)
+    sets += "".join(f", {rows[Space(Domain.EDGE, s.name)]} edges of {s.name}" for s in program.edge_sets)
     if graph is not None:
         return rows, pairs, (f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {graph.num_graphs} graph(s)"
                       + sets)

@@ -24,7 +24,19 @@ from mpdsl.npz import read_npz, write_npz
 from mpdsl.ops import OPS, choose
 from mpdsl.passes import PassContext
 from mpdsl.plan import GraphLayout, runs_a_kernel, space_rows
-from mpdsl.types import INT_DTYPE, ITEMSIZE, Dim, DimSolveError, Domain, Space, TensorType, TypeRuleError, solve_dim
+from mpdsl.types import (
+    INT_DTYPE,
+    ITEMSIZE,
+    Dim,
+    DimSolveError,
+    Domain,
+    Space,
+    TensorType,
+    TypeRuleError,
+    edge_set_ends,
+    edge_set_relation,
+    solve_dim,
+)
 
 # Host arrays of each IR dtype (bfloat16, which NumPy lacks, is held in float32 on the host).
 NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": np.float32, "i64": np.int64}
@@ -499,16 +511,20 @@ class CompiledModel:
 
     def with_edge_set_inputs(self, graph: Graph, inputs: Mapping[str, Any]) -> tuple[Graph, dict[str, Any]]:
         """(the graph with the edge set indices given among ``inputs`` as ``<name>_index`` for the
-        model's input edge sets, the other inputs): a given index replaces the graph's."""
-        names = {f"{s.name}_index": s.name for s in self.ir.edge_sets if s.kind == "input"}
-        given = {k: v for k, v in inputs.items() if k in names}
+        model's input edge sets, the other inputs): a given index replaces the graph's. A model with node
+        types also takes the parts of a typed graph by their .npz names (``paper__num_nodes``,
+        ``author__writes__paper_index``, ``paper__x``)."""
+        names = {f"{edge_set_relation(s.name)}_index": s.name for s in self.ir.edge_sets if s.kind == "input"}
+        typed = bool(self.ir.node_types)
+        given = {k: v for k, v in inputs.items()
+                 if k in names or (typed and k not in self.input_types and typed_graph_part(k))}
         if not given:
             return graph, dict(inputs)
         try:
             graph = graph.with_data(**{k: _to_numpy(v) for k, v in given.items()})
         except GraphError as err:
             raise InputError(err.message, err.hint) from None
-        return graph, {k: v for k, v in inputs.items() if k not in names}
+        return graph, {k: v for k, v in inputs.items() if k not in given}
 
     def _bind(self, graph: Graph, inputs: Mapping[str, Any], dims: dict[str, int], known_sources: Mapping[str, str],
               known_origins: Mapping[str, str], check_sets: bool = True
@@ -527,15 +543,24 @@ class CompiledModel:
             check_edge_sets(self.ir, graph)
         for name, t in self.input_types.items():
             given = name in inputs
+            typed_array = (graph.type_array(t.rowset, name) if t.domain is Domain.NODE and t.rowset
+                           and t.rowset in graph.node_types else None)
             if given:
                 arr = _to_numpy(inputs[name])
+            elif typed_array is not None:
+                arr = typed_array
+            elif t.domain is Domain.NODE and t.rowset:
+                have = ", ".join(graph.node_type_data.get(t.rowset, {})) or "none"
+                attr = name.removesuffix("_" + t.rowset)
+                raise InputError(f"model input '{name}' ({t}) is not given",
+                                 f"pass {name}=... or give the node type {t.rowset} an array '{attr}' "
+                                 f"(HeteroData['{t.rowset}'].{attr}; its arrays: {have})")
             elif name in graph:
                 arr = graph[name]
             else:
                 raise InputError(f"model input '{name}' ({t}) is not given",
                                  f"pass {name}=... or add an array '{name}' to the graph")
-            check_input_rows(name, t, arr.shape, graph.num_rows(t.domain) if not t.rowset
-                             else edge_graph(graph, self.ir, t.rowset).num_edges)
+            check_input_rows(name, t, arr.shape, space_rows_of(graph, self.ir, t))
             if t.dtype == INT_DTYPE:
                 if arr.dtype.kind not in "iu":
                     raise InputError(f"input '{name}' has dtype {arr.dtype} but is declared int",
@@ -746,17 +771,56 @@ class GraphSizes(Protocol):
     def num_rows(self, domain: Domain) -> int: ...
 
 
+def typed_graph_part(name: str) -> bool:
+    """Whether ``name`` names a part of a typed graph in the .npz layout (``T__num_nodes``, ``T__<attr>``,
+    ``SRC__S__DST_index``), which ``run`` takes as a keyword as it takes ``S_index``."""
+    return "__" in name.strip("_")
+
+
+def space_rows_of(graph: Graph, program: Program, t: TensorType) -> int:
+    """The rows the graph gives values of type ``t`` (a node type's nodes, an edge set's edges)."""
+    if t.domain is Domain.NODE and t.rowset:
+        check_node_type(graph, t.rowset)
+        return graph.num_type_nodes(t.rowset)
+    return graph.num_rows(t.domain) if not t.rowset else edge_graph(graph, program, t.rowset).num_edges
+
+
+def check_node_type(graph: Graph, node_type: str) -> None:
+    if node_type not in graph.node_types:
+        have = ", ".join(graph.node_types) or "none"
+        raise InputError(f"the model reads nodes of type {node_type}, which the graph lacks (its node types: {have})",
+                         f"give the graph the node type {node_type} (Graph(..., node_types={{'{node_type}': count}}), "
+                         f"or HeteroData['{node_type}'])")
+
+
 def check_edge_sets(program: Program, graph: Graph) -> None:
     """Refuse a graph that lacks an input edge set of ``program``, naming the set and where it is
     declared."""
     for s in program.edge_sets:
-        if s.kind == "input" and s.name not in graph.edge_sets:
+        name = edge_set_relation(s.name)
+        src, dst = edge_set_ends(s.name)
+        where = f" (declared at {s.span.location})" if s.span is not None else ""
+        if s.kind == "input" and name not in graph.edge_sets:
             have = ", ".join(graph.edge_sets) or "none besides edge_index"
-            raise InputError(f"the model reads the edge set '{s.name}'"
-                             + (f" (declared at {s.span.location})" if s.span is not None else "")
-                             + f", which the graph does not carry (its edge sets: {have})",
-                             f"give the graph {s.name}_index [2, K] (an array of that name in the .npz or PyG Data, "
-                             f"or Graph(..., edge_sets={{'{s.name}': index}}))")
+            if src:
+                raise InputError(f"the model reads the edge set '{name}' from {src} to {dst}{where}, which the graph "
+                                 f"does not carry (its edge sets: {have})",
+                                 f"give the graph the relation ({src}, {name}, {dst}) (HeteroData['{src}', '{name}', "
+                                 f"'{dst}'].edge_index; a relation whose name is not unique is named "
+                                 f"{src}__{name}__{dst})")
+            raise InputError(f"the model reads the edge set '{name}'{where}, which the graph does not carry "
+                             f"(its edge sets: {have})",
+                             f"give the graph {name}_index [2, K] (an array of that name in the .npz or PyG Data, "
+                             f"or Graph(..., edge_sets={{'{name}': index}}))")
+        if s.kind != "input":
+            continue
+        given = graph.edge_set_types.get(name, ("", ""))
+        if given != (src, dst):
+            def ends(pair: tuple[str, str]) -> str:
+                return f"from {pair[0]} to {pair[1]}" if pair[0] else "over the graph's own nodes"
+            raise InputError(f"the model reads the edge set '{name}' {ends((src, dst))}{where}, but the graph's "
+                             f"runs {ends(given)}", "declare the edge set as the graph has it, or give the graph the "
+                             "set the model declares")
 
 
 def graph_index_bytes(graph: Graph | GraphSizes) -> int:
@@ -795,7 +859,7 @@ def as_graph(graph: Any, memory_limit: memory.Limit = None) -> Graph:
         return graph
     if isinstance(graph, (str, Path)):
         return Graph.load(graph, memory_limit=memory_limit)
-    if hasattr(graph, "edge_index"):
+    if hasattr(graph, "edge_index") or (hasattr(graph, "node_types") and hasattr(graph, "edge_types")):
         return Graph.from_pyg(graph)
     raise GraphError(f"cannot use a {type(graph).__name__} as a graph",
                      "pass an mpdsl.Graph, an .npz path or a torch_geometric Data")

@@ -463,6 +463,10 @@ def write_directory(graph: Graph, path: str | os.PathLike[str], *, overwrite: bo
     """Write ``graph`` as a graph directory at ``path`` (a new or empty folder; with ``overwrite``,
     an existing graph directory is replaced), arrays copied in chunks."""
     names = graph.keys()
+    if graph.node_types:
+        raise GraphError(f"a graph directory holds one node set, but this graph has the node types "
+                         f"{', '.join(graph.node_types)}", hint="save it as an .npz file (Graph.save), which holds "
+                         "a typed graph")
     if graph.edge_sets:
         raise GraphError(f"a graph directory holds one edge set (edge_index), but this graph also carries "
                          f"{', '.join(graph.edge_sets)}", hint="save it as an .npz file (Graph.save), which "

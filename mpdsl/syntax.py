@@ -172,6 +172,15 @@ class _Builder:
     def hop_name(self, meta, children):
         return str(children[0]), self._span(meta)
 
+    def typed_edges_def(self, meta, children):
+        name, src, dst = children
+        return ast.EdgesDef(self._span(meta), str(name), self._tok_span(name), src=str(src), dst=str(dst),
+                            src_span=self._tok_span(src), dst_span=self._tok_span(dst))
+
+    def nodes_def(self, meta, children):
+        (name,) = children
+        return ast.NodesDef(self._span(meta), str(name), self._tok_span(name))
+
     def _func(self, kind, meta, children):
         name, args, (results, parenthesised), body = children
         return ast.FuncDef(self._span(meta), kind, str(name), self._tok_span(name),

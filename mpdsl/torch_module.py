@@ -90,7 +90,7 @@ from mpdsl.runtime import (
     negative_ids,
     non_finite,
 )
-from mpdsl.types import INT_DTYPE, Domain, Space, TensorType
+from mpdsl.types import INT_DTYPE, Domain, Space, TensorType, edge_set_ends, edge_set_relation
 
 TORCH_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 DTYPES_OF = {name: dtype for dtype, name in TORCH_DTYPES.items()}
@@ -242,9 +242,10 @@ _GRAPHS: collections.OrderedDict[tuple, list[_KnownGraph]] = collections.Ordered
 
 
 def _graph_key(edge_index: torch.Tensor, batch: torch.Tensor | None, num_nodes: int,
-               sets: tuple[tuple[str, torch.Tensor], ...] = ()) -> tuple:
+               sets: tuple[tuple[str, torch.Tensor], ...] = (), node_types: Mapping[str, int] | None = None) -> tuple:
     return (str(edge_index.device), int(num_nodes), int(edge_index.shape[1]), batch is not None,
-            tuple((name, int(index.shape[1])) for name, index in sets))
+            tuple((name, int(index.shape[1])) for name, index in sets),
+            tuple(sorted((node_types or {}).items())))
 
 
 def _versions(edge_index: torch.Tensor, batch: torch.Tensor | None,
@@ -276,7 +277,7 @@ def _remember(key: tuple, entry: _KnownGraph) -> None:
 def remember_graph(graph: Graph, edge_index: torch.Tensor, batch: torch.Tensor | None,
                    sets: tuple[tuple[str, torch.Tensor], ...] = ()) -> None:
     """Make ``graph`` the one found for these structure tensors (its own, cached per device)."""
-    key = _graph_key(edge_index, batch, graph.num_nodes, sets)
+    key = _graph_key(edge_index, batch, graph.num_nodes, sets, graph.node_types)
     if not any(e.edge_index is edge_index and e.batch is batch and _same(e.sets, sets) for e in _GRAPHS.get(key, [])):
         _remember(key, _KnownGraph(edge_index, batch, _versions(edge_index, batch, sets), weakref.ref(graph),
                                    tuple(index for _, index in sets)))
@@ -290,12 +291,14 @@ def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is None if b is None else (a is not None and a.dtype == b.dtype and torch.equal(a, b))
 
 
-def graph_of(structure: list[torch.Tensor], num_nodes: int, set_names: tuple[str, ...] = ()) -> Graph:
-    """The Graph of ``edge_index`` (and ``batch``, and the indices of the edge sets ``set_names``,
-    the last tensors of ``structure``): a remembered one (the same tensors unchanged, or equal
-    contents), else built from a host copy and remembered."""
+def graph_of(structure: list[torch.Tensor], num_nodes: int, set_names: tuple[str, ...] = (),
+             node_types: Mapping[str, int] | None = None) -> Graph:
+    """The Graph of ``edge_index`` (and ``batch``, and the indices of the edge sets ``set_names`` (IR
+    names), the last tensors of ``structure``; a typed graph's node type counts ``node_types``): a
+    remembered one (the same tensors unchanged, or equal contents), else built from a host copy and
+    remembered."""
     edge_index, batch, sets = _split_structure(structure, set_names)
-    key = _graph_key(edge_index, batch, num_nodes, sets)
+    key = _graph_key(edge_index, batch, num_nodes, sets, node_types)
     entries = _GRAPHS.get(key, [])
     versions = _versions(edge_index, batch, sets)
     entries[:] = [entry for entry in entries if entry.graph is not None]  # drop graphs the caller dropped
@@ -313,16 +316,22 @@ def graph_of(structure: list[torch.Tensor], num_nodes: int, set_names: tuple[str
     host = edge_index.detach().cpu().numpy()
     node_data = {} if batch is None else {"batch": batch.detach().cpu().numpy()}
     graph = Graph(host, num_nodes, node_data=node_data,
-                  edge_sets={name: index.detach().cpu().numpy() for name, index in sets})
+                  edge_sets={edge_set_relation(name): index.detach().cpu().numpy() for name, index in sets},
+                  node_types=node_types,
+                  edge_set_types={edge_set_relation(name): edge_set_ends(name) for name, _ in sets
+                                  if edge_set_ends(name)[0]})
     _remember(key, _KnownGraph(edge_index.detach(), None if batch is None else batch.detach(), versions, graph,
                                tuple(index.detach() for _, index in sets)))
     return graph
 
 
-def _device_array(graph: Graph, name: str, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """A graph array as a tensor on ``device`` (in ``dtype`` for float arrays), made once per graph."""
+def _device_array(graph: Graph, name: str, device: torch.device, dtype: torch.dtype | None,
+                  node_type: str = "") -> torch.Tensor:
+    """A graph array (of the node type ``node_type``, if given) as a tensor on ``device`` (in ``dtype`` for
+    float arrays), made once per graph."""
     def build() -> torch.Tensor:
-        array = graph[name]
+        typed = graph.type_array(node_type, name) if node_type else None
+        array = graph[name] if typed is None else typed
         tensor = torch.from_numpy(array if array.flags.writeable else _writable_view(array))
         if dtype is not None and array.dtype.kind in "fb":
             tensor = tensor.to(dtype)
@@ -330,7 +339,7 @@ def _device_array(graph: Graph, name: str, device: torch.device, dtype: torch.dt
             tensor = tensor.to(torch.int64)
         return tensor.to(device)
 
-    return graph.cached(("torch.array", name, str(device), str(dtype)), build)
+    return graph.cached(("torch.array", node_type, name, str(device), str(dtype)), build)
 
 
 def _writable_view(array: np.ndarray) -> np.ndarray:
@@ -351,8 +360,8 @@ def _structure_tensors(graph: Graph, device: torch.device, set_names: tuple[str,
                               lambda: torch.from_numpy(_writable_view(graph.edge_index)).to(device))
     batch = _device_array(graph, "batch", device, None) if "batch" in graph else None
     def index(name: str) -> torch.Tensor:
-        return graph.cached(("torch.edge_set", name, str(device)),
-                            lambda: torch.from_numpy(_writable_view(graph.edge_sets[name])).to(device))
+        return graph.cached(("torch.edge_set", name, str(device)), lambda: torch.from_numpy(
+            _writable_view(graph.edge_sets[edge_set_relation(name)])).to(device))
 
     sets = tuple((name, index(name)) for name in set_names)
     remember_graph(graph, edge_index, batch, sets)
@@ -458,12 +467,18 @@ class _Sizes:
     num_edges: Any
     num_graphs: Any
     edge_set_rows: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    node_type_rows: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def num_rows(self, domain: Domain) -> int:
         return {Domain.NODE: self.num_nodes, Domain.EDGE: self.num_edges, Domain.GRAPH: self.num_graphs}[domain]
 
+    def num_type_nodes(self, node_type: str) -> Any:
+        return self.node_type_rows[node_type] if node_type else self.num_nodes
+
     def rows(self, t: TensorType) -> Any:
         """The rows of a value of type ``t``."""
+        if t.domain is Domain.NODE:
+            return self.num_type_nodes(t.rowset)
         return self.edge_set_rows[t.rowset] if t.rowset else self.num_rows(t.domain)
 
 
@@ -474,12 +489,18 @@ def _sizes_of(program: Program, graph: Graph, memory_limit: Any = None) -> _Size
         resolve_edge_sets(graph, program.edge_sets, memory_limit)
     rows = space_rows(program, graph) if program.edge_sets else {}
     return _Sizes(graph.num_nodes, graph.num_edges, graph.num_graphs,
-                  {s.name: rows[Space(Domain.EDGE, s.name)] for s in program.edge_sets})
+                  {s.name: rows[Space(Domain.EDGE, s.name)] for s in program.edge_sets},
+                  {t: graph.num_type_nodes(t) for t in program.node_types})
+
+
+def _type_counts(spec: RunSpec, set_rows: list[int]) -> dict[str, int]:
+    """The node type counts that end ``set_rows`` (after the rows of each edge set), by node type."""
+    return dict(zip(spec.forward.node_types, set_rows[len(spec.forward.edge_sets):]))
 
 
 def _fake_sizes(spec: RunSpec, structure, num_nodes, num_graphs, set_rows) -> _Sizes:
     return _Sizes(num_nodes, structure[0].shape[1], num_graphs,
-                  dict(zip((s.name for s in spec.forward.edge_sets), set_rows)))
+                  dict(zip((s.name for s in spec.forward.edge_sets), set_rows)), _type_counts(spec, set_rows))
 
 
 def value_shape(t: TensorType, sizes: _Sizes, dims: Mapping[str, int]) -> tuple:
@@ -506,7 +527,7 @@ def run_forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Te
     edge set of the program (for the shapes of the fake kernel)."""
     s = read_spec(spec)
     named = dict(zip(s.tensors, tensors))
-    graph = graph_of(structure, num_nodes, s.input_sets)
+    graph = graph_of(structure, num_nodes, s.input_sets, _type_counts(s, set_rows))
     _check_values(s, named)
     if graph.num_graphs != num_graphs and any(v.type.domain is Domain.GRAPH for v in s.forward.values):
         raise InputError(f"num_graphs is {num_graphs} but batch holds {graph.num_graphs} graphs",
@@ -527,7 +548,7 @@ def run_backward(spec: str, structure: list[torch.Tensor], tensors: list[torch.T
     floats = [n for n in s.outputs if s.types[n].is_float]
     named.update({f"d_{n}": c for n, c in zip(floats, cotangents)})
     named.update(dict(zip(s.residuals, residuals)))
-    graph = graph_of(structure, num_nodes, s.input_sets)
+    graph = graph_of(structure, num_nodes, s.input_sets, _type_counts(s, set_rows))
     with torch.autocast(structure[0].device.type, enabled=False):
         result = _run(s, s.backward, graph, named, frozenset(s.residuals),
                       frozenset(f"d_{n}" for n in s.differentiated if s.types[n].domain is not Domain.PARAM))
@@ -743,6 +764,11 @@ class MpdslModule(torch.nn.Module):
         num_graphs: Any = None
         source: Graph | None = None
         input_sets = tuple(s.name for s in model.ir.edge_sets if s.kind == "input")
+        type_counts: dict[str, Any] = {}
+        if graph is not None and not isinstance(graph, (Graph, str)) and hasattr(graph, "node_types") \
+                and hasattr(graph, "edge_types"):  # a PyG HeteroData: its tensors, where they are
+            graph, given = None, {**_hetero_tensors(model, graph, given, input_sets), **given}
+            type_counts = given.pop("num_type_nodes")
         if graph is None or (not isinstance(graph, (Graph, str)) and hasattr(graph, "edge_index")
                              and not hasattr(graph, "csr_by_dst")):
             if graph is not None:  # a PyG Data: its tensors, where they are
@@ -754,6 +780,8 @@ class MpdslModule(torch.nn.Module):
                 if getattr(graph, "batch", None) is not None:
                     given.setdefault("batch", graph.batch)
                 given.setdefault("num_nodes", graph.num_nodes)
+            if "edge_index" not in given and model.ir.node_types:  # a typed graph of tensors: no own edges
+                given["edge_index"] = torch.zeros((2, 0), dtype=torch.int64, device=device)
             if "edge_index" not in given:
                 raise InputError(f"'{model.name}' needs a graph: pass one (module(graph)) or its tensors",
                                  "e.g. module(x=x, edge_index=edge_index)")
@@ -771,9 +799,20 @@ class MpdslModule(torch.nn.Module):
             check_edge_sets(model.ir, source)
             structure = _structure_tensors(source, device, input_sets)
             num_nodes, num_graphs = source.num_nodes, source.num_graphs
+            type_counts = {t: source.num_type_nodes(t) for t in model.ir.node_types if t in source.node_types}
         tensors = self._input_tensors(given, source, device, dtype)
+        for node_type in model.ir.node_types:
+            if node_type not in type_counts:
+                rows = [t.shape[0] for n, t in tensors.items() if model.input_types[n].space == Space(Domain.NODE,
+                                                                                                      node_type)]
+                if not rows:
+                    raise InputError(f"'{model.name}' reads nodes of type {node_type}, but nothing gives their count",
+                                     f"pass an input of type node<{node_type}>, or the graph (a HeteroData or a typed "
+                                     "Graph)")
+                type_counts[node_type] = rows[0]
         if num_nodes is None:
-            rows = [t.shape[0] for n, t in tensors.items() if model.input_types[n].domain is Domain.NODE]
+            rows = [t.shape[0] for n, t in tensors.items() if model.input_types[n].domain is Domain.NODE
+                    and not model.input_types[n].rowset]
             num_nodes = rows[0] if rows else (int(structure[0].max()) + 1 if structure[0].numel() else 0)
         num_nodes = num_nodes if isinstance(num_nodes, torch.SymInt) else int(num_nodes)
         if num_graphs is None:
@@ -784,7 +823,7 @@ class MpdslModule(torch.nn.Module):
                 num_graphs = int(structure[1].max()) + 1 if structure[1].numel() else 0
             else:
                 num_graphs = 1
-        sizes = self._sizes(source, structure, num_nodes, num_graphs, input_sets)
+        sizes = self._sizes(source, structure, num_nodes, num_graphs, input_sets, type_counts)
         dims = self._bind(tensors, sizes)
         grad_inputs = tuple(n for n in model.input_types if n in given and isinstance(given[n], torch.Tensor)
                             and given[n].requires_grad and model.input_types[n].is_float)
@@ -808,10 +847,11 @@ class MpdslModule(torch.nn.Module):
         for _, t, p in programs.masks:
             values.append(self._mask(t, p, sizes, dims, dtype, device))
         set_rows = [sizes.edge_set_rows[s.name] for s in model.ir.edge_sets]
+        set_rows += [sizes.num_type_nodes(t) for t in model.ir.node_types]
         return _Prepared(spec, text, structure, values, num_nodes, num_graphs, set_rows)
 
     def _sizes(self, source: Graph | None, structure: list[torch.Tensor], num_nodes: Any, num_graphs: Any,
-               input_sets: tuple[str, ...]) -> _Sizes:
+               input_sets: tuple[str, ...], type_counts: Mapping[str, Any]) -> _Sizes:
         """The row counts of the call's graph: ``source`` (a Graph), or the graph of the structure
         tensors; a derived edge set's edges are counted on the host graph (remembered for the run)."""
         program = self.compiled.ir
@@ -822,13 +862,16 @@ class MpdslModule(torch.nn.Module):
                 raise InputError(f"'{self.compiled.name}' runs on a derived edge set, whose size depends on the "
                                  "graph's values: torch.export cannot trace it",
                                  "run the module eagerly or under torch.compile")
-            return _sizes_of(program, graph_of(structure, num_nodes, input_sets), self.compiled.memory_limit)
+            return _sizes_of(program, graph_of(structure, num_nodes, input_sets, dict(type_counts)),
+                             self.compiled.memory_limit)
         _, _, sets = _split_structure(structure, input_sets)
-        return _Sizes(num_nodes, structure[0].shape[1], num_graphs, {name: index.shape[1] for name, index in sets})
+        return _Sizes(num_nodes, structure[0].shape[1], num_graphs, {name: index.shape[1] for name, index in sets},
+                      dict(type_counts))
 
     def _edge_set_tensor(self, name: str, given: dict[str, Any], device: torch.device) -> torch.Tensor:
         """The index of the input edge set ``name`` given as the tensor ``<name>_index``."""
-        key = f"{name}_index"
+        key = f"{edge_set_relation(name)}_index"
+        name = edge_set_relation(name)
         if key not in given:
             raise InputError(f"'{self.compiled.name}' reads the edge set '{name}': pass its index as {key}=...",
                              f"e.g. module(x=x, edge_index=edge_index, {key}={key}) with {key} of shape [2, K]")
@@ -883,6 +926,12 @@ class MpdslModule(torch.nn.Module):
                     raise InputError(f"input '{name}' has dtype {value.dtype}", "features are real numbers")
                 else:
                     value = value.to(dtype)
+            elif source is not None and t.domain is Domain.NODE and t.rowset:
+                if source.type_array(t.rowset, name) is None:
+                    attr = name.removesuffix("_" + t.rowset)
+                    raise InputError(f"model input '{name}' ({t}) is not given",
+                                     f"pass {name}=... or give the node type {t.rowset} an array '{attr}'")
+                value = _device_array(source, name, device, None if t.dtype == INT_DTYPE else dtype, t.rowset)
             elif source is not None and name in source:
                 value = _device_array(source, name, device, None if t.dtype == INT_DTYPE else dtype)
             else:
@@ -996,6 +1045,43 @@ class MpdslModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={self.compiled.name!r}, backend={self.compiled.backend.name!r}"
+
+
+def _hetero_tensors(model: CompiledModel, data: Any, given: Mapping[str, Any],
+                    input_sets: tuple[str, ...]) -> dict[str, Any]:
+    """The tensors a typed model reads from a PyG ``HeteroData``, where they are (gradients flow to them):
+    each node<T> input ``x_T`` (or ``x``) from ``data[T]``, each typed edge set's index from its edge type
+    (named as ``Graph.from_pyg`` names it), and the node counts (``num_type_nodes``)."""
+    relations = [rel for _, rel, _ in data.edge_types]
+    found: dict[str, Any] = {"num_type_nodes": {}}
+    for node_type in model.ir.node_types:
+        if node_type not in data.node_types:
+            raise InputError(f"'{model.name}' reads nodes of type {node_type}, which the HeteroData lacks "
+                             f"(its node types: {', '.join(data.node_types) or 'none'})",
+                             f"give it data['{node_type}'] with its nodes' arrays")
+        found["num_type_nodes"][node_type] = int(data[node_type].num_nodes or 0)
+    for name, t in model.input_types.items():
+        if name in given or t.domain is not Domain.NODE or not t.rowset:
+            continue
+        store = data[t.rowset]
+        attr = name if name in store else name.removesuffix("_" + t.rowset)
+        if attr in store:
+            found[name] = store[attr]
+    for set_name in input_sets:
+        relation = edge_set_relation(set_name)
+        src, dst = edge_set_ends(set_name)
+        matches = [et for et in data.edge_types
+                   if (et[1] if relations.count(et[1]) == 1 else "__".join(et)) == relation]
+        if not matches:
+            raise InputError(f"'{model.name}' reads the edge set '{relation}' from {src} to {dst}, which the "
+                             "HeteroData lacks", f"give it data['{src}', '{relation}', '{dst}'].edge_index (a "
+                             f"relation whose name is not unique is named {src}__{relation}__{dst})")
+        if matches[0] != (src, matches[0][1], dst):
+            raise InputError(f"'{model.name}' reads the edge set '{relation}' from {src} to {dst}, but the "
+                             f"HeteroData's runs from {matches[0][0]} to {matches[0][2]}",
+                             "declare it as the data has it")
+        found[f"{relation}_index"] = data[matches[0]].edge_index
+    return found
 
 
 def to_torch(model: CompiledModel, graph: Any = None, **dims: int) -> MpdslModule:

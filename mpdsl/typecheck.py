@@ -43,7 +43,19 @@ from mpdsl.ops import (
     global_attention_sizes,
     running_statistic,
 )
-from mpdsl.types import INT_DTYPE, Dim, DimSolveError, Domain, Space, TensorType, TypeRuleError, solve_dim
+from mpdsl.types import (
+    INT_DTYPE,
+    Dim,
+    DimSolveError,
+    Domain,
+    Space,
+    TensorType,
+    TypeRuleError,
+    edge_set_relation,
+    node_label,
+    solve_dim,
+    typed_edge_set,
+)
 
 # How each derivation of an edge set is written (hints).
 DERIVATION_FORMS = {"self_loops": "self_loops(edge)", "remaining_self_loops": "remaining_self_loops(edge)",
@@ -171,6 +183,7 @@ class Checker:
         self.layers: dict[str, ast.FuncDef] = {}
         self.global_dims: dict[str, int] = {}
         self.edge_sets: dict[str, ast.EdgesDef] = {}  # the declared edge sets, in declaration order
+        self.node_types: dict[str, ast.NodesDef] = {}  # the declared node types
         self.call_stack: list[str] = []
         self.builder = _Builder()
         # > 0 while a layer is checked with its signature dims as symbols (its IR is thrown away):
@@ -300,7 +313,7 @@ class Checker:
             if isinstance(item, ast.FuncDef) and item.kind == "model" and id(item) not in own:
                 continue  # only the compiled file's models are entry points
             name = item.name
-            span = item.name_span if isinstance(item, (ast.FuncDef, ast.EdgesDef)) else item.span
+            span = item.name_span if isinstance(item, (ast.FuncDef, ast.EdgesDef, ast.NodesDef)) else item.span
             if name in seen:
                 first = seen[name].span
                 where = f"line {first.line}" + ("" if first.source is span.source else f" of {first.source.name}")
@@ -315,6 +328,11 @@ class Checker:
             elif isinstance(item, ast.EdgesDef):
                 self.check_edges_def(item)
                 self.edge_sets[name] = item
+            elif isinstance(item, ast.NodesDef):
+                if "__" in name:
+                    raise self.error(f"node type names have no '__', got '{name}'", span,
+                                     "'__' separates the parts of a typed graph's array names (paper__x)")
+                self.node_types[name] = item
             elif item.kind == "layer":
                 self.layers[name] = item
                 self.layer_dims[name] = scopes[module_of[id(item)]]
@@ -358,7 +376,16 @@ class Checker:
         return {k: Dim(self.global_dims[k]) for k in self.layer_dims[layer] if k in self.global_dims}
 
     def check_edges_def(self, item: ast.EdgesDef) -> None:
-        """An edge set declaration: an input set, or a derivation of a set declared before it."""
+        """An edge set declaration: an input set (typed: between two declared node types), or a
+        derivation of a set declared before it."""
+        if item.src is not None:
+            for node_type, span in ((item.src, item.src_span), (item.dst, item.dst_span)):
+                if node_type not in self.node_types:
+                    close = _close(node_type or "", list(self.node_types))
+                    raise self.error(f"unknown node type '{node_type}'", span,
+                                     f"did you mean '{close}'?" if close else
+                                     f"declare it before the edge set: `nodes {node_type}`")
+            return
         if item.kind is None:
             return
         if item.kind not in DERIVED_EDGE_SETS:
@@ -377,6 +404,10 @@ class Checker:
             raise self.error(f"unknown edge set '{item.base}'", item.base_span,
                              f"did you mean '{close}'?" if close else
                              "derive from edge (the graph's edges) or from an edge set declared before this one")
+        if item.base != "edge" and self.edge_sets[item.base].src is not None:
+            raise self.error(f"{item.kind} adds a self loop per node, and '{item.base}' runs between two node types",
+                             item.base_span, "derive self-loop sets from sets over one node set (edge, or an "
+                             "untyped `edges NAME`)")
 
     def hop_count(self, item: ast.EdgesDef) -> int:
         """The hop count of a derived set's declaration (``k_hop(edge, 2)``: 2; 0 for a kind without
@@ -414,18 +445,25 @@ class Checker:
                              f"did you mean '{close}'?" if close else
                              "declare it at the top of the file: `edges NAME` (given with the graph) or "
                              "`edges NAME = self_loops(edge)`")
+        item = self.edge_sets[name]
+        if item.src is not None:
+            assert item.dst is not None
+            return typed_edge_set(name, item.src, item.dst)
         return name
 
     def program_edge_sets(self, values) -> tuple[EdgeSetDef, ...]:
         """The definitions of the edge sets ``values`` use, with the sets they derive from (bases first)."""
         used: set[str] = set()
         for v in values:
-            used |= {v.type.rowset, v.attr.get("edges", ""), v.attr.get("base", "")}
-        used.discard("")
+            used |= {v.attr.get("edges", ""), v.attr.get("base", "")}
+            if v.type.domain is Domain.EDGE:
+                used.add(v.type.rowset)
+        used = {edge_set_relation(u) for u in used if u}
         result = []
         for name, item in reversed(list(self.edge_sets.items())):
             if name in used:
-                result.append(EdgeSetDef(name, "input" if item.kind is None else item.kind,
+                result.append(EdgeSetDef(self.edge_set_name(name, item.name_span),
+                                         "input" if item.kind is None else item.kind,
                                          "" if item.base in (None, "edge") else item.base, item.span,
                                          self.hop_count(item)))
                 if item.base not in (None, "edge"):
@@ -497,12 +535,24 @@ class Checker:
         return TensorType(Domain(texpr.domain), shape, dtype, self.type_rowset(texpr))
 
     def type_rowset(self, texpr: ast.TypeExpr) -> str:
-        """The edge set a type names (``edge<pairs>``): "" for none."""
+        """The edge set a type names (``edge<pairs>``), the node type (``node<paper>``): "" for none."""
         if texpr.rowset is None:
             return ""
+        if texpr.domain == "node":
+            if texpr.rowset in self.edge_sets:
+                raise self.error("only edge values live on an edge set, not node values", texpr.rowset_span,
+                                 f"write edge<{texpr.rowset}>[...] for values of the edge set {texpr.rowset}; node "
+                                 "values live on the graph's nodes or on a node type (`nodes NAME`)")
+            if texpr.rowset not in self.node_types:
+                close = _close(texpr.rowset, list(self.node_types))
+                raise self.error(f"unknown node type '{texpr.rowset}'", texpr.rowset_span,
+                                 f"did you mean '{close}'?" if close else
+                                 f"declare it at the top of the file: `nodes {texpr.rowset}`")
+            return texpr.rowset
         if texpr.domain != "edge":
-            raise self.error(f"only edge values live on an edge set, not {texpr.domain} values", texpr.rowset_span,
-                             f"write edge<{texpr.rowset}>[...], or drop <{texpr.rowset}>")
+            raise self.error(f"only edge values live on an edge set and node values on a node type, not "
+                             f"{texpr.domain} values", texpr.rowset_span,
+                             f"write edge<{texpr.rowset}>[...] or node<{texpr.rowset}>[...], or drop <{texpr.rowset}>")
         return self.edge_set_name(texpr.rowset, texpr.rowset_span)
 
     def check_arg_type(self, arg: ast.Arg) -> None:
@@ -535,6 +585,8 @@ class Checker:
         elif actual.domain.value != texpr.domain:
             raise mismatch(f"domain {actual.domain} is not {texpr.domain}")
         elif actual.rowset != self.type_rowset(texpr):
+            if actual.domain is Domain.NODE:
+                raise mismatch(f"{node_label(actual.rowset)} is not {node_label(self.type_rowset(texpr))}")
             raise mismatch(f"edge set {edge_set_label(actual.rowset)} is not "
                            f"{edge_set_label(self.type_rowset(texpr))}")
         if (texpr.dtype == "int") != (actual.dtype == INT_DTYPE):
@@ -1240,7 +1292,7 @@ def _carry(ch: Checker, e: ast.Call, scope, env) -> Value:
     ch.args_exactly(e, 2 if keyword is not None else 3, ("fill",))
     fill_expr = keyword if keyword is not None else e.args[2]
     edges = ch.edge_set_argument(e, 1)
-    target = ch.edge_sets[edges] if edges else None
+    target = ch.edge_sets[edge_set_relation(edges)] if edges else None
     if target is None or target.kind is None:
         raise ch.error(f"carry moves edge values onto a derived edge set, and {edge_set_label(edges)} is not one",
                        e.args[1].span, "declare one with `edges looped = self_loops(edge)` (or "

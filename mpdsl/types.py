@@ -290,8 +290,10 @@ class Space:
     """The rows a value lives on: a domain and, within it, a named set of rows. ``name`` is "" for
     the graph's own rows of the domain (its nodes, the edges of its ``edge_index``, its graphs); an
     edge value may instead live on another edge set of the program (``edge<pairs>``: an edge set the
-    graph carries beside its edges, or one derived from another, such as ``self_loops(edge)``). Two
-    values combine row by row only when they live on the same space."""
+    graph carries beside its edges, or one derived from another, such as ``self_loops(edge)``), and a
+    node value on a node type of a typed graph (``node<paper>``; a typed edge set's name carries its
+    endpoint types, ``typed_edge_set``). Two values combine row by row only when they live on the same
+    space."""
 
     domain: Domain
     name: str = ""
@@ -300,12 +302,42 @@ class Space:
         return f"{self.domain}<{self.name}>" if self.name else str(self.domain)
 
 
+TYPED_SET_MARK = ":"  # a typed edge set's IR name: ``writes:author->paper``
+
+
+def typed_edge_set(name: str, src: str, dst: str) -> str:
+    """The IR name of the edge set ``name`` from nodes of type ``src`` to nodes of type ``dst``
+    (``writes:author->paper``): the name carries its endpoint types, so that every type rule reads
+    them off the op's ``edges`` attribute."""
+    return f"{name}{TYPED_SET_MARK}{src}->{dst}"
+
+
+def edge_set_ends(name: str) -> tuple[str, str]:
+    """The node types (source, destination) of the edge set ``name`` (an IR name): ("", "") for the
+    graph's own edges and for a set over the graph's own nodes."""
+    if TYPED_SET_MARK not in name:
+        return "", ""
+    src, _, dst = name.split(TYPED_SET_MARK, 1)[1].partition("->")
+    return src, dst
+
+
+def edge_set_relation(name: str) -> str:
+    """An edge set's name as the source language writes it (``writes`` for ``writes:author->paper``)."""
+    return name.split(TYPED_SET_MARK, 1)[0]
+
+
+def node_label(node_type: str) -> str:
+    """A node set as the source language names it: ``node`` for the graph's own nodes, else
+    ``node<paper>``."""
+    return f"node<{node_type}>" if node_type else "node"
+
+
 @dataclass(frozen=True)
 class TensorType:
     domain: Domain
     shape: Shape
     dtype: str
-    rowset: str = ""  # the edge set of an edge value ("": the graph's own edges); see ``Space``
+    rowset: str = ""  # an edge value's edge set, a node value's node type ("": the graph's own); see ``Space``
 
     def __str__(self) -> str:
         return f"{self.space}{shape_str(self.shape)} {self.dtype}"
@@ -366,6 +398,13 @@ def join_spaces(types: list[TensorType], what: str) -> Space:
                 f"values of two edge sets never combine row by row: gather node values onto one set "
                 f"(h[{named}.src]), carry edge values onto a derived set (carry(x, looped, fill)), or reduce "
                 "both to nodes first",
+                operand=next(i for i, t in enumerate(types) if t.domain is not Domain.PARAM
+                             and t.space != spaces[0]))
+        if {s.domain for s in spaces} == {Domain.NODE}:
+            raise TypeRuleError(
+                f"{what} combines {kinds} values, which live on different node types",
+                "values of two node types never combine row by row: move values between types along a typed "
+                "edge set (sum(h[writes.src]) by dst) first",
                 operand=next(i for i, t in enumerate(types) if t.domain is not Domain.PARAM
                              and t.space != spaces[0]))
         raise TypeRuleError(

@@ -23,9 +23,28 @@ def index_bound(model, name: str) -> int:
 
 def synth_edge_sets(model, graph, rng: np.random.Generator) -> dict:
     """Random indices (``<name>_index``, [2, K] with K half the graph's edges, at least one edge when
-    there are nodes) for the model's input edge sets that ``graph`` does not carry."""
-    sets = {}
+    there are nodes) for the model's input edge sets that ``graph`` does not carry. For a model with
+    node types, the typed graph's parts in the .npz layout: each node type the graph lacks (its first
+    type with the graph's node count, the others with about half as many) and each typed set
+    (``SRC__S__DST_index``) over them."""
+    from mpdsl.types import edge_set_ends, edge_set_relation
+
+    sets: dict = {}
+    counts = dict(graph.node_types)
+    for k, node_type in enumerate(model.ir.node_types):
+        if node_type not in counts:
+            counts[node_type] = graph.num_nodes if k == 0 else (graph.num_nodes + 1) // 2
+            sets[f"{node_type}__num_nodes"] = np.asarray(counts[node_type])
     for s in model.ir.edge_sets:
+        src, dst = edge_set_ends(s.name)
+        name = edge_set_relation(s.name)
+        if src and s.kind == "input" and name not in graph.edge_sets:
+            count = max(1, graph.num_edges // 2) if counts[src] and counts[dst] else 0
+            ends = [rng.integers(0, max(counts[src], 1), count), rng.integers(0, max(counts[dst], 1), count)]
+            sets[f"{src}__{name}__{dst}_index"] = np.stack(ends).astype(np.int64)
+    for s in model.ir.edge_sets:
+        if edge_set_ends(s.name)[0]:
+            continue
         if s.kind == "input" and s.name not in graph.edge_sets:
             count = max(1, graph.num_edges // 2) if graph.num_nodes else 0
             sets[f"{s.name}_index"] = rng.integers(0, max(graph.num_nodes, 1), (2, count)).astype(np.int64)
@@ -58,7 +77,30 @@ def synth_inputs(model, graph, rng: np.random.Generator, keep_graph_features: bo
 
 def _rows(model, graph, t) -> int:
     """Rows of an input of type ``t``: the graph's, or those of the edge set it lives on."""
+    if t.domain.value == "node" and t.rowset:
+        return graph.num_type_nodes(t.rowset)
     if not t.rowset:
         return graph.num_rows(t.domain)
     from mpdsl.backends import edge_graph
     return edge_graph(graph, model.ir, t.rowset).num_edges
+
+
+def graph_holding(model, base, inputs: dict, node_data: dict | None = None):
+    """A graph with ``base``'s edges (and ``node_data``) holding every input of ``model`` in ``inputs`` as
+    a graph array (a typed node input as an array of its node type), and the input edge sets and typed
+    graph parts among them (``<name>_index``, .npz names)."""
+    from mpdsl import Graph
+
+    kinds: dict[str, dict] = {"node": dict(node_data or {}), "edge": {}, "graph": {}}
+    extra = {}
+    for name, array in inputs.items():
+        t = model.input_types.get(name)
+        if t is None:  # an input edge set's index, a part of a typed graph
+            extra[name] = array
+        elif t.domain.value == "node" and t.rowset:
+            extra[f"{t.rowset}__{name}"] = array
+        else:
+            kinds[t.domain.value][name] = array
+    graph = Graph(base.edge_index, base.num_nodes, node_data=kinds["node"], edge_data=kinds["edge"],
+                  graph_data=kinds["graph"])
+    return graph.with_data(**extra) if extra else graph

@@ -12,7 +12,7 @@ import mpdsl
 from mpdsl.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_inputs import synth_inputs  # noqa: E402
+from model_inputs import graph_holding, synth_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GCN = str(ROOT / "examples" / "gcn.mp")
@@ -178,15 +178,7 @@ def example_graph(model: mpdsl.CompiledModel) -> mpdsl.Graph:
     edge_index = np.concatenate([np.stack([np.arange(nodes), (np.arange(nodes) + 1) % nodes]),
                                  rng.integers(0, nodes, (2, 24))], axis=1)
     base = mpdsl.Graph(edge_index, nodes, node_data={"batch": np.repeat([0, 1], nodes // 2)})
-    kinds: dict[str, dict] = {"node": {"batch": base["batch"]}, "edge": {}, "graph": {}}
-    sets = {}
-    for name, array in synth_inputs(model, base, rng).items():
-        if name not in model.input_types:  # an input edge set's index
-            sets[name[:-len("_index")]] = array
-            continue
-        kinds[model.input_types[name].domain.value][name] = array
-    return mpdsl.Graph(edge_index, nodes, node_data=kinds["node"], edge_data=kinds["edge"],
-                       graph_data=kinds["graph"], edge_sets=sets)
+    return graph_holding(model, base, synth_inputs(model, base, rng), {"batch": base["batch"]})
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

@@ -33,7 +33,7 @@ from mpdsl.diagnostics import InputError  # noqa: E402
 from mpdsl.runtime import CompiledModel  # noqa: E402
 from mpdsl.torch_module import graph_of  # noqa: E402
 from host_copy_guard import HostCopyError, no_host_copies  # noqa: E402
-from model_inputs import synth_inputs  # noqa: E402
+from model_inputs import graph_holding, synth_inputs  # noqa: E402
 from test_passes import random_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,15 +57,7 @@ def graph_with_inputs(model: CompiledModel, seed: int = 0, **sizes) -> mpdsl.Gra
     every input of ``model``."""
     base = random_graph(seed, **(sizes or dict(nodes=20, edges=60)), self_loops=True)
     inputs = synth_inputs(model, base, np.random.default_rng(seed))
-    data: dict[str, dict] = {"node": {"batch": base["batch"]}, "edge": {}, "graph": {}}
-    sets = {}
-    for name, value in inputs.items():
-        if name not in model.input_types:  # an input edge set's index
-            sets[name[:-len("_index")]] = value
-            continue
-        data[str(model.input_types[name].domain)][name] = value
-    return mpdsl.Graph(base.edge_index, base.num_nodes, node_data=data["node"], edge_data=data["edge"],
-                       graph_data=data["graph"], edge_sets=sets)
+    return graph_holding(model, base, inputs, {"batch": base["batch"]})
 
 
 def projection_loss(out) -> torch.Tensor:

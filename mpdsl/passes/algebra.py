@@ -7,9 +7,7 @@ from mpdsl.ir import Program, Value
 from mpdsl.ops import OPS, Trait, is_pure, shape_size
 from mpdsl.passes import Pass, PassContext, register
 from mpdsl.passes.rewrite import Rewriter, rewrite_to_fixpoint
-from mpdsl.types import Dim, Domain
-
-_GATHER_SOURCE = {"src": Domain.NODE, "dst": Domain.NODE, "batch": Domain.GRAPH}
+from mpdsl.types import Dim, Domain, Space, edge_set_ends
 
 
 @register
@@ -33,7 +31,9 @@ class HoistGathers(Pass):
                 return None
             index, edges = indices.pop()
             operands = [o.operands[0] if o.op == "gather" else o for o in v.operands]
-            declared = v.type.with_(domain=_GATHER_SOURCE[index]) if OPS[v.op].declared else None
+            ends = edge_set_ends(edges)
+            source = Space(Domain.GRAPH) if index == "batch" else Space(Domain.NODE, ends[0 if index == "src" else 1])
+            declared = v.type.on(source) if OPS[v.op].declared else None
             inner = rw.emit(v.op, operands, v.attr, like=v, declared=declared)
             return rw.emit("gather", [inner], {"index": index, "edges": edges}, like=v)
 

@@ -61,6 +61,9 @@ def make_batch(source: Graph, n_id: np.ndarray, local_edge_index: np.ndarray, e_
     source holds one graph. The source's further edge sets (``Graph.edge_sets``) come restricted to the
     batch's nodes: the edges of a set with both ends among them, in the set's order, with their rows of
     the set's arrays (a derived set, such as self loops, is derived from the batch graph itself)."""
+    if source.node_types:
+        raise GraphError("sampling draws nodes of one node set, but this graph has the node types "
+                         f"{', '.join(source.node_types)}", hint="run a typed graph whole (full batch)")
     if "batch" in source.node_data:
         raise GraphError("sampling needs one graph, but this graph has a 'batch' vector",
                          hint="sample each graph separately, or train graph-level tasks with "

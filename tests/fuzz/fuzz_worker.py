@@ -177,11 +177,17 @@ def synth_inputs(model, graph, spec: dict, rng) -> dict:
     edge set of the model."""
     import numpy as np
 
+    from mpdsl.types import edge_set_ends, edge_set_relation
+
     sizes = spec.get("sizes", {})
     dtype = np.float64 if spec.get("float64") else np.float32
-    inputs = {f"{s.name}_index": rng.integers(0, max(graph.num_nodes, 1), (2, graph.num_edges // 2 if graph.num_nodes
-                                                                          else 0))
-              for s in model.ir.edge_sets if s.kind == "input"}
+    inputs = {}
+    for s in model.ir.edge_sets:  # a typed set (and its node types, as many as the graph's nodes) in .npz names
+        if s.kind == "input":
+            src, dst = edge_set_ends(s.name)
+            key = f"{src}__{edge_set_relation(s.name)}__{dst}_index" if src else f"{s.name}_index"
+            inputs[key] = rng.integers(0, max(graph.num_nodes, 1), (2, graph.num_edges // 2 if graph.num_nodes else 0))
+    inputs.update({f"{t}__num_nodes": np.asarray(graph.num_nodes) for t in model.ir.node_types})
     for name, t in model.input_types.items():
         n = graph.num_rows(t.domain)
         if t.dtype == "i64":
