@@ -1,11 +1,11 @@
 """Node types (heterogeneous graphs): named node sets and typed edge sets between them.
 
-* ``examples/rgcn_typed.mp`` against PyG ``RGCNConv`` run on the same ``HeteroData`` converted with
-  ``to_homogeneous()`` (the same weights, rows compared per node type), and ``examples/hgt_typed.mp``
+* ``examples/rgcn_typed.mp`` and ``rgat_typed.mp`` against PyG ``RGCNConv`` and ``RGATConv`` run on the
+  same ``HeteroData`` converted with ``to_homogeneous()`` (the same weights, rows compared per node type), and ``examples/hgt_typed.mp``
   against PyG ``HGTConv`` on the ``HeteroData`` itself: 2 node types, 3 relations, float64 at rtol
   1e-10; gradients (parameters and inputs) through the torch module at rtol 1e-8, from a typed Graph,
   from the HeteroData and from per-type tensors.
-* The Triton backend equals NumPy on both examples (interpreter, small graphs).
+* The Triton backend equals NumPy on the three examples (interpreter, small graphs).
 * Hypothesis graphs with an empty node type and relations without edges against a plain NumPy RGCN.
 * Diagnostics for misuse by line, column and message; runtime errors for a HeteroData the model does
   not match; the Graph API (naming of PyG's edge types, the .npz layout); IR round trip and verifier.
@@ -251,7 +251,7 @@ def test_hgt_typed_gradients_through_the_torch_module_match_pyg():
                                    err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("name", ["rgcn_typed", "hgt_typed"])
+@pytest.mark.parametrize("name", ["rgcn_typed", "hgt_typed", "rgat_typed"])
 def test_triton_equals_numpy_on_the_typed_examples(name):
     data = hetero(6, widths=(5, 3) if name == "hgt_typed" else (5, 5))
     graph = Graph.from_pyg(data)
@@ -454,3 +454,67 @@ def test_the_passes_never_fuse_across_node_types(name):
         spaces = {o.type.space for o in v.operands if o.type.domain.value == "node"}
         if not OPS[v.op].has(Trait.GRAPH):
             assert len(spaces) <= 1, (v, spaces)
+
+
+# ------------------------------------------------------------------------------------------------
+# RGAT: RGATConv (across-relation attention) on the homogeneous form
+
+
+def rgat_reference(model: mpdsl.CompiledModel):
+    """PyG's two RGATConv layers (defaults: across-relation additive attention; heads concatenated,
+    then averaged) with the model's weights."""
+    convs = []
+    for i, (fan_in, width, concat) in enumerate(((5, 8, True), (16, 4, False)), start=1):
+        conv = pyg_nn.RGATConv(fan_in, width, 3, heads=2, concat=concat).double()
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(model.params[f"W{i}"].reshape(3, fan_in, 2 * width)))
+            conv.q.copy_(torch.from_numpy(model.params[f"q{i}"]))
+            conv.k.copy_(torch.from_numpy(model.params[f"k{i}"]))
+            conv.bias.copy_(torch.from_numpy(model.params[f"b{i}"]))
+        convs.append(conv)
+    return convs
+
+
+def rgat_pyg(convs, data) -> dict[str, torch.Tensor]:
+    h = data.to_homogeneous()
+    y = convs[1](torch.relu(convs[0](h.x, h.edge_index, h.edge_type)), h.edge_index, h.edge_type)
+    return {t: y[h.node_type == k] for k, t in enumerate(data.node_types)}
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_rgat_typed_equals_rgatconv_on_the_homogeneous_graph(optimize):
+    data = hetero(4, papers=11)   # some papers without in-edges of one relation or of both
+    graph = Graph.from_pyg(data)
+    model = example("rgat_typed", optimize=optimize).init(2, graph=graph)
+    with torch.no_grad():
+        want = rgat_pyg(rgat_reference(model), data)
+    got = model(graph)
+    for t in TYPES:
+        assert_close(got[t], want[t].numpy(), F64, f"rgat_typed {t}")
+
+
+def test_rgat_typed_gradients_through_the_torch_module_match_pyg():
+    data = hetero(5)
+    for x in (data["paper"].x, data["author"].x):
+        x.requires_grad_(True)
+    graph = Graph.from_pyg(data)
+    model = example("rgat_typed").init(1, graph=graph)
+    convs = rgat_reference(model)
+    want = rgat_pyg(convs, data)
+    ((want["paper"] ** 2).sum() + torch.sin(want["author"]).sum()).backward()
+    expected = {"x_paper": data["paper"].x.grad.clone(), "x_author": data["author"].x.grad.clone()}
+    for x in (data["paper"].x, data["author"].x):
+        x.grad = None
+    module = model.to_torch(graph).double()
+    out = module(data)
+    ((out["paper"] ** 2).sum() + torch.sin(out["author"]).sum()).backward()
+    for i, conv in enumerate(convs, start=1):
+        np.testing.assert_allclose(getattr(module, f"W{i}").grad.numpy().reshape(conv.weight.shape),
+                                   conv.weight.grad.numpy(), rtol=1e-8, atol=1e-12, err_msg=f"dW{i}")
+        for name in ("q", "k", "bias"):
+            mine = getattr(module, f"{'b' if name == 'bias' else name}{i}").grad.numpy()
+            np.testing.assert_allclose(mine, getattr(conv, name).grad.numpy(), rtol=1e-8, atol=1e-12,
+                                       err_msg=f"d{name}{i}")
+    for name, t in (("x_paper", "paper"), ("x_author", "author")):
+        np.testing.assert_allclose(data[t].x.grad.numpy(), expected[name].numpy(), rtol=1e-8, atol=1e-12,
+                                   err_msg=f"d{name}")
