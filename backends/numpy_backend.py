@@ -39,6 +39,7 @@ from mpdsl.backends import (
     array_axis,
     batch_norm_statistics,
     batch_norm_training,
+    c_programs,
     carry_table,
     check_value_ids,
     edge_graph,
@@ -115,6 +116,12 @@ class _BlasThreads:
                         break
             self._libs = libs
         return self._libs
+
+    def rescan(self) -> None:
+        """Look for the loaded OpenBLAS libraries again at the next hold (one was loaded since)."""
+        with self._lock:
+            if self._holders == 0:
+                self._libs = None
 
     def threads(self) -> list[int]:
         """The thread count in force in each OpenBLAS library (1 while a run holds them)."""
@@ -887,6 +894,18 @@ _GSPMM_KINDS = {"sum": "sum", "mean": "mean", "max": np.maximum, "min": np.minim
 _AXIS_REDUCTIONS = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}
 
 
+@dataclass
+class _CompiledEntry:
+    """A program's state in the compiled-program tier: its row spaces, its op-by-op runs so far, and
+    its C function or the reason it has none."""
+
+    program: Program
+    spaces: tuple[Space, ...]
+    runs: int = 0
+    compiled: c_programs.CompiledProgram | None = None
+    reason: str | None = None
+
+
 @register_backend("numpy")
 class NumpyBackend(Backend):
     """Interprets the IR op by op with NumPy and SciPy sparse products (the reference).
@@ -898,19 +917,25 @@ class NumpyBackend(Backend):
     dtypes = tuple(RUN_DTYPES)
 
     def __init__(self, fuse_min_rows: int = PARALLEL_ROWS, block_bytes: int = 512 << 10,
-                 block_rows: int | None = None, pool_bytes: int = 1 << 30):
+                 block_rows: int | None = None, pool_bytes: int = 1 << 30, compiled_programs: bool | None = None):
         """``fuse_min_rows``: row groups (``row_fusion``) run block by block from this many rows on,
         op by op below; a block holds ``block_rows`` rows, or by default as many as fit the widest
         member's rows in ``block_bytes`` (at most PARALLEL_ROWS - 1: larger blocks measured no faster;
         at least 256: each op of each block costs a few microseconds of Python and BLAS set-up).
         ``pool_bytes``: the most memory kept between runs for intermediate values (``BufferPool``;
-        ``pool.clear()`` frees it)."""
+        ``pool.clear()`` frees it). ``compiled_programs``: run programs on small graphs as one C
+        function (``c_programs``); None: unless the environment sets ``MPDSL_C_PROGRAMS=0``."""
         self.fuse_min_rows = fuse_min_rows
         self.block_bytes = block_bytes
         self.block_rows = block_rows
         self.pool = BufferPool(pool_bytes)
         self._schedules: dict[int, tuple[Program, list, list[list[int]]]] = {}
+        self._compiled: dict[tuple, _CompiledEntry] = {}
+        self.compiled_programs = compiled_programs
         self.last_state_updates: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:  # compiled C functions stay with the process that loaded them
+        return {**self.__dict__, "_compiled": {}}
 
     def schedule(self, program: Program) -> list:
         """The program's execution schedule (``row_fusion.fuse_rows``), cached per program."""
@@ -1017,12 +1042,63 @@ class NumpyBackend(Backend):
             return True
         return False
 
+    def compiled_program(self, program: Program, ctx: ExecContext) -> c_programs.CompiledProgram | None:
+        """The C function ``program`` runs as in the run ``ctx`` (``c_programs``), or None to run it
+        op by op: the tier is off, a row space of the run is not small, the program has not yet
+        run ``RUNS_BEFORE_COMPILING`` times with these dims, or it has no C translation (the reason
+        is kept: ``compiled_program_reason``)."""
+        if not (c_programs.enabled() if self.compiled_programs is None else self.compiled_programs):
+            return None
+        entry = self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training)
+        if any(ctx.rows(space) >= c_programs.SMALL_ROWS for space in entry.spaces):
+            return None
+        if entry.compiled is None and entry.reason is None:
+            entry.runs += 1
+            if entry.runs <= c_programs.RUNS_BEFORE_COMPILING:
+                return None
+            try:
+                entry.compiled = c_programs.compile_program(program, dict(ctx.dims), ctx.float_dtype, ctx.training)
+            except c_programs.Unsupported as e:
+                entry.reason = str(e)
+            BLAS.rescan()  # the compiled programs multiply through SciPy's BLAS, which may be new here
+        return entry.compiled
+
+    def compiled_program_reason(self, program: Program, dims: dict[str, int], training: bool = False) -> str:
+        """Whether ``program`` runs as one C function on small graphs, and if not why (for plans)."""
+        if not (c_programs.enabled() if self.compiled_programs is None else self.compiled_programs):
+            return "off (MPDSL_C_PROGRAMS=0)"
+        try:
+            c_programs.translate(program, dict(dims), training)
+        except c_programs.Unsupported as e:
+            return f"runs op by op: {e}"
+        return (f"runs as one C function when every row space has fewer than {c_programs.SMALL_ROWS} rows "
+                f"(from its run {c_programs.RUNS_BEFORE_COMPILING + 1} on)")
+
+    def _compiled_entry(self, program: Program, dims, float_dtype, training: bool) -> _CompiledEntry:
+        key = (id(program), np.dtype(float_dtype), tuple(sorted(dims.items())), training)
+        entry = self._compiled.get(key)
+        if entry is None or entry.program is not program:
+            if len(self._compiled) >= 256:
+                self._compiled.clear()
+            spaces = tuple({v.type.space for v in program.values if v.type.domain is not Domain.PARAM})
+            entry = self._compiled[key] = _CompiledEntry(program, spaces)
+        return entry
+
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
         self.check_dtype(program.float_dtype)
         float_dtype = np.dtype(RUN_DTYPES[program.float_dtype])
         ctx = ExecContext(graph, program, inputs, params, dims, float_dtype, training,
                           np.random.default_rng(seed), self.pool)
+        compiled = self.compiled_program(program, ctx)
+        if compiled is not None:
+            start = time.perf_counter()
+            with BLAS.single_threaded():
+                outputs = compiled.run(ctx, lambda v: self.rules[v.op](self, ctx, v))
+            ctx.release(list(outputs.values()))
+            self.last_op_seconds = {"compiled program": time.perf_counter() - start}
+            self.last_state_updates = {}
+            return outputs
         env: dict[int, np.ndarray] = {}
         timings: dict[str, float] = {}
         _, schedule, dying = self._planned(program)

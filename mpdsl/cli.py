@@ -259,6 +259,8 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
             from mpdsl.backends.row_fusion import describe
             notes += [("row_fusion", line) for line in describe(program, model.backend.schedule(program),
                                                                     model.backend.fuse_min_rows)]
+        if hasattr(model.backend, "compiled_program_reason"):  # the NumPy backend's small-graph tier
+            notes.append(("compiled program", model.backend.compiled_program_reason(program, bound)))
         print(report(model.ir, program, notes, bound, graph, reasons), end="")
         if args.training:
             print("\n" + _training_plan(model, program, bound, graph), end="")
@@ -285,8 +287,12 @@ def _training_plan(model, program, bound: dict[str, int], graph) -> str:
 
         reference = mask_dropout(reference)[0]
     gradient = grad_program(reference, wrt=wrt, keep_outputs=True)
-    return training_report(gradient, programs.train_forward, programs.backward, programs.residuals, wrt, bound,
-                           graph)
+    text = training_report(gradient, programs.train_forward, programs.backward, programs.residuals, wrt, bound, graph)
+    if hasattr(model.backend, "compiled_program_reason"):  # the NumPy backend's small-graph tier
+        text += "\ndecisions:\n" + "".join(
+            f"  [compiled program] {part}: {model.backend.compiled_program_reason(p, bound, training=True)}\n"
+            for part, p in (("train-forward", programs.train_forward), ("backward", programs.backward)))
+    return text
 
 
 if __name__ == "__main__":

@@ -1,0 +1,997 @@
+"""Whole programs as one C function: the NumPy backend's tier for small graphs.
+
+On a small graph (a batch of 64 molecules: ~1,000 nodes) a program run op by op costs the fixed
+costs of its ~100 NumPy and SciPy calls (10-90 microseconds each), several times its arithmetic.
+``compile_program`` translates a program whose every op has a C rule (``C_RULES``) into one C
+function: loops for elementwise math, gathers and segment reductions (in the summation orders of
+the op-by-op rules), and dense products through the BLAS that SciPy ships (``?gemm``, passed in as
+a function pointer). The system's C compiler builds it once; the shared library is cached on disk
+(``CACHE_DIR``) under the hash of its source, so a later process loads it without compiling.
+``NumpyBackend.run`` calls it from a program's second run on when every row space of the run is
+small (``SMALL_ROWS``); ``MPDSL_C_PROGRAMS=0`` turns the tier off.
+
+Contract: a compiled program's outputs equal the op-by-op run's to rounding (float64: rtol 1e-10
+in the tests; contractions are not fused into FMAs, ``-ffp-contract=off``), on any graph, empty
+ones included. It has no error paths: ops that check their data (ids) have no C rule, nor the
+training forms of dropout (random draws) and batch_norm (a side result); ``C_UNSUPPORTED`` says
+why for each op without one, and a program with one of them, or on a typed graph, runs op by op.
+Sources without operands (``const``, ``degree``, ``arange``, ``linspace``) run their NumPy rule and
+are passed in. Elementwise values and gathers used once by an elementwise op or a segment
+reduction are computed inside that op's loop, never stored (``_inlined_values``); the others live
+in one workspace reused between runs, a slot reused once its value is dead. Without a C compiler,
+or when the build fails, programs run op by op; ``NumpyBackend.compiled_program_reason`` (shown by
+``--emit plan``) says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mpdsl.backends import batch_norm_training, edge_graph, feature_width, gather_index, space_rows
+from mpdsl.ir import Program, Value
+from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath
+from mpdsl.types import Domain, Space
+
+SMALL_ROWS = 8192  # a run uses its compiled program when no row space has this many rows or more
+RUNS_BEFORE_COMPILING = 1  # op-by-op runs of a program before it is compiled (the first run stays cheap)
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
+
+# Ops without a C rule, and why: a program with one of them runs op by op.
+C_UNSUPPORTED: dict[str, str] = {
+    "take": "checks its ids against the parameter's rows",
+    "one_hot": "checks its ids against the class count",
+    "typed_linear": "checks its relation ids",
+    "carry": "reads the derived edge set's carry table",
+    "carry_grad": "reads the derived edge set's carry table",
+    "attention": "a fused compiled kernel of its own (cpu_kernels)",
+    "segment_logsumexp": "a fused compiled kernel of its own (cpu_kernels)",
+    "attention_score_grad": "a fused compiled kernel of its own (cpu_kernels)",
+    "attention_value_grad": "a fused compiled kernel of its own (cpu_kernels)",
+    "global_attention": "a fused compiled kernel of its own (cpu_kernels)",
+    "global_attention_query_grad": "a fused compiled kernel of its own (cpu_kernels)",
+    "global_attention_key_grad": "a fused compiled kernel of its own (cpu_kernels)",
+    "match_gspmm": "a fused compiled kernel of its own (cpu_kernels)",
+}
+SOURCE_OPS = ("const", "degree", "arange", "linspace")  # run by their NumPy rule, passed in
+
+
+def _user_cache_dir() -> str | None:
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".cache")
+    folder = os.path.join(base, "mpdsl", "c_programs")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return folder
+
+
+CACHE_DIR = _user_cache_dir()
+
+
+def enabled() -> bool:
+    """Whether the tier is on (``MPDSL_C_PROGRAMS`` unset or not "0")."""
+    return os.environ.get("MPDSL_C_PROGRAMS", "1") != "0"
+
+
+# ---- C expressions of elementwise compute rules -----------------------------------------------------
+
+def _literal(x: float) -> str:
+    if math.isnan(x):
+        return "((T)NAN)"
+    if math.isinf(x):
+        return "((T)INFINITY)" if x > 0 else "(-(T)INFINITY)"
+    return f"((T){float(x)!r})"
+
+
+class CExpr:
+    """A C expression of type T, built by an elementwise ``compute`` rule through ``CMath``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    @staticmethod
+    def of(x: Any) -> CExpr:
+        if isinstance(x, CExpr):
+            return x
+        if isinstance(x, bool):
+            return CExpr(_literal(float(x)))
+        if isinstance(x, (int, float)):
+            return CExpr(_literal(float(x)))
+        raise TypeError(f"no C form for {x!r}")
+
+    def _bin(self, op: str, other: Any, flip: bool = False) -> CExpr:
+        a, b = (CExpr.of(other), self) if flip else (self, CExpr.of(other))
+        return CExpr(f"({a.text} {op} {b.text})")
+
+    def __add__(self, o): return self._bin("+", o)
+    def __radd__(self, o): return self._bin("+", o, True)
+    def __sub__(self, o): return self._bin("-", o)
+    def __rsub__(self, o): return self._bin("-", o, True)
+    def __mul__(self, o): return self._bin("*", o)
+    def __rmul__(self, o): return self._bin("*", o, True)
+    def __truediv__(self, o): return self._bin("/", o)
+    def __rtruediv__(self, o): return self._bin("/", o, True)
+    def __neg__(self): return CExpr(f"(-{self.text})")
+
+
+def _call(name: str) -> Callable[..., CExpr]:
+    return lambda *args: CExpr(f"{name}({', '.join(CExpr.of(a).text for a in args)})")
+
+
+def _compare(op: str) -> Callable[..., CExpr]:
+    return lambda a, b: CExpr(f"((T)({CExpr.of(a).text} {op} {CExpr.of(b).text}))")
+
+
+class CMath(ArrayMath):
+    """``ArrayMath`` that writes C: each function gives the expression computing it on one element,
+    with NumPy's semantics (NaN propagation of maximum/minimum, sign of NaN, halves to even)."""
+
+    def __init__(self):
+        functions: dict[str, Callable[..., CExpr]] = {
+            "negative": lambda a: -CExpr.of(a), "add": lambda a, b: CExpr.of(a) + b,
+            "subtract": lambda a, b: CExpr.of(a) - b, "multiply": lambda a, b: CExpr.of(a) * b,
+            "divide": lambda a, b: CExpr.of(a) / b, "power": _call("pow"), "maximum": _call("mp_max"),
+            "minimum": _call("mp_min"), "exp": _call("exp"), "expm1": _call("expm1"), "log": _call("log"),
+            "log1p": _call("log1p"), "log2": _call("log2"), "log10": _call("log10"), "sqrt": _call("sqrt"),
+            "rsqrt": lambda a: CExpr(f"((T)1 / sqrt({CExpr.of(a).text}))"), "tanh": _call("tanh"),
+            "abs": _call("fabs"), "erf": _call("erf"), "sigmoid": _call("mp_sigmoid"),
+            "softplus": _call("mp_softplus"), "sin": _call("sin"), "cos": _call("cos"), "tan": _call("tan"),
+            "asin": _call("asin"), "acos": _call("acos"), "atan": _call("atan"), "atan2": _call("atan2"),
+            "sinh": _call("sinh"), "cosh": _call("cosh"), "sign": _call("mp_sign"), "floor": _call("floor"),
+            "ceil": _call("ceil"), "round": _call("rint"), "trunc": _call("trunc"),
+            "where": lambda c, a, b: CExpr(f"(({CExpr.of(c).text}) != 0 ? {CExpr.of(a).text} : {CExpr.of(b).text})"),
+            "greater": _compare(">"), "greater_equal": _compare(">="), "less": _compare("<"),
+            "less_equal": _compare("<="), "equal": _compare("=="), "not_equal": _compare("!="),
+            "logical_and": lambda a, b: CExpr(f"((T)(({CExpr.of(a).text}) != 0 && ({CExpr.of(b).text}) != 0))"),
+            "logical_or": lambda a, b: CExpr(f"((T)(({CExpr.of(a).text}) != 0 || ({CExpr.of(b).text}) != 0))"),
+            "logical_not": lambda a: CExpr(f"((T)(({CExpr.of(a).text}) == 0))"),
+        }
+        assert set(functions) == set(self.FUNCTIONS)
+        self.__dict__.update(functions)
+
+
+C_MATH = CMath()
+
+PRELUDE = r"""
+#include <math.h>
+#include <tgmath.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+typedef void (*gemm_t)(char *, char *, int *, int *, int *, T *, T *, int *, T *, int *, T *, T *, int *);
+static inline T mp_max(T a, T b) { return a != a ? a : (b != b ? b : (a >= b ? a : b)); }
+static inline T mp_min(T a, T b) { return a != a ? a : (b != b ? b : (a <= b ? a : b)); }
+static inline T mp_sign(T a) { return a != a ? a : (T)((a > 0) - (a < 0)); }
+static inline T mp_sigmoid(T a) { return (T)1 / ((T)1 + exp(-a)); }
+static inline T mp_softplus(T x) {  /* numpy's logaddexp(0, x) */
+    if (x == 0) return (T)0.6931471805599453;
+    if (x > 0) return x + log1p(exp(-x));
+    if (x <= 0) return log1p(exp(x));
+    return x;
+}
+/* row-major C[m x n] = op(A) op(B) through column-major gemm: C^T = op(B)^T op(A)^T */
+static void mp_gemm(gemm_t gemm, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                    const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    if (k == 0) { for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, sizeof(T) * n); return; }
+    char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+    int M = (int)n, N = (int)m, K = (int)k, LDA = (int)ldb, LDB = (int)lda, LDC = (int)ldc;
+    T one = 1, zero = 0;
+    gemm(&tra, &trb, &M, &N, &K, &one, (T *)b, &LDA, (T *)a, &LDB, &zero, c, &LDC);
+}
+"""
+
+
+# ---- the translation ---------------------------------------------------------------------------------
+
+class Unsupported(Exception):
+    """A program (or one of its values) has no C translation."""
+
+
+@dataclass(frozen=True)
+class External:
+    """An array the C function reads: ``kind`` "input" / "param" (by name), "source" (a source value,
+    computed by its NumPy rule), "index" (edge set, "src" / "dst" / "batch"), "csr" (by, edge set:
+    indptr then perm), "segments" (by graph: indptr then perm)."""
+
+    kind: str
+    key: tuple
+
+
+class _Translation:
+    """The C source of one program, and what its function reads and writes."""
+
+    def __init__(self, program: Program, dims: dict[str, int], training: bool = False):
+        self.program = program
+        self.dims = dims
+        self.training = training
+        self.lines: list[str] = []
+        self.names: dict[int, str] = {}
+        self.externals: list[External] = []
+        self.external_slot: dict[External, int] = {}
+        self.spaces: list[Space] = []
+        self.slot_counts: list[str] = []  # C expressions of each workspace slot's element count
+        self.free_slots: list[int] = []
+        self.counter = 0
+        self.output_values: list[Value] = []
+        self.lazy: set[int] = set()  # values computed inside their one consumer's loop (never stored)
+
+    # -- bookkeeping
+    def shape(self, v: Value) -> tuple[int, ...]:
+        return tuple(d.substitute(self.dims).value for d in v.type.shape)
+
+    def rows(self, space: Space) -> str:
+        if space not in self.spaces:
+            self.spaces.append(space)
+        return f"R{self.spaces.index(space)}"
+
+    def full_shape(self, v: Value) -> list[str]:
+        """C expressions of the array shape of ``v`` (rows first for row values)."""
+        feature = [str(d) for d in self.shape(v)]
+        return feature if v.type.domain is Domain.PARAM else [self.rows(v.type.space)] + feature
+
+    def count(self, v: Value) -> str:
+        return " * ".join(["(int64_t)1"] + self.full_shape(v))
+
+    def external(self, ext: External, ctype: str = "T") -> str:
+        if ext not in self.external_slot:
+            self.external_slot[ext] = len(self.externals)
+            self.externals.append(ext)
+        return f"(({ctype} *)A[{self.external_slot[ext]}])"
+
+    def fresh(self, prefix: str = "t") -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def emit(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def graph_index(self, edges: str, index: str) -> str:
+        return self.external(External("index", (edges, index)), "const int64_t")
+
+    def segments(self, by: str, edges: str) -> tuple[str, str]:
+        kind = "segments" if by == "graph" else "csr"
+        indptr = self.external(External(kind, (by, edges, "indptr")), "const int64_t")
+        perm = self.external(External(kind, (by, edges, "perm")), "const int64_t")
+        return indptr, perm
+
+    # -- the program
+    def translate(self) -> str:
+        program = self.program
+        for v in program.values:
+            if not v.type.is_float:
+                raise Unsupported(f"{v.op} has int values")
+            if v.type.rowset and v.type.domain is Domain.NODE:
+                raise Unsupported("typed node sets")
+        outputs: dict[int, Value] = {}
+        for _, v in program.outputs:
+            outputs.setdefault(id(v), v)
+        self.output_values = list(outputs.values())
+        output_slots = {id(v): i for i, v in enumerate(self.output_values)}
+        self.lazy = _inlined_values(self, program, output_slots)
+        position = {id(v): i for i, v in enumerate(program.values)}
+        users: dict[int, Value] = {}
+        for v in program.values:
+            for o in v.operands:
+                users[id(o)] = v
+
+        def effective(v: Value) -> int:  # where v is computed: at its consumer's loop when inlined
+            while id(v) in self.lazy:
+                v = users[id(v)]
+            return position[id(v)]
+
+        last_use: dict[int, int] = {}
+        for v in program.values:
+            for o in v.operands:
+                last_use[id(o)] = max(last_use.get(id(o), -1), effective(v))
+        dying: dict[int, list[Value]] = {}
+        for v in program.values:
+            if id(v) in last_use and id(v) not in output_slots:
+                dying.setdefault(last_use[id(v)], []).append(v)
+        slot_of: dict[int, str] = {}
+        for i, v in enumerate(program.values):
+            name = f"v{len(self.names)}"
+            self.names[id(v)] = name
+            if v.op in ("input", "param"):
+                self.emit(f"const T *restrict {name} = {self.external(External(v.op, (v.attr['name'],)), 'const T')};")
+                continue
+            if v.op in SOURCE_OPS:
+                self.emit(f"const T *restrict {name} = {self.external(External('source', (id(v),)), 'const T')};")
+                continue
+            rule = C_RULES.get(v.op)
+            if rule is None:
+                raise Unsupported(f"{v.op}: {C_UNSUPPORTED.get(v.op, 'no C rule')}")
+            if id(v) in self.lazy:
+                continue
+            if id(v) in output_slots:
+                self.emit(f"T *restrict {name} = (T *)O[{output_slots[id(v)]}];")
+            else:
+                slot_of[id(v)] = self.allocate(self.count(v))
+                self.emit(f"T *restrict {name} = {slot_of[id(v)]};")
+            self.emit(f"{{ /* {name} = {v.op} */")
+            rule(self, v, name, [self.names[id(o)] for o in v.operands])
+            self.emit(f"}} /* {name} */")
+            for dead in dying.get(i, []):
+                if id(dead) in slot_of:
+                    self.release(slot_of.pop(id(dead)))
+        # outputs that are inputs, params or sources: copied into their buffers
+        for v in self.output_values:
+            if v.op in ("input", "param") or v.op in SOURCE_OPS:
+                slot = output_slots[id(v)]
+                self.emit(f"memcpy(O[{slot}], {self.names[id(v)]}, sizeof(T) * {self.count(v)});")
+        rows = [f"const int64_t R{i} = R[{i}];" for i in range(len(self.spaces))]
+        # each slot's elements rounded up to whole 64-byte lines
+        sizes = [f"((({count}) + 7) & ~(int64_t)7)" for count in self.slot_counts]
+        places = []
+        offset = "0"
+        for k, size in enumerate(sizes):
+            places.append(f"T *const S{k} = W + {offset};")
+            offset = f"{offset} + {size}" if offset != "0" else size
+        return "\n".join(["int64_t mp_workspace(const int64_t *R) {", *("    " + r for r in rows),
+                          f"    return {offset};", "}", "",
+                          "int mp_program(void **A, void **O, const int64_t *R, T *W, gemm_t gemm) {",
+                          *("    " + r for r in rows), *("    " + p for p in places),
+                          *("    " + line for line in self.lines), "    return 0;", "}"])
+
+    def allocate(self, count: str) -> str:
+        """A workspace slot of ``count`` elements: a free one of the same size, else a new one."""
+        for k in self.free_slots:
+            if self.slot_counts[k] == count:
+                self.free_slots.remove(k)
+                return f"S{k}"
+        self.slot_counts.append(count)
+        return f"S{len(self.slot_counts) - 1}"
+
+    def release(self, slot: str) -> None:
+        self.free_slots.append(int(slot[1:]))
+
+
+# ---- the rules: rule(translation, value, its buffer, operand buffers) emits C filling the buffer -------
+
+def _strides(shape: list[str]) -> list[str]:
+    out = ["1"] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        out[i] = f"({out[i + 1]} * {shape[i + 1]})"
+    return out
+
+
+def _expanded(tr: _Translation, o: Value, result: Value) -> list[str]:
+    """The operand's array shape under ``expand_operand`` (params: a leading 1; trailing 1s)."""
+    shape = tr.full_shape(o)
+    if o.type.domain is Domain.PARAM and result.type.domain is not Domain.PARAM:
+        shape = ["1"] + shape
+    return shape + ["1"] * (result.type.rank - o.type.rank)
+
+
+def _broadcast_index(tr: _Translation, o: Value, result: Value, indices: list[str]) -> str:
+    shape = _expanded(tr, o, result)
+    rshape = tr.full_shape(result)
+    strides = _strides(shape)
+    terms = [f"{i} * {s}" for i, s, d, rd in zip(indices, strides, shape, rshape) if d != "1" or rd == "1"]
+    return " + ".join(terms) or "0"
+
+
+def _inlined_values(tr: _Translation, program: Program, outputs: dict[int, int]) -> set[int]:
+    """Values computed inside their consumer's loop instead of stored: an elementwise value or a
+    gather of node rows, used once, not an output, by an elementwise op of its own shape (no
+    broadcasting) or by a segment reduction that reads it row by row (at most one feature axis)."""
+    uses: dict[int, list[Value]] = {}
+    for v in program.values:
+        for o in v.operands:
+            uses.setdefault(id(o), []).append(v)
+    lazy: set[int] = set()
+    for v in program.values:
+        if id(v) in outputs or len(uses.get(id(v), ())) != 1 or v.type.domain is Domain.PARAM:
+            continue
+        if not (v.op in COMPUTED_OPS or (v.op == "gather" and v.attr["index"] in ("src", "dst", "batch"))):
+            continue
+        user = uses[id(v)][0]
+        if user.op in COMPUTED_OPS:
+            if user.type.domain is not Domain.PARAM and _expanded(tr, v, user) == tr.full_shape(user):
+                lazy.add(id(v))
+        elif user.op == "aggregate" and user.operands[0] is v and v.type.rank <= 1 \
+                and user.attr["reduce"] in ("sum", "mean", "max", "min"):
+            lazy.add(id(v))
+    return lazy
+
+
+def _read(tr: _Translation, o: Value, buffer: str, indices: list[str], body: list[str],
+          flat: str | None = None) -> str:
+    """A local holding ``o`` at ``indices`` (its full shape's; ``flat``: the stored element, default
+    from the indices), with the statements computing it appended to ``body``: a stored value is
+    loaded, an inlined one computed."""
+    local = tr.fresh("a")
+    if id(o) not in tr.lazy:
+        strides = _strides(tr.full_shape(o))
+        at = flat if flat is not None else (" + ".join(f"{i} * {s}" for i, s in zip(indices, strides)) or "0")
+        body.append(f"const T {local} = {buffer}[{at}];")
+        return local
+    if o.op == "gather":
+        width = feature_width(tr.shape(o))
+        index = tr.graph_index(o.attr["edges"], o.attr["index"])
+        inner = " + ".join(f"{i} * {s}" for i, s in zip(indices[1:], _strides(tr.full_shape(o))[1:])) or "0"
+        body.append(f"const T {local} = {tr.names[id(o.operands[0])]}[{index}[{indices[0]}] * {width} + {inner}];")
+        return local
+    body.append(f"const T {local} = {_compute_at(tr, o, indices, body)};")
+    return local
+
+
+def _compute_at(tr: _Translation, v: Value, indices: list[str], body: list[str]) -> str:
+    """The C expression of elementwise ``v`` at ``indices``, its operands read into locals first."""
+    reads = []
+    for o in v.operands:
+        name = tr.names[id(o)]
+        if id(o) in tr.lazy:
+            reads.append(CExpr(_read(tr, o, name, indices, body)))
+        else:
+            reads.append(CExpr(_read(tr, o, name, indices, body, _broadcast_index(tr, o, v, indices))))
+    compute = OPS[v.op].compute
+    assert compute is not None  # only ops with a compute rule are elementwise
+    try:
+        return CExpr.of(compute(C_MATH, *reads, **v.attr)).text
+    except TypeError as e:
+        raise Unsupported(f"{v.op}: its compute rule has no C form ({e})") from None
+
+
+def _loops(shape: list[str], indices: list[str]) -> tuple[list[str], list[str]]:
+    opens = [f"for (int64_t {i} = 0; {i} < {n}; {i}++) {{" for i, n in zip(indices, shape)]
+    return opens, ["}"] * len(shape)
+
+
+def _elementwise(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    shape = tr.full_shape(v)
+    indices = [tr.fresh("i") for _ in shape]
+    body: list[str] = []
+    expr = _compute_at(tr, v, indices, body)
+    opens, closes = _loops(shape, indices)
+    flat = " + ".join(f"{i} * {s}" for i, s in zip(indices, _strides(shape))) or "0"
+    tr.emit(*opens, *body, f"{out}[{flat}] = {expr};", *closes)
+
+
+def _gemm_rows(tr: _Translation, out: str, a: str, b: str, m: str, n: int, k: int,
+               ta: bool = False, lda: str | int | None = None) -> None:
+    tr.emit(f"mp_gemm(gemm, {int(ta)}, 0, {m}, {n}, {k}, {a}, {lda if lda is not None else k}, {b}, {n}, {out}, {n});")
+
+
+def _matmul(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    ta, tb = (o.type for o in v.operands)
+    a, b = args
+    sa, sb = tr.shape(v.operands[0]), tr.shape(v.operands[1])
+    k = sa[-1]
+    n = feature_width(sb[1:])
+    if tb.domain is Domain.PARAM:
+        m = " * ".join(tr.full_shape(v.operands[0])[:-1] or ["1"])
+        _gemm_rows(tr, out, a, b, f"({m})", n, k)
+        return
+    # b has rows: one small product per row (a a param or of the same rows)
+    rows = tr.rows(v.type.space)
+    m = feature_width(sa[:-1]) if ta.domain is Domain.PARAM else feature_width(sa[1:-1])
+    r, i, j, q = (tr.fresh("i") for _ in range(4))
+    a_row = "0" if ta.domain is Domain.PARAM else f"{r} * {m * k}"
+    tr.emit(f"for (int64_t {r} = 0; {r} < {rows}; {r}++) {{",
+            f"for (int64_t {i} = 0; {i} < {m}; {i}++) for (int64_t {j} = 0; {j} < {n}; {j}++) {{",
+            "T acc = 0;",
+            f"for (int64_t {q} = 0; {q} < {k}; {q}++) acc += {a}[{a_row} + {i} * {k} + {q}] * "
+            f"{b}[{r} * {k * n} + {q} * {n} + {j}];",
+            f"{out}[{r} * {m * n} + {i} * {n} + {j}] = acc;", "}", "}")
+
+
+def _einsum_loops(tr: _Translation, v: Value, out: str, args: list[str], terms: list[str], out_term: str,
+                  rows_letter: str | None) -> None:
+    """A loop nest computing out[out_term] = sum over the other letters of the product of the
+    operands (letters are axes; ``rows_letter`` the row axis of row operands)."""
+    sizes: dict[str, str] = {}
+    for term, o in zip(terms, v.operands):
+        for letter, size in zip(term, tr.full_shape(o)):
+            sizes.setdefault(letter, size)
+    for letter, size in zip(out_term, tr.full_shape(v)):
+        sizes.setdefault(letter, size)
+    index = {letter: tr.fresh("i") for letter in sizes}
+
+    def at(term: str, shape: list[str]) -> str:
+        return " + ".join(f"{index[c]} * {s}" for c, s in zip(term, _strides(shape))) or "0"
+
+    # The row axis outermost, then the summed letters, then the output's in order (the last one
+    # innermost: contiguous in the output and usually in the operands), accumulating into the zeroed
+    # output: a sum over rows adds row after row, as NumPy's reduction along axis 0.
+    summed = [c for c in sizes if c not in out_term]
+    order = ([rows_letter] if rows_letter in sizes else []) + [c for c in summed if c != rows_letter] + \
+        [c for c in out_term if c != rows_letter]
+    opens, closes = _loops([sizes[c] for c in order], [index[c] for c in order])
+    product = " * ".join(f"{a}[{at(t, tr.full_shape(o))}]" for a, t, o in zip(args, terms, v.operands)) or "1"
+    j = tr.fresh("i")
+    tr.emit(f"for (int64_t {j} = 0; {j} < {tr.count(v)}; {j}++) {out}[{j}] = 0;",
+            *opens, f"{out}[{at(out_term, tr.full_shape(v))}] += {product};", *closes)
+
+
+def _einsum(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    inputs, out_term = (part.strip() for part in v.attr["spec"].split("->"))
+    letter = "Z"
+    terms = [(letter if o.type.domain is not Domain.PARAM else "") + t.strip()
+             for t, o in zip(inputs.split(","), v.operands)]
+    out_term = (letter if v.type.domain is not Domain.PARAM else "") + out_term
+    if any(len(set(t)) != len(t) for t in terms) or letter in "".join(inputs):
+        raise Unsupported("einsum with a repeated subscript")
+    _einsum_loops(tr, v, out, args, terms, out_term, letter)
+
+
+def _contract_rows(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    inputs, out_term = (part.strip() for part in v.attr["spec"].split("->"))
+    terms = [t.strip() for t in inputs.split(",")]
+    by_rows = [o.type.domain is not Domain.PARAM for o in v.operands]
+    if any(len(set(t)) != len(t) for t in terms) or "Z" in inputs:
+        raise Unsupported("contract_rows with a repeated subscript")
+    distinct = list(dict.fromkeys(terms))
+    if all(by_rows) and len(distinct) == 2 and not set(distinct[0]) & set(distinct[1]) \
+            and out_term in (distinct[0] + distinct[1], distinct[1] + distinct[0]):
+        # a sum over rows of outer products: one BLAS product of the (multiplied) row-flattened groups
+        first, second = distinct if out_term == distinct[0] + distinct[1] else distinct[::-1]
+        rows = tr.rows(v.operands[0].type.space)
+        groups = []
+        for d in (first, second):
+            members = [(a, o) for a, o, t in zip(args, v.operands, terms) if t == d]
+            width = feature_width(tr.shape(members[0][1]))
+            if len(members) == 1:
+                groups.append((members[0][0], width))
+                continue
+            name = tr.allocate(f"{rows} * {width}")
+            j = tr.fresh("i")
+            product = " * ".join(f"{a}[{j}]" for a, _ in members)
+            tr.emit(f"for (int64_t {j} = 0; {j} < {rows} * {width}; {j}++) {name}[{j}] = {product};")
+            groups.append((name, width))
+        (a, p), (b, q) = groups
+        tr.emit(f"mp_gemm(gemm, 1, 0, {p}, {q}, {rows}, {a}, {p}, {b}, {q}, {out}, {q});")
+        for name, _ in groups:
+            if name.startswith("S"):
+                tr.release(name)
+        return
+    letter = "Z"
+    full_terms = [(letter if row else "") + t for t, row in zip(terms, by_rows)]
+    _einsum_loops(tr, v, out, args, full_terms, out_term, letter)
+
+
+def _segment_reduce(tr: _Translation, out: str, x: str, indptr: str, perm: str, segments: str, width: int,
+                    reduce: str, weights: str | None = None, read: str | None = None, groups: int = 1,
+                    operand: Value | None = None) -> None:
+    """out[s] = reduce over rows r in perm[indptr[s]:indptr[s+1]] of x[read[r] or r] (times
+    weights[r], whose ``groups`` columns each scale width / groups consecutive features), in row
+    order; an empty segment gives 0; mean: the sum times 1/count in double."""
+    s, j, f, e = (tr.fresh("i") for _ in range(4))
+    row = f"{read}[{e}]" if read else e
+    weight = f"{weights}[{e}]" if groups == 1 else f"{weights}[{e} * {groups} + {f} / {width // groups}]"
+    if operand is not None and id(operand) in tr.lazy:
+        body: list[str] = []
+        local = _read(tr, operand, x, [e, f] if operand.type.rank else [e], body)
+        term = "({ " + " ".join(body) + f" {local}; }})"  # a statement expression (GNU C)
+    else:
+        term = f"{x}[{row} * {width} + {f}]"
+    if weights:
+        term = f"{weight} * {term}"
+    tr.emit(f"for (int64_t {s} = 0; {s} < {segments}; {s}++) {{", f"T *o = {out} + {s} * {width};",
+            f"const int64_t lo = {indptr}[{s}], hi = {indptr}[{s} + 1];")
+    if reduce in ("sum", "mean"):
+        tr.emit(f"for (int64_t {f} = 0; {f} < {width}; {f}++) o[{f}] = 0;",
+                f"for (int64_t {j} = lo; {j} < hi; {j}++) {{ const int64_t {e} = {perm}[{j}];",
+                f"for (int64_t {f} = 0; {f} < {width}; {f}++) o[{f}] += {term}; }}")
+        if reduce == "mean":
+            tr.emit("if (hi > lo) { const double scale = 1.0 / (double)(hi - lo);",
+                    f"for (int64_t {f} = 0; {f} < {width}; {f}++) o[{f}] = (T)(o[{f}] * scale); }}")
+    else:
+        pick = "mp_max" if reduce == "max" else "mp_min"
+        tr.emit(f"if (hi == lo) {{ for (int64_t {f} = 0; {f} < {width}; {f}++) o[{f}] = 0; }} else {{",
+                f"{{ const int64_t {e} = {perm}[lo]; for (int64_t {f} = 0; {f} < {width}; {f}++) o[{f}] = {term}; }}",
+                f"for (int64_t {j} = lo + 1; {j} < hi; {j}++) {{ const int64_t {e} = {perm}[{j}];",
+                f"for (int64_t {f} = 0; {f} < {width}; {f}++) o[{f}] = {pick}(o[{f}], {term}); }} }}")
+    tr.emit("}")
+
+
+def _aggregate(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    by, edges, reduce = v.attr["by"], v.attr["edges"], v.attr["reduce"]
+    if reduce not in ("sum", "mean", "max", "min", "std"):
+        raise Unsupported(f"aggregate {reduce}")
+    if reduce == "std":  # two passes, as the op-by-op rule: deviations from the group mean
+        indptr, perm = tr.segments(by, edges)
+        width = feature_width(tr.shape(v))
+        x = args[0]
+        s_, j, f = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
+        tr.emit(f"for (int64_t {s_} = 0; {s_} < {tr.rows(v.type.space)}; {s_}++) {{",
+                f"T *o = {out} + {s_} * {width}; const int64_t lo = {indptr}[{s_}], hi = {indptr}[{s_} + 1];",
+                "const T d = (T)(hi - lo > 1 ? hi - lo : 1);",
+                f"for (int64_t {f} = 0; {f} < {width}; {f}++) {{ T mean = 0, acc = 0;",
+                f"for (int64_t {j} = lo; {j} < hi; {j}++) mean += {x}[{perm}[{j}] * {width} + {f}];",
+                "mean = mean / d;",
+                f"for (int64_t {j} = lo; {j} < hi; {j}++) {{ const T c = {x}[{perm}[{j}] * {width} + {f}] - mean; "
+                "acc += c * c; }",
+                f"o[{f}] = sqrt(acc / d); }} }}")
+        return
+    if reduce == "mean":  # the op-by-op rule divides the sum by max(count, 1) in the value's dtype
+        indptr, perm = tr.segments(by, edges)
+        width = feature_width(tr.shape(v))
+        _segment_reduce(tr, out, args[0], indptr, perm, tr.rows(v.type.space), width, "sum",
+                        operand=v.operands[0])
+        s, f = tr.fresh("i"), tr.fresh("i")
+        tr.emit(f"for (int64_t {s} = 0; {s} < {tr.rows(v.type.space)}; {s}++) {{",
+                f"const int64_t c = {indptr}[{s} + 1] - {indptr}[{s}]; const T d = (T)(c > 1 ? c : 1);",
+                f"for (int64_t {f} = 0; {f} < {width}; {f}++) {out}[{s} * {width} + {f}] /= d; }}")
+        return
+    indptr, perm = tr.segments(by, edges)
+    _segment_reduce(tr, out, args[0], indptr, perm, tr.rows(v.type.space), feature_width(tr.shape(v)), reduce,
+                    operand=v.operands[0])
+
+
+def _gspmm(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    by, edges, reduce = v.attr["by"], v.attr["edges"], v.attr["reduce"]
+    if reduce not in ("sum", "mean", "max", "min"):
+        raise Unsupported(f"gspmm {reduce}")
+    weights = args[1] if len(args) > 1 else None
+    width = feature_width(tr.shape(v))
+    groups = feature_width(tr.shape(v.operands[1])) if weights is not None else 1
+    if groups == 0 or width % groups:
+        raise Unsupported("gspmm whose weights do not cover its features")
+    indptr, perm = tr.segments(by, edges)
+    read = tr.graph_index(edges, "dst" if by == "src" else "src")
+    _segment_reduce(tr, out, args[0], indptr, perm, tr.rows(v.type.space), width, reduce, weights, read, groups)
+
+
+def _softmax(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    """exp(x - the segment's max) / the segment's sum of it, per feature, the sum in row order."""
+    by, edges = v.attr["by"], v.attr["edges"]
+    indptr, perm = tr.segments(by, edges)
+    segments = _segment_count(tr, v)
+    width = feature_width(tr.shape(v))
+    x = args[0]
+    s_, j, f = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
+    tr.emit(f"for (int64_t {s_} = 0; {s_} < {segments}; {s_}++) {{",
+            f"const int64_t lo = {indptr}[{s_}], hi = {indptr}[{s_} + 1]; if (hi == lo) continue;",
+            f"for (int64_t {f} = 0; {f} < {width}; {f}++) {{",
+            f"T m = {x}[{perm}[lo] * {width} + {f}], total = 0;",
+            f"for (int64_t {j} = lo + 1; {j} < hi; {j}++) m = mp_max(m, {x}[{perm}[{j}] * {width} + {f}]);",
+            f"for (int64_t {j} = lo; {j} < hi; {j}++) {{ const int64_t r = {perm}[{j}] * {width} + {f}; "
+            f"{out}[r] = exp({x}[r] - m); total += {out}[r]; }}",
+            f"for (int64_t {j} = lo; {j} < hi; {j}++) {out}[{perm}[{j}] * {width} + {f}] /= total; }} }}")
+
+
+def _segment_count(tr: _Translation, v: Value) -> str:
+    """The number of segments of a softmax by dst / src (nodes) or by graph (graphs)."""
+    domain = Domain.GRAPH if v.attr["by"] == "graph" else Domain.NODE
+    return tr.rows(Space(domain, ""))
+
+
+def _axis_softmax(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    """SciPy's softmax along a feature axis: exp(x - max) / the sum of it."""
+    axis = _axis_of(v, v.attr["axis"])
+    shape = tr.full_shape(v)
+    before, size, after = shape[:axis], shape[axis], shape[axis + 1:]
+    outer = " * ".join(["(int64_t)1"] + before)
+    inner = " * ".join(["(int64_t)1"] + after)
+    p, q, j = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
+    at = f"({p} * {size} + {j}) * ({inner}) + {q}"
+    tr.emit(f"for (int64_t {p} = 0; {p} < {outer}; {p}++) for (int64_t {q} = 0; {q} < {inner}; {q}++) {{",
+            f"if ({size} == 0) continue; T m = -(T)INFINITY, total = 0;",
+            f"for (int64_t {j} = 0; {j} < {size}; {j}++) m = mp_max(m, {args[0]}[{at}]);",
+            f"for (int64_t {j} = 0; {j} < {size}; {j}++) {{ {out}[{at}] = exp({args[0]}[{at}] - m); "
+            f"total += {out}[{at}]; }}",
+            f"for (int64_t {j} = 0; {j} < {size}; {j}++) {out}[{at}] /= total; }}")
+
+
+def _dropout(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    """The identity in eval form (and with p = 0); in training form it draws NumPy's random numbers."""
+    if tr.training and v.attr["p"] != 0:
+        raise Unsupported("dropout in training: draws random numbers (NumPy's generator)")
+    _copy(tr, v, out, args)
+
+
+def _batch_norm(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    """The eval form: (x - running mean) / sqrt(running var + eps) * gamma + beta; the training form
+    takes batch statistics and updates the running ones (a side result)."""
+    if batch_norm_training(v, tr.training):
+        raise Unsupported("batch_norm in training: updates its running statistics as a side result")
+    shape = tr.full_shape(v)
+    indices = [tr.fresh("i") for _ in shape]
+    body: list[str] = []
+    x, mean, var, gamma, beta = (_read(tr, o, a, indices, body, _broadcast_index(tr, o, v, indices))
+                                 for a, o in zip(args, v.operands))
+    eps = _literal(v.attr["eps"])
+    opens, closes = _loops(shape, indices)
+    flat = " + ".join(f"{i} * {s}" for i, s in zip(indices, _strides(shape))) or "0"
+    tr.emit(*opens, *body, f"{out}[{flat}] = ({x} - {mean}) * ((T)1 / sqrt({var} + {eps})) * {gamma} + {beta};",
+            *closes)
+
+
+def _gather(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    index = tr.graph_index(v.attr["edges"], v.attr["index"])
+    width = feature_width(tr.shape(v))
+    r, f = tr.fresh("i"), tr.fresh("i")
+    tr.emit(f"for (int64_t {r} = 0; {r} < {tr.rows(v.type.space)}; {r}++) {{",
+            f"const T *src = {args[0]} + {index}[{r}] * {width};",
+            f"for (int64_t {f} = 0; {f} < {width}; {f}++) {out}[{r} * {width} + {f}] = src[{f}]; }}")
+
+
+def _copy(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    """reshape: the same elements in the same order."""
+    j = tr.fresh("i")
+    tr.emit(f"for (int64_t {j} = 0; {j} < {tr.count(v)}; {j}++) {out}[{j}] = {args[0]}[{j}];")
+
+
+def _broadcast(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    o = v.operands[0]
+    shape = tr.full_shape(v)
+    if v.type.domain is Domain.PARAM:
+        src_shape = tr.full_shape(o) + ["1"] * (len(shape) - len(tr.full_shape(o)))
+    else:
+        src_shape = _expanded(tr, o, v)
+    indices = [tr.fresh("i") for _ in shape]
+    strides = _strides(src_shape)
+    src = " + ".join(f"{i} * {s}" for i, s, d in zip(indices, strides, src_shape) if d != "1") or "0"
+    opens, closes = _loops(shape, indices)
+    flat = " + ".join(f"{i} * {s}" for i, s in zip(indices, _strides(shape))) or "0"
+    tr.emit(*opens, f"{out}[{flat}] = {args[0]}[{src}];", *closes)
+
+
+def _axis_of(v: Value, axis: int) -> int:
+    t = v.operands[0].type
+    axis %= max(t.rank, 1)
+    return axis if t.domain is Domain.PARAM else axis + 1
+
+
+def _strided_copy(tr: _Translation, v: Value, out: str, src: str, src_shape: list[str], axis: int,
+                  offset: str, out_offset: str = "0", shape: list[str] | None = None) -> None:
+    """out[... i_axis + out_offset ...] = src[... i_axis + offset ...] over ``shape`` (default: src's)."""
+    shape = shape if shape is not None else src_shape
+    out_shape = tr.full_shape(v)
+    indices = [tr.fresh("i") for _ in shape]
+    src_at = " + ".join(f"({i}{' + ' + offset if k == axis else ''}) * {s}"
+                        for k, (i, s) in enumerate(zip(indices, _strides(src_shape)))) or "0"
+    out_at = " + ".join(f"({i}{' + ' + out_offset if k == axis else ''}) * {s}"
+                        for k, (i, s) in enumerate(zip(indices, _strides(out_shape)))) or "0"
+    opens, closes = _loops(shape, indices)
+    tr.emit(*opens, f"{out}[{out_at}] = {src}[{src_at}];", *closes)
+
+
+def _select(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    """x[index] (a param) or x[:, index] (rows): the block of the index on the first feature axis."""
+    o = v.operands[0]
+    size = tr.shape(o)[0]
+    rest = feature_width(tr.shape(o)[1:])
+    index = v.attr["index"] % size
+    rows = "1" if o.type.domain is Domain.PARAM else tr.rows(o.type.space)
+    r, f = tr.fresh("i"), tr.fresh("i")
+    tr.emit(f"for (int64_t {r} = 0; {r} < {rows}; {r}++) for (int64_t {f} = 0; {f} < {rest}; {f}++) "
+            f"{out}[{r} * {rest} + {f}] = {args[0]}[({r} * {size} + {index}) * {rest} + {f}];")
+
+
+def _slice(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    axis = _axis_of(v, v.attr["axis"])
+    src_shape = tr.full_shape(v.operands[0])
+    shape = list(src_shape)
+    shape[axis] = str(int(v.attr["stop"]) - int(v.attr["start"]))
+    _strided_copy(tr, v, out, args[0], src_shape, axis, str(v.attr["start"]), shape=shape)
+
+
+def _pad(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    j = tr.fresh("i")
+    tr.emit(f"for (int64_t {j} = 0; {j} < {tr.count(v)}; {j}++) {out}[{j}] = 0;")
+    axis = _axis_of(v, v.attr["axis"])
+    _strided_copy(tr, v, out, args[0], tr.full_shape(v.operands[0]), axis, "0", str(v.attr["before"]))
+
+
+def _concat(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    axis = _axis_of(v, v.attr["axis"])
+    offset = 0
+    for a, o in zip(args, v.operands):
+        shape = tr.full_shape(o)
+        _strided_copy(tr, v, out, a, shape, axis, "0", str(offset))
+        offset += int(shape[axis])
+
+
+def _reduce(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    reduce = v.attr["reduce"]
+    axis = _axis_of(v, v.attr["axis"])
+    src_shape = tr.full_shape(v.operands[0])
+    before, size, after = src_shape[:axis], src_shape[axis], src_shape[axis + 1:]
+    outer = " * ".join(["(int64_t)1"] + before)
+    inner = " * ".join(["(int64_t)1"] + after)
+    p, q, j = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
+    x = args[0]
+    read = f"{x}[({p} * {size} + {j}) * ({inner}) + {q}]"
+    tr.emit(f"for (int64_t {p} = 0; {p} < {outer}; {p}++) for (int64_t {q} = 0; {q} < {inner}; {q}++) {{")
+    if reduce in ("sum", "mean"):
+        tr.emit("T acc = 0;", f"for (int64_t {j} = 0; {j} < {size}; {j}++) acc += {read};")
+        if reduce == "mean":
+            tr.emit(f"acc = {size} ? acc / (T){size} : 0;")
+    else:
+        pick = "mp_max" if reduce == "max" else "mp_min"
+        tr.emit(f"T acc = 0; if ({size}) {{ int64_t {j} = 0; acc = {read};",
+                f"for ({j} = 1; {j} < {size}; {j}++) acc = {pick}(acc, {read}); }}")
+    tr.emit(f"{out}[{p} * ({inner}) + {q}] = acc;", "}")
+
+
+C_RULES: dict[str, Callable[[_Translation, Value, str, list[str]], None]] = {
+    **{op: _elementwise for op in COMPUTED_OPS},
+    "matmul": _matmul, "einsum": _einsum, "contract_rows": _contract_rows, "aggregate": _aggregate,
+    "gspmm": _gspmm, "gather": _gather, "reshape": _copy, "broadcast": _broadcast, "select": _select,
+    "slice": _slice, "pad": _pad, "concat": _concat, "reduce": _reduce, "softmax": _softmax,
+    "axis_softmax": _axis_softmax, "dropout": _dropout, "batch_norm": _batch_norm,
+}
+
+
+# ---- building and loading ----------------------------------------------------------------------------
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC", ""), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _gemm_pointer(float_dtype: np.dtype) -> int:
+    from scipy.linalg import cython_blas
+    capsule = cython_blas.__pyx_capi__["sgemm" if float_dtype == np.float32 else "dgemm"]
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return int(get_pointer(capsule, get_name(capsule)))
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def _build(source: str) -> tuple[Callable, Callable]:
+    """The ``mp_program`` and ``mp_workspace`` functions of the shared library built from ``source``
+    (cached on disk by the hash of the source, the compiler and the flags)."""
+    cc = _compiler()
+    if cc is None:
+        raise Unsupported("no C compiler found (set CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    digest = hashlib.sha256("\0".join([source, cc, version, *FLAGS]).encode()).hexdigest()[:24]
+    folder = CACHE_DIR or tempfile.gettempdir()
+    library = os.path.join(folder, f"mp_{digest}.so")
+    with _BUILD_LOCK:
+        if not os.path.exists(library):
+            with tempfile.TemporaryDirectory(dir=folder) as work:
+                c_file = os.path.join(work, "program.c")
+                with open(c_file, "w") as f:
+                    f.write(source)
+                built = os.path.join(work, "program.so")
+                result = subprocess.run([cc, *FLAGS, c_file, "-o", built, "-lm"], capture_output=True, text=True,
+                                        check=False)
+                if result.returncode != 0:
+                    raise Unsupported(f"the C compiler failed: {result.stderr.strip().splitlines()[:3]}")
+                os.replace(built, library)  # atomic: a concurrent process sees a whole library or none
+        loaded = ctypes.CDLL(library)
+    function, workspace = loaded.mp_program, loaded.mp_workspace
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p] * 5
+    workspace.restype = ctypes.c_int64
+    workspace.argtypes = [ctypes.c_void_p]
+    return function, workspace
+
+
+@dataclass
+class CompiledProgram:
+    """One program as a C function, with what it reads (``externals``), the row spaces of its
+    ``R`` array and its output values."""
+
+    program: Program
+    source: str
+    function: Callable
+    workspace_size: Callable
+    externals: list[External]
+    spaces: list[Space]
+    outputs: list[Value]
+    gemm: int
+    float_dtype: np.dtype
+    _workspace: np.ndarray | None = None  # the intermediate values' memory, kept between runs
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, ctx, source_values: Callable[[Value], np.ndarray]) -> dict[str, np.ndarray]:
+        """The program's outputs on the run context ``ctx`` (an ``ExecContext``); ``source_values(v)``
+        computes a source value by its NumPy rule."""
+        dtype = self.float_dtype
+        keep: list[np.ndarray] = []
+        by_id = {id(v): v for v in self.program.values}
+        pointers = (ctypes.c_void_p * max(1, len(self.externals)))()
+        for i, ext in enumerate(self.externals):
+            array = self._resolve(ctx, ext, by_id, source_values)
+            keep.append(array)
+            pointers[i] = array.ctypes.data
+        rows = np.array([space_rows(ctx.graph, self.program, s) for s in self.spaces] or [0], dtype=np.int64)
+        results = []
+        for v in self.outputs:
+            shape = ctx.concrete_shape(v.type)
+            if v.type.domain is not Domain.PARAM:
+                shape = (ctx.rows(v.type.space),) + shape
+            results.append(ctx.empty(shape, dtype))  # the backend's pool: no fresh pages per run
+        out_pointers = (ctypes.c_void_p * max(1, len(results)))(*[r.ctypes.data for r in results])
+        size = int(self.workspace_size(rows.ctypes.data)) + 64 // dtype.itemsize  # room to start on a 64-byte line
+        shared = self._lock.acquire(blocking=False)  # a concurrent run of the same program gets its own
+        try:
+            if not shared:
+                workspace = np.empty(size, dtype=dtype)
+            else:
+                if self._workspace is None or len(self._workspace) < size:
+                    self._workspace = np.empty(size, dtype=dtype)
+                workspace = self._workspace
+            start = (-workspace.ctypes.data % 64) // dtype.itemsize
+            self.function(pointers, out_pointers, rows.ctypes.data, workspace[start:].ctypes.data, self.gemm)
+        finally:
+            if shared:
+                self._lock.release()
+        values = {id(v): r for v, r in zip(self.outputs, results)}
+        return {name: values[id(v)] for name, v in self.program.outputs}
+
+    def _resolve(self, ctx, ext: External, by_id: dict, source_values) -> np.ndarray:
+        dtype = self.float_dtype
+        if ext.kind == "input":
+            return np.ascontiguousarray(ctx.inputs[ext.key[0]], dtype=dtype)
+        if ext.kind == "param":
+            return np.ascontiguousarray(ctx.params[ext.key[0]], dtype=dtype)
+        if ext.kind == "source":
+            return np.ascontiguousarray(source_values(by_id[ext.key[0]]), dtype=dtype)
+        if ext.kind == "index":
+            edges, index = ext.key
+            g = edge_graph(ctx.graph, self.program, edges)
+            return g.cached(("c_programs.index", index),
+                            lambda: np.ascontiguousarray(gather_index(g, index), dtype=np.int64))
+        by, edges, part = ext.key
+        g = edge_graph(ctx.graph, self.program, edges)
+
+        def build() -> tuple[np.ndarray, np.ndarray]:
+            indptr, perm = {"dst": g.csr_by_dst, "src": g.csr_by_src, "graph": g.segments_by_graph}[by]()
+            return np.ascontiguousarray(indptr, dtype=np.int64), np.ascontiguousarray(perm, dtype=np.int64)
+
+        indptr, perm = g.cached(("c_programs.segments", by), build)
+        return indptr if part == "indptr" else perm
+
+
+def translate(program: Program, dims: dict[str, int], training: bool = False) -> _Translation:
+    """The C translation of ``program`` with ``dims`` (raises ``Unsupported`` naming the first op
+    without a C form)."""
+    tr = _Translation(program, dims, training)
+    tr.body = tr.translate()  # type: ignore[attr-defined]
+    return tr
+
+
+def compile_program(program: Program, dims: dict[str, int], float_dtype: np.dtype,
+                    training: bool = False) -> CompiledProgram:
+    """``program`` as a C function for runs in ``training`` or eval form (raises ``Unsupported`` with
+    the reason when it has none)."""
+    tr = translate(program, dims, training)
+    ctype = "float" if float_dtype == np.float32 else "double"
+    source = f"typedef {ctype} T;\n{PRELUDE}\n{tr.body}\n"  # type: ignore[attr-defined]
+    function, workspace = _build(source)
+    return CompiledProgram(program, source, function, workspace, tr.externals, tr.spaces, tr.output_values,
+                           _gemm_pointer(float_dtype), np.dtype(float_dtype))
+
+
+__all__ = [
+    "CACHE_DIR",
+    "C_RULES",
+    "C_UNSUPPORTED",
+    "RUNS_BEFORE_COMPILING",
+    "SMALL_ROWS",
+    "SOURCE_OPS",
+    "CompiledProgram",
+    "Unsupported",
+    "compile_program",
+    "enabled",
+    "translate",
+]

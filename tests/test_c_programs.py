@@ -1,0 +1,266 @@
+"""The NumPy backend's compiled-program tier (``backends/c_programs.py``) against op-by-op runs.
+
+* every op and attribute value (``op_samples``): its one-op program compiles and equals the op-by-op
+  run (float64, rtol 1e-10, also on an empty graph), or the translation refuses it with the reason
+  ``C_UNSUPPORTED`` gives: no op is left without a decision;
+* every example: the optimized training programs (train-forward with its residuals, then the
+  backward) run as C functions give the unfused gradient program's outputs and gradients on
+  hypothesis graphs (empty, isolated nodes, self loops, multi-edges, a hub) and on a fixed batch;
+  the molecule models and the message-passing examples named in ``COMPILED`` must compile;
+* the tier in use: it starts after ``RUNS_BEFORE_COMPILING`` runs, stays off on large graphs, with
+  ``MPDSL_C_PROGRAMS=0`` and without a C compiler, and a torch module trains GINE on molecules with
+  the same loss curve with and without it;
+* the cache: a second build of the same source loads the library the first one wrote.
+
+The rest of the suite runs with the tier off (``conftest.py``), so that its differential tests
+compare the op-by-op rules; this file turns it on for its own backends.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from op_samples import SAMPLES
+from strategies import graphs
+from test_fused_backward import TrainingCase
+from test_op_table import CASES, GRAPH, case_id, sample_data, sample_program
+from test_passes import EXAMPLES, assert_same, random_graph
+
+import mpdsl
+from mpdsl.backends import c_programs
+from mpdsl.backends.numpy_backend import NumpyBackend
+from mpdsl.ops import OPS
+
+ROOT = Path(__file__).resolve().parents[1]
+def _gine3() -> Path:
+    """The molecule benchmark's GINE x 3 (``benchmarks/models/gine3.mp``, which needs ``dim K``)."""
+    path = Path(tempfile.mkdtemp(prefix="mpdsl-c-programs-")) / "gine3.mp"
+    path.write_text("dim K = 16\n" + (ROOT / "benchmarks" / "models" / "gine3.mp").read_text())
+    return path
+
+
+MODELS = EXAMPLES + [_gine3()]
+# Examples whose forward, train-forward and backward programs must all run as C functions.
+COMPILED = {"gated_gcn", "gcn", "gcn_self_loops", "gin", "gine", "gine3", "link_pairs", "link_sage", "meshgraphnets",
+            "mixhop", "mpnn", "mpnn_virtual_node", "pna", "sage_mean", "schnet_bessel", "tgn_embedding"}
+# Ops whose training form has no C rule (their eval form has one).
+TRAINING_FORMS = {"batch_norm": "batch_norm in training", "dropout": "dropout in training"}
+pytestmark = pytest.mark.skipif(c_programs._compiler() is None, reason="no C compiler")
+
+
+def compiled_backend() -> NumpyBackend:
+    """A NumPy backend with the tier on (compiling at a program's first run: ``compile_at_once``)."""
+    return NumpyBackend(compiled_programs=True)
+
+
+@pytest.fixture(autouse=True)
+def compile_at_once(monkeypatch):
+    monkeypatch.setattr(c_programs, "RUNS_BEFORE_COMPILING", 0)
+
+
+def refusal(program, dims=None) -> str | None:
+    try:
+        c_programs.translate(program, dims or {})
+    except c_programs.Unsupported as e:
+        return str(e)
+    return None
+
+
+# ---- every op -----------------------------------------------------------------------------------------
+
+def test_every_op_has_a_c_rule_or_a_stated_reason():
+    decided = set(c_programs.C_RULES) | set(c_programs.C_UNSUPPORTED) | set(c_programs.SOURCE_OPS) | {"input", "param"}
+    assert sorted(set(OPS) - decided) == [], "give the op a C rule in C_RULES or its reason in C_UNSUPPORTED"
+    assert not set(c_programs.C_RULES) & set(c_programs.C_UNSUPPORTED)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if SAMPLES.get(c[0])], ids=case_id)
+def test_every_op_and_attribute_value_compiles_and_agrees_or_is_refused(case):
+    name, attrs = case
+    program = sample_program(name, attrs)
+    reason = refusal(program)
+    if reason is not None:
+        assert name in c_programs.C_UNSUPPORTED or reason.startswith(TRAINING_FORMS.get(name, "-")) \
+            or "int values" in reason, reason
+        return
+    inputs, params = sample_data(program)
+    reference = NumpyBackend(compiled_programs=False)
+    backend = compiled_backend()
+    empty = mpdsl.Graph.from_arrays(np.zeros((2, 0), np.int64), 0)
+    for graph in (GRAPH, empty):
+        data = inputs if graph is GRAPH else \
+            {k: np.resize(v, (empty_rows(program, graph, k),) + v.shape[1:]) for k, v in inputs.items()}
+        want = reference.run(program, graph, data, params, {})
+        got = backend.run(program, graph, data, params, {})
+        assert "compiled program" in backend.last_op_seconds
+        assert_same(want, got, f"{name} {attrs}")
+
+
+def program_input(program, name):
+    return next(v for v in program.inputs if v.attr["name"] == name)
+
+
+def empty_rows(program, graph, name) -> int:
+    from mpdsl.plan import space_rows
+    return space_rows(program, graph)[program_input(program, name).type.space]
+
+
+def test_refusals_name_the_op_and_why():
+    program = sample_program("dropout", {"p": 0.5})
+    assert refusal(program) is None  # eval form: the identity
+    with pytest.raises(c_programs.Unsupported, match="dropout in training: draws random numbers"):
+        c_programs.translate(program, {}, training=True)
+    program = sample_program("attention", {"by": "dst", "layout": "auto", "edges": ""})
+    assert refusal(program) == f"attention: {c_programs.C_UNSUPPORTED['attention']}"
+
+
+# ---- every example ------------------------------------------------------------------------------------
+
+@functools.cache
+def training_case(path: Path) -> TrainingCase:
+    return TrainingCase(path)
+
+
+def compiles(case: TrainingCase) -> list[str]:
+    """The refusals of the case's three programs (empty: all compile)."""
+    programs = (case.programs.forward, case.programs.train_forward, case.programs.backward)
+    return [r for r in (refusal(p, case.dims) for p in programs) if r is not None]
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_the_named_models_compile(path):
+    reasons = compiles(training_case(path))
+    if path.stem in COMPILED:
+        assert reasons == []
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+@settings(max_examples=5, deadline=None)
+@given(graph=graphs(max_nodes=10, max_edges=30, features=1), seed=st.integers(0, 2**16))
+def test_compiled_training_programs_equal_the_unfused_gradient(path, graph, seed):
+    case = training_case(path)
+    if compiles(case):
+        return
+    backend = compiled_backend()
+    case.check(graph, seed, backend=backend)
+    assert "compiled program" in backend.last_op_seconds
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_compiled_training_programs_on_a_batch_with_a_hub(path):
+    case = training_case(path)
+    if compiles(case):
+        return
+    backend = compiled_backend()
+    case.check(random_graph(5, nodes=14, edges=50, self_loops=True), seed=5, backend=backend)
+    assert "compiled program" in backend.last_op_seconds
+
+
+# ---- the tier in use ----------------------------------------------------------------------------------
+
+def gcn_model(**options):
+    return mpdsl.compile(ROOT / "examples" / "gcn.mp", dtype="float64", seed=0, **options)
+
+
+def test_the_tier_starts_after_the_first_runs_and_only_on_small_graphs(monkeypatch):
+    monkeypatch.setattr(c_programs, "RUNS_BEFORE_COMPILING", 1)
+    model = gcn_model()
+    backend = model.backend
+    backend.compiled_programs = True
+    graph = random_graph(1, nodes=30, edges=90)
+    x = np.random.default_rng(0).normal(size=(graph.num_nodes, 8))
+    first = model.run(graph, x=x)
+    assert "compiled program" not in backend.last_op_seconds
+    second = model.run(graph, x=x)
+    assert "compiled program" in backend.last_op_seconds
+    assert_same(first, second, "gcn")
+    monkeypatch.setattr(c_programs, "SMALL_ROWS", 16)
+    model.run(graph, x=x)
+    assert "compiled program" not in backend.last_op_seconds
+
+
+def test_the_environment_and_a_missing_compiler_turn_it_off(monkeypatch):
+    model = gcn_model()
+    graph = random_graph(1, nodes=30, edges=90)
+    x = np.random.default_rng(0).normal(size=(graph.num_nodes, 8))
+    backend = model.backend
+    backend.compiled_programs = None
+    monkeypatch.setenv("MPDSL_C_PROGRAMS", "0")
+    model.run(graph, x=x)
+    assert "compiled program" not in backend.last_op_seconds
+    program = next(iter(backend._compiled.values()), None) if backend._compiled else None
+    assert program is None
+    monkeypatch.setenv("MPDSL_C_PROGRAMS", "1")
+    monkeypatch.setattr(c_programs, "_compiler", lambda: None)
+    monkeypatch.setattr(c_programs, "CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp"))))
+    other = gcn_model()
+    other.backend.compiled_programs = None
+    want = other.run(graph, x=x)
+    got = other.run(graph, x=x)
+    assert "compiled program" not in other.backend.last_op_seconds
+    assert_same(want, got, "gcn")
+    (entry,) = [e for e in other.backend._compiled.values() if e.reason]
+    assert "no C compiler" in entry.reason
+
+
+def test_a_second_build_loads_the_cached_library(tmp_path, monkeypatch):
+    monkeypatch.setattr(c_programs, "CACHE_DIR", str(tmp_path))
+    program = sample_program("relu", {})
+    c_programs.compile_program(program, {}, np.dtype(np.float64))
+    built = sorted(tmp_path.glob("mp_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    c_programs.compile_program(program, {}, np.dtype(np.float64))
+    assert sorted(tmp_path.glob("mp_*.so")) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def test_the_plan_reports_the_decision(capsys, monkeypatch):
+    from mpdsl.cli import main
+    monkeypatch.setenv("MPDSL_C_PROGRAMS", "1")
+    assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan", "--dim", "F=8", "--training"]) == 0
+    out = capsys.readouterr().out
+    assert "[compiled program] runs as one C function when every row space has fewer than 8192 rows" in out
+    assert "[compiled program] backward: runs as one C function" in out
+    assert "[compiled program] train-forward: runs as one C function" in out  # dropout: its masks are inputs
+    assert main(["compile", str(ROOT / "examples" / "gat.mp"), "--emit", "plan", "--dim", "F=8"]) == 0
+    assert "[compiled program] runs op by op: attention: a fused compiled kernel" in capsys.readouterr().out
+
+
+def test_a_torch_module_trains_molecules_the_same_with_the_tier():
+    import torch
+
+    from mpdsl import chem
+
+    data = chem.tpsa_dataset(limit=48)
+    source = "dim K = 16\n" + (ROOT / "benchmarks" / "models" / "gine3.mp").read_text()
+
+    def curve(tier: bool) -> list[float]:
+        model = mpdsl.compile(source, dtype="float64", seed=0)
+        model.backend.compiled_programs = tier
+        module = model.to_torch(data.graph)
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(3):
+            for start in range(0, 48, 16):
+                batch = data.graph.select_graphs(np.arange(start, start + 16))
+                out = module(batch)
+                loss = torch.nn.functional.mse_loss(out, torch.from_numpy(data.y[start:start + 16]).reshape(-1, 1))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        assert ("compiled program" in model.backend.last_op_seconds) == tier
+        return losses
+
+    np.testing.assert_allclose(curve(True), curve(False), rtol=1e-10)
