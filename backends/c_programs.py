@@ -7,8 +7,9 @@ function: loops for elementwise math, gathers and segment reductions (in the sum
 the op-by-op rules), and dense products through the BLAS that SciPy ships (``?gemm``, passed in as
 a function pointer). The system's C compiler builds it once; the shared library is cached on disk
 (``CACHE_DIR``) under the hash of its source, so a later process loads it without compiling.
-``NumpyBackend.run`` calls it from a program's second run on when every row space of the run is
-small (``SMALL_ROWS``); ``MPDSL_C_PROGRAMS=0`` turns the tier off.
+``NumpyBackend.run`` compiles and calls it from a program's first run on a graph whose every row space is
+small (``SMALL_ROWS``), so that every such run takes the same path and gives the same bits (the C
+function rounds differently from the op-by-op rules); ``MPDSL_C_PROGRAMS=0`` turns the tier off.
 
 Contract: a compiled program's outputs equal the op-by-op run's to rounding (float64: rtol 1e-10
 in the tests; contractions are not fused into FMAs, ``-ffp-contract=off``), on any graph, empty
@@ -29,6 +30,7 @@ import ctypes
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -45,8 +47,7 @@ from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath
 from mpdsl.types import Domain, Space
 
 SMALL_ROWS = 8192  # a run uses its compiled program when no row space has this many rows or more
-RUNS_BEFORE_COMPILING = 1  # op-by-op runs of a program before it is compiled (the first run stays cheap)
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
+FLAGS = ("-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 
 # Ops without a C rule, and why: a program with one of them runs op by op.
 C_UNSUPPORTED: dict[str, str] = {
@@ -65,6 +66,8 @@ C_UNSUPPORTED: dict[str, str] = {
     "match_gspmm": "a fused compiled kernel of its own (cpu_kernels)",
 }
 SOURCE_OPS = ("const", "degree", "arange", "linspace")  # run by their NumPy rule, passed in
+MAX_INLINED_CHAIN = 32  # values computed inside one consumer's loop, at most, along a chain of operands
+MAX_OPS = 1500  # larger programs run op by op (the compiler's time grows with the op count)
 
 
 def _user_cache_dir() -> str | None:
@@ -275,6 +278,8 @@ class _Translation:
     # -- the program
     def translate(self) -> str:
         program = self.program
+        if len(program.values) > MAX_OPS:
+            raise Unsupported(f"{len(program.values)} values: more than the {MAX_OPS} compiled at once")
         for v in program.values:
             if not v.type.is_float:
                 raise Unsupported(f"{v.op} has int values")
@@ -285,6 +290,9 @@ class _Translation:
             outputs.setdefault(id(v), v)
         self.output_values = list(outputs.values())
         output_slots = {id(v): i for i, v in enumerate(self.output_values)}
+        for v in self.output_values:  # the outputs' row counts size their buffers
+            if v.type.domain is not Domain.PARAM:
+                self.rows(v.type.space)
         self.lazy = _inlined_values(self, program, output_slots)
         position = {id(v): i for i, v in enumerate(program.values)}
         users: dict[int, Value] = {}
@@ -306,14 +314,15 @@ class _Translation:
             if id(v) in last_use and id(v) not in output_slots:
                 dying.setdefault(last_use[id(v)], []).append(v)
         slot_of: dict[int, str] = {}
+        pointers: dict[str, str] = {}  # value name -> its C declaration's right side
+        functions: list[str] = []
+        calls: list[str] = []
         for i, v in enumerate(program.values):
             name = f"v{len(self.names)}"
             self.names[id(v)] = name
-            if v.op in ("input", "param"):
-                self.emit(f"const T *restrict {name} = {self.external(External(v.op, (v.attr['name'],)), 'const T')};")
-                continue
-            if v.op in SOURCE_OPS:
-                self.emit(f"const T *restrict {name} = {self.external(External('source', (id(v),)), 'const T')};")
+            if v.op in ("input", "param") or v.op in SOURCE_OPS:
+                ext = External(v.op, (v.attr["name"],)) if v.op in ("input", "param") else External("source", (id(v),))
+                pointers[name] = f"(const T *){self.external(ext, 'const T')}"
                 continue
             rule = C_RULES.get(v.op)
             if rule is None:
@@ -321,34 +330,54 @@ class _Translation:
             if id(v) in self.lazy:
                 continue
             if id(v) in output_slots:
-                self.emit(f"T *restrict {name} = (T *)O[{output_slots[id(v)]}];")
+                pointers[name] = f"(T *)O[{output_slots[id(v)]}]"
             else:
                 slot_of[id(v)] = self.allocate(self.count(v))
-                self.emit(f"T *restrict {name} = {slot_of[id(v)]};")
-            self.emit(f"{{ /* {name} = {v.op} */")
+                pointers[name] = f"S[{slot_of[id(v)][1:]}]"
+            self.lines = []
             rule(self, v, name, [self.names[id(o)] for o in v.operands])
-            self.emit(f"}} /* {name} */")
+            function = f"op{len(functions)}"
+            functions.append(self._function(function, f"{name} = {v.op}", pointers))
+            calls.append(f"{function}(A, O, S, R, gemm);")
             for dead in dying.get(i, []):
                 if id(dead) in slot_of:
                     self.release(slot_of.pop(id(dead)))
         # outputs that are inputs, params or sources: copied into their buffers
-        for v in self.output_values:
-            if v.op in ("input", "param") or v.op in SOURCE_OPS:
-                slot = output_slots[id(v)]
-                self.emit(f"memcpy(O[{slot}], {self.names[id(v)]}, sizeof(T) * {self.count(v)});")
+        copies = [f"memcpy(O[{output_slots[id(v)]}], {pointers[self.names[id(v)]]}, sizeof(T) * {self.count(v)});"
+                  for v in self.output_values if v.op in ("input", "param") or v.op in SOURCE_OPS]
         rows = [f"const int64_t R{i} = R[{i}];" for i in range(len(self.spaces))]
-        # each slot's elements rounded up to whole 64-byte lines
-        sizes = [f"((({count}) + 7) & ~(int64_t)7)" for count in self.slot_counts]
-        places = []
-        offset = "0"
-        for k, size in enumerate(sizes):
-            places.append(f"T *const S{k} = W + {offset};")
-            offset = f"{offset} + {size}" if offset != "0" else size
-        return "\n".join(["int64_t mp_workspace(const int64_t *R) {", *("    " + r for r in rows),
-                          f"    return {offset};", "}", "",
+        # each slot's elements rounded up to whole 64-byte lines, at a running offset
+        places = ["int64_t off = 0;"]
+        for k, count in enumerate(self.slot_counts):
+            places.append(f"S[{k}] = W + off; off += ((({count}) + 7) & ~(int64_t)7);")
+        return "\n".join([*functions,
+                          "int64_t mp_workspace(const int64_t *R) {", *("    " + r for r in rows),
+                          "    int64_t off = 0;",
+                          *(f"    off += ((({count}) + 7) & ~(int64_t)7);" for count in self.slot_counts),
+                          "    return off;", "}", "",
                           "int mp_program(void **A, void **O, const int64_t *R, T *W, gemm_t gemm) {",
-                          *("    " + r for r in rows), *("    " + p for p in places),
-                          *("    " + line for line in self.lines), "    return 0;", "}"])
+                          *("    " + r for r in rows), f"    T *S[{max(1, len(self.slot_counts))}];",
+                          *("    " + p for p in places), *("    " + c for c in calls), *("    " + c for c in copies),
+                          "    return 0;", "}"])
+
+    def _function(self, function: str, what: str, pointers: dict[str, str]) -> str:
+        """One op's lines as a function of its own (small functions keep the compiler's time linear
+        in the program's size), declaring the row counts, values and slots they use."""
+        text = "\n".join(self.lines)
+        used_rows = sorted({int(m) for m in re.findall(r"\bR(\d+)\b", text)})
+        used_values = sorted({int(m) for m in re.findall(r"\bv(\d+)\b", text)})
+        used_slots = sorted({int(m) for m in re.findall(r"\bS(\d+)\b", text)})
+        header = [f"const int64_t R{k} = R[{k}];" for k in used_rows]
+        for k in used_values:
+            right = pointers[f"v{k}"]
+            kind = "const T" if right.startswith("(const T *)") else "T"
+            header.append(f"{kind} *restrict v{k} = {right};")
+        header += [f"T *restrict S{k} = S[{k}];" for k in used_slots]
+        return "\n".join([f"/* {what} */",
+                          f"static __attribute__((noinline)) void {function}(void **A, void **O, T *const *S, "
+                          "const int64_t *R, gemm_t gemm) {",
+                          "    (void)A; (void)O; (void)S; (void)R; (void)gemm;",
+                          *("    " + h for h in header), *("    " + line for line in self.lines), "}", ""])
 
     def allocate(self, count: str) -> str:
         """A workspace slot of ``count`` elements: a free one of the same size, else a new one."""
@@ -397,7 +426,11 @@ def _inlined_values(tr: _Translation, program: Program, outputs: dict[int, int])
         for o in v.operands:
             uses.setdefault(id(o), []).append(v)
     lazy: set[int] = set()
+    depth: dict[int, int] = {}  # the chain of inlined values a read of v computes
     for v in program.values:
+        depth[id(v)] = 1 + max((depth[id(o)] for o in v.operands if id(o) in lazy), default=0)
+        if depth[id(v)] > MAX_INLINED_CHAIN:  # stored: a read is a load again
+            continue
         if id(v) in outputs or len(uses.get(id(v), ())) != 1 or v.type.domain is Domain.PARAM:
             continue
         if not (v.op in COMPUTED_OPS or (v.op == "gather" and v.attr["index"] in ("src", "dst", "batch"))):
@@ -899,6 +932,7 @@ class CompiledProgram:
     outputs: list[Value]
     gemm: int
     float_dtype: np.dtype
+    output_layout: list[tuple[int, tuple[int, ...]]]  # per output: its row space's index (-1: a param), shape
     _workspace: np.ndarray | None = None  # the intermediate values' memory, kept between runs
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -914,12 +948,17 @@ class CompiledProgram:
             keep.append(array)
             pointers[i] = array.ctypes.data
         rows = np.array([space_rows(ctx.graph, self.program, s) for s in self.spaces] or [0], dtype=np.int64)
+        # the outputs: views of one block of the backend's pool (no fresh pages per run), each on a
+        # 64-byte line
+        shapes = [shape if space < 0 else (int(rows[space]),) + shape for space, shape in self.output_layout]
+        line = 64 // dtype.itemsize
+        sizes = [-(-math.prod(shape) // line) * line for shape in shapes]
+        block = ctx.empty((sum(sizes) + line,), dtype)
+        offset = (-block.ctypes.data % 64) // dtype.itemsize
         results = []
-        for v in self.outputs:
-            shape = ctx.concrete_shape(v.type)
-            if v.type.domain is not Domain.PARAM:
-                shape = (ctx.rows(v.type.space),) + shape
-            results.append(ctx.empty(shape, dtype))  # the backend's pool: no fresh pages per run
+        for shape, size in zip(shapes, sizes):
+            results.append(block[offset:offset + math.prod(shape)].reshape(shape))
+            offset += size
         out_pointers = (ctypes.c_void_p * max(1, len(results)))(*[r.ctypes.data for r in results])
         size = int(self.workspace_size(rows.ctypes.data)) + 64 // dtype.itemsize  # room to start on a 64-byte line
         shared = self._lock.acquire(blocking=False)  # a concurrent run of the same program gets its own
@@ -978,15 +1017,16 @@ def compile_program(program: Program, dims: dict[str, int], float_dtype: np.dtyp
     ctype = "float" if float_dtype == np.float32 else "double"
     source = f"typedef {ctype} T;\n{PRELUDE}\n{tr.body}\n"  # type: ignore[attr-defined]
     function, workspace = _build(source)
+    layout = [(-1 if v.type.domain is Domain.PARAM else tr.spaces.index(v.type.space), tr.shape(v))
+              for v in tr.output_values]
     return CompiledProgram(program, source, function, workspace, tr.externals, tr.spaces, tr.output_values,
-                           _gemm_pointer(float_dtype), np.dtype(float_dtype))
+                           _gemm_pointer(float_dtype), np.dtype(float_dtype), layout)
 
 
 __all__ = [
     "CACHE_DIR",
     "C_RULES",
     "C_UNSUPPORTED",
-    "RUNS_BEFORE_COMPILING",
     "SMALL_ROWS",
     "SOURCE_OPS",
     "CompiledProgram",

@@ -896,12 +896,11 @@ _AXIS_REDUCTIONS = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min
 
 @dataclass
 class _CompiledEntry:
-    """A program's state in the compiled-program tier: its row spaces, its op-by-op runs so far, and
-    its C function or the reason it has none."""
+    """A program's state in the compiled-program tier: its row spaces, and its C function or the
+    reason it has none."""
 
     program: Program
     spaces: tuple[Space, ...]
-    runs: int = 0
     compiled: c_programs.CompiledProgram | None = None
     reason: str | None = None
 
@@ -1044,18 +1043,16 @@ class NumpyBackend(Backend):
 
     def compiled_program(self, program: Program, ctx: ExecContext) -> c_programs.CompiledProgram | None:
         """The C function ``program`` runs as in the run ``ctx`` (``c_programs``), or None to run it
-        op by op: the tier is off, a row space of the run is not small, the program has not yet
-        run ``RUNS_BEFORE_COMPILING`` times with these dims, or it has no C translation (the reason
-        is kept: ``compiled_program_reason``)."""
+        op by op: the tier is off, a row space of the run is not small, or the program has no C
+        translation (the reason is kept in its entry; ``compiled_program_reason`` for plans). A program
+        is compiled at its first run on a small graph (once per machine: the library is cached), so
+        that all its runs there take one path and give the same bits."""
         if not (c_programs.enabled() if self.compiled_programs is None else self.compiled_programs):
             return None
         entry = self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training)
         if any(ctx.rows(space) >= c_programs.SMALL_ROWS for space in entry.spaces):
             return None
         if entry.compiled is None and entry.reason is None:
-            entry.runs += 1
-            if entry.runs <= c_programs.RUNS_BEFORE_COMPILING:
-                return None
             try:
                 entry.compiled = c_programs.compile_program(program, dict(ctx.dims), ctx.float_dtype, ctx.training)
             except c_programs.Unsupported as e:
@@ -1071,8 +1068,7 @@ class NumpyBackend(Backend):
             c_programs.translate(program, dict(dims), training)
         except c_programs.Unsupported as e:
             return f"runs op by op: {e}"
-        return (f"runs as one C function when every row space has fewer than {c_programs.SMALL_ROWS} rows "
-                f"(from its run {c_programs.RUNS_BEFORE_COMPILING + 1} on)")
+        return f"runs as one C function when every row space has fewer than {c_programs.SMALL_ROWS} rows"
 
     def _compiled_entry(self, program: Program, dims, float_dtype, training: bool) -> _CompiledEntry:
         key = (id(program), np.dtype(float_dtype), tuple(sorted(dims.items())), training)

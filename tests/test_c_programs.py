@@ -7,7 +7,7 @@
   backward) run as C functions give the unfused gradient program's outputs and gradients on
   hypothesis graphs (empty, isolated nodes, self loops, multi-edges, a hub) and on a fixed batch;
   the molecule models and the message-passing examples named in ``COMPILED`` must compile;
-* the tier in use: it starts after ``RUNS_BEFORE_COMPILING`` runs, stays off on large graphs, with
+* the tier in use: it runs from a program's first run on a small graph, stays off on large ones, with
   ``MPDSL_C_PROGRAMS=0`` and without a C compiler, and a torch module trains GINE on molecules with
   the same loss curve with and without it;
 * the cache: a second build of the same source loads the library the first one wrote.
@@ -60,13 +60,8 @@ pytestmark = pytest.mark.skipif(c_programs._compiler() is None, reason="no C com
 
 
 def compiled_backend() -> NumpyBackend:
-    """A NumPy backend with the tier on (compiling at a program's first run: ``compile_at_once``)."""
+    """A NumPy backend with the tier on."""
     return NumpyBackend(compiled_programs=True)
-
-
-@pytest.fixture(autouse=True)
-def compile_at_once(monkeypatch):
-    monkeypatch.setattr(c_programs, "RUNS_BEFORE_COMPILING", 0)
 
 
 def refusal(program, dims=None) -> str | None:
@@ -173,21 +168,22 @@ def gcn_model(**options):
     return mpdsl.compile(ROOT / "examples" / "gcn.mp", dtype="float64", seed=0, **options)
 
 
-def test_the_tier_starts_after_the_first_runs_and_only_on_small_graphs(monkeypatch):
-    monkeypatch.setattr(c_programs, "RUNS_BEFORE_COMPILING", 1)
+def test_the_tier_runs_from_the_first_run_and_only_on_small_graphs(monkeypatch):
     model = gcn_model()
     backend = model.backend
     backend.compiled_programs = True
     graph = random_graph(1, nodes=30, edges=90)
     x = np.random.default_rng(0).normal(size=(graph.num_nodes, 8))
     first = model.run(graph, x=x)
-    assert "compiled program" not in backend.last_op_seconds
+    assert "compiled program" in backend.last_op_seconds
     second = model.run(graph, x=x)
     assert "compiled program" in backend.last_op_seconds
-    assert_same(first, second, "gcn")
+    for name in first:  # one path for every run: the same bits
+        assert np.array_equal(first[name], second[name])
     monkeypatch.setattr(c_programs, "SMALL_ROWS", 16)
-    model.run(graph, x=x)
+    big = model.run(graph, x=x)
     assert "compiled program" not in backend.last_op_seconds
+    assert_same(big, first, "gcn")
 
 
 def test_the_environment_and_a_missing_compiler_turn_it_off(monkeypatch):
