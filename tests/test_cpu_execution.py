@@ -117,6 +117,38 @@ def test_edge_group_fuses_the_attention_scores():
     assert edge_groups and {"gather", "leaky_relu"} <= {m.op for m in edge_groups[0].members}
 
 
+def test_values_run_ahead_of_a_group_are_grouped_among_themselves():
+    """The GAT training backward recomputes the edge scores (two gathers of node residuals, an add,
+    the leaky ReLU) while a node group is open: the chain runs ahead of that group as an edge group
+    of its own, materialising the scores only, not as four whole E x H passes."""
+    model = mpdsl.compile(ROOT / "benchmarks" / "models" / "gat.mp", dims={"F": 64, "H": 8, "C": 8})
+    params = [v.name for v in model.ir.values if v.op == "param"]
+    backward = model.context.training_programs({"F": 64, "H": 8, "C": 8}, "f32", True, [], params).backward
+    schedule = fuse_rows(backward)
+    check_schedule(backward, schedule)
+    groups = [s for s in schedule if isinstance(s, RowGroup)]
+    (scores,) = [g for g in groups if any(m.op == "leaky_relu" for m in g.members)]
+    assert scores.domain is Domain.EDGE and [m.op for m in scores.members] == ["gather", "gather", "add", "leaky_relu"]
+    assert [e.op for e in scores.exports] == ["leaky_relu"]
+    opened_first = next(g for g in groups if g.domain is Domain.NODE)  # the node group open when the chain came
+    assert schedule.index(scores) < schedule.index(opened_first)
+    assert backward.values.index(opened_first.members[0]) < backward.values.index(scores.members[0])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_training_programs_in_row_blocks_equal_the_unfused_gradient(path):
+    """Every example's train-forward and backward (whose recomputed values run in row groups of their
+    own), block by block, against the unfused gradient program."""
+    from test_fused_backward import training_case
+
+    case = training_case(path)
+    for program in (case.programs.train_forward, case.programs.backward):
+        check_schedule(program, fuse_rows(program))
+    for block_rows in (1, 7):
+        case.check(random_graph(3, nodes=12, edges=40, self_loops=True), seed=3,
+                   backend=NumpyBackend(fuse_min_rows=0, block_rows=block_rows))
+
+
 # ---- kernels -----------------------------------------------------------------------------------
 
 
