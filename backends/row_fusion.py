@@ -10,8 +10,9 @@ block's intermediates stay in cache), and materialises only the values used outs
 Contract: a schedule lists every value of the program exactly once, each after its operands; a
 group's members share one row domain, and every operand of a member is a param, a value of the
 group, or a value scheduled before the group. Values that run before an open group (they do not
-depend on it) are grouped among themselves the same way. Results equal the op-by-op run (the same
-rules run on row slices).
+depend on it) are grouped among themselves the same way. A reshape of a value computed before the
+group joins no group: run on its own it is a view, in a group a copy when used after it. Results
+equal the op-by-op run (the same rules run on row slices).
 """
 
 from __future__ import annotations
@@ -92,15 +93,19 @@ def _fuse(values: list[Value], users: dict[int, set[int]], outputs: set[int]) ->
         members.append(v)
         in_group.add(id(v))
 
+    def groupable(v: Value) -> bool:
+        # a reshape of a value computed before the group is a view of it on its own, a copy if exported
+        return is_row_wise(v) and not (v.op == "reshape" and id(v.operands[0]) not in in_group)
+
     for v in values:
         depends = any(id(o) in in_group for o in v.operands)
-        if is_row_wise(v) and (not members or v.type.space == members[0].type.space):
+        if groupable(v) and (not members or v.type.space == members[0].type.space):
             join(v)
         elif members and not depends:
             ahead.append(v)
         else:
             close()
-            if is_row_wise(v):
+            if groupable(v):
                 join(v)
             else:
                 schedule.append(v)
