@@ -9,8 +9,10 @@ block's intermediates stay in cache), and materialises only the values used outs
 
 Contract: a schedule lists every value of the program exactly once, each after its operands; a
 group's members share one row domain, and every operand of a member is a param, a value of the
-group, or a value scheduled before the group. Results equal the op-by-op run (the same rules run
-on row slices).
+group, or a value scheduled before the group. Values that run before an open group (they do not
+depend on it) are grouped among themselves the same way. A reshape of a value computed before the
+group joins no group: run on its own it is a view, in a group a copy when used after it. Results
+equal the op-by-op run (the same rules run on row slices).
 """
 
 from __future__ import annotations
@@ -55,26 +57,33 @@ def is_row_wise(v: Value) -> bool:
 def fuse_rows(program: Program) -> list[Value | RowGroup]:
     """The program's values in a schedule that groups row-wise values (see the module docstring).
     A value that is not row-wise and does not depend on the open group runs before it, so that
-    e.g. ``x @ W_s + (mean(x[src]) by dst) @ W_n + b`` becomes one sparse product, then one group."""
+    e.g. ``x @ W_s + (mean(x[src]) by dst) @ W_n + b`` becomes one sparse product, then one group;
+    the values moved before a group are grouped among themselves the same way (a row-wise chain of
+    another row space met while a group is open, such as edge scores a backward recomputes from
+    node values while a node group is open, runs as its own group, not op by op)."""
+    users: dict[int, set[int]] = {}
+    for v in program.values:
+        for o in v.operands:
+            users.setdefault(id(o), set()).add(id(v))
+    outputs = {id(v) for _, v in program.outputs}
+    return _fuse(list(program.values), users, outputs)
+
+
+def _fuse(values: list[Value], users: dict[int, set[int]], outputs: set[int]) -> list[Value | RowGroup]:
+    """``fuse_rows`` over ``values``, a sequence whose operands are each a value of it before them
+    or a value scheduled before it; ``users``: the ids of each value's users in the program. A
+    group's exports are its members that a value outside it reads or that are outputs."""
     schedule: list[Value | RowGroup] = []
     members: list[Value] = []
     in_group: set[int] = set()  # ids of members
     ahead: list[Value] = []  # values that run before the open group (they do not depend on it)
-    last_use: dict[int, int] = {}  # id -> position of its last user
-    for i, v in enumerate(program.values):
-        for o in v.operands:
-            last_use[id(o)] = i
-    outputs = {id(v) for _, v in program.outputs}
-    position = {id(v): i for i, v in enumerate(program.values)}
 
     def close() -> None:
+        schedule.extend(_fuse(ahead, users, outputs) if len(ahead) >= 2 else ahead)
         if len(members) >= 2:
-            last = position[id(members[-1])]
-            exports = tuple(m for m in members if last_use.get(id(m), -1) > last or id(m) in outputs)
-            schedule.extend(ahead)
+            exports = tuple(m for m in members if id(m) in outputs or users.get(id(m), set()) - in_group)
             schedule.append(RowGroup(members[0].type.space, tuple(members), exports))
         else:
-            schedule.extend(ahead)
             schedule.extend(members)
         members.clear()
         in_group.clear()
@@ -84,15 +93,19 @@ def fuse_rows(program: Program) -> list[Value | RowGroup]:
         members.append(v)
         in_group.add(id(v))
 
-    for v in program.values:
+    def groupable(v: Value) -> bool:
+        # a reshape of a value computed before the group is a view of it on its own, a copy if exported
+        return is_row_wise(v) and not (v.op == "reshape" and id(v.operands[0]) not in in_group)
+
+    for v in values:
         depends = any(id(o) in in_group for o in v.operands)
-        if is_row_wise(v) and (not members or v.type.space == members[0].type.space):
+        if groupable(v) and (not members or v.type.space == members[0].type.space):
             join(v)
         elif members and not depends:
             ahead.append(v)
         else:
             close()
-            if is_row_wise(v):
+            if groupable(v):
                 join(v)
             else:
                 schedule.append(v)

@@ -14,9 +14,11 @@ for). It contains the forward values it needs (the forward program's own values,
 best built from the reference IR and then optimized like any program: the passes fuse the backward
 graph ops too (the transpose of a gather by src is a sum by src, which becomes a g-SpMM).
 ``split_program`` then cuts an optimized gradient program into a forward part (outputs and the
-residuals the backward reads) and a backward part, so that training computes forward values once (a
-pure elementwise function of other residuals, such as a ReLU's mask, is recomputed by the backward
-instead of saved: ``rematerialized``).
+residuals the backward reads) and a backward part, so that training computes forward values once,
+except what the backward recomputes instead of saving (``rematerialized``): pure elementwise functions
+and gathers of other residuals (a ReLU's mask), and edge values of gathered node values when those
+take fewer bytes (GAT's leaky-ReLU scores from their per-node halves ``el[src] + er[dst]``: no E x H
+residual).
 
 Rules worth knowing:
 
@@ -70,13 +72,13 @@ them gets a zero gradient, as torch's backward gives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from mpdsl.diagnostics import CompileError
 from mpdsl.ir import Program, Value, make_value, verify
 from mpdsl.ops import OPS, MissingRule, Trait, is_pure, parse_subscripts, running_statistic
 from mpdsl.passes.rewrite import Rewriter, prune, rewrite, specialize
-from mpdsl.types import FLOAT_DTYPES, Dim, Domain, TensorType, TypeRuleError
+from mpdsl.types import FLOAT_DTYPES, ITEMSIZE, Dim, Domain, Space, TensorType, TypeRuleError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OPPOSITE = {"src": "dst", "dst": "src"}
@@ -807,9 +809,11 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
     residual names). ``forward`` computes ``forward_outputs`` and the residuals: the values of the
     forward part that the backward part reads (as inputs ``<prefix><k>``, params for param values);
     ``backward`` computes the remaining outputs from the inputs, params, cotangents and residuals.
-    So a training step computes the forward values once, except the values ``rematerialized`` gives:
-    pure elementwise functions of other residuals (a ReLU's mask, a leaky ReLU's slope), which the
-    backward recomputes from them instead of reading one more saved array."""
+    So a training step computes the forward values once, except the values ``rematerialized`` gives,
+    which the backward recomputes instead of reading them saved: pure elementwise functions and
+    gathers of other residuals (a ReLU's mask, a leaky ReLU's slope), and those of forward values that
+    take fewer bytes saved than they do (an edge value of gathered node values), sized at the plan's
+    assumed rows (``mpdsl.plan.space_rows``: the training programs serve every graph)."""
     cotangent_ids = {id(v) for v in program.values if v.op in ("input", "param") and v.name in set(cotangents)}
     late: set[int] = set(cotangent_ids)
     for v in program.values:
@@ -818,7 +822,9 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
     out_map = dict(program.outputs)
     needed = {id(o): o for v in program.values if id(v) in late for o in v.operands if id(o) not in late}
     needed.update((id(v), v) for name, v in program.outputs if name not in forward_outputs and id(v) not in late)
-    recomputed = rematerialized(needed)
+    from mpdsl.plan import space_rows
+
+    recomputed = rematerialized(needed, space_rows(program))
     taken = {v.name for v in program.values if v.name is not None} | set(out_map)
     residuals: dict[int, Value] = {}     # forward value -> its source in the backward program
     residual_names: list[str] = []
@@ -867,32 +873,67 @@ def split_program(program: Program, forward_outputs: Sequence[str], cotangents: 
     return verify(prune(forward)), verify(prune(backward)), residual_names
 
 
-def rematerialized(needed: dict[int, Value]) -> set[int]:
+def rematerialized(needed: dict[int, Value], rows: Mapping[Space, int] | None = None) -> set[int]:
     """The ids of the values the backward part recomputes rather than reads as residuals, given the
-    forward values it ``needed`` (by id): each needed pure elementwise value whose elementwise cone
-    (walked back through pure elementwise values that are not needed themselves) ends only at sources
-    and needed values that stay residuals or are recomputed in turn, with the values of its cone. So
-    recomputing never saves another array: the residual bytes only shrink."""
-    def pure_elementwise(v: Value) -> bool:
-        return OPS[v.op].has(Trait.ELEMENTWISE) and is_pure(v)
+    forward values it ``needed`` (by id).
 
-    recomputed: set[int] = set()
+    A needed value is recomputed with its cone: the values it is computed from, walked back through
+    pure elementwise ops and gathers (row copies along the edges) that are not needed themselves.
+    The cone ends at sources, at needed values (residuals, or recomputed in turn), and at other
+    values, its leaves, which become residuals in its place. With no leaf, recomputing saves no
+    other array: a ReLU's mask, a leaky ReLU's slope. With leaves (``rows``, the rows of each space,
+    sizes them; without it a value with leaves stays a residual), the value is recomputed when its
+    leaves that are not residuals yet take fewer bytes than it: an edge value of gathered node values
+    (a GAT score from its per-node halves, ``el[src] + er[dst]``) is recomputed from them, which are
+    then saved at node rows instead of the scores at edge rows. Decisions are repeated until none
+    changes, so that a value whose leaves another decision saved is recomputed too: the residual
+    bytes only shrink."""
+    def recomputable(v: Value) -> bool:
+        return (OPS[v.op].has(Trait.ELEMENTWISE) or v.op == "gather") and is_pure(v)
+
+    def size(v: Value) -> int | None:
+        if rows is None or v.type.space not in rows:
+            return None
+        count = rows[v.type.space]
+        for d in v.type.shape:
+            if d.value is None:
+                return None
+            count *= d.value
+        return count * ITEMSIZE[v.type.dtype]
+
+    cones: dict[int, tuple[list[Value], list[Value]]] = {}  # needed value -> (its cone, its leaves)
     for v in needed.values():
-        if OPS[v.op].has(Trait.SOURCE) or not pure_elementwise(v):
+        if OPS[v.op].has(Trait.SOURCE) or not recomputable(v):
             continue
-        cone, stack, seen, ok = [v], list(v.operands), set(), True
-        while stack and ok:
+        cone, leaves, stack, seen = [v], [], list(v.operands), set()
+        while stack:
             o = stack.pop()
             if id(o) in needed or id(o) in seen or OPS[o.op].has(Trait.SOURCE):
                 continue
             seen.add(id(o))
-            if pure_elementwise(o):
+            if recomputable(o):
                 cone.append(o)
                 stack.extend(o.operands)
             else:
-                ok = False
-        if ok:
+                leaves.append(o)
+        cones[id(v)] = cone, leaves
+    recomputed: set[int] = set()
+    saved_leaves: set[int] = set()  # leaves that became residuals
+    changed = True
+    while changed:
+        changed = False
+        for key, (cone, leaves) in cones.items():
+            if key in recomputed:
+                continue
+            new = [o for o in leaves if id(o) not in saved_leaves]
+            if new:
+                sizes = [size(o) for o in new]
+                own = size(needed[key])
+                if own is None or any(n is None for n in sizes) or sum(n for n in sizes if n is not None) >= own:
+                    continue
             recomputed.update(id(c) for c in cone)
+            saved_leaves.update(id(o) for o in new)
+            changed = True
     return recomputed
 
 

@@ -42,8 +42,10 @@ Programs, per (dims, dtype, training mode, inputs differentiated): the gradient 
 reference IR (``mpdsl.autodiff.grad_program``, keeping the forward outputs), optimized by the model's
 passes, split where the output cotangents come in (``split_program``): the forward part computes the
 outputs and the residuals the backward part reads, the backward part the gradients. A training step
-computes each forward value once. Without autograd (``torch.no_grad()``, or nothing requiring grad)
-the plain optimized forward program runs.
+computes each forward value once, except those the backward recomputes rather than saves
+(``mpdsl.autodiff.rematerialized``: a ReLU's mask, GAT's edge scores from their per-node halves).
+Without autograd (``torch.no_grad()``, or nothing requiring grad) the plain optimized forward program
+runs.
 
 * ``train()`` / ``eval()`` switch dropout and batch norm, as for torch modules (a new module starts
   in training mode). In training, each dropout's mask is drawn from torch's generator on the

@@ -34,6 +34,7 @@ from mpdsl.ir import parse_program, print_program, verify  # noqa: E402
 from mpdsl.ops import OPS, Trait, is_pure  # noqa: E402
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
+from mpdsl.plan import space_rows  # noqa: E402
 from mpdsl.torch_module import to_torch  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
 from test_passes import EXAMPLES, random_graph, synth_inputs  # noqa: E402
@@ -124,7 +125,8 @@ def test_gradients_match_finite_differences(path):
 def check_split(case: Case, grads: dict[str, np.ndarray]) -> None:
     """The optimized gradient program split where the cotangents come in: the forward part gives the
     outputs and the residuals, the backward part the same gradients, recomputing no forward value but
-    pure elementwise functions of the residuals (``rematerialized``), and no residual is one."""
+    pure elementwise functions and gathers of the residuals (``rematerialized``), and no residual is
+    one that would take fewer bytes recomputed."""
     whole, _ = optimize(grad_program(case.program, keep_outputs=True), None, case.dims)
     names = [n for n, _ in case.program.outputs]
     forward, backward, residuals = split_program(whole, names, [f"d_{n}" for n in names])
@@ -132,11 +134,12 @@ def check_split(case: Case, grads: dict[str, np.ndarray]) -> None:
     for v in backward.values:
         if any(id(o) in late for o in v.operands):
             late.add(id(v))
-    recomputed = [v for v in backward.values if id(v) not in late and v.op not in ("input", "param", "const", "degree")]
-    assert all(OPS[v.op].has(Trait.ELEMENTWISE) and is_pure(v) for v in recomputed), \
-        "the backward part recomputes a forward value that is not elementwise"
+    recomputed = [v for v in backward.values if id(v) not in late and not OPS[v.op].has(Trait.SOURCE)]
+    assert all((OPS[v.op].has(Trait.ELEMENTWISE) or v.op == "gather") and is_pure(v) for v in recomputed), \
+        "the backward part recomputes a forward value that is neither elementwise nor a gather"
     saved = {id(v): v for name, v in forward.outputs if name in residuals}
-    assert not autodiff.rematerialized(saved), "a residual is an elementwise function of the other residuals"
+    assert not autodiff.rematerialized(saved, space_rows(forward)), \
+        "a residual is recomputable from the other residuals in fewer bytes"
     first = case.run(case.params, forward)
     for name, want in case.run(case.params).items():
         np.testing.assert_allclose(first[name], want, rtol=1e-10, atol=1e-12)
@@ -154,6 +157,47 @@ def test_gradients_with_dropout_masks_match_finite_differences():
     case = Case(ROOT / "examples" / "gcn.mp", seed=3, training=True)
     assert not any(v.op == "dropout" for v in case.program.values)
     check_finite_differences(case, case.gradients(grad_program(case.program)), entries=6)
+
+
+EDGE_OF_NODE_HALVES = """program @m dims() {
+  %x = input : node[4] f32
+  %Wa = param {init="default"} : param[4, 2] f32
+  %Wb = param {init="default"} : param[4, 2] f32
+  %0 = matmul %x, %Wa : node[2] f32
+  %1 = matmul %x, %Wb : node[2] f32
+  %2 = gather %0 {index="src"} : edge[2] f32
+  %3 = gather %1 {index="dst"} : edge[2] f32
+  %4 = add %2, %3 : edge[2] f32
+  %5 = exp %4 : edge[2] f32
+  %6 = exp %5 : edge[2] f32
+  return %6 as y
+}
+"""
+
+
+def test_an_edge_value_is_recomputed_from_node_values_only_when_they_take_fewer_bytes():
+    """``rematerialized``: exp(a[src] + b[dst]) (a, b node values of a matmul) is recomputed through
+    its gathers when a and b at node rows take fewer bytes than it at edge rows, or when they are
+    residuals anyway; otherwise, or without the rows, it stays a residual."""
+    from mpdsl.types import Space
+
+    program = verify(parse_program(EDGE_OF_NODE_HALVES))
+    a, b, gather_a, gather_b, total, score = program.values[3:9]
+    needed = {id(score): score}
+    cone = {id(score), id(total), id(gather_a), id(gather_b)}
+
+    def rows(nodes: int, edges: int) -> dict:
+        return {Space(Domain.NODE): nodes, Space(Domain.EDGE): edges, Space(Domain.PARAM): 1}
+
+    assert autodiff.rematerialized(needed, rows(100, 1000)) == cone  # 2 x 100 x 2 floats < 1000 x 2
+    assert autodiff.rematerialized(needed, rows(100, 200)) == set()  # 2 x 100 x 2 floats = 200 x 2
+    assert autodiff.rematerialized(needed) == set()
+    assert autodiff.rematerialized({**needed, id(a): a}, rows(100, 150)) == cone  # only b is new: 100 x 2 < 150 x 2
+    assert autodiff.rematerialized({**needed, id(a): a, id(b): b}) == cone  # recomputing saves no new value
+    # the outer exp of the inner one is recomputed from it, whether the inner one is saved or recomputed
+    outer = program.values[9]
+    assert autodiff.rematerialized({id(outer): outer, id(score): score}, rows(100, 1000)) == cone | {id(outer)}
+    assert autodiff.rematerialized({id(outer): outer, id(score): score}, rows(100, 200)) == {id(outer)}
 
 
 @pytest.mark.parametrize("name", ["gcn", "gat", "sage_max", "sage_mean", "rgcn", "rgat"])

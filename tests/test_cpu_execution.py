@@ -46,12 +46,15 @@ def run_with(backend, model, program, graph, arrays, dims):
 
 
 def check_schedule(program, schedule):
-    """Every value once, after its operands; group members share a row domain and are row-wise."""
+    """Every value once, after its operands; group members share a row domain and are row-wise; a
+    reshape in a group reshapes a member (one of a value computed before runs alone, as a view)."""
     order = []
     for step in schedule:
         if isinstance(step, RowGroup):
             assert len(step.members) >= 2
             assert all(m.type.domain is step.domain and is_row_wise(m) for m in step.members)
+            members = set(map(id, step.members))
+            assert all(id(m.operands[0]) in members for m in step.members if m.op == "reshape")
             assert set(map(id, step.exports)) <= set(map(id, step.members))
             order.extend(step.members)
         else:
@@ -115,6 +118,42 @@ def test_edge_group_fuses_the_attention_scores():
     _, program, _, _ = optimized_program(ROOT / "examples" / "gat.mp", graph)
     edge_groups = [s for s in fuse_rows(program) if isinstance(s, RowGroup) and s.domain is Domain.EDGE]
     assert edge_groups and {"gather", "leaky_relu"} <= {m.op for m in edge_groups[0].members}
+
+
+def test_values_run_ahead_of_a_group_are_grouped_among_themselves():
+    """The GAT training backward recomputes the edge scores (two gathers of node residuals, an add,
+    the leaky ReLU) while a node group (delta) is open: the chain runs ahead of it as an edge group
+    of its own, materialising the scores only, not as four whole E x H passes. The reshape of the
+    output cotangent runs alone (a view of it)."""
+    model = mpdsl.compile(ROOT / "benchmarks" / "models" / "gat.mp", dims={"F": 64, "H": 8, "C": 8})
+    params = [v.name for v in model.ir.values if v.op == "param"]
+    backward = model.context.training_programs({"F": 64, "H": 8, "C": 8}, "f32", True, [], params).backward
+    schedule = fuse_rows(backward)
+    check_schedule(backward, schedule)
+    groups = [s for s in schedule if isinstance(s, RowGroup)]
+    (scores,) = [g for g in groups if any(m.op == "leaky_relu" for m in g.members)]
+    assert scores.domain is Domain.EDGE and [m.op for m in scores.members] == ["gather", "gather", "add", "leaky_relu"]
+    assert [e.op for e in scores.exports] == ["leaky_relu"]
+    (delta,) = [v for v in backward.values if v.op == "einsum"]  # <g, out> per node: open when the chain came
+    assert backward.values.index(delta) < backward.values.index(scores.members[0])
+    assert schedule.index(scores) < schedule.index(delta)
+    # the cotangent's reshape to [H, C] that the attention passes read is a view, not a copy in a group
+    (view,) = [v for v in backward.values if v.op == "reshape" and v.operands[0].name == "d_out" and v.type.rank == 2]
+    assert view in schedule
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_training_programs_in_row_blocks_equal_the_unfused_gradient(path):
+    """Every example's train-forward and backward (whose recomputed values run in row groups of their
+    own), block by block, against the unfused gradient program."""
+    from test_fused_backward import training_case
+
+    case = training_case(path)
+    for program in (case.programs.train_forward, case.programs.backward):
+        check_schedule(program, fuse_rows(program))
+    for block_rows in (1, 7):
+        case.check(random_graph(3, nodes=12, edges=40, self_loops=True), seed=3,
+                   backend=NumpyBackend(fuse_min_rows=0, block_rows=block_rows))
 
 
 # ---- kernels -----------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ log-sum-exp (``segment_logsumexp``), the one statistic saved from the forward. C
   d values of one attention, per-head and scalar scores, by dst and by src;
 * a GAT layer's training programs hold no E x H x K value: the forward, its residuals and the
   backward have no edge value of higher rank than the scores, and the plan's per-edge bytes say so;
+* nor an E x H residual: the backward recomputes the leaky-ReLU scores from their per-node halves
+  (``autodiff.rematerialized``), the plan (FileCheck) and the 8 x 8 gradients say so;
 * the Triton kernels, in the interpreter, agree with the NumPy backend.
 """
 
@@ -191,6 +193,61 @@ def test_gat_backward_sums_the_score_cotangent_once_per_endpoint(passes):
     assert len(sums) == (2 if passes is None else 4), [str(v.type) for v in sums]
 
 
+# ---- the edge scores are recomputed by the backward, not saved ---------------------------------------
+
+BENCHMARK_GAT_DIMS = {"F": 64, "H": 8, "C": 8}
+
+
+def test_gat_training_plan_filecheck(capsys):
+    """The plan of the benchmark GAT's training step: the scores and the leaky ReLU's derivative hold
+    no E x H residual; the backward recomputes the scores from the two node[H] halves."""
+    from filecheck import filecheck
+    from mpdsl.cli import main
+
+    dims = [arg for name, value in BENCHMARK_GAT_DIMS.items() for arg in ("--dim", f"{name}={value}")]
+    assert main(["compile", str(ROOT / "benchmarks" / "models" / "gat.mp"), "--emit", "plan", "--training",
+                 *dims]) == 0
+    out = capsys.readouterr().out
+    check = Path(__file__).parent / "filecheck" / "training" / "gat_benchmark.check"
+    filecheck(out[out.index("training step of"):], check.read_text())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_gat_training_step_saves_no_edge_value(training):
+    """No residual of the GAT training step is an edge value: the leaky-ReLU scores are recomputed by
+    the backward from gathers of node residuals (their per-node halves), and the backward's
+    leaky-ReLU derivative reads the recomputed scores."""
+    model = mpdsl.compile(ROOT / "benchmarks" / "models" / "gat.mp", dims=BENCHMARK_GAT_DIMS)
+    params = [v.name for v in model.ir.values if v.op == "param"]
+    programs = model.context.training_programs(BENCHMARK_GAT_DIMS, "f32", training, ["x"], params)
+    saved = dict(programs.train_forward.outputs)
+    assert [n for n in programs.residuals if saved[n].type.domain is Domain.EDGE] == []
+    residual_inputs = {id(v) for v in programs.backward.values if v.name in programs.residuals}
+    (score,) = [v for v in programs.backward.values if v.op == "leaky_relu"]
+    (total,) = score.operands
+    assert total.op == "add" and all(o.op == "gather" and id(o.operands[0]) in residual_inputs
+                                     for o in total.operands)
+    assert {v.op for v in programs.backward.values if score in v.operands} >= \
+        {"attention_score_grad", "attention_value_grad", "gt"}
+
+
+def test_gat_8x8_split_recomputing_the_scores_equals_the_unfused_gradient():
+    """The benchmark GAT with H = C = 8, float64: the train-forward (which saves no score) then the
+    backward (which recomputes them) give every gradient of the unfused gradient program."""
+    case = ExampleCase(ROOT / "benchmarks" / "models" / "gat.mp", {"H": 8, "C": 8}, seed=4)
+    programs = case.training_programs()
+    saved = dict(programs.train_forward.outputs)
+    assert not any(saved[n].type.domain is Domain.EDGE for n in programs.residuals)
+    assert any(v.op == "leaky_relu" for v in programs.backward.values)
+    want = case.unfused_gradients()
+    first = case.run(programs.train_forward)
+    kinds = {v.name: v.op for v in programs.backward.values if v.name in programs.residuals}
+    inputs = {k: first[k] for k in programs.residuals if kinds[k] == "input"}
+    params = {**case.params, **{k: first[k] for k in programs.residuals if kinds[k] == "param"}}
+    rest = NUMPY.run(programs.backward, case.graph, {**case.arrays, **case.cotangents, **inputs}, params, case.dims)
+    assert_gradients_equal(rest, want, case.wanted, "forward / backward split, H = C = 8")
+
+
 # ---- Triton kernels in the interpreter ------------------------------------------------------------
 
 
@@ -210,6 +267,24 @@ def test_triton_fused_backward_matches_numpy_on_the_gat_example(triton_backend):
     launched = " ".join(triton_backend.last_launches)
     assert all(f"mpdsl_{kind}_" in launched for kind in ("logsumexp", "attention_score_grad", "attention_value_grad"))
     assert_gradients_equal(got, case.run(programs.gradient), case.wanted, "triton")
+
+
+def test_triton_runs_the_gat_split_that_recomputes_the_scores(triton_backend):
+    """Triton (interpreter): the benchmark GAT's train-forward and backward, which recomputes the
+    scores from node residuals, equal the NumPy backend's run of the same programs."""
+    case = ExampleCase(ROOT / "benchmarks" / "models" / "gat.mp", {"H": 3, "C": 2}, seed=2)
+    programs = case.training_programs()
+    assert any(v.op == "leaky_relu" for v in programs.backward.values)
+    kinds = {v.name: v.op for v in programs.backward.values if v.name in programs.residuals}
+    results = []
+    for backend in (NUMPY, triton_backend):
+        first = case.run(programs.train_forward, backend)
+        inputs = {k: first[k] for k in programs.residuals if kinds[k] == "input"}
+        params = {**case.params, **{k: first[k] for k in programs.residuals if kinds[k] == "param"}}
+        results.append(backend.run(programs.backward, case.graph, {**case.arrays, **case.cotangents, **inputs},
+                                   params, case.dims))
+    assert_gradients_equal(results[1], results[0], case.wanted, "triton split")
+    assert_gradients_equal(results[0], case.unfused_gradients(), case.wanted, "numpy split")
 
 
 @pytest.mark.parametrize("scores", sorted(SHAPES))
