@@ -22,31 +22,12 @@ import sys
 import threading
 from typing import Any, TypedDict
 
-
-def _user_cache_dir() -> str | None:
-    """The per-user folder of mpdsl's compiled-kernel cache (created private to the user), or None
-    when there is no home folder to put it in or it cannot be created."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):
-        if os.name == "nt" and os.path.isabs(os.environ.get("LOCALAPPDATA", "")):
-            base = os.environ["LOCALAPPDATA"]
-        else:
-            home = os.path.expanduser("~")
-            if not os.path.isabs(home):
-                return None
-            base = os.path.join(home, ".cache")
-    folder = os.path.join(base, "mpdsl", "numba")
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    except OSError:
-        return None
-    return folder
-
+from mpdsl.cache_dirs import user_cache_folder
 
 # Set before Numba reads its configuration (at import, or now if the user imported it already); a
 # value the user set is left alone.
 if "NUMBA_CACHE_DIR" not in os.environ:
-    _folder = _user_cache_dir()
+    _folder = user_cache_folder("numba")
     if _folder is not None:
         os.environ["NUMBA_CACHE_DIR"] = _folder
         if "numba" in sys.modules:

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from mpdsl import memory
+from mpdsl.cache_dirs import user_cache_root
 from mpdsl.diagnostics import GraphError
 from mpdsl.graph import (
     INDEX_ARRAYS,
@@ -488,13 +489,8 @@ def write_directory(graph: Graph, path: str | os.PathLike[str], *, overwrite: bo
 
 
 def _user_cache_root() -> str | None:
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):
-        home = os.path.expanduser("~")
-        if not os.path.isabs(home):
-            return None
-        base = os.path.join(home, ".cache")
-    return os.path.join(base, "mpdsl", "graphs")
+    root = user_cache_root()
+    return None if root is None else os.path.join(root, "graphs")
 
 
 def _candidate_folders(directory: str) -> list[str]:

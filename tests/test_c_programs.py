@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from model_inputs import synth_inputs
 from op_samples import SAMPLES
 from strategies import graphs
 from test_fused_backward import TrainingCase
@@ -184,6 +185,20 @@ def test_the_tier_runs_from_the_first_run_and_only_on_small_graphs(monkeypatch):
     big = model.run(graph, x=x)
     assert "compiled program" not in backend.last_op_seconds
     assert_same(big, first, "gcn")
+
+
+def test_later_runs_never_overwrite_what_an_earlier_one_returned():
+    graph = random_graph(2, nodes=30, edges=90)
+    for name in ("gcn", "gated_gcn", "mpnn"):
+        model = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype="float64", seed=0)
+        model.backend.compiled_programs = True
+        inputs = synth_inputs(model, graph, np.random.default_rng(0))
+        first = model.run(graph, **inputs)
+        assert "compiled program" in model.backend.last_op_seconds
+        kept = {n: a.copy() for n, a in first.items()}
+        for k in range(3):
+            model.run(graph, **{n: a + k + 1.0 if a.dtype.kind == "f" else a for n, a in inputs.items()})
+        assert_same(kept, first, name)
 
 
 def test_the_environment_and_a_missing_compiler_turn_it_off(monkeypatch):

@@ -315,7 +315,7 @@ def test_pooled_buffers_never_alias_returned_outputs():
     graph = random_graph()
     for name in ("gcn", "gated_gcn", "mpnn"):
         model, program, arrays, dims = optimized_program(ROOT / "examples" / f"{name}.mp", graph)
-        backend = NumpyBackend(fuse_min_rows=0, block_rows=5)
+        backend = NumpyBackend(fuse_min_rows=0, block_rows=5, compiled_programs=False)  # the op-by-op pool
         first = run_with(backend, model, program, graph, arrays, dims)
         kept = {n: a.copy() for n, a in first.items()}
         assert backend.pool.held_bytes > 0
