@@ -2,11 +2,12 @@
 
 On a small graph (a batch of 64 molecules: ~1,000 nodes) a program run op by op costs the fixed
 costs of its ~100 NumPy and SciPy calls (10-90 microseconds each), several times its arithmetic.
-``compile_program`` translates a program whose every op has a C rule (``C_RULES``) into one C
-function: loops for elementwise math, gathers and segment reductions (in the summation orders of
+``compile_program`` translates a program whose every op has a C rule (``C_RULES``) into C that one
+call runs (a function per op, so that the compiler's time stays linear): loops for elementwise math, gathers and segment reductions (in the summation orders of
 the op-by-op rules), and dense products through the BLAS that SciPy ships (``?gemm``, passed in as
 a function pointer). The system's C compiler builds it once; the shared library is cached on disk
-(``CACHE_DIR``) under the hash of its source, so a later process loads it without compiling.
+(``CACHE_DIR``) under the hash of its source, the compiler, its flags and the CPU's features, so a
+later process loads it without compiling.
 ``NumpyBackend.run`` compiles and calls it from a program's first run on a graph whose every row space is
 small (``SMALL_ROWS``), so that every such run takes the same path and gives the same bits (the C
 function rounds differently from the op-by-op rules); ``MPDSL_C_PROGRAMS=0`` turns the tier off.
@@ -30,6 +31,7 @@ import ctypes
 import hashlib
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -872,6 +874,19 @@ def _gemm_pointer(float_dtype: np.dtype) -> int:
     return int(get_pointer(capsule, get_name(capsule)))
 
 
+def _cpu_features() -> str:
+    """The CPU's feature flags (``-march=native`` builds for them: a cache folder shared between
+    machines must not hand one machine's library to another CPU)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 _BUILD_LOCK = threading.Lock()
 
 
@@ -882,7 +897,7 @@ def _build(source: str) -> tuple[Callable, Callable]:
     if cc is None:
         raise Unsupported("no C compiler found (set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
-    digest = hashlib.sha256("\0".join([source, cc, version, *FLAGS]).encode()).hexdigest()[:24]
+    digest = hashlib.sha256("\0".join([source, cc, version, _cpu_features(), *FLAGS]).encode()).hexdigest()[:24]
     folder = CACHE_DIR or tempfile.gettempdir()
     library = os.path.join(folder, f"mp_{digest}.so")
     with _BUILD_LOCK:
