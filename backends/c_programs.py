@@ -1,16 +1,17 @@
-"""Whole programs as one C function: the NumPy backend's tier for small graphs.
+"""Whole programs as one compiled C call: the NumPy backend's tier for small graphs.
 
 On a small graph (a batch of 64 molecules: ~1,000 nodes) a program run op by op costs the fixed
 costs of its ~100 NumPy and SciPy calls (10-90 microseconds each), several times its arithmetic.
 ``compile_program`` translates a program whose every op has a C rule (``C_RULES``) into C that one
 call runs (a function per op, so that the compiler's time stays linear): loops for elementwise
 math, gathers and segment reductions (in the summation orders of the op-by-op rules), and dense
-products through the BLAS that SciPy ships (``?gemm``, passed in as a function pointer). The system's C compiler builds it once; the shared library is cached on disk
-(``CACHE_DIR``) under the hash of its source, the compiler, its flags and the CPU's features, so a
-later process loads it without compiling.
-``NumpyBackend.run`` compiles and calls it from a program's first run on a graph whose every row space is
-small (``SMALL_ROWS``), so that every such run takes the same path and gives the same bits (the C
-function rounds differently from the op-by-op rules); ``MPDSL_C_PROGRAMS=0`` turns the tier off.
+products through the BLAS that SciPy ships (``?gemm``, passed in as a function pointer). The
+system's C compiler builds it once; the shared library is cached on disk (``CACHE_DIR``) under
+the hash of its source, the compiler, its flags and the CPU's features, so a later process loads
+it without compiling. ``NumpyBackend.run`` compiles and calls it from a program's first run on a
+graph whose every row space is small (``SMALL_ROWS``), so that every such run takes the same path
+and gives the same bits (the C function rounds differently from the op-by-op rules);
+``MPDSL_C_PROGRAMS=0`` turns the tier off.
 
 Contract: a compiled program's outputs equal the op-by-op run's to rounding (float64: rtol 1e-10
 in the tests; contractions are not fused into FMAs, ``-ffp-contract=off``), on any graph, empty
