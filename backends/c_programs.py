@@ -940,12 +940,15 @@ class CompiledProgram:
     _workspace: np.ndarray | None = None  # the intermediate values' memory, kept between runs
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        self._sources = {id(v): v for v in self.program.values if v.op in SOURCE_OPS}
+
     def run(self, ctx, source_values: Callable[[Value], np.ndarray]) -> dict[str, np.ndarray]:
         """The program's outputs on the run context ``ctx`` (an ``ExecContext``); ``source_values(v)``
         computes a source value by its NumPy rule."""
         dtype = self.float_dtype
         keep: list[np.ndarray] = []
-        by_id = {id(v): v for v in self.program.values}
+        by_id = self._sources
         pointers = (ctypes.c_void_p * max(1, len(self.externals)))()
         for i, ext in enumerate(self.externals):
             array = self._resolve(ctx, ext, by_id, source_values)

@@ -95,7 +95,7 @@ class Program:
         """The definition of edge set ``name`` (None for "", the graph's own edges)."""
         return next((s for s in self.edge_sets if s.name == name), None) if name else None
 
-    @property
+    @functools.cached_property  # a program is immutable; its runs ask for this on every call
     def node_types(self) -> tuple[str, ...]:
         """The node types the program's values and edge sets live on (besides the graph's own nodes), sorted."""
         found = {v.type.rowset for v in self.values if v.type.domain is Domain.NODE and v.type.rowset}
