@@ -386,60 +386,53 @@ def test_a_graph_without_the_input_edge_set_is_refused_by_name():
 # 4. Every graph op on a derived set, and no fusion across edge sets
 
 
-EVERY_OP = """
-edges looped = self_loops(edge)
-model m(x: node[F], s: edge<looped>[2], w: edge<looped>[], a: param[F, 2, 3]) -> (g: node[2, 3], h: node[F],
-        k: node[F], l: node[F], n: edge<looped>[2], o: node[F], p: node[F], q: node[], r: node[F]) {
-    z = x @ a                                                  # node[2, 3]
-    return sum(softmax(s) by dst * z[looped.src]) by dst,      # attention
-           sum(x[looped.src] * w) by dst,                      # weighted g-SpMM
-           mean(x[looped.dst]) by src,                         # g-SpMM by src
-           max(x[looped.src] * w) by dst,                      # max g-SpMM
-           softmax(s) by src,
-           std(x[looped.src] * w) by dst,
-           min(x[looped.src]) by dst + sum(x[looped.src]) by src,
-           out_degree(looped),
-           sum(x[looped.src] * w) by dst + sum(x[src]) by dst  # two sets, two g-SpMMs
-}
-"""
-
-
-# The same ops on a graph whose own edges are the derived set (the last output's second sum, over the
-# graph's edges, is added separately).
-EVERY_OP_PLAIN = """
-model m(x: node[F], s: edge[2], w: edge[], a: param[F, 2, 3]) -> (g: node[2, 3], h: node[F],
-        k: node[F], l: node[F], n: edge[2], o: node[F], p: node[F], q: node[], r: node[F]) {
+def every_op(edge_set: str, degree: str) -> str:
+    """Each graph op (attention, weighted g-SpMM, g-SpMM by src, max g-SpMM, softmax by src, std,
+    min, a degree) on the edge set ``edge_set`` ("": the graph's own edges); the last output adds a
+    sum over the graph's own edges to one over the set (two sets, two g-SpMMs) when there is a set."""
+    on = f"<{edge_set}>" if edge_set else ""
+    of = f"{edge_set}." if edge_set else ""
+    beside = " + sum(x[src]) by dst" if edge_set else ""
+    return f"""
+model m(x: node[F], s: edge{on}[2], w: edge{on}[], a: param[F, 2, 3]) -> (g: node[2, 3], h: node[F],
+        k: node[F], l: node[F], n: edge{on}[2], o: node[F], p: node[F], q: node[], r: node[F]) {{
     z = x @ a
-    return sum(softmax(s) by dst * z[src]) by dst, sum(x[src] * w) by dst, mean(x[dst]) by src,
-           max(x[src] * w) by dst, softmax(s) by src, std(x[src] * w) by dst,
-           min(x[src]) by dst + sum(x[src]) by src, out_degree(), sum(x[src] * w) by dst
-}
+    return sum(softmax(s) by dst * z[{of}src]) by dst, sum(x[{of}src] * w) by dst, mean(x[{of}dst]) by src,
+           max(x[{of}src] * w) by dst, softmax(s) by src, std(x[{of}src] * w) by dst,
+           min(x[{of}src]) by dst + sum(x[{of}src]) by src, {degree}({edge_set}), sum(x[{of}src] * w) by dst{beside}
+}}
 """
 
 
-def test_graph_ops_on_a_derived_set_equal_the_ops_on_a_graph_of_that_set():
-    """Each graph op (fused or not, both backends) run on a derived set equals the same op run on a
-    graph whose own edges are that set; a sum over the graph's edges beside it keeps to them."""
-    graph = raw_graph(2, nodes=14, features=3)
-    derived = graph.derived("self_loops")
+def check_every_op_on_a_set(graph: Graph, declaration: str, edge_set: str, derived: Graph, degree: str) -> None:
+    """Each graph op (fused or not, NumPy and Triton's interpreter) run on the edge set ``edge_set``
+    (declared by ``declaration``; ``derived`` its edges on ``graph``) equals the same op run on a
+    graph whose own edges are that set; the sum over the graph's own edges beside it keeps to them."""
+    source = declaration + "\n" + every_op(edge_set, degree)
     rng = np.random.default_rng(1)
     inputs = {"s": rng.standard_normal((derived.num_edges, 2)), "w": rng.uniform(0.5, 1.5, derived.num_edges)}
-    model = mpdsl.compile(EVERY_OP, dtype=F64).init(0, F=3)
+    model = mpdsl.compile(source, dtype=F64).init(0, F=3)
     program = model.optimized_for(model.bind(graph, inputs)[1])[0]
     fused = {v.op for v in program.values}
     assert {"attention", "gspmm"} <= fused, fused
-    assert {v.attr["edges"] for v in program.values if v.op == "gspmm"} == {"", "looped"}
-    reference = mpdsl.compile(EVERY_OP_PLAIN, dtype=F64).load_weights(model.params)
+    assert {v.attr["edges"] for v in program.values if v.op == "gspmm"} == {"", edge_set}
+    reference = mpdsl.compile(every_op("", degree), dtype=F64).load_weights(model.params)
     want = reference(Graph.from_arrays(derived.edge_index, graph.num_nodes, x=graph["x"]), **inputs)
     want["r"] = want["r"] + mpdsl.compile("model m(x: node[F]) -> node[F] { return sum(x[src]) by dst }",
                                           dtype=F64)(graph)
     from mpdsl.backends.triton_backend import TritonBackend
-    unfused = mpdsl.compile(EVERY_OP, dtype=F64, optimize=False).load_weights(model.params)
+    unfused = mpdsl.compile(source, dtype=F64, optimize=False).load_weights(model.params)
     triton = mpdsl.runtime.CompiledModel(model.ir, TritonBackend(interpret=True)).load_weights(model.params)
     for what, candidate in (("optimized", model), ("unoptimized", unfused), ("triton", triton)):
         out = candidate(graph, **inputs)
         for name in want:
             np.testing.assert_allclose(out[name], want[name], rtol=1e-10, atol=1e-12, err_msg=f"{what}: {name}")
+
+
+def test_graph_ops_on_a_derived_set_equal_the_ops_on_a_graph_of_that_set():
+    graph = raw_graph(2, nodes=14, features=3)
+    check_every_op_on_a_set(graph, "edges looped = self_loops(edge)", "looped", graph.derived("self_loops"),
+                            "out_degree")
 
 
 def test_passes_never_merge_or_fuse_across_edge_sets():

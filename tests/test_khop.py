@@ -32,6 +32,7 @@ from mpdsl.ir import VerificationError, parse_program, print_program, verify  # 
 
 sys.path.insert(0, str(Path(__file__).parent))
 from strategies import graphs  # noqa: E402
+from test_edge_sets import check_every_op_on_a_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -200,52 +201,11 @@ def test_mixhop_gradients_through_torch_match_autograd(backend):
                                    err_msg=f"{backend}: d {name}")
 
 
-EVERY_OP = """
-edges three = k_hop(edge, 3)
-model m(x: node[F], s: edge<three>[2], w: edge<three>[], a: param[F, 2, 3]) -> (g: node[2, 3], h: node[F],
-        k: node[F], l: node[F], n: edge<three>[2], o: node[F], p: node[F], q: node[], r: node[F]) {
-    z = x @ a
-    return sum(softmax(s) by dst * z[three.src]) by dst, sum(x[three.src] * w) by dst,
-           mean(x[three.dst]) by src, max(x[three.src] * w) by dst, softmax(s) by src,
-           std(x[three.src] * w) by dst, min(x[three.src]) by dst + sum(x[three.src]) by src,
-           in_degree(three), sum(x[three.src] * w) by dst + sum(x[src]) by dst
-}
-"""
-
-EVERY_OP_PLAIN = """
-model m(x: node[F], s: edge[2], w: edge[], a: param[F, 2, 3]) -> (g: node[2, 3], h: node[F],
-        k: node[F], l: node[F], n: edge[2], o: node[F], p: node[F], q: node[], r: node[F]) {
-    z = x @ a
-    return sum(softmax(s) by dst * z[src]) by dst, sum(x[src] * w) by dst, mean(x[dst]) by src,
-           max(x[src] * w) by dst, softmax(s) by src, std(x[src] * w) by dst,
-           min(x[src]) by dst + sum(x[src]) by src, in_degree(), sum(x[src] * w) by dst
-}
-"""
-
-
 def test_graph_ops_on_a_k_hop_set_equal_the_ops_on_a_graph_of_that_set():
-    """Fused and unfused, NumPy and Triton (interpreter): each op on the k-hop set equals the op on a
-    graph whose own edges are the set; the sum over the graph's own edges beside it keeps to them."""
     graph = hub_graph(2, nodes=12)
     three = graph.derived("k_hop", 3)
     np.testing.assert_array_equal(three.edge_index, matrix_powers(graph, 3))
-    rng = np.random.default_rng(1)
-    inputs = {"s": rng.standard_normal((three.num_edges, 2)), "w": rng.uniform(0.5, 1.5, three.num_edges)}
-    model = mpdsl.compile(EVERY_OP, dtype=F64).init(0, F=3)
-    program = model.optimized_for(model.bind(graph, inputs)[1])[0]
-    assert {"attention", "gspmm"} <= {v.op for v in program.values}
-    assert {v.attr["edges"] for v in program.values if v.op == "gspmm"} == {"", "three"}
-    reference = mpdsl.compile(EVERY_OP_PLAIN, dtype=F64).load_weights(model.params)
-    want = reference(Graph.from_arrays(three.edge_index, graph.num_nodes, x=graph["x"]), **inputs)
-    want["r"] = want["r"] + mpdsl.compile("model m(x: node[F]) -> node[F] { return sum(x[src]) by dst }",
-                                          dtype=F64)(graph)
-    from mpdsl.backends.triton_backend import TritonBackend
-    unfused = mpdsl.compile(EVERY_OP, dtype=F64, optimize=False).load_weights(model.params)
-    triton = mpdsl.runtime.CompiledModel(model.ir, TritonBackend(interpret=True)).load_weights(model.params)
-    for what, candidate in (("optimized", model), ("unoptimized", unfused), ("triton", triton)):
-        out = candidate(graph, **inputs)
-        for name in want:
-            np.testing.assert_allclose(out[name], want[name], rtol=1e-10, atol=1e-12, err_msg=f"{what}: {name}")
+    check_every_op_on_a_set(graph, "edges three = k_hop(edge, 3)", "three", three, "in_degree")
 
 
 # ------------------------------------------------------------------------------------------------
