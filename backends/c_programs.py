@@ -29,6 +29,7 @@ or when the build fails, programs run op by op; ``NumpyBackend.compiled_program_
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -44,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from mpdsl.backends import batch_norm_training, edge_graph, feature_width, gather_index, space_rows
+from mpdsl.backends import array_axis, batch_norm_training, edge_graph, feature_width, gather_index, space_rows
 from mpdsl.cache_dirs import user_cache_folder
 from mpdsl.ir import Program, Value
 from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath
@@ -62,14 +63,9 @@ C_UNSUPPORTED: dict[str, str] = {
     "typed_linear": "checks its relation ids",
     "carry": "reads the derived edge set's carry table",
     "carry_grad": "reads the derived edge set's carry table",
-    "attention": "a fused compiled kernel of its own (cpu_kernels)",
-    "segment_logsumexp": "a fused compiled kernel of its own (cpu_kernels)",
-    "attention_score_grad": "a fused compiled kernel of its own (cpu_kernels)",
-    "attention_value_grad": "a fused compiled kernel of its own (cpu_kernels)",
-    "global_attention": "a fused compiled kernel of its own (cpu_kernels)",
-    "global_attention_query_grad": "a fused compiled kernel of its own (cpu_kernels)",
-    "global_attention_key_grad": "a fused compiled kernel of its own (cpu_kernels)",
-    "match_gspmm": "a fused compiled kernel of its own (cpu_kernels)",
+    **{name: "a fused compiled kernel of its own (cpu_kernels)"
+       for name in ("attention", "segment_logsumexp", "attention_score_grad", "attention_value_grad", "match_gspmm",
+                    "global_attention", "global_attention_query_grad", "global_attention_key_grad")},
 }
 SOURCE_OPS = ("const", "degree", "arange", "linspace")  # run by their NumPy rule, passed in
 MAX_INLINED_CHAIN = 32  # values computed inside one consumer's loop, at most, along a chain of operands
@@ -216,6 +212,7 @@ class _Translation:
         self.program = program
         self.dims = dims
         self.training = training
+        self.body = ""  # the C text of the program's functions, once translated
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.externals: list[External] = []
@@ -489,11 +486,6 @@ def _elementwise(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     tr.emit(*opens, *body, f"{out}[{flat}] = {expr};", *closes)
 
 
-def _gemm_rows(tr: _Translation, out: str, a: str, b: str, m: str, n: int, k: int,
-               ta: bool = False, lda: str | int | None = None) -> None:
-    tr.emit(f"mp_gemm(gemm, {int(ta)}, 0, {m}, {n}, {k}, {a}, {lda if lda is not None else k}, {b}, {n}, {out}, {n});")
-
-
 def _matmul(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     ta, tb = (o.type for o in v.operands)
     a, b = args
@@ -502,7 +494,7 @@ def _matmul(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     n = feature_width(sb[1:])
     if tb.domain is Domain.PARAM:
         m = " * ".join(tr.full_shape(v.operands[0])[:-1] or ["1"])
-        _gemm_rows(tr, out, a, b, f"({m})", n, k)
+        tr.emit(f"mp_gemm(gemm, 0, 0, ({m}), {n}, {k}, {a}, {k}, {b}, {n}, {out}, {n});")
         return
     # b has rows: one small product per row (a a param or of the same rows)
     rows = tr.rows(v.type.space)
@@ -700,7 +692,7 @@ def _segment_count(tr: _Translation, v: Value) -> str:
 
 def _axis_softmax(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     """SciPy's softmax along a feature axis: exp(x - max) / the sum of it."""
-    axis = _axis_of(v, v.attr["axis"])
+    axis = array_axis(v, v.attr["axis"])
     shape = tr.full_shape(v)
     before, size, after = shape[:axis], shape[axis], shape[axis + 1:]
     outer = " * ".join(["(int64_t)1"] + before)
@@ -769,12 +761,6 @@ def _broadcast(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     tr.emit(*opens, f"{out}[{flat}] = {args[0]}[{src}];", *closes)
 
 
-def _axis_of(v: Value, axis: int) -> int:
-    t = v.operands[0].type
-    axis %= max(t.rank, 1)
-    return axis if t.domain is Domain.PARAM else axis + 1
-
-
 def _strided_copy(tr: _Translation, v: Value, out: str, src: str, src_shape: list[str], axis: int,
                   offset: str, out_offset: str = "0", shape: list[str] | None = None) -> None:
     """out[... i_axis + out_offset ...] = src[... i_axis + offset ...] over ``shape`` (default: src's)."""
@@ -802,7 +788,7 @@ def _select(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
 
 
 def _slice(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
-    axis = _axis_of(v, v.attr["axis"])
+    axis = array_axis(v, v.attr["axis"])
     src_shape = tr.full_shape(v.operands[0])
     shape = list(src_shape)
     shape[axis] = str(int(v.attr["stop"]) - int(v.attr["start"]))
@@ -812,12 +798,12 @@ def _slice(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
 def _pad(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     j = tr.fresh("i")
     tr.emit(f"for (int64_t {j} = 0; {j} < {tr.count(v)}; {j}++) {out}[{j}] = 0;")
-    axis = _axis_of(v, v.attr["axis"])
+    axis = array_axis(v, v.attr["axis"])
     _strided_copy(tr, v, out, args[0], tr.full_shape(v.operands[0]), axis, "0", str(v.attr["before"]))
 
 
 def _concat(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
-    axis = _axis_of(v, v.attr["axis"])
+    axis = array_axis(v, v.attr["axis"])
     offset = 0
     for a, o in zip(args, v.operands):
         shape = tr.full_shape(o)
@@ -827,7 +813,7 @@ def _concat(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
 
 def _reduce(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     reduce = v.attr["reduce"]
-    axis = _axis_of(v, v.attr["axis"])
+    axis = array_axis(v, v.attr["axis"])
     src_shape = tr.full_shape(v.operands[0])
     before, size, after = src_shape[:axis], src_shape[axis], src_shape[axis + 1:]
     outer = " * ".join(["(int64_t)1"] + before)
@@ -865,6 +851,7 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.cache
 def _gemm_pointer(float_dtype: np.dtype) -> int:
     from scipy.linalg import cython_blas
     capsule = cython_blas.__pyx_capi__["sgemm" if float_dtype == np.float32 else "dgemm"]
@@ -875,6 +862,12 @@ def _gemm_pointer(float_dtype: np.dtype) -> int:
     return int(get_pointer(capsule, get_name(capsule)))
 
 
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+
+
+@functools.cache
 def _cpu_features() -> str:
     """The CPU's feature flags (``-march=native`` builds for them: a cache folder shared between
     machines must not hand one machine's library to another CPU)."""
@@ -893,12 +886,12 @@ _BUILD_LOCK = threading.Lock()
 
 def _build(source: str) -> tuple[Callable, Callable]:
     """The ``mp_program`` and ``mp_workspace`` functions of the shared library built from ``source``
-    (cached on disk by the hash of the source, the compiler and the flags)."""
+    (cached on disk by the hash of the source, the compiler, the flags and the CPU's features)."""
     cc = _compiler()
     if cc is None:
         raise Unsupported("no C compiler found (set CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
-    digest = hashlib.sha256("\0".join([source, cc, version, _cpu_features(), *FLAGS]).encode()).hexdigest()[:24]
+    key = "\0".join([source, cc, _compiler_version(cc), _cpu_features(), *FLAGS])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     folder = CACHE_DIR or tempfile.gettempdir()
     library = os.path.join(folder, f"mp_{digest}.so")
     with _BUILD_LOCK:
@@ -1012,7 +1005,7 @@ def translate(program: Program, dims: dict[str, int], training: bool = False) ->
     """The C translation of ``program`` with ``dims`` (raises ``Unsupported`` naming the first op
     without a C form)."""
     tr = _Translation(program, dims, training)
-    tr.body = tr.translate()  # type: ignore[attr-defined]
+    tr.body = tr.translate()
     return tr
 
 
@@ -1022,7 +1015,7 @@ def compile_program(program: Program, dims: dict[str, int], float_dtype: np.dtyp
     the reason when it has none)."""
     tr = translate(program, dims, training)
     ctype = "float" if float_dtype == np.float32 else "double"
-    source = f"typedef {ctype} T;\n{PRELUDE}\n{tr.body}\n"  # type: ignore[attr-defined]
+    source = f"typedef {ctype} T;\n{PRELUDE}\n{tr.body}\n"
     function, workspace = _build(source)
     layout = [(-1 if v.type.domain is Domain.PARAM else tr.spaces.index(v.type.space), tr.shape(v))
               for v in tr.output_values]

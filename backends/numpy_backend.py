@@ -1047,7 +1047,7 @@ class NumpyBackend(Backend):
         translation (the reason is kept in its entry; ``compiled_program_reason`` for plans). A program
         is compiled at its first run on a small graph (once per machine: the library is cached), so
         that all its runs there take one path and give the same bits."""
-        if not (c_programs.enabled() if self.compiled_programs is None else self.compiled_programs):
+        if not self._compiling():
             return None
         entry = self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training)
         if any(ctx.rows(space) >= c_programs.SMALL_ROWS for space in entry.spaces):
@@ -1062,13 +1062,17 @@ class NumpyBackend(Backend):
 
     def compiled_program_reason(self, program: Program, dims: dict[str, int], training: bool = False) -> str:
         """Whether ``program`` runs as one C function on small graphs, and if not why (for plans)."""
-        if not (c_programs.enabled() if self.compiled_programs is None else self.compiled_programs):
+        if not self._compiling():
             return "off (MPDSL_C_PROGRAMS=0)"
         try:
             c_programs.translate(program, dict(dims), training)
         except c_programs.Unsupported as e:
             return f"runs op by op: {e}"
         return f"runs as one C function when every row space has fewer than {c_programs.SMALL_ROWS} rows"
+
+    def _compiling(self) -> bool:
+        """Whether the compiled-program tier is on (``compiled_programs``, else the environment)."""
+        return c_programs.enabled() if self.compiled_programs is None else self.compiled_programs
 
     def _compiled_entry(self, program: Program, dims, float_dtype, training: bool) -> _CompiledEntry:
         key = (id(program), np.dtype(float_dtype), tuple(sorted(dims.items())), training)
