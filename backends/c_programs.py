@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -935,32 +936,48 @@ class CompiledProgram:
 
     def __post_init__(self) -> None:
         self._sources = {id(v): v for v in self.program.values if v.op in SOURCE_OPS}
+        # per external: (a weak reference to the array last read, its shape, its address); an array
+        # that is still the same object of the same shape is at the same address
+        self._addresses: list[tuple[Any, tuple[int, ...], int] | None] = [None] * len(self.externals)
+        slot = {id(v): i for i, v in enumerate(self.outputs)}
+        self._output_slots = [(name, slot[id(v)]) for name, v in self.program.outputs]
+        self._pointer_type = ctypes.c_void_p * max(1, len(self.externals))
+        self._out_type = ctypes.c_void_p * max(1, len(self.outputs))
 
     def run(self, ctx, source_values: Callable[[Value], np.ndarray]) -> dict[str, np.ndarray]:
         """The program's outputs on the run context ``ctx`` (an ``ExecContext``); ``source_values(v)``
         computes a source value by its NumPy rule."""
         dtype = self.float_dtype
-        keep: list[np.ndarray] = []
-        by_id = self._sources
-        pointers = (ctypes.c_void_p * max(1, len(self.externals)))()
+        keep: list[np.ndarray] = []  # alive until the call returns
+        addresses = []
+        known = self._addresses
         for i, ext in enumerate(self.externals):
-            array = self._resolve(ctx, ext, by_id, source_values)
+            array = self._resolve(ctx, ext, self._sources, source_values)
             keep.append(array)
-            pointers[i] = array.ctypes.data
-        rows = np.array([space_rows(ctx.graph, self.program, s) for s in self.spaces] or [0], dtype=np.int64)
+            seen = known[i]
+            if seen is not None and seen[0]() is array and seen[1] == array.shape:
+                addresses.append(seen[2])
+            else:
+                address = array.ctypes.data
+                known[i] = (weakref.ref(array), array.shape, address)
+                addresses.append(address)
+        pointers = self._pointer_type(*addresses)
+        rows = [space_rows(ctx.graph, self.program, s) for s in self.spaces]
+        row_array = np.array(rows or [0], dtype=np.int64)
         # the outputs: views of one block of the backend's pool (no fresh pages per run), each on a
         # 64-byte line
-        shapes = [shape if space < 0 else (int(rows[space]),) + shape for space, shape in self.output_layout]
+        shapes = [shape if space < 0 else (rows[space],) + shape for space, shape in self.output_layout]
         line = 64 // dtype.itemsize
-        sizes = [-(-math.prod(shape) // line) * line for shape in shapes]
-        block = ctx.empty((sum(sizes) + line,), dtype)
-        offset = (-block.ctypes.data % 64) // dtype.itemsize
-        results = []
-        for shape, size in zip(shapes, sizes):
-            results.append(block[offset:offset + math.prod(shape)].reshape(shape))
-            offset += size
-        out_pointers = (ctypes.c_void_p * max(1, len(results)))(*[r.ctypes.data for r in results])
-        size = int(self.workspace_size(rows.ctypes.data)) + 64 // dtype.itemsize  # room to start on a 64-byte line
+        counts = [math.prod(shape) for shape in shapes]
+        block = ctx.empty((sum(-(-c // line) * line for c in counts) + line,), dtype)
+        base = block.ctypes.data
+        offset = (-base % 64) // dtype.itemsize
+        results, out_addresses = [], []
+        for shape, count in zip(shapes, counts):
+            results.append(block[offset:offset + count].reshape(shape))
+            out_addresses.append(base + offset * dtype.itemsize)
+            offset += -(-count // line) * line
+        size = int(self.workspace_size(row_array.ctypes.data)) + line  # room to start on a 64-byte line
         shared = self._lock.acquire(blocking=False)  # a concurrent run of the same program gets its own
         try:
             if not shared:
@@ -969,22 +986,28 @@ class CompiledProgram:
                 if self._workspace is None or len(self._workspace) < size:
                     self._workspace = np.empty(size, dtype=dtype)
                 workspace = self._workspace
-            start = (-workspace.ctypes.data % 64) // dtype.itemsize
-            self.function(pointers, out_pointers, rows.ctypes.data, workspace[start:].ctypes.data, self.gemm)
+            start = workspace.ctypes.data
+            self.function(pointers, self._out_type(*out_addresses), row_array.ctypes.data, start + (-start % 64),
+                          self.gemm)
         finally:
             if shared:
                 self._lock.release()
-        values = {id(v): r for v, r in zip(self.outputs, results)}
-        return {name: values[id(v)] for name, v in self.program.outputs}
+        return {name: results[k] for name, k in self._output_slots}
 
-    def _resolve(self, ctx, ext: External, by_id: dict, source_values) -> np.ndarray:
-        dtype = self.float_dtype
+    def _contiguous(self, a) -> np.ndarray:
+        """``a`` itself when it is a C-contiguous array of the run's dtype (a 0-d one too, which
+        ``np.ascontiguousarray`` would copy), else a converted copy."""
+        if isinstance(a, np.ndarray) and a.dtype == self.float_dtype and a.flags.c_contiguous:
+            return a
+        return np.ascontiguousarray(a, dtype=self.float_dtype)
+
+    def _resolve(self, ctx, ext: External, sources: dict, source_values) -> np.ndarray:
         if ext.kind == "input":
-            return np.ascontiguousarray(ctx.inputs[ext.key[0]], dtype=dtype)
+            return self._contiguous(ctx.inputs[ext.key[0]])
         if ext.kind == "param":
-            return np.ascontiguousarray(ctx.params[ext.key[0]], dtype=dtype)
+            return self._contiguous(ctx.params[ext.key[0]])
         if ext.kind == "source":
-            return np.ascontiguousarray(source_values(by_id[ext.key[0]]), dtype=dtype)
+            return self._contiguous(source_values(sources[ext.key[0]]))
         if ext.kind == "index":
             edges, index = ext.key
             g = edge_graph(ctx.graph, self.program, edges)

@@ -651,10 +651,15 @@ class ExecContext:
     dims: dict[str, int]
     float_dtype: np.dtype
     training: bool
-    rng: np.random.Generator
+    seed: int | None
     pool: BufferPool
     state_updates: dict[str, np.ndarray] = field(default_factory=dict)  # param name -> new value (batch_norm)
     allocated: list[np.ndarray] = field(default_factory=list)  # taken from the pool by this run
+
+    @functools.cached_property
+    def rng(self) -> np.random.Generator:
+        """The run's random generator (from ``seed``), made when a rule first draws."""
+        return np.random.default_rng(self.seed)
 
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """An uninitialised array for an intermediate value of this run (from the backend's pool; its
@@ -679,6 +684,13 @@ class ExecContext:
             (lent if overlaps else free).append(a)
         self.pool.give(free)
         self.pool.lend(lent)
+        self.allocated.clear()
+
+    def lend_all(self) -> None:
+        """End the run with every array it took lent to the caller (its outputs are views of them all:
+        no overlap test needed)."""
+        self.pool.give([])
+        self.pool.lend(self.allocated)
         self.allocated.clear()
 
     def edges(self, name: str) -> Graph:
@@ -896,11 +908,9 @@ _AXIS_REDUCTIONS = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min
 
 @dataclass
 class _CompiledEntry:
-    """A program's state in the compiled-program tier: its row spaces, and its C function or the
-    reason it has none."""
+    """A program's state in the compiled-program tier: its C function or the reason it has none."""
 
     program: Program
-    spaces: tuple[Space, ...]
     compiled: c_programs.CompiledProgram | None = None
     reason: str | None = None
 
@@ -1050,7 +1060,7 @@ class NumpyBackend(Backend):
         if not self._compiling():
             return None
         entry = self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training)
-        if any(ctx.rows(space) >= c_programs.SMALL_ROWS for space in entry.spaces):
+        if any(ctx.rows(space) >= c_programs.SMALL_ROWS for space in program.row_spaces):
             return None
         if entry.compiled is None and entry.reason is None:
             try:
@@ -1080,8 +1090,7 @@ class NumpyBackend(Backend):
         if entry is None or entry.program is not program:
             if len(self._compiled) >= 256:
                 self._compiled.clear()
-            spaces = tuple({v.type.space for v in program.values if v.type.domain is not Domain.PARAM})
-            entry = self._compiled[key] = _CompiledEntry(program, spaces)
+            entry = self._compiled[key] = _CompiledEntry(program)
         return entry
 
     def run(self, program: Program, graph, inputs: dict, params: dict, dims: dict[str, int],
@@ -1089,13 +1098,13 @@ class NumpyBackend(Backend):
         self.check_dtype(program.float_dtype)
         float_dtype = np.dtype(RUN_DTYPES[program.float_dtype])
         ctx = ExecContext(graph, program, inputs, params, dims, float_dtype, training,
-                          np.random.default_rng(seed), self.pool)
+                          seed, self.pool)
         compiled = self.compiled_program(program, ctx)
         if compiled is not None:
             start = time.perf_counter()
             with BLAS.single_threaded():
                 outputs = compiled.run(ctx, lambda v: self.rules[v.op](self, ctx, v))
-            ctx.release(list(outputs.values()))
+            ctx.lend_all()  # the outputs' one block
             self.last_op_seconds = {"compiled program": time.perf_counter() - start}
             self.last_state_updates = {}
             return outputs

@@ -29,7 +29,7 @@ from mpdsl.ops import (
     Trait,
     edge_set_label,
 )
-from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, TensorType, TypeRuleError, edge_set_ends
+from mpdsl.types import FLOAT_DTYPES, INT_DTYPE, Dim, Domain, Space, TensorType, TypeRuleError, edge_set_ends
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,6 +101,12 @@ class Program:
         found = {v.type.rowset for v in self.values if v.type.domain is Domain.NODE and v.type.rowset}
         found |= {end for s in self.edge_sets for end in edge_set_ends(s.name) if end}
         return tuple(sorted(found))
+
+    @functools.cached_property
+    def row_spaces(self) -> tuple[Space, ...]:
+        """The row spaces (nodes, node types, edge sets, graphs) the program's values live on, in order
+        of first use."""
+        return tuple(dict.fromkeys(v.type.space for v in self.values if v.type.domain is not Domain.PARAM))
 
     def rebuilt(self, values: tuple[Value, ...], outputs: tuple[tuple[str, Value], ...], name: str | None = None,
                 dims: tuple[tuple[str, int | None], ...] | None = None) -> Program:

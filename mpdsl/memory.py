@@ -10,7 +10,11 @@ The budget is, in order of precedence:
    (``MemAvailable`` of ``/proc/meminfo``, else the free physical pages from ``os.sysconf``), or
    less where the process is limited: its address-space limit (``ulimit -v``, ``RLIMIT_AS``) less
    the address space it holds, or its cgroup's memory limit (``memory.max``, as in a container or
-   a batch job) less the memory the cgroup uses; where none can be read there is no limit.
+   a batch job) less the memory the cgroup uses; where none can be read there is no limit. A check
+   that states what it needs (``budget(needed=...)``) and needs under 1/``SMALL_SHARE`` of a reading
+   taken less than ``RECENT_SECONDS`` ago is answered from that reading: a loop of small runs does
+   not read ``/proc`` at every call, and no run that could come near the budget is checked against
+   an old figure.
 
 A limit is a number of bytes or a size with a binary unit: ``4G``, ``512M``, ``1.5GiB``,
 ``2048K`` (``K`` = 1024 bytes, ``M``, ``G``, ``T``, ``P``; a trailing ``B`` / ``iB`` is
@@ -23,6 +27,7 @@ import contextlib
 import contextvars
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,6 +40,8 @@ AVAILABLE = "the machine's available memory"
 ADDRESS_SPACE = "the process's address-space limit (ulimit -v) less what it holds"
 CGROUP = "the cgroup's memory limit less its use"
 DEFAULT_SOURCES = (AVAILABLE, ADDRESS_SPACE, CGROUP)  # budgets measured when the check is made
+RECENT_SECONDS = 1.0  # a reading of the machine's bounds this recent answers a small check
+SMALL_SHARE = 16      # a small check needs less than 1/SMALL_SHARE of that reading
 
 Limit = int | str | None
 """What a caller passes: bytes, a size string such as "4G", "none", or None (the default)."""
@@ -157,8 +164,26 @@ def check_limit(limit: Limit, what: str = "memory_limit") -> Limit:
     return limit
 
 
-def budget(limit: Limit = None) -> Budget:
-    """The budget in force for an explicit ``limit`` (see the module docstring)."""
+_recent_bounds: tuple[float, dict[str, int]] | None = None  # (monotonic time, available_bounds()) of the last reading
+
+
+def _measured_bounds(needed: int | None) -> dict[str, int]:
+    """``available_bounds()``, or the last reading when it is recent and ``needed`` bytes are a small
+    share of it (see the module docstring)."""
+    global _recent_bounds
+    now = time.monotonic()
+    recent = _recent_bounds
+    if needed is not None and recent is not None and recent[1] and now - recent[0] < RECENT_SECONDS \
+            and needed * SMALL_SHARE < min(recent[1].values()):
+        return recent[1]
+    bounds = available_bounds()
+    _recent_bounds = (now, bounds)
+    return bounds
+
+
+def budget(limit: Limit = None, needed: int | None = None) -> Budget:
+    """The budget in force for an explicit ``limit`` (see the module docstring); ``needed``, the bytes
+    the caller is about to check, lets a small check reuse a recent reading of the machine."""
     given, value = _coerce(limit, "memory_limit")
     if given:
         return Budget(value, "memory_limit" if value is not None else "no limit")
@@ -169,7 +194,7 @@ def budget(limit: Limit = None) -> Budget:
     if env is not None and env.strip():
         given, value = _coerce(env, ENV_VAR)
         return Budget(value, ENV_VAR if value is not None else "no limit")
-    bounds = available_bounds()
+    bounds = _measured_bounds(needed)
     if not bounds:
         return Budget(None, "no limit")
     source = min(bounds, key=bounds.__getitem__)

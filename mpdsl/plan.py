@@ -16,6 +16,7 @@ from mpdsl.types import ITEMSIZE, Domain, Space, TensorType
 
 LAYOUT_MODES = ("auto", "reorder", "none")
 REORDER_MIN_NODES = 50_000  # below this the node features fit in the last-level cache anyway
+SORT_MIN_EDGES = 65_536  # below this "auto" keeps the edge order: per-edge values fit in cache anyway
 LOCALITY_WINDOW = 64  # an edge is local when |src - dst| < N / LOCALITY_WINDOW
 SAMPLE_EDGES = 4096  # edges the layout estimate reads
 NEIGHBOURS_READ = 32  # in-neighbours per sampled endpoint the estimate compares
@@ -275,13 +276,28 @@ def fixed_order_reason(program: Program) -> str | None:
 
 def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | None:
     """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph."""
-    if fixed_order_reason(program) is not None:
+    fixed, graph_ops, per_edge_by_dst = _layout_facts(program)
+    if fixed or not graph_ops or graph.num_nodes == 0:
         return None
-    if not any(OPS[v.op].has(Trait.GRAPH) for v in program.values) or graph.num_nodes == 0:
-        return None
-    per_edge_by_dst = any(OPS[v.op].has(Trait.EDGE_ORDER) and v.attr["by"] == "dst"
-                          and any(o.type.domain is Domain.EDGE for o in v.operands) for v in program.values)
     return graph.cached(("layout", mode, per_edge_by_dst), lambda: _decide_layout(graph, mode, per_edge_by_dst))
+
+
+_LAYOUT_FACTS: dict[int, tuple[Program, tuple[bool, bool, bool]]] = {}
+
+
+def _layout_facts(program: Program) -> tuple[bool, bool, bool]:
+    """(the program runs its graph in the given order (``fixed_order_reason``), it has graph ops, it
+    reduces edge values by destination), kept per program (immutable; a batch loop asks at each call)."""
+    known = _LAYOUT_FACTS.get(id(program))
+    if known is not None and known[0] is program:
+        return known[1]
+    facts = (fixed_order_reason(program) is not None, any(OPS[v.op].has(Trait.GRAPH) for v in program.values),
+             any(OPS[v.op].has(Trait.EDGE_ORDER) and v.attr["by"] == "dst"
+                 and any(o.type.domain is Domain.EDGE for o in v.operands) for v in program.values))
+    if len(_LAYOUT_FACTS) >= 256:
+        _LAYOUT_FACTS.clear()
+    _LAYOUT_FACTS[id(program)] = (program, facts)
+    return facts
 
 
 def node_order(graph: Graph, mode: str) -> LayoutDecision:
@@ -299,7 +315,7 @@ def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool) -> GraphLayou
     nodes = node_order(graph, mode)
     reasons = [nodes.reason]
     edge_perm = None
-    if mode != "none" and per_edge_by_dst and graph.num_edges:
+    if mode != "none" and per_edge_by_dst and graph.num_edges and (mode != "auto" or graph.num_edges >= SORT_MIN_EDGES):
         def sorted_edges() -> np.ndarray | None:
             dst = graph.dst if nodes.order is None else nodes.order.inverse[graph.dst]
             perm = np.argsort(dst, kind="stable")
@@ -507,12 +523,10 @@ def space_rows(program: Program, graph=None) -> dict[Space, int]:
         for s in program.edge_sets:
             rows[Space(Domain.EDGE, s.name)] = (edge_graph(graph, program, s.name).num_edges
                                                 if isinstance(graph, Graph) else graph.edge_set_rows[s.name])
-    for v in program.values:
-        if v.type.domain is Domain.NODE and v.type.rowset:
-            space = v.type.space
-            if space not in rows:
-                rows[space] = (ASSUMED_NODES if graph is None or not hasattr(graph, "num_type_nodes")
-                               else graph.num_type_nodes(space.name))
+    for space in program.row_spaces:
+        if space.domain is Domain.NODE and space.name and space not in rows:
+            rows[space] = (ASSUMED_NODES if graph is None or not hasattr(graph, "num_type_nodes")
+                           else graph.num_type_nodes(space.name))
     rows[Space(Domain.PARAM)] = 1
     return rows
 

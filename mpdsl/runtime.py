@@ -144,7 +144,6 @@ class CompiledModel:
         # How the model is compiled (target: "cpu" / "gpu", default the backend's) and its programs.
         self.context = CompileContext(program, backend, target=target, optimize=optimize, passes=passes,
                                       layout=layout)
-        self._planned: tuple[tuple, Program, list[tuple[Value, int]]] | None = None  # planned_bytes' last answer
         self._row_bytes: dict[int, tuple[Program, dict]] = {}  # program id -> (program, _bytes_per_row's answers)
         self.ast = ast
         self.source_name = source_name
@@ -649,22 +648,26 @@ class CompiledModel:
         plan's bytes materialised (``--emit plan``), less the values the backend computes one
         block of rows at a time (row groups). The NumPy backend keeps them all until the run ends."""
         rows = space_rows(program, graph)
-        key = (id(program), tuple(rows.items()), tuple(sorted(dims.items())))
-        if self._planned is not None and self._planned[0] == key and self._planned[1] is program:
-            return self._planned[2]  # the same program on a graph of the same sizes: every run of a full batch
-        min_rows = getattr(self.backend, "fuse_min_rows", None)
-        blocked = frozenset(s for s, n in rows.items() if min_rows is not None and n >= min_rows)
-        per_row = self._bytes_per_row(program, dims, blocked)
-        planned = [(v, rows[space] * nbytes) for v, space, nbytes in per_row]
-        self._planned = (key, program, planned)
-        return planned
+        per_row, _ = self._bytes_per_row(program, dims, self._blocked(rows))
+        return [(v, rows[space] * nbytes) for v, space, nbytes in per_row]
 
-    def _bytes_per_row(self, program: Program, dims: Mapping[str, int],
-                       blocked: frozenset[Space]) -> list[tuple[Value, Space, int]]:
-        """(value, space, bytes per row) of each value ``planned_bytes`` counts, for the row groups
-        that run block by block (``blocked``: the spaces whose rows reach the backend's
-        ``fuse_min_rows``): the same for every graph of the same blocking, so kept per (program, dims,
-        blocking) while the program lives (batches of changing sizes share it)."""
+    def planned_total(self, program: Program, graph: Graph | GraphSizes, dims: Mapping[str, int]) -> int:
+        """The sum of ``planned_bytes`` (from per-space sums: a run's check does not list the values)."""
+        rows = space_rows(program, graph)
+        _, per_space = self._bytes_per_row(program, dims, self._blocked(rows))
+        return sum(rows[space] * nbytes for space, nbytes in per_space.items())
+
+    def _blocked(self, rows: Mapping[Space, int]) -> frozenset[Space]:
+        """The spaces whose row groups the backend runs block by block (rows reaching ``fuse_min_rows``)."""
+        min_rows = getattr(self.backend, "fuse_min_rows", None)
+        return frozenset(s for s, n in rows.items() if min_rows is not None and n >= min_rows)
+
+    def _bytes_per_row(self, program: Program, dims: Mapping[str, int], blocked: frozenset[Space]
+                       ) -> tuple[list[tuple[Value, Space, int]], dict[Space, int]]:
+        """(value, space, bytes per row) of each value ``planned_bytes`` counts, and their sum per
+        space, for the row groups that run block by block (``blocked``): the same for every graph of
+        the same blocking, so kept per (program, dims, blocking) while the program lives (batches of
+        changing sizes share it)."""
         key = (tuple(sorted(dims.items())), blocked)
         cached = self._row_bytes.get(id(program))
         if cached is None or cached[0] is not program:
@@ -679,30 +682,33 @@ class CompiledModel:
                 members, exports = getattr(step, "members", None), getattr(step, "exports", ())
                 if members is not None and step.space in blocked:
                     blockwise |= {id(v) for v in members} - {id(v) for v in exports}
-        known = []
+        per_row = []
+        per_space: dict[Space, int] = {}
         for v in program.values:
             if not runs_a_kernel(v) or id(v) in blockwise:
                 continue
             shape = tuple(d.substitute(dims).value for d in v.type.shape)
-            known.append((v, v.type.space, memory.array_bytes(shape, ITEMSIZE[v.type.dtype])))
-        cached[1][key] = known
+            nbytes = memory.array_bytes(shape, ITEMSIZE[v.type.dtype])
+            per_row.append((v, v.type.space, nbytes))
+            per_space[v.type.space] = per_space.get(v.type.space, 0) + nbytes
+        known = cached[1][key] = (per_row, per_space)
         return known
 
     def check_run_memory(self, program: Program, graph: Graph | GraphSizes, dims: Mapping[str, int]) -> None:
         """Refuse a run whose planned peak (``planned_bytes`` plus the graph's CSR index arrays)
         exceeds the memory budget, naming its largest value, before anything is allocated."""
-        allowed = memory.budget(self.memory_limit)
+        if isinstance(graph, Graph) and any(s.kind != "input" for s in program.edge_sets):
+            resolve_edge_sets(graph, program.edge_sets, self.memory_limit)  # derived sets: refused before built
+        total = self.planned_total(program, graph, dims) + graph_index_bytes(graph) + edge_set_bytes(program, graph)
+        allowed = memory.budget(self.memory_limit, needed=total)
         if allowed.limit is None:
             return
-        if isinstance(graph, Graph):  # the derived sets, each refused before it is built over the budget
-            resolve_edge_sets(graph, program.edge_sets, self.memory_limit)
-        planned = self.planned_bytes(program, graph, dims)
-        total = sum(nbytes for _, nbytes in planned) + graph_index_bytes(graph) + edge_set_bytes(program, graph)
         # Arrays the backend keeps from earlier runs are reused, but count as used in the available memory.
         reusable = getattr(getattr(self.backend, "pool", None), "held_bytes", 0) \
             if allowed.source in memory.DEFAULT_SOURCES else 0
         if allowed.allows(total - reusable):
             return
+        planned = self.planned_bytes(program, graph, dims)
         sizes = f"{graph.num_nodes} nodes, {graph.num_edges} edges"
         message = (f"running '{self.name}' on this graph ({sizes}) needs about {memory.format_bytes(total)}, "
                    f"over {allowed.describe()}")

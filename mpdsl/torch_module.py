@@ -149,7 +149,7 @@ class RunSpec:
         """``t``'s memory as a NumPy array (no copy). A parameter's view is kept and made again only
         when the parameter is another tensor or its storage moved: a view keeps its tensor's storage
         alive, so an unchanged (id, data pointer, shape, strides, dtype) is the same memory."""
-        if name not in self.tensors or name not in self.arguments(self.forward)[1]:
+        if name not in self._persistent:
             return t.detach().numpy()  # only parameters persist between calls: the others are not kept
         known = self._views.get(name)
         key = (id(t), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
@@ -158,6 +158,11 @@ class RunSpec:
         array = t.detach().numpy()
         self._views[name] = (*key, array)
         return array
+
+    @functools.cached_property
+    def _persistent(self) -> frozenset[str]:
+        """The op's tensors that are parameters of the forward program (their views are kept)."""
+        return frozenset(self.tensors) & frozenset(self.arguments(self.forward)[1])
 
     def graph_layout(self, graph: Graph) -> GraphLayout | None:
         """The graph layout this spec runs ``graph`` in (chosen for its forward program, once per graph)."""
@@ -413,7 +418,7 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
     and undone on the outputs in ``restore``."""
     backend = spec.backend
     if _is_numpy(backend):
-        devices = {t.device.type for t in named.values()}
+        devices = {"cpu"} if all(t.is_cpu for t in named.values()) else {t.device.type for t in named.values()}
         if devices - {"cpu"}:
             raise BackendError(f"the {backend.name} backend runs on the CPU, but the module's tensors are on "
                                f"{', '.join(sorted(devices - {'cpu'}))}",
@@ -434,7 +439,8 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
         if layout is not None:
             back = {n: outputs[n] for n in restore if n in outputs}
             outputs.update(layout.restore(back, spec.types))
-        result = {n: torch.from_numpy(np.require(a, requirements='C')) for n, a in outputs.items()}
+        result = {n: torch.from_numpy(a if isinstance(a, np.ndarray) and a.flags.c_contiguous
+                                      else np.require(a, requirements='C')) for n, a in outputs.items()}
         result.update({f"state:{n}": torch.from_numpy(np.array(a)) for n, a in updates.items()})
         return result
     spec.last_layout = None

@@ -3,6 +3,7 @@ declared sizes before parameters are initialised and before a run."""
 
 import subprocess
 import sys
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -44,8 +45,33 @@ def test_parse_size_refuses_other_text(text):
         memory.parse_size(text)
 
 
+def fake_machine(monkeypatch, available: int) -> list[int]:
+    """The machine's available memory as ``available`` bytes from now on (no earlier reading kept);
+    the list returned counts the readings."""
+    readings: list[int] = []
+    monkeypatch.setattr(memory, "_recent_bounds", None)
+    monkeypatch.setattr(memory, "available_bounds", lambda: readings.append(1) or {memory.AVAILABLE: available})
+    return readings
+
+
+def test_a_small_check_reuses_a_recent_reading_of_the_machine(monkeypatch):
+    monkeypatch.delenv(memory.ENV_VAR, raising=False)
+    readings = fake_machine(monkeypatch, 1 << 30)
+    assert memory.budget(needed=1 << 20).limit == 1 << 30
+    assert memory.budget(needed=1 << 20).limit == 1 << 30
+    assert len(readings) == 1, "a small check within a second of a reading reuses it"
+    memory.budget(needed=(1 << 30) // memory.SMALL_SHARE)
+    assert len(readings) == 2, "a check of 1/16 of the reading or more reads the machine again"
+    memory.budget()
+    assert len(readings) == 3, "a check that does not say what it needs reads the machine"
+    now = time.monotonic()
+    monkeypatch.setattr(memory.time, "monotonic", lambda: now + memory.RECENT_SECONDS)
+    memory.budget(needed=1)
+    assert len(readings) == 4, "a reading a second old is not reused"
+
+
 def test_budget_precedence(monkeypatch):
-    monkeypatch.setattr(memory, "available_bounds", lambda: {memory.AVAILABLE: 5 << 30})
+    fake_machine(monkeypatch, 5 << 30)
     monkeypatch.delenv(memory.ENV_VAR, raising=False)
     assert memory.budget() == memory.Budget(5 << 30, "the machine's available memory")
     monkeypatch.setenv(memory.ENV_VAR, "2G")
@@ -188,7 +214,7 @@ def test_buffers_kept_for_reuse_count_towards_the_available_memory(monkeypatch):
     rng = np.random.default_rng(0)
     graph = mpdsl.Graph.from_arrays(rng.integers(0, 1000, (2, 200_000)), 1000, x=rng.normal(size=(1000, 16)))
     monkeypatch.delenv(memory.ENV_VAR, raising=False)
-    monkeypatch.setattr(memory, "available_bounds", lambda: {memory.AVAILABLE: 10 << 20})  # the run needs about 15.3 MiB
+    fake_machine(monkeypatch, 10 << 20)  # the run needs about 15.3 MiB
     model = mpdsl.compile(EDGE_PRODUCT)
     model.backend = type(model.backend)()  # a backend of its own, with an empty pool
     with pytest.raises(mpdsl.InputError, match="over the memory budget of 10.0 MiB \\(the machine's available"):

@@ -240,3 +240,39 @@ def test_gpu_target_plans_coo_for_sums_onto_sources():
     assert layouts(cpu) == ["csr_dst", "csr_src"]
     assert layouts(gpu) == ["coo", "csr_dst"]
     assert any("COO + atomics" in text for _, text in gpu_ctx.notes)
+
+
+PRODUCT_USED_TWICE = """program @p dims() {
+  %a = input : node[3] f64
+  %b = input : node[4] f64
+  %c = input : node[4] f64
+  %W = param {init="default"} : param[4, 2] f64
+  %m = mul %b, %c : node[4] f64
+  %o = matmul %m, %W : node[2] f64
+  %g = contract_rows %a, %c, %b {spec="a,b,b->ab"} : param[3, 4] f64
+  %s = contract_rows %c, %b {spec="a,a->a"} : param[4] f64
+  %t = contract_rows %a, %b {spec="a,b->ab"} : param[3, 4] f64
+  return %o as o, %g as g, %s as s, %t as t
+}
+"""
+
+
+def test_reuse_products_reads_a_computed_product():
+    from mpdsl.ir import parse_program, verify
+    program = verify(parse_program(PRODUCT_USED_TWICE))
+    optimized, ctx = optimize(program, ["reuse_products"], verify_each=True)
+    text = print_program(optimized)
+    filecheck(text, """CHECK: %0 = mul %b, %c
+CHECK: contract_rows %a, %0 {spec="a,b->ab"} : param[3, 4]
+CHECK-NEXT: contract_rows %0 {spec="a->a"} : param[4]
+CHECK-NEXT: contract_rows %a, %b {spec="a,b->ab"} : param[3, 4]""")
+    assert any("read a product already computed" in note for _, note in ctx.notes)
+    rng = np.random.default_rng(0)
+    graph = mpdsl.Graph.from_arrays(np.array([[0, 1], [1, 2]]), 5)
+    inputs = {name: rng.normal(size=(5, width)) for name, width in (("a", 3), ("b", 4), ("c", 4))}
+    params = {"W": rng.normal(size=(4, 2))}
+    backend = mpdsl.backends.get_backend("numpy")
+    before = backend.run(program, graph, inputs, params, {})
+    after = backend.run(optimized, graph, inputs, params, {})
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-12)

@@ -82,7 +82,8 @@ def _load_passes() -> None:
 
 DEFAULT_PIPELINE = [
     "constant_folding", "canonicalize", "cse", "hoist_gathers", "reorder_linear", "hoist_gathers", "cse",
-    "typed_matmul", "fuse_attention", "fuse_message_aggregate", "fuse_match_aggregate", "cse", "dce", "select_layout",
+    "typed_matmul", "fuse_attention", "fuse_message_aggregate", "fuse_match_aggregate", "reuse_products", "cse", "dce",
+    "select_layout",
 ]
 
 

@@ -1,5 +1,5 @@
 """Clean-up passes: dead-code elimination, common-subexpression elimination, constant folding,
-canonicalization."""
+canonicalization, reuse of computed products."""
 
 from __future__ import annotations
 
@@ -141,4 +141,55 @@ class Canonicalize(Pass):
         result, _ = rewrite(program, {"einsum": [product], "aggregate": [aggregate_of_reshape]})
         if changed:
             ctx.note(self.name, f"rewrote {changed} value(s) into their canonical form")
+        return result
+
+
+@register
+class ReuseProducts(Pass):
+    """A contraction (``contract_rows``, ``einsum``) of two operands with the same subscripts and type
+    reads their product when the program already computes it (``mul`` of the two, of their type):
+    sum_r a_r (b_r c_r) with ``m = b * c`` computed for another use becomes sum_r a_r m_r, and a
+    column sum of b * c the column sum of m. Gradient programs write both: the differentiation
+    merges a product into each contraction it feeds, the product itself feeds the next layer's
+    cotangent. Only products computed before the contraction are read."""
+
+    name = "reuse_products"
+
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        products: dict[frozenset[int], Value] = {}
+        reused = 0
+
+        def record(v: Value, rw: Rewriter) -> None:
+            a, b = v.operands
+            if is_pure(v) and a.type == b.type == v.type:
+                products.setdefault(frozenset((id(a), id(b))), v)
+            return None
+
+        def reuse(v: Value, rw: Rewriter) -> Value | None:
+            nonlocal reused
+            terms, out = parse_subscripts(v.attr["spec"])
+            operands, changed = list(v.operands), False
+            found = True
+            while found:
+                found = False
+                for i in range(len(operands)):
+                    for j in range(i + 1, len(operands)):
+                        a, b = operands[i], operands[j]
+                        m = products.get(frozenset((id(a), id(b)))) if a is not b else None
+                        if m is None or terms[i] != terms[j] or a.type != b.type:
+                            continue
+                        operands = [o for k, o in enumerate(operands) if k not in (i, j)] + [m]
+                        terms = [t for k, t in enumerate(terms) if k not in (i, j)] + [terms[i]]
+                        found = changed = True
+                        break
+                    if found:
+                        break
+            if not changed:
+                return None
+            reused += 1
+            return rw.emit(v.op, operands, {**v.attr, "spec": f"{','.join(terms)}->{out}"}, like=v)
+
+        result, _ = rewrite(program, {"mul": [record], "contract_rows": [reuse], "einsum": [reuse]})
+        if reused:
+            ctx.note(self.name, f"{reused} contraction(s) read a product already computed")
         return result
