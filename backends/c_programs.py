@@ -302,6 +302,7 @@ class _Translation:
         for v in program.values:
             if id(v) in last_use and id(v) not in output_slots:
                 dying.setdefault(last_use[id(v)], []).append(v)
+        placed_in = _reshaped_in_place(program, self.lazy, output_slots)
         slot_of: dict[int, str] = {}
         pointers: dict[str, str] = {}  # value name -> its C declaration's right side
         functions: list[str] = []
@@ -318,16 +319,20 @@ class _Translation:
                 raise Unsupported(f"{v.op}: {C_UNSUPPORTED.get(v.op, 'no C rule')}")
             if id(v) in self.lazy:
                 continue
-            if id(v) in output_slots:
-                pointers[name] = f"(T *)O[{output_slots[id(v)]}]"
+            if v.op == "reshape" and id(v.operands[0]) in placed_in:  # its operand was written in its place
+                pointers[name] = pointers[self.names[id(v.operands[0])]]
             else:
-                slot_of[id(v)] = self.allocate(self.count(v))
-                pointers[name] = f"S[{slot_of[id(v)][1:]}]"
-            self.lines = []
-            rule(self, v, name, [self.names[id(o)] for o in v.operands])
-            function = f"op{len(functions)}"
-            functions.append(self._function(function, f"{name} = {v.op}", pointers))
-            calls.append(f"{function}(A, O, S, R, gemm);")
+                home = placed_in.get(id(v), v)  # where the value is stored: its own buffer, or its reshape's
+                if id(home) in output_slots:
+                    pointers[name] = f"(T *)O[{output_slots[id(home)]}]"
+                else:
+                    slot_of[id(home)] = self.allocate(self.count(v))
+                    pointers[name] = f"S[{slot_of[id(home)][1:]}]"
+                self.lines = []
+                rule(self, v, name, [self.names[id(o)] for o in v.operands])
+                function = f"op{len(functions)}"
+                functions.append(self._function(function, f"{name} = {v.op}", pointers))
+                calls.append(f"{function}(A, O, S, R, gemm);")
             for dead in dying.get(i, []):
                 if id(dead) in slot_of:
                     self.release(slot_of.pop(id(dead)))
@@ -432,6 +437,28 @@ def _inlined_values(tr: _Translation, program: Program, outputs: dict[int, int])
                 and user.attr["reduce"] in ("sum", "mean", "max", "min"):
             lazy.add(id(v))
     return lazy
+
+
+def _reshaped_in_place(program: Program, lazy: set[int], outputs: dict[int, int]) -> dict[int, Value]:
+    """Computed values whose only use is a reshape, not outputs themselves, each mapped to the last
+    reshape of its chain: a reshape keeps the elements in order, so the value is written where that
+    reshape's result lives (its output buffer or its workspace slot) and the reshapes copy nothing."""
+    uses: dict[int, int] = {}
+    for v in program.values:
+        for o in v.operands:
+            uses[id(o)] = uses.get(id(o), 0) + 1
+    next_reshape = {id(v.operands[0]): v for v in program.values if v.op == "reshape"}
+    placed: dict[int, Value] = {}
+    for v in program.values:
+        if v.op in ("input", "param") or v.op in SOURCE_OPS or id(v) in lazy or id(v) in outputs \
+                or uses.get(id(v)) != 1 or id(v) not in next_reshape:
+            continue
+        target = next_reshape[id(v)]
+        while target.op == "reshape" and id(target) not in outputs and uses.get(id(target)) == 1 \
+                and id(target) in next_reshape:
+            target = next_reshape[id(target)]
+        placed[id(v)] = target
+    return placed
 
 
 def _read(tr: _Translation, o: Value, buffer: str, indices: list[str], body: list[str],

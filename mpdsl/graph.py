@@ -282,7 +282,11 @@ def _segments(ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(indptr [count+1], perm) grouping positions of ``ids`` by id, stable within a group."""
     indptr = np.zeros(count + 1, dtype=np.int64)
     np.cumsum(np.bincount(ids, minlength=count), out=indptr[1:])
-    if count * len(ids) < _INT64_MAX:  # (id, position) keys are distinct: any sort of them is stable
+    if not len(ids) or bool((ids[1:] >= ids[:-1]).all()):  # already grouped (a batch vector, edges by source)
+        perm = np.arange(len(ids), dtype=np.int64)
+    elif count <= 1 << 16:  # ids fit 16 bits: NumPy's stable sort of them is a radix sort
+        perm = np.argsort(ids.astype(np.uint16), kind="stable")
+    elif count * len(ids) < _INT64_MAX:  # (id, position) keys are distinct: any sort of them is stable
         perm = np.argsort(ids * len(ids) + np.arange(len(ids)))
     else:
         perm = np.argsort(ids, kind="stable")

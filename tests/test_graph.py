@@ -677,3 +677,20 @@ def test_batch_errors():
     wide = a.with_data(x=np.zeros((2, 4), dtype=np.float32))
     graph_error(lambda: Graph.batch([a, a, wide]), "graph 2", "x")
     graph_error(lambda: Graph.batch([a, "not a graph"]), "graph 1")
+
+
+@pytest.mark.parametrize("count", [1, 7, 1 << 16, (1 << 16) + 1, 1 << 20])
+@pytest.mark.parametrize("order", ["random", "sorted", "runs"])
+def test_grouping_by_id_is_a_stable_sort(count, order):
+    """The CSR grouping (``_segments``) on each of its paths: ids already grouped, ids of 16 bits
+    (a radix sort) and larger ids (distinct (id, position) keys)."""
+    from mpdsl.graph import _segments
+    rng = np.random.default_rng(count)
+    ids = rng.integers(0, count, 3000)
+    if order == "sorted":
+        ids.sort()
+    elif order == "runs":
+        ids = np.sort(ids.reshape(30, 100), axis=1).ravel()
+    indptr, perm = _segments(ids, count)
+    np.testing.assert_array_equal(perm, np.argsort(ids, kind="stable"))
+    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=count))]))
