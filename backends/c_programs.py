@@ -68,7 +68,7 @@ C_UNSUPPORTED: dict[str, str] = {
        for name in ("attention", "segment_logsumexp", "attention_score_grad", "attention_value_grad", "match_gspmm",
                     "global_attention", "global_attention_query_grad", "global_attention_key_grad")},
 }
-SOURCE_OPS = ("const", "degree", "arange", "linspace")  # run by their NumPy rule, passed in
+SOURCE_OPS = ("const", "arange", "linspace")  # run by their NumPy rule, passed in
 MAX_INLINED_CHAIN = 32  # values computed inside one consumer's loop, at most, along a chain of operands
 MAX_OPS = 1500  # larger programs run op by op (the compiler's time grows with the op count)
 
@@ -177,6 +177,17 @@ static inline T mp_softplus(T x) {  /* numpy's logaddexp(0, x) */
     if (x <= 0) return log1p(exp(x));
     return x;
 }
+#define MP_I64 ((int64_t)(sizeof(int64_t) / sizeof(T)))  /* T elements per int64 of a workspace slot */
+/* indptr [count + 1] and perm [n]: the positions of ids grouped by id, in order within a group (a
+   stable counting sort; ids in [0, count)) */
+static void mp_group(const int64_t *ids, int64_t n, int64_t count, int64_t *indptr, int64_t *perm) {
+    memset(indptr, 0, sizeof(int64_t) * (size_t)(count + 1));
+    for (int64_t i = 0; i < n; i++) indptr[ids[i] + 1]++;
+    for (int64_t c = 0; c < count; c++) indptr[c + 1] += indptr[c];
+    for (int64_t i = n - 1; i >= 0; i--) perm[--indptr[ids[i] + 1]] = i;  /* indptr[c + 1]: start of c */
+    for (int64_t c = 0; c < count; c++) indptr[c] = indptr[c + 1];
+    indptr[count] = n;
+}
 /* row-major C[m x n] = op(A) op(B) through column-major gemm: C^T = op(B)^T op(A)^T */
 static void mp_gemm(gemm_t gemm, int ta, int tb, int64_t m, int64_t n, int64_t k,
                     const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) {
@@ -199,8 +210,8 @@ class Unsupported(Exception):
 @dataclass(frozen=True)
 class External:
     """An array the C function reads: ``kind`` "input" / "param" (by name), "source" (a source value,
-    computed by its NumPy rule), "index" (edge set, "src" / "dst" / "batch"), "csr" (by, edge set:
-    indptr then perm), "segments" (by graph: indptr then perm)."""
+    computed by its NumPy rule) or "index" (edge set, "src" / "dst" / "batch"); the program groups
+    rows by an index itself (``_Translation.segments``)."""
 
     kind: str
     key: tuple
@@ -224,6 +235,9 @@ class _Translation:
         self.counter = 0
         self.output_values: list[Value] = []
         self.lazy: set[int] = set()  # values computed inside their one consumer's loop (never stored)
+        self.functions: list[str] = []  # the C functions, in the order of their calls
+        self.calls: list[str] = []
+        self.groupings: dict[tuple[str, str], tuple[str, str]] = {}  # (by, edges) -> (indptr, perm) in C
 
     # -- bookkeeping
     def shape(self, v: Value) -> tuple[int, ...]:
@@ -259,10 +273,29 @@ class _Translation:
         return self.external(External("index", (edges, index)), "const int64_t")
 
     def segments(self, by: str, edges: str) -> tuple[str, str]:
-        kind = "segments" if by == "graph" else "csr"
-        indptr = self.external(External(kind, (by, edges, "indptr")), "const int64_t")
-        perm = self.external(External(kind, (by, edges, "perm")), "const int64_t")
-        return indptr, perm
+        """C expressions of (indptr, perm) grouping the rows of edge set ``edges`` by their ``by`` end
+        ("dst", "src"), or the nodes by graph ("graph"): computed by the program itself, by a stable
+        counting sort of the index, before the first op that reads them (no grouping per batch graph
+        in NumPy), into a workspace slot kept to the end of the run."""
+        known = self.groupings.get((by, edges))
+        if known is not None:
+            return known
+        if by == "graph":
+            ids, n, count = (self.graph_index("", "batch"), self.rows(Space(Domain.NODE)),
+                             self.rows(Space(Domain.GRAPH)))
+        else:
+            ids, n, count = (self.graph_index(edges, by), self.rows(Space(Domain.EDGE, edges)),
+                             self.rows(Space(Domain.NODE)))
+        slot = self.allocate(f"(({count}) + 1 + ({n})) * MP_I64")  # never released: any later op may read it
+        indptr = f"((int64_t *)S[{slot[1:]}])"
+        perm = f"({indptr} + ({count}) + 1)"
+        function = f"group{len(self.groupings)}"
+        saved, self.lines = self.lines, [f"mp_group({ids}, {n}, {count}, {indptr}, {perm});"]
+        self.functions.append(self._function(function, f"rows of {edges or 'edge'} grouped by {by}", {}))
+        self.calls.append(f"{function}(A, O, S, R, gemm);")
+        self.lines = saved
+        self.groupings[(by, edges)] = (f"((const int64_t *){indptr})", f"((const int64_t *){perm})")
+        return self.groupings[(by, edges)]
 
     # -- the program
     def translate(self) -> str:
@@ -305,8 +338,7 @@ class _Translation:
         placed_in = _reshaped_in_place(program, self.lazy, output_slots)
         slot_of: dict[int, str] = {}
         pointers: dict[str, str] = {}  # value name -> its C declaration's right side
-        functions: list[str] = []
-        calls: list[str] = []
+        functions, calls = self.functions, self.calls
         for i, v in enumerate(program.values):
             name = f"v{len(self.names)}"
             self.names[id(v)] = name
@@ -759,6 +791,15 @@ def _batch_norm(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
             *closes)
 
 
+def _degree(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
+    """Each node's count of edges of the set into it ("in") or out of it ("out"), multi-edges counted."""
+    edges = v.attr["edges"]
+    ids = tr.graph_index(edges, "dst" if v.attr["dir"] == "in" else "src")
+    i, e = tr.fresh("i"), tr.fresh("i")
+    tr.emit(f"for (int64_t {i} = 0; {i} < {tr.rows(v.type.space)}; {i}++) {out}[{i}] = 0;",
+            f"for (int64_t {e} = 0; {e} < {tr.rows(Space(Domain.EDGE, edges))}; {e}++) {out}[{ids}[{e}]] += 1;")
+
+
 def _gather(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     index = tr.graph_index(v.attr["edges"], v.attr["index"])
     width = feature_width(tr.shape(v))
@@ -864,7 +905,7 @@ def _reduce(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
 C_RULES: dict[str, Callable[[_Translation, Value, str, list[str]], None]] = {
     **{op: _elementwise for op in COMPUTED_OPS},
     "matmul": _matmul, "einsum": _einsum, "contract_rows": _contract_rows, "aggregate": _aggregate,
-    "gspmm": _gspmm, "gather": _gather, "reshape": _copy, "broadcast": _broadcast, "select": _select,
+    "gspmm": _gspmm, "gather": _gather, "degree": _degree, "reshape": _copy, "broadcast": _broadcast, "select": _select,
     "slice": _slice, "pad": _pad, "concat": _concat, "reduce": _reduce, "softmax": _softmax,
     "axis_softmax": _axis_softmax, "dropout": _dropout, "batch_norm": _batch_norm,
 }
@@ -1035,20 +1076,10 @@ class CompiledProgram:
             return self._contiguous(ctx.params[ext.key[0]])
         if ext.kind == "source":
             return self._contiguous(source_values(sources[ext.key[0]]))
-        if ext.kind == "index":
-            edges, index = ext.key
-            g = edge_graph(ctx.graph, self.program, edges)
-            return g.cached(("c_programs.index", index),
-                            lambda: np.ascontiguousarray(gather_index(g, index), dtype=np.int64))
-        by, edges, part = ext.key
+        edges, index = ext.key  # "index"
         g = edge_graph(ctx.graph, self.program, edges)
-
-        def build() -> tuple[np.ndarray, np.ndarray]:
-            indptr, perm = {"dst": g.csr_by_dst, "src": g.csr_by_src, "graph": g.segments_by_graph}[by]()
-            return np.ascontiguousarray(indptr, dtype=np.int64), np.ascontiguousarray(perm, dtype=np.int64)
-
-        indptr, perm = g.cached(("c_programs.segments", by), build)
-        return indptr if part == "indptr" else perm
+        return g.cached(("c_programs.index", index),
+                        lambda: np.ascontiguousarray(gather_index(g, index), dtype=np.int64))
 
 
 def translate(program: Program, dims: dict[str, int], training: bool = False) -> _Translation:

@@ -411,19 +411,22 @@ def _from_graph(graph: Graph, arrays: dict[str, np.ndarray]) -> frozenset[str]:
     return frozenset(same)
 
 
-def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.Tensor],
-         laid_out: frozenset[str], restore: frozenset[str]) -> dict[str, torch.Tensor]:
+def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, Any],
+         laid_out: frozenset[str], restore: frozenset[str], arrays_out: frozenset[str] = frozenset()
+         ) -> dict[str, Any]:
     """Run ``program`` on the backend: named tensors in, named tensors out. On the CPU target the
     layout (node order) chosen for ``spec.forward`` is applied to the row inputs not in ``laid_out``
-    and undone on the outputs in ``restore``."""
+    and undone on the outputs in ``restore``. On the NumPy backend, named inputs may be NumPy arrays
+    and the outputs in ``arrays_out`` stay arrays (an eager call's residuals: torch never sees them)."""
     backend = spec.backend
     if _is_numpy(backend):
-        devices = {"cpu"} if all(t.is_cpu for t in named.values()) else {t.device.type for t in named.values()}
+        tensors = [t for t in named.values() if isinstance(t, torch.Tensor)]
+        devices = {"cpu"} if all(t.is_cpu for t in tensors) else {t.device.type for t in tensors}
         if devices - {"cpu"}:
             raise BackendError(f"the {backend.name} backend runs on the CPU, but the module's tensors are on "
                                f"{', '.join(sorted(devices - {'cpu'}))}",
                                "keep the module on the CPU (module.to('cpu')), or compile with backend='triton'")
-        arrays = {n: spec.view(n, t) for n, t in named.items()}  # views: no copies
+        arrays = {n: spec.view(n, t) if isinstance(t, torch.Tensor) else t for n, t in named.items()}  # no copies
         layout = spec.graph_layout(graph)
         spec.last_layout = layout
         run_graph = graph
@@ -439,8 +442,9 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
         if layout is not None:
             back = {n: outputs[n] for n in restore if n in outputs}
             outputs.update(layout.restore(back, spec.types))
-        result = {n: torch.from_numpy(a if isinstance(a, np.ndarray) and a.flags.c_contiguous
-                                      else np.require(a, requirements='C')) for n, a in outputs.items()}
+        result = {n: a if n in arrays_out else torch.from_numpy(
+            a if isinstance(a, np.ndarray) and a.flags.c_contiguous else np.require(a, requirements='C'))
+            for n, a in outputs.items()}
         result.update({f"state:{n}": torch.from_numpy(np.array(a)) for n, a in updates.items()})
         return result
     spec.last_layout = None
@@ -451,9 +455,15 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, torch.T
     return outputs
 
 
-def _distinct(tensors: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Outputs of a custom op may alias neither its inputs nor each other: clone those that do."""
-    seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+def _memory_start(t: torch.Tensor | np.ndarray) -> int:
+    """Where a tensor's storage, or an array's data, starts."""
+    return t.__array_interface__["data"][0] if isinstance(t, np.ndarray) else t.untyped_storage().data_ptr()
+
+
+def _distinct(tensors: list[torch.Tensor], inputs: list[Any]) -> list[torch.Tensor]:
+    """Outputs of a custom op may alias neither its inputs (tensors, or the arrays an eager call keeps
+    for its backward) nor each other: clone those that do."""
+    seen = {_memory_start(t) for t in inputs if (t.size if isinstance(t, np.ndarray) else t.numel())}
     result = []
     for t in tensors:
         if t.numel():
@@ -533,6 +543,15 @@ def run_forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Te
     batch], then the indices of the input edge sets ``spec.input_sets``) with ``tensors`` (named by
     ``spec.tensors``): its outputs, residuals and running statistics. ``set_rows``: the edges of each
     edge set of the program (for the shapes of the fake kernel)."""
+    s, named, outputs = _forward(spec, structure, tensors, num_nodes, num_graphs, set_rows)
+    return _distinct(_forward_results(s, named, outputs), list(tensors) + list(structure))
+
+
+def _forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
+             num_graphs: int, set_rows: list[int], arrays_out: bool = False
+             ) -> tuple[RunSpec, dict[str, torch.Tensor], dict[str, Any]]:
+    """``run_forward``'s run: (the spec, the named tensors, the named results); with ``arrays_out``
+    the residuals stay NumPy arrays on the NumPy backend."""
     s = read_spec(spec)
     named = dict(zip(s.tensors, tensors))
     graph = graph_of(structure, num_nodes, s.input_sets, _type_counts(s, set_rows))
@@ -541,8 +560,9 @@ def run_forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Te
         raise InputError(f"num_graphs is {num_graphs} but batch holds {graph.num_graphs} graphs",
                          "pass num_graphs=batch.max() + 1, or leave it out")
     with torch.autocast(structure[0].device.type, enabled=False):
-        outputs = _run(s, s.forward, graph, named, frozenset(), frozenset(s.outputs))
-    return _distinct(_forward_results(s, named, outputs), list(tensors) + list(structure))
+        outputs = _run(s, s.forward, graph, named, frozenset(), frozenset(s.outputs),
+                       frozenset(s.residuals) if arrays_out else frozenset())
+    return s, named, outputs
 
 
 def run_backward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor],
@@ -593,6 +613,7 @@ def _setup_context(ctx, inputs, output):
     ctx.counts = (len(structure), len(tensors))
     ctx.outputs = [(o.shape, o.dtype, o.device) for o in outputs]
     ctx.save_for_backward(*structure, *tensors, *residuals)
+    ctx.residuals = None  # saved with the tensors
 
 
 def _gradients(ctx, grads, backward) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -605,7 +626,7 @@ def _gradients(ctx, grads, backward) -> tuple[list[torch.Tensor | None], list[to
     saved = ctx.saved_tensors
     n_structure, n_tensors = ctx.counts
     structure, tensors = list(saved[:n_structure]), list(saved[n_structure:n_structure + n_tensors])
-    residuals = list(saved[n_structure + n_tensors:])
+    residuals = list(saved[n_structure + n_tensors:]) if ctx.residuals is None else ctx.residuals
     cotangents = []
     for name, grad, (shape, dtype, device) in zip(s.outputs, grads, ctx.outputs):
         if s.types[name].is_float:
@@ -625,17 +646,26 @@ run_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerRun(torch.autograd.Function):
-    """``torch.ops.mpdsl.run`` for eager calls: the same forward, context and backward."""
+    """``torch.ops.mpdsl.run`` for eager calls: the same forward and backward, with the residuals
+    kept on the autograd context, not returned (on the NumPy backend as the arrays the run made:
+    no tensors, no autograd bookkeeping for them). Returns the outputs, then the running statistics."""
 
     @staticmethod
     def forward(ctx, spec: str, num_structure: int, num_nodes: int, num_graphs: int, set_rows: list[int],
                 *flat: torch.Tensor):
         structure, tensors = list(flat[:num_structure]), list(flat[num_structure:])
-        results = run_forward(spec, structure, tensors, num_nodes, num_graphs, set_rows)
-        _setup_context(ctx, (spec, structure, tensors, num_nodes, num_graphs, set_rows), results)
-        ctx.set_materialize_grads(False)  # unused outputs (the residuals) get None, not zero-filled tensors
-        ctx.mark_non_differentiable(*(t for t in results if not t.is_floating_point()))
-        return tuple(results)
+        s, named, results = _forward(spec, structure, tensors, num_nodes, num_graphs, set_rows, arrays_out=True)
+        returned = _distinct([results[n] for n in s.outputs] + [results.get(f"state:{n}", named[n]) for n in s.state],
+                             list(tensors) + list(structure))
+        outputs, state = returned[:len(s.outputs)], returned[len(s.outputs):]
+        ctx.spec, ctx.sizes = spec, (num_nodes, num_graphs, list(set_rows))
+        ctx.counts = (len(structure), len(tensors))
+        ctx.outputs = [(o.shape, o.dtype, o.device) for o in outputs]
+        ctx.save_for_backward(*structure, *tensors)
+        ctx.residuals = [results[n] for n in s.residuals]
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in outputs + state if not t.is_floating_point()), *state)
+        return tuple(outputs + state)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -644,11 +674,15 @@ class _EagerRun(torch.autograd.Function):
 
 
 def call_run(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
-             num_graphs: int, set_rows: list[int]) -> list[torch.Tensor]:
-    """Run ``spec``: the registered op while torch.compile / torch.export trace, else ``_EagerRun``."""
+             num_graphs: int, set_rows: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run ``spec``: (its outputs, its running statistics after the call), by the registered op while
+    torch.compile / torch.export trace, else by ``_EagerRun``."""
+    s = read_spec(spec)
     if torch.compiler.is_compiling():
-        return run_op(spec, structure, tensors, num_nodes, num_graphs, set_rows)
-    return list(_EagerRun.apply(spec, len(structure), num_nodes, num_graphs, set_rows, *structure, *tensors))
+        results = run_op(spec, structure, tensors, num_nodes, num_graphs, set_rows)
+        return list(results[:len(s.outputs)]), list(results[len(s.outputs) + len(s.residuals):])
+    results = _EagerRun.apply(spec, len(structure), num_nodes, num_graphs, set_rows, *structure, *tensors)
+    return list(results[:len(s.outputs)]), list(results[len(s.outputs):])
 
 
 # ---- the module ------------------------------------------------------------------------------
@@ -744,14 +778,13 @@ class MpdslModule(torch.nn.Module):
         if _PENDING and "torch._dynamo" in sys.modules:  # before torch.compile could trace _prepare
             disable_pending()
         call = self._prepare(graph, inputs)
-        results = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs, call.set_rows)
+        outputs, state = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs,
+                                  call.set_rows)
         spec = call.spec
-        state = results[len(spec.outputs) + len(spec.residuals):]
         if state:
             with torch.no_grad():
                 for name, value in zip(spec.state, state):
                     getattr(self, name).copy_(value)
-        outputs = results[:len(spec.outputs)]
         if list(spec.outputs) == ["out"]:
             return outputs[0]
         return dict(zip(spec.outputs, outputs))

@@ -397,3 +397,22 @@ def test_cuda_autocast_compile_and_export(dtype):
     torch.testing.assert_close(compiled(**kwargs), module(**kwargs), rtol=1e-5, atol=1e-6)
     exported = torch.export.export(module, (), kwargs)
     torch.testing.assert_close(exported.module()(**kwargs), module(**kwargs), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("compiled_programs", [True, False], ids=["one-c-function", "op-by-op"])
+def test_a_retained_graph_runs_its_backward_twice(compiled_programs):
+    """An eager call keeps its residuals on the autograd context (NumPy arrays, not op outputs): a
+    graph retained for a second backward reads them again, and each backward adds the same gradient."""
+    from mpdsl.backends.numpy_backend import NumpyBackend
+    model = mpdsl.compile(ROOT / "examples" / "gine.mp", dtype="float64")
+    model.backend = NumpyBackend(compiled_programs=compiled_programs)
+    graph = graph_with_inputs(model)
+    module = model.to_torch(graph)
+    out = module(graph)
+    loss = sum((o ** 2).sum() for o in (out.values() if isinstance(out, dict) else [out]))
+    loss.backward(retain_graph=True)
+    first = {name: p.grad.clone() for name, p in module.named_parameters()}
+    loss.backward()
+    for name, p in module.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), 2 * first[name].numpy(), rtol=1e-12, err_msg=name)
+    assert any(float(g.abs().max()) > 0 for g in first.values())
