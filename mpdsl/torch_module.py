@@ -548,18 +548,20 @@ def run_forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Te
 
 
 def _forward(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
-             num_graphs: int, set_rows: list[int], arrays_out: bool = False
+             num_graphs: int, set_rows: list[int], arrays_out: bool = False, graph: Graph | None = None
              ) -> tuple[RunSpec, dict[str, torch.Tensor], dict[str, Any]]:
     """``run_forward``'s run: (the spec, the named tensors, the named results); with ``arrays_out``
-    the residuals stay NumPy arrays on the NumPy backend."""
+    the residuals stay NumPy arrays on the NumPy backend; ``graph``: the call's graph when the
+    caller has it (an eager call on a ``Graph``: no structure tensors to look it up by)."""
     s = read_spec(spec)
     named = dict(zip(s.tensors, tensors))
-    graph = graph_of(structure, num_nodes, s.input_sets, _type_counts(s, set_rows))
+    if graph is None:
+        graph = graph_of(structure, num_nodes, s.input_sets, _type_counts(s, set_rows))
     _check_values(s, named)
     if graph.num_graphs != num_graphs and any(v.type.domain is Domain.GRAPH for v in s.forward.values):
         raise InputError(f"num_graphs is {num_graphs} but batch holds {graph.num_graphs} graphs",
                          "pass num_graphs=batch.max() + 1, or leave it out")
-    with torch.autocast(structure[0].device.type, enabled=False):
+    with torch.autocast(_device_type(structure, tensors), enabled=False):
         outputs = _run(s, s.forward, graph, named, frozenset(), frozenset(s.outputs),
                        frozenset(s.residuals) if arrays_out else frozenset())
     return s, named, outputs
@@ -571,17 +573,29 @@ def run_backward(spec: str, structure: list[torch.Tensor], tensors: list[torch.T
     """Run the backward program of ``spec``: the gradients of ``spec.differentiated``, from the
     op's tensors, the cotangents of its float outputs (in order) and the forward call's residuals."""
     s = read_spec(spec)
+    graph = graph_of(structure, num_nodes, s.input_sets, _type_counts(s, set_rows))
+    return _backward_on(s, graph, tensors, cotangents, residuals, list(structure))
+
+
+def _backward_on(s: RunSpec, graph: Graph, tensors: list[torch.Tensor], cotangents: list[torch.Tensor],
+                 residuals: list[Any], structure: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``run_backward`` on ``graph``."""
     assert s.backward is not None
     named = dict(zip(s.tensors, tensors))
     floats = [n for n in s.outputs if s.types[n].is_float]
     named.update({f"d_{n}": c for n, c in zip(floats, cotangents)})
     named.update(dict(zip(s.residuals, residuals)))
-    graph = graph_of(structure, num_nodes, s.input_sets, _type_counts(s, set_rows))
-    with torch.autocast(structure[0].device.type, enabled=False):
+    with torch.autocast(_device_type(structure, tensors), enabled=False):
         result = _run(s, s.backward, graph, named, frozenset(s.residuals),
                       frozenset(f"d_{n}" for n in s.differentiated if s.types[n].domain is not Domain.PARAM))
     grads = [result[f"d_{n}"].to(named[n].dtype) for n in s.differentiated]
     return _distinct(grads, list(tensors) + list(cotangents) + list(residuals) + list(structure))
+
+
+def _device_type(structure: list[torch.Tensor], tensors: list[torch.Tensor]) -> str:
+    """The device kind of a call (of its graph tensors, else of its other tensors)."""
+    first = structure[:1] or tensors[:1]
+    return first[0].device.type if first else "cpu"
 
 
 # The registered ops: what torch.compile and torch.export see (eager calls take ``_EagerRun``, the
@@ -652,9 +666,11 @@ class _EagerRun(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: str, num_structure: int, num_nodes: int, num_graphs: int, set_rows: list[int],
-                *flat: torch.Tensor):
+                graph: Graph | None, *flat: torch.Tensor):
         structure, tensors = list(flat[:num_structure]), list(flat[num_structure:])
-        s, named, results = _forward(spec, structure, tensors, num_nodes, num_graphs, set_rows, arrays_out=True)
+        s, named, results = _forward(spec, structure, tensors, num_nodes, num_graphs, set_rows, arrays_out=True,
+                                     graph=graph)
+        ctx.graph = graph
         returned = _distinct([results[n] for n in s.outputs] + [results.get(f"state:{n}", named[n]) for n in s.state],
                              list(tensors) + list(structure))
         outputs, state = returned[:len(s.outputs)], returned[len(s.outputs):]
@@ -669,19 +685,26 @@ class _EagerRun(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        structure, tensors = _gradients(ctx, grads, run_backward)
-        return (None, None, None, None, None, *structure, *tensors)
+        def backward(spec, structure, tensors, cotangents, residuals, *sizes):
+            if ctx.graph is None:
+                return run_backward(spec, structure, tensors, cotangents, residuals, *sizes)
+            return _backward_on(read_spec(spec), ctx.graph, tensors, cotangents, residuals, structure)
+
+        structure, tensors = _gradients(ctx, grads, backward)
+        return (None, None, None, None, None, None, *structure, *tensors)
 
 
 def call_run(spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], num_nodes: int,
-             num_graphs: int, set_rows: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+             num_graphs: int, set_rows: list[int], graph: Graph | None = None
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run ``spec``: (its outputs, its running statistics after the call), by the registered op while
-    torch.compile / torch.export trace, else by ``_EagerRun``."""
+    torch.compile / torch.export trace, else by ``_EagerRun`` (on ``graph`` when given, else on the
+    graph of the structure tensors)."""
     s = read_spec(spec)
     if torch.compiler.is_compiling():
         results = run_op(spec, structure, tensors, num_nodes, num_graphs, set_rows)
         return list(results[:len(s.outputs)]), list(results[len(s.outputs) + len(s.residuals):])
-    results = _EagerRun.apply(spec, len(structure), num_nodes, num_graphs, set_rows, *structure, *tensors)
+    results = _EagerRun.apply(spec, len(structure), num_nodes, num_graphs, set_rows, graph, *structure, *tensors)
     return list(results[:len(s.outputs)]), list(results[len(s.outputs):])
 
 
@@ -729,11 +752,12 @@ class _Prepared:
 
     spec: RunSpec
     text: str
-    structure: list[torch.Tensor]
+    structure: list[torch.Tensor]  # none for an eager call on a Graph (``graph``)
     tensors: list[torch.Tensor]
     num_nodes: Any
     num_graphs: Any
     set_rows: list[int]
+    graph: Graph | None = None
 
 
 class MpdslModule(torch.nn.Module):
@@ -779,7 +803,7 @@ class MpdslModule(torch.nn.Module):
             disable_pending()
         call = self._prepare(graph, inputs)
         outputs, state = call_run(call.text, call.structure, call.tensors, call.num_nodes, call.num_graphs,
-                                  call.set_rows)
+                                  call.set_rows, call.graph)
         spec = call.spec
         if state:
             with torch.no_grad():
@@ -838,7 +862,8 @@ class MpdslModule(torch.nn.Module):
         else:
             source = as_graph(graph, model.memory_limit)
             check_edge_sets(model.ir, source)
-            structure = _structure_tensors(source, device, input_sets)
+            # tracing needs the graph as tensors; an eager call hands the op the Graph itself
+            structure = _structure_tensors(source, device, input_sets) if torch.compiler.is_compiling() else []
             num_nodes, num_graphs = source.num_nodes, source.num_graphs
             type_counts = {t: source.num_type_nodes(t) for t in model.ir.node_types if t in source.node_types}
         tensors = self._input_tensors(given, source, device, dtype)
@@ -868,7 +893,7 @@ class MpdslModule(torch.nn.Module):
         dims = self._bind(tensors, sizes)
         grad_inputs = tuple(n for n in model.input_types if n in given and isinstance(given[n], torch.Tensor)
                             and given[n].requires_grad and model.input_types[n].is_float)
-        params = [getattr(self, n) for n in model.param_types]
+        params = self._model_tensors()
         differentiable = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or bool(grad_inputs))
         key = (tuple(sorted(dims.items())), dtype_name, self.training, grad_inputs)
         if key not in self._programs:
@@ -877,10 +902,9 @@ class MpdslModule(torch.nn.Module):
         model.check_run_memory(programs.forward, sizes, dims)  # the forward pass, before it allocates
         checked = tuple(n for n in model.input_types if n in given)
         spec, text = self._spec(key, programs, differentiable, checked, dims)
-        self._last_spec = spec
+        self.__dict__["_last_spec"] = spec  # a plain attribute (torch.nn.Module.__setattr__ is slow)
         values = []
-        for name in model.param_types:
-            p = getattr(self, name)
+        for name, p in zip(model.param_types, params):
             if name in self._statistics:
                 p = p.detach().clone()  # updated in place after the call: not the tensor the call saved
             values.append(p.to(dtype) if p.dtype != dtype else p)
@@ -889,7 +913,8 @@ class MpdslModule(torch.nn.Module):
             values.append(self._mask(t, p, sizes, dims, dtype, device))
         set_rows = [sizes.edge_set_rows[s.name] for s in model.ir.edge_sets]
         set_rows += [sizes.num_type_nodes(t) for t in model.ir.node_types]
-        return _Prepared(spec, text, structure, values, num_nodes, num_graphs, set_rows)
+        return _Prepared(spec, text, structure, values, num_nodes, num_graphs, set_rows,
+                         None if structure else source)
 
     def _sizes(self, source: Graph | None, structure: list[torch.Tensor], num_nodes: Any, num_graphs: Any,
                input_sets: tuple[str, ...], type_counts: Mapping[str, Any]) -> _Sizes:
@@ -990,7 +1015,7 @@ class MpdslModule(torch.nn.Module):
             t = model.input_types[name]
             check_input_rows(name, t, tuple(value.shape), sizes.rows(t))
         shapes = (tuple((n, tuple(t.shape[1:])) for n, t in tensors.items()),
-                  tuple(tuple(getattr(self, n).shape) for n in model.param_types),
+                  tuple(tuple(p.shape) for p in self._model_tensors()),
                   tuple(sorted(model.dims.items())))
         try:
             known = self._dims.get(shapes)
@@ -1042,6 +1067,12 @@ class MpdslModule(torch.nn.Module):
         return self._build(dims, TORCH_DTYPES[self._torch_dtype()], training, [])
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def _model_tensors(self) -> list[torch.Tensor]:
+        """The parameters and running statistics, in the model's parameter order (looked up in the
+        module's tables: ``getattr`` on a torch module is a slow fallback)."""
+        parameters, buffers = self._parameters, self._buffers
+        return [parameters[n] if n in parameters else buffers[n] for n in self.compiled.param_types]
 
     def _device(self) -> torch.device:
         tensors = [*self._parameters.values(), *self._buffers.values()]

@@ -123,7 +123,8 @@ def test_triton_outputs_stay_on_the_device_of_the_parameters():
     module = triton_twin(reference, graph).to_torch(graph)
     out = module(graph)
     assert out.device == next(module.parameters()).device
-    assert graph.cached(("torch.edge_index", "cpu"), lambda: None) is not None  # cached per device
+    # an eager call hands the op the Graph itself: no structure tensors are made for it
+    assert graph.cached_only(("torch.edge_index", "cpu")) is None
 
 
 def test_the_guard_catches_a_host_copy():
