@@ -47,6 +47,11 @@ computes each forward value once, except those the backward recomputes rather th
 Without autograd (``torch.no_grad()``, or nothing requiring grad) the plain optimized forward program
 runs.
 
+Eager calls skip what only tracing needs: a call on a ``Graph`` hands the op the graph itself (no
+structure tensors to look it up by), and the residuals stay on the autograd context (on the NumPy
+backend as the arrays the run made), not outputs of the op; under torch.compile and torch.export the
+registered op takes the structure tensors and returns the residuals, as its schema says.
+
 * ``train()`` / ``eval()`` switch dropout and batch norm, as for torch modules (a new module starts
   in training mode). In training, each dropout's mask is drawn from torch's generator on the
   module's device (``torch.manual_seed`` makes runs repeatable) and is an input of both parts;
@@ -71,7 +76,7 @@ import sys
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -904,10 +909,10 @@ class MpdslModule(torch.nn.Module):
         spec, text = self._spec(key, programs, differentiable, checked, dims)
         self.__dict__["_last_spec"] = spec  # a plain attribute (torch.nn.Module.__setattr__ is slow)
         values = []
-        for name, p in zip(model.param_types, params):
+        for name, tensor in zip(model.param_types, params):
             if name in self._statistics:
-                p = p.detach().clone()  # updated in place after the call: not the tensor the call saved
-            values.append(p.to(dtype) if p.dtype != dtype else p)
+                tensor = tensor.detach().clone()  # updated in place after the call: not the tensor the call saved
+            values.append(tensor.to(dtype) if tensor.dtype != dtype else tensor)
         values += [tensors[n] for n in model.input_types]
         for _, t, p in programs.masks:
             values.append(self._mask(t, p, sizes, dims, dtype, device))
@@ -1072,7 +1077,8 @@ class MpdslModule(torch.nn.Module):
         """The parameters and running statistics, in the model's parameter order (looked up in the
         module's tables: ``getattr`` on a torch module is a slow fallback)."""
         parameters, buffers = self._parameters, self._buffers
-        return [parameters[n] if n in parameters else buffers[n] for n in self.compiled.param_types]
+        found = [parameters[n] if n in parameters else buffers[n] for n in self.compiled.param_types]
+        return cast(list[torch.Tensor], found)  # registered from arrays in __init__: never None
 
     def _device(self) -> torch.device:
         tensors = [*self._parameters.values(), *self._buffers.values()]
