@@ -315,16 +315,16 @@ class _Translation:
         for v in self.output_values:  # the outputs' row counts size their buffers
             if v.type.domain is not Domain.PARAM:
                 self.rows(v.type.space)
-        self.lazy = _inlined_values(self, program, output_slots)
-        position = {id(v): i for i, v in enumerate(program.values)}
-        users: dict[int, Value] = {}
+        uses: dict[int, list[Value]] = {}  # value id -> the values reading it, in program order
         for v in program.values:
             for o in v.operands:
-                users[id(o)] = v
+                uses.setdefault(id(o), []).append(v)
+        self.lazy = _inlined_values(self, program, output_slots, uses)
+        position = {id(v): i for i, v in enumerate(program.values)}
 
-        def effective(v: Value) -> int:  # where v is computed: at its consumer's loop when inlined
+        def effective(v: Value) -> int:  # where v is computed: at its one consumer's loop when inlined
             while id(v) in self.lazy:
-                v = users[id(v)]
+                v = uses[id(v)][0]
             return position[id(v)]
 
         last_use: dict[int, int] = {}
@@ -335,7 +335,7 @@ class _Translation:
         for v in program.values:
             if id(v) in last_use and id(v) not in output_slots:
                 dying.setdefault(last_use[id(v)], []).append(v)
-        placed_in = _reshaped_in_place(program, self.lazy, output_slots)
+        placed_in = _reshaped_in_place(program, self.lazy, output_slots, uses)
         slot_of: dict[int, str] = {}
         pointers: dict[str, str] = {}  # value name -> its C declaration's right side
         functions, calls = self.functions, self.calls
@@ -443,14 +443,12 @@ def _broadcast_index(tr: _Translation, o: Value, result: Value, indices: list[st
     return " + ".join(terms) or "0"
 
 
-def _inlined_values(tr: _Translation, program: Program, outputs: dict[int, int]) -> set[int]:
+def _inlined_values(tr: _Translation, program: Program, outputs: dict[int, int],
+                    uses: dict[int, list[Value]]) -> set[int]:
     """Values computed inside their consumer's loop instead of stored: an elementwise value or a
-    gather of node rows, used once, not an output, by an elementwise op of its own shape (no
-    broadcasting) or by a segment reduction that reads it row by row (at most one feature axis)."""
-    uses: dict[int, list[Value]] = {}
-    for v in program.values:
-        for o in v.operands:
-            uses.setdefault(id(o), []).append(v)
+    gather of node rows, used once (``uses``: each value's readers), not an output, by an elementwise
+    op of its own shape (no broadcasting) or by a segment reduction that reads it row by row (at most
+    one feature axis)."""
     lazy: set[int] = set()
     depth: dict[int, int] = {}  # the chain of inlined values a read of v computes
     for v in program.values:
@@ -471,24 +469,22 @@ def _inlined_values(tr: _Translation, program: Program, outputs: dict[int, int])
     return lazy
 
 
-def _reshaped_in_place(program: Program, lazy: set[int], outputs: dict[int, int]) -> dict[int, Value]:
+def _reshaped_in_place(program: Program, lazy: set[int], outputs: dict[int, int],
+                       uses: dict[int, list[Value]]) -> dict[int, Value]:
     """Computed values whose only use is a reshape, not outputs themselves, each mapped to the last
     reshape of its chain: a reshape keeps the elements in order, so the value is written where that
     reshape's result lives (its output buffer or its workspace slot) and the reshapes copy nothing."""
-    uses: dict[int, int] = {}
-    for v in program.values:
-        for o in v.operands:
-            uses[id(o)] = uses.get(id(o), 0) + 1
-    next_reshape = {id(v.operands[0]): v for v in program.values if v.op == "reshape"}
+    def only_reshape(v: Value) -> Value | None:  # v's one reader, when that is a reshape
+        readers = uses.get(id(v), [])
+        return readers[0] if len(readers) == 1 and readers[0].op == "reshape" else None
+
     placed: dict[int, Value] = {}
     for v in program.values:
-        if v.op in ("input", "param") or v.op in SOURCE_OPS or id(v) in lazy or id(v) in outputs \
-                or uses.get(id(v)) != 1 or id(v) not in next_reshape:
+        target = only_reshape(v)
+        if v.op in ("input", "param") or v.op in SOURCE_OPS or id(v) in lazy or id(v) in outputs or target is None:
             continue
-        target = next_reshape[id(v)]
-        while target.op == "reshape" and id(target) not in outputs and uses.get(id(target)) == 1 \
-                and id(target) in next_reshape:
-            target = next_reshape[id(target)]
+        while id(target) not in outputs and (after := only_reshape(target)) is not None:
+            target = after
         placed[id(v)] = target
     return placed
 

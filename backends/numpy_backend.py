@@ -682,16 +682,18 @@ class ExecContext:
             low, high = byte_bounds(a)
             overlaps = len(bounds) and a.nbytes and np.any((bounds[:, 0] < high) & (low < bounds[:, 1]))
             (lent if overlaps else free).append(a)
-        self.pool.give(free)
-        self.pool.lend(lent)
-        self.allocated.clear()
+        self._end(free, lent)
 
     def lend_all(self) -> None:
         """End the run with every array it took lent to the caller (its outputs are views of them all:
         no overlap test needed)."""
-        self.pool.give([])
-        self.pool.lend(self.allocated)
-        self.allocated.clear()
+        self._end([], self.allocated)
+
+    def _end(self, free: list[np.ndarray], lent: list[np.ndarray]) -> None:
+        """End the run: ``free`` back to the pool, ``lent`` followed until the caller drops them."""
+        self.pool.give(free)
+        self.pool.lend(lent)
+        self.allocated = []
 
     def edges(self, name: str) -> Graph:
         """The graph seen through the program's edge set ``name`` ("": the graph's own edges)."""

@@ -628,11 +628,19 @@ def _setup_context(ctx, inputs, output):
     s = read_spec(spec)
     outputs = output[:len(s.outputs)]
     residuals = output[len(s.outputs):len(s.outputs) + len(s.residuals)]
+    _keep_for_backward(ctx, spec, structure, tensors, (num_nodes, num_graphs, set_rows), outputs, residuals, True)
+
+
+def _keep_for_backward(ctx, spec: str, structure: list[torch.Tensor], tensors: list[torch.Tensor], sizes: tuple,
+                       outputs: list[torch.Tensor], residuals: list[Any], saved: bool) -> None:
+    """What ``_gradients`` reads: the call's spec and sizes, its tensors, its outputs' shapes, and its
+    residuals, ``saved`` with the tensors (op outputs) or kept on the context as they are."""
+    num_nodes, num_graphs, set_rows = sizes
     ctx.spec, ctx.sizes = spec, (num_nodes, num_graphs, list(set_rows))
     ctx.counts = (len(structure), len(tensors))
     ctx.outputs = [(o.shape, o.dtype, o.device) for o in outputs]
-    ctx.save_for_backward(*structure, *tensors, *residuals)
-    ctx.residuals = None  # saved with the tensors
+    ctx.save_for_backward(*structure, *tensors, *(residuals if saved else ()))
+    ctx.residuals = None if saved else list(residuals)
 
 
 def _gradients(ctx, grads, backward) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -679,11 +687,8 @@ class _EagerRun(torch.autograd.Function):
         returned = _distinct([results[n] for n in s.outputs] + [results.get(f"state:{n}", named[n]) for n in s.state],
                              list(tensors) + list(structure))
         outputs, state = returned[:len(s.outputs)], returned[len(s.outputs):]
-        ctx.spec, ctx.sizes = spec, (num_nodes, num_graphs, list(set_rows))
-        ctx.counts = (len(structure), len(tensors))
-        ctx.outputs = [(o.shape, o.dtype, o.device) for o in outputs]
-        ctx.save_for_backward(*structure, *tensors)
-        ctx.residuals = [results[n] for n in s.residuals]
+        _keep_for_backward(ctx, spec, structure, tensors, (num_nodes, num_graphs, set_rows), outputs,
+                           [results[n] for n in s.residuals], False)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*(t for t in outputs + state if not t.is_floating_point()), *state)
         return tuple(outputs + state)
@@ -895,10 +900,10 @@ class MpdslModule(torch.nn.Module):
             else:
                 num_graphs = 1
         sizes = self._sizes(source, structure, num_nodes, num_graphs, input_sets, type_counts)
-        dims = self._bind(tensors, sizes)
+        params = self._model_tensors()
+        dims = self._bind(tensors, sizes, params)
         grad_inputs = tuple(n for n in model.input_types if n in given and isinstance(given[n], torch.Tensor)
                             and given[n].requires_grad and model.input_types[n].is_float)
-        params = self._model_tensors()
         differentiable = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or bool(grad_inputs))
         key = (tuple(sorted(dims.items())), dtype_name, self.training, grad_inputs)
         if key not in self._programs:
@@ -1011,16 +1016,17 @@ class MpdslModule(torch.nn.Module):
             tensors[name] = value
         return tensors
 
-    def _bind(self, tensors: dict[str, torch.Tensor], sizes) -> dict[str, int]:
-        """The dims, bound from the inputs' and parameters' shapes (checked against their types);
-        remembered per (shapes less the row axis, the model's dims): the row counts, checked at every
-        call, bind no dim, so batches of different sizes share the answer."""
+    def _bind(self, tensors: dict[str, torch.Tensor], sizes, params: list[torch.Tensor]) -> dict[str, int]:
+        """The dims, bound from the shapes of the inputs and of the parameters (``params``, in the
+        model's order), checked against their types; remembered per (shapes less the row axis, the
+        model's dims): the row counts, checked at every call, bind no dim, so batches of different
+        sizes share the answer."""
         model = self.compiled
         for name, value in tensors.items():
             t = model.input_types[name]
             check_input_rows(name, t, tuple(value.shape), sizes.rows(t))
         shapes = (tuple((n, tuple(t.shape[1:])) for n, t in tensors.items()),
-                  tuple(tuple(p.shape) for p in self._model_tensors()),
+                  tuple(tuple(p.shape) for p in params),
                   tuple(sorted(model.dims.items())))
         try:
             known = self._dims.get(shapes)

@@ -165,25 +165,26 @@ class ReuseProducts(Pass):
                 products.setdefault(frozenset((id(a), id(b))), v)
             return None
 
+        def computed_pair(operands: list[Value], terms: list[str]) -> tuple[int, int, Value] | None:
+            """Two operands of the same subscripts and type whose product is computed, and that product."""
+            for i in range(len(operands)):
+                for j in range(i + 1, len(operands)):
+                    a, b = operands[i], operands[j]
+                    m = products.get(frozenset((id(a), id(b)))) if a is not b else None
+                    if m is not None and terms[i] == terms[j] and a.type == b.type:
+                        return i, j, m
+            return None
+
         def reuse(v: Value, rw: Rewriter) -> Value | None:
             nonlocal reused
             terms, out = parse_subscripts(v.attr["spec"])
-            operands, changed = list(v.operands), False
-            found = True
-            while found:
-                found = False
-                for i in range(len(operands)):
-                    for j in range(i + 1, len(operands)):
-                        a, b = operands[i], operands[j]
-                        m = products.get(frozenset((id(a), id(b)))) if a is not b else None
-                        if m is None or terms[i] != terms[j] or a.type != b.type:
-                            continue
-                        operands = [o for k, o in enumerate(operands) if k not in (i, j)] + [m]
-                        terms = [t for k, t in enumerate(terms) if k not in (i, j)] + [terms[i]]
-                        found = changed = True
-                        break
-                    if found:
-                        break
+            operands = list(v.operands)
+            changed = False
+            while (pair := computed_pair(operands, terms)) is not None:
+                i, j, m = pair
+                operands = [o for k, o in enumerate(operands) if k not in (i, j)] + [m]
+                terms = [t for k, t in enumerate(terms) if k not in (i, j)] + [terms[i]]
+                changed = True
             if not changed:
                 return None
             reused += 1
