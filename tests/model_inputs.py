@@ -104,3 +104,11 @@ def graph_holding(model, base, inputs: dict, node_data: dict | None = None):
     graph = Graph(base.edge_index, base.num_nodes, node_data=kinds["node"], edge_data=kinds["edge"],
                   graph_data=kinds["graph"])
     return graph.with_data(**extra) if extra else graph
+
+
+def residual_arguments(backward, residuals, forward_results: dict) -> tuple[dict, dict]:
+    """The residuals a train-forward run returned (``forward_results``), as the backward program
+    reads them: (its inputs, its params) by name."""
+    kinds = {v.name: v.op for v in backward.values if v.name in residuals}
+    return ({k: forward_results[k] for k in kinds if kinds[k] == "input"},
+            {k: forward_results[k] for k in kinds if kinds[k] == "param"})

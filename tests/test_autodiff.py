@@ -37,6 +37,7 @@ from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.plan import space_rows  # noqa: E402
 from mpdsl.torch_module import to_torch  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
+from model_inputs import residual_arguments  # noqa: E402
 from test_passes import EXAMPLES, random_graph, synth_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,11 +144,9 @@ def check_split(case: Case, grads: dict[str, np.ndarray]) -> None:
     first = case.run(case.params, forward)
     for name, want in case.run(case.params).items():
         np.testing.assert_allclose(first[name], want, rtol=1e-10, atol=1e-12)
-    kinds = {v.name: v.op for v in backward.values if v.name in residuals}
-    inputs = {**case.arrays, **{f"d_{k}": r for k, r in case.projection.items()},
-              **{k: first[k] for k in residuals if kinds[k] == "input"}}
-    params = {**case.params, **{k: first[k] for k in residuals if kinds[k] == "param"}}
-    rest = case.model.backend.run(backward, case.graph, inputs, params, case.dims)
+    saved_inputs, saved_params = residual_arguments(backward, residuals, first)
+    inputs = {**case.arrays, **{f"d_{k}": r for k, r in case.projection.items()}, **saved_inputs}
+    rest = case.model.backend.run(backward, case.graph, inputs, {**case.params, **saved_params}, case.dims)
     for name, g in grads.items():
         np.testing.assert_allclose(rest[f"d_{name}"], g, rtol=1e-9, atol=1e-11 * max(1.0, np.abs(g).max()),
                                    err_msg=f"split: {name}")

@@ -29,7 +29,7 @@ from mpdsl.backends import get_backend  # noqa: E402
 from mpdsl.ir import Program, make_value, verify  # noqa: E402
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.types import Dim, Domain, TensorType  # noqa: E402
-from model_inputs import synth_inputs, with_edge_sets  # noqa: E402
+from model_inputs import residual_arguments, synth_inputs, with_edge_sets  # noqa: E402
 from mpdsl.plan import space_rows  # noqa: E402
 from strategies import graphs  # noqa: E402
 from test_passes import EXAMPLES, random_graph  # noqa: E402
@@ -69,10 +69,9 @@ class TrainingCase:
         want = self.model.backend.run(self.reference, graph, {**arrays, **cotangents}, self.params, self.dims)
         backend = backend or self.model.backend
         first = backend.run(self.programs.train_forward, graph, arrays, self.params, self.dims)
-        kinds = {v.name: v.op for v in self.programs.backward.values if v.name in self.programs.residuals}
-        inputs = {**arrays, **cotangents, **{k: first[k] for k in kinds if kinds[k] == "input"}}
-        params = {**self.params, **{k: first[k] for k in kinds if kinds[k] == "param"}}
-        got = {**first, **backend.run(self.programs.backward, graph, inputs, params, self.dims)}
+        inputs, params = residual_arguments(self.programs.backward, self.programs.residuals, first)
+        got = {**first, **backend.run(self.programs.backward, graph, {**arrays, **cotangents, **inputs},
+                                      {**self.params, **params}, self.dims)}
         for name, value in want.items():
             scale = max(1.0, float(np.abs(value).max(initial=0.0)))
             np.testing.assert_allclose(got[name], value, rtol=RTOL, atol=1e-12 * scale, err_msg=name)
@@ -211,10 +210,8 @@ def test_extremum_backward_splits_ties_as_the_unfused_gradient(name):
     backend = model.backend
     want = backend.run(reference, graph, {"x": x, "d_out": g}, eye, {"F": 3})
     first = backend.run(programs.train_forward, graph, {"x": x}, eye, {"F": 3})
-    kinds = {v.name: v.op for v in programs.backward.values if v.name in programs.residuals}
-    got = backend.run(programs.backward, graph,
-                      {"x": x, "d_out": g, **{k: first[k] for k in kinds if kinds[k] == "input"}},
-                      {**eye, **{k: first[k] for k in kinds if kinds[k] == "param"}}, {"F": 3})
+    inputs, params = residual_arguments(programs.backward, programs.residuals, first)
+    got = backend.run(programs.backward, graph, {"x": x, "d_out": g, **inputs}, {**eye, **params}, {"F": 3})
     assert {v.op for v in programs.backward.values} >= {"match_gspmm"}
     for key in ("d_W", "d_x"):
         np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=1e-12, err_msg=key)

@@ -36,7 +36,7 @@ from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.plan import program_costs  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
-from model_inputs import synth_inputs  # noqa: E402
+from model_inputs import residual_arguments, synth_inputs  # noqa: E402
 from strategies import graphs  # noqa: E402
 from test_passes import random_graph  # noqa: E402
 
@@ -81,6 +81,13 @@ class ExampleCase:
     def training_programs(self):
         return self.model.context.training_programs(self.dims, "f64", False, self.float_inputs, list(self.params))
 
+    def run_split(self, programs, backend=NUMPY) -> dict:
+        """The backward part's gradients, on the residuals of a run of the train-forward part."""
+        inputs, params = residual_arguments(programs.backward, programs.residuals,
+                                            self.run(programs.train_forward, backend))
+        return backend.run(programs.backward, self.graph, {**self.arrays, **self.cotangents, **inputs},
+                           {**self.params, **params}, self.dims)
+
 
 @pytest.mark.parametrize("path,dims", EXAMPLES, ids=["gat", "graph_transformer", "benchmark_gat"])
 def test_fused_backward_equals_the_unfused_gradient_on_the_attention_examples(path, dims):
@@ -91,11 +98,7 @@ def test_fused_backward_equals_the_unfused_gradient_on_the_attention_examples(pa
     want = case.unfused_gradients()
     assert_gradients_equal(case.run(programs.gradient), want, case.wanted, "whole gradient program")
     # the split a training step runs: the forward part, then the backward part on its residuals
-    first = case.run(programs.train_forward)
-    kinds = {v.name: v.op for v in programs.backward.values if v.name in programs.residuals}
-    inputs = {k: first[k] for k in programs.residuals if kinds[k] == "input"}
-    params = {**case.params, **{k: first[k] for k in programs.residuals if kinds[k] == "param"}}
-    rest = NUMPY.run(programs.backward, case.graph, {**case.arrays, **case.cotangents, **inputs}, params, case.dims)
+    rest = case.run_split(programs)
     assert_gradients_equal(rest, want, case.wanted, "forward / backward split")
 
 
@@ -240,11 +243,7 @@ def test_gat_8x8_split_recomputing_the_scores_equals_the_unfused_gradient():
     assert not any(saved[n].type.domain is Domain.EDGE for n in programs.residuals)
     assert any(v.op == "leaky_relu" for v in programs.backward.values)
     want = case.unfused_gradients()
-    first = case.run(programs.train_forward)
-    kinds = {v.name: v.op for v in programs.backward.values if v.name in programs.residuals}
-    inputs = {k: first[k] for k in programs.residuals if kinds[k] == "input"}
-    params = {**case.params, **{k: first[k] for k in programs.residuals if kinds[k] == "param"}}
-    rest = NUMPY.run(programs.backward, case.graph, {**case.arrays, **case.cotangents, **inputs}, params, case.dims)
+    rest = case.run_split(programs)
     assert_gradients_equal(rest, want, case.wanted, "forward / backward split, H = C = 8")
 
 
@@ -275,14 +274,7 @@ def test_triton_runs_the_gat_split_that_recomputes_the_scores(triton_backend):
     case = ExampleCase(ROOT / "benchmarks" / "models" / "gat.mp", {"H": 3, "C": 2}, seed=2)
     programs = case.training_programs()
     assert any(v.op == "leaky_relu" for v in programs.backward.values)
-    kinds = {v.name: v.op for v in programs.backward.values if v.name in programs.residuals}
-    results = []
-    for backend in (NUMPY, triton_backend):
-        first = case.run(programs.train_forward, backend)
-        inputs = {k: first[k] for k in programs.residuals if kinds[k] == "input"}
-        params = {**case.params, **{k: first[k] for k in programs.residuals if kinds[k] == "param"}}
-        results.append(backend.run(programs.backward, case.graph, {**case.arrays, **case.cotangents, **inputs},
-                                   params, case.dims))
+    results = [case.run_split(programs, backend) for backend in (NUMPY, triton_backend)]
     assert_gradients_equal(results[1], results[0], case.wanted, "triton split")
     assert_gradients_equal(results[0], case.unfused_gradients(), case.wanted, "numpy split")
 
