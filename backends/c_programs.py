@@ -997,6 +997,7 @@ class CompiledProgram:
     output_layout: list[tuple[int, tuple[int, ...]]]  # per output: its row space's index (-1: a param), shape
     _workspace: np.ndarray | None = None  # the intermediate values' memory, kept between runs
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread_workspaces: threading.local = field(default_factory=threading.local)  # ``run_rows``' own
 
     def __post_init__(self) -> None:
         self._sources = {id(v): v for v in self.program.values if v.op in SOURCE_OPS}
@@ -1058,6 +1059,28 @@ class CompiledProgram:
                 self._lock.release()
         return {name: results[k] for name, k in self._output_slots}
 
+    def run_rows(self, addresses: list[int], rows: list[int], out_addresses: list[int]) -> None:
+        """One call on arrays given by address: ``addresses`` in ``externals`` order (C-contiguous, the
+        run's dtype; index arrays int64), ``rows`` the row count of each of ``spaces``, the results
+        written at ``out_addresses`` (contiguous, in ``outputs`` order). The caller keeps the arrays
+        alive. Safe to call from several threads at once: each thread has a workspace of its own.
+        A row group's compiled blocks run this way (``NumpyBackend._run_group``)."""
+        row_array = np.array(rows or [0], dtype=np.int64)
+        size = int(self.workspace_size(row_array.ctypes.data)) + 64 // self.float_dtype.itemsize
+        workspace = getattr(self._thread_workspaces, "array", None)
+        if workspace is None or len(workspace) < size:
+            workspace = self._thread_workspaces.array = np.empty(size, dtype=self.float_dtype)
+        start = workspace.ctypes.data
+        self.function(self._pointer_type(*addresses), self._out_type(*out_addresses), row_array.ctypes.data,
+                      start + (-start % 64), self.gemm)
+
+    def index_array(self, graph, ext: External) -> np.ndarray:
+        """The int64 ids an "index" external reads on ``graph`` (kept on the graph)."""
+        edges, index = ext.key
+        g = edge_graph(graph, self.program, edges)
+        return g.cached(("c_programs.index", index),
+                        lambda: np.ascontiguousarray(gather_index(g, index), dtype=np.int64))
+
     def _contiguous(self, a) -> np.ndarray:
         """``a`` itself when it is a C-contiguous array of the run's dtype (a 0-d one too, which
         ``np.ascontiguousarray`` would copy), else a converted copy."""
@@ -1072,10 +1095,7 @@ class CompiledProgram:
             return self._contiguous(ctx.params[ext.key[0]])
         if ext.kind == "source":
             return self._contiguous(source_values(sources[ext.key[0]]))
-        edges, index = ext.key  # "index"
-        g = edge_graph(ctx.graph, self.program, edges)
-        return g.cached(("c_programs.index", index),
-                        lambda: np.ascontiguousarray(gather_index(g, index), dtype=np.int64))
+        return self.index_array(ctx.graph, ext)  # "index"
 
 
 def translate(program: Program, dims: dict[str, int], training: bool = False) -> _Translation:

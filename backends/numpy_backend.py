@@ -51,7 +51,7 @@ from mpdsl.backends import (
     rule,
     space_rows,
 )
-from mpdsl.backends.row_fusion import RowGroup, fuse_rows
+from mpdsl.backends.row_fusion import RowGroup, fuse_rows, group_program, is_row_sum
 from mpdsl.ir import Program, Value
 from mpdsl.ops import COMPUTED_OPS, NUMPY_MATH, OPS, ArrayMath, MissingRule, choose, sequence_values
 from mpdsl.types import Domain, Space, TensorType
@@ -63,6 +63,7 @@ WORKERS = max(1, min(8, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
 CONTRACT_PIECE_ROWS = 16384  # rows per partial sum of a parallel contract_rows
+PARTIAL_SUM_BYTES = 16 << 20  # at most about this many bytes of partial sums per row group's row sums
 # Below this many multiply-adds (edges x feature width) a g-SpMM or an attention runs as SciPy CSR
 # products on this thread instead of the compiled parallel kernels: waking the kernels' worker
 # threads costs more than the arithmetic of a small graph (a batch of 64 molecules: 0.2-0.5 ms per
@@ -815,7 +816,7 @@ def row_contraction_plan(spec: str):
     if len(distinct) == 1 and set(out) <= set(distinct[0]):
         term = distinct[0]
         if out == term:
-            return lambda xs: products(xs)[0].sum(axis=0)
+            return lambda xs: column_sum(products(xs)[0])
         return lambda xs: np.einsum(f"{term}->{out}", products(xs)[0].sum(axis=0))
     if len(distinct) == 2 and not set(distinct[0]) & set(distinct[1]) and out in (distinct[0] + distinct[1],
                                                                                    distinct[1] + distinct[0]):
@@ -830,6 +831,14 @@ def row_contraction_plan(spec: str):
 
         return outer
     return None
+
+
+def column_sum(x: np.ndarray) -> np.ndarray:
+    """x summed over its rows. A float matrix sums as one BLAS product with a vector of ones: several
+    times faster than NumPy's reduction down the rows, which adds one row at a time."""
+    if x.ndim < 2 or x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous or not len(x):
+        return x.sum(axis=0)
+    return (np.ones(len(x), dtype=x.dtype) @ x.reshape(len(x), -1)).reshape(x.shape[1:])
 
 
 def _ufunc_args(template: tuple, xs) -> list:
@@ -942,6 +951,7 @@ class NumpyBackend(Backend):
         self.pool = BufferPool(pool_bytes)
         self._schedules: dict[int, tuple[Program, list, list[list[int]]]] = {}
         self._compiled: dict[tuple, _CompiledEntry] = {}
+        self._group_programs: dict[int, tuple[RowGroup, Program, tuple[Value, ...]]] = {}
         self.compiled_programs = compiled_programs
         self.last_state_updates: dict[str, np.ndarray] = {}
 
@@ -976,21 +986,56 @@ class NumpyBackend(Backend):
     def _run_group(self, ctx: ExecContext, group: RowGroup, env: dict) -> None:
         """Run a row group block by block over the pool's workers (op by op when small). Exports
         are written straight into their full arrays; each worker keeps one block-sized buffer per
-        other member, so ops with an ``out=`` form (``_compute_into``) allocate nothing per block."""
+        other member, so ops with an ``out=`` form (``_compute_into``) allocate nothing per block.
+        A row sum member adds each block's partial sum into the partial of its piece (a run of
+        whole blocks, one worker's); the pieces' partials are added in piece order, so the result
+        does not depend on the worker count."""
         rows = ctx.rows(group.space)
         if rows < self.fuse_min_rows:
             for v in group.members:
                 env[id(v)] = self.rules[v.op](self, ctx, v, *[env[id(o)] for o in v.operands])
             return
-        row_bytes = max(ctx.float_dtype.itemsize * max(1, feature_width(ctx.concrete_shape(v.type)))
-                        for v in group.members)
-        block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(256, self.block_bytes // row_bytes)))
+        def row_bytes(v: Value) -> int:  # of a row of v (of the whole of a param value)
+            return ctx.float_dtype.itemsize * max(1, feature_width(ctx.concrete_shape(v.type)))
+
+        widest = max(row_bytes(o) for v in group.members for o in (v.operands if is_row_sum(v) else (v,))
+                     if o.type.space == group.space)
+        block = self.block_rows or int(min(PARALLEL_ROWS - 1, max(256, self.block_bytes // widest)))
+        sums = [v for v in group.members if is_row_sum(v)]
+        blocks = -(-rows // block)
+        sum_bytes = sum(row_bytes(v) for v in sums)
+        piece_blocks = max(1, -(-blocks * sum_bytes // PARTIAL_SUM_BYTES))
+        piece_rows = piece_blocks * block
+        partials: dict[int, list] = {id(v): [None] * -(-blocks // piece_blocks) for v in sums}
+        for v in group.exports:
+            if not is_row_sum(v):
+                env[id(v)] = ctx.empty((rows,) + ctx.concrete_shape(v.type), _numpy_dtype(ctx, v))
+        compiled = self._compiled_group(ctx, group)
+        if compiled is not None:
+            run_range = self._compiled_blocks(ctx, group, env, *compiled, block, piece_rows, partials)
+        else:
+            run_range = self._numpy_blocks(ctx, group, env, block, piece_rows, partials)
+        pieces = -(-rows // piece_rows)
+        row_parallel(pieces, lambda lo, hi: run_range(lo * piece_rows, min(hi * piece_rows, rows)), force=True)
+        for v in sums:
+            total = np.zeros(ctx.concrete_shape(v.type), dtype=ctx.float_dtype)
+            for part in partials[id(v)]:
+                if part is not None:  # None: a sum no value reads, which the compiled blocks skip
+                    total += part
+            env[id(v)] = total
+
+    def _numpy_blocks(self, ctx: ExecContext, group: RowGroup, env: dict, block: int, piece_rows: int,
+                      partials: dict[int, list]):
+        """``run_range(lo, hi)`` running the group's blocks in rows lo:hi member by member, by the
+        members' rules (``_compute_into`` where an op has an ``out=`` form)."""
         member_ids = {id(v) for v in group.members}
         exported = {id(v) for v in group.exports}
-        for v in group.exports:
-            env[id(v)] = ctx.empty((rows,) + ctx.concrete_shape(v.type), _numpy_dtype(ctx, v))
 
         def run_range(lo: int, hi: int) -> None:
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # as the run's: per thread
+                blocks(lo, hi)
+
+        def blocks(lo: int, hi: int) -> None:
             scratch: dict[int, np.ndarray] = {}
             for start in range(lo, hi, block):
                 stop = min(start + block, hi)
@@ -1004,6 +1049,14 @@ class NumpyBackend(Backend):
                             args.append(env[id(o)][start:stop])
                         else:
                             args.append(env[id(o)])
+                    if id(v) in partials:
+                        part = self.rules[v.op](self, ctx, v, *args)
+                        pieces, piece = partials[id(v)], start // piece_rows
+                        if pieces[piece] is None:
+                            pieces[piece] = np.array(part, dtype=ctx.float_dtype)
+                        else:
+                            pieces[piece] += part
+                        continue
                     if id(v) in exported:
                         target = env[id(v)][start:stop]
                     else:
@@ -1018,7 +1071,77 @@ class NumpyBackend(Backend):
                             target[...] = result
                         local[id(v)] = result
 
-        row_parallel(rows, run_range, force=True)
+        return run_range
+
+    def _compiled_group(self, ctx: ExecContext, group: RowGroup
+                        ) -> tuple[c_programs.CompiledProgram, tuple[Value, ...]] | None:
+        """The C function a row group's blocks run as (``row_fusion.group_program`` compiled by
+        ``c_programs``) and the values it reads, or None to run the blocks member by member: the
+        tier is off or a member has no C rule. Compiled at the group's first blocked run (once per
+        machine: the library is cached), so that all its blocked runs take one path."""
+        if not self._compiling():
+            return None
+        known = self._group_programs.get(id(group))
+        if known is None or known[0] is not group:
+            if len(self._group_programs) >= 256:
+                self._group_programs.clear()
+            known = self._group_programs[id(group)] = (group, *group_program(ctx.program, group))
+        _, program, outside = known
+        entry = self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training)
+        if entry.compiled is None and entry.reason is None:
+            try:
+                entry.compiled = c_programs.compile_program(program, dict(ctx.dims), ctx.float_dtype, ctx.training)
+            except c_programs.Unsupported as e:
+                entry.reason = str(e)
+            BLAS.rescan()
+        return None if entry.compiled is None else (entry.compiled, outside)
+
+    def _compiled_blocks(self, ctx: ExecContext, group: RowGroup, env: dict, compiled: c_programs.CompiledProgram,
+                         outside: tuple[Value, ...], block: int, piece_rows: int, partials: dict[int, list]):
+        """``run_range(lo, hi)`` running the group's blocks in rows lo:hi as one call of its C
+        function each (the GIL released for the whole block), on row slices of the arrays it reads
+        and writes; a row sum's block goes to a buffer of the worker's, added to its piece's partial."""
+        by_name = {f"a{k}": o for k, o in enumerate(outside)}
+        keep: list[np.ndarray] = []  # alive until the group ends
+        bases: list[tuple[int, int]] = []  # per external: (address, bytes per row of the group; 0: read whole)
+        for ext in compiled.externals:
+            if ext.kind == "index":
+                array = compiled.index_array(ctx.graph, ext)
+                sliced = Space(Domain.EDGE, ext.key[0]) == group.space
+            else:
+                o = by_name[ext.key[0]]
+                array = np.ascontiguousarray(env[id(o)], dtype=ctx.float_dtype)
+                sliced = o.type.space == group.space  # others (a gather's node rows, params) read whole
+            keep.append(array)
+            bases.append((array.ctypes.data, array.strides[0] if sliced else 0))
+        outputs: list[tuple[int, int] | None] = []  # per export: (address, bytes per row); None: a row sum
+        for v in group.exports:
+            if is_row_sum(v):
+                outputs.append(None)
+            else:
+                array = env[id(v)]
+                outputs.append((array.ctypes.data, array.strides[0]))
+        fixed_rows = [None if s == group.space else ctx.rows(s) for s in compiled.spaces]
+        sums = [(k, v) for k, v in enumerate(group.exports) if is_row_sum(v)]
+
+        def run_range(lo: int, hi: int) -> None:
+            buffers = {k: np.empty(ctx.concrete_shape(v.type), dtype=ctx.float_dtype) for k, v in sums}
+            sum_addresses = {k: b.ctypes.data for k, b in buffers.items()}
+            for start in range(lo, hi, block):
+                stop = min(start + block, hi)
+                compiled.run_rows([address + start * stride for address, stride in bases],
+                                  [stop - start if n is None else n for n in fixed_rows],
+                                  [sum_addresses[k] if out is None else out[0] + start * out[1]
+                                   for k, out in enumerate(outputs)])
+                for k, v in sums:
+                    pieces, piece = partials[id(v)], start // piece_rows
+                    if pieces[piece] is None:
+                        pieces[piece] = buffers[k].copy()
+                    else:
+                        pieces[piece] += buffers[k]
+
+        run_range.keep = keep  # type: ignore[attr-defined]
+        return run_range
 
     def _compute_into(self, ctx: ExecContext, v: Value, args: list, target: np.ndarray, start: int, stop: int) -> bool:
         """Compute rows start:stop of a row-wise ``v`` into ``target`` (the same values as its rule)
@@ -1081,6 +1204,17 @@ class NumpyBackend(Backend):
         except c_programs.Unsupported as e:
             return f"runs op by op: {e}"
         return f"runs as one C function when every row space has fewer than {c_programs.SMALL_ROWS} rows"
+
+    def compiled_group_reason(self, program: Program, group: RowGroup, dims: dict[str, int],
+                              training: bool = False) -> str:
+        """How a row group of ``program`` runs its blocks, and if not compiled why (for plans)."""
+        if not self._compiling():
+            return "member by member (MPDSL_C_PROGRAMS=0)"
+        try:
+            c_programs.translate(group_program(program, group)[0], dict(dims), training)
+        except c_programs.Unsupported as e:
+            return f"member by member: {e}"
+        return "each block one C function"
 
     def _compiling(self) -> bool:
         """Whether the compiled-program tier is on (``compiled_programs``, else the environment)."""

@@ -7,9 +7,14 @@ its operands through main memory. ``fuse_rows`` groups consecutive row-wise valu
 into a ``RowGroup``; the backend runs a group block by block (a few thousand rows, so that the
 block's intermediates stay in cache), and materialises only the values used outside the group.
 
+A sum over the rows (``Trait.ROW_SUM``: a weight gradient ``contract_rows``) joins the group of its
+row space too: each block adds its partial sum, so a backward reads each residual once for all the
+products and column sums that use it, while its block is in cache.
+
 Contract: a schedule lists every value of the program exactly once, each after its operands; a
-group's members share one row domain, and every operand of a member is a param, a value of the
-group, or a value scheduled before the group. Values that run before an open group (they do not
+group's members share one row space (a row sum's operands have its rows; no member reads a row sum
+of its own group), and every operand of a member is a param, a value of the group, or a value
+scheduled before the group. Values that run before an open group (they do not
 depend on it) are grouped among themselves the same way. A reshape of a value computed before the
 group joins no group: run on its own it is a view, in a group a copy when used after it. Results
 equal the op-by-op run (the same rules run on row slices).
@@ -17,9 +22,10 @@ equal the op-by-op run (the same rules run on row slices).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from mpdsl.ir import Program, Value, value_names
+from mpdsl.ir import Program, Value, make_value, value_names
 from mpdsl.ops import OPS, Trait, is_pure
 from mpdsl.types import Domain, Space
 
@@ -30,7 +36,7 @@ ROW_DOMAINS = (Domain.NODE, Domain.EDGE)
 class RowGroup:
     """Values of one row space (a domain, and for edges one edge set) run together, block by block.
     ``exports`` are the members used after the group (or returned by the program); the others live
-    one block at a time."""
+    one block at a time. Row sums (``is_row_sum``) are members whose blocks give partial sums."""
 
     space: Space
     members: tuple[Value, ...]
@@ -52,6 +58,22 @@ def is_row_wise(v: Value) -> bool:
     if not OPS[v.op].has(Trait.ROW_WISE) or not is_pure(v):
         return False
     return all(o.type.space == v.type.space or o.type.domain is Domain.PARAM for o in v.operands)
+
+
+def is_row_sum(v: Value) -> bool:
+    """Whether ``v`` is a pure sum over the rows of its operands of one row space (``Trait.ROW_SUM``)
+    that may run block by block: each block of rows gives a partial sum."""
+    if not OPS[v.op].has(Trait.ROW_SUM) or not is_pure(v) or v.type.domain is not Domain.PARAM:
+        return False
+    spaces = {o.type.space for o in v.operands if o.type.domain is not Domain.PARAM}
+    return len(spaces) == 1 and next(iter(spaces)).domain in ROW_DOMAINS
+
+
+def row_space(v: Value) -> Space:
+    """The rows ``v`` runs over in a group: its own, or for a row sum its operands'."""
+    if is_row_sum(v):
+        return next(o.type.space for o in v.operands if o.type.domain is not Domain.PARAM)
+    return v.type.space
 
 
 def fuse_rows(program: Program) -> list[Value | RowGroup]:
@@ -76,30 +98,37 @@ def _fuse(values: list[Value], users: dict[int, set[int]], outputs: set[int]) ->
     schedule: list[Value | RowGroup] = []
     members: list[Value] = []
     in_group: set[int] = set()  # ids of members
+    sums: set[int] = set()  # ids of the members that are row sums (complete only after the group)
     ahead: list[Value] = []  # values that run before the open group (they do not depend on it)
 
     def close() -> None:
         schedule.extend(_fuse(ahead, users, outputs) if len(ahead) >= 2 else ahead)
         if len(members) >= 2:
             exports = tuple(m for m in members if id(m) in outputs or users.get(id(m), set()) - in_group)
-            schedule.append(RowGroup(members[0].type.space, tuple(members), exports))
+            schedule.append(RowGroup(row_space(members[0]), tuple(members), exports))
         else:
             schedule.extend(members)
         members.clear()
         in_group.clear()
+        sums.clear()
         ahead.clear()
 
     def join(v: Value) -> None:
         members.append(v)
         in_group.add(id(v))
+        if is_row_sum(v):
+            sums.add(id(v))
 
     def groupable(v: Value) -> bool:
         # a reshape of a value computed before the group is a view of it on its own, a copy if exported
+        if is_row_sum(v):
+            return True
         return is_row_wise(v) and not (v.op == "reshape" and id(v.operands[0]) not in in_group)
 
     for v in values:
         depends = any(id(o) in in_group for o in v.operands)
-        if groupable(v) and (not members or v.type.space == members[0].type.space):
+        if groupable(v) and (not members or row_space(v) == row_space(members[0])) \
+                and not any(id(o) in sums for o in v.operands):
             join(v)
         elif members and not depends:
             ahead.append(v)
@@ -113,15 +142,44 @@ def _fuse(values: list[Value], users: dict[int, set[int]], outputs: set[int]) ->
     return schedule
 
 
-def describe(program: Program, schedule: list[Value | RowGroup], min_rows: int) -> list[str]:
-    """One line per row group of ``schedule``, for ``--emit plan``: its members and what it
-    materialises; groups run block by block from ``min_rows`` rows on."""
+def group_program(program: Program, group: RowGroup) -> tuple[Program, tuple[Value, ...]]:
+    """The group as a program of its own (for a compiled form of its blocks) and the values its
+    members read from outside it: the k-th of these is its input (or, for a param value, its param)
+    ``a<k>``; its outputs ``e<k>`` are the group's exports, in order."""
+    members = {id(m) for m in group.members}
+    outside: dict[int, Value] = {}
+    for m in group.members:
+        for o in m.operands:
+            if id(o) not in members:
+                outside.setdefault(id(o), o)
+    renamed: dict[int, Value] = {}
+    values: list[Value] = []
+    for k, o in enumerate(outside.values()):
+        if o.type.domain is Domain.PARAM:
+            renamed[id(o)] = make_value("param", (), {"name": f"a{k}", "init": "zeros"}, o.type)
+        else:
+            renamed[id(o)] = make_value("input", (), {"name": f"a{k}"}, o.type)
+        values.append(renamed[id(o)])
+    for m in group.members:
+        renamed[id(m)] = Value(m.op, tuple(renamed[id(o)] for o in m.operands), m.attrs, m.type, m.span)
+        values.append(renamed[id(m)])
+    outputs = tuple((f"e{k}", renamed[id(e)]) for k, e in enumerate(group.exports))
+    return Program(f"{program.name}_rows", program.dims, tuple(values), outputs, program.edge_sets), \
+        tuple(outside.values())
+
+
+def describe(program: Program, schedule: list[Value | RowGroup], min_rows: int,
+             how: Callable[[RowGroup], str] | None = None) -> list[str]:
+    """One line per row group of ``schedule``, for ``--emit plan``: its members, how each block runs
+    (``how(group)``, when given) and what it materialises; groups run block by block from
+    ``min_rows`` rows on."""
     names = value_names(program)
     lines = []
     for step in schedule:
         if isinstance(step, RowGroup):
             members = ", ".join(f"{names[m]} {m.op}" for m in step.members)
             kept = ", ".join(names[m] for m in step.exports) or "nothing"
+            blocks = f"; {how(step)}" if how is not None else ""
             lines.append(f"{step.space} row group [{members}] runs block by block over the {step.space} "
-                         f"rows (numpy backend, from {min_rows} rows); materialised in full: {kept}")
+                         f"rows (numpy backend, from {min_rows} rows{blocks}); materialised in full: {kept}")
     return lines

@@ -257,8 +257,10 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
         notes = list(ctx.notes)
         if hasattr(model.backend, "schedule"):  # the NumPy backend's row-block fusion
             from mpdsl.backends.row_fusion import describe
-            notes += [("row_fusion", line) for line in describe(program, model.backend.schedule(program),
-                                                                    model.backend.fuse_min_rows)]
+            how = getattr(model.backend, "compiled_group_reason", None)
+            notes += [("row_fusion", line) for line in describe(
+                program, model.backend.schedule(program), model.backend.fuse_min_rows,
+                None if how is None else lambda group: how(program, group, bound))]
         if hasattr(model.backend, "compiled_program_reason"):  # the NumPy backend's small-graph tier
             notes.append(("compiled program", model.backend.compiled_program_reason(program, bound)))
         print(report(model.ir, program, notes, bound, graph, reasons), end="")

@@ -92,6 +92,8 @@ class Trait(enum.Enum):
     ELEMENTWISE = "elementwise"  # element k of the result depends only on element k of each (broadcast) operand
     ROW_WISE = "row-wise"        # row r of the result depends only on row r of each operand of its domain
                                  # (and on whole params): it may run block by block and be hoisted over gathers
+    ROW_SUM = "row-sum"          # a sum over the rows of its row operands into a param value: it may run block by
+                                 # block beside row-wise ops, one partial sum per block, added in block order
     GRAPH = "graph"              # moves or reduces values along the edges: node and edge layouts apply to it
     EDGE_ORDER = "edge-order"    # reads its edge operands grouped by its ``by`` segment (edges sorted by it pay)
     FUSED = "fused"              # made by the optimizer or autodiff; means its unfused definition (``OpDef.unfused``)
@@ -1384,7 +1386,7 @@ def _carry_grad(types, attrs, declared):
 # ---- ops used by gradient programs (mpdsl.autodiff); not spelled in the source language ------------
 
 
-@op("contract_rows", None, {"spec": str})
+@op("contract_rows", None, {"spec": str}, traits=(Trait.ROW_SUM,))
 def _contract_rows(types, attrs, declared):
     """Einstein summation like einsum (letters name feature axes) that also sums the implicit row
     axis shared by the non-param operands, e.g. "k,m->km" on two node values is the sum over nodes of

@@ -245,7 +245,11 @@ def test_the_plan_reports_the_decision(capsys, monkeypatch):
     assert "[compiled program] backward: runs as one C function" in out
     assert "[compiled program] train-forward: runs as one C function" in out  # dropout: its masks are inputs
     assert main(["compile", str(ROOT / "examples" / "gat.mp"), "--emit", "plan", "--dim", "F=8"]) == 0
-    assert "[compiled program] runs op by op: attention: a fused compiled kernel" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[compiled program] runs op by op: attention: a fused compiled kernel" in out
+    # its row groups (the projections, the edge scores) still run each block as one C function
+    groups = [line for line in out.splitlines() if "[row_fusion]" in line]
+    assert groups and all("rows; each block one C function)" in line for line in groups), groups
 
 
 def test_a_torch_module_trains_molecules_the_same_with_the_tier():

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mpdsl  # noqa: E402
-from mpdsl.backends import cpu_kernels  # noqa: E402
+from mpdsl.backends import c_programs, cpu_kernels  # noqa: E402
 from mpdsl.backends.numpy_backend import BLAS, NumpyBackend  # noqa: E402
-from mpdsl.backends.row_fusion import RowGroup, fuse_rows, is_row_wise  # noqa: E402
+from mpdsl.backends.row_fusion import RowGroup, fuse_rows, is_row_sum, is_row_wise, row_space  # noqa: E402
 from mpdsl.passes import optimize  # noqa: E402
 from mpdsl.passes.rewrite import specialize  # noqa: E402
 from mpdsl.types import Domain  # noqa: E402
@@ -46,14 +46,19 @@ def run_with(backend, model, program, graph, arrays, dims):
 
 
 def check_schedule(program, schedule):
-    """Every value once, after its operands; group members share a row domain and are row-wise; a
-    reshape in a group reshapes a member (one of a value computed before runs alone, as a view)."""
+    """Every value once, after its operands; group members share a row space and are row-wise, or
+    sums over the rows of that space that no member reads; a reshape in a group reshapes a member
+    (one of a value computed before runs alone, as a view)."""
     order = []
     for step in schedule:
         if isinstance(step, RowGroup):
             assert len(step.members) >= 2
-            assert all(m.type.domain is step.domain and is_row_wise(m) for m in step.members)
+            assert all((m.type.space == step.space and is_row_wise(m)) or (is_row_sum(m) and row_space(m) == step.space)
+                       for m in step.members)
             members = set(map(id, step.members))
+            sums = {id(m) for m in step.members if is_row_sum(m)}
+            assert not any(id(o) in sums for m in step.members for o in m.operands), "a member reads a partial sum"
+            assert sums <= set(map(id, step.exports))
             assert all(id(m.operands[0]) in members for m in step.members if m.op == "reshape")
             assert set(map(id, step.exports)) <= set(map(id, step.members))
             order.extend(step.members)
@@ -66,25 +71,57 @@ def check_schedule(program, schedule):
         seen.add(id(v))
 
 
+TIERS = ["numpy-blocks", "compiled-blocks"]
+
+
+def tier_backend(tier: str, monkeypatch):
+    """``make(block_rows)``: a backend running every row group block by block on ``tier``: member
+    by member in NumPy, or as each group's C function (``group_program``) where its members have C
+    rules (whole programs never run as one C function here)."""
+    compiled = tier == "compiled-blocks"
+    if compiled:
+        if c_programs._compiler() is None:
+            pytest.skip("no C compiler")
+        monkeypatch.setattr(c_programs, "SMALL_ROWS", 0)
+    return lambda block_rows: NumpyBackend(fuse_min_rows=0, block_rows=block_rows, compiled_programs=compiled)
+
+
+@pytest.fixture
+def blocks_backend(request, monkeypatch):
+    """``tier_backend`` for the test's ``tier`` parameter."""
+    return tier_backend(request.node.callspec.params["tier"], monkeypatch)
+
+
+def compiled_groups(backend) -> int:
+    """How many row groups ``backend`` ran as C functions."""
+    return sum(entry.compiled is not None for entry in backend._compiled.values())
+
+
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_row_blocks_equal_op_by_op_on_every_example(path):
+def test_row_blocks_equal_op_by_op_on_every_example(path, tier, blocks_backend):
     graph = with_edge_sets(mpdsl.compile(path), random_graph())
     model, program, arrays, dims = optimized_program(path, graph)
     check_schedule(program, fuse_rows(program))
     want = run_with(OP_BY_OP, model, program, graph, arrays, dims)
     for block_rows in (1, 7):  # one row per block; blocks that straddle the workers' ranges
-        got = run_with(NumpyBackend(fuse_min_rows=0, block_rows=block_rows), model, program, graph, arrays, dims)
+        backend = blocks_backend(block_rows)
+        got = run_with(backend, model, program, graph, arrays, dims)
         assert_same(want, got, f"{path.stem}, blocks of {block_rows} rows")
+        if tier == "compiled-blocks" and path.stem in ("gcn", "gin", "sage_mean", "mpnn"):
+            assert compiled_groups(backend), "no row group ran compiled"
 
 
+@pytest.mark.parametrize("tier", TIERS)
 @settings(max_examples=25, deadline=None)
 @given(graph=batched_graphs(), which=st.sampled_from(EXAMPLES), seed=st.integers(0, 1000),
        block_rows=st.integers(1, 9))
-def test_row_blocks_on_random_graphs(graph, which, seed, block_rows):
+def test_row_blocks_on_random_graphs(tier, graph, which, seed, block_rows):
     graph = with_edge_sets(mpdsl.compile(which), graph, seed)
     model, program, arrays, dims = optimized_program(which, graph, seed)
     want = run_with(OP_BY_OP, model, program, graph, arrays, dims)
-    got = run_with(NumpyBackend(fuse_min_rows=0, block_rows=block_rows), model, program, graph, arrays, dims)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        got = run_with(tier_backend(tier, monkeypatch)(block_rows), model, program, graph, arrays, dims)
     assert_same(want, got, which.stem)
 
 
@@ -136,24 +173,73 @@ def test_values_run_ahead_of_a_group_are_grouped_among_themselves():
     assert [e.op for e in scores.exports] == ["leaky_relu"]
     (delta,) = [v for v in backward.values if v.op == "einsum"]  # <g, out> per node: open when the chain came
     assert backward.values.index(delta) < backward.values.index(scores.members[0])
-    assert schedule.index(scores) < schedule.index(delta)
+    (delta_step,) = [i for i, s in enumerate(schedule)
+                     if s is delta or (isinstance(s, RowGroup) and delta in s.members)]
+    assert schedule.index(scores) < delta_step
     # the cotangent's reshape to [H, C] that the attention passes read is a view, not a copy in a group
     (view,) = [v for v in backward.values if v.op == "reshape" and v.operands[0].name == "d_out" and v.type.rank == 2]
     assert view in schedule
 
 
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_training_programs_in_row_blocks_equal_the_unfused_gradient(path):
+def test_training_programs_in_row_blocks_equal_the_unfused_gradient(path, tier, blocks_backend):
     """Every example's train-forward and backward (whose recomputed values run in row groups of their
-    own), block by block, against the unfused gradient program."""
+    own, and whose weight gradients are row sums in them), block by block, against the unfused
+    gradient program."""
     from test_fused_backward import training_case
 
     case = training_case(path)
     for program in (case.programs.train_forward, case.programs.backward):
         check_schedule(program, fuse_rows(program))
     for block_rows in (1, 7):
-        case.check(random_graph(3, nodes=12, edges=40, self_loops=True), seed=3,
-                   backend=NumpyBackend(fuse_min_rows=0, block_rows=block_rows))
+        backend = blocks_backend(block_rows)
+        case.check(random_graph(3, nodes=12, edges=40, self_loops=True), seed=3, backend=backend)
+        if tier == "compiled-blocks" and path.stem in ("gcn", "gin", "sage_mean", "mpnn"):
+            assert compiled_groups(backend), "no row group ran compiled"
+
+
+def test_weight_gradients_are_row_sums_of_the_backward_group():
+    """GIN's backward is one node group: the products by the transposed weights, the relu' mask, and
+    the five weight gradients as sums over its blocks, with no N x F value materialised."""
+    model = mpdsl.compile("dim K = 64\n" + (ROOT / "benchmarks" / "models" / "gin.mp").read_text())
+    params = [v.name for v in model.ir.values if v.op == "param"]
+    backward = model.context.training_programs({"F": 64}, "f32", True, [], params).backward
+    schedule = fuse_rows(backward)
+    check_schedule(backward, schedule)
+    (group,) = [s for s in schedule if isinstance(s, RowGroup)]
+    assert sorted(m.op for m in group.members if is_row_sum(m)) == ["contract_rows"] * 5
+    assert all(e.type.domain is Domain.PARAM for e in group.exports)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_row_sums_do_not_depend_on_the_worker_count_or_the_pieces(tier, blocks_backend, monkeypatch):
+    """A group's row sums add their blocks' partial sums in piece order: the same bits on one worker
+    as on several, and equal to the op-by-op run when the partials are capped to one piece."""
+    from mpdsl.backends import numpy_backend
+
+    path = ROOT / "examples" / "gin.mp"
+    graph = random_graph(4, nodes=60, edges=300)
+    model, _, _, dims = optimized_program(path, graph)
+    params = [v.name for v in model.ir.values if v.op == "param"]
+    backward = model.context.training_programs(dims, "f64", True, [], params).backward
+    rng = np.random.default_rng(4)
+    inputs = {v.name: rng.normal(size=(graph.num_nodes,) + tuple(d.value for d in v.type.shape))
+              for v in backward.values if v.op == "input"}
+    backward_params = {**model.params, **{v.name: rng.normal(size=tuple(d.value for d in v.type.shape))
+                                          for v in backward.values if v.op == "param" and v.name not in model.params}}
+    assert any(is_row_sum(m) for s in fuse_rows(backward) if isinstance(s, RowGroup) for m in s.members)
+
+    def run(workers):
+        monkeypatch.setattr(numpy_backend, "WORKERS", workers)
+        return blocks_backend(5).run(backward, graph, inputs, backward_params, dims)
+
+    several = run(2)
+    one = run(1)
+    for name in several:
+        assert np.array_equal(several[name], one[name]), name
+    monkeypatch.setattr(numpy_backend, "PARTIAL_SUM_BYTES", 1)  # one piece: every block's partial in one sum
+    assert_same(OP_BY_OP.run(backward, graph, inputs, backward_params, dims), run(2), "one piece")
 
 
 # ---- kernels -----------------------------------------------------------------------------------

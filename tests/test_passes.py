@@ -160,7 +160,7 @@ def test_plan_reports_kernels_bytes_and_decisions(capsys):
     out = capsys.readouterr().out
     assert "gspmm" in out and "csr_dst" in out and "unoptimized" in out and "bytes materialised" in out
     assert "[graph layout] no reordering" in out and "[fuse_message_aggregate]" in out
-    assert "[row_fusion] node row group [" in out and "(numpy backend, from 8192 rows)" in out
+    assert "[row_fusion] node row group [" in out and "(numpy backend, from 8192 rows; " in out
     per_edge = next(line for line in out.splitlines() if line.strip().startswith("of which per-edge"))
     assert per_edge.split()[-2:] == ["0", "B"], per_edge
     assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan"]) == 1
