@@ -7,6 +7,7 @@ cannot run must still appear, as ``unsupported("op", reason)``, so that coverage
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Callable, Mapping
@@ -183,24 +184,39 @@ def serial_row_copy(x: np.ndarray, index: np.ndarray) -> bool:
         or len(index) * max(1, x[:1].size) < PARALLEL_COPY_ELEMENTS
 
 
-def take_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``np.take(x, index, axis=0)``; a large float array's rows are copied in parallel
-    (``cpu_kernels.take_rows``, loaded only then: small graphs never load Numba)."""
+def take_rows(x: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``np.take(x, index, axis=0)``, into ``out`` when given (a C-contiguous array of the result's
+    shape and dtype); a large float array's rows are copied in parallel (``cpu_kernels.take_rows``,
+    loaded only then: small graphs never load Numba)."""
     if serial_row_copy(x, index):
-        return np.take(x, index, axis=0)
+        return np.take(x, index, axis=0, out=out)
     from mpdsl.backends import cpu_kernels
-    return cpu_kernels.take_rows(x, index)
+    return cpu_kernels.take_rows(x, index, out)
 
 
-def put_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """A new array ``out`` with ``out[index[i]] = x[i]`` for ``index`` a permutation of x's rows (the
-    inverse of ``take_rows``), large float arrays copied in parallel (``cpu_kernels.put_rows``)."""
+@contextlib.contextmanager
+def relabelling_arrays(backend):
+    """``allocate(shape, dtype)`` for a graph layout's relabelled inputs and outputs
+    (``GraphLayout.apply`` / ``restore``): from the backend's buffer pool where it has one (lent
+    when the block ends, so that repeated calls reuse them), else None (each copy allocates its own)."""
+    pool = getattr(backend, "pool", None)
+    if pool is None or not hasattr(pool, "lending"):
+        yield None
+        return
+    with pool.lending() as allocate:
+        yield allocate
+
+
+def put_rows(x: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """An array ``out`` (new, or the one given: C-contiguous, of x's shape and dtype) with
+    ``out[index[i]] = x[i]`` for ``index`` a permutation of x's rows (the inverse of ``take_rows``),
+    large float arrays copied in parallel (``cpu_kernels.put_rows``)."""
     if len(index) == len(x) and serial_row_copy(x, index):
-        out = np.empty_like(x)
+        out = np.empty_like(x) if out is None else out
         out[index] = x
         return out
     from mpdsl.backends import cpu_kernels
-    return cpu_kernels.put_rows(x, index)
+    return cpu_kernels.put_rows(x, index, out)
 
 
 # ---- shared by the backends (array-library neutral: NumPy arrays or torch tensors) ------------------

@@ -517,15 +517,17 @@ def _parallel_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray | None:
     return np.ascontiguousarray(x).reshape(len(x), -1)
 
 
-def take_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+def take_rows(x: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``np.take(x, index, axis=0)`` for a float array, copying rows in parallel (a relabelling of
-    node or edge rows); other arrays and small ones go through ``np.take``."""
+    node or edge rows), into ``out`` when given (C-contiguous, the result's shape and dtype); other
+    arrays and small ones go through ``np.take``."""
     flat = _parallel_rows(x, index)
     if flat is None:
-        return np.take(x, index, axis=0)
-    out = np.empty((len(index), flat.shape[1]), dtype=x.dtype)
-    launch(_take_rows, flat, index, out)
-    return out.reshape((len(index),) + x.shape[1:])
+        return np.take(x, index, axis=0, out=out)
+    shape = (len(index),) + x.shape[1:]
+    result = np.empty(shape, dtype=x.dtype) if out is None else out
+    launch(_take_rows, flat, index, result.reshape(len(index), flat.shape[1]))
+    return result
 
 
 @njit(**_JIT)
@@ -534,16 +536,16 @@ def _put_rows(x, index, out):
         out[index[i], :] = x[i, :]
 
 
-def put_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """A new array ``out`` with ``out[index[i]] = x[i]``, for ``index`` a permutation of x's rows
-    (the inverse relabelling of ``take_rows``), copying rows in parallel."""
+def put_rows(x: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """An array ``out`` (new, or the one given: C-contiguous, of x's shape and dtype) with
+    ``out[index[i]] = x[i]``, for ``index`` a permutation of x's rows (the inverse relabelling of
+    ``take_rows``), copying rows in parallel."""
     if len(index) != len(x):
         raise IndexError("put_rows needs one index per row")
+    result = np.empty_like(x) if out is None else out
     flat = _parallel_rows(x, index)
     if flat is None:
-        out = np.empty_like(x)
-        out[index] = x
-        return out
-    out = np.empty_like(flat)
-    launch(_put_rows, flat, index, out)
-    return out.reshape(x.shape)
+        result[index] = x
+        return result
+    launch(_put_rows, flat, index, result.reshape(flat.shape))
+    return result

@@ -262,6 +262,21 @@ class BufferPool:
             self._lent.extend(block_of(a) for a in arrays)
             del self._lent[:max(0, len(self._lent) - self.max_lent)]
 
+    @contextlib.contextmanager
+    def lending(self):
+        """``allocate(shape, dtype)`` for arrays made around a run and handed on (the inputs and
+        outputs of a graph layout's relabelling): taken from the pool, and lent when the block ends."""
+        taken: list[np.ndarray] = []
+
+        def allocate(shape: tuple[int, ...], dtype) -> np.ndarray:
+            taken.append(self.take(shape, dtype))
+            return taken[-1]
+
+        try:
+            yield allocate
+        finally:
+            self.lend(taken)
+
     def clear(self) -> None:
         with self._lock:
             self._free.clear()

@@ -4,7 +4,7 @@ report of ``mpdsl compile --emit plan`` (kernels, bytes materialised, FLOPs, lay
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,9 +48,12 @@ class GraphLayout:
     reasons: tuple[str, ...]
 
     def apply(self, graph: Graph, arrays: dict[str, np.ndarray], input_types: Mapping[str, TensorType],
-              from_graph: frozenset[str] = frozenset()) -> tuple[Graph, dict[str, np.ndarray]]:
+              from_graph: frozenset[str] = frozenset(), allocate: Allocate | None = None
+              ) -> tuple[Graph, dict[str, np.ndarray]]:
         """The laid-out graph (built once per graph) and the inputs in its order; inputs named in
-        ``from_graph`` were read from the graph and are taken from its laid-out copy."""
+        ``from_graph`` were read from the graph and are taken from its laid-out copy. The relabelled
+        inputs are written into arrays from ``allocate(shape, dtype)`` when given (a backend's pool:
+        no fresh pages per call)."""
         def build() -> Graph:
             edge_index = graph.edge_index
             node_data, edge_data = graph.node_data, graph.edge_data
@@ -72,26 +75,35 @@ class GraphLayout:
             if name in from_graph:
                 array = laid_out[name].astype(array.dtype, copy=False)
             elif domain is Domain.NODE and self.nodes is not None:
-                array = take_rows(array, self.nodes.perm)
+                array = take_rows(array, self.nodes.perm, _target(allocate, array))
             elif domain is Domain.EDGE and not input_types[name].rowset and self.edge_perm is not None:
-                array = take_rows(array, self.edge_perm)
+                array = take_rows(array, self.edge_perm, _target(allocate, array))
             moved[name] = array
         return laid_out, moved
 
-    def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
+    def restore(self, outputs: dict[str, np.ndarray], types: Mapping[str, TensorType],
+                allocate: Allocate | None = None) -> dict[str, np.ndarray]:
         """The outputs back in the caller's node and edge order (row k of a laid-out output goes back
-        to row ``perm[k]``)."""
+        to row ``perm[k]``), written into arrays from ``allocate(shape, dtype)`` when given."""
         from mpdsl.backends import put_rows
 
         restored = {}
         for name, array in outputs.items():
             domain = types[name].domain
             if domain is Domain.NODE and self.nodes is not None:
-                array = put_rows(array, self.nodes.perm)
+                array = put_rows(array, self.nodes.perm, _target(allocate, array))
             elif domain is Domain.EDGE and not types[name].rowset and self.edge_perm is not None:
-                array = put_rows(array, self.edge_perm)
+                array = put_rows(array, self.edge_perm, _target(allocate, array))
             restored[name] = array
         return restored
+
+
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+def _target(allocate: Allocate | None, like: np.ndarray) -> np.ndarray | None:
+    """An array for a relabelled copy of ``like`` from ``allocate`` (None: the copy allocates its own)."""
+    return None if allocate is None else allocate(like.shape, like.dtype)
 
 
 @dataclass(frozen=True)

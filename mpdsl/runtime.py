@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import numpy as np
 
 from mpdsl import memory
-from mpdsl.backends import check_input_ids, edge_graph
+from mpdsl.backends import check_input_ids, edge_graph, relabelling_arrays
 from mpdsl.context import CompileContext
 from mpdsl.diagnostics import CompileError, GraphError, InputError, WeightsError
 from mpdsl.graph import Graph, first_true, position_text, resolve_edge_sets
@@ -630,15 +630,17 @@ class CompiledModel:
         self.check_run_memory(program, graph, dims)
         layout = self.context.choose_layout(graph, program)
         self.last_layout = layout
-        if layout is not None:
-            check_input_ids(program, arrays, dims)  # before the layout: messages name the caller's positions
-            graph, arrays = layout.apply(graph, arrays, self.input_types, frozenset(set(arrays) - set(inputs)))
-        outputs = self.backend.run(program, graph, arrays, self.params, dims, training=self.training)
-        if self.training:  # batch_norm's running statistics, updated by the run
-            for name, value in getattr(self.backend, "last_state_updates", {}).items():
-                self.params[name] = np.asarray(value, dtype=self.float_dtype)
-        if layout is not None:
-            outputs = layout.restore(outputs, {name: v.type for name, v in program.outputs})
+        with relabelling_arrays(self.backend) as allocate:
+            if layout is not None:
+                check_input_ids(program, arrays, dims)  # before the layout: messages name the caller's positions
+                graph, arrays = layout.apply(graph, arrays, self.input_types, frozenset(set(arrays) - set(inputs)),
+                                             allocate)
+            outputs = self.backend.run(program, graph, arrays, self.params, dims, training=self.training)
+            if self.training:  # batch_norm's running statistics, updated by the run
+                for name, value in getattr(self.backend, "last_state_updates", {}).items():
+                    self.params[name] = np.asarray(value, dtype=self.float_dtype)
+            if layout is not None:
+                outputs = layout.restore(outputs, {name: v.type for name, v in program.outputs}, allocate)
         self.last_run_seconds = time.perf_counter() - start
         return outputs
 

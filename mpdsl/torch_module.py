@@ -82,7 +82,7 @@ import numpy as np
 import torch
 
 from mpdsl.autodiff import batch_norm_statistics
-from mpdsl.backends import BackendError, check_input_ids, get_backend
+from mpdsl.backends import BackendError, check_input_ids, get_backend, relabelling_arrays
 from mpdsl.context import Programs, layout_for
 from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.graph import Graph, resolve_edge_sets
@@ -435,18 +435,19 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, Any],
         layout = spec.graph_layout(graph)
         spec.last_layout = layout
         run_graph = graph
-        if layout is not None:
-            check_input_ids(program, arrays, spec.dims)  # before the layout: messages name the caller's positions
-            types = spec.types
-            moved = {n: a for n, a in arrays.items() if n not in laid_out}
-            run_graph, moved = layout.apply(graph, moved, types, _from_graph(graph, moved))
-            arrays.update(moved)
-        inputs, params = _split_by_kind(spec, program, arrays)
-        outputs = backend.run(program, run_graph, inputs, params, spec.dims, training=False)
-        updates = dict(getattr(backend, "last_state_updates", {}))
-        if layout is not None:
-            back = {n: outputs[n] for n in restore if n in outputs}
-            outputs.update(layout.restore(back, spec.types))
+        with relabelling_arrays(backend) as allocate:
+            if layout is not None:
+                check_input_ids(program, arrays, spec.dims)  # before the layout: messages name the caller's positions
+                types = spec.types
+                moved = {n: a for n, a in arrays.items() if n not in laid_out}
+                run_graph, moved = layout.apply(graph, moved, types, _from_graph(graph, moved), allocate)
+                arrays.update(moved)
+            inputs, params = _split_by_kind(spec, program, arrays)
+            outputs = backend.run(program, run_graph, inputs, params, spec.dims, training=False)
+            updates = dict(getattr(backend, "last_state_updates", {}))
+            if layout is not None:
+                back = {n: outputs[n] for n in restore if n in outputs}
+                outputs.update(layout.restore(back, spec.types, allocate))
         result = {n: a if n in arrays_out else torch.from_numpy(
             a if isinstance(a, np.ndarray) and a.flags.c_contiguous else np.require(a, requirements='C'))
             for n, a in outputs.items()}

@@ -32,9 +32,9 @@ def large_graph(nodes: int = ROWS, degree: int = 4, seed: int = 0) -> mpdsl.Grap
     return mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes)
 
 
-def compiled(name: str, graph: mpdsl.Graph, dtype: str = "float32"):
+def compiled(name: str, graph: mpdsl.Graph, dtype: str = "float32", layout: str = "none"):
     """The example model, and the graph with its inputs (read from the graph by the model and the module)."""
-    model = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype=dtype, seed=0, layout="none")
+    model = mpdsl.compile(ROOT / "examples" / f"{name}.mp", dtype=dtype, seed=0, layout=layout)
     graph = graph.with_data(**synth_inputs(model, graph, np.random.default_rng(1)))
     model.init(seed=0, graph=graph)
     return model, graph
@@ -73,11 +73,44 @@ def test_forward_calls_take_no_fresh_buffers_after_the_second():
     assert model.backend.pool.fresh_bytes == fresh
 
 
-def test_reused_buffers_are_never_ones_the_caller_still_holds():
+@pytest.mark.parametrize("call", ["forward", "step"])
+def test_a_reordered_graph_relabels_into_reused_buffers(call):
+    """Under a node reordering, the outputs relabelled back into the caller's order (and the step's
+    cotangent relabelled into the run's) are written into buffers of the backend's pool: from the
+    third call on, nothing the relabelling allocates is new (tracemalloc sees NumPy's allocations,
+    with the stack that made them)."""
+    import tracemalloc
+
+    from mpdsl import plan
+
+    model, graph = compiled("gcn", large_graph(), layout="reorder")
+    module = model.to_torch(graph)
+
+    def call_once():
+        return model(graph) if call == "forward" else step(module, graph)
+
+    for _ in range(3):
+        call_once()
+    assert (model.last_layout if call == "forward" else module.last_layout) is not None
+    made_by_relabelling = [tracemalloc.Filter(True, plan.__file__, all_frames=True)]
+    tracemalloc.start(64)
+    try:
+        before = tracemalloc.take_snapshot().filter_traces(made_by_relabelling)
+        out = call_once()
+        after = tracemalloc.take_snapshot().filter_traces(made_by_relabelling)
+    finally:
+        tracemalloc.stop()
+    new = sum(stat.size_diff for stat in after.compare_to(before, "filename") if stat.size_diff > 0)
+    assert new < out.numel() * 4 if call == "step" else new < out.nbytes, f"{new} bytes allocated by the relabelling"
+
+
+@pytest.mark.parametrize("layout", ["none", "reorder"])
+def test_reused_buffers_are_never_ones_the_caller_still_holds(layout):
     """Outputs kept by the caller (as arrays, or as tensors of the torch module, whose step also keeps
-    its residuals until backward) keep their values while later calls run with other weights."""
+    its residuals until backward; relabelled into the caller's order under a reordering) keep their
+    values while later calls run with other weights."""
     graph = large_graph()
-    model, graph = compiled("gin", graph)
+    model, graph = compiled("gin", graph, layout=layout)
     kept_arrays = [model(graph)]
     copies = [kept_arrays[0].copy()]
     module = model.to_torch(graph)
