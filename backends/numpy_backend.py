@@ -90,7 +90,8 @@ class _BlasThreads:
                 "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")
 
     def __init__(self):
-        self._libs = None
+        self._libs: list | None = None  # (set, get) of each library, in the order of ``_paths``
+        self._paths: list[str] = []
         self._lock = threading.Lock()
         self._holders = 0
         self._saved: list[int] = []
@@ -99,30 +100,44 @@ class _BlasThreads:
 
     def _load(self) -> list:
         if self._libs is None:
-            libs = []
-            try:
-                with open("/proc/self/maps") as maps:
-                    paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-            except OSError:
-                paths = set()
-            for path in sorted(paths):
-                try:
-                    lib = ctypes.CDLL(path)
-                except OSError:
-                    continue
-                for name in self._SETTERS:
-                    getter = name.replace("set_num", "get_num")
-                    if hasattr(lib, name) and hasattr(lib, getter):
-                        libs.append((getattr(lib, name), getattr(lib, getter)))
-                        break
-            self._libs = libs
+            self._libs, self._paths = [], []
+            self._add_new()
         return self._libs
 
+    def _add_new(self) -> list:
+        """Add the OpenBLAS libraries loaded in the process and not known yet; return their (set, get)."""
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+        except OSError:
+            paths = set()
+        added = []
+        for path in sorted(paths - set(self._paths)):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in self._SETTERS:
+                getter = name.replace("set_num", "get_num")
+                if hasattr(lib, name) and hasattr(lib, getter):
+                    added.append((getattr(lib, name), getattr(lib, getter)))
+                    self._paths.append(path)
+                    break
+        assert self._libs is not None
+        self._libs.extend(added)
+        return added
+
     def rescan(self) -> None:
-        """Look for the loaded OpenBLAS libraries again at the next hold (one was loaded since)."""
+        """Look for OpenBLAS libraries loaded since the last look (one was loaded since: SciPy's, by a
+        compiled program): at the next hold, or during a hold at once, holding them to one thread
+        too until it ends."""
         with self._lock:
             if self._holders == 0:
                 self._libs = None
+            elif self._libs is not None:
+                for set_, get in self._add_new():
+                    self._saved.append(get())
+                    set_(1)
 
     def threads(self) -> list[int]:
         """The thread count in force in each OpenBLAS library (1 while a run holds them)."""
@@ -155,7 +170,7 @@ class _BlasThreads:
             with self._lock:
                 self._holders -= 1
                 if self._holders == 0:
-                    for (set_, _), count in zip(libs, self._saved):
+                    for (set_, _), count in zip(self._libs or libs, self._saved):
                         set_(count)
 
     def _after_fork(self) -> None:
@@ -168,6 +183,28 @@ class _BlasThreads:
 
 
 BLAS = _BlasThreads()
+
+
+_HUGEPAGE_ADVICE = threading.Lock()
+
+
+def fresh_block(count: int, dtype) -> np.ndarray:
+    """``np.empty(count, dtype)`` without NumPy's transparent-huge-page advice (``madvise``), which
+    it gives arrays of 4 MB and more. Under the common ``defrag=madvise`` setting the kernel then
+    compacts memory synchronously at the block's first touch: on a long-running machine a fresh
+    50 MB block took 200-300 ms of system time, against about 10 ms in 4 KB pages, so a call that
+    took a new block (the first; the second and third, whose outputs the caller still held; a batch
+    of a new size) ran 2-3x slower than the next ones. Reused blocks lose the huge pages' fewer TLB
+    misses: about 5% of a 200k-node forward once every block is warm."""
+    advise = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
+    if advise is None:
+        return np.empty(count, dtype=dtype)
+    with _HUGEPAGE_ADVICE:
+        previous = advise(False)
+        try:
+            return np.empty(count, dtype=dtype)
+        finally:
+            advise(previous)
 
 
 class BufferPool:
@@ -233,7 +270,7 @@ class BufferPool:
                 self._held -= block.nbytes
                 return block[:count].reshape(shape)
             self.fresh_bytes += key[0]
-        return np.empty(block_count, dtype=dtype)[:count].reshape(shape)
+        return fresh_block(block_count, dtype)[:count].reshape(shape)
 
     def give(self, arrays) -> None:
         """Keep the blocks of ``arrays`` (a run's, at its end) for later runs, and drop the kept blocks

@@ -348,6 +348,57 @@ def test_blas_hold_is_reference_counted_and_restores_the_users_setting():
         BLAS.set_threads(original[0])
 
 
+def test_a_blas_library_loaded_during_a_hold_is_held_too():
+    """A library found by ``rescan`` while a run holds BLAS (SciPy's, loaded by a program compiled
+    inside the run) is held to one thread for the rest of the hold and gets its count back after."""
+    from mpdsl.backends.numpy_backend import _BlasThreads
+
+    blas = _BlasThreads()
+    if not blas.threads():
+        pytest.skip("no OpenBLAS library in this process")
+    blas.set_threads(2)
+    try:
+        blas._paths.pop()  # as if the last library were loaded after the hold began
+        _, late = blas._libs.pop()
+        with blas.single_threaded():
+            assert late() == 2
+            blas.rescan()
+            assert late() == 1 and blas.threads() == [1] * len(blas._libs)
+        assert late() == 2 and blas.threads() == [2] * len(blas._libs)
+    finally:
+        blas.set_threads(BLAS.threads()[0] if BLAS.threads() else 1)
+
+
+def test_pool_blocks_are_not_advised_to_huge_pages():
+    """The pool's blocks are faulted in 4 KB pages (``fresh_block``): NumPy advises huge pages for
+    large arrays, and the kernel's synchronous compaction then made calls that took new blocks 2-3x
+    slower (see ``fresh_block``). Read from the mapping's ``VmFlags`` (``hg``: huge-page advice)."""
+    from mpdsl.backends.numpy_backend import BufferPool
+
+    def advised(array: np.ndarray) -> bool | None:
+        address = array.ctypes.data + array.nbytes // 2  # NumPy advises the whole huge pages inside
+        try:
+            lines = Path("/proc/self/smaps").read_text().splitlines()
+        except OSError:
+            return None
+        inside = False
+        for line in lines:
+            head = line.split()[0] if line else ""
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and line.startswith("VmFlags:"):
+                return " hg" in line
+        return None
+
+    size = 8 << 20
+    plain = np.empty(size // 8)
+    if not advised(plain):
+        pytest.skip("NumPy gives no huge-page advice here")
+    block = BufferPool().take((size // 8,), np.float64)
+    assert advised(block) is False
+
+
 def test_concurrent_runs_are_bitwise_identical_in_fresh_processes():
     """The determinism contract of the README: the same inputs and thread setting give bitwise-identical
     outputs run alone, concurrently (4 threads) or in another process (20 fresh processes), and the
