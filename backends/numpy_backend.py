@@ -185,26 +185,40 @@ class _BlasThreads:
 BLAS = _BlasThreads()
 
 
-_HUGEPAGE_ADVICE = threading.Lock()
+MADV_NOHUGEPAGE = 15  # Linux's madvise advice
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise`` (None off Linux or where it cannot be loaded)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return function
 
 
 def fresh_block(count: int, dtype) -> np.ndarray:
-    """``np.empty(count, dtype)`` without NumPy's transparent-huge-page advice (``madvise``), which
-    it gives arrays of 4 MB and more. Under the common ``defrag=madvise`` setting the kernel then
-    compacts memory synchronously at the block's first touch: on a long-running machine a fresh
-    50 MB block took 200-300 ms of system time, against about 10 ms in 4 KB pages, so a call that
-    took a new block (the first; the second and third, whose outputs the caller still held; a batch
-    of a new size) ran 2-3x slower than the next ones. Reused blocks lose the huge pages' fewer TLB
-    misses: about 5% of a 200k-node forward once every block is warm."""
-    advise = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
-    if advise is None:
-        return np.empty(count, dtype=dtype)
-    with _HUGEPAGE_ADVICE:
-        previous = advise(False)
-        try:
-            return np.empty(count, dtype=dtype)
-        finally:
-            advise(previous)
+    """``np.empty(count, dtype)`` advised to 4 KB pages (``MADV_NOHUGEPAGE`` on its whole pages),
+    against the transparent-huge-page advice NumPy gives arrays of 4 MB and more. Under the common
+    ``defrag=madvise`` setting the kernel compacts memory synchronously at an advised block's first
+    touch: on a long-running machine a fresh 50 MB block took 200-300 ms of system time, against
+    about 10 ms in 4 KB pages, so a call that took a new block (the first; the second and third,
+    whose outputs the caller still held; a batch of a new size) ran 2-3x slower than the next ones.
+    Reused blocks lose the huge pages' fewer TLB misses: about 5% of a 200k-node forward once every
+    block is warm."""
+    block = np.empty(count, dtype=dtype)
+    madvise = _madvise()
+    if madvise is not None and block.nbytes >= 4 << 20:
+        page = 4096
+        start = -(-block.ctypes.data // page) * page
+        stop = (block.ctypes.data + block.nbytes) // page * page
+        if stop > start:
+            madvise(start, stop - start, MADV_NOHUGEPAGE)  # advice only: a failure changes nothing else
+    return block
 
 
 class BufferPool:

@@ -369,10 +369,11 @@ def test_a_blas_library_loaded_during_a_hold_is_held_too():
         blas.set_threads(BLAS.threads()[0] if BLAS.threads() else 1)
 
 
-def test_pool_blocks_are_not_advised_to_huge_pages():
+def test_pool_blocks_are_advised_to_small_pages():
     """The pool's blocks are faulted in 4 KB pages (``fresh_block``): NumPy advises huge pages for
     large arrays, and the kernel's synchronous compaction then made calls that took new blocks 2-3x
-    slower (see ``fresh_block``). Read from the mapping's ``VmFlags`` (``hg``: huge-page advice)."""
+    slower (see ``fresh_block``). Read from the mapping's ``VmFlags`` (``hg``: huge-page advice,
+    ``nh``: no huge pages)."""
     from mpdsl.backends.numpy_backend import BufferPool
 
     def advised(array: np.ndarray) -> bool | None:
@@ -388,7 +389,7 @@ def test_pool_blocks_are_not_advised_to_huge_pages():
                 low, high = (int(x, 16) for x in head.split("-"))
                 inside = low <= address < high
             elif inside and line.startswith("VmFlags:"):
-                return " hg" in line
+                return " hg" in line and " nh" not in line
         return None
 
     size = 8 << 20
