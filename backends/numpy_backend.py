@@ -1153,14 +1153,8 @@ class NumpyBackend(Backend):
                 self._group_programs.clear()
             known = self._group_programs[id(group)] = (group, *group_program(ctx.program, group))
         _, program, outside = known
-        entry = self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training)
-        if entry.compiled is None and entry.reason is None:
-            try:
-                entry.compiled = c_programs.compile_program(program, dict(ctx.dims), ctx.float_dtype, ctx.training)
-            except c_programs.Unsupported as e:
-                entry.reason = str(e)
-            BLAS.rescan()
-        return None if entry.compiled is None else (entry.compiled, outside)
+        compiled = self._compile(self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training), ctx)
+        return None if compiled is None else (compiled, outside)
 
     def _compiled_blocks(self, ctx: ExecContext, group: RowGroup, env: dict, compiled: c_programs.CompiledProgram,
                          outside: tuple[Value, ...], block: int, piece_rows: int, partials: dict[int, list]):
@@ -1253,9 +1247,16 @@ class NumpyBackend(Backend):
         entry = self._compiled_entry(program, ctx.dims, ctx.float_dtype, ctx.training)
         if any(ctx.rows(space) >= c_programs.SMALL_ROWS for space in program.row_spaces):
             return None
+        return self._compile(entry, ctx)
+
+    @staticmethod
+    def _compile(entry: _CompiledEntry, ctx: ExecContext) -> c_programs.CompiledProgram | None:
+        """The entry's C function, compiled at its first use in the run ``ctx`` (None, with the reason
+        kept in the entry, when it has no C translation)."""
         if entry.compiled is None and entry.reason is None:
             try:
-                entry.compiled = c_programs.compile_program(program, dict(ctx.dims), ctx.float_dtype, ctx.training)
+                entry.compiled = c_programs.compile_program(entry.program, dict(ctx.dims), ctx.float_dtype,
+                                                            ctx.training)
             except c_programs.Unsupported as e:
                 entry.reason = str(e)
             BLAS.rescan()  # the compiled programs multiply through SciPy's BLAS, which may be new here
