@@ -1061,6 +1061,7 @@ class NumpyBackend(Backend):
             for v in group.members:
                 env[id(v)] = self.rules[v.op](self, ctx, v, *[env[id(o)] for o in v.operands])
             return
+
         def row_bytes(v: Value) -> int:  # of a row of v (of the whole of a param value)
             return ctx.float_dtype.itemsize * max(1, feature_width(ctx.concrete_shape(v.type)))
 
