@@ -195,12 +195,13 @@ def take_rows(x: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -
 
 
 @contextlib.contextmanager
-def relabelling_arrays(backend):
-    """``allocate(shape, dtype)`` for a graph layout's relabelled inputs and outputs
+def relabelling_arrays(backend, layout):
+    """``allocate(shape, dtype)`` for the relabelled inputs and outputs of ``layout``
     (``GraphLayout.apply`` / ``restore``): from the backend's buffer pool where it has one (lent
-    when the block ends, so that repeated calls reuse them), else None (each copy allocates its own)."""
+    when the block ends, so that repeated calls reuse them), else None (each copy allocates its own;
+    None also without a layout: nothing is relabelled)."""
     pool = getattr(backend, "pool", None)
-    if pool is None or not hasattr(pool, "lending"):
+    if layout is None or pool is None or not hasattr(pool, "lending"):
         yield None
         return
     with pool.lending() as allocate:

@@ -170,7 +170,7 @@ class _BlasThreads:
             with self._lock:
                 self._holders -= 1
                 if self._holders == 0:
-                    for (set_, _), count in zip(self._libs or libs, self._saved):
+                    for (set_, _), count in zip(libs, self._saved):  # rescan extends this list
                         set_(count)
 
     def _after_fork(self) -> None:
@@ -899,6 +899,14 @@ def row_contraction_plan(spec: str):
     return None
 
 
+def _add_partial(pieces: list, piece: int, part: np.ndarray, dtype) -> None:
+    """Add a block's partial sum ``part`` to ``pieces[piece]`` (a copy of it when the piece has none)."""
+    if pieces[piece] is None:
+        pieces[piece] = np.array(part, dtype=dtype)
+    else:
+        pieces[piece] += part
+
+
 def column_sum(x: np.ndarray) -> np.ndarray:
     """x summed over its rows. A float matrix sums as one BLAS product with a vector of ones: several
     times faster than NumPy's reduction down the rows, which adds one row at a time."""
@@ -1117,12 +1125,8 @@ class NumpyBackend(Backend):
                         else:
                             args.append(env[id(o)])
                     if id(v) in partials:
-                        part = self.rules[v.op](self, ctx, v, *args)
-                        pieces, piece = partials[id(v)], start // piece_rows
-                        if pieces[piece] is None:
-                            pieces[piece] = np.array(part, dtype=ctx.float_dtype)
-                        else:
-                            pieces[piece] += part
+                        _add_partial(partials[id(v)], start // piece_rows, self.rules[v.op](self, ctx, v, *args),
+                                     ctx.float_dtype)
                         continue
                     if id(v) in exported:
                         target = env[id(v)][start:stop]
@@ -1195,11 +1199,7 @@ class NumpyBackend(Backend):
                                   [sum_addresses[k] if out is None else out[0] + start * out[1]
                                    for k, out in enumerate(outputs)])
                 for k, v in sums:
-                    pieces, piece = partials[id(v)], start // piece_rows
-                    if pieces[piece] is None:
-                        pieces[piece] = buffers[k].copy()
-                    else:
-                        pieces[piece] += buffers[k]
+                    _add_partial(partials[id(v)], start // piece_rows, buffers[k], ctx.float_dtype)
 
         run_range.keep = keep  # type: ignore[attr-defined]
         return run_range

@@ -3,7 +3,6 @@ owns the parameter store and runs the program on a backend."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 import zlib
@@ -631,7 +630,7 @@ class CompiledModel:
         self.check_run_memory(program, graph, dims)
         layout = self.context.choose_layout(graph, program)
         self.last_layout = layout
-        with relabelling_arrays(self.backend) if layout is not None else contextlib.nullcontext() as allocate:
+        with relabelling_arrays(self.backend, layout) as allocate:
             if layout is not None:
                 check_input_ids(program, arrays, dims)  # before the layout: messages name the caller's positions
                 graph, arrays = layout.apply(graph, arrays, self.input_types, frozenset(set(arrays) - set(inputs)),

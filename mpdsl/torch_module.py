@@ -69,7 +69,6 @@ one needs mpdsl installed and ``import mpdsl.torch_module`` (which registers the
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import json
@@ -436,7 +435,7 @@ def _run(spec: RunSpec, program: Program, graph: Graph, named: dict[str, Any],
         layout = spec.graph_layout(graph)
         spec.last_layout = layout
         run_graph = graph
-        with relabelling_arrays(backend) if layout is not None else contextlib.nullcontext() as allocate:
+        with relabelling_arrays(backend, layout) as allocate:
             if layout is not None:
                 check_input_ids(program, arrays, spec.dims)  # before the layout: messages name the caller's positions
                 types = spec.types
