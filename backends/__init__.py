@@ -107,6 +107,11 @@ class Backend:
     def missing_rules(cls) -> list[str]:
         return sorted(set(OPS) - set(cls.rules))
 
+    def warm_up(self) -> None:
+        """The process-wide set-up of a first run that needs neither program nor data (loading
+        compiled kernels), for a caller that overlaps it with other work (a node order computed on
+        another thread: ``plan.decide_node_order``); nothing by default, and cheap once done."""
+
     def run(self, program, graph, inputs: dict, params: dict, dims: dict[str, int],
             training: bool = False, seed: int | None = None) -> dict[str, Any]:
         raise NotImplementedError

@@ -492,6 +492,23 @@ def global_attention_key_grad(nodes, starts, counts, offsets, chunks, q, k, v, l
                         out[j, h, keys + d] = dv[b, d]
 
 
+@njit(nogil=True, cache=True, boundscheck=False)
+def _place_positions(ids, starts, perm):
+    for e in range(ids.shape[0]):
+        i = ids[e]
+        perm[starts[i]] = e
+        starts[i] += 1
+
+
+def grouped_positions(ids: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """The positions of ``ids`` grouped by id, increasing within a group (``np.argsort(ids,
+    kind="stable")``), by one counting pass: ``indptr`` [count + 1] holds the groups' bounds
+    (the cumulative counts of the ids, each in 0..count-1)."""
+    perm = np.empty(len(ids), dtype=np.int64)
+    _place_positions(np.ascontiguousarray(ids, dtype=np.int64), indptr[:-1].astype(np.int64), perm)
+    return perm
+
+
 def row_chunks(indptr: np.ndarray, parts: int) -> np.ndarray:
     """Row bounds of ``parts`` chunks with about equal edge counts (a chunk may be empty)."""
     rows = len(indptr) - 1
@@ -505,6 +522,14 @@ def row_chunks(indptr: np.ndarray, parts: int) -> np.ndarray:
 def _take_rows(x, index, out):
     for i in prange(index.shape[0]):
         out[i, :] = x[index[i], :]
+
+
+def warm_up() -> None:
+    """Load and launch a first kernel: Numba initialises its CPU target and threading layer at a
+    process's first kernel, whichever it is (about 0.2 s), and the rest then load in milliseconds.
+    ``_take_rows`` on one float32 row, the kernel that relabelling a graph's features runs first."""
+    row = np.zeros((1, 1), dtype=np.float32)
+    launch(_take_rows, row, np.zeros(1, dtype=np.int64), np.empty_like(row))
 
 
 def _parallel_rows(x: np.ndarray, index: np.ndarray) -> np.ndarray | None:

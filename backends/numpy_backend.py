@@ -1029,6 +1029,10 @@ class NumpyBackend(Backend):
         self.compiled_programs = compiled_programs
         self.last_state_updates: dict[str, np.ndarray] = {}
 
+    def warm_up(self) -> None:
+        """Import the compiled kernels and load one (``cpu_kernels.warm_up``)."""
+        _kernels().warm_up()
+
     def __getstate__(self) -> dict:  # compiled C functions stay with the process that loaded them
         return {**self.__dict__, "_compiled": {}}
 

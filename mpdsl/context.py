@@ -10,7 +10,7 @@ split), caches the result per configuration and counts how often the pass pipeli
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,13 +168,14 @@ class CompileContext:
 
     # ---- layout ----------------------------------------------------------------------------
 
-    def choose_layout(self, graph: Graph, program: Program) -> GraphLayout | None:
+    def choose_layout(self, graph: Graph, program: Program,
+                      meanwhile: Callable[[], object] | None = None) -> GraphLayout | None:
         """The graph layout to run ``program`` on ``graph`` with (None: the graph as given). On the
         cpu target, when optimizing: ``mpdsl.plan.choose_layout`` in the context's layout mode (node
         reordering for locality, edges sorted by destination). The gpu target runs graphs in their
         given order (node reordering and edge sorting are CPU cache-locality choices), and so does
-        an unoptimized model."""
-        return layout_for(graph, program, self.target, self.layout if self.optimize else "none")
+        an unoptimized model. ``meanwhile`` runs while a node order is computed, when one is."""
+        return layout_for(graph, program, self.target, self.layout if self.optimize else "none", meanwhile)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -193,12 +194,13 @@ class CompileContext:
 
 
 
-def layout_for(graph: Graph, program: Program, target: str, mode: str) -> GraphLayout | None:
+def layout_for(graph: Graph, program: Program, target: str, mode: str,
+               meanwhile: Callable[[], object] | None = None) -> GraphLayout | None:
     """The graph layout of a run for ``target`` in layout ``mode`` ("none" for an unoptimized model):
     ``mpdsl.plan.choose_layout`` on the cpu target, the graph as given on the gpu target."""
     if target != "cpu" or mode == "none":
         return None
-    return choose_layout(graph, program, mode)
+    return choose_layout(graph, program, mode, meanwhile)
 
 
 __all__ = ["MODES", "TARGETS", "CompileContext", "Programs", "check_target", "layout_for"]

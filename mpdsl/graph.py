@@ -51,6 +51,7 @@ EDGE_SET_SUFFIX = "_index"  # edge set S is stored as S_index [2, K]
 
 _KIND_PLURAL = {"node": "nodes", "edge": "edges", "graph": "graphs"}
 _INT64_MAX = np.iinfo(np.int64).max
+COUNTING_SORT_MIN = 1 << 18  # ids from which CSR grouping runs a compiled counting sort, not NumPy's sort
 
 
 def classify_name(name: str, leading_dim: int | None, num_nodes: int) -> str:
@@ -284,6 +285,9 @@ def _segments(ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     np.cumsum(np.bincount(ids, minlength=count), out=indptr[1:])
     if not len(ids) or bool((ids[1:] >= ids[:-1]).all()):  # already grouped (a batch vector, edges by source)
         perm = np.arange(len(ids), dtype=np.int64)
+    elif len(ids) >= COUNTING_SORT_MIN:  # one compiled counting pass: O(E), a third of a sort's time at 2M
+        from mpdsl.backends.cpu_kernels import grouped_positions
+        perm = grouped_positions(ids, indptr)
     elif count <= 1 << 16:  # ids fit 16 bits: NumPy's stable sort of them is a radix sort
         perm = np.argsort(ids.astype(np.uint16), kind="stable")
     elif count * len(ids) < _INT64_MAX:  # (id, position) keys are distinct: any sort of them is stable
@@ -967,6 +971,19 @@ class Graph:
         """(indptr [N+1], perm [E]): ``perm[indptr[i]:indptr[i+1]]`` are the edges into node i,
         in their original order."""
         return self.cached("csr_dst", lambda: _segments(self.dst, self.num_dst_nodes))
+
+    def csr_by_dst_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``csr_by_dst`` restricted to the edges into ``nodes`` (other nodes' rows empty): the full
+        CSR when it is built, else one pass over the edges and a sort of those into ``nodes`` only
+        (an estimate from a few nodes need not pay for the whole CSR, which a relabelling discards)."""
+        built = self.cached_only("csr_dst")
+        if built is not None:
+            return built
+        wanted = np.zeros(self.num_dst_nodes, dtype=bool)
+        wanted[nodes] = True
+        into = np.flatnonzero(wanted[self.dst])
+        indptr, order = _segments(self.dst[into], self.num_dst_nodes)
+        return indptr, into[order]
 
     def csr_by_src(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [N+1], perm [E]): ``perm[indptr[j]:indptr[j+1]]`` are the edges out of node j,

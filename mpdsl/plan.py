@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,6 +26,8 @@ ALREADY_LOCAL = 0.5  # sampled local fraction at which the given order is kept
 SHARED_NEIGHBOUR_MIN = 0.1  # sampled fraction with a common in-neighbour below which no order pays
 ORDER_METHOD = "METIS partition"
 PARTITION_EDGES_PER_NODE = 5  # edges per node (sampled) that the partition reads at most
+
+T = TypeVar("T")
 
 
 # ---- node reordering --------------------------------------------------------------------------
@@ -165,13 +169,14 @@ def sample_edges(num_edges: int, sample: int = SAMPLE_EDGES) -> np.ndarray:
 
 
 def estimate_locality(graph: Graph, sample: int = SAMPLE_EDGES) -> LocalityEstimate:
-    """The ``LocalityEstimate`` of ``graph`` from ``sample`` edges: O(sample) work on top of the
-    graph's CSR by destination (which the aggregations build anyway; its time counts in ``seconds``
-    when the estimate is the first to need it)."""
+    """The ``LocalityEstimate`` of ``graph`` from ``sample`` edges: O(sample) work on the graph's
+    CSR by destination when it is built, else one pass over the edges (``Graph.csr_by_dst_of``
+    the sampled endpoints: a relabelled graph builds its own CSR, so the estimate does not build
+    this one)."""
     start = time.perf_counter()
     picked = sample_edges(graph.num_edges, sample)
     src, dst = graph.src[picked], graph.dst[picked]
-    indptr, perm = graph.csr_by_dst()
+    indptr, perm = graph.csr_by_dst_of(np.concatenate([src, dst]))
     all_src = graph.src
 
     def in_neighbours(nodes: np.ndarray, pad: int) -> tuple[np.ndarray, int]:
@@ -208,25 +213,37 @@ def symmetric_adjacency(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> tup
     return both.indptr.astype(np.int32), both.indices.astype(np.int32)
 
 
-def community_order(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> np.ndarray:
+def overlapped(work: Callable[[], T], meanwhile: Callable[[], object] | None) -> T:
+    """``work()``, run on a worker thread while ``meanwhile()`` runs on this one (``work()`` here
+    without it); returns once both are done. For work that releases the GIL (``metis.part_graph``)."""
+    if meanwhile is None:
+        return work()
+    with ThreadPoolExecutor(1, thread_name_prefix="mpdsl-order") as pool:
+        result = pool.submit(work)
+        meanwhile()
+        return result.result()
+
+
+def community_order(src: np.ndarray, dst: np.ndarray, num_nodes: int,
+                    meanwhile: Callable[[], object] | None = None) -> np.ndarray:
     """Nodes sorted by their part in a METIS k-way partition into ``LOCALITY_WINDOW`` parts (fixed
     seed; ties by id), so that nodes which share neighbours get nearby ids and an edge inside a
     part is local. METIS partitions at most ``PARTITION_EDGES_PER_NODE * N`` of the edges (a
     fixed-seed sample: the communities show as well in it, at a fraction of the time). Graphs of
-    fewer than ``4 * LOCALITY_WINDOW`` nodes keep the given order."""
+    fewer than ``4 * LOCALITY_WINDOW`` nodes keep the given order. ``meanwhile`` runs on this
+    thread while METIS works on another (``overlapped``)."""
     parts = LOCALITY_WINDOW if num_nodes >= 4 * LOCALITY_WINDOW else 0
     if parts < 2:
         return np.arange(num_nodes)
-    import pymetis
+    from mpdsl.metis import part_graph
 
     kept = PARTITION_EDGES_PER_NODE * num_nodes
     if len(src) > kept:
         picked = np.random.default_rng(0).random(len(src)) < kept / len(src)
         src, dst = src[picked], dst[picked]
     indptr, indices = symmetric_adjacency(src, dst, num_nodes)
-    partition = pymetis.part_graph(parts, adjacency=pymetis.CSRAdjacency(indptr, indices),
-                                   options=pymetis.Options(seed=0))
-    return np.lexsort((np.arange(num_nodes), np.asarray(partition.vertex_part)))
+    part = overlapped(lambda: part_graph(indptr, indices, parts, seed=0), meanwhile)
+    return np.lexsort((np.arange(num_nodes), part))
 
 
 def inverse_permutation(perm: np.ndarray) -> np.ndarray:
@@ -240,11 +257,13 @@ def _order_from_perm(perm: np.ndarray) -> NodeOrder:
     return NodeOrder(perm, inverse_permutation(perm))
 
 
-def decide_node_order(graph: Graph, mode: str, sample: int = SAMPLE_EDGES) -> LayoutDecision:
+def decide_node_order(graph: Graph, mode: str, sample: int = SAMPLE_EDGES,
+                      meanwhile: Callable[[], object] | None = None) -> LayoutDecision:
     """Whether to relabel ``graph``'s nodes, decided from ``estimate_locality`` before any order is
     computed ("auto"): small graphs, graphs already local and graphs without community structure
     keep their order; otherwise the ``community_order`` is computed and kept if it makes the
-    sampled edges local. "reorder" computes the order whatever the estimate; "none" keeps the order."""
+    sampled edges local. "reorder" computes the order whatever the estimate; "none" keeps the order.
+    ``meanwhile`` (a caller's set-up that needs no order) runs while the order is computed."""
     n = graph.num_nodes
     if mode == "none":
         return LayoutDecision(None, "node reordering disabled")
@@ -258,7 +277,7 @@ def decide_node_order(graph: Graph, mode: str, sample: int = SAMPLE_EDGES) -> La
         return LayoutDecision(None, f"no reordering: {seen}; under {SHARED_NEIGHBOUR_MIN:.0%} share one, so no "
                                     "community structure for an order to exploit", estimate, estimate.seconds)
     start = time.perf_counter()
-    order = _order_from_perm(community_order(graph.src, graph.dst, n))
+    order = _order_from_perm(community_order(graph.src, graph.dst, n, meanwhile))
     ordering = time.perf_counter() - start
     picked = sample_edges(graph.num_edges, sample)
     after = locality(order.inverse[graph.src[picked]], order.inverse[graph.dst[picked]], n)
@@ -286,12 +305,15 @@ def fixed_order_reason(program: Program) -> str | None:
             "order (no node reordering, no edge sorting)")
 
 
-def choose_layout(graph: Graph, program: Program, mode: str) -> GraphLayout | None:
-    """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph."""
+def choose_layout(graph: Graph, program: Program, mode: str,
+                  meanwhile: Callable[[], object] | None = None) -> GraphLayout | None:
+    """The layout to run ``program`` on ``graph`` with (None: as given); decisions cached per graph.
+    ``meanwhile`` runs while a node order is computed, when one is (``decide_node_order``)."""
     fixed, graph_ops, per_edge_by_dst = _layout_facts(program)
     if fixed or not graph_ops or graph.num_nodes == 0:
         return None
-    return graph.cached(("layout", mode, per_edge_by_dst), lambda: _decide_layout(graph, mode, per_edge_by_dst))
+    return graph.cached(("layout", mode, per_edge_by_dst),
+                        lambda: _decide_layout(graph, mode, per_edge_by_dst, meanwhile))
 
 
 _LAYOUT_FACTS: dict[int, tuple[Program, tuple[bool, bool, bool]]] = {}
@@ -312,9 +334,9 @@ def _layout_facts(program: Program) -> tuple[bool, bool, bool]:
     return facts
 
 
-def node_order(graph: Graph, mode: str) -> LayoutDecision:
+def node_order(graph: Graph, mode: str, meanwhile: Callable[[], object] | None = None) -> LayoutDecision:
     """``decide_node_order``, cached per graph and mode."""
-    return graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode))
+    return graph.cached(("node_order", mode), lambda: decide_node_order(graph, mode, meanwhile=meanwhile))
 
 
 def decided_node_order(graph: Graph, mode: str) -> LayoutDecision | None:
@@ -323,8 +345,9 @@ def decided_node_order(graph: Graph, mode: str) -> LayoutDecision | None:
     return graph.cached_only(("node_order", mode))
 
 
-def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool) -> GraphLayout | None:
-    nodes = node_order(graph, mode)
+def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool,
+                   meanwhile: Callable[[], object] | None) -> GraphLayout | None:
+    nodes = node_order(graph, mode, meanwhile)
     reasons = [nodes.reason]
     edge_perm = None
     if mode != "none" and per_edge_by_dst and graph.num_edges and (mode != "auto" or graph.num_edges >= SORT_MIN_EDGES):

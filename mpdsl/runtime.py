@@ -628,7 +628,7 @@ class CompiledModel:
         start = time.perf_counter()
         program = self.program_for(dims)
         self.check_run_memory(program, graph, dims)
-        layout = self.context.choose_layout(graph, program)
+        layout = self.context.choose_layout(graph, program, meanwhile=self.backend.warm_up)
         self.last_layout = layout
         with relabelling_arrays(self.backend, layout) as allocate:
             if layout is not None:

@@ -172,7 +172,7 @@ class RunSpec:
     def graph_layout(self, graph: Graph) -> GraphLayout | None:
         """The graph layout this spec runs ``graph`` in (chosen for its forward program, once per graph)."""
         return graph.cached(("torch.layout", id(self)),
-                            lambda: layout_for(graph, self.forward, self.target, self.layout))
+                            lambda: layout_for(graph, self.forward, self.target, self.layout, self.backend.warm_up))
 
     @property
     def backend(self):

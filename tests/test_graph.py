@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpdsl.diagnostics import GraphError
+from mpdsl import graph as graph_module
 from mpdsl.graph import Graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -347,6 +349,44 @@ def test_csr_layouts_match_brute_force(g):
     np.testing.assert_array_equal(g.in_degree(), in_degree)
     np.testing.assert_array_equal(g.out_degree(), out_degree)
     assert g.in_degree().dtype == np.int64 and g.in_degree().shape == (g.num_nodes,)
+
+
+@settings(max_examples=100, deadline=None)
+@given(graphs(max_nodes=12, max_edges=40), st.data())
+def test_the_csr_of_some_nodes_is_the_full_csr_restricted_to_them(g, data):
+    nodes = np.array(data.draw(st.lists(st.integers(0, max(g.num_nodes - 1, 0)), max_size=6)) if g.num_nodes else [],
+                     dtype=np.int64)
+    indptr, perm = g.csr_by_dst_of(nodes)
+    full_indptr, full_perm = brute_force_csr(g.dst, g.num_nodes)
+    for node in range(g.num_nodes):
+        expected = full_perm[full_indptr[node]:full_indptr[node + 1]] if node in nodes else []
+        np.testing.assert_array_equal(perm[indptr[node]:indptr[node + 1]], expected)
+    assert g.cached_only("csr_dst") is None  # nothing built for the whole graph
+    built = g.csr_by_dst()
+    assert g.csr_by_dst_of(nodes) is built
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 9), max_size=60))
+def test_the_counting_sort_groups_positions_stably(ids):
+    from mpdsl.backends.cpu_kernels import grouped_positions
+    ids = np.array(ids, dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=10))])
+    np.testing.assert_array_equal(grouped_positions(ids, indptr), np.argsort(ids, kind="stable"))
+
+
+def test_large_csrs_are_grouped_by_the_counting_sort(monkeypatch):
+    from mpdsl.backends import cpu_kernels
+    calls = []
+    counting = cpu_kernels.grouped_positions
+    monkeypatch.setattr(cpu_kernels, "grouped_positions", lambda *args: calls.append(1) or counting(*args))
+    rng = np.random.default_rng(0)
+    num_nodes, num_edges = 70_000, graph_module.COUNTING_SORT_MIN
+    g = Graph(rng.integers(0, num_nodes, (2, num_edges)), num_nodes)
+    indptr, perm = g.csr_by_dst()
+    assert calls == [1]
+    np.testing.assert_array_equal(perm, np.argsort(g.dst, kind="stable"))
+    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(np.bincount(g.dst, minlength=num_nodes))]))
 
 
 def test_layouts_are_cached():

@@ -133,3 +133,74 @@ def test_reordering_is_invisible_on_drawn_graphs(graph):
         model = mpdsl.compile(ROOT / "examples" / "gcn.mp", dtype="float64", seed=1, layout=layout)
         outs[layout] = model(graph)
     np.testing.assert_allclose(outs["reorder"], outs["none"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def community_adjacency(community):
+    return plan.symmetric_adjacency(community.src, community.dst, community.num_nodes)
+
+
+@pytest.mark.parametrize("parts", [4, plan.LOCALITY_WINDOW])  # recursive bisection, k-way
+@pytest.mark.parametrize("through", ["C API", "pymetis"])
+def test_the_partition_is_pymetis_s_for_the_same_graph_and_seed(community_adjacency, through, parts, monkeypatch):
+    import pymetis
+
+    from mpdsl import metis
+    indptr, indices = community_adjacency
+    if through == "pymetis":  # a pymetis build that does not export METIS's functions
+        monkeypatch.setattr(metis, "_library", lambda: None)
+    expected = pymetis.part_graph(parts, adjacency=pymetis.CSRAdjacency(indptr, indices),
+                                  options=pymetis.Options(seed=3)).vertex_part
+    np.testing.assert_array_equal(metis.part_graph(indptr, indices, parts, seed=3), expected)
+
+
+def test_metis_works_with_the_gil_released(community_adjacency):
+    """This thread keeps running Python while METIS partitions on another: it ticks all through the
+    middle half of the partition's time (with the GIL held it could not tick there at all)."""
+    import threading
+    import time
+
+    from mpdsl.metis import part_graph
+    indptr, indices = community_adjacency
+    span: list[float] = []
+    finished = threading.Event()
+
+    def work():
+        span.append(time.perf_counter())
+        part = part_graph(indptr, indices, plan.LOCALITY_WINDOW)
+        span.append(time.perf_counter())
+        finished.set()
+        return part
+
+    ticks: list[float] = []
+
+    def meanwhile():
+        while not finished.is_set():
+            ticks.append(time.perf_counter())
+
+    plan.overlapped(work, meanwhile)
+    start, end = span
+    middle = [t for t in ticks if start + (end - start) / 4 <= t <= end - (end - start) / 4]
+    assert len(middle) > 100, (len(ticks), end - start)
+
+
+def test_a_metis_error_is_reported_with_its_status(capfd):
+    from mpdsl.metis import MetisError, part_graph
+    with pytest.raises(MetisError, match="METIS_PartGraphRecursive returned status -2 .* into 0 parts"):
+        part_graph(np.array([0, 1, 2]), np.array([1, 0]), 0)
+    assert "Incorrect nparts" in capfd.readouterr().out  # METIS's own message
+
+
+def test_the_first_run_loads_the_kernels_while_the_order_is_computed(community, monkeypatch):
+    """The backend's warm-up runs once, during the first run's ordering (while METIS works on another
+    thread), and the order is the one computed without it."""
+    model = mpdsl.compile(ROOT / "examples" / "gcn.mp", seed=1, layout="reorder")
+    calls = []
+    warm_up = type(model.backend).warm_up
+    monkeypatch.setattr(type(model.backend), "warm_up", lambda self: calls.append(1) or warm_up(self))
+    graph = mpdsl.Graph.from_arrays(community.edge_index, community.num_nodes, x=community["x"])
+    model(graph)
+    assert calls == [1]
+    model(graph)
+    assert calls == [1]
+    np.testing.assert_array_equal(model.last_layout.nodes.perm, plan.decide_node_order(community, "reorder").order.perm)

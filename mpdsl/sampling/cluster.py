@@ -1,6 +1,6 @@
 """Cluster-GCN mini-batches: METIS partitions of the graph, combined a few per batch.
 
-The graph's nodes are split once into ``num_parts`` clusters by METIS (the ``pymetis`` package, fixed
+The graph's nodes are split once into ``num_parts`` clusters by METIS (``mpdsl.metis``: the METIS of ``pymetis``, fixed
 seed) on the symmetrised graph without self loops and repeated edges; ``cluster_partition`` computes
 it and caches it on the graph. A batch is the subgraph induced by the nodes of ``batch_size`` clusters:
 every edge of the graph between two of its nodes, also between different clusters of the batch
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mpdsl.graph import Graph
+from mpdsl.metis import part_graph
 from mpdsl.plan import symmetric_adjacency
 from mpdsl.sampling.batch import MiniBatch, make_batch
 from mpdsl.sampling.loader import SampleLoader, SamplingError, check_positive_int
@@ -70,12 +71,8 @@ def _metis_partition(graph: Graph, num_parts: int) -> ClusterPartition:
     if num_parts == 1:
         membership = np.zeros(num_nodes, dtype=np.int64)
     else:
-        import pymetis
-
         indptr, indices = symmetric_adjacency(graph.src, graph.dst, num_nodes)
-        result = pymetis.part_graph(num_parts, adjacency=pymetis.CSRAdjacency(indptr, indices),
-                                    options=pymetis.Options(seed=METIS_SEED))
-        membership = np.asarray(result.vertex_part, dtype=np.int64)
+        membership = part_graph(indptr, indices, num_parts, seed=METIS_SEED).astype(np.int64, copy=False)
     nodes = np.argsort(membership, kind="stable").astype(np.int64, copy=False)
     indptr = np.zeros(num_parts + 1, dtype=np.int64)
     np.cumsum(np.bincount(membership, minlength=num_parts), out=indptr[1:])
