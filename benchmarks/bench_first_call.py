@@ -72,7 +72,8 @@ def mpdsl_child(graph_file: Path, out_file: Path, breakdown: bool) -> dict:
         _, figures["numba import"] = _timed(lambda: __import__("mpdsl.backends.cpu_kernels"))
         _, figures["parameter init"] = _timed(lambda: model.init(seed=0, graph=graph))
         _, figures["CSR by dst"] = _timed(graph.csr_by_dst)
-        decision, figures["layout"] = _timed(lambda: plan.node_order(graph, model.layout))
+        row_bytes = plan.gathered_row_bytes(model.program_for(model.bind(graph, {})[1]))
+        decision, figures["layout"] = _timed(lambda: plan.node_order_for(graph, model.layout, row_bytes))
         figures["layout estimate"] = getattr(decision, "deciding_seconds", float("nan"))
         figures["layout ordering"] = getattr(decision, "ordering_seconds", float("nan"))
         figures["layout reason"] = decision.reason

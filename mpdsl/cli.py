@@ -216,7 +216,7 @@ def _run_command(args: argparse.Namespace, dims: dict[str, int]) -> int:
 
 
 def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list[str] | None, start: float) -> int:
-    from mpdsl.plan import degree_balance, fixed_order_reason, node_order, report
+    from mpdsl.plan import degree_balance, fixed_order_reason, gathered_row_bytes, node_order_for, report
     from mpdsl.runtime import as_graph, check_graph_index_memory
 
     target = args.target
@@ -246,7 +246,7 @@ def _emit_optimized(args: argparse.Namespace, dims: dict[str, int], passes: list
         reasons = list(layout.reasons) if layout is not None else []
         if graph is not None and layout is None:
             reasons.append(fixed_order_reason(program) or (
-                node_order(graph, args.layout).reason if model.target == "cpu" else
+                node_order_for(graph, args.layout, gathered_row_bytes(program)).reason if model.target == "cpu" else
                 "gpu target: the graph runs in its given order (no node reordering, no edge sorting)"))
         if graph is not None:
             reasons.append(degree_balance(graph))

@@ -93,8 +93,9 @@ def test_the_estimate_reads_a_bounded_number_of_edges(sample):
     assert plan.estimate_locality(uniform_graph(nodes=50, edges_per_node=2), sample).sampled_edges == min(sample, 100)
 
 
-def test_the_plan_report_names_the_decision_and_its_cost(community, uniform, tmp_path, capsys):
+def test_the_plan_report_names_the_decision_and_its_cost(community, uniform, tmp_path, capsys, monkeypatch):
     from mpdsl.cli import main
+    monkeypatch.setattr(plan, "REORDER_MIN_BYTES", 0)  # these graphs' rows are small: decide from the estimate
     for name, graph in (("community", community), ("uniform", uniform)):
         graph.save(tmp_path / f"{name}.npz")
         assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan",
@@ -113,7 +114,8 @@ def test_the_plan_report_names_the_decision_and_its_cost(community, uniform, tmp
         assert f"(layout: {expected}" in summary, summary
 
 
-def test_reordering_a_big_graph_is_invisible(community):
+def test_reordering_a_big_graph_is_invisible(community, monkeypatch):
+    monkeypatch.setattr(plan, "REORDER_MIN_BYTES", 0)
     outs = {}
     for layout in ("auto", "none"):
         model = mpdsl.compile(ROOT / "examples" / "sage_max.mp", dtype="float64", seed=1, layout=layout)
@@ -204,3 +206,38 @@ def test_the_first_run_loads_the_kernels_while_the_order_is_computed(community, 
     model(graph)
     assert calls == [1]
     np.testing.assert_array_equal(model.last_layout.nodes.perm, plan.decide_node_order(community, "reorder").order.perm)
+
+
+def test_auto_keeps_the_order_where_the_rows_read_stay_small(community, tmp_path, capsys, monkeypatch):
+    """Under ``REORDER_MIN_BYTES`` of node rows read by the graph ops, "auto" computes no order (a
+    call's relabelling would cost more than it gains); "reorder" still does; past it, the estimate decides."""
+    model = mpdsl.compile(ROOT / "examples" / "gcn.mp", dims={"H": 32, "C": 8}, seed=1)
+    graph = mpdsl.Graph.from_arrays(community.edge_index, community.num_nodes, x=community["x"])
+    program = model.program_for(model.bind(graph, {})[1])
+    row_bytes = plan.gathered_row_bytes(program)
+    assert row_bytes == (32 + 8) * 4  # the two gspmms read h @ W rows: [N, 32] and [N, 8] float32
+    assert graph.num_nodes * row_bytes < plan.REORDER_MIN_BYTES
+    monkeypatch.setattr(plan, "community_order", lambda *args: pytest.fail("an order was computed"))
+    model(graph)
+    assert model.last_layout is None or model.last_layout.nodes is None
+    decision = plan.decided_node_order(graph, "auto")
+    assert decision is not None and decision.order is None and "160 bytes of node rows per node" in decision.reason
+    graph.save(tmp_path / "community.npz")
+    from mpdsl.cli import main
+    assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--dim", "H=32", "--dim", "C=8", "--emit", "plan",
+                 "--graph", str(tmp_path / "community.npz")]) == 0
+    assert "no reordering: the graph ops read" in capsys.readouterr().out
+    monkeypatch.setattr(plan, "REORDER_MIN_BYTES", graph.num_nodes * row_bytes)  # now just past it
+    fresh = mpdsl.Graph.from_arrays(community.edge_index, community.num_nodes, x=community["x"])
+    with pytest.raises(pytest.fail.Exception, match="an order was computed"):
+        model(fresh)
+
+
+def test_the_rows_read_sum_each_graph_op_s_widest_node_operand():
+    model = mpdsl.compile(ROOT / "examples" / "gat.mp", dtype="float64", dims={"HEADS": 4, "HID": 8, "C": 3}, seed=1)
+    graph = mpdsl.Graph.from_arrays(np.array([[0, 1], [1, 0]]), 2, x=np.zeros((2, 5)))
+    program = model.program_for(model.bind(graph, {})[1])
+    graph_ops = [v for v in program.values if plan.OPS[v.op].has(plan.Trait.GRAPH)]
+    assert [v.op for v in graph_ops] == ["gather", "gather", "attention"] * 2
+    # per layer: two gathers of the per-node scores [HEADS], the attention's z [HEADS, K] (K = HID, C)
+    assert plan.gathered_row_bytes(program) == 8 * (2 * 4 + 4 * 8) + 8 * (2 * 4 + 4 * 3)
