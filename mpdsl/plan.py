@@ -318,8 +318,8 @@ def choose_layout(graph: Graph, program: Program, mode: str,
     fixed, graph_ops, per_edge_by_dst, row_bytes = _layout_facts(program)
     if fixed or not graph_ops or graph.num_nodes == 0:
         return None
-    in_cache = _rows_in_cache(graph, mode, row_bytes)
-    return graph.cached(("layout", mode, per_edge_by_dst, in_cache),
+    few_rows = _reads_too_few_rows(graph, mode, row_bytes)
+    return graph.cached(("layout", mode, per_edge_by_dst, few_rows),
                         lambda: _decide_layout(graph, mode, per_edge_by_dst, row_bytes, meanwhile))
 
 
@@ -342,19 +342,20 @@ def gathered_row_bytes(program: Program) -> int:
     return total
 
 
-def _rows_in_cache(graph: Graph, mode: str, row_bytes: int) -> bool:
-    """Whether "auto" keeps ``graph``'s order for a program reading node rows of ``row_bytes``
-    (``REORDER_MIN_BYTES``)."""
+def _reads_too_few_rows(graph: Graph, mode: str, row_bytes: int) -> bool:
+    """Whether "auto" keeps ``graph``'s order for a program reading ``row_bytes`` of node rows per
+    node: under ``REORDER_MIN_BYTES`` per call."""
     return mode == "auto" and 0 < graph.num_nodes * row_bytes < REORDER_MIN_BYTES
 
 
 def node_order_for(graph: Graph, mode: str, row_bytes: int,
                    meanwhile: Callable[[], object] | None = None) -> LayoutDecision:
-    """The node-order decision for a program reading node rows of ``row_bytes`` (``gathered_row_bytes``):
-    the graph's order kept when those rows are small (``REORDER_MIN_BYTES``), else ``node_order``."""
-    if _rows_in_cache(graph, mode, row_bytes):
+    """The node-order decision for a program reading ``row_bytes`` of node rows per node
+    (``gathered_row_bytes``): the graph's order kept under ``REORDER_MIN_BYTES`` per call, else
+    ``node_order``."""
+    if _reads_too_few_rows(graph, mode, row_bytes):
         total = graph.num_nodes * row_bytes
-        return graph.cached(("node_order", mode, "in cache"), lambda: LayoutDecision(
+        return graph.cached(("node_order", mode, "few rows"), lambda: LayoutDecision(
             None, f"no reordering: the graph ops read {row_bytes} bytes of node rows per node, "
                   f"{_fmt_bytes(total)} per call, under {_fmt_bytes(REORDER_MIN_BYTES)}: relabelling each call's "
                   "inputs and outputs would cost more than the locality gains"))
@@ -389,7 +390,7 @@ def node_order(graph: Graph, mode: str, meanwhile: Callable[[], object] | None =
 def decided_node_order(graph: Graph, mode: str) -> LayoutDecision | None:
     """The node-order decision a run made for ``graph`` in ``mode`` (``node_order_for``; None: none
     was; nothing is computed)."""
-    return graph.cached_only(("node_order", mode)) or graph.cached_only(("node_order", mode, "in cache"))
+    return graph.cached_only(("node_order", mode)) or graph.cached_only(("node_order", mode, "few rows"))
 
 
 def _decide_layout(graph: Graph, mode: str, per_edge_by_dst: bool, row_bytes: int,
