@@ -336,8 +336,7 @@ def gathered_row_bytes(program: Program) -> int:
             if o.type.domain is Domain.NODE:
                 if not all(d.is_static for d in o.type.shape):
                     return 0
-                widest = max(widest, int(np.prod([d.value for d in o.type.shape], dtype=np.int64))
-                             * ITEMSIZE[o.type.dtype])
+                widest = max(widest, _size(o.type, {}) * ITEMSIZE[o.type.dtype])
         total += widest
     return total
 
