@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
@@ -19,6 +20,8 @@ from mpdsl.diagnostics import InputError, MpdslError
 from mpdsl.graph import edge_set_view
 from mpdsl.ops import OPS, MissingRule, choose, running_statistic
 from mpdsl.types import DTYPE_NAMES, FLOAT_DTYPES, HALF_DTYPES, Domain, TensorType
+
+CPU_WORKERS = max(1, min(8, os.cpu_count() or 1))  # threads the CPU backend computes on, the caller's included
 
 _BACKEND_MODULES = {"numpy": "mpdsl.backends.numpy_backend", "triton": "mpdsl.backends.triton_backend"}
 BACKENDS: dict[str, type[Backend]] = {}

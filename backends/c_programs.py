@@ -13,6 +13,13 @@ graph whose every row space is small (``SMALL_ROWS``), so that every such run ta
 and gives the same bits (the C function rounds differently from the op-by-op rules);
 ``MPDSL_C_PROGRAMS=0`` turns the tier off.
 
+A run splits its ops over rows (``_Translation.row_range``: elementwise ops, gathers, segment
+reductions and softmaxes, products, row contractions) over ``THREADS`` threads of the runtime
+(``RUNTIME``, a pthread pool shared by every program); the pieces' bounds are multiples of a fixed
+grain and products and row contractions run in chunks of ``CHUNK_ROWS`` rows whose partials are added
+in chunk order, so a run's bits do not depend on the thread count. A row group's blocks
+(``run_rows``, called from the backend's own pool) run on their calling thread in one chunk.
+
 Contract: a compiled program's outputs equal the op-by-op run's to rounding (float64: rtol 1e-10
 in the tests; contractions are not fused into FMAs, ``-ffp-contract=off``), on any graph, empty
 ones included. It has no error paths: ops that check their data (ids) have no C rule, nor the
@@ -46,7 +53,15 @@ from typing import Any
 
 import numpy as np
 
-from mpdsl.backends import array_axis, batch_norm_training, edge_graph, feature_width, gather_index, space_rows
+from mpdsl.backends import (
+    CPU_WORKERS,
+    array_axis,
+    batch_norm_training,
+    edge_graph,
+    feature_width,
+    gather_index,
+    space_rows,
+)
 from mpdsl.cache_dirs import user_cache_folder
 from mpdsl.ir import Program, Value
 from mpdsl.ops import COMPUTED_OPS, OPS, ArrayMath
@@ -71,6 +86,10 @@ C_UNSUPPORTED: dict[str, str] = {
 SOURCE_OPS = ("const", "arange", "linspace")  # run by their NumPy rule, passed in
 MAX_INLINED_CHAIN = 32  # values computed inside one consumer's loop, at most, along a chain of operands
 MAX_OPS = 1500  # larger programs run op by op (the compiler's time grows with the op count)
+THREADS = CPU_WORKERS  # threads a run's split ops use (``run_rows``: one)
+SPLIT_WORK = 16384  # an op touching fewer elements runs on the calling thread alone
+CHUNK_ROWS = 256  # rows of a product's fixed pieces, and of a row contraction's partial sums
+WHOLE_ROWS = 1 << 40  # the chunk of ``run_rows``: one piece (its caller splits the rows)
 
 
 CACHE_DIR = user_cache_folder("c_programs")
@@ -167,6 +186,28 @@ PRELUDE = r"""
 #include <stdlib.h>
 #include <string.h>
 typedef void (*gemm_t)(char *, char *, int *, int *, int *, T *, T *, int *, T *, int *, T *, T *, int *);
+/* the runtime's parallel loop (RUNTIME): task(ctx, lo, hi) over [0, n) in at most `threads` pieces
+   whose bounds are multiples of grain */
+typedef void (*mp_task)(void *, int64_t, int64_t);
+typedef void (*parallel_t)(mp_task, void *, int64_t, int64_t, int64_t);
+/* an op: rows lo:hi of its result when it is split (SPLIT below), else the whole of it */
+typedef void (*mp_op)(void **, void **, T *const *, const int64_t *, gemm_t, int64_t, int64_t);
+struct mp_call { mp_op op; void **A; void **O; T *const *S; const int64_t *R; gemm_t gemm; };
+static void mp_call_task(void *c, int64_t lo, int64_t hi) {
+    const struct mp_call *k = (const struct mp_call *)c;
+    k->op(k->A, k->O, k->S, k->R, k->gemm, lo, hi);
+}
+/* The run's settings, before the row counts: R[-3] threads, R[-2] the least work (elements) split
+   over them, R[-1] the rows of a chunk (CHUNK_ROWS: the products' fixed pieces) */
+#define MP_THREADS R[-3]
+#define MP_SPLIT_WORK R[-2]
+#define RC R[-1]
+static void mp_split(parallel_t par, mp_op op, void **A, void **O, T *const *S, const int64_t *R, gemm_t gemm,
+                     int64_t n, int64_t grain, int64_t work) {
+    if (par == 0 || MP_THREADS < 2 || work < MP_SPLIT_WORK || n <= grain) { op(A, O, S, R, gemm, 0, n); return; }
+    struct mp_call k = {op, A, O, S, R, gemm};
+    par(mp_call_task, &k, n, grain, MP_THREADS);
+}
 static inline T mp_max(T a, T b) { return a != a ? a : (b != b ? b : (a >= b ? a : b)); }
 static inline T mp_min(T a, T b) { return a != a ? a : (b != b ? b : (a <= b ? a : b)); }
 static inline T mp_sign(T a) { return a != a ? a : (T)((a > 0) - (a < 0)); }
@@ -197,6 +238,120 @@ static void mp_gemm(gemm_t gemm, int ta, int tb, int64_t m, int64_t n, int64_t k
     int M = (int)n, N = (int)m, K = (int)k, LDA = (int)ldb, LDB = (int)lda, LDC = (int)ldc;
     T one = 1, zero = 0;
     gemm(&tra, &trb, &M, &N, &K, &one, (T *)b, &LDA, (T *)a, &LDB, &zero, c, &LDC);
+}
+"""
+
+# The runtime: worker threads that the programs' split ops run on (one set per process, shared by
+# every program; built and cached like a program). ``mp_parallel(task, ctx, n, grain, threads)``
+# runs task on [0, n) in ``threads`` pieces (bounds multiples of grain), piece 0 on the calling
+# thread, and returns when all are done. Workers spin for a while after a piece (the next op of a
+# program comes microseconds later), then sleep on a condition variable. One caller at a time: a
+# call while another runs (programs run from two Python threads) runs its task whole, on its own
+# thread. A forked child starts with no workers and makes its own.
+RUNTIME = r"""
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+typedef void (*mp_task)(void *, int64_t, int64_t);
+#define MP_MAX_THREADS 64
+#define MP_SPIN_NS 200000
+#if defined(__x86_64__) || defined(__i386__)
+#define mp_pause() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define mp_pause() __asm__ __volatile__("yield")
+#else
+#define mp_pause() ((void)0)
+#endif
+static struct {
+    pthread_mutex_t lock; pthread_cond_t wake;
+    atomic_uint_fast64_t generation; atomic_uint_fast64_t alarms; atomic_int pending; atomic_int sleepers;
+    atomic_flag busy;
+    mp_task task; void *ctx; int64_t n, grain; int threads;  /* the current call's */
+    int started;  /* workers running */
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, ATOMIC_FLAG_INIT, 0, 0, 0, 0, 0, 0};
+static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint_fast64_t born[MP_MAX_THREADS];  /* the generation when each worker was made: it answers later ones */
+
+static void run_piece(int k) {
+    int64_t pieces = (P.n + P.grain - 1) / P.grain;  /* grains, shared out evenly */
+    int64_t lo = pieces * k / P.threads * P.grain, hi = pieces * (k + 1) / P.threads * P.grain;
+    if (hi > P.n) hi = P.n;
+    if (lo < hi) P.task(P.ctx, lo, hi);
+}
+static int64_t now_ns(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+static void *worker(void *arg) {
+    const int k = (int)(intptr_t)arg;
+    uint_fast64_t seen = born[k];
+    for (;;) {
+        uint_fast64_t g;
+        int64_t until = now_ns() + MP_SPIN_NS;
+        for (int spin = 0; (g = atomic_load(&P.generation)) == seen; spin++) {
+            mp_pause();
+            if ((spin & 255) == 255 && now_ns() > until) {
+                uint_fast64_t alarm = atomic_load(&P.alarms);
+                pthread_mutex_lock(&P.lock);
+                atomic_fetch_add(&P.sleepers, 1);
+                while ((g = atomic_load(&P.generation)) == seen && atomic_load(&P.alarms) == alarm)
+                    pthread_cond_wait(&P.wake, &P.lock);
+                atomic_fetch_sub(&P.sleepers, 1);
+                pthread_mutex_unlock(&P.lock);
+                until = now_ns() + MP_SPIN_NS;  /* woken by work, or by mp_wake: spin again */
+            }
+        }
+        seen = g;
+        if (k < P.threads) run_piece(k);
+        atomic_fetch_sub(&P.pending, 1);
+    }
+    return 0;
+}
+static void after_fork_in_child(void) {
+    pthread_mutex_init(&P.lock, 0); pthread_cond_init(&P.wake, 0); pthread_mutex_init(&start_lock, 0);
+    P.started = 0; atomic_store(&P.sleepers, 0); atomic_store(&P.pending, 0); atomic_flag_clear(&P.busy);
+}
+static int start(int threads) {  /* workers 1 .. threads - 1; the count running */
+    pthread_mutex_lock(&start_lock);
+    static int registered;
+    if (!registered) { pthread_atfork(0, 0, after_fork_in_child); registered = 1; }
+    while (P.started < threads - 1 && P.started < MP_MAX_THREADS - 1) {
+        pthread_t t;
+        born[P.started + 1] = atomic_load(&P.generation);
+        pthread_attr_t attr; pthread_attr_init(&attr); pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &attr, worker, (void *)(intptr_t)(P.started + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        P.started++;
+    }
+    int running = P.started + 1;
+    pthread_mutex_unlock(&start_lock);
+    return running;
+}
+/* Wakes sleeping workers to spin again: called as a run starts its preparation, so that they are
+   spinning when its first split op comes (a sleeping worker takes about 100 us to wake on a VM) */
+void mp_wake(void) {
+    if (atomic_load(&P.sleepers)) {
+        pthread_mutex_lock(&P.lock); atomic_fetch_add(&P.alarms, 1); pthread_cond_broadcast(&P.wake);
+        pthread_mutex_unlock(&P.lock);
+    }
+}
+void mp_parallel(mp_task task, void *ctx, int64_t n, int64_t grain, int64_t threads) {
+    if (grain < 1) grain = 1;
+    if (threads > (n + grain - 1) / grain) threads = (n + grain - 1) / grain;  /* no empty pieces */
+    if (threads < 2 || atomic_flag_test_and_set(&P.busy)) { task(ctx, 0, n); return; }
+    int running = P.started + 1 >= threads ? P.started + 1 : start((int)threads);
+    if (running < 2) { atomic_flag_clear(&P.busy); task(ctx, 0, n); return; }
+    P.task = task; P.ctx = ctx; P.n = n; P.grain = grain;
+    P.threads = running < threads ? running : (int)threads;
+    atomic_store(&P.pending, running - 1);  /* every worker answers, those past P.threads idle */
+    atomic_fetch_add(&P.generation, 1);
+    if (atomic_load(&P.sleepers)) {
+        pthread_mutex_lock(&P.lock); pthread_cond_broadcast(&P.wake); pthread_mutex_unlock(&P.lock);
+    }
+    run_piece(0);
+    while (atomic_load(&P.pending) > 0) mp_pause();
+    atomic_flag_clear(&P.busy);
 }
 """
 
@@ -238,6 +393,8 @@ class _Translation:
         self.functions: list[str] = []  # the C functions, in the order of their calls
         self.calls: list[str] = []
         self.groupings: dict[tuple[str, str], tuple[str, str]] = {}  # (by, edges) -> (indptr, perm) in C
+        self.split: tuple[str, str, str] | None = None  # the op being translated: its (n, grain, work)
+        self.after: list[str] = []  # the op's lines run once its split part is done (on one thread)
 
     # -- bookkeeping
     def shape(self, v: Value) -> tuple[int, ...]:
@@ -269,6 +426,17 @@ class _Translation:
     def emit(self, *lines: str) -> None:
         self.lines.extend(lines)
 
+    def row_range(self, n: str, work: str, grain: str = "1") -> tuple[str, str]:
+        """The bounds (C names) of the op's outermost loop, over ``n`` independent items (a result's
+        rows, segments, chunks): the op is split into pieces over the runtime's threads when its
+        ``work`` (C expression, about elements touched) is large enough, each piece a range of items
+        whose bounds are multiples of ``grain``. An item's result must not depend on the split."""
+        if self.split is None:
+            self.split = (n, grain, work)
+        elif self.split[:2] != (n, grain):
+            raise AssertionError(f"one op split over two ranges: {self.split[0]} and {n}")
+        return "r_lo", "r_hi"
+
     def graph_index(self, edges: str, index: str) -> str:
         return self.external(External("index", (edges, index)), "const int64_t")
 
@@ -292,7 +460,7 @@ class _Translation:
         function = f"group{len(self.groupings)}"
         saved, self.lines = self.lines, [f"mp_group({ids}, {n}, {count}, {indptr}, {perm});"]
         self.functions.append(self._function(function, f"rows of {edges or 'edge'} grouped by {by}", {}))
-        self.calls.append(f"{function}(A, O, S, R, gemm);")
+        self.calls.append(f"{function}(A, O, S, R, gemm, 0, 0);")
         self.lines = saved
         self.groupings[(by, edges)] = (f"((const int64_t *){indptr})", f"((const int64_t *){perm})")
         return self.groupings[(by, edges)]
@@ -360,11 +528,20 @@ class _Translation:
                 else:
                     slot_of[id(home)] = self.allocate(self.count(v))
                     pointers[name] = f"S[{slot_of[id(home)][1:]}]"
-                self.lines = []
+                self.lines, self.split, self.after = [], None, []
                 rule(self, v, name, [self.names[id(o)] for o in v.operands])
                 function = f"op{len(functions)}"
+                split, after = self.split, self.after
                 functions.append(self._function(function, f"{name} = {v.op}", pointers))
-                calls.append(f"{function}(A, O, S, R, gemm);")
+                if split is None:
+                    calls.append(f"{function}(A, O, S, R, gemm, 0, 0);")
+                else:
+                    n, grain, work = split
+                    calls.append(f"mp_split(par, {function}, A, O, S, R, gemm, {n}, {grain}, {work});")
+                if after:
+                    self.lines = after
+                    functions.append(self._function(f"{function}_then", f"{name} = {v.op}, its last part", pointers))
+                    calls.append(f"{function}_then(A, O, S, R, gemm, 0, 0);")
             for dead in dying.get(i, []):
                 if id(dead) in slot_of:
                     self.release(slot_of.pop(id(dead)))
@@ -381,7 +558,7 @@ class _Translation:
                           "    int64_t off = 0;",
                           *(f"    off += ((({count}) + 7) & ~(int64_t)7);" for count in self.slot_counts),
                           "    return off;", "}", "",
-                          "int mp_program(void **A, void **O, const int64_t *R, T *W, gemm_t gemm) {",
+                          "int mp_program(void **A, void **O, const int64_t *R, T *W, gemm_t gemm, parallel_t par) {",
                           *("    " + r for r in rows), f"    T *S[{max(1, len(self.slot_counts))}];",
                           *("    " + p for p in places), *("    " + c for c in calls), *("    " + c for c in copies),
                           "    return 0;", "}"])
@@ -401,8 +578,8 @@ class _Translation:
         header += [f"T *restrict S{k} = S[{k}];" for k in used_slots]
         return "\n".join([f"/* {what} */",
                           f"static __attribute__((noinline)) void {function}(void **A, void **O, T *const *S, "
-                          "const int64_t *R, gemm_t gemm) {",
-                          "    (void)A; (void)O; (void)S; (void)R; (void)gemm;",
+                          "const int64_t *R, gemm_t gemm, int64_t r_lo, int64_t r_hi) {",
+                          "    (void)A; (void)O; (void)S; (void)R; (void)gemm; (void)r_lo; (void)r_hi;",
                           *("    " + h for h in header), *("    " + line for line in self.lines), "}", ""])
 
     def allocate(self, count: str) -> str:
@@ -532,12 +709,21 @@ def _loops(shape: list[str], indices: list[str]) -> tuple[list[str], list[str]]:
     return opens, ["}"] * len(shape)
 
 
+def _row_loops(tr: _Translation, v: Value, shape: list[str], indices: list[str]) -> tuple[list[str], list[str]]:
+    """``_loops`` over ``v``'s full shape, the rows' loop split (``row_range``) when ``v`` has rows."""
+    opens, closes = _loops(shape, indices)
+    if v.type.domain is not Domain.PARAM and shape:
+        lo, hi = tr.row_range(shape[0], tr.count(v))
+        opens[0] = f"for (int64_t {indices[0]} = {lo}; {indices[0]} < {hi}; {indices[0]}++) {{"
+    return opens, closes
+
+
 def _elementwise(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     shape = tr.full_shape(v)
     indices = [tr.fresh("i") for _ in shape]
     body: list[str] = []
     expr = _compute_at(tr, v, indices, body)
-    opens, closes = _loops(shape, indices)
+    opens, closes = _row_loops(tr, v, shape, indices)
     flat = " + ".join(f"{i} * {s}" for i, s in zip(indices, _strides(shape))) or "0"
     tr.emit(*opens, *body, f"{out}[{flat}] = {expr};", *closes)
 
@@ -548,16 +734,27 @@ def _matmul(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     sa, sb = tr.shape(v.operands[0]), tr.shape(v.operands[1])
     k = sa[-1]
     n = feature_width(sb[1:])
-    if tb.domain is Domain.PARAM:
+    if tb.domain is Domain.PARAM and ta.domain is Domain.PARAM:
         m = " * ".join(tr.full_shape(v.operands[0])[:-1] or ["1"])
         tr.emit(f"mp_gemm(gemm, 0, 0, ({m}), {n}, {k}, {a}, {k}, {b}, {n}, {out}, {n});")
+        return
+    if tb.domain is Domain.PARAM:  # a product of each chunk of RC rows: the same bits however split
+        rows = tr.rows(v.type.space)
+        inner = feature_width(sa[:-1])  # product rows per row
+        lo, hi = tr.row_range(rows, f"{rows} * {inner * n} * {max(1, k // 8)}", grain="RC")
+        start, stop = tr.fresh("i"), tr.fresh("i")
+        tr.emit(f"for (int64_t {start} = {lo}; {start} < {hi}; {start} += RC) {{",
+                f"const int64_t {stop} = {hi} - {start} < RC ? {hi} : {start} + RC;",
+                f"mp_gemm(gemm, 0, 0, ({stop} - {start}) * {inner}, {n}, {k}, {a} + {start} * {inner * k}, {k}, "
+                f"{b}, {n}, {out} + {start} * {inner * n}, {n}); }}")
         return
     # b has rows: one small product per row (a a param or of the same rows)
     rows = tr.rows(v.type.space)
     m = feature_width(sa[:-1]) if ta.domain is Domain.PARAM else feature_width(sa[1:-1])
     r, i, j, q = (tr.fresh("i") for _ in range(4))
     a_row = "0" if ta.domain is Domain.PARAM else f"{r} * {m * k}"
-    tr.emit(f"for (int64_t {r} = 0; {r} < {rows}; {r}++) {{",
+    lo, hi = tr.row_range(rows, f"{rows} * {m * n * k}")
+    tr.emit(f"for (int64_t {r} = {lo}; {r} < {hi}; {r}++) {{",
             f"for (int64_t {i} = 0; {i} < {m}; {i}++) for (int64_t {j} = 0; {j} < {n}; {j}++) {{",
             "T acc = 0;",
             f"for (int64_t {q} = 0; {q} < {k}; {q}++) acc += {a}[{a_row} + {i} * {k} + {q}] * "
@@ -613,9 +810,16 @@ def _contract_rows(tr: _Translation, v: Value, out: str, args: list[str]) -> Non
     distinct = list(dict.fromkeys(terms))
     if all(by_rows) and len(distinct) == 2 and not set(distinct[0]) & set(distinct[1]) \
             and out_term in (distinct[0] + distinct[1], distinct[1] + distinct[0]):
-        # a sum over rows of outer products: one BLAS product of the (multiplied) row-flattened groups
+        # a sum over rows of outer products: a BLAS product of the (multiplied) row-flattened groups
+        # per chunk of RC rows (the op's pieces), into a partial each; the partials then added in
+        # chunk order, so the bits do not depend on how the chunks are split over threads
         first, second = distinct if out_term == distinct[0] + distinct[1] else distinct[::-1]
         rows = tr.rows(v.operands[0].type.space)
+        chunks = f"(({rows}) + RC - 1) / RC"
+        c, start, stop = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
+        lo, hi = tr.row_range(chunks, f"{rows} * {sum(feature_width(tr.shape(o)) for o in v.operands)}")
+        tr.emit(f"for (int64_t {c} = {lo}; {c} < {hi}; {c}++) {{",
+                f"const int64_t {start} = {c} * RC, {stop} = {rows} - {start} < RC ? {rows} : {start} + RC;")
         groups = []
         for d in (first, second):
             members = [(a, o) for a, o, t in zip(args, v.operands, terms) if t == d]
@@ -626,11 +830,17 @@ def _contract_rows(tr: _Translation, v: Value, out: str, args: list[str]) -> Non
             name = tr.allocate(f"{rows} * {width}")
             j = tr.fresh("i")
             product = " * ".join(f"{a}[{j}]" for a, _ in members)
-            tr.emit(f"for (int64_t {j} = 0; {j} < {rows} * {width}; {j}++) {name}[{j}] = {product};")
+            tr.emit(f"for (int64_t {j} = {start} * {width}; {j} < {stop} * {width}; {j}++) {name}[{j}] = {product};")
             groups.append((name, width))
         (a, p), (b, q) = groups
-        tr.emit(f"mp_gemm(gemm, 1, 0, {p}, {q}, {rows}, {a}, {p}, {b}, {q}, {out}, {q});")
-        for name, _ in groups:
+        partials = tr.allocate(f"{chunks} * {p * q}")
+        tr.emit(f"mp_gemm(gemm, 1, 0, {p}, {q}, {stop} - {start}, {a} + {start} * {p}, {p}, {b} + {start} * {q}, {q}, "
+                f"{partials} + {c} * {p * q}, {q}); }}")
+        j, c = tr.fresh("i"), tr.fresh("i")
+        tr.after = [f"for (int64_t {j} = 0; {j} < {p * q}; {j}++) {{ T acc = 0;",
+                    f"for (int64_t {c} = 0; {c} < {chunks}; {c}++) acc += {partials}[{c} * {p * q} + {j}];",
+                    f"{out}[{j}] = acc; }}"]
+        for name in [name for name, _ in groups] + [partials]:
             if name.startswith("S"):
                 tr.release(name)
         return
@@ -656,7 +866,8 @@ def _segment_reduce(tr: _Translation, out: str, x: str, indptr: str, perm: str, 
         term = f"{x}[{row} * {width} + {f}]"
     if weights:
         term = f"{weight} * {term}"
-    tr.emit(f"for (int64_t {s} = 0; {s} < {segments}; {s}++) {{", f"T *o = {out} + {s} * {width};",
+    lo, hi = tr.row_range(segments, _segment_work(tr, indptr, segments, width))
+    tr.emit(f"for (int64_t {s} = {lo}; {s} < {hi}; {s}++) {{", f"T *o = {out} + {s} * {width};",
             f"const int64_t lo = {indptr}[{s}], hi = {indptr}[{s} + 1];")
     if reduce in ("sum", "mean"):
         tr.emit(f"for (int64_t {f} = 0; {f} < {width}; {f}++) o[{f}] = 0;",
@@ -674,6 +885,11 @@ def _segment_reduce(tr: _Translation, out: str, x: str, indptr: str, perm: str, 
     tr.emit("}")
 
 
+def _segment_work(tr: _Translation, indptr: str, segments: str, width: int) -> str:
+    """A segment op's work: (its rows + its segments) x ``width``."""
+    return f"({indptr}[{segments}] + {segments}) * {width}"
+
+
 def _aggregate(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     by, edges, reduce = v.attr["by"], v.attr["edges"], v.attr["reduce"]
     if reduce not in ("sum", "mean", "max", "min", "std"):
@@ -683,7 +899,9 @@ def _aggregate(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
         width = feature_width(tr.shape(v))
         x = args[0]
         s_, j, f = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
-        tr.emit(f"for (int64_t {s_} = 0; {s_} < {tr.rows(v.type.space)}; {s_}++) {{",
+        segments = tr.rows(v.type.space)
+        lo, hi = tr.row_range(segments, _segment_work(tr, indptr, segments, 2 * width))
+        tr.emit(f"for (int64_t {s_} = {lo}; {s_} < {hi}; {s_}++) {{",
                 f"T *o = {out} + {s_} * {width}; const int64_t lo = {indptr}[{s_}], hi = {indptr}[{s_} + 1];",
                 "const T d = (T)(hi - lo > 1 ? hi - lo : 1);",
                 f"for (int64_t {f} = 0; {f} < {width}; {f}++) {{ T mean = 0, acc = 0;",
@@ -699,7 +917,8 @@ def _aggregate(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
         _segment_reduce(tr, out, args[0], indptr, perm, tr.rows(v.type.space), width, "sum",
                         operand=v.operands[0])
         s, f = tr.fresh("i"), tr.fresh("i")
-        tr.emit(f"for (int64_t {s} = 0; {s} < {tr.rows(v.type.space)}; {s}++) {{",
+        lo, hi = tr.row_range(tr.rows(v.type.space), "0")  # the same pieces as the sum's
+        tr.emit(f"for (int64_t {s} = {lo}; {s} < {hi}; {s}++) {{",
                 f"const int64_t c = {indptr}[{s} + 1] - {indptr}[{s}]; const T d = (T)(c > 1 ? c : 1);",
                 f"for (int64_t {f} = 0; {f} < {width}; {f}++) {out}[{s} * {width} + {f}] /= d; }}")
         return
@@ -730,7 +949,8 @@ def _softmax(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     width = feature_width(tr.shape(v))
     x = args[0]
     s_, j, f = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
-    tr.emit(f"for (int64_t {s_} = 0; {s_} < {segments}; {s_}++) {{",
+    lo, hi = tr.row_range(segments, _segment_work(tr, indptr, segments, 3 * width))
+    tr.emit(f"for (int64_t {s_} = {lo}; {s_} < {hi}; {s_}++) {{",
             f"const int64_t lo = {indptr}[{s_}], hi = {indptr}[{s_} + 1]; if (hi == lo) continue;",
             f"for (int64_t {f} = 0; {f} < {width}; {f}++) {{",
             f"T m = {x}[{perm}[lo] * {width} + {f}], total = 0;",
@@ -800,7 +1020,8 @@ def _gather(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
     index = tr.graph_index(v.attr["edges"], v.attr["index"])
     width = feature_width(tr.shape(v))
     r, f = tr.fresh("i"), tr.fresh("i")
-    tr.emit(f"for (int64_t {r} = 0; {r} < {tr.rows(v.type.space)}; {r}++) {{",
+    lo, hi = tr.row_range(tr.rows(v.type.space), tr.count(v))
+    tr.emit(f"for (int64_t {r} = {lo}; {r} < {hi}; {r}++) {{",
             f"const T *src = {args[0]} + {index}[{r}] * {width};",
             f"for (int64_t {f} = 0; {f} < {width}; {f}++) {out}[{r} * {width} + {f}] = src[{f}]; }}")
 
@@ -949,13 +1170,13 @@ def _cpu_features() -> str:
 _BUILD_LOCK = threading.Lock()
 
 
-def _build(source: str) -> tuple[Callable, Callable]:
-    """The ``mp_program`` and ``mp_workspace`` functions of the shared library built from ``source``
-    (cached on disk by the hash of the source, the compiler, the flags and the CPU's features)."""
+def _library(source: str, libraries: tuple[str, ...] = ("-lm",)) -> ctypes.CDLL:
+    """The shared library built from ``source`` (cached on disk by the hash of the source, the
+    compiler, the flags and the CPU's features)."""
     cc = _compiler()
     if cc is None:
         raise Unsupported("no C compiler found (set CC)")
-    key = "\0".join([source, cc, _compiler_version(cc), _cpu_features(), *FLAGS])
+    key = "\0".join([source, cc, _compiler_version(cc), _cpu_features(), *FLAGS, *libraries])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     folder = CACHE_DIR or tempfile.gettempdir()
     library = os.path.join(folder, f"mp_{digest}.so")
@@ -966,15 +1187,53 @@ def _build(source: str) -> tuple[Callable, Callable]:
                 with open(c_file, "w") as f:
                     f.write(source)
                 built = os.path.join(work, "program.so")
-                result = subprocess.run([cc, *FLAGS, c_file, "-o", built, "-lm"], capture_output=True, text=True,
-                                        check=False)
+                result = subprocess.run([cc, *FLAGS, c_file, "-o", built, *libraries], capture_output=True,
+                                        text=True, check=False)
                 if result.returncode != 0:
                     raise Unsupported(f"the C compiler failed: {result.stderr.strip().splitlines()[:3]}")
                 os.replace(built, library)  # atomic: a concurrent process sees a whole library or none
-        loaded = ctypes.CDLL(library)
+        return ctypes.CDLL(library)
+
+
+@functools.cache
+def _runtime() -> tuple[ctypes.CDLL | None, int]:
+    """The runtime library and the address of its ``mp_parallel`` (0 where it cannot be built:
+    programs then run on the calling thread)."""
+    try:
+        library = _library(RUNTIME, ("-pthread",))
+    except Unsupported:
+        return None, 0
+    library.mp_wake.restype, library.mp_wake.argtypes = None, []
+    return library, int(ctypes.cast(library.mp_parallel, ctypes.c_void_p).value or 0)
+
+
+def wake_workers() -> None:
+    """Have the runtime's sleeping workers spin again (a run about to call a program does this
+    first, so that its first split op does not wait for a worker to wake)."""
+    library = _runtime()[0]
+    if library is not None and THREADS > 1:
+        library.mp_wake()
+
+
+SETTINGS = 3  # the run's settings before the row counts of ``R`` (see ``PRELUDE``)
+
+
+def _settings(threads: int, chunk: int, rows: list[int]) -> np.ndarray:
+    """A call's settings and row counts; the C functions' ``R`` is ``_row_counts`` of it."""
+    return np.array([threads, SPLIT_WORK, chunk, *rows], dtype=np.int64)
+
+
+def _row_counts(settings: np.ndarray) -> int:
+    """The address of the row counts in ``settings``."""
+    return settings.ctypes.data + SETTINGS * settings.itemsize
+
+
+def _build(source: str) -> tuple[Callable, Callable]:
+    """The ``mp_program`` and ``mp_workspace`` functions of the library built from ``source``."""
+    loaded = _library(source)
     function, workspace = loaded.mp_program, loaded.mp_workspace
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 5
+    function.argtypes = [ctypes.c_void_p] * 6
     workspace.restype = ctypes.c_int64
     workspace.argtypes = [ctypes.c_void_p]
     return function, workspace
@@ -1012,6 +1271,7 @@ class CompiledProgram:
     def run(self, ctx, source_values: Callable[[Value], np.ndarray]) -> dict[str, np.ndarray]:
         """The program's outputs on the run context ``ctx`` (an ``ExecContext``); ``source_values(v)``
         computes a source value by its NumPy rule."""
+        wake_workers()
         dtype = self.float_dtype
         keep: list[np.ndarray] = []  # alive until the call returns
         addresses = []
@@ -1028,7 +1288,8 @@ class CompiledProgram:
                 addresses.append(address)
         pointers = self._pointer_type(*addresses)
         rows = [space_rows(ctx.graph, self.program, s) for s in self.spaces]
-        row_array = np.array(rows or [0], dtype=np.int64)
+        settings = _settings(THREADS, CHUNK_ROWS, rows)
+        row_address = _row_counts(settings)
         # the outputs: views of one block of the backend's pool (no fresh pages per run), each on a
         # 64-byte line
         shapes = [shape if space < 0 else (rows[space],) + shape for space, shape in self.output_layout]
@@ -1042,7 +1303,7 @@ class CompiledProgram:
             results.append(block[offset:offset + count].reshape(shape))
             out_addresses.append(base + offset * dtype.itemsize)
             offset += -(-count // line) * line
-        size = int(self.workspace_size(row_array.ctypes.data)) + line  # room to start on a 64-byte line
+        size = int(self.workspace_size(row_address)) + line  # room to start on a 64-byte line
         shared = self._lock.acquire(blocking=False)  # a concurrent run of the same program gets its own
         try:
             if not shared:
@@ -1052,8 +1313,8 @@ class CompiledProgram:
                     self._workspace = np.empty(size, dtype=dtype)
                 workspace = self._workspace
             start = workspace.ctypes.data
-            self.function(pointers, self._out_type(*out_addresses), row_array.ctypes.data, start + (-start % 64),
-                          self.gemm)
+            self.function(pointers, self._out_type(*out_addresses), row_address, start + (-start % 64),
+                          self.gemm, _runtime()[1])
         finally:
             if shared:
                 self._lock.release()
@@ -1065,14 +1326,15 @@ class CompiledProgram:
         written at ``out_addresses`` (contiguous, in ``outputs`` order). The caller keeps the arrays
         alive. Safe to call from several threads at once: each thread has a workspace of its own.
         A row group's compiled blocks run this way (``NumpyBackend._run_group``)."""
-        row_array = np.array(rows or [0], dtype=np.int64)
-        size = int(self.workspace_size(row_array.ctypes.data)) + 64 // self.float_dtype.itemsize
+        settings = _settings(1, WHOLE_ROWS, rows)
+        row_address = _row_counts(settings)
+        size = int(self.workspace_size(row_address)) + 64 // self.float_dtype.itemsize
         workspace = getattr(self._thread_workspaces, "array", None)
         if workspace is None or len(workspace) < size:
             workspace = self._thread_workspaces.array = np.empty(size, dtype=self.float_dtype)
         start = workspace.ctypes.data
-        self.function(self._pointer_type(*addresses), self._out_type(*out_addresses), row_array.ctypes.data,
-                      start + (-start % 64), self.gemm)
+        self.function(self._pointer_type(*addresses), self._out_type(*out_addresses), row_address,
+                      start + (-start % 64), self.gemm, None)
 
     def index_array(self, graph, ext: External) -> np.ndarray:
         """The int64 ids an "index" external reads on ``graph`` (kept on the graph)."""

@@ -35,6 +35,7 @@ import scipy.special
 from numpy.lib.array_utils import byte_bounds
 
 from mpdsl.backends import (
+    CPU_WORKERS,
     Backend,
     array_axis,
     batch_norm_statistics,
@@ -59,7 +60,7 @@ from mpdsl.types import Domain, Space, TensorType
 if TYPE_CHECKING:
     from mpdsl.graph import Graph
 
-WORKERS = max(1, min(8, os.cpu_count() or 1))
+WORKERS = CPU_WORKERS
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="mpdsl-numpy")  # sparse products release the GIL
 PARALLEL_ROWS = 8192  # below this many rows a dense op runs in one piece
 CONTRACT_PIECE_ROWS = 16384  # rows per partial sum of a parallel contract_rows
@@ -236,8 +237,9 @@ class BufferPool:
     ``max_lent`` lent blocks (the oldest is forgotten beyond that: the caller keeps it), and keeps only
     sizes taken or given during the last ``keep_runs`` runs (``give`` ends a run): runs on batches of
     changing sizes (a new size every batch) would otherwise fill the pool with blocks no later run
-    takes, while a training loop on one graph (the same sizes every run) keeps all of them.
-    ``fresh_bytes`` counts the bytes it ever allocated anew."""
+    takes, while a training loop on one graph (the same sizes every run) keeps all of them. A take
+    with no free block of its class uses the smallest free one up to ``LARGER_BLOCK_FACTOR`` times
+    larger. ``fresh_bytes`` counts the bytes it ever allocated anew."""
 
     def __init__(self, max_bytes: int = 1 << 30, per_shape: int = 16, max_lent: int = 64, keep_runs: int = 4):
         self.max_bytes = max_bytes
@@ -279,11 +281,16 @@ class BufferPool:
             if not free and self._lent:
                 self._reclaim()
                 free = self._free.get(key)
+            if not free:
+                larger = self._larger_free(key)
+                if larger is not None:
+                    key, free = larger, self._free.get(larger)
             if free:
                 block = free.pop()
+                self._used[key] = self._run
                 self._held -= block.nbytes
                 return block[:count].reshape(shape)
-            self.fresh_bytes += key[0]
+            self.fresh_bytes += block_count * dtype.itemsize
         return fresh_block(block_count, dtype)[:count].reshape(shape)
 
     def give(self, arrays) -> None:
@@ -346,6 +353,16 @@ class BufferPool:
             free.append(block)
             self._held += block.nbytes
 
+    def _larger_free(self, key: tuple[int, str]) -> tuple[int, str] | None:
+        """The key of the smallest free block of ``key``'s dtype larger than its size and at most
+        ``LARGER_BLOCK_FACTOR`` times it, or None (lock held). Batches whose sizes change from step to
+        step fall into a few neighbouring size classes: without this, a step whose class the last
+        runs did not use took a fresh block and paid its page faults (2.3 MB per 64-molecule step)."""
+        nbytes, dtype = key
+        fits = [k for k, blocks in self._free.items()
+                if blocks and k[1] == dtype and nbytes < k[0] <= nbytes * LARGER_BLOCK_FACTOR]
+        return min(fits) if fits else None
+
     def _reclaim(self) -> None:
         """Move the lent blocks that only this pool refers to back to the free ones (lock held)."""
         self._lent = self._keep_unreferenced(self._lent)
@@ -361,6 +378,9 @@ class BufferPool:
             else:
                 still_used.append(blocks[i])
         return still_used
+
+
+LARGER_BLOCK_FACTOR = 2  # a take may use a free block of up to this many times its size class
 
 
 def size_class(count: int) -> int:

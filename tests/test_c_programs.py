@@ -163,6 +163,110 @@ def test_compiled_training_programs_on_a_batch_with_a_hub(path):
     assert "compiled program" in backend.last_op_seconds
 
 
+# ---- ops split over the runtime's threads -------------------------------------------------------------
+
+def split_everything(monkeypatch, threads: int) -> None:
+    """Every op with rows split (no least work), products and row contractions in chunks of 3 rows."""
+    monkeypatch.setattr(c_programs, "SPLIT_WORK", 0)
+    monkeypatch.setattr(c_programs, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(c_programs, "THREADS", threads)
+
+
+def training_outputs(case: TrainingCase, graph, backend) -> dict[str, np.ndarray]:
+    """The train-forward's and the backward's outputs on ``graph`` (fixed inputs and cotangents)."""
+    from model_inputs import residual_arguments, with_edge_sets
+    from mpdsl.plan import space_rows
+    rng = np.random.default_rng(3)
+    graph = with_edge_sets(case.model, graph, 3)
+    arrays, _ = case.model.bind(graph, synth_inputs(case.model, graph, rng))
+    first = backend.run(case.programs.train_forward, graph, arrays, case.params, case.dims)
+    rows = space_rows(case.reference, graph)
+    types = dict(case.programs.train_forward.outputs)
+    cotangents = {}
+    for name in case.outputs:
+        t = types[name].type
+        shape = tuple(d.substitute(case.dims).value for d in t.shape)
+        cotangents[f"d_{name}"] = rng.normal(size=shape if t.domain.name == "PARAM" else (rows[t.space],) + shape)
+    inputs, params = residual_arguments(case.programs.backward, case.programs.residuals, first)
+    return {**first, **backend.run(case.programs.backward, graph, {**arrays, **cotangents, **inputs},
+                                   {**case.params, **params}, case.dims)}
+
+
+@pytest.mark.parametrize("path", [p for p in MODELS if p.stem in COMPILED], ids=lambda p: p.stem)
+def test_split_ops_give_the_same_bits_on_any_thread_count_and_the_unfused_gradient(path, monkeypatch):
+    case = training_case(path)
+    graph = random_graph(5, nodes=23, edges=70, self_loops=True)
+    runs = []
+    for threads in (1, 2, 3):
+        split_everything(monkeypatch, threads)
+        backend = compiled_backend()
+        runs.append(training_outputs(case, graph, backend))
+        assert "compiled program" in backend.last_op_seconds
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for name in runs[0]:
+            assert np.array_equal(other[name], runs[0][name], equal_nan=True), name
+    split_everything(monkeypatch, 2)
+    case.check(graph, seed=5, backend=compiled_backend())
+    case.check(random_graph(1, nodes=0, edges=0), seed=1, backend=compiled_backend())
+
+
+def test_a_split_program_runs_its_ops_in_pieces_over_the_threads(monkeypatch):
+    split_everything(monkeypatch, 2)
+    tr = c_programs.translate(sample_program("relu", {}), {})
+    assert "mp_split(par, " in tr.body
+    monkeypatch.setattr(c_programs, "SPLIT_WORK", 1 << 60)  # nothing large enough: one piece
+    model = gcn_model()
+    model.backend.compiled_programs = True
+    graph = random_graph(2, nodes=40, edges=120)
+    x = np.random.default_rng(0).normal(size=(graph.num_nodes, 8))
+    whole = model.run(graph, x=x)
+    monkeypatch.setattr(c_programs, "SPLIT_WORK", 0)
+    for name, value in model.run(graph, x=x).items():
+        assert np.array_equal(value, whole[name]), name
+
+
+def runtime_calls(n: int, grain: int, threads: int) -> list[tuple[int, int, int]]:
+    """The pieces (lo, hi, thread id) that ``mp_parallel`` gives a task over [0, n)."""
+    import ctypes
+    import threading
+    library, parallel = c_programs._runtime()
+    assert parallel, "the runtime did not build"
+    pieces: list[tuple[int, int, int]] = []
+    task_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+    @task_type
+    def task(ctx, lo, hi):
+        pieces.append((lo, hi, threading.get_native_id()))
+
+    run = ctypes.CFUNCTYPE(None, task_type, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(parallel)
+    run(task, None, n, grain, threads)
+    return sorted(pieces)
+
+
+@pytest.mark.parametrize("n,grain,threads", [(10, 1, 2), (1000, 256, 2), (7, 3, 3), (5, 1, 8), (300, 256, 2)])
+def test_the_runtime_covers_the_range_in_grain_aligned_pieces_one_on_the_calling_thread(n, grain, threads):
+    import threading
+    pieces = runtime_calls(n, grain, threads)
+    assert [lo for lo, _, _ in pieces][0] == 0 and pieces[-1][1] == n
+    for (_, hi, _), (lo, _, _) in zip(pieces, pieces[1:]):
+        assert hi == lo  # contiguous, no overlap
+    assert all(lo % grain == 0 and lo < hi for lo, hi, _ in pieces)
+    assert len(pieces) <= threads
+    assert pieces[0][2] == threading.get_native_id()
+    if n >= 2 * grain:
+        assert len({tid for _, _, tid in pieces}) == len(pieces) > 1
+
+
+def test_the_runtime_works_in_a_forked_child():
+    import multiprocessing
+    runtime_calls(100, 1, 2)  # the parent's workers exist
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        pieces = pool.apply_async(runtime_calls, (100, 1, 2)).get(timeout=60)
+    assert pieces[0][0] == 0 and pieces[-1][1] == 100 and len(pieces) == 2
+
+
 # ---- the tier in use ----------------------------------------------------------------------------------
 
 def gcn_model(**options):
