@@ -763,9 +763,10 @@ def _matmul(tr: _Translation, v: Value, out: str, args: list[str]) -> None:
 
 
 def _einsum_loops(tr: _Translation, v: Value, out: str, args: list[str], terms: list[str], out_term: str,
-                  rows_letter: str | None) -> None:
+                  rows_letter: str | None, row_bounds: tuple[str, str] | None = None) -> None:
     """A loop nest computing out[out_term] = sum over the other letters of the product of the
-    operands (letters are axes; ``rows_letter`` the row axis of row operands)."""
+    operands (letters are axes; ``rows_letter`` the row axis of row operands, over ``row_bounds``
+    (C expressions) when given, else all rows)."""
     sizes: dict[str, str] = {}
     for term, o in zip(terms, v.operands):
         for letter, size in zip(term, tr.full_shape(o)):
@@ -784,6 +785,9 @@ def _einsum_loops(tr: _Translation, v: Value, out: str, args: list[str], terms: 
     order = ([rows_letter] if rows_letter in sizes else []) + [c for c in summed if c != rows_letter] + \
         [c for c in out_term if c != rows_letter]
     opens, closes = _loops([sizes[c] for c in order], [index[c] for c in order])
+    if row_bounds is not None and order and order[0] == rows_letter:
+        i = index[rows_letter]
+        opens[0] = f"for (int64_t {i} = {row_bounds[0]}; {i} < {row_bounds[1]}; {i}++) {{"
     product = " * ".join(f"{a}[{at(t, tr.full_shape(o))}]" for a, t, o in zip(args, terms, v.operands)) or "1"
     j = tr.fresh("i")
     tr.emit(f"for (int64_t {j} = 0; {j} < {tr.count(v)}; {j}++) {out}[{j}] = 0;",
@@ -836,17 +840,35 @@ def _contract_rows(tr: _Translation, v: Value, out: str, args: list[str]) -> Non
         partials = tr.allocate(f"{chunks} * {p * q}")
         tr.emit(f"mp_gemm(gemm, 1, 0, {p}, {q}, {stop} - {start}, {a} + {start} * {p}, {p}, {b} + {start} * {q}, {q}, "
                 f"{partials} + {c} * {p * q}, {q}); }}")
-        j, c = tr.fresh("i"), tr.fresh("i")
-        tr.after = [f"for (int64_t {j} = 0; {j} < {p * q}; {j}++) {{ T acc = 0;",
-                    f"for (int64_t {c} = 0; {c} < {chunks}; {c}++) acc += {partials}[{c} * {p * q} + {j}];",
-                    f"{out}[{j}] = acc; }}"]
+        _add_partials(tr, out, partials, chunks, p * q)
         for name in [name for name, _ in groups] + [partials]:
             if name.startswith("S"):
                 tr.release(name)
         return
+    # the loop nest on each chunk of RC rows, into a partial each, added in chunk order
     letter = "Z"
     full_terms = [(letter if row else "") + t for t, row in zip(terms, by_rows)]
-    _einsum_loops(tr, v, out, args, full_terms, out_term, letter)
+    rows = tr.rows(next(o for o, row in zip(v.operands, by_rows) if row).type.space)
+    chunks = f"(({rows}) + RC - 1) / RC"
+    size = math.prod(tr.shape(v))
+    partials = tr.allocate(f"{chunks} * {size}")
+    c, start, stop = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
+    lo, hi = tr.row_range(chunks, f"{rows} * {sum(feature_width(tr.shape(o)) for o in v.operands)}")
+    tr.emit(f"for (int64_t {c} = {lo}; {c} < {hi}; {c}++) {{",
+            f"const int64_t {start} = {c} * RC, {stop} = {rows} - {start} < RC ? {rows} : {start} + RC;")
+    _einsum_loops(tr, v, f"({partials} + {c} * {size})", args, full_terms, out_term, letter, (start, stop))
+    tr.emit("}")
+    _add_partials(tr, out, partials, chunks, size)
+    tr.release(partials)
+
+
+def _add_partials(tr: _Translation, out: str, partials: str, chunks: str, size: int) -> None:
+    """``out`` (``size`` elements) = the sum of the ``chunks`` partials, in chunk order (0 + the first
+    + the second ...), run once the op's split part is done."""
+    j, c = tr.fresh("i"), tr.fresh("i")
+    tr.after = [f"for (int64_t {j} = 0; {j} < {size}; {j}++) {{ T acc = 0;",
+                f"for (int64_t {c} = 0; {c} < {chunks}; {c}++) acc += {partials}[{c} * {size} + {j}];",
+                f"{out}[{j}] = acc; }}"]
 
 
 def _segment_reduce(tr: _Translation, out: str, x: str, indptr: str, perm: str, segments: str, width: int,
