@@ -89,6 +89,10 @@ MAX_OPS = 1500  # larger programs run op by op (the compiler's time grows with t
 THREADS = CPU_WORKERS  # threads a run's split ops use (``run_rows``: one)
 SPLIT_WORK = 16384  # an op touching fewer elements runs on the calling thread alone
 CHUNK_ROWS = 256  # rows of a product's fixed pieces, and of a row contraction's partial sums
+# How long a worker spins for the next piece before it sleeps: a training step's Python between its two
+# program calls takes about a millisecond (a 64-molecule GINE step: 200 us gave 6% longer epochs, and a
+# sleeping worker takes about 100 us to wake on a VM); like OpenMP's spin, it holds a core meanwhile.
+SPIN_SECONDS = 1e-3
 WHOLE_ROWS = 1 << 40  # the chunk of ``run_rows``: one piece (its caller splits the rows)
 
 
@@ -244,7 +248,7 @@ static void mp_gemm(gemm_t gemm, int ta, int tb, int64_t m, int64_t n, int64_t k
 # The runtime: worker threads that the programs' split ops run on (one set per process, shared by
 # every program; built and cached like a program). ``mp_parallel(task, ctx, n, grain, threads)``
 # runs task on [0, n) in ``threads`` pieces (bounds multiples of grain), piece 0 on the calling
-# thread, and returns when all are done. Workers spin for a while after a piece (the next op of a
+# thread, and returns when all are done. Workers spin for ``SPIN_SECONDS`` after a piece (the next op of a
 # program comes microseconds later), then sleep on a condition variable. One caller at a time: a
 # call while another runs (programs run from two Python threads) runs its task whole, on its own
 # thread. A forked child starts with no workers and makes its own.
@@ -255,7 +259,8 @@ RUNTIME = r"""
 #include <time.h>
 typedef void (*mp_task)(void *, int64_t, int64_t);
 #define MP_MAX_THREADS 64
-#define MP_SPIN_NS 200000
+static _Atomic int64_t spin_ns = 1000000;  /* how long a worker spins before it sleeps (mp_set_spin) */
+void mp_set_spin(int64_t ns) { atomic_store(&spin_ns, ns); }
 #if defined(__x86_64__) || defined(__i386__)
 #define mp_pause() __builtin_ia32_pause()
 #elif defined(__aarch64__)
@@ -287,7 +292,7 @@ static void *worker(void *arg) {
     uint_fast64_t seen = born[k];
     for (;;) {
         uint_fast64_t g;
-        int64_t until = now_ns() + MP_SPIN_NS;
+        int64_t until = now_ns() + atomic_load(&spin_ns);
         for (int spin = 0; (g = atomic_load(&P.generation)) == seen; spin++) {
             mp_pause();
             if ((spin & 255) == 255 && now_ns() > until) {
@@ -298,7 +303,7 @@ static void *worker(void *arg) {
                     pthread_cond_wait(&P.wake, &P.lock);
                 atomic_fetch_sub(&P.sleepers, 1);
                 pthread_mutex_unlock(&P.lock);
-                until = now_ns() + MP_SPIN_NS;  /* woken by work, or by mp_wake: spin again */
+                until = now_ns() + atomic_load(&spin_ns);  /* woken by work, or by mp_wake: spin again */
             }
         }
         seen = g;
@@ -1226,6 +1231,8 @@ def _runtime() -> tuple[ctypes.CDLL | None, int]:
     except Unsupported:
         return None, 0
     library.mp_wake.restype, library.mp_wake.argtypes = None, []
+    library.mp_set_spin.restype, library.mp_set_spin.argtypes = None, [ctypes.c_int64]
+    library.mp_set_spin(int(SPIN_SECONDS * 1e9))
     return library, int(ctypes.cast(library.mp_parallel, ctypes.c_void_p).value or 0)
 
 
