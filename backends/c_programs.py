@@ -194,7 +194,7 @@ typedef void (*gemm_t)(char *, char *, int *, int *, int *, T *, T *, int *, T *
    whose bounds are multiples of grain */
 typedef void (*mp_task)(void *, int64_t, int64_t);
 typedef void (*parallel_t)(mp_task, void *, int64_t, int64_t, int64_t);
-/* an op: rows lo:hi of its result when it is split (SPLIT below), else the whole of it */
+/* an op: items r_lo:r_hi of its outermost loop when it is split (mp_split), else all of them */
 typedef void (*mp_op)(void **, void **, T *const *, const int64_t *, gemm_t, int64_t, int64_t);
 struct mp_call { mp_op op; void **A; void **O; T *const *S; const int64_t *R; gemm_t gemm; };
 static void mp_call_task(void *c, int64_t lo, int64_t hi) {
@@ -824,11 +824,7 @@ def _contract_rows(tr: _Translation, v: Value, out: str, args: list[str]) -> Non
         # chunk order, so the bits do not depend on how the chunks are split over threads
         first, second = distinct if out_term == distinct[0] + distinct[1] else distinct[::-1]
         rows = tr.rows(v.operands[0].type.space)
-        chunks = f"(({rows}) + RC - 1) / RC"
-        c, start, stop = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
-        lo, hi = tr.row_range(chunks, f"{rows} * {sum(feature_width(tr.shape(o)) for o in v.operands)}")
-        tr.emit(f"for (int64_t {c} = {lo}; {c} < {hi}; {c}++) {{",
-                f"const int64_t {start} = {c} * RC, {stop} = {rows} - {start} < RC ? {rows} : {start} + RC;")
+        chunks, c, start, stop = _open_row_chunks(tr, v, rows)
         groups = []
         for d in (first, second):
             members = [(a, o) for a, o, t in zip(args, v.operands, terms) if t == d]
@@ -854,17 +850,25 @@ def _contract_rows(tr: _Translation, v: Value, out: str, args: list[str]) -> Non
     letter = "Z"
     full_terms = [(letter if row else "") + t for t, row in zip(terms, by_rows)]
     rows = tr.rows(next(o for o, row in zip(v.operands, by_rows) if row).type.space)
-    chunks = f"(({rows}) + RC - 1) / RC"
+    chunks, c, start, stop = _open_row_chunks(tr, v, rows)
     size = math.prod(tr.shape(v))
     partials = tr.allocate(f"{chunks} * {size}")
-    c, start, stop = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
-    lo, hi = tr.row_range(chunks, f"{rows} * {sum(feature_width(tr.shape(o)) for o in v.operands)}")
-    tr.emit(f"for (int64_t {c} = {lo}; {c} < {hi}; {c}++) {{",
-            f"const int64_t {start} = {c} * RC, {stop} = {rows} - {start} < RC ? {rows} : {start} + RC;")
     _einsum_loops(tr, v, f"({partials} + {c} * {size})", args, full_terms, out_term, letter, (start, stop))
     tr.emit("}")
     _add_partials(tr, out, partials, chunks, size)
     tr.release(partials)
+
+
+def _open_row_chunks(tr: _Translation, v: Value, rows: str) -> tuple[str, str, str, str]:
+    """Opens the loop of a row contraction ``v`` over its chunks of RC of ``rows`` (split over the
+    threads); the C names (chunk count, chunk, its first row, the row past its last). The caller
+    emits the chunk's body and closes the loop."""
+    chunks = f"(({rows}) + RC - 1) / RC"
+    c, start, stop = tr.fresh("i"), tr.fresh("i"), tr.fresh("i")
+    lo, hi = tr.row_range(chunks, f"{rows} * {sum(feature_width(tr.shape(o)) for o in v.operands)}")
+    tr.emit(f"for (int64_t {c} = {lo}; {c} < {hi}; {c}++) {{",
+            f"const int64_t {start} = {c} * RC, {stop} = {rows} - {start} < RC ? {rows} : {start} + RC;")
+    return chunks, c, start, stop
 
 
 def _add_partials(tr: _Translation, out: str, partials: str, chunks: str, size: int) -> None:

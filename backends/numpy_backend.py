@@ -285,12 +285,12 @@ class BufferPool:
                 larger = self._larger_free(key)
                 if larger is not None:
                     key, free = larger, self._free.get(larger)
+                    self._used[key] = self._run
             if free:
                 block = free.pop()
-                self._used[key] = self._run
                 self._held -= block.nbytes
                 return block[:count].reshape(shape)
-            self.fresh_bytes += block_count * dtype.itemsize
+            self.fresh_bytes += key[0]
         return fresh_block(block_count, dtype)[:count].reshape(shape)
 
     def give(self, arrays) -> None:

@@ -172,26 +172,6 @@ def split_everything(monkeypatch, threads: int) -> None:
     monkeypatch.setattr(c_programs, "THREADS", threads)
 
 
-def training_outputs(case: TrainingCase, graph, backend) -> dict[str, np.ndarray]:
-    """The train-forward's and the backward's outputs on ``graph`` (fixed inputs and cotangents)."""
-    from model_inputs import residual_arguments, with_edge_sets
-    from mpdsl.plan import space_rows
-    rng = np.random.default_rng(3)
-    graph = with_edge_sets(case.model, graph, 3)
-    arrays, _ = case.model.bind(graph, synth_inputs(case.model, graph, rng))
-    first = backend.run(case.programs.train_forward, graph, arrays, case.params, case.dims)
-    rows = space_rows(case.reference, graph)
-    types = dict(case.programs.train_forward.outputs)
-    cotangents = {}
-    for name in case.outputs:
-        t = types[name].type
-        shape = tuple(d.substitute(case.dims).value for d in t.shape)
-        cotangents[f"d_{name}"] = rng.normal(size=shape if t.domain.name == "PARAM" else (rows[t.space],) + shape)
-    inputs, params = residual_arguments(case.programs.backward, case.programs.residuals, first)
-    return {**first, **backend.run(case.programs.backward, graph, {**arrays, **cotangents, **inputs},
-                                   {**case.params, **params}, case.dims)}
-
-
 @pytest.mark.parametrize("path", [p for p in MODELS if p.stem in COMPILED], ids=lambda p: p.stem)
 def test_split_ops_give_the_same_bits_on_any_thread_count_and_the_unfused_gradient(path, monkeypatch):
     case = training_case(path)
@@ -200,7 +180,7 @@ def test_split_ops_give_the_same_bits_on_any_thread_count_and_the_unfused_gradie
     for threads in (1, 2, 3):
         split_everything(monkeypatch, threads)
         backend = compiled_backend()
-        runs.append(training_outputs(case, graph, backend))
+        runs.append(case.run(*case.arguments(graph, 3), backend))
         assert "compiled program" in backend.last_op_seconds
     for other in runs[1:]:
         assert other.keys() == runs[0].keys()

@@ -61,20 +61,28 @@ class TrainingCase:
     def check(self, graph: mpdsl.Graph, seed: int = 0, backend=None) -> None:
         """The training programs run on ``backend`` (default: the model's, NumPy) against the
         unfused gradient program on the NumPy backend."""
+        graph, arrays, cotangents = self.arguments(graph, seed)
+        want = self.model.backend.run(self.reference, graph, {**arrays, **cotangents}, self.params, self.dims)
+        got = self.run(graph, arrays, cotangents, backend or self.model.backend)
+        for name, value in want.items():
+            scale = max(1.0, float(np.abs(value).max(initial=0.0)))
+            np.testing.assert_allclose(got[name], value, rtol=RTOL, atol=1e-12 * scale, err_msg=name)
+
+    def arguments(self, graph: mpdsl.Graph, seed: int) -> tuple[mpdsl.Graph, dict, dict]:
+        """The graph with the model's input edge sets, its inputs and the outputs' cotangents (from ``seed``)."""
         rng = np.random.default_rng(seed)
         graph = with_edge_sets(self.model, graph, seed)  # the model's input edge sets, if any
         arrays, _ = self.model.bind(graph, synth_inputs(self.model, graph, rng))
         forward_types = dict(self.programs.train_forward.outputs)
         cotangents = {f"d_{n}": rng.normal(size=self._rows(graph, forward_types[n].type)) for n in self.outputs}
-        want = self.model.backend.run(self.reference, graph, {**arrays, **cotangents}, self.params, self.dims)
-        backend = backend or self.model.backend
+        return graph, arrays, cotangents
+
+    def run(self, graph: mpdsl.Graph, arrays: dict, cotangents: dict, backend) -> dict:
+        """The train-forward's outputs and the backward's on ``backend``."""
         first = backend.run(self.programs.train_forward, graph, arrays, self.params, self.dims)
         inputs, params = residual_arguments(self.programs.backward, self.programs.residuals, first)
-        got = {**first, **backend.run(self.programs.backward, graph, {**arrays, **cotangents, **inputs},
-                                      {**self.params, **params}, self.dims)}
-        for name, value in want.items():
-            scale = max(1.0, float(np.abs(value).max(initial=0.0)))
-            np.testing.assert_allclose(got[name], value, rtol=RTOL, atol=1e-12 * scale, err_msg=name)
+        return {**first, **backend.run(self.programs.backward, graph, {**arrays, **cotangents, **inputs},
+                                       {**self.params, **params}, self.dims)}
 
     def _rows(self, graph: mpdsl.Graph, t: TensorType) -> tuple[int, ...]:
         shape = tuple(d.substitute(self.dims).value for d in t.shape)
