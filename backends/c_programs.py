@@ -233,11 +233,69 @@ static void mp_group(const int64_t *ids, int64_t n, int64_t count, int64_t *indp
     for (int64_t c = 0; c < count; c++) indptr[c] = indptr[c + 1];
     indptr[count] = n;
 }
-/* row-major C[m x n] = op(A) op(B) through column-major gemm: C^T = op(B)^T op(A)^T */
+/* Products of the programs' shapes (widths a multiple of one vector, MP_L elements): a tile of R rows
+   x NV vectors of C stays in registers over the whole sum, which runs over k in order (so a result's
+   bits do not depend on its tile). first: C starts at 0, else the sum adds to C. */
+#define MP_L ((int64_t)(64 / sizeof(T)))
+typedef T mp_vec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+#define MP_TILE(NAME, R, NV, A_AT)                                                                      \
+static void NAME(int64_t k, int first, const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) { \
+    mp_vec acc[R][NV];                                                                                  \
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; r++)                                               \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                           \
+            acc[r][v] = first ? (mp_vec){0} : *(const mp_vec *)(c + r * ldc + v * MP_L);                \
+    for (int64_t p = 0; p < k; p++) {                                                                   \
+        mp_vec w[NV];                                                                                   \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) w[v] = *(const mp_vec *)(b + p * ldb + v * MP_L); \
+        _Pragma("GCC unroll 32") for (int r = 0; r < R; r++) {                                         \
+            const T s = A_AT;                                                                           \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) acc[r][v] += s * w[v];               \
+        }                                                                                               \
+    }                                                                                                   \
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; r++)                                               \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) *(mp_vec *)(c + r * ldc + v * MP_L) = acc[r][v]; \
+}
+/* A [m x k] row-major (A_AT a[r * lda + p]) or, transposed, [k x m] (a[p * lda + r]) */
+#define MP_TILES(NV, R) \
+    MP_TILE(mp_nn_##R##x##NV, R, NV, a[r * lda + p]) MP_TILE(mp_nn_4x##NV, 4, NV, a[r * lda + p]) \
+    MP_TILE(mp_nn_1x##NV, 1, NV, a[r * lda + p]) MP_TILE(mp_tn_##R##x##NV, R, NV, a[p * lda + r]) \
+    MP_TILE(mp_tn_4x##NV, 4, NV, a[p * lda + r]) MP_TILE(mp_tn_1x##NV, 1, NV, a[p * lda + r])
+MP_TILES(4, 6) MP_TILES(2, 12) MP_TILES(1, 24)
+typedef void (*mp_tile)(int64_t, int, const T *, int64_t, const T *, int64_t, T *, int64_t);
+/* C[m x n] (+)= op(A) B over k, tiled: column blocks of 4, 2, then 1 vector, each over row tiles of
+   its most rows (24 vectors of sums), then 4 rows, then 1 */
+static void mp_tiled(int ta, int64_t m, int64_t n, int64_t k, int first,
+                     const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) {
+    static const mp_tile tiles[2][3][3] = {
+        {{mp_nn_6x4, mp_nn_4x4, mp_nn_1x4}, {mp_nn_12x2, mp_nn_4x2, mp_nn_1x2}, {mp_nn_24x1, mp_nn_4x1, mp_nn_1x1}},
+        {{mp_tn_6x4, mp_tn_4x4, mp_tn_1x4}, {mp_tn_12x2, mp_tn_4x2, mp_tn_1x2}, {mp_tn_24x1, mp_tn_4x1, mp_tn_1x1}}};
+    static const int64_t rows[3][3] = {{6, 4, 1}, {12, 4, 1}, {24, 4, 1}}, vectors[3] = {4, 2, 1};
+    const int64_t row_step = ta ? 1 : lda;  /* from C's row i to A's */
+    int64_t j = 0;
+    for (int s = 0; s < 3; s++)
+        for (; j + vectors[s] * MP_L <= n; j += vectors[s] * MP_L) {
+            int64_t i = 0;
+            for (int t = 0; t < 3; t++)
+                for (; i + rows[s][t] <= m; i += rows[s][t])
+                    tiles[ta][s][t](k, first, a + i * row_step, lda, b + j, ldb, c + i * ldc + j, ldc);
+        }
+}
+#define MP_TILED_WIDTH 512  /* the widest n (and m of a transposed A) the tiles take; wider: BLAS */
+#define MP_TILED_SUM 64     /* a transposed A's sum runs in blocks of this many rows (B's in L1) */
+/* row-major C[m x n] = op(A) op(B): the tiles where B is not transposed and n is a multiple of MP_L,
+   else through column-major gemm: C^T = op(B)^T op(A)^T */
 static void mp_gemm(gemm_t gemm, int ta, int tb, int64_t m, int64_t n, int64_t k,
                     const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     if (k == 0) { for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, sizeof(T) * n); return; }
+    if (!tb && n % MP_L == 0 && n <= MP_TILED_WIDTH && (!ta || m <= MP_TILED_WIDTH)) {
+        if (!ta) { mp_tiled(0, m, n, k, 1, a, lda, b, ldb, c, ldc); return; }
+        for (int64_t p = 0; p < k; p += MP_TILED_SUM) {
+            const int64_t block = k - p < MP_TILED_SUM ? k - p : MP_TILED_SUM;
+            mp_tiled(1, m, n, block, p == 0, a + p * lda, lda, b + p * ldb, ldb, c, ldc);
+        }
+        return;
+    }
     char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
     int M = (int)n, N = (int)m, K = (int)k, LDA = (int)ldb, LDB = (int)lda, LDC = (int)ldc;
     T one = 1, zero = 0;
