@@ -17,7 +17,10 @@ if "torch" not in _sys.modules:
 from mpdsl.api import compile, lower, read_source
 from mpdsl.diagnostics import CompileError, GraphError, InputError, MpdslError, WeightsError
 from mpdsl.graph import Graph
+from mpdsl.malloc_settings import keep_freed_memory as _keep_freed_memory
 from mpdsl.runtime import CompiledModel
+
+_keep_freed_memory()  # a training step's freed blocks stay in the heap for the next step
 
 __all__ = [
            "CompileError",

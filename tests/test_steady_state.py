@@ -203,6 +203,43 @@ def test_torch_threads_imported_after_mpdsl_sleep_between_ops():
     assert kept.stdout.strip() == "ACTIVE"
 
 
+MALLOC_PROBE = """
+import ctypes, resource, sys
+{first}
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 20 << 20
+faults = []
+for step in range(5):  # a step's three large tensors, allocated, written and freed together
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [libc.malloc(size) for _ in range(3)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks:
+        libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(faults[2:]))
+"""
+
+
+def faults_of_later_steps(first: str, env: dict) -> int:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MPDSL_MALLOC"} | env
+    proc = subprocess.run([sys.executable, "-c", MALLOC_PROBE.format(first=first)], capture_output=True, text=True,
+                          env=environment, check=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_after_importing_mpdsl_freed_large_blocks_are_reused_without_fresh_pages():
+    """A step's freed tensors stay in the heap for the next step (``mpdsl.malloc_settings``); with
+    glibc's defaults, or ``MPDSL_MALLOC=default``, their pages go back to the kernel at each step."""
+    pages = 3 * (20 << 20) // 4096
+    assert faults_of_later_steps("import mpdsl", {}) < pages // 20
+    assert faults_of_later_steps("", {}) > pages // 2  # the defaults: fresh pages at every step
+    assert faults_of_later_steps("import mpdsl", {"MPDSL_MALLOC": "default"}) > pages // 2
+
+
 CHAIN = """
 model chain(x: node[F]) -> node[F] {
     h1 = sum(x[src]) by dst
