@@ -24,6 +24,9 @@ interleaved with the other systems', give the pooled median and the per-process 
 spread is the slowest process median over the fastest (by wall time, and by CPU time, which the
 machine's load changes less). GB/s is the minimum traffic of the aggregation (CSR index + features
 read once + output written once) over the median forward time, beside the machine's copy bandwidth.
+Every child imports mpdsl (the weights come from the mpdsl model), so PyG's processes run with the
+same glibc malloc thresholds as mpdsl's (``mpdsl.malloc_settings``: freed tensors reused, not faulted in
+afresh at each step); only OpenMP's wait policy differs (torch is imported first in PyG's processes).
 This is a benchmark, not a test: it asserts nothing but agreement of the results.
 """
 
