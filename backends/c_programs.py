@@ -5,8 +5,9 @@ costs of its ~100 NumPy and SciPy calls (10-90 microseconds each), several times
 ``compile_program`` translates a program whose every op has a C rule (``C_RULES``) into C that one
 call runs (a function per op, so that the compiler's time stays linear): loops for elementwise
 math, gathers and segment reductions (in the summation orders of the op-by-op rules), and dense
-products through the BLAS that SciPy ships (``?gemm``, passed in as a function pointer). The
-system's C compiler builds it once; the shared library is cached on disk (``CACHE_DIR``) under
+products through ``PRODUCTS`` (register tiles sized for the machine's vector registers, else the BLAS
+that SciPy ships), a library built once per float type and passed in as a function pointer. The
+system's C compiler builds a program once; the shared library is cached on disk (``CACHE_DIR``) under
 the hash of its source, the compiler, its flags and the CPU's features, so a later process loads
 it without compiling. ``NumpyBackend.run`` compiles and calls it from a program's first run on a
 graph whose every row space is small (``SMALL_ROWS``), so that every such run takes the same path
@@ -189,7 +190,9 @@ PRELUDE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-typedef void (*gemm_t)(char *, char *, int *, int *, int *, T *, T *, int *, T *, int *, T *, T *, int *);
+/* row-major C[m x n] = op(A) op(B): the products library's mp_product (PRODUCTS), passed in */
+typedef void (*gemm_t)(int, int, int64_t, int64_t, int64_t, const T *, int64_t, const T *, int64_t, T *, int64_t);
+#define mp_gemm(gemm, ...) (gemm)(__VA_ARGS__)
 /* the runtime's parallel loop (RUNTIME): task(ctx, lo, hi) over [0, n) in at most `threads` pieces
    whose bounds are multiples of grain */
 typedef void (*mp_task)(void *, int64_t, int64_t);
@@ -233,11 +236,46 @@ static void mp_group(const int64_t *ids, int64_t n, int64_t count, int64_t *indp
     for (int64_t c = 0; c < count; c++) indptr[c] = indptr[c + 1];
     indptr[count] = n;
 }
+"""
+
+# The dense products every program calls (``mp_product``, passed in as ``gemm``): register tiles
+# for the programs' widths, SciPy's BLAS for the others. One library per float type, built and
+# cached like a program, so that a program's own source stays small (the tiles, unrolled for the
+# machine's vector registers, take the compiler about half a second).
+PRODUCTS = r"""
+#include <stdint.h>
+#include <string.h>
 /* Products of the programs' shapes (widths a multiple of one vector, MP_L elements): a tile of R rows
    x NV vectors of C stays in registers over the whole sum, which runs over k in order (so a result's
-   bits do not depend on its tile). first: C starts at 0, else the sum adds to C. */
-#define MP_L ((int64_t)(64 / sizeof(T)))
-typedef T mp_vec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+   bits do not depend on its tile). first: C starts at 0, else the sum adds to C. The vector and the
+   tiles follow the instruction set the library is built for (-march=native): with AVX-512's 32
+   registers of 64 bytes a tile holds 24 vectors of sums; with 16 registers (AVX2: 32 bytes; SSE and
+   NEON: 16) at most 12, leaving registers for B's row and A's element (a larger tile spills).
+   MP_TILED: whether products take the tiles (else BLAS always). With AVX-512 they measured about
+   twice OpenBLAS's speed on the 64-wide products of these models; with AVX2 (Zen 3) 0.6-1.25x of
+   it, so there BLAS runs them. */
+#if !defined(MP_TILED) && defined(__AVX512F__)
+#define MP_TILED 1
+#elif !defined(MP_TILED)
+#define MP_TILED 0
+#endif
+#if defined(__AVX512F__)
+#define MP_VBYTES 64
+#define MP_R4 6   /* the rows of a tile of 4, 2 and 1 vectors */
+#define MP_R2 12
+#define MP_R1 24
+#else
+#if defined(__AVX__)
+#define MP_VBYTES 32
+#else
+#define MP_VBYTES 16
+#endif
+#define MP_R4 2
+#define MP_R2 6
+#define MP_R1 12
+#endif
+#define MP_L ((int64_t)(MP_VBYTES / sizeof(T)))
+typedef T mp_vec __attribute__((vector_size(MP_VBYTES), aligned(sizeof(T)), may_alias));
 #define MP_TILE(NAME, R, NV, A_AT)                                                                      \
 static void NAME(int64_t k, int first, const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) { \
     mp_vec acc[R][NV];                                                                                  \
@@ -255,21 +293,26 @@ static void NAME(int64_t k, int first, const T *a, int64_t lda, const T *b, int6
     _Pragma("GCC unroll 32") for (int r = 0; r < R; r++)                                               \
         _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) *(mp_vec *)(c + r * ldc + v * MP_L) = acc[r][v]; \
 }
-/* A [m x k] row-major (A_AT a[r * lda + p]) or, transposed, [k x m] (a[p * lda + r]) */
-#define MP_TILES(NV, R) \
-    MP_TILE(mp_nn_##R##x##NV, R, NV, a[r * lda + p]) MP_TILE(mp_nn_4x##NV, 4, NV, a[r * lda + p]) \
-    MP_TILE(mp_nn_1x##NV, 1, NV, a[r * lda + p]) MP_TILE(mp_tn_##R##x##NV, R, NV, a[p * lda + r]) \
-    MP_TILE(mp_tn_4x##NV, 4, NV, a[p * lda + r]) MP_TILE(mp_tn_1x##NV, 1, NV, a[p * lda + r])
-MP_TILES(4, 6) MP_TILES(2, 12) MP_TILES(1, 24)
+#define MP_NAME_(KIND, R, NV) mp_##KIND##_##R##x##NV
+#define MP_NAME(KIND, R, NV) MP_NAME_(KIND, R, NV)  /* R and NV expanded before they are pasted */
+/* A [m x k] row-major (A_AT a[r * lda + p]) or, transposed, [k x m] (a[p * lda + r]); R is never 4 */
+#define MP_TILES_(NV, R) \
+    MP_TILE(MP_NAME(nn, R, NV), R, NV, a[r * lda + p]) MP_TILE(MP_NAME(nn, 4, NV), 4, NV, a[r * lda + p]) \
+    MP_TILE(MP_NAME(nn, 1, NV), 1, NV, a[r * lda + p]) MP_TILE(MP_NAME(tn, R, NV), R, NV, a[p * lda + r]) \
+    MP_TILE(MP_NAME(tn, 4, NV), 4, NV, a[p * lda + r]) MP_TILE(MP_NAME(tn, 1, NV), 1, NV, a[p * lda + r])
+#define MP_TILES(NV, R) MP_TILES_(NV, R)
+MP_TILES(4, MP_R4) MP_TILES(2, MP_R2) MP_TILES(1, MP_R1)
 typedef void (*mp_tile)(int64_t, int, const T *, int64_t, const T *, int64_t, T *, int64_t);
+#define MP_KIND_TILES(KIND) {                                                                        \
+    {MP_NAME(KIND, MP_R4, 4), MP_NAME(KIND, 4, 4), MP_NAME(KIND, 1, 4)},                             \
+    {MP_NAME(KIND, MP_R2, 2), MP_NAME(KIND, 4, 2), MP_NAME(KIND, 1, 2)},                             \
+    {MP_NAME(KIND, MP_R1, 1), MP_NAME(KIND, 4, 1), MP_NAME(KIND, 1, 1)}}
 /* C[m x n] (+)= op(A) B over k, tiled: column blocks of 4, 2, then 1 vector, each over row tiles of
-   its most rows (24 vectors of sums), then 4 rows, then 1 */
+   its most rows, then 4 rows (where fewer than the most), then 1 */
 static void mp_tiled(int ta, int64_t m, int64_t n, int64_t k, int first,
                      const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) {
-    static const mp_tile tiles[2][3][3] = {
-        {{mp_nn_6x4, mp_nn_4x4, mp_nn_1x4}, {mp_nn_12x2, mp_nn_4x2, mp_nn_1x2}, {mp_nn_24x1, mp_nn_4x1, mp_nn_1x1}},
-        {{mp_tn_6x4, mp_tn_4x4, mp_tn_1x4}, {mp_tn_12x2, mp_tn_4x2, mp_tn_1x2}, {mp_tn_24x1, mp_tn_4x1, mp_tn_1x1}}};
-    static const int64_t rows[3][3] = {{6, 4, 1}, {12, 4, 1}, {24, 4, 1}}, vectors[3] = {4, 2, 1};
+    static const mp_tile tiles[2][3][3] = {MP_KIND_TILES(nn), MP_KIND_TILES(tn)};
+    static const int64_t rows[3][3] = {{MP_R4, 4, 1}, {MP_R2, 4, 1}, {MP_R1, 4, 1}}, vectors[3] = {4, 2, 1};
     const int64_t row_step = ta ? 1 : lda;  /* from C's row i to A's */
     int64_t j = 0;
     for (int s = 0; s < 3; s++)
@@ -282,13 +325,16 @@ static void mp_tiled(int ta, int64_t m, int64_t n, int64_t k, int first,
 }
 #define MP_TILED_WIDTH 512  /* the widest n (and m of a transposed A) the tiles take; wider: BLAS */
 #define MP_TILED_SUM 64     /* a transposed A's sum runs in blocks of this many rows (B's in L1) */
+typedef void (*blas_t)(char *, char *, int *, int *, int *, T *, T *, int *, T *, int *, T *, T *, int *);
+static blas_t gemm;  /* SciPy's ?gemm, set once at load (mp_set_blas) */
+void mp_set_blas(blas_t f) { gemm = f; }
 /* row-major C[m x n] = op(A) op(B): the tiles where B is not transposed and n is a multiple of MP_L,
    else through column-major gemm: C^T = op(B)^T op(A)^T */
-static void mp_gemm(gemm_t gemm, int ta, int tb, int64_t m, int64_t n, int64_t k,
-                    const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) {
+void mp_product(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                const T *a, int64_t lda, const T *b, int64_t ldb, T *c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     if (k == 0) { for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, sizeof(T) * n); return; }
-    if (!tb && n % MP_L == 0 && n <= MP_TILED_WIDTH && (!ta || m <= MP_TILED_WIDTH)) {
+    if (MP_TILED && !tb && n % MP_L == 0 && n <= MP_TILED_WIDTH && (!ta || m <= MP_TILED_WIDTH)) {
         if (!ta) { mp_tiled(0, m, n, k, 1, a, lda, b, ldb, c, ldc); return; }
         for (int64_t p = 0; p < k; p += MP_TILED_SUM) {
             const int64_t block = k - p < MP_TILED_SUM ? k - p : MP_TILED_SUM;
@@ -1227,7 +1273,8 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def _gemm_pointer(float_dtype: np.dtype) -> int:
+def _blas_pointer(float_dtype: np.dtype) -> int:
+    """The address of SciPy's ``sgemm`` / ``dgemm``."""
     from scipy.linalg import cython_blas
     capsule = cython_blas.__pyx_capi__["sgemm" if float_dtype == np.float32 else "dgemm"]
     get_name = ctypes.pythonapi.PyCapsule_GetName
@@ -1235,6 +1282,22 @@ def _gemm_pointer(float_dtype: np.dtype) -> int:
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     return int(get_pointer(capsule, get_name(capsule)))
+
+
+@functools.cache
+def product_pointer(float_dtype: np.dtype, tiled: bool | None = None) -> int:
+    """The address of the products library's ``mp_product`` for ``float_dtype`` (float32 or float64:
+    ``mp_product(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)``, row-major C = op(A) op(B)); built on
+    first use (raises ``Unsupported`` when it cannot be). ``tiled``: force the register tiles on or
+    off (tests; None: the machine's choice, ``MP_TILED``). ctypes never unloads a library, so the
+    address stays valid."""
+    float_dtype = np.dtype(float_dtype)
+    ctype = "float" if float_dtype == np.float32 else "double"
+    choice = "" if tiled is None else f"#define MP_TILED {int(tiled)}\n"
+    library = _library(f"typedef {ctype} T;\n{choice}{PRODUCTS}")
+    library.mp_set_blas.restype, library.mp_set_blas.argtypes = None, [ctypes.c_void_p]
+    library.mp_set_blas(_blas_pointer(float_dtype))
+    return int(ctypes.cast(library.mp_product, ctypes.c_void_p).value or 0)
 
 
 @functools.cache
@@ -1470,7 +1533,7 @@ def compile_program(program: Program, dims: dict[str, int], float_dtype: np.dtyp
     layout = [(-1 if v.type.domain is Domain.PARAM else tr.spaces.index(v.type.space), tr.shape(v))
               for v in tr.output_values]
     return CompiledProgram(program, source, function, workspace, tr.externals, tr.spaces, tr.output_values,
-                           _gemm_pointer(float_dtype), np.dtype(float_dtype), layout)
+                           product_pointer(float_dtype), np.dtype(float_dtype), layout)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ import numpy as np
 
 from mpdsl.graph import Graph
 from mpdsl.ir import Program, Value, value_names
-from mpdsl.ops import OPS, MissingRule, Trait
+from mpdsl.ops import OPS, MissingRule, Trait, parse_subscripts
 from mpdsl.types import ITEMSIZE, Domain, Space, TensorType
 
 LAYOUT_MODES = ("auto", "reorder", "none")
@@ -445,6 +445,15 @@ def _typed_linear_flops(v: Value, count: int, edges: int, width: int, dims: Mapp
     return 2 * edges * _size(w, dims) // max(1, w.shape[0].substitute(dims).value)
 
 
+def _subscript_flops(v: Value, count: int, rows: int, width: int, dims: Mapping[str, int]) -> int:
+    """An einsum or a row contraction: per row and combination of its letters' indices, a product of
+    the operands and a sum (one operation per operand); ``rows``: the rows summed or kept."""
+    inputs, _ = parse_subscripts(v.attr["spec"])
+    sizes = {letter: d.substitute(dims).value for term, o in zip(inputs, v.operands)
+             for letter, d in zip(term, o.type.shape)}
+    return rows * int(np.prod(list(sizes.values()), dtype=np.int64)) * len(v.operands)
+
+
 def _no_flops(v: Value, count: int, edges: int, width: int, dims: Mapping[str, int]) -> int:
     return 0
 
@@ -506,7 +515,10 @@ FLOP_RULES = {
     "carry": lambda v, count, edges, width, dims: 0 if v.attr["fill"] == "constant" else edges * width,
     "carry_grad": lambda v, count, edges, width, dims: 0 if v.attr["fill"] == "constant" else edges * width,
     "aggregate": lambda v, count, edges, width, dims: edges * width,
-    "softmax": _per_element_flops, "batch_norm": _per_element_flops, "contract_rows": _per_element_flops,
+    "softmax": _per_element_flops, "batch_norm": _per_element_flops,
+    # counted over the rows each keeps (einsum) or sums (contract_rows: op_edges gives them)
+    "einsum": lambda v, count, edges, width, dims: _subscript_flops(v, count, count // max(1, width), width, dims),
+    "contract_rows": _subscript_flops,
     "broadcast": _per_element_flops,
 }
 
@@ -537,9 +549,12 @@ def rows_on(rows: Mapping, space: Space) -> int:
 
 
 def op_edges(v: Value) -> Space:
-    """The edges an op's cost is counted over: an aggregation's operand rows, else its edge set."""
+    """The edges an op's cost is counted over: an aggregation's operand rows, the rows a sum over
+    rows (``Trait.ROW_SUM``) sums, else its edge set."""
     if v.op == "aggregate":
         return v.operands[0].type.space
+    if OPS[v.op].has(Trait.ROW_SUM):
+        return next(o.type.space for o in v.operands if o.type.domain is not Domain.PARAM)
     if v.op in ("carry", "carry_grad"):
         return v.type.space
     return Space(Domain.EDGE, v.attr.get("edges", ""))

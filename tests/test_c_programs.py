@@ -250,20 +250,13 @@ def test_the_runtime_works_in_a_forked_child():
 # ---- the products ------------------------------------------------------------------------------------
 
 @functools.cache
-def prelude_product(dtype: str):
-    """``mp_gemm`` of the programs' prelude as a ctypes function (``product(ta, m, n, k, a, lda, b,
-    ldb, c, ldc, gemm)``: C = op(A) B, row-major, op(A) = A^T when ta)."""
+def library_product(dtype: str, tiled: bool | None = None):
+    """The products library's ``mp_product`` as a ctypes function (``product(ta, tb, m, n, k, a, lda,
+    b, ldb, c, ldc)``: row-major C = op(A) op(B)); ``tiled``: the register tiles forced on or off."""
     import ctypes
-    ctype = "float" if dtype == "float32" else "double"
-    source = (f"typedef {ctype} T;\n{c_programs.PRELUDE}\n"
-              "void product(int ta, int64_t m, int64_t n, int64_t k, const T *a, int64_t lda, const T *b, "
-              "int64_t ldb, T *c, int64_t ldc, gemm_t gemm) {\n"
-              "    mp_gemm(gemm, ta, 0, m, n, k, a, lda, b, ldb, c, ldc);\n}\n")
-    function = c_programs._library(source).product
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    function.restype, function.argtypes = None, [ctypes.c_int, i64, i64, i64, pointer, i64, pointer, i64, pointer, i64,
-                                                 pointer]
-    return function
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, i64, i64, i64, pointer, i64, pointer, i64, pointer, i64)
+    return signature(c_programs.product_pointer(np.dtype(dtype), tiled))
 
 
 # m, n, k: every row-tile remainder, widths of 1 to 33 vectors and one that is not a whole vector
@@ -274,8 +267,9 @@ PRODUCT_SHAPES = [(1, 16, 1), (5, 64, 7), (7, 64, 64), (11, 48, 3), (23, 32, 65)
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("tiled", [True, False, None], ids=["tiles", "blas", "native"])
 @pytest.mark.parametrize("m,n,k", PRODUCT_SHAPES)
-def test_the_programs_products_equal_numpys_on_strided_operands(dtype, transposed, m, n, k):
+def test_the_programs_products_equal_numpys_on_strided_operands(dtype, transposed, tiled, m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
     # operands inside wider arrays (leading dimensions larger than the widths), C's other columns kept
     a_full = rng.normal(size=(k, m + 3) if transposed else (m, k + 5)).astype(dtype)
@@ -283,9 +277,9 @@ def test_the_programs_products_equal_numpys_on_strided_operands(dtype, transpose
     b_full = rng.normal(size=(k, n + 16)).astype(dtype)
     b = b_full[:, :n]
     c_full = np.full((m, n + 32), 7.0, dtype=dtype)
-    product = prelude_product(dtype)
-    product(int(transposed), m, n, k, a_full.ctypes.data, a_full.shape[1], b_full.ctypes.data, b_full.shape[1],
-            c_full.ctypes.data, c_full.shape[1], c_programs._gemm_pointer(np.dtype(dtype)))
+    product = library_product(dtype, tiled)
+    product(int(transposed), 0, m, n, k, a_full.ctypes.data, a_full.shape[1], b_full.ctypes.data, b_full.shape[1],
+            c_full.ctypes.data, c_full.shape[1])
     expected = (a.T if transposed else a).astype(np.float64) @ b.astype(np.float64)
     tolerance = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(c_full[:, :n], expected, rtol=tolerance, atol=tolerance * max(1, k))

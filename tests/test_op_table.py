@@ -121,6 +121,22 @@ def test_planner_costs_every_op_and_attribute_value(case):
         assert cost.bytes_out >= 0 and cost.flops >= 0
 
 
+def test_planner_counts_the_multiply_adds_of_einsums_and_row_contractions():
+    """A weight gradient sums a product over the rows: as many FLOPs as the forward product it
+    transposes (2 N F K), not one per element of its small result; an einsum likewise per row."""
+    from mpdsl.types import Dim, TensorType
+    x = make_value("input", [], {"name": "x"}, TensorType(Domain.NODE, (Dim.of(8),), "f64"))
+    g = make_value("input", [], {"name": "g"}, TensorType(Domain.NODE, (Dim.of(4),), "f64"))
+    weight_grad = make_value("contract_rows", [x, g], {"spec": "f,k->fk"},
+                             TensorType(Domain.PARAM, (Dim.of(8), Dim.of(4)), "f64"))
+    h = make_value("input", [], {"name": "h"}, TensorType(Domain.NODE, (Dim.of(2), Dim.of(3)), "f64"))
+    w = make_value("param", [], {"name": "w", "init": "normal"}, TensorType(Domain.PARAM, (Dim.of(2), Dim.of(3), Dim.of(5)), "f64"))
+    heads = make_value("einsum", [h, w], {"spec": "hd,hde->he"}, TensorType(Domain.NODE, (Dim.of(2), Dim.of(5)), "f64"))
+    rows = {Domain.NODE: 9, Domain.EDGE: 20, Domain.PARAM: 1}
+    assert op_cost(weight_grad, rows, {}, 8).flops == 2 * 9 * 8 * 4
+    assert op_cost(heads, rows, {}, 8).flops == 2 * 9 * 2 * 3 * 5
+
+
 DIFFERENTIABLE = [c for c in CASES if OPS[c[0]].no_gradient is None]
 
 
