@@ -250,13 +250,18 @@ def test_the_runtime_works_in_a_forked_child():
 # ---- the products ------------------------------------------------------------------------------------
 
 @functools.cache
-def library_product(dtype: str, tiled: bool | None = None):
+def library_product(dtype: str, tiled: bool | None = None, torch_sums: bool | None = None):
     """The products library's ``mp_product`` as a ctypes function (``product(ta, tb, m, n, k, a, lda,
-    b, ldb, c, ldc)``: row-major C = op(A) op(B)); ``tiled``: the register tiles forced on or off."""
+    b, ldb, c, ldc)``: row-major C = op(A) op(B)); ``tiled``: the register tiles forced on or off;
+    ``torch_sums``: the sums over rows through torch's MKL (skips where torch has none)."""
     import ctypes
+    if torch_sums:
+        import torch  # noqa: F401  (loads the MKL)
+        if c_programs._torch_mkl() is None:
+            pytest.skip("this torch build has no MKL")
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     signature = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, i64, i64, i64, pointer, i64, pointer, i64, pointer, i64)
-    return signature(c_programs.product_pointer(np.dtype(dtype), tiled))
+    return signature(c_programs.product_pointer(np.dtype(dtype), tiled, torch_sums))
 
 
 # m, n, k: every row-tile remainder, widths of 1 to 33 vectors and one that is not a whole vector
@@ -267,9 +272,10 @@ PRODUCT_SHAPES = [(1, 16, 1), (5, 64, 7), (7, 64, 64), (11, 48, 3), (23, 32, 65)
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("tiled", [True, False, None], ids=["tiles", "blas", "native"])
+@pytest.mark.parametrize("tiled,torch_sums", [(True, False), (False, False), (False, True), (None, None)],
+                         ids=["tiles", "openblas", "mkl-sums", "native"])
 @pytest.mark.parametrize("m,n,k", PRODUCT_SHAPES)
-def test_the_programs_products_equal_numpys_on_strided_operands(dtype, transposed, tiled, m, n, k):
+def test_the_programs_products_equal_numpys_on_strided_operands(dtype, transposed, tiled, torch_sums, m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
     # operands inside wider arrays (leading dimensions larger than the widths), C's other columns kept
     a_full = rng.normal(size=(k, m + 3) if transposed else (m, k + 5)).astype(dtype)
@@ -277,13 +283,28 @@ def test_the_programs_products_equal_numpys_on_strided_operands(dtype, transpose
     b_full = rng.normal(size=(k, n + 16)).astype(dtype)
     b = b_full[:, :n]
     c_full = np.full((m, n + 32), 7.0, dtype=dtype)
-    product = library_product(dtype, tiled)
+    product = library_product(dtype, tiled, torch_sums)
     product(int(transposed), 0, m, n, k, a_full.ctypes.data, a_full.shape[1], b_full.ctypes.data, b_full.shape[1],
             c_full.ctypes.data, c_full.shape[1])
     expected = (a.T if transposed else a).astype(np.float64) @ b.astype(np.float64)
     tolerance = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(c_full[:, :n], expected, rtol=tolerance, atol=tolerance * max(1, k))
     assert (c_full[:, n:] == 7.0).all()
+
+
+def test_a_sum_through_torchs_mkl_restores_the_calling_threads_mkl_thread_count():
+    import ctypes
+    product = library_product("float32", False, True)
+    local_threads = c_programs._torch_mkl().mkl_set_num_threads_local  # sets, returns the one before
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5000, 64)).astype("float32"), rng.normal(size=(5000, 64)).astype("float32")
+    c = np.empty((64, 64), "float32")
+    use_global = ctypes.c_int(0)
+    local_threads(ctypes.byref(use_global))
+    product(1, 0, 64, 64, 5000, a.ctypes.data, 64, b.ctypes.data, 64, c.ctypes.data, 64)
+    np.testing.assert_allclose(c, a.T.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+    # torch's own products on this thread would otherwise run on one thread from here on
+    assert local_threads(ctypes.byref(use_global)) == 0
 
 
 # ---- the tier in use ----------------------------------------------------------------------------------
