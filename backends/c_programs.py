@@ -1329,10 +1329,10 @@ def _torch_mkl() -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(os.path.join(os.path.dirname(torch_file), "lib", "libtorch_cpu.so"),
                               mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        library.sgemm_, library.dgemm_, library.mkl_set_num_threads_local
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return library
+    return library if all(hasattr(library, name) for name in ("sgemm_", "dgemm_", "mkl_set_num_threads_local")) \
+        else None
 
 
 def _function_address(library: ctypes.CDLL | None, name: str) -> int:
