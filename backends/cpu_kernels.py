@@ -199,13 +199,17 @@ SUM, MEAN, NORMALIZED = 0, 1, 2  # grouped_spmm modes
 
 
 @njit(**_JIT)
-def grouped_spmm(indptr, columns, weights, x, out, chunks, mode):
+def grouped_spmm(indptr, columns, weights, x, out, chunks, mode, lse):
     """Per-group edge weights: out[r, g*C + c] = sum_e w[e, g] * x[columns[e], g*C + c], divided
     by the row's edge count (``MEAN``) or by the row's weight total of group g (``NORMALIZED``: a
     softmax when the weights are exponentiated scores); an empty row stays 0.
-    x: [N, G*C], out: [M, G*C], weights: [E, G] in CSR order."""
+    x: [N, G*C], out: [M, G*C], weights: [E, G] in CSR order. ``lse`` [M, G] (or empty: not
+    wanted), holding each row's score peaks (``shift_by_row_max``) when the weights are
+    exp(score - peak), becomes the rows' log-sum-exp: peak + log(weight total), 0 for an empty row,
+    as ``row_logsumexp`` computes it (the same sum in the same order: the same bits)."""
     groups = weights.shape[1]
     width = x.shape[1] // groups
+    with_lse = lse.shape[0] > 0
     for chunk in prange(chunks.shape[0] - 1):
         acc = np.empty(x.shape[1], dtype=out.dtype)
         totals = np.empty(groups, dtype=out.dtype)
@@ -232,13 +236,16 @@ def grouped_spmm(indptr, columns, weights, x, out, chunks, mode):
                 base = g * width
                 for k in range(width):
                     out[r, base + k] = acc[base + k] / divisor
+                if with_lse:
+                    lse[r, g] = 0 if hi == lo else lse[r, g] + np.log(totals[g])
 
 
 @njit(**_JIT)
-def shift_by_row_max(indptr, scores, shifted, chunks):
-    """shifted[e, g] = scores[e, g] - max over e's row of scores[., g] (the softmax shift).
-    scores, shifted: [E, G] in CSR order."""
+def shift_by_row_max(indptr, scores, shifted, chunks, peaks):
+    """shifted[e, g] = scores[e, g] - max over e's row of scores[., g] (the softmax shift), the
+    maxima also written to ``peaks`` [M, G] unless it is empty. scores, shifted: [E, G] in CSR order."""
     groups = scores.shape[1]
+    with_peaks = peaks.shape[0] > 0
     for chunk in prange(chunks.shape[0] - 1):
         peak = np.empty(groups, dtype=scores.dtype)
         for r in range(chunks[chunk], chunks[chunk + 1]):
@@ -250,6 +257,9 @@ def shift_by_row_max(indptr, scores, shifted, chunks):
             for e in range(lo, hi):
                 for g in range(groups):
                     shifted[e, g] = scores[e, g] - peak[g]
+            if with_peaks:
+                for g in range(groups):
+                    peaks[r, g] = peak[g]
 
 
 @njit(**_JIT)

@@ -72,6 +72,7 @@ PARTIAL_SUM_BYTES = 16 << 20  # at most about this many bytes of partial sums pe
 # small graphs never loads Numba (about 130 MB of resident memory).
 SMALL_PRODUCT = 1 << 18
 _NO_WEIGHTS = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
+_NO_LSE = {np.dtype(t): np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}  # grouped_spmm: no log-sum-exp
 RUN_DTYPES = {"f32": np.float32, "f64": np.float64}  # the float dtypes the backend computes in
 
 
@@ -567,14 +568,38 @@ class PullCSR:
             assert data is not None  # groups > 1 only with per-group weights
             weights = np.ascontiguousarray(data.reshape(len(data), groups), dtype=x.dtype)
             mode = kernels.MEAN if mean else kernels.SUM
-            kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mode)
+            kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2, out2, self.chunks, mode,
+                           _NO_LSE[x.dtype])
         return out
 
-    def attention(self, scores: np.ndarray, x: np.ndarray, empty=np.empty) -> np.ndarray:
+    @functools.cached_property
+    def _positions(self) -> np.ndarray:
+        """The edge id of each CSR position, in the index type of the columns."""
+        return self.perm.astype(self.columns.dtype)
+
+    def edge_sum(self, per_edge: np.ndarray, empty=np.empty) -> np.ndarray | None:
+        """out[i] = the sum over row i's edges of per_edge[e] (edge order), in CSR order: the
+        parallel kernel, with the bits of the segment sum's SciPy product; None on a small graph
+        (SciPy's product is quicker there)."""
+        width = feature_width(per_edge.shape[1:])
+        if self._small(width):
+            return None
+        out = empty((self.num_nodes,) + per_edge.shape[1:], per_edge.dtype)
+        if out.size:
+            kernels = _kernels()
+            kernels.launch(kernels.spmm, self.indptr, self._positions, _NO_WEIGHTS[per_edge.dtype],
+                           np.ascontiguousarray(per_edge.reshape(len(per_edge), width)),
+                           out.reshape(self.num_nodes, width), self.chunks, False)
+        return out
+
+    def attention(self, scores: np.ndarray, x: np.ndarray, empty=np.empty, lse: np.ndarray | None = None
+                  ) -> np.ndarray:
         """out[i] = sum over row i's edges of softmax(scores)[e] * x[column[e]], the softmax taken
         over the row's edges per group (scores [E] or [E, G...] in CSR order, covering x's leading
         feature axes); 0 for a row without edges. ``empty(shape, dtype)`` allocates the result and
-        the per-edge weights."""
+        the per-edge weights. ``lse`` (rows x scores' groups, of x's dtype): also written with the
+        rows' log-sum-exp of the scores, as ``logsumexp`` computes it (the same bits), where the
+        compiled kernels run (``attention_writes_lse``); left as it was elsewhere."""
         groups = feature_width(scores.shape[1:])
         out = empty((self.num_nodes,) + x.shape[1:], x.dtype)
         if out.size == 0 or groups == 0:
@@ -583,7 +608,7 @@ class PullCSR:
         x2 = np.ascontiguousarray(x.reshape(x.shape[0], feature_width(x.shape[1:])))
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), groups), dtype=x.dtype)
         weights = empty(scores2.shape, x.dtype)
-        if self._small(x2.shape[1] + groups):
+        if not self.attention_writes_lse(x, scores):
             counts = np.diff(self.indptr)
             nonempty = counts > 0
             peak = np.zeros((self.num_nodes, groups), x.dtype)
@@ -594,11 +619,17 @@ class PullCSR:
             self._small_grouped(x2, weights, out.reshape(self.num_nodes, x2.shape[1]), "normalized")
             return out
         kernels = _kernels()
-        kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks)
+        per_row = _NO_LSE[x.dtype] if lse is None else lse.reshape(self.num_nodes, groups)
+        kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, weights, self.chunks, per_row)
         _exp_in_place(weights)
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, x2,
-                       out.reshape(self.num_nodes, x2.shape[1]), self.chunks, kernels.NORMALIZED)
+                       out.reshape(self.num_nodes, x2.shape[1]), self.chunks, kernels.NORMALIZED, per_row)
         return out
+
+    def attention_writes_lse(self, x: np.ndarray, scores: np.ndarray) -> bool:
+        """Whether ``attention`` of these operands runs the compiled kernels (and so writes ``lse``):
+        not on a small graph, where SciPy's products run it."""
+        return not self._small(feature_width(x.shape[1:]) + feature_width(scores.shape[1:]))
 
     def match_spmm(self, column_values: np.ndarray, row_values: np.ndarray, x: np.ndarray | None,
                    empty=np.empty) -> np.ndarray:
@@ -633,7 +664,7 @@ class PullCSR:
         kernels = _kernels()
         scores2 = np.ascontiguousarray(scores.reshape(len(scores), feature_width(scores.shape[1:])))
         exps = empty(scores2.shape, scores2.dtype)
-        kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, exps, self.chunks)
+        kernels.launch(kernels.shift_by_row_max, self.indptr, scores2, exps, self.chunks, _NO_LSE[scores2.dtype])
         _exp_in_place(exps)
         kernels.launch(kernels.row_logsumexp, self.indptr, scores2, exps, out.reshape(self.num_nodes, -1), self.chunks)
         return out
@@ -683,7 +714,7 @@ class PullCSR:
         g2 = np.ascontiguousarray(g.reshape(g.shape[0], feature_width(g.shape[1:])))
         kernels = _kernels()
         kernels.launch(kernels.grouped_spmm, self.indptr, self.columns, weights, g2,
-                       out.reshape(self.num_nodes, g2.shape[1]), self.chunks, kernels.SUM)
+                       out.reshape(self.num_nodes, g2.shape[1]), self.chunks, kernels.SUM, _NO_LSE[g2.dtype])
         return out
 
     def extreme(self, x: np.ndarray, ufunc: np.ufunc, weights: np.ndarray | None) -> np.ndarray:
@@ -742,6 +773,8 @@ class ExecContext:
     pool: BufferPool
     state_updates: dict[str, np.ndarray] = field(default_factory=dict)  # param name -> new value (batch_norm)
     allocated: list[np.ndarray] = field(default_factory=list)  # taken from the pool by this run
+    # results a rule computed on the way for a later op of the run, by that op's value id (it pops them)
+    handed_on: dict[int, np.ndarray] = field(default_factory=dict)
 
     @functools.cached_property
     def rng(self) -> np.random.Generator:
@@ -1480,6 +1513,10 @@ class NumpyBackend(Backend):
 
     @rule("aggregate")
     def _aggregate(self, ctx, v, x):
+        if v.attr["reduce"] == "sum" and v.attr["by"] in ("dst", "src") and x.dtype in _NO_WEIGHTS:
+            total = ctx.pull(v.attr["by"], v.attr["edges"]).edge_sum(x, empty=ctx.empty)
+            if total is not None:
+                return total
         seg = ctx.segments_by(v.attr["by"], v.attr["edges"])
         rule = choose(_SEGMENT_REDUCTIONS, v.op, "reduce", v.attr["reduce"], "the numpy backend's segment reductions")
         return rule(seg, x)
@@ -1511,11 +1548,25 @@ class NumpyBackend(Backend):
 
     @rule("attention")
     def _attention(self, ctx, v, s, x):
+        """With a later segment_logsumexp of the same scores over the same edges (the training
+        forward's residual), the kernels' softmax also yields that log-sum-exp, which the later op
+        takes (``ExecContext.handed_on``) instead of a pass over the edges of its own."""
         csr = ctx.pull(v.attr["by"], v.attr["edges"])
-        return csr.attention(csr.ordered(s), x, empty=ctx.empty)
+        later = [u for u in ctx.program.values if u.op == "segment_logsumexp" and u.operands[0] is v.operands[0]
+                 and u.attr["by"] == v.attr["by"] and u.attr["edges"] == v.attr["edges"]]
+        if not later or x.dtype != s.dtype or not csr.attention_writes_lse(x, s):
+            return csr.attention(csr.ordered(s), x, empty=ctx.empty)
+        lse = ctx.empty((csr.num_nodes,) + s.shape[1:], s.dtype)
+        out = csr.attention(csr.ordered(s), x, empty=ctx.empty, lse=lse)
+        for u in later:
+            ctx.handed_on[id(u)] = lse
+        return out
 
     @rule("segment_logsumexp")
     def _segment_logsumexp(self, ctx, v, s):
+        handed = ctx.handed_on.pop(id(v), None)
+        if handed is not None:
+            return handed
         csr = ctx.pull(v.attr["by"], v.attr["edges"])
         return csr.logsumexp(csr.ordered(s), empty=ctx.empty)
 

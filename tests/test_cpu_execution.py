@@ -282,23 +282,62 @@ def test_kernels_equal_dense_formulas(rows, edges, groups, width, chunks, seed):
     a_g = dense(indptr, columns, rows, cols, w)  # [rows, cols, groups]
     x_g = x.reshape(cols, groups, width)
     want = np.einsum("rcg,cgk->rgk", a_g, x_g).reshape(rows, groups * width)
-    cpu_kernels.grouped_spmm(indptr, columns, w, x, out, bounds, cpu_kernels.SUM)
+    cpu_kernels.grouped_spmm(indptr, columns, w, x, out, bounds, cpu_kernels.SUM, np.empty((0, 0)))
     np.testing.assert_allclose(out, want, atol=1e-12)
-    cpu_kernels.grouped_spmm(indptr, columns, w, x, out, bounds, cpu_kernels.MEAN)
+    cpu_kernels.grouped_spmm(indptr, columns, w, x, out, bounds, cpu_kernels.MEAN, np.empty((0, 0)))
     np.testing.assert_allclose(out, want / counts, atol=1e-12)
     positive = np.exp(w)  # softmax weights: each group's row total divides (an empty row stays 0)
     a_p = dense(indptr, columns, rows, cols, positive)
     totals = np.where(a_p.sum(axis=1) > 0, a_p.sum(axis=1), 1.0)  # [rows, groups]
     softmax = np.einsum("rcg,cgk->rgk", a_p, x_g) / totals[:, :, None]
-    cpu_kernels.grouped_spmm(indptr, columns, positive, x, out, bounds, cpu_kernels.NORMALIZED)
+    cpu_kernels.grouped_spmm(indptr, columns, positive, x, out, bounds, cpu_kernels.NORMALIZED, np.empty((0, 0)))
     np.testing.assert_allclose(out, softmax.reshape(rows, groups * width), atol=1e-12)
 
     shifted = np.full_like(w, np.nan)
-    cpu_kernels.shift_by_row_max(indptr, w, shifted, bounds)
+    cpu_kernels.shift_by_row_max(indptr, w, shifted, bounds, np.empty((0, 0)))
     row_of_edge = np.repeat(np.arange(rows), np.diff(indptr))
     peak = np.full((rows, groups), -np.inf)
     np.maximum.at(peak, row_of_edge, w)
     np.testing.assert_allclose(shifted, w - peak[row_of_edge], atol=0)
+
+    # the peaks, and the normalised product's log-sum-exp from them: row_logsumexp's bits (an
+    # empty row: 0 in both)
+    peaks = np.full((rows, groups), np.nan)
+    cpu_kernels.shift_by_row_max(indptr, w, shifted, bounds, peaks)
+    np.testing.assert_array_equal(peaks, peak)
+    exps = np.exp(shifted)
+    lse = peaks.copy()
+    cpu_kernels.grouped_spmm(indptr, columns, exps, x, out, bounds, cpu_kernels.NORMALIZED, lse)
+    expected = np.full((rows, groups), np.nan)
+    cpu_kernels.row_logsumexp(indptr, w, exps, expected, bounds)
+    np.testing.assert_array_equal(lse, expected)
+
+
+@pytest.mark.parametrize("by", ["dst", "src"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_edge_sums_past_the_small_graph_size_run_the_kernel_with_scipys_bits(by, dtype):
+    """A sum of edge values by dst or by src (a GAT backward's score cotangents onto each end):
+    on a graph past the small-graph size the parallel kernel runs it, with the bits of the
+    segment sum's SciPy product; a hub, multi-edges, self-loops and isolated nodes included."""
+    from mpdsl.backends.numpy_backend import ExecContext
+    rng = np.random.default_rng(7)
+    nodes, edges = 3000, 40000
+    src, dst = rng.integers(0, nodes - 500, edges), rng.integers(0, nodes - 500, edges)  # the last 500: isolated
+    dst[:3000] = 11  # a hub
+    src[3000:3100], dst[3000:3100] = 5, 6  # a multi-edge
+    dst[3100:3200] = src[3100:3200]  # self-loops
+    graph = mpdsl.Graph.from_arrays(np.stack([src, dst]), nodes)
+    model = mpdsl.compile(f"model m(e: edge[8]) -> node[8] {{ return sum(e) by {by} }}", dtype=dtype)
+    values = rng.normal(size=(edges, 8)).astype(dtype)
+    got = model.run(graph, e=values)["out"]
+    ctx = ExecContext(graph, model.ir, {}, {}, {}, np.dtype(dtype), False, None, NumpyBackend().pool)
+    csr = ctx.pull(by)
+    assert csr.edge_sum(values) is not None  # past the small-graph size
+    np.testing.assert_array_equal(got, ctx.segments_by(by).sum(values))
+    index = dst if by == "dst" else src
+    want = np.zeros((nodes, 8))
+    np.add.at(want, index, values.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == "float32" else 1e-12, atol=1e-4)
 
 
 def test_take_rows_matches_np_take_and_checks_bounds():

@@ -247,6 +247,48 @@ def test_gat_8x8_split_recomputing_the_scores_equals_the_unfused_gradient():
     assert_gradients_equal(rest, want, case.wanted, "forward / backward split, H = C = 8")
 
 
+def test_the_attention_hands_its_log_sum_exp_to_the_training_forwards_residual(monkeypatch):
+    """On a graph where the compiled kernels run, the train-forward's attention also yields the
+    log-sum-exp residual (one pass over the edges fewer), with the bits of the residual's own pass."""
+    from mpdsl.backends import numpy_backend
+    model = mpdsl.compile(ROOT / "benchmarks" / "models" / "gat.mp", dtype="float64", seed=0, dims={"H": 4, "C": 3})
+    graph = random_graph(3, nodes=600, edges=30000, self_loops=True)
+    inputs = synth_inputs(model, graph, np.random.default_rng(3))
+    model.run(graph, **inputs)  # initialises the parameters
+    arrays, dims = model.bind(graph, inputs)
+    programs = model.context.training_programs(dims, "f64", False, ["x"], list(model.params))
+    assert any(v.op == "segment_logsumexp" for _, v in programs.train_forward.outputs)
+    handed: list[int] = []
+    original = numpy_backend.ExecContext.__init__
+
+    def run(keep: bool) -> dict:
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.handed_on = _HandOffs(handed, keep)
+
+        monkeypatch.setattr(numpy_backend.ExecContext, "__init__", init)
+        return NUMPY.run(programs.train_forward, graph, arrays, model.params, dims)
+
+    with_hand_off = run(keep=True)
+    assert handed, "the attention did not hand its log-sum-exp on"
+    own_pass = run(keep=False)
+    for name in with_hand_off:
+        np.testing.assert_array_equal(with_hand_off[name], own_pass[name], err_msg=name)
+
+
+class _HandOffs(dict):
+    """``ExecContext.handed_on`` that records what is handed on, and drops it unless ``keep``."""
+
+    def __init__(self, log: list, keep: bool):
+        super().__init__()
+        self.log, self.keep = log, keep
+
+    def __setitem__(self, key, value):
+        self.log.append(key)
+        if self.keep:
+            super().__setitem__(key, value)
+
+
 # ---- Triton kernels in the interpreter ------------------------------------------------------------
 
 
