@@ -153,6 +153,39 @@ def test_width_dependent_reordering_waits_for_the_dims():
     assert "gspmm %x" not in narrowing and "gspmm %x" in widening
 
 
+def test_a_scale_gradient_through_a_linear_layer_contracts_the_rows_first():
+    """GIN's eps gradient, sum over nodes of <d_h W1^T, x>, becomes <W1^T, sum over nodes of d_h^T x>
+    (a row contraction, no nodes x F product) where nothing else reads d_h W1^T; the second layer's,
+    whose d_h W^T also flows on to the first layer, keeps its product. Both equal the unfused gradient."""
+    from mpdsl.autodiff import grad_program
+    from mpdsl.backends import get_backend
+    backend = get_backend("numpy")
+    model = mpdsl.compile(ROOT / "examples" / "gin.mp", dtype="float64", seed=0)
+    graph = random_graph(5, nodes=20, edges=60)
+    inputs = synth_inputs(model, graph, np.random.default_rng(5))
+    model.run(graph, **inputs)
+    arrays, dims = model.bind(graph, inputs)
+    programs = model.context.training_programs(dims, "f64", False, [], list(model.params))
+    backward = programs.backward
+    verify(backward)
+    scalar = [v for v in backward.values if v.op in ("contract_rows", "einsum") and v.type.rank == 0]
+    assert sorted(v.op for v in scalar) == ["contract_rows", "einsum"], print_program(backward)
+    (folded,) = [v for v in scalar if v.op == "einsum"]
+    assert folded.attr["spec"] == "kf,kf->" and folded.operands[0].op == "contract_rows"
+    (kept,) = [v for v in scalar if v.op == "contract_rows"]
+    assert any(o.op == "matmul" for o in kept.operands)
+    reference = specialize(model.ir, dims)
+    rng = np.random.default_rng(6)
+    cotangent = {"d_out": rng.normal(size=(graph.num_nodes, 4))}
+    want = backend.run(grad_program(reference), graph, {**arrays, **cotangent}, model.params, dims)
+    saved = backend.run(programs.train_forward, graph, arrays, model.params, dims)
+    from model_inputs import residual_arguments
+    extra_inputs, extra_params = residual_arguments(backward, programs.residuals, saved)
+    got = backend.run(backward, graph, {**arrays, **cotangent, **extra_inputs}, {**model.params, **extra_params}, dims)
+    for name in ("d_eps1", "d_eps2", "d_W11"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_plan_reports_kernels_bytes_and_decisions(capsys):
     from mpdsl.cli import main
     assert main(["compile", str(ROOT / "examples" / "gcn.mp"), "--emit", "plan", "--graph",

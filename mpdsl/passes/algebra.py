@@ -53,13 +53,22 @@ class ReorderLinear(Pass):
     """Move linear maps and destination-constant factors across reductions:
     (sum(m) by dst) @ W -> sum(m @ W) by dst when W narrows the features (decided from the dims;
     left for bind time when they are unknown); sum(m * b[dst]) by dst -> b * sum(m) by dst
-    (likewise b[src] by src, v[batch] by graph, and division by such a factor); and a feature-axis
-    sum of (x @ W) * p becomes x @ (the same sum of W * p), computed once on the weight."""
+    (likewise b[src] by src, v[batch] by graph, and division by such a factor); a feature-axis
+    sum of (x @ W) * p becomes x @ (the same sum of W * p), computed once on the weight; and the
+    sum over rows of <a_i W, x_i> (a scale's gradient through a linear layer: GIN's eps) becomes
+    <W, sum over rows of a_i^T x_i> when nothing else reads a @ W: the same multiply-adds as one
+    row contraction (a sum of products; no rows x F value written and read back)."""
 
     name = "reorder_linear"
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         decisions: list[str] = []
+        uses: dict[int, int] = {}
+        for value in program.values:
+            for o in value.operands:
+                uses[id(o)] = uses.get(id(o), 0) + 1
+        for _, value in program.outputs:
+            uses[id(value)] = uses.get(id(value), 0) + 1
 
         def across_aggregation(v: Value, rw: Rewriter) -> Value | None:
             agg, w = v.operands
@@ -139,8 +148,27 @@ class ReorderLinear(Pass):
                         return rw.emit("mul", [rw.emit("add", [a, b], like=v), n], like=v)
             return None
 
+        def contract_before_the_map(v: Value, rw: Rewriter) -> Value | None:
+            """contract_rows(a @ W, x, "f,f->") -> einsum(contract_rows(a, x, "k,f->kf"), W, "kf,kf->")."""
+            terms, out = v.attr["spec"].replace(" ", "").split("->")
+            left, _, right = terms.partition(",")
+            if out or len(left) != 1 or left != right or len(v.operands) != 2:
+                return None
+            for pos in (0, 1):
+                mm, x = v.operands[pos], v.operands[1 - pos]
+                if mm.op != "matmul" or uses.get(id(mm), 0) != 1 or x.type.space != mm.type.space:
+                    continue
+                a, w = mm.operands
+                if a.type.rank != 1 or w.type.domain is not Domain.PARAM or w.type.rank != 2 or x.type.rank != 1:
+                    continue
+                decisions.append("a row contraction through a linear map contracts the rows first")
+                rows = rw.emit("contract_rows", [a, x], {"spec": "k,f->kf"}, like=v)
+                return rw.emit("einsum", [rows, w], {"spec": "kf,kf->"}, like=v)
+            return None
+
         result, _ = rewrite_to_fixpoint(program, {"matmul": [across_aggregation], "aggregate": [constant_factor],
-                                                  "reduce": [reduce_into_weight], "add": [common_factor]})
+                                                  "reduce": [reduce_into_weight], "add": [common_factor],
+                                                  "contract_rows": [contract_before_the_map]})
         for text in dict.fromkeys(decisions):
             ctx.note(self.name, text)
         return result
