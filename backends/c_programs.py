@@ -328,13 +328,17 @@ static void mp_tiled(int ta, int64_t m, int64_t n, int64_t k, int first,
 #define MP_TILED_SUM 64     /* a transposed A's sum runs in blocks of this many rows (B's in L1) */
 typedef void (*blas_t)(char *, char *, int *, int *, int *, T *, T *, int *, T *, int *, T *, T *, int *);
 typedef int (*local_threads_t)(int *);
-/* set once at load (mp_set_blas): OpenBLAS's ?gemm; the ?gemm for sums over rows (a transposed A: the
-   weight gradients), MKL's where torch has loaded it, with MKL's per-thread thread count, held at one
-   around each call and restored (a program's caller is the user's thread) */
-static blas_t gemm, sum_gemm;
+/* MP_TORCH_SUMS: whether sums over rows (a transposed A: the weight gradients) go to torch's MKL
+   (sum_gemm), with MKL's per-thread thread count held at one around each call and restored (a
+   program's caller is the user's thread), else to gemm. A part of the source, so that each choice is
+   a library of its own: the pointers below are the library's globals. */
+#ifndef MP_TORCH_SUMS
+#define MP_TORCH_SUMS 0
+#endif
+static blas_t gemm, sum_gemm;  /* set once at load (mp_set_blas): OpenBLAS's ?gemm, MKL's */
 static local_threads_t sum_local_threads;
 void mp_set_blas(blas_t f, blas_t sum, local_threads_t local_threads) {
-    gemm = f; sum_gemm = sum ? sum : f; sum_local_threads = sum ? local_threads : 0;
+    gemm = f; sum_gemm = sum; sum_local_threads = local_threads;
 }
 /* row-major C[m x n] = op(A) op(B): the tiles where B is not transposed and n is a multiple of MP_L,
    else through column-major gemm: C^T = op(B)^T op(A)^T */
@@ -353,10 +357,13 @@ void mp_product(int ta, int tb, int64_t m, int64_t n, int64_t k,
     char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
     int M = (int)n, N = (int)m, K = (int)k, LDA = (int)ldb, LDB = (int)lda, LDC = (int)ldc;
     T one = 1, zero = 0;
-    if (!ta) { gemm(&tra, &trb, &M, &N, &K, &one, (T *)b, &LDA, (T *)a, &LDB, &zero, c, &LDC); return; }
-    int single = 1, before = sum_local_threads ? sum_local_threads(&single) : 0;
+    if (!ta || !MP_TORCH_SUMS) {
+        gemm(&tra, &trb, &M, &N, &K, &one, (T *)b, &LDA, (T *)a, &LDB, &zero, c, &LDC);
+        return;
+    }
+    int single = 1, before = sum_local_threads(&single);
     sum_gemm(&tra, &trb, &M, &N, &K, &one, (T *)b, &LDA, (T *)a, &LDB, &zero, c, &LDC);
-    if (sum_local_threads) sum_local_threads(&before);
+    sum_local_threads(&before);
 }
 """
 
@@ -1349,15 +1356,16 @@ def product_pointer(float_dtype: np.dtype, tiled: bool | None = None, torch_sums
     so a process keeps one choice). ctypes never unloads a library, so the address stays valid."""
     float_dtype = np.dtype(float_dtype)
     ctype = "float" if float_dtype == np.float32 else "double"
-    choice = "" if tiled is None else f"#define MP_TILED {int(tiled)}\n"
-    library = _library(f"typedef {ctype} T;\n{choice}{PRODUCTS}")
-    library.mp_set_blas.restype, library.mp_set_blas.argtypes = None, [ctypes.c_void_p] * 3
     mkl = _torch_mkl() if torch_sums is not False else None
     if torch_sums and mkl is None:
         raise Unsupported("torch's MKL is not loaded (torch is not imported, or its build has no MKL)")
+    choice = "" if tiled is None else f"#define MP_TILED {int(tiled)}\n"
+    choice += f"#define MP_TORCH_SUMS {int(mkl is not None)}\n"
+    library = _library(f"typedef {ctype} T;\n{choice}{PRODUCTS}")
+    library.mp_set_blas.restype, library.mp_set_blas.argtypes = None, [ctypes.c_void_p] * 3
     library.mp_set_blas(_blas_pointer(float_dtype), _function_address(mkl, "sgemm_" if ctype == "float" else "dgemm_"),
                         _function_address(mkl, "mkl_set_num_threads_local"))
-    return int(ctypes.cast(library.mp_product, ctypes.c_void_p).value or 0)
+    return _function_address(library, "mp_product")
 
 
 @functools.cache

@@ -292,6 +292,15 @@ def test_the_programs_products_equal_numpys_on_strided_operands(dtype, transpose
     assert (c_full[:, n:] == 7.0).all()
 
 
+def test_each_choice_of_blas_for_the_sums_is_a_products_library_of_its_own():
+    """The BLAS pointers are a library's globals: the sums through MKL and through OpenBLAS must not
+    share one library (the one set last would run both)."""
+    library_product("float32", False, True)  # skips without torch's MKL
+    with_mkl = c_programs.product_pointer(np.dtype("float32"), False, True)
+    with_openblas = c_programs.product_pointer(np.dtype("float32"), False, False)
+    assert with_mkl != with_openblas
+
+
 def test_a_sum_through_torchs_mkl_restores_the_calling_threads_mkl_thread_count():
     import ctypes
     product = library_product("float32", False, True)
