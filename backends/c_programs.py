@@ -1314,7 +1314,7 @@ def _blas_pointer(float_dtype: np.dtype) -> int:
     single = np.dtype(float_dtype) == np.float32
     library = _openblas()
     if library is not None:
-        return int(ctypes.cast(library.scipy_sgemm_ if single else library.scipy_dgemm_, ctypes.c_void_p).value or 0)
+        return _function_address(library, "scipy_sgemm_" if single else "scipy_dgemm_")
     from scipy.linalg import cython_blas
     capsule = cython_blas.__pyx_capi__["sgemm" if single else "dgemm"]
     get_name = ctypes.pythonapi.PyCapsule_GetName
@@ -1343,6 +1343,7 @@ def _torch_mkl() -> ctypes.CDLL | None:
 
 
 def _function_address(library: ctypes.CDLL | None, name: str) -> int:
+    """The address of the function ``name`` of ``library`` (0 without a library)."""
     return 0 if library is None else int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
 
 
@@ -1426,7 +1427,7 @@ def _runtime() -> tuple[ctypes.CDLL | None, int]:
     library.mp_wake.restype, library.mp_wake.argtypes = None, []
     library.mp_set_spin.restype, library.mp_set_spin.argtypes = None, [ctypes.c_int64]
     library.mp_set_spin(int(SPIN_SECONDS * 1e9))
-    return library, int(ctypes.cast(library.mp_parallel, ctypes.c_void_p).value or 0)
+    return library, _function_address(library, "mp_parallel")
 
 
 def wake_workers() -> None:

@@ -1552,9 +1552,11 @@ class NumpyBackend(Backend):
         forward's residual), the kernels' softmax also yields that log-sum-exp, which the later op
         takes (``ExecContext.handed_on``) instead of a pass over the edges of its own."""
         csr = ctx.pull(v.attr["by"], v.attr["edges"])
+        if x.dtype != s.dtype or not csr.attention_writes_lse(x, s):
+            return csr.attention(csr.ordered(s), x, empty=ctx.empty)
         later = [u for u in ctx.program.values if u.op == "segment_logsumexp" and u.operands[0] is v.operands[0]
                  and u.attr["by"] == v.attr["by"] and u.attr["edges"] == v.attr["edges"]]
-        if not later or x.dtype != s.dtype or not csr.attention_writes_lse(x, s):
+        if not later:
             return csr.attention(csr.ordered(s), x, empty=ctx.empty)
         lse = ctx.empty((csr.num_nodes,) + s.shape[1:], s.dtype)
         out = csr.attention(csr.ordered(s), x, empty=ctx.empty, lse=lse)

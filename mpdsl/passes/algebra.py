@@ -63,6 +63,8 @@ class ReorderLinear(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         decisions: list[str] = []
+        # readers per value of the input program: no rule here adds a reader to a value read once, and
+        # a value a rule rebuilds is not found (so kept as it is)
         uses: dict[int, int] = {}
         for value in program.values:
             for o in value.operands:
