@@ -263,6 +263,8 @@ def weights_case(rng: random.Random, index: int) -> dict:
 
 EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.mp"))
 NODE_MODELS = ("gcn", "gat", "gin", "sage_mean", "sage_max")  # they read only x: karate and lesmis fit
+# examples that need edge features or types: run on a karate graph that has them (``base_graph``)
+EDGE_DATA_MODELS = ("gine", "rgcn", "hgt", "mpnn", "pna", "gated_gcn", "meshgraphnets", "rgat")
 
 # Bad values per flag; a case starts from a valid command and spoils none, one or two flags.
 BAD = {
@@ -302,7 +304,7 @@ def cli_case(rng: random.Random, index: int, bases: list[tuple[str, dict]]) -> d
         model_file, graph = f"{{examples}}/{name}.mp", rng.choice(("{examples}/data/karate.npz",
                                                                    "{examples}/data/lesmis.npz"))
     elif pick < 8:  # an example that needs edge features or types, on a graph that has them
-        name = rng.choice(("gine", "rgcn", "hgt", "mpnn", "pna", "gated_gcn", "meshgraphnets", "rgat"))
+        name = rng.choice(EDGE_DATA_MODELS)
         model_file, graph = f"{{examples}}/{name}.mp", "{dir}/good.npz"
         files["good.npz"] = npz(base_graph(rng, name))
     elif pick < 9:  # a mutated or generated program

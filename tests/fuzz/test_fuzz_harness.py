@@ -18,6 +18,10 @@ from known_faults import KnownFault  # noqa: E402
 CASES = {
     "hang": "import time\nwhile True:\n    time.sleep(0.01)",
     "silent": "import signal, time\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\ntime.sleep(60)",
+    # the alarm strikes in a ctypes callback (as in an LLVM compilation's object-cache hook), which drops
+    # its exception; the case then fails for the half-done work, and is still a hang
+    "dropped": ("import ctypes, time\ndef spin():\n    end = time.time() + 60\n    while time.time() < end:\n"
+                "        pass\nctypes.CFUNCTYPE(None)(spin)()\nraise RuntimeError('half-done work')"),
     "oom": "import numpy as np\nnp.ones(16 * 2**30, dtype=np.uint8)",
     "died": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
     "internal": "raise KeyError('boom')",
@@ -31,14 +35,15 @@ def test_each_outcome_is_classified_and_the_pool_recovers():
     cases = [{"id": name, "kind": "python", "code": code} for name, code in CASES.items()]
     results = run_cases(cases, workers=2, timeout=2.0, memory=2 * 2**30, grace=1.0, warm=False)
     got = {name: results[name]["outcome"] for name in CASES}
-    assert got == {"hang": "hang", "silent": "hang", "oom": "oom", "died": "oom", "internal": "internal",
+    assert got == {"hang": "hang", "silent": "hang", "dropped": "hang", "oom": "oom", "died": "oom", "internal": "internal",
                    "user": "user", "unhinted": "user", "ok": "ok"}, results
     assert results["hang"]["where"] == "<case>:<module>" and results["hang"]["retried"]
+    assert "RuntimeError('half-done work')" in results["dropped"]["message"]
     assert results["silent"]["exception"] == "no answer" and results["died"]["where"] == "SIGKILL"
     assert results["oom"]["exception"] == "MemoryError" and not results["oom"]["retried"]
     assert results["user"]["quality"] == [] and results["unhinted"]["quality"] == ["no hint"]
     summary = summarize(cases, results)
-    assert len(summary["_unknown_results"]) == 5 and summary["user_error_quality"] == {"no hint": 1}
+    assert len(summary["_unknown_results"]) == 6 and summary["user_error_quality"] == {"no hint": 1}
 
 
 def test_cli_classification():
