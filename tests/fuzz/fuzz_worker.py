@@ -425,10 +425,10 @@ def warm_up(root: Path) -> None:
     import random
 
     import numpy as np
+    from fuzz_inputs import EDGE_DATA_MODELS, NODE_MODELS, base_graph, npz
 
     import mpdsl
     from mpdsl import cli
-    from fuzz_inputs import EDGE_DATA_MODELS, NODE_MODELS, base_graph, npz
 
     karate = mpdsl.Graph.load(EXAMPLES / "data" / "karate.npz")
     rng = np.random.default_rng(0)

@@ -35,8 +35,8 @@ def test_each_outcome_is_classified_and_the_pool_recovers():
     cases = [{"id": name, "kind": "python", "code": code} for name, code in CASES.items()]
     results = run_cases(cases, workers=2, timeout=2.0, memory=2 * 2**30, grace=1.0, warm=False)
     got = {name: results[name]["outcome"] for name in CASES}
-    assert got == {"hang": "hang", "silent": "hang", "dropped": "hang", "oom": "oom", "died": "oom", "internal": "internal",
-                   "user": "user", "unhinted": "user", "ok": "ok"}, results
+    assert got == {"hang": "hang", "silent": "hang", "dropped": "hang", "oom": "oom", "died": "oom",
+                   "internal": "internal", "user": "user", "unhinted": "user", "ok": "ok"}, results
     assert results["hang"]["where"] == "<case>:<module>" and results["hang"]["retried"]
     assert "RuntimeError('half-done work')" in results["dropped"]["message"]
     assert results["silent"]["exception"] == "no answer" and results["died"]["where"] == "SIGKILL"
